@@ -1,0 +1,39 @@
+"""sepconv.convert: the workstation side. Load a trained Keras model and separate its convolutions.
+
+    from sepconv.convert import load, separate
+    model = load("model.h5")
+    small, report = separate(model, rank=1)
+    print(report)
+
+Names are imported on first use, so that `import sepconv.convert` (and `--help` of the tools) stays instant and
+TensorFlow loads only when a function that needs it is called.
+"""
+
+from importlib import import_module
+
+_EXPORTS = {
+    "load": "sepconv.convert.loading",
+    "parse_custom_objects": "sepconv.convert.loading",
+    "separate": "sepconv.convert.separation",
+    "SeparationOptions": "sepconv.convert.separation",
+    "DEFAULT_ENERGY": "sepconv.convert.separation",
+    "SeparationReport": "sepconv.convert.report",
+    "LayerRow": "sepconv.convert.report",
+    "register_rewrite": "sepconv.convert.rewrites",
+    "errors": "sepconv.convert.errors",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'sepconv.convert' has no attribute {name!r}")
+    module = import_module(_EXPORTS[name])
+    value = module if name == "errors" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return __all__

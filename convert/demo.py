@@ -1,0 +1,99 @@
+"""The bundled demo: the tutorial's VGG-style network trained on scikit-learn's digits (nothing is downloaded).
+
+The 1,797 8x8 digit images ship inside scikit-learn. They are scaled to [0, 1], enlarged to 32x32 (each pixel becomes
+a 4x4 block) and repeated over three channels, so that the network is the tutorial's CIFAR-10 one unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+INPUT_SHAPE = (32, 32, 3)
+CLASSES = 10
+TUTORIAL_FILTERS = (64, 128, 256)
+
+
+@dataclass(frozen=True)
+class Split:
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+
+
+def digits(test_fraction: float = 0.25, seed: int = 0) -> Split:
+    """The digits data set as 32x32x3 float32 images in [0, 1], split stratified with a fixed seed."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    data = load_digits()
+    images = (data.images / 16.0).astype(np.float32)
+    images = np.repeat(np.repeat(images, 4, axis=1), 4, axis=2)
+    images = np.repeat(images[..., None], 3, axis=-1)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, data.target.astype(np.int64), test_size=test_fraction, random_state=seed, stratify=data.target)
+    return Split(x_train, y_train, x_test, y_test)
+
+
+def tutorial_network(input_shape=INPUT_SHAPE, classes: int = CLASSES, separable: bool = False,
+                     filters=TUTORIAL_FILTERS):
+    """The tutorial's network: blocks of 2 x Conv2D 3x3 'same' relu + MaxPooling2D, then Flatten, Dense softmax.
+
+    separable=True builds the tutorial's hand-written SeparableConv2D version (depth multiplier 1).
+    """
+    import keras
+
+    conv = keras.layers.SeparableConv2D if separable else keras.layers.Conv2D
+    layers = [keras.Input(input_shape, name="image")]
+    for block, width in enumerate(filters, start=1):
+        layers += [
+            conv(width, 3, padding="same", activation="relu", name=f"block{block}_conv1"),
+            conv(width, 3, padding="same", activation="relu", name=f"block{block}_conv2"),
+            keras.layers.MaxPooling2D(name=f"block{block}_pool"),
+        ]
+    layers += [keras.layers.Flatten(name="flatten"), keras.layers.Dense(classes, activation="softmax", name="probs")]
+    return keras.Sequential(layers, name="tutorial_separable" if separable else "tutorial")
+
+
+def train(model, split: Split, *, epochs: int = 15, batch_size: int = 32, seed: int = 0, verbose: int = 0):
+    """Train `model` in place with Adam and sparse cross-entropy; returns the Keras History."""
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model.compile(optimizer=keras.optimizers.Adam(1e-3), loss="sparse_categorical_crossentropy",
+                  metrics=["accuracy"])
+    return model.fit(split.x_train, split.y_train, epochs=epochs, batch_size=batch_size, verbose=verbose,
+                     shuffle=True)
+
+
+def accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> float:
+    """Top-1 accuracy of `model` on (x, y)."""
+    import keras
+
+    hits = 0
+    for start in range(0, len(x), batch_size):
+        probs = keras.ops.convert_to_numpy(model(x[start:start + batch_size], training=False))
+        hits += int(np.sum(np.argmax(probs, axis=-1) == y[start:start + batch_size]))
+    return hits / len(x)
+
+
+def demo_model(path: Path, *, epochs: int = 15, seed: int = 0, retrain: bool = False, verbose: int = 0):
+    """The trained demo model saved at `path` (.h5): trained and saved on first use, reused after."""
+    from sepconv.convert.loading import load
+
+    path = Path(path)
+    if path.exists() and not retrain:
+        return load(path)
+    import keras
+
+    keras.utils.set_random_seed(seed)
+    model = tutorial_network()
+    train(model, digits(seed=seed), epochs=epochs, seed=seed, verbose=verbose)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial.h5")
+    model.save(tmp)
+    tmp.replace(path)
+    return load(path)

@@ -1,0 +1,181 @@
+"""The generic model walk: rewrite every eligible layer of a Functional or Sequential model, return a report.
+
+The walk knows nothing about convolutions: it asks `rewrites.plan_layer` for each leaf layer (recursing into nested
+Functional and Sequential models), clones the model with Keras' `clone_model` so that branches, merges, shared layers
+and nested models keep their structure, then copies every weight: the planned ones for rewritten layers, the original
+ones for everything else. The input model is only read.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import keras
+from keras.src.models.functional import Functional
+
+from sepconv.convert.errors import InvalidOptionError, UnsupportedModelError
+from sepconv.convert.report import SeparationReport
+from sepconv.convert.rewrites import CONV_LIKE, Context, Plan, RankPolicy, plan_layer, unsupported_row
+
+# Without rank or energy, each layer keeps the smallest K that retains this fraction of its kernel's energy
+# (squared Frobenius norm). See docs/separation.md for why this value.
+DEFAULT_ENERGY = 0.9
+
+
+@dataclass(frozen=True)
+class SeparationOptions:
+    """What `separate` does, validated on construction.
+
+    rank: an int K (the SeparableConv2D depth multiplier, clipped to the exact rank) or "full" (exact).
+    energy: a fraction in (0, 1]: per layer, the smallest K keeping that share of the kernel's energy.
+    include / exclude: fnmatch patterns on layer names or paths ("inner_model/conv*"); exclude wins.
+    only_if_smaller: keep a layer whose separated form would have as many parameters or more.
+    """
+
+    rank: int | str | None = None
+    energy: float | None = None
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    only_if_smaller: bool = True
+
+    def __post_init__(self):
+        if self.rank is not None and self.energy is not None:
+            raise InvalidOptionError(
+                f"Got both rank={self.rank!r} and energy={self.energy!r}; give one of them (or neither for the "
+                f"default energy={DEFAULT_ENERGY})")
+        if self.rank is not None and self.rank != "full" and not (
+            isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1
+        ):
+            raise InvalidOptionError(f"Unrecognized rank={self.rank!r}. Use a whole number >= 1 or 'full'")
+        if self.energy is not None and not (
+            isinstance(self.energy, (int, float)) and not isinstance(self.energy, bool) and 0 < self.energy <= 1
+        ):
+            raise InvalidOptionError(f"Unrecognized energy={self.energy!r}. Use a fraction in (0, 1], e.g. 0.99")
+        object.__setattr__(self, "include", _patterns(self.include, "include"))
+        object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude") or ())
+
+    @property
+    def policy(self) -> RankPolicy:
+        if self.rank is None and self.energy is None:
+            return RankPolicy(rank=None, energy=DEFAULT_ENERGY)
+        return RankPolicy(rank=self.rank, energy=self.energy)
+
+    def describe(self) -> dict:
+        policy = self.policy
+        return {"rank": policy.rank, "energy": policy.energy, "include": self.include, "exclude": self.exclude,
+                "only_if_smaller": self.only_if_smaller}
+
+    def context(self, path: str) -> Context:
+        return Context(path=path, policy=self.policy, include=self.include, exclude=self.exclude,
+                       only_if_smaller=self.only_if_smaller)
+
+
+def _patterns(value, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = (value,)
+    value = tuple(value)
+    if not all(isinstance(p, str) and p for p in value):
+        raise InvalidOptionError(f"Unrecognized {name}={value!r}. Use layer-name patterns such as 'block1_*'")
+    return value
+
+
+def separate(model: keras.Model, *, rank=None, energy=None, include=None, exclude=None,
+             only_if_smaller: bool = True) -> tuple[keras.Model, SeparationReport]:
+    """Rewrite every eligible Conv2D of `model` into a SeparableConv2D started from the trained kernel's SVD.
+
+    Returns the new model (the input is left as it was) and a `SeparationReport` with a row per convolution-like
+    layer. Options are those of `SeparationOptions`; without rank and energy, energy=DEFAULT_ENERGY.
+    """
+    options = SeparationOptions(rank=rank, energy=energy, include=include, exclude=exclude,
+                                only_if_smaller=only_if_smaller)
+    _require_graph_model(model)
+    plans = _plan(model, options)
+    clones: list[tuple[keras.layers.Layer, keras.layers.Layer, Plan]] = []
+
+    def clone_layer(layer):
+        plan = plans.get(id(layer)) or Plan(row=None)
+        try:
+            new = plan.make_layer(layer)
+        except Exception as error:  # a custom layer whose get_config/from_config do not round-trip
+            raise UnsupportedModelError(
+                f"Layer {layer.name!r} ({type(layer).__name__}) cannot be re-created from its config "
+                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); give the class "
+                f"get_config() and from_config() that round-trip") from error
+        clones.append((layer, new, plan))
+        return new
+
+    new_model = keras.models.clone_model(model, input_tensors=_named_inputs(model), clone_function=clone_layer,
+                                         recursive=True)
+    if not new_model.built:
+        new_model.build(model.input_shape)
+    for old, new, plan in clones:
+        if not isinstance(old, keras.layers.Layer):
+            continue  # a bare keras.ops operation in a Functional graph: it has no weights
+        new.set_weights(list(plan.weights) if plan.layer_class else old.get_weights())
+    rows = tuple(plan.row for plan in plans.values() if plan.row is not None)
+    report = SeparationReport(rows=rows, model_params_before=model.count_params(),
+                              model_params_after=new_model.count_params(), policy=options.describe())
+    return new_model, report
+
+
+def _named_inputs(model: keras.Model):
+    """Fresh inputs named like the model's input layers (clone_model would name them after tensors)."""
+    if isinstance(model, keras.Sequential):
+        return None  # clone_model keeps a Sequential's input layer name itself
+
+    def fresh(tensor):
+        return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=tensor._keras_history.operation.name)
+
+    return keras.tree.map_structure(fresh, model.input)
+
+
+def _require_graph_model(model) -> None:
+    if not isinstance(model, keras.Model):
+        raise InvalidOptionError(f"Expected a keras.Model, got {type(model).__name__}; load one with "
+                                 f"sepconv.convert.load(path)")
+    if not isinstance(model, (Functional, keras.Sequential)):
+        raise UnsupportedModelError(
+            f"Model {model.name!r} is a subclassed model ({type(model).__name__}): its layers are wired in Python "
+            f"code, so sepconv cannot rewrite them. Rebuild it as a Functional or Sequential model")
+
+
+def _plan(model: keras.Model, options: SeparationOptions) -> dict[int, Plan]:
+    """A plan for each leaf layer that is convolution-like, keyed by id (shared layers are planned once)."""
+    plans: dict[int, Plan] = {}
+    for path, layer in _leaf_layers(model, prefix=""):
+        if id(layer) in plans:
+            continue
+        plan = _opaque_plan(layer, path) if _has_sublayers(layer) else plan_layer(layer, options.context(path))
+        if plan is not None:
+            plans[id(layer)] = plan
+    return plans
+
+
+def _leaf_layers(model: keras.Model, prefix: str):
+    """(path, layer) for every layer below `model`, descending into nested Functional/Sequential models."""
+    for layer in model.layers:
+        path = prefix + layer.name
+        if _is_graph_model(layer):
+            yield from _leaf_layers(layer, prefix=path + "/")
+        else:
+            yield path, layer
+
+
+def _is_graph_model(layer) -> bool:
+    return isinstance(layer, (Functional, keras.Sequential))
+
+
+def _has_sublayers(layer) -> bool:
+    return any(True for _ in layer._flatten_layers(include_self=False))
+
+
+def _opaque_plan(layer, path: str) -> Plan | None:
+    """A layer with sublayers wired in Python code: report any convolutions hidden inside, all in one row."""
+    inner = [sub.name for sub in layer._flatten_layers(include_self=False) if isinstance(sub, CONV_LIKE)]
+    if not inner:
+        return None
+    reason = (f"{len(inner)} convolution(s) inside {type(layer).__name__} ({', '.join(inner)}) are wired in Python "
+              f"code; rebuild it as a Functional model to separate them")
+    return Plan(row=unsupported_row(layer, path, reason))

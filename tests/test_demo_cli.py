@@ -1,0 +1,52 @@
+"""The demo command end to end, as a user runs it (a subprocess), on the bundled digits."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+DEMO = [sys.executable, "-m", "sepconv.convert.cli"]
+
+
+def run(*args, timeout=600):
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.run([*DEMO, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.slow
+def test_demo_trains_separates_and_reports(tmp_path):
+    done = run("--out", str(tmp_path), "--epochs", "2", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["original"]["params"] == 1_186_378
+    k1, default = summary["separations"]
+    assert k1["report"]["totals"]["model_params_after"] == 174_821
+    assert all(row["rank"] == 1 for row in k1["report"]["layers"])
+    assert 0.0 <= k1["test_accuracy"] <= 1.0
+    assert summary["original"]["test_accuracy"] > 0.5, "two epochs on digits must learn something"
+    assert (tmp_path / "digits_tutorial.h5").exists()
+    assert json.loads((tmp_path / "report_k1.json").read_text())["totals"]["separated"] == 6
+
+    again = run("--out", str(tmp_path))  # reuses the cached model and prints tables
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "loading the demo model" in again.stdout
+    assert "block3_conv2" in again.stdout and "test accuracy" in again.stdout
+
+
+def test_demo_help_is_instant_and_imports_no_tensorflow():
+    probe = "import sys; from sepconv.convert import cli; cli.demo_parser().format_help(); print('tensorflow' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "False", done.stderr
+    assert run("--help").returncode == 0
+
+
+def test_demo_with_corrupt_cached_model(tmp_path):
+    (tmp_path / "digits_tutorial.h5").write_bytes(b"garbage")
+    done = run("--out", str(tmp_path))
+    assert done.returncode == 1
+    assert "Traceback" not in done.stderr
+    assert done.stderr.strip().count("\n") == 0, done.stderr
+    assert "sepconv-demo: error:" in done.stderr and "damaged or truncated" in done.stderr
+    assert (tmp_path / "digits_tutorial.h5").read_bytes() == b"garbage", "the input file must be left untouched"
