@@ -59,6 +59,188 @@ def run(prog: str, body, args: argparse.Namespace) -> int:
         return 130
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse, with a bad flag reported in one line (and exit status 2) instead of usage + error."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def _rank(text: str):
+    if text == "full":
+        return "full"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid rank {text!r}: use a whole number >= 1 or 'full'") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid rank {text!r}: use a whole number >= 1 or 'full'")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid fraction {text!r}: use a number in (0, 1]") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"invalid fraction {text!r}: use a number in (0, 1]")
+    return value
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: use a whole number >= 1") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"invalid count {text!r}: use a whole number >= 1")
+    return value
+
+
+def _floats(text: str) -> tuple:
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"invalid list {text!r}: use comma-separated numbers, e.g. 0.485,0.456,0.406"
+                                         ) from None
+
+
+def convert_parser() -> argparse.ArgumentParser:
+    from sepconv.convert.pipeline import QUANTIZE_CHOICES
+
+    parser = Parser(
+        prog="convert-model",
+        description="Separate a trained Keras CNN's Conv2D layers, export quantized TFLite / ONNX (or .keras), verify "
+                    "every artifact against the Keras model on held-out inputs, and write each artifact with a JSON "
+                    "manifest beside it (out.tflite.json). Nothing is written unless every artifact passes.",
+        epilog="example: convert-model model.h5 model.tflite model.onnx --data images/ --rank 4")
+    parser.add_argument("input", help="the trained Keras model (.keras or .h5, Keras 3 or Keras 2)")
+    parser.add_argument("outputs", nargs="+", metavar="output",
+                        help="artifacts to write; the format follows the extension: .tflite, .onnx, .keras")
+    group = parser.add_argument_group("data (calibration and verification)")
+    group.add_argument("--data", help="an .npz with x (and y), or a folder of images (in class sub-folders for labels)")
+    group.add_argument("--scale", choices=("unit", "symmetric", "raw"), default="unit",
+                       help="map 0..255 pixels to [0, 1], [-1, 1] or leave them (default: %(default)s); float .npz "
+                            "arrays are taken as preprocessed")
+    group.add_argument("--mean", type=_floats, help="per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406")
+    group.add_argument("--std", type=_floats, help="per-channel std divided after the mean, e.g. 0.229,0.224,0.225")
+    group.add_argument("--max-samples", type=_positive, help="read at most this many samples")
+    group.add_argument("--calibration-samples", type=_positive, default=200,
+                       help="samples that calibrate int8; the rest verify (default: %(default)s, at most half)")
+    group = parser.add_argument_group("separation")
+    policy = group.add_mutually_exclusive_group()
+    policy.add_argument("--rank", type=_rank, help="depth multiplier K for every separated layer, or 'full' (exact)")
+    policy.add_argument("--energy", type=_fraction,
+                        help="per layer, the smallest K keeping this fraction of the kernel's energy (default 0.9)")
+    group.add_argument("--include", action="append", metavar="PATTERN", help="separate only layers matching "
+                       "(fnmatch on name or path; repeatable)")
+    group.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                       help="never separate layers matching (repeatable)")
+    group.add_argument("--no-separate", action="store_true", help="export the model as it is")
+    group = parser.add_argument_group("export")
+    group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
+                       help="auto: int8 with --data, dynamic without (default: %(default)s); ONNX takes none, "
+                            "dynamic, int8")
+    group.add_argument("--io-type", choices=("float32", "int8", "uint8", "int16"), default="float32",
+                       help="input/output tensor type of int8 (float32, int8, uint8) or int16x8 (float32, int16) "
+                            "TFLite models (default: %(default)s)")
+    group.add_argument("--per-tensor", action="store_true", help="per-tensor weight quantization (default: per-channel)")
+    group.add_argument("--allow-flex", action="store_true",
+                       help="let TFLite embed TensorFlow (Flex) ops; the plain LiteRT runtime of a Pi cannot run them")
+    group.add_argument("--opset", type=int, default=17, help="ONNX opset, 13..18 (default: %(default)s)")
+    group.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc", help="ONNX input layout "
+                       "(default: %(default)s, as in Keras)")
+    group = parser.add_argument_group("verification and output")
+    group.add_argument("--min-agreement", type=_fraction, default=0.98,
+                       help="top-1 agreement a quantized artifact must reach (default: %(default)s)")
+    group.add_argument("--overwrite", action="store_true", help="replace existing output files")
+    group.add_argument("--custom-objects", action="append", default=[], metavar="MODULE[:NAME]",
+                       help="import custom layers/functions the model uses (repeatable)")
+    group.add_argument("--unsafe-allow-lambda", action="store_true",
+                       help="load Lambda layers holding Python code (only for files you trust)")
+    group.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    group.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    group.add_argument("--debug", action="store_true", help="show tracebacks and converter logs")
+    return parser
+
+
+def convert_options(args):
+    """The one mapping from convert-model's flags to ConvertOptions."""
+    from sepconv.convert.data import DataOptions
+    from sepconv.convert.loading import parse_custom_objects
+    from sepconv.convert.pipeline import ConvertOptions
+    from sepconv.convert.separation import SeparationOptions
+    from sepconv.convert.verification import Tolerance
+
+    return ConvertOptions(
+        quantize=args.quantize,
+        separate=not args.no_separate,
+        separation=SeparationOptions(rank=args.rank, energy=args.energy, include=args.include, exclude=args.exclude),
+        data=args.data,
+        data_options=DataOptions(scale=args.scale, mean=args.mean, std=args.std, max_samples=args.max_samples),
+        calibration_samples=args.calibration_samples,
+        io_type=args.io_type,
+        per_channel=not args.per_tensor,
+        allow_flex=args.allow_flex,
+        opset=args.opset,
+        layout=args.layout,
+        tolerance=Tolerance(min_agreement=args.min_agreement),
+        overwrite=args.overwrite,
+        safe_mode=not args.unsafe_allow_lambda,
+        custom_objects=parse_custom_objects(args.custom_objects) or None,
+    )
+
+
+def _convert(args) -> int:
+    from sepconv.convert.pipeline import convert_model
+
+    started = time.perf_counter()
+
+    def progress(stage, message):
+        if not args.quiet:
+            print(f"[{time.perf_counter() - started:6.1f}s] {stage}: {message}", file=sys.stderr, flush=True)
+
+    result = convert_model(args.input, args.outputs, options=convert_options(args), progress=progress)
+    if args.json:
+        print(json.dumps(result.to_dict(), indent=2, default=str))
+    else:
+        print(artifact_table(result))
+    return 0
+
+
+def artifact_table(result) -> str:
+    """The original next to each artifact: size, accuracy, agreement, verdict."""
+    from tabulate import tabulate
+
+    rows = []
+    source_bytes = os.path.getsize(result.source["path"])
+    first = result.artifacts[0].verification if result.artifacts else {}
+    rows.append(["original " + Path(result.source["path"]).name, "keras", f"{source_bytes / 1024:,.0f} KiB", "1.00x",
+                 _pct(first.get("original_accuracy")), "", "", ""])
+    for artifact in result.artifacts:
+        check = artifact.verification["outputs"][0]
+        rows.append([Path(artifact.path).name, f"{artifact.format} {artifact.quantize}", f"{artifact.bytes / 1024:,.0f} KiB",
+                     f"{source_bytes / artifact.bytes:.2f}x", _pct(check["accuracy"]),
+                     _pct(check["agreement"]), _pct(artifact.verification["original_agreement"]),
+                     "passed" if artifact.verification["passed"] else "FAILED"])
+    headers = ["model", "format", "size", "smaller", "accuracy", "agrees w/ separated", "agrees w/ original", "check"]
+    data = result.data
+    note = (f"verified on {data['heldout_samples']} held-out samples of {data['source']}" if data["source"] else
+            f"verified on {data['heldout_samples']} synthetic inputs (no --data)")
+    return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True) + f"\n{note}; manifests beside " \
+        "each artifact (.json)"
+
+
+def _pct(value) -> str:
+    return "" if value is None else f"{value:.2%}"
+
+
+def convert_main(argv=None) -> int:
+    args = convert_parser().parse_args(argv)
+    return run("convert-model", _convert, args)
+
+
 def demo_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sepconv-demo",

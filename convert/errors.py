@@ -1,15 +1,17 @@
 """Every error sepconv raises on purpose. Each message is one line: the thing, the value received, the fix.
 
-Library code raises these; only the command-line layer turns them into a message and an exit status.
+Library code raises these; only the command-line layer turns them into a message and an exit status. The base
+classes live in `sepconv.deploy.errors`, which the device side shares without TensorFlow.
 """
 
+from sepconv.deploy.errors import ArtifactError, InvalidOptionError, RuntimeMissingError, SepconvError
 
-class SepconvError(Exception):
-    """Base of all sepconv errors; `str(error)` is a complete one-line message for the user."""
-
-
-class InvalidOptionError(SepconvError, ValueError):
-    """An argument has a value sepconv does not accept (the message says which values it does)."""
+__all__ = [
+    "ArtifactError", "CorruptModelFileError", "DataError", "EmptyModelFileError", "ExportError", "FlexOpsError",
+    "InvalidOptionError", "ModelLoadError", "ModelNotFoundError", "OutputPathError", "RuntimeMissingError",
+    "SavedModelError", "SepconvError", "UnknownObjectError", "UnsafeModelError", "UnsupportedModelError",
+    "VerificationError", "WeightsOnlyFileError", "WrongFileKindError",
+]
 
 
 class ModelLoadError(SepconvError):
@@ -49,4 +51,24 @@ class UnknownObjectError(ModelLoadError):
 
 
 class UnsupportedModelError(SepconvError):
-    """The model is of a kind sepconv cannot rewrite (a subclassed model)."""
+    """The model is of a kind sepconv cannot rewrite or export (a subclassed model, several image inputs for --data)."""
+
+
+class DataError(SepconvError):
+    """Representative or held-out data that cannot be read or cannot match the model's input."""
+
+
+class ExportError(SepconvError):
+    """A converter (TFLite, tf2onnx, ONNX Runtime's quantizer) failed on the model."""
+
+
+class FlexOpsError(ExportError):
+    """The model needs TensorFlow ops that the built-in TFLite runtime lacks."""
+
+
+class OutputPathError(SepconvError):
+    """An output path that cannot be written: unknown extension, existing file, missing or read-only folder."""
+
+
+class VerificationError(SepconvError):
+    """An exported artifact does not reproduce the Keras model within its tolerance."""

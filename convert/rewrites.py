@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from sepconv.convert import svd
+from sepconv.convert.policy import RankPolicy
 from sepconv.convert.report import KEPT, SEPARATED, UNSUPPORTED, LayerRow
 
 # Convolution-like layers: a row in the report whether or not a rewrite is registered for their class.
@@ -28,21 +29,6 @@ ALREADY_SEPARABLE = (
     keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
     keras.layers.SeparableConv1D, keras.layers.SeparableConv2D,
 )
-
-
-@dataclass(frozen=True)
-class RankPolicy:
-    """How K is chosen for a layer: a fixed K, "full" (exact), or the smallest K retaining `energy`."""
-
-    rank: int | str | None
-    energy: float | None
-
-    def choose(self, spectrum: svd.KernelSpectrum) -> int:
-        if self.rank == "full":
-            return spectrum.full_rank
-        if self.rank is not None:
-            return min(int(self.rank), spectrum.full_rank)
-        return spectrum.rank_for_energy(self.energy)
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,198 @@
+"""Data a user brings: an .npz with x (and y), a folder of images in class sub-folders, or a flat folder of images.
+
+Everything is turned into float32 arrays shaped like the model's input. Image files and integer arrays are scaled
+by `DataOptions.scale` (then normalised by mean/std if given); float arrays are taken as already preprocessed, since
+only the user knows how the model was trained.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sepconv.convert.errors import DataError, InvalidOptionError
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+SCALES = {"unit": (1 / 255.0, 0.0), "symmetric": (2 / 255.0, -1.0), "raw": (1.0, 0.0)}
+
+
+@dataclass(frozen=True)
+class DataOptions:
+    """scale: how 0..255 pixels map to the model's range: 'unit' [0, 1], 'symmetric' [-1, 1] or 'raw' [0, 255].
+    mean / std: per-channel normalisation applied after scaling ((x - mean) / std), e.g. ImageNet statistics.
+    max_samples: read at most this many samples (the first ones, in a fixed order)."""
+
+    scale: str = "unit"
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
+    max_samples: int | None = None
+
+    def __post_init__(self):
+        if self.scale not in SCALES:
+            raise InvalidOptionError(f"Unrecognized scale={self.scale!r}. Supported scales are: {sorted(SCALES)}")
+        if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
+            raise InvalidOptionError(f"Unrecognized max_samples={self.max_samples!r}. Use a whole number >= 1")
+        if self.std is not None and any(s == 0 for s in self.std):
+            raise InvalidOptionError(f"Unrecognized std={self.std!r}. Standard deviations must be non-zero")
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Inputs shaped like the model's (float32), optional integer labels, and where they came from."""
+
+    x: np.ndarray
+    y: np.ndarray | None
+    source: str
+    class_names: tuple[str, ...] | None = None
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def take(self, index) -> Dataset:
+        return Dataset(self.x[index], None if self.y is None else self.y[index], self.source, self.class_names)
+
+
+def load_data(source, input_shape, options: DataOptions = DataOptions()) -> Dataset:
+    """Read `source` (.npz, or a folder of images) into a Dataset matching `input_shape` (batch dim first, ignored)."""
+    path = Path(source)
+    shape = tuple(input_shape[1:])
+    if len(shape) != 3 or any(d is None for d in shape):
+        raise DataError(f"--data needs a model with one image input of fixed size (H, W, C); this model's input is "
+                        f"{tuple(input_shape)}; pass arrays through the Python API instead")
+    if not path.exists():
+        raise DataError(f"{path}: no such file or directory; pass an .npz file or a folder of images")
+    if path.is_dir():
+        return _from_folder(path, shape, options)
+    if path.suffix.lower() != ".npz":
+        raise DataError(f"{path}: unrecognized data file; pass an .npz with arrays 'x' (and 'y') or a folder of images")
+    return _from_npz(path, shape, options)
+
+
+def _from_npz(path: Path, shape, options: DataOptions) -> Dataset:
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            arrays = {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as error:
+        raise DataError(f"{path}: cannot be read as .npz ({str(error).splitlines()[0][:200]}); save it with "
+                        f"numpy.savez(path, x=images, y=labels)") from error
+    if "x" not in arrays:
+        raise DataError(f"{path}: has no array 'x' (found: {sorted(arrays)}); save it with numpy.savez(path, x=images, "
+                        f"y=labels)")
+    x, y = arrays["x"], arrays.get("y")
+    if options.max_samples:
+        x = x[: options.max_samples]
+        y = None if y is None else y[: options.max_samples]
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or x.ndim not in (3, 4) or len(x) == 0:
+        raise DataError(f"{path}: 'x' must be a non-empty numeric array of images (N, H, W[, C]); got dtype "
+                        f"{x.dtype} and shape {x.shape}")
+    if x.ndim == 3:
+        x = x[..., None]
+    scaled = np.issubdtype(x.dtype, np.integer)
+    x = _fit(x.astype(np.float32), shape, str(path))
+    return Dataset(_normalise(x, options, scale=scaled), _labels(y, len(x), path), str(path))
+
+
+def _from_folder(path: Path, shape, options: DataOptions) -> Dataset:
+    classes = sorted(p.name for p in path.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if classes:
+        files = [(f, label) for label, name in enumerate(classes) for f in _images_in(path / name)]
+    else:
+        files = [(f, None) for f in _images_in(path)]
+    if not files:
+        raise DataError(f"{path}: holds no images ({', '.join(IMAGE_SUFFIXES)}), directly or in class sub-folders")
+    if options.max_samples:
+        files = _interleave(files, options.max_samples)
+    x = np.stack([_read_image(f, shape) for f, _ in files])
+    y = np.array([label for _, label in files], dtype=np.int64) if classes else None
+    return Dataset(_normalise(x, options, scale=True), y, str(path), tuple(classes) or None)
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(f for f in folder.iterdir() if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def _interleave(files, limit):
+    """The first `limit` files taking classes in turn, so a cap keeps every class represented."""
+    by_label = {}
+    for item in files:
+        by_label.setdefault(item[1], []).append(item)
+    queues = list(by_label.values())
+    picked = []
+    while len(picked) < limit and any(queues):
+        for queue in queues:
+            if queue and len(picked) < limit:
+                picked.append(queue.pop(0))
+    return picked
+
+
+def _read_image(path: Path, shape) -> np.ndarray:
+    from PIL import Image, UnidentifiedImageError
+
+    height, width, channels = shape
+    if channels not in (1, 3):
+        raise DataError(f"The model takes {channels}-channel images; image folders can feed 1 (grayscale) or 3 (RGB) "
+                        f"channels; pass an .npz instead")
+    try:
+        with Image.open(path) as image:
+            image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+            array = np.asarray(image, dtype=np.float32)
+    except (UnidentifiedImageError, OSError) as error:
+        raise DataError(f"{path}: cannot be read as an image ({error}); remove or replace the file") from error
+    return array[..., None] if channels == 1 else array
+
+
+def _fit(x: np.ndarray, shape, source: str) -> np.ndarray:
+    """Match channels (1 <-> 3 by repetition) and spatial size (bilinear resize) to the model's input."""
+    height, width, channels = shape
+    if x.shape[-1] != channels:
+        if x.shape[-1] == 1 and channels == 3:
+            x = np.repeat(x, 3, axis=-1)
+        else:
+            raise DataError(f"{source}: images have {x.shape[-1]} channels but the model takes {channels}; convert "
+                            f"them (or pass images of shape (N, {height}, {width}, {channels}))")
+    if x.shape[1:3] != (height, width):
+        import tensorflow as tf
+
+        x = tf.image.resize(x, (height, width), method="bilinear").numpy()
+    return x.astype(np.float32)
+
+
+def _normalise(x: np.ndarray, options: DataOptions, *, scale: bool) -> np.ndarray:
+    if scale:
+        factor, offset = SCALES[options.scale]
+        x = x * factor + offset
+    if options.mean is not None:
+        x = x - np.asarray(options.mean, dtype=np.float32)
+    if options.std is not None:
+        x = x / np.asarray(options.std, dtype=np.float32)
+    return x.astype(np.float32)
+
+
+def _labels(y, count: int, path: Path):
+    if y is None:
+        return None
+    y = np.asarray(y)
+    if y.ndim == 2 and y.shape[1] > 1:
+        y = np.argmax(y, axis=1)  # one-hot
+    y = y.reshape(-1)
+    if len(y) != count or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
+        raise DataError(f"{path}: 'y' must hold {count} non-negative integer class labels (or one-hot rows); got "
+                        f"dtype {y.dtype} and {len(y)} values")
+    return y.astype(np.int64)
+
+
+def check_labels(data: Dataset, classes: int) -> None:
+    """Labels must index the model's output classes."""
+    if data.y is not None and len(data.y) and int(data.y.max()) >= classes:
+        raise DataError(f"{data.source}: label {int(data.y.max())} is out of range for a model with {classes} outputs")
+
+
+def split(data: Dataset, calibration: int = 200, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(calibration, held-out): a seeded shuffle; calibration gets up to `calibration` samples and at most half."""
+    if len(data) < 2:
+        raise DataError(f"{data.source}: needs at least 2 samples (calibration and held-out); got {len(data)}")
+    order = np.random.default_rng(seed).permutation(len(data))
+    cut = min(calibration, len(data) // 2)
+    return data.take(order[:cut]), data.take(order[cut:])

@@ -1,0 +1,110 @@
+"""TFLite (LiteRT) export with the TFLite converter: float32, float16, dynamic-range int8, full int8, 16x8.
+
+Built-in ops only: if the model needs TensorFlow ops (Flex / SELECT_TF_OPS), which the plain LiteRT runtime of a
+Raspberry Pi cannot run, the export fails naming the ops and layers, unless `allow_flex=True`. Keras' own
+`model.export(format="litert")` enables Flex silently; this module does not use it.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from sepconv.convert.errors import ExportError, FlexOpsError, InvalidOptionError
+from sepconv.deploy.quiet import captured_output
+
+TFLITE_MODES = ("none", "float16", "dynamic", "int8", "int16x8")
+NEEDS_DATA = ("int8", "int16x8")
+IO_TYPES = {"int8": ("float32", "int8", "uint8"), "int16x8": ("float32", "int16")}
+
+
+@dataclass(frozen=True)
+class TFLiteOptions:
+    """quantize: none (float32), float16 (weights), dynamic (int8 weights), int8 (full integer), int16x8.
+    io_type: input/output tensor type of int8 models (float32, int8, uint8) or of 16x8 ones (float32, int16).
+    per_channel: per-channel weight quantization (the default); False for per-tensor.
+    allow_flex: embed TensorFlow ops the built-in runtime lacks (needs a Flex-enabled runtime)."""
+
+    quantize: str = "none"
+    io_type: str = "float32"
+    per_channel: bool = True
+    allow_flex: bool = False
+
+    def __post_init__(self):
+        if self.quantize not in TFLITE_MODES:
+            raise InvalidOptionError(f"Unrecognized quantize={self.quantize!r} for TFLite. Supported modes are: "
+                                     f"{list(TFLITE_MODES)}")
+        allowed = IO_TYPES.get(self.quantize, ("float32",))
+        if self.io_type not in allowed:
+            raise InvalidOptionError(f"Unrecognized io_type={self.io_type!r} for quantize={self.quantize!r}. "
+                                     f"Supported types are: {list(allowed)}")
+
+
+def export_tflite(model, path=None, *, representative_data: np.ndarray | None = None,
+                  options: TFLiteOptions = TFLiteOptions(), **kwargs) -> bytes:
+    """Convert a Keras model to a TFLite flatbuffer; write it atomically to `path` if given; return its bytes.
+
+    kwargs are TFLiteOptions fields (quantize=..., io_type=..., ...). representative_data (float32, shaped like the
+    model's input) calibrates int8 and 16x8 activations; a few hundred samples are plenty.
+    """
+    if kwargs:
+        options = TFLiteOptions(**{**options.__dict__, **kwargs})
+    if options.quantize in NEEDS_DATA and (representative_data is None or len(representative_data) == 0):
+        raise InvalidOptionError(f"quantize={options.quantize!r} calibrates activations on representative data; "
+                                 f"pass representative_data (CLI: --data) or use quantize='dynamic'")
+    converter = _converter(model, representative_data, options)
+    try:
+        with captured_output() as log:
+            flatbuffer = converter.convert()
+    except Exception as error:  # the converter raises ConverterError, RuntimeError, ValueError ...
+        raise _translate(error, log.text, model, options) from error
+    if path is not None:
+        from sepconv.convert.files import write_atomic
+
+        write_atomic(path, flatbuffer)
+    return flatbuffer
+
+
+def _converter(model, representative_data, options: TFLiteOptions):
+    import tensorflow as tf
+
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    builtins = tf.lite.OpsSet.TFLITE_BUILTINS
+    if options.quantize != "none":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+    if options.quantize == "float16":
+        converter.target_spec.supported_types = [tf.float16]
+    if options.quantize in NEEDS_DATA:
+        samples = np.asarray(representative_data, dtype=np.float32)
+        converter.representative_dataset = lambda: ([samples[i:i + 1]] for i in range(len(samples)))
+        if options.quantize == "int8":
+            builtins = tf.lite.OpsSet.TFLITE_BUILTINS_INT8
+        else:
+            builtins = tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8
+        io_dtype = {"float32": tf.float32, "int8": tf.int8, "uint8": tf.uint8, "int16": tf.int16}[options.io_type]
+        converter.inference_input_type = io_dtype
+        converter.inference_output_type = io_dtype
+    converter.target_spec.supported_ops = [builtins] + ([tf.lite.OpsSet.SELECT_TF_OPS] if options.allow_flex else [])
+    if not options.per_channel:
+        converter._experimental_disable_per_channel = True
+    return converter
+
+
+def _translate(error: Exception, log: str, model, options: TFLiteOptions) -> ExportError:
+    text = f"{error}\n{log}"
+    if "Flex" in text or "select TF ops" in text.lower() or "not supported by the native TFLite runtime" in text:
+        ops = sorted(set(re.findall(r"\btf\.(\w+)", text)) | set(re.findall(r"\bFlex(\w+)", text)))
+        layers = sorted({layer.name for layer in _all_layers(model) if re.search(rf"\b{re.escape(layer.name)}\b", text)})
+        return FlexOpsError(
+            f"TFLite needs TensorFlow ops {ops or ['?']} (layers {layers or ['?']}) that the built-in LiteRT runtime "
+            f"lacks, so a Raspberry Pi runtime could not run the model; replace those layers, or pass "
+            f"--allow-flex (allow_flex=True) to embed them for a Flex-enabled runtime")
+    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    return ExportError(f"The TFLite converter failed for quantize={options.quantize!r} ({first}); run with --debug "
+                       f"for the converter's log")
+
+
+def _all_layers(model):
+    return [layer for layer in model._flatten_layers(include_self=False)]

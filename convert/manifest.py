@@ -1,0 +1,69 @@
+"""The manifest written beside every artifact (`out.tflite.json`): what it is, how it was made, how it verified.
+
+The bench and deploy tools read it; it is plain JSON so that any other tool can too.
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+
+from sepconv.convert.files import sha256
+
+MANIFEST_VERSION = 1
+LIBRARIES = ("sepconv", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert", "numpy")
+
+
+def manifest_path(artifact) -> Path:
+    artifact = Path(artifact)
+    return artifact.with_name(artifact.name + ".json")
+
+
+def library_versions() -> dict[str, str | None]:
+    found = {}
+    for name in LIBRARIES:
+        try:
+            found[name] = version(name)
+        except PackageNotFoundError:
+            found[name] = None
+    return found
+
+
+def build_manifest(artifact: Path, *, final_path: Path, fmt: str, quantize: str, source: dict, runtime=None,
+                   layout: str = "nhwc", separation=None, verification=None, options: dict | None = None) -> dict:
+    """`artifact` is the file as written (maybe still a temporary); `final_path` the name it will have."""
+    manifest = {
+        "manifest_version": MANIFEST_VERSION,
+        "artifact": final_path.name,
+        "format": fmt,
+        "quantize": quantize,
+        "bytes": artifact.stat().st_size,
+        "sha256": sha256(artifact),
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "source": source,
+        "layout": layout,
+        "inputs": [spec.to_dict() for spec in runtime.inputs] if runtime else None,
+        "outputs": [spec.to_dict() for spec in runtime.outputs] if runtime else None,
+        "ops": runtime.op_histogram() if runtime else None,
+        "opset": _onnx_opset(artifact) if fmt == "onnx" else None,
+        "libraries": library_versions(),
+        "platform": {"python": platform.python_version(), "machine": platform.machine(), "system": platform.system()},
+        "options": options or {},
+        "separation": separation,
+        "verification": verification.to_dict() if verification is not None else None,
+    }
+    return manifest
+
+
+def manifest_json(manifest: dict) -> str:
+    return json.dumps(manifest, indent=2, default=str) + "\n"
+
+
+def _onnx_opset(path: Path) -> int | None:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)

@@ -1,0 +1,91 @@
+"""Separation options, validated on construction; no TensorFlow needed to build them (the CLI parses flags fast)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from sepconv.convert.errors import InvalidOptionError
+
+
+@dataclass(frozen=True)
+class RankPolicy:
+    """How K is chosen for a layer: a fixed K, "full" (exact), or the smallest K retaining `energy`."""
+
+    rank: int | str | None
+    energy: float | None
+
+    def choose(self, spectrum) -> int:
+        """K for a layer, given its `svd.KernelSpectrum`."""
+        if self.rank == "full":
+            return spectrum.full_rank
+        if self.rank is not None:
+            return min(int(self.rank), spectrum.full_rank)
+        return spectrum.rank_for_energy(self.energy)
+
+
+# Without rank or energy, each layer keeps the smallest K that retains this fraction of its kernel's energy
+# (squared Frobenius norm). See docs/separation.md for why this value.
+DEFAULT_ENERGY = 0.9
+
+
+@dataclass(frozen=True)
+class SeparationOptions:
+    """What `separate` does, validated on construction.
+
+    rank: an int K (the SeparableConv2D depth multiplier, clipped to the exact rank) or "full" (exact).
+    energy: a fraction in (0, 1]: per layer, the smallest K keeping that share of the kernel's energy.
+    include / exclude: fnmatch patterns on layer names or paths ("inner_model/conv*"); exclude wins.
+    only_if_smaller: keep a layer whose separated form would have as many parameters or more.
+    """
+
+    rank: int | str | None = None
+    energy: float | None = None
+    include: tuple[str, ...] | None = None
+    exclude: tuple[str, ...] = ()
+    only_if_smaller: bool = True
+
+    def __post_init__(self):
+        if self.rank is not None and self.energy is not None:
+            raise InvalidOptionError(
+                f"Got both rank={self.rank!r} and energy={self.energy!r}; give one of them (or neither for the "
+                f"default energy={DEFAULT_ENERGY})")
+        if self.rank is not None and self.rank != "full" and not (
+            isinstance(self.rank, int) and not isinstance(self.rank, bool) and self.rank >= 1
+        ):
+            raise InvalidOptionError(f"Unrecognized rank={self.rank!r}. Use a whole number >= 1 or 'full'")
+        if self.energy is not None and not (
+            isinstance(self.energy, (int, float)) and not isinstance(self.energy, bool) and 0 < self.energy <= 1
+        ):
+            raise InvalidOptionError(f"Unrecognized energy={self.energy!r}. Use a fraction in (0, 1], e.g. 0.99")
+        object.__setattr__(self, "include", _patterns(self.include, "include"))
+        object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude") or ())
+
+    @property
+    def policy(self) -> RankPolicy:
+        if self.rank is None and self.energy is None:
+            return RankPolicy(rank=None, energy=DEFAULT_ENERGY)
+        return RankPolicy(rank=self.rank, energy=self.energy)
+
+    def describe(self) -> dict:
+        policy = self.policy
+        return {"rank": policy.rank, "energy": policy.energy, "include": self.include, "exclude": self.exclude,
+                "only_if_smaller": self.only_if_smaller}
+
+    def context(self, path: str):
+        from sepconv.convert.rewrites import Context
+
+        return Context(path=path, policy=self.policy, include=self.include, exclude=self.exclude,
+                       only_if_smaller=self.only_if_smaller)
+
+
+def _patterns(value, name: str) -> tuple[str, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, str):
+        value = (value,)
+    value = tuple(value)
+    if not all(isinstance(p, str) and p for p in value):
+        raise InvalidOptionError(f"Unrecognized {name}={value!r}. Use layer-name patterns such as 'block1_*'")
+    return value
+
+

@@ -1,0 +1,178 @@
+"""Run an exported artifact and the Keras model it came from on the same inputs, and judge the artifact.
+
+Float32 artifacts must reproduce the model (relative max error <= 1e-4). Quantized ones (float16 weights included)
+are judged by what users feel: top-1 agreement with the Keras model for classifier outputs, cosine similarity for
+other outputs, and accuracy when labels are given.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from sepconv.convert.errors import InvalidOptionError, VerificationError
+
+
+@dataclass(frozen=True)
+class Tolerance:
+    """The pass marks, each with its reason.
+
+    max_relative_error: float32 artifacts compute the same function with other kernels and summation orders, so
+        they agree to ~1e-6 of the output scale; 1e-4 leaves room for that and catches any real difference.
+    min_agreement: quantized classifiers lose a little precision; 98% top-1 agreement with the Keras model is the
+        usual bar for an int8 model that "gives the same answers".
+    min_cosine: quantized non-classifier outputs (feature maps, embeddings) must keep their direction.
+    """
+
+    max_relative_error: float = 1e-4
+    min_agreement: float = 0.98
+    min_cosine: float = 0.98
+
+    def __post_init__(self):
+        for name in ("max_relative_error", "min_agreement", "min_cosine"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
+                raise InvalidOptionError(f"Unrecognized {name}={value!r}. Use a number in [0, 1]")
+
+
+@dataclass(frozen=True)
+class OutputCheck:
+    name: str
+    max_abs_diff: float
+    mean_abs_diff: float
+    max_relative_error: float  # max |artifact - keras| / max |keras|
+    cosine: float
+    agreement: float | None  # top-1 agreement with the Keras model (classifier outputs)
+    accuracy: float | None  # the artifact's top-1 accuracy on labelled data
+    keras_accuracy: float | None  # the Keras model's, on the same data
+    criterion: str
+    passed: bool
+
+
+@dataclass(frozen=True)
+class Verification:
+    artifact: str
+    quantize: str
+    samples: int
+    inputs: str  # where the inputs came from
+    outputs: tuple[OutputCheck, ...]
+    original_agreement: float | None = None  # top-1 agreement with the model before separation
+    original_accuracy: float | None = None
+
+    @property
+    def passed(self) -> bool:
+        return all(check.passed for check in self.outputs)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "passed": self.passed}
+
+    def failures(self) -> list[str]:
+        return [f"output {c.name}: {c.criterion}" for c in self.outputs if not c.passed]
+
+    def raise_for_failure(self) -> None:
+        if not self.passed:
+            raise VerificationError(f"{self.artifact} ({self.quantize}) failed verification on {self.samples} "
+                                    f"{self.inputs}: {'; '.join(self.failures())}; try another --quantize mode, "
+                                    f"more representative --data, or lower --min-agreement")
+
+
+def predict_keras(model, x: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
+    """The Keras model's outputs, as a list of float32 arrays, computed in batches without retracing noise."""
+    import keras
+
+    chunks = []
+    for start in range(0, len(x), batch_size):
+        result = model(x[start:start + batch_size], training=False)
+        chunks.append([np.asarray(keras.ops.convert_to_numpy(r), np.float32) for r in keras.tree.flatten(result)])
+    return [np.concatenate([chunk[k] for chunk in chunks]) for k in range(len(chunks[0]))]
+
+
+def run_artifact(runtime, x: np.ndarray, *, layout: str = "nhwc", batch_size: int = 64) -> list[np.ndarray]:
+    if layout == "nchw":
+        x = np.transpose(x, (0, 3, 1, 2))
+    chunks = [runtime.run([x[start:start + batch_size]]) for start in range(0, len(x), batch_size)]
+    return [np.concatenate([chunk[k] for chunk in chunks]) for k in range(len(chunks[0]))]
+
+
+def verify(model, artifact, x: np.ndarray, y: np.ndarray | None = None, *, quantized: bool, quantize: str = "none",
+           tolerance: Tolerance = Tolerance(), layout: str = "nhwc", inputs: str = "held-out samples",
+           original=None) -> Verification:
+    """Compare `artifact` (a path, or an opened sepconv.deploy Runtime) with `model` on inputs `x` (and labels `y`).
+
+    original: the model before separation, if any; its top-1 agreement with the artifact is reported too.
+    """
+    from sepconv.deploy.runtime import Runtime, open_runtime
+
+    runtime = artifact if isinstance(artifact, Runtime) else open_runtime(artifact)
+    expected = predict_keras(model, x)
+    actual = run_artifact(runtime, x, layout=layout)
+    if len(expected) != len(actual):
+        raise VerificationError(f"{artifact}: has {len(actual)} outputs but the Keras model has {len(expected)}")
+    names = [spec.name for spec in runtime.outputs]
+    checks = tuple(_check(name, e, a, y, quantized, tolerance) for name, e, a in zip(names, expected, actual))
+    original_agreement = original_accuracy = None
+    if original is not None and _is_classifier(actual[0]):
+        reference = predict_keras(original, x)[0]
+        original_agreement = _agreement(reference, actual[0])
+        original_accuracy = _accuracy(reference, y)
+    return Verification(artifact=str(artifact if not isinstance(artifact, Runtime) else "artifact"),
+                        quantize=quantize, samples=len(x), inputs=inputs, outputs=checks,
+                        original_agreement=original_agreement, original_accuracy=original_accuracy)
+
+
+def _is_classifier(output: np.ndarray) -> bool:
+    return output.ndim == 2 and output.shape[1] >= 2
+
+
+def _agreement(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+
+
+def _accuracy(output: np.ndarray, y) -> float | None:
+    if y is None or not _is_classifier(output):
+        return None
+    return float(np.mean(np.argmax(output, axis=1) == y))
+
+
+def _check(name, expected, actual, y, quantized: bool, tolerance: Tolerance) -> OutputCheck:
+    expected = expected.astype(np.float64)
+    actual = actual.astype(np.float64).reshape(expected.shape)
+    diff = np.abs(actual - expected)
+    scale = max(float(np.max(np.abs(expected))), 1e-30)
+    relative = float(np.max(diff)) / scale
+    flat_e, flat_a = expected.reshape(len(expected), -1), actual.reshape(len(actual), -1)
+    norms = np.linalg.norm(flat_e, axis=1) * np.linalg.norm(flat_a, axis=1)
+    cosine = float(np.mean(np.sum(flat_e * flat_a, axis=1) / np.maximum(norms, 1e-30)))
+    classifier = _is_classifier(expected)
+    agreement = _agreement(expected, actual) if classifier else None
+    if not quantized:
+        passed = relative <= tolerance.max_relative_error
+        criterion = f"relative max error {relative:.2e} {'<=' if passed else '>'} {tolerance.max_relative_error:g}"
+    elif classifier:
+        passed = agreement >= tolerance.min_agreement
+        criterion = f"top-1 agreement {agreement:.2%} {'>=' if passed else '<'} {tolerance.min_agreement:.2%}"
+    else:
+        passed = cosine >= tolerance.min_cosine
+        criterion = f"cosine similarity {cosine:.4f} {'>=' if passed else '<'} {tolerance.min_cosine:g}"
+    return OutputCheck(name=name, max_abs_diff=float(np.max(diff)), mean_abs_diff=float(np.mean(diff)),
+                       max_relative_error=relative, cosine=cosine, agreement=agreement,
+                       accuracy=_accuracy(actual, y), keras_accuracy=_accuracy(expected, y), criterion=criterion,
+                       passed=bool(passed))
+
+
+def verify_keras(model, path, x: np.ndarray, y: np.ndarray | None = None, *, tolerance: Tolerance = Tolerance(),
+                 inputs: str = "held-out samples", original=None) -> Verification:
+    """A saved .keras file, loaded back through sepconv's safe loader, must compute what `model` computes."""
+    from sepconv.convert.loading import load
+
+    reloaded = load(path)
+    expected, actual = predict_keras(model, x), predict_keras(reloaded, x)
+    names = [tensor.name for tensor in reloaded.outputs]
+    checks = tuple(_check(name, e, a, y, False, tolerance) for name, e, a in zip(names, expected, actual))
+    original_agreement = original_accuracy = None
+    if original is not None and _is_classifier(actual[0]):
+        reference = predict_keras(original, x)[0]
+        original_agreement, original_accuracy = _agreement(reference, actual[0]), _accuracy(reference, y)
+    return Verification(artifact=str(path), quantize="none", samples=len(x), inputs=inputs, outputs=checks,
+                        original_agreement=original_agreement, original_accuracy=original_accuracy)

@@ -1,0 +1,228 @@
+"""One interface over LiteRT (.tflite) and ONNX Runtime (.onnx): float arrays in, float arrays out.
+
+Quantized input and output tensors are converted with their scale and zero point, so callers compare artifacts with
+the Keras model on the same float inputs whatever the artifact's tensor types are.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from sepconv.deploy.errors import ArtifactError, InvalidOptionError, RuntimeMissingError
+from sepconv.deploy.quiet import captured_output
+
+TFLITE_SUFFIX = ".tflite"
+ONNX_SUFFIX = ".onnx"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    """A model input or output: shape uses -1 for a dynamic dimension; scale/zero_point only for quantized tensors."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    scale: float | None = None
+    zero_point: int | None = None
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "shape": list(self.shape), "dtype": self.dtype, "scale": self.scale,
+                "zero_point": self.zero_point}
+
+    def quantize(self, x: np.ndarray) -> np.ndarray:
+        """Float values to this tensor's dtype (rounded and clipped when it is quantized)."""
+        dtype = np.dtype(self.dtype)
+        if self.scale is None or not np.issubdtype(dtype, np.integer):
+            return x.astype(dtype)
+        info = np.iinfo(dtype)
+        return np.clip(np.round(x / self.scale + self.zero_point), info.min, info.max).astype(dtype)
+
+    def dequantize(self, q: np.ndarray) -> np.ndarray:
+        if self.scale is None or not np.issubdtype(q.dtype, np.integer):
+            return q.astype(np.float32)
+        return ((q.astype(np.float32) - self.zero_point) * self.scale).astype(np.float32)
+
+
+class Runtime:
+    """An opened artifact. `run` takes and returns float arrays with a leading batch dimension."""
+
+    format: str
+    runtime_name: str
+    inputs: tuple[TensorSpec, ...]
+    outputs: tuple[TensorSpec, ...]
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        raise NotImplementedError
+
+    def op_histogram(self) -> dict[str, int]:
+        raise NotImplementedError
+
+    def versions(self) -> dict[str, str]:
+        raise NotImplementedError
+
+
+def _require_file(path: Path) -> None:
+    if not path.exists():
+        raise ArtifactError(f"{path}: no such file; check the path")
+    if path.is_dir():
+        raise ArtifactError(f"{path}: is a directory; pass a .tflite or .onnx file")
+    if path.stat().st_size == 0:
+        raise ArtifactError(f"{path}: the file is empty (0 bytes); export it again")
+
+
+def _tflite_interpreter_class():
+    """LiteRT's interpreter, else tflite_runtime's, else TensorFlow's (only if TensorFlow happens to be installed)."""
+    try:
+        from ai_edge_litert.interpreter import Interpreter
+
+        return Interpreter, "ai-edge-litert"
+    except ImportError:
+        pass
+    try:
+        from tflite_runtime.interpreter import Interpreter
+
+        return Interpreter, "tflite-runtime"
+    except ImportError:
+        pass
+    import importlib.util
+
+    if importlib.util.find_spec("tensorflow") is not None:
+        import tensorflow as tf
+
+        return tf.lite.Interpreter, "tensorflow"
+    raise RuntimeMissingError("Running .tflite files needs LiteRT, which is not installed; install it with: "
+                              "pip install ai-edge-litert")
+
+
+class LiteRTRuntime(Runtime):
+    format = "tflite"
+
+    def __init__(self, path: Path, *, threads: int | None = None):
+        interpreter_class, self.runtime_name = _tflite_interpreter_class()
+        try:
+            with captured_output():  # LiteRT announces its XNNPACK delegate on stderr
+                self._interpreter = interpreter_class(model_path=str(path), num_threads=threads)
+                self._interpreter.allocate_tensors()
+        except (ValueError, RuntimeError) as error:
+            raise ArtifactError(f"{path}: LiteRT cannot load it ({str(error).strip().splitlines()[0][:200]}); the "
+                                f"file is damaged or not a TFLite model: export it again") from error
+        self._input_details = self._interpreter.get_input_details()
+        self._output_details = self._interpreter.get_output_details()
+        self.inputs = tuple(_tflite_spec(d) for d in self._input_details)
+        self.outputs = tuple(_tflite_spec(d) for d in self._output_details)
+        self._batch = None
+
+    def _resize(self, batch: int) -> bool:
+        """Resize every input to `batch` rows if the model allows it; False when the batch dimension is fixed."""
+        if batch == self._batch:
+            return True
+        for detail in self._input_details:
+            if detail["shape_signature"][0] != -1 and detail["shape"][0] != batch:
+                return False
+        for detail in self._input_details:
+            self._interpreter.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
+        with captured_output():
+            self._interpreter.allocate_tensors()
+        self._output_details = self._interpreter.get_output_details()
+        self._batch = batch
+        return True
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        batch = len(inputs[0])
+        if not self._resize(batch):  # a fixed batch of 1: run sample by sample
+            self._resize(1)
+            rows = [self.run([x[i:i + 1] for x in inputs]) for i in range(batch)]
+            return [np.concatenate([row[k] for row in rows]) for k in range(len(self.outputs))]
+        for spec, detail, x in zip(self.inputs, self._input_details, inputs):
+            self._interpreter.set_tensor(detail["index"], spec.quantize(np.asarray(x)))
+        self._interpreter.invoke()
+        return [spec.dequantize(self._interpreter.get_tensor(detail["index"]))
+                for spec, detail in zip(self.outputs, self._output_details)]
+
+    def op_histogram(self) -> dict[str, int]:
+        ops = self._interpreter._get_ops_details()
+        return dict(collections.Counter(op["op_name"] for op in ops if op["op_name"] != "DELEGATE"))
+
+    def versions(self) -> dict[str, str]:
+        return {self.runtime_name: _version(self.runtime_name)}
+
+
+def _tflite_spec(detail: dict) -> TensorSpec:
+    scale, zero_point = detail["quantization"]
+    quantized = np.issubdtype(detail["dtype"], np.integer) and scale != 0.0
+    return TensorSpec(name=detail["name"], shape=tuple(int(d) for d in detail["shape_signature"]),
+                      dtype=np.dtype(detail["dtype"]).name, scale=float(scale) if quantized else None,
+                      zero_point=int(zero_point) if quantized else None)
+
+
+class OnnxRuntime(Runtime):
+    format = "onnx"
+    runtime_name = "onnxruntime"
+
+    def __init__(self, path: Path, *, threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+        try:
+            import onnxruntime
+        except ImportError as error:
+            raise RuntimeMissingError("Running .onnx files needs ONNX Runtime, which is not installed; install it "
+                                      "with: pip install onnxruntime") from error
+        options = onnxruntime.SessionOptions()
+        options.log_severity_level = 3
+        if threads:
+            options.intra_op_num_threads = threads
+        try:
+            self._session = onnxruntime.InferenceSession(str(path), options, providers=list(providers))
+        except Exception as error:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+            raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(error).strip().splitlines()[0][:200]}); "
+                                f"the file is damaged or not an ONNX model: export it again") from error
+        self.inputs = tuple(_onnx_spec(i) for i in self._session.get_inputs())
+        self.outputs = tuple(_onnx_spec(o) for o in self._session.get_outputs())
+        self._path = path
+
+    def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
+        feeds = {spec.name: spec.quantize(np.asarray(x)) for spec, x in zip(self.inputs, inputs)}
+        return [np.asarray(y, dtype=np.float32) for y in self._session.run(None, feeds)]
+
+    def op_histogram(self) -> dict[str, int]:
+        import onnx
+
+        graph = onnx.load(str(self._path), load_external_data=False).graph
+        return dict(collections.Counter(node.op_type for node in graph.node))
+
+    def versions(self) -> dict[str, str]:
+        return {"onnxruntime": _version("onnxruntime")}
+
+
+_ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
+                "tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(int64)": "int64"}
+
+
+def _onnx_spec(node) -> TensorSpec:
+    shape = tuple(d if isinstance(d, int) else -1 for d in node.shape)
+    return TensorSpec(name=node.name, shape=shape, dtype=_ONNX_DTYPES.get(node.type, node.type))
+
+
+def _version(distribution: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(distribution)
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def open_runtime(path, *, threads: int | None = None) -> Runtime:
+    """Open a .tflite (LiteRT) or .onnx (ONNX Runtime) artifact for inference on the CPU."""
+    path = Path(path)
+    _require_file(path)
+    if threads is not None and (not isinstance(threads, int) or threads < 1):
+        raise InvalidOptionError(f"Unrecognized threads={threads!r}. Use a whole number >= 1")
+    suffix = path.suffix.lower()
+    if suffix == TFLITE_SUFFIX:
+        return LiteRTRuntime(path, threads=threads)
+    if suffix == ONNX_SUFFIX:
+        return OnnxRuntime(path, threads=threads)
+    raise ArtifactError(f"{path}: unrecognized artifact extension {suffix!r}; sepconv runs .tflite and .onnx files")
