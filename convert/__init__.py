@@ -1,9 +1,11 @@
-"""sepconv.convert: the workstation side. Load a trained Keras model and separate its convolutions.
+"""sepconv.convert: the workstation side. Load a trained Keras model, separate its convolutions, export verified
+TFLite / ONNX artifacts.
 
-    from sepconv.convert import load, separate
+    from sepconv.convert import load, separate, convert_model
     model = load("model.h5")
     small, report = separate(model, rank=1)
     print(report)
+    convert_model("model.h5", ["model.tflite", "model.onnx"], data="images/")
 
 Names are imported on first use, so that `import sepconv.convert` (and `--help` of the tools) stays instant and
 TensorFlow loads only when a function that needs it is called.
@@ -20,6 +22,18 @@ _EXPORTS = {
     "SeparationReport": "sepconv.convert.report",
     "LayerRow": "sepconv.convert.report",
     "register_rewrite": "sepconv.convert.rewrites",
+    "export_tflite": "sepconv.convert.export_tflite",
+    "TFLiteOptions": "sepconv.convert.export_tflite",
+    "export_onnx": "sepconv.convert.export_onnx",
+    "OnnxOptions": "sepconv.convert.export_onnx",
+    "verify": "sepconv.convert.verification",
+    "Tolerance": "sepconv.convert.verification",
+    "Verification": "sepconv.convert.verification",
+    "load_data": "sepconv.convert.data",
+    "DataOptions": "sepconv.convert.data",
+    "convert_model": "sepconv.convert.pipeline",
+    "ConvertOptions": "sepconv.convert.pipeline",
+    "ConvertResult": "sepconv.convert.pipeline",
     "errors": "sepconv.convert.errors",
 }
 

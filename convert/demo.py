@@ -80,6 +80,12 @@ def accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> floa
     return hits / len(x)
 
 
+def save_split(split: Split, path: Path) -> Path:
+    """The held-out test images and labels as an .npz (x, y): the --data a user would pass."""
+    np.savez(path, x=split.x_test, y=split.y_test)
+    return path
+
+
 def demo_model(path: Path, *, epochs: int = 15, seed: int = 0, retrain: bool = False, verbose: int = 0):
     """The trained demo model saved at `path` (.h5): trained and saved on first use, reused after."""
     from sepconv.convert.loading import load
@@ -94,6 +100,6 @@ def demo_model(path: Path, *, epochs: int = 15, seed: int = 0, retrain: bool = F
     train(model, digits(seed=seed), epochs=epochs, seed=seed, verbose=verbose)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial.h5")
-    model.save(tmp)
+    model.save(tmp, include_optimizer=False)
     tmp.replace(path)
     return load(path)

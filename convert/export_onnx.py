@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sepconv.convert.errors import ExportError, InvalidOptionError
+from sepconv.convert.trace import frozen_function, input_names, layers_in_scopes
 from sepconv.deploy.quiet import captured_output
 
 ONNX_MODES = ("none", "dynamic", "int8")
@@ -71,32 +72,77 @@ def export_onnx(model, path=None, *, representative_data: np.ndarray | None = No
     return data
 
 
-def input_names(model) -> list[str]:
-    return [tensor._keras_history.operation.name for tensor in model.inputs]
-
-
 def _tf2onnx(model, path: Path, options: OnnxOptions) -> None:
+    """Translate the model's frozen graph (`trace.frozen_function`).
+
+    Freezing first matters: tf2onnx's from_function leaves tensors a layer captures outside its variables (e.g. the
+    mean and variance of EfficientNet's Normalization layer) as graph inputs nobody can feed.
+    """
     import tensorflow as tf
 
-    specs = tuple(tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=name) for t, name in zip(model.inputs,
-                                                                                                input_names(model)))
-
-    def forward(*inputs):
-        return model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
-
-    function = tf.function(forward, input_signature=specs)
-    nchw = input_names(model) if options.layout == "nchw" else None
+    names = input_names(model)
     try:
-        with captured_output() as log:
+        with captured_output():
             import tf2onnx
 
-            tf2onnx.convert.from_function(function, input_signature=specs, opset=options.opset,
-                                          inputs_as_nchw=nchw, output_path=str(path))
+            frozen = frozen_function(model)
+            tf_inputs = [t.name for t in frozen.inputs if t.dtype != tf.resource]
+            tf_outputs = [t.name for t in frozen.outputs]
+            proto, _ = tf2onnx.convert.from_graph_def(
+                frozen.graph.as_graph_def(), input_names=tf_inputs, output_names=tf_outputs, opset=options.opset,
+                inputs_as_nchw=tf_inputs if options.layout == "nchw" else None,
+                custom_op_handlers={"Erfc": (_erfc, [])})
     except Exception as error:  # tf2onnx raises ValueError, RuntimeError, its own errors ...
         raise ExportError(f"tf2onnx failed at opset {options.opset} ({_first(error)}); try another --opset, or run "
                           f"with --debug for tf2onnx's log") from error
-    if not path.exists():
-        raise ExportError(f"tf2onnx wrote no model at opset {options.opset}; its log ends: {log.tail(1)}")
+    _refuse_untranslated(proto, model, options)
+    for old, new in [*zip(tf_inputs, names), *zip(tf_outputs, _output_names(model, len(tf_outputs)))]:
+        _rename(proto.graph, old, new)
+    path.write_bytes(proto.SerializeToString())
+
+
+def _output_names(model, count: int) -> list[str]:
+    """The Keras output layers' names (unique), else output_0, output_1, ..."""
+    names = [tensor._keras_history.operation.name for tensor in model.outputs]
+    if len(names) != count or len(set(names)) != count:
+        return [f"output_{i}" for i in range(count)]
+    return names
+
+
+def _rename(graph, old: str, new: str) -> None:
+    for value in list(graph.input) + list(graph.output):
+        if value.name == old:
+            value.name = new
+    for node in graph.node:
+        node.input[:] = [new if name == old else name for name in node.input]
+        node.output[:] = [new if name == old else name for name in node.output]
+
+
+def _erfc(ctx, node, name, args):
+    """tf2onnx has no Erfc (Keras' exact gelu uses it): erfc(x) = 1 - erf(x), both in every ONNX opset we allow."""
+    import tf2onnx
+
+    node.type = "Erf"
+    dtype = tf2onnx.utils.map_onnx_to_numpy_type(ctx.get_dtype(node.output[0]))
+    one = ctx.make_const(tf2onnx.utils.make_name(f"{node.name}_one"), np.array(1, dtype=dtype))
+    ctx.insert_new_node_on_output("Sub", node.output[0], name=tf2onnx.utils.make_name(f"{node.name}_erfc"),
+                                  inputs=[one.output[0], node.output[0]])
+
+
+def _refuse_untranslated(proto, model, options: OnnxOptions) -> None:
+    """tf2onnx writes a graph even when it could not translate some TensorFlow ops; ONNX Runtime would refuse it."""
+    import onnx
+
+    untranslated = [node for node in proto.graph.node
+                    if node.domain in ("", "ai.onnx") and not onnx.defs.has(node.op_type, "")]
+    if untranslated:
+        unknown = {node.op_type for node in untranslated}
+        layers = layers_in_scopes((node.name for node in untranslated), model)
+        shown = ", ".join(layers[:4]) + (f" and {len(layers) - 4} more" if len(layers) > 4 else "")
+        hint = (" (Keras runs grouped Conv2D on the CPU as an XLA-compiled call, which tf2onnx cannot translate)"
+                if "StatefulPartitionedCall" in unknown else "")
+        raise ExportError(f"tf2onnx has no ONNX translation for TensorFlow ops {sorted(unknown)} in layers "
+                          f"[{shown or '?'}] at opset {options.opset}{hint}; replace those layers or export to TFLite")
 
 
 def _quantize(source: Path, target: Path, options: OnnxOptions, representative_data, model) -> None:

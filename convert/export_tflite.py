@@ -1,5 +1,7 @@
 """TFLite (LiteRT) export with the TFLite converter: float32, float16, dynamic-range int8, full int8, 16x8.
 
+The converter reads the model's frozen function (`trace.frozen_function`, the same graph the ONNX export uses).
+
 Built-in ops only: if the model needs TensorFlow ops (Flex / SELECT_TF_OPS), which the plain LiteRT runtime of a
 Raspberry Pi cannot run, the export fails naming the ops and layers, unless `allow_flex=True`. Keras' own
 `model.export(format="litert")` enables Flex silently; this module does not use it.
@@ -13,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sepconv.convert.errors import ExportError, FlexOpsError, InvalidOptionError
+from sepconv.convert.trace import frozen_function, layers_in_scopes
 from sepconv.deploy.quiet import captured_output
 
 TFLITE_MODES = ("none", "float16", "dynamic", "int8", "int16x8")
@@ -54,12 +57,14 @@ def export_tflite(model, path=None, *, representative_data: np.ndarray | None = 
     if options.quantize in NEEDS_DATA and (representative_data is None or len(representative_data) == 0):
         raise InvalidOptionError(f"quantize={options.quantize!r} calibrates activations on representative data; "
                                  f"pass representative_data (CLI: --data) or use quantize='dynamic'")
-    converter = _converter(model, representative_data, options)
+    with captured_output():
+        frozen = frozen_function(model)
+    converter = _converter(frozen, representative_data, options)
     try:
         with captured_output() as log:
             flatbuffer = converter.convert()
     except Exception as error:  # the converter raises ConverterError, RuntimeError, ValueError ...
-        raise _translate(error, log.text, model, options) from error
+        raise _translate(error, log.text, model, frozen, options) from error
     if path is not None:
         from sepconv.convert.files import write_atomic
 
@@ -67,10 +72,10 @@ def export_tflite(model, path=None, *, representative_data: np.ndarray | None = 
     return flatbuffer
 
 
-def _converter(model, representative_data, options: TFLiteOptions):
+def _converter(frozen, representative_data, options: TFLiteOptions):
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
     builtins = tf.lite.OpsSet.TFLITE_BUILTINS
     if options.quantize != "none":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
@@ -92,19 +97,20 @@ def _converter(model, representative_data, options: TFLiteOptions):
     return converter
 
 
-def _translate(error: Exception, log: str, model, options: TFLiteOptions) -> ExportError:
+def _translate(error: Exception, log: str, model, frozen, options: TFLiteOptions) -> ExportError:
     text = f"{error}\n{log}"
-    if "Flex" in text or "select TF ops" in text.lower() or "not supported by the native TFLite runtime" in text:
-        ops = sorted(set(re.findall(r"\btf\.(\w+)", text)) | set(re.findall(r"\bFlex(\w+)", text)))
-        layers = sorted({layer.name for layer in _all_layers(model) if re.search(rf"\b{re.escape(layer.name)}\b", text)})
+    ops = sorted(set(re.findall(r"^\s*tf\.(\w+)\(", text, flags=re.MULTILINE))
+                 | set(re.findall(r"'tf\.(\w+)' op is neither", text)))
+    layers = layers_in_scopes((n.name for n in frozen.graph.as_graph_def().node if n.op in ops), model)
+    where = f"ops {ops or ['?']} (layers {layers or ['?']})"
+    if "ERROR_NEEDS_FLEX_OPS" in text or "Flex ops:" in text:
         return FlexOpsError(
-            f"TFLite needs TensorFlow ops {ops or ['?']} (layers {layers or ['?']}) that the built-in LiteRT runtime "
-            f"lacks, so a Raspberry Pi runtime could not run the model; replace those layers, or pass "
-            f"--allow-flex (allow_flex=True) to embed them for a Flex-enabled runtime")
+            f"TFLite needs TensorFlow {where} that the built-in LiteRT runtime lacks, so a Raspberry Pi runtime could "
+            f"not run the model; replace those layers, or pass --allow-flex (allow_flex=True) to embed them for a "
+            f"Flex-enabled runtime")
+    if "ERROR_NEEDS_CUSTOM_OPS" in text or "Custom ops:" in text:
+        return ExportError(f"TFLite has no kernel for TensorFlow {where}, not even with Flex; replace those layers "
+                           f"with ones TFLite supports")
     first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
     return ExportError(f"The TFLite converter failed for quantize={options.quantize!r} ({first}); run with --debug "
                        f"for the converter's log")
-
-
-def _all_layers(model):
-    return [layer for layer in model._flatten_layers(include_self=False)]

@@ -193,12 +193,21 @@ def _check_outputs(source: Path, outputs, options: ConvertOptions) -> list[Path]
             problems.append(f"{target}: exists; pass --overwrite (overwrite=True) to replace it")
         elif not target.parent.resolve().is_dir():
             problems.append(f"{target}: folder {target.parent} does not exist; create it first")
-        elif not os.access(target.parent.resolve(), os.W_OK):
+        elif not _writable(target.parent):
             problems.append(f"{target}: folder {target.parent} is not writable")
         seen.add(target.resolve())
     if problems:
         raise OutputPathError("; ".join(problems))
     return targets
+
+
+def _writable(folder: Path) -> bool:
+    """Try it: os.access says yes to root even on a read-only file system."""
+    try:
+        with tempfile.TemporaryFile(dir=folder):
+            return True
+    except OSError:
+        return False
 
 
 def _check_modes(targets: list[Path], quantize: str, options: ConvertOptions) -> None:
@@ -250,14 +259,26 @@ def _data(model, options: ConvertOptions):
 def _stage(model, original, target: Path, quantize: str, calibration, heldout, data_info, options: ConvertOptions,
            source: Path, report, say) -> dict:
     """Export to a temporary file beside `target`, verify it, write its manifest to another temporary file."""
-    from sepconv.convert.manifest import build_manifest, manifest_json
-    from sepconv.convert.verification import verify, verify_keras
-
     fmt = FORMATS[target.suffix.lower()]
     mode = "none" if fmt == "keras" else quantize
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{target.suffix}", dir=target.parent)
     os.close(fd)
     item = {"target": target, "tmp": tmp, "tmp_manifest": None, "format": fmt, "quantize": mode}
+    try:
+        return _export_and_verify(item, model, original, calibration, heldout, data_info, options, source, report, say)
+    except BaseException:
+        for path in (item["tmp"], item["tmp_manifest"]):
+            if path is not None:
+                Path(path).unlink(missing_ok=True)
+        raise
+
+
+def _export_and_verify(item: dict, model, original, calibration, heldout, data_info, options: ConvertOptions,
+                       source: Path, report, say) -> dict:
+    from sepconv.convert.manifest import build_manifest, manifest_json
+    from sepconv.convert.verification import verify, verify_keras
+
+    target, tmp, fmt, mode = item["target"], item["tmp"], item["format"], item["quantize"]
     started = time.perf_counter()
     inputs = "held-out samples" if data_info["source"] else "synthetic inputs"
     runtime = None

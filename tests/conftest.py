@@ -3,6 +3,7 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
 
@@ -13,3 +14,53 @@ def _float32_policy():
 
     yield
     keras.config.set_dtype_policy("float32")
+
+
+@pytest.fixture(scope="session")
+def digits():
+    from sepconv.convert import demo
+
+    return demo.digits()
+
+
+@pytest.fixture(scope="session")
+def trained_demo(tmp_path_factory, digits):
+    """The tutorial network trained briefly on digits, saved as .h5, with the test split as an .npz.
+
+    Four epochs reach ~95% test accuracy: enough for int8 agreement to mean something, fast enough for a test.
+    """
+    from sepconv.convert import demo
+
+    folder = tmp_path_factory.mktemp("demo")
+    model = demo.demo_model(folder / "digits.h5", epochs=4, seed=0)
+    np.savez(folder / "digits_test.npz", x=digits.x_test, y=digits.y_test)
+    return {"model": model, "h5": folder / "digits.h5", "npz": folder / "digits_test.npz", "folder": folder}
+
+
+@pytest.fixture(scope="session")
+def small_artifacts(tmp_path_factory):
+    """A small separated CNN exported to float and int8 TFLite and ONNX, with inputs and the Keras outputs."""
+    import keras
+
+    from sepconv.convert import separate
+    from sepconv.convert.export_onnx import export_onnx
+    from sepconv.convert.export_tflite import export_tflite
+
+    keras.utils.set_random_seed(0)
+    x_in = keras.Input((12, 12, 3), name="pixels")
+    x = keras.layers.Conv2D(8, 3, activation="relu")(x_in)
+    x = keras.layers.Conv2D(8, 3, strides=2)(x)
+    model, _ = separate(keras.Model(x_in, keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(x))),
+                        rank=2)
+    folder = tmp_path_factory.mktemp("artifacts")
+    x = np.random.default_rng(0).random((16, 12, 12, 3), dtype=np.float32)
+    paths = {
+        "tflite": folder / "float.tflite", "tflite_int8": folder / "int8.tflite",
+        "onnx": folder / "float.onnx", "onnx_int8": folder / "int8.onnx",
+    }
+    export_tflite(model, paths["tflite"])
+    export_tflite(model, paths["tflite_int8"], quantize="int8", io_type="int8", representative_data=x)
+    export_onnx(model, paths["onnx"])
+    export_onnx(model, paths["onnx_int8"], quantize="int8", representative_data=x)
+    expected = np.asarray(model(x, training=False))
+    return {"model": model, "x": x, "expected": expected, **paths}

@@ -1,0 +1,203 @@
+"""convert-model as a user runs it: success paths and every bad-input path, in a subprocess."""
+
+import hashlib
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+HERE = Path(__file__).parent
+CONVERT = [str(Path(sys.executable).parent / "convert-model")]
+
+
+def run(*args, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    return subprocess.run([*CONVERT, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def digest(path):
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def listing(folder):
+    return sorted(p.name for p in Path(folder).iterdir())
+
+
+@pytest.fixture()
+def small_h5(tmp_path):
+    keras.utils.set_random_seed(0)
+    x_in = keras.Input((12, 12, 3), name="pixels")
+    x = keras.layers.Conv2D(16, 3, activation="relu", name="c1")(x_in)
+    x = keras.layers.Conv2D(16, 3, strides=2, name="c2")(x)
+    model = keras.Model(x_in, keras.layers.Dense(5, activation="softmax")(keras.layers.Flatten()(x)))
+    path = tmp_path / "in" / "small.h5"
+    path.parent.mkdir()
+    model.save(path)
+    return path
+
+
+def assert_clean_failure(done, source, out_dir, before, phrase, code=1):
+    assert done.returncode == code, (done.returncode, done.stderr[-2000:])
+    assert "Traceback" not in done.stderr, done.stderr[-2000:]
+    error_lines = [line for line in done.stderr.splitlines() if "error:" in line]
+    assert len(error_lines) == 1 and phrase in error_lines[0], done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1] == error_lines[0], "the error is the last and only line that matters"
+    assert listing(out_dir) == before, "no partial or temporary file may be left"
+    if source is not None and Path(source).is_file():
+        assert digest(source) == source_digest[str(source)], "the input must be left untouched"
+
+
+source_digest = {}
+
+
+def test_without_data_dynamic_and_manifests(tmp_path, small_h5):
+    source_digest[str(small_h5)] = digest(small_h5)
+    out = tmp_path / "out"
+    out.mkdir()
+    done = run(small_h5, out / "m.tflite", out / "m.onnx", out / "m.keras", "--rank", "1", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    summary = json.loads(done.stdout)
+    assert summary["quantize"] == "dynamic" and "no --data given" in summary["quantize_reason"]
+    assert "quantize=auto -> dynamic" in done.stderr, "the CLI says which mode it chose"
+    assert listing(out) == ["m.keras", "m.keras.json", "m.onnx", "m.onnx.json", "m.tflite", "m.tflite.json"]
+    for artifact in summary["artifacts"]:
+        manifest = json.loads(Path(artifact["manifest"]).read_text())
+        assert manifest["sha256"] == digest(artifact["path"]) and manifest["bytes"] == os.path.getsize(artifact["path"])
+        assert manifest["verification"]["passed"] is True
+        assert manifest["separation"]["totals"]["separated"] == 2
+        assert manifest["source"]["sha256"] == source_digest[str(small_h5)]
+        assert manifest["libraries"]["tensorflow"] and manifest["libraries"]["keras"]
+    tflite = json.loads((out / "m.tflite.json").read_text())
+    assert tflite["quantize"] == "dynamic" and tflite["inputs"][0]["shape"] == [-1, 12, 12, 3]
+    assert tflite["ops"]["DEPTHWISE_CONV_2D"] == 2
+    onnx_manifest = json.loads((out / "m.onnx.json").read_text())
+    assert onnx_manifest["opset"] == 17 and onnx_manifest["inputs"][0]["name"] == "pixels"
+    assert digest(small_h5) == source_digest[str(small_h5)]
+
+
+@pytest.mark.slow
+def test_trained_demo_int8_with_data(tmp_path, trained_demo):
+    out = tmp_path / "out"
+    out.mkdir()
+    done = run(trained_demo["h5"], out / "d.tflite", out / "d.onnx", "--data", trained_demo["npz"], "--rank", "4")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "quantize=auto -> int8 (representative data given)" in done.stderr
+    for name in ("d.tflite", "d.onnx"):
+        verification = json.loads((out / f"{name}.json").read_text())["verification"]
+        check = verification["outputs"][0]
+        assert verification["passed"] and check["agreement"] >= 0.98, check
+        assert verification["samples"] == 250 and check["accuracy"] > 0.8
+    assert "d.tflite" in done.stdout and "agrees w/ original" in done.stdout
+
+
+def test_verification_failure_writes_nothing(tmp_path, small_h5):
+    source_digest[str(small_h5)] = digest(small_h5)
+    out = tmp_path / "out"
+    out.mkdir()
+    x = np.random.default_rng(1).random((300, 12, 12, 3)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x)
+    done = run(small_h5, out / "m.tflite", "--data", tmp_path / "data.npz", "--rank", "1", "--min-agreement", "1.0",
+               "--quantize", "int8")
+    assert_clean_failure(done, small_h5, out, [], "failed verification")
+    assert "nothing was written" in done.stderr
+
+
+BAD_INPUTS = {
+    "missing input": (lambda t, h5: [t / "nope.h5", t / "out" / "m.tflite"], "no such file"),
+    "empty input": (lambda t, h5: [_write(t / "empty.h5", b""), t / "out" / "m.tflite"], "empty"),
+    "corrupt input": (lambda t, h5: [_write(t / "bad.h5", b"x" * 64), t / "out" / "m.tflite"], "damaged"),
+    "tflite as input": (lambda t, h5: [_write(t / "m.tflite", b"\0\0\0\0TFL3" + b"\0" * 32), t / "out" / "x.onnx"],
+                        "TFLite model"),
+    "unknown extension": (lambda t, h5: [h5, t / "out" / "m.pt"], "unknown extension '.pt'"),
+    "missing folder": (lambda t, h5: [h5, t / "out" / "sub" / "m.tflite"], "does not exist"),
+    "unwritable folder": (lambda t, h5: [h5, "/proc/m.tflite"], "not writable"),
+    "same as input": (lambda t, h5: [h5, h5.with_suffix(".keras"), h5], "unknown extension '.h5'"),
+    "wrong data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data", _npz(t / "d.npz", y=np.arange(3))],
+                   "no array 'x'"),
+    "data of wrong shape": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data",
+                                           _npz(t / "d.npz", x=np.zeros((4, 12, 12, 2)))], "2 channels"),
+    "int8 without data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--quantize", "int8"], "--data"),
+    "float16 onnx": (lambda t, h5: [h5, t / "out" / "m.onnx", "--quantize", "float16"], "not available for ONNX"),
+    "custom object unknown": (lambda t, h5: [h5, t / "out" / "m.tflite", "--custom-objects", "no_such_mod:X"],
+                              "Cannot import module"),
+}
+
+
+def _write(path, data):
+    path.write_bytes(data)
+    return path
+
+
+def _npz(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input(tmp_path, small_h5, case):
+    make, phrase = BAD_INPUTS[case]
+    (tmp_path / "out").mkdir()
+    args = make(tmp_path, small_h5)
+    source_digest[str(args[0])] = digest(args[0]) if Path(args[0]).is_file() else None
+    done = run(*args)
+    assert_clean_failure(done, args[0], tmp_path / "out", [], phrase)
+
+
+def test_existing_output_is_kept(tmp_path, small_h5):
+    source_digest[str(small_h5)] = digest(small_h5)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m.tflite").write_bytes(b"precious")
+    done = run(small_h5, out / "m.tflite")
+    assert_clean_failure(done, small_h5, out, ["m.tflite"], "exists; pass --overwrite")
+    assert (out / "m.tflite").read_bytes() == b"precious"
+    assert run(small_h5, out / "m.tflite", "--overwrite", "--quiet").returncode == 0
+    assert (out / "m.tflite").read_bytes()[4:8] == b"TFL3"
+
+
+def test_flex_needed(tmp_path):
+    from custom_layers import LogDetFeature
+
+    x_in = keras.Input((8, 8, 3))
+    model = keras.Model(x_in, LogDetFeature(name="logdet_feature")(keras.layers.Conv2D(4, 3, name="conv")(x_in)))
+    source = tmp_path / "flex.keras"
+    model.save(source)
+    source_digest[str(source)] = digest(source)
+    (tmp_path / "out").mkdir()
+    done = run(source, tmp_path / "out" / "m.tflite", "--custom-objects", "custom_layers:LogDetFeature")
+    assert_clean_failure(done, source, tmp_path / "out", [], "--allow-flex")
+    assert "Cholesky" in done.stderr and "logdet_feature" in done.stderr
+    unknown = run(source, tmp_path / "out" / "m.tflite")
+    assert_clean_failure(unknown, source, tmp_path / "out", [], "'LogDetFeature'")
+
+
+@pytest.mark.parametrize("flags, phrase", [
+    (["--rank", "0"], "invalid rank '0'"), (["--energy", "2"], "invalid fraction '2'"),
+    (["--quantize", "int4"], "invalid choice: 'int4'"), (["--rank", "1", "--energy", "0.5"], "not allowed with"),
+    (["--max-samples", "-3"], "invalid count"), (["--mean", "a,b"], "invalid list"),
+])
+def test_bad_flags(tmp_path, small_h5, flags, phrase):
+    source_digest[str(small_h5)] = digest(small_h5)
+    (tmp_path / "out").mkdir()
+    done = run(small_h5, tmp_path / "out" / "m.tflite", *flags)
+    assert_clean_failure(done, small_h5, tmp_path / "out", [], phrase, code=2)
+    assert "--help" in done.stderr
+
+
+def test_debug_shows_the_traceback(tmp_path):
+    done = run(tmp_path / "nope.h5", tmp_path / "m.tflite", "--debug")
+    assert done.returncode != 0 and "Traceback" in done.stderr and "ModelNotFoundError" in done.stderr
+
+
+def test_help_is_instant_and_needs_no_tensorflow():
+    probe = ("import sys; from sepconv.convert import cli; cli.convert_parser().format_help(); "
+             "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
+    shown = run("--help")
+    assert shown.returncode == 0 and "--quantize" in shown.stdout and "--allow-flex" in shown.stdout

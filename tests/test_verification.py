@@ -1,0 +1,47 @@
+import numpy as np
+import pytest
+
+from sepconv.convert.errors import InvalidOptionError, VerificationError
+from sepconv.convert.verification import OutputCheck, Tolerance, Verification, _check
+
+RNG = np.random.default_rng(0)
+LOGITS = RNG.normal(size=(200, 10))
+
+
+def test_float_criterion():
+    ok = _check("out", LOGITS, LOGITS * (1 + 1e-6), None, False, Tolerance())
+    assert ok.passed and ok.max_relative_error < 1e-5 and ok.agreement == 1.0
+    bad = _check("out", LOGITS, LOGITS + 0.01, None, False, Tolerance())
+    assert not bad.passed and "relative max error" in bad.criterion
+
+
+def test_agreement_and_accuracy():
+    labels = np.argmax(LOGITS, 1)
+    flipped = LOGITS.copy()
+    flipped[:5] = -flipped[:5]  # 5 of 200 rows change their top-1: 97.5% agreement
+    check = _check("out", LOGITS, flipped, labels, True, Tolerance())
+    assert check.agreement == pytest.approx(0.975) and not check.passed
+    assert check.keras_accuracy == 1.0 and check.accuracy == pytest.approx(0.975)
+    assert _check("out", LOGITS, flipped, labels, True, Tolerance(min_agreement=0.97)).passed
+
+
+def test_cosine_for_feature_maps():
+    maps = RNG.normal(size=(8, 4, 4, 3))
+    assert _check("map", maps, maps + 0.01, None, True, Tolerance()).passed
+    check = _check("map", maps, RNG.normal(size=maps.shape), None, True, Tolerance())
+    assert not check.passed and check.agreement is None and "cosine" in check.criterion
+
+
+def test_failure_is_raised_with_reasons():
+    check = _check("probs", LOGITS, -LOGITS, None, True, Tolerance())
+    result = Verification(artifact="m.tflite", quantize="int8", samples=200, inputs="held-out samples",
+                          outputs=(check,))
+    assert not result.passed and result.to_dict()["passed"] is False
+    with pytest.raises(VerificationError, match=r"m.tflite \(int8\) failed verification.*output probs: top-1"):
+        result.raise_for_failure()
+    assert isinstance(check, OutputCheck)
+
+
+def test_bad_tolerance():
+    with pytest.raises(InvalidOptionError, match="min_agreement=1.5"):
+        Tolerance(min_agreement=1.5)
