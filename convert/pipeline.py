@@ -19,8 +19,8 @@ import numpy as np
 
 from sepconv.convert.data import DataOptions, check_labels, load_data, split
 from sepconv.convert.errors import InvalidOptionError, OutputPathError, UnsupportedModelError, VerificationError
-from sepconv.convert.export_onnx import DEFAULT_OPSET, ONNX_MODES, OnnxOptions
-from sepconv.convert.export_tflite import NEEDS_DATA, TFLITE_MODES, TFLiteOptions
+from sepconv.convert.onnx_export import DEFAULT_OPSET, ONNX_MODES, OnnxOptions
+from sepconv.convert.tflite_export import NEEDS_DATA, TFLITE_MODES, TFLiteOptions
 from sepconv.convert.files import sha256
 from sepconv.convert.policy import SeparationOptions
 from sepconv.convert.verification import Tolerance
@@ -109,10 +109,17 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
                   **kwargs) -> ConvertResult:
     """Load `source`, separate it, export every path in `outputs` (.tflite, .onnx, .keras), verify, write.
 
-    Options are a ConvertOptions or its fields as keyword arguments. `progress(stage, message)` is called as the
-    stages go (the CLI prints it). Raises a SepconvError subclass on any failure, with nothing written.
+    Options are a ConvertOptions or its fields as keyword arguments; rank, energy, include and exclude may be given
+    directly too (they make the SeparationOptions). `progress(stage, message)` is called as the stages go (the CLI
+    prints it). Raises a SepconvError subclass on any failure, with nothing written.
     """
-    options = options or ConvertOptions(**kwargs)
+    if options is None:
+        separation = {key: kwargs.pop(key) for key in ("rank", "energy", "include", "exclude") if key in kwargs}
+        if separation:
+            kwargs["separation"] = SeparationOptions(**separation)
+        options = ConvertOptions(**kwargs)
+    elif kwargs:
+        raise InvalidOptionError(f"Pass options=ConvertOptions(...) or keyword options, not both (got {sorted(kwargs)})")
     say = progress or (lambda stage, message: None)
     source = Path(source)
     targets = _check_outputs(source, outputs, options)
@@ -290,13 +297,13 @@ def _export_and_verify(item: dict, model, original, calibration, heldout, data_i
         from sepconv.deploy.runtime import open_runtime
 
         if fmt == "tflite":
-            from sepconv.convert.export_tflite import export_tflite
+            from sepconv.convert.tflite_export import export_tflite
 
             Path(tmp).write_bytes(export_tflite(model, representative_data=calibration, options=TFLiteOptions(
                 quantize=mode, io_type=options.io_type if mode in NEEDS_DATA else "float32",
                 per_channel=options.per_channel, allow_flex=options.allow_flex)))
         else:
-            from sepconv.convert.export_onnx import export_onnx
+            from sepconv.convert.onnx_export import export_onnx
 
             Path(tmp).write_bytes(export_onnx(model, representative_data=calibration, options=OnnxOptions(
                 quantize=mode, opset=options.opset, layout=options.layout, per_channel=options.per_channel)))

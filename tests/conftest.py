@@ -43,8 +43,8 @@ def small_artifacts(tmp_path_factory):
     import keras
 
     from sepconv.convert import separate
-    from sepconv.convert.export_onnx import export_onnx
-    from sepconv.convert.export_tflite import export_tflite
+    from sepconv.convert.onnx_export import export_onnx
+    from sepconv.convert.tflite_export import export_tflite
 
     keras.utils.set_random_seed(0)
     x_in = keras.Input((12, 12, 3), name="pixels")

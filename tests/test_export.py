@@ -10,8 +10,8 @@ from models import CASES
 
 from sepconv.convert import separate
 from sepconv.convert.errors import ExportError, FlexOpsError, InvalidOptionError
-from sepconv.convert.export_onnx import ONNX_MODES, export_onnx
-from sepconv.convert.export_tflite import TFLITE_MODES, export_tflite
+from sepconv.convert.onnx_export import ONNX_MODES, export_onnx
+from sepconv.convert.tflite_export import TFLITE_MODES, export_tflite
 from sepconv.convert.verification import predict_keras, verify
 from sepconv.deploy import open_runtime
 

@@ -65,6 +65,8 @@ def export_tflite(model, path=None, *, representative_data: np.ndarray | None = 
             flatbuffer = converter.convert()
     except Exception as error:  # the converter raises ConverterError, RuntimeError, ValueError ...
         raise _translate(error, log.text, model, frozen, options) from error
+    if not options.allow_flex:  # a Flex model needs a Flex-enabled runtime, which plain LiteRT is not
+        _require_loadable(flatbuffer, options)
     if path is not None:
         from sepconv.convert.files import write_atomic
 
@@ -95,6 +97,20 @@ def _converter(frozen, representative_data, options: TFLiteOptions):
     if not options.per_channel:
         converter._experimental_disable_per_channel = True
     return converter
+
+
+def _require_loadable(flatbuffer: bytes, options: TFLiteOptions) -> None:
+    """The converter can emit a model that LiteRT then refuses to prepare (e.g. 16x8 bias overflow): catch it here."""
+    from sepconv.deploy.runtime import _tflite_interpreter_class
+
+    interpreter_class, runtime = _tflite_interpreter_class()
+    try:
+        with captured_output():
+            interpreter_class(model_content=flatbuffer).allocate_tensors()
+    except (RuntimeError, ValueError) as error:
+        first = str(error).strip().splitlines()[0][:200]
+        raise ExportError(f"The TFLite converter produced a quantize={options.quantize!r} model that {runtime} "
+                          f"refuses to prepare ({first}); try another --quantize mode (e.g. int8)") from error
 
 
 def _translate(error: Exception, log: str, model, frozen, options: TFLiteOptions) -> ExportError:
