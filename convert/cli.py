@@ -138,6 +138,9 @@ def convert_parser() -> argparse.ArgumentParser:
     group.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                        help="never separate layers matching (repeatable)")
     group.add_argument("--no-separate", action="store_true", help="export the model as it is")
+    group.add_argument("--refine", action="store_true",
+                       help="refit each separated layer's pointwise weights by least squares so that its output "
+                            "matches the original layer's on the --data calibration images (no training)")
     group = parser.add_argument_group("export")
     group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
                        help="auto: int8 with --data, dynamic without (default: %(default)s); ONNX takes none, "
@@ -176,6 +179,7 @@ def convert_options(args):
     return ConvertOptions(
         quantize=args.quantize,
         separate=not args.no_separate,
+        refine=args.refine,
         separation=SeparationOptions(rank=args.rank, energy=args.energy, include=args.include, exclude=args.exclude),
         data=args.data,
         data_options=DataOptions(scale=args.scale, mean=args.mean, std=args.std, max_samples=args.max_samples),
@@ -246,8 +250,8 @@ def demo_parser() -> argparse.ArgumentParser:
         prog="sepconv-demo",
         description="Train the tutorial network on scikit-learn's bundled digits (once; cached as an .h5), load it "
                     "back as a user's file would be, separate it at K=1 and with the default energy policy and print "
-                    "each separation report with test accuracy; then convert it at K=4 to int8 TFLite and int8 ONNX, "
-                    "verified on held-out digits. Nothing is downloaded.")
+                    "each separation report with test accuracy; then convert it at K=1, refined by least squares on "
+                    "calibration digits, to int8 TFLite and int8 ONNX, verified on held-out digits. Nothing is downloaded.")
     parser.add_argument("--out", type=Path, default=Path("build/demo"),
                         help="directory for the demo model and reports (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=15, help="training epochs of the original (default: %(default)s)")
@@ -295,21 +299,22 @@ def _demo(args) -> int:
 
 
 def _demo_conversion(args, model_path: Path, split) -> dict:
-    """convert-model on the demo: int8 TFLite and ONNX at K=4, verified on held-out digits."""
+    """convert-model on the demo: K=1, refined on calibration digits, int8 TFLite and ONNX, verified on held-out ones."""
     from sepconv.convert import demo
     from sepconv.convert.pipeline import convert_model
 
     data = demo.save_split(split, args.out / "digits_test.npz")
-    outputs = [args.out / "digits_k4_int8.tflite", args.out / "digits_k4_int8.onnx"]
+    outputs = [args.out / "digits_k1_int8.tflite", args.out / "digits_k1_int8.onnx"]
     if not args.json:
-        print(f"== convert-model {model_path} {' '.join(map(str, outputs))} --data {data} --rank 4 --overwrite")
+        print(f"== convert-model {model_path} {' '.join(map(str, outputs))} --data {data} --rank 1 --refine "
+              f"--overwrite")
 
     def progress(stage, message):
         if not args.json:
             print(f"  {stage}: {message}", flush=True)
 
-    result = convert_model(model_path, outputs, data=str(data), quantize="int8", overwrite=True,
-                           separation=_rank_options(4), progress=progress)
+    result = convert_model(model_path, outputs, data=str(data), quantize="int8", overwrite=True, refine=True,
+                           separation=_rank_options(1), progress=progress)
     if not args.json:
         print(artifact_table(result) + "\n")
     return result.to_dict()

@@ -33,7 +33,8 @@ def library_versions() -> dict[str, str | None]:
 
 
 def build_manifest(artifact: Path, *, final_path: Path, fmt: str, quantize: str, source: dict, runtime=None,
-                   layout: str = "nhwc", separation=None, verification=None, options: dict | None = None) -> dict:
+                   layout: str = "nhwc", separation=None, refinement=None, verification=None,
+                   options: dict | None = None) -> dict:
     """`artifact` is the file as written (maybe still a temporary); `final_path` the name it will have."""
     manifest = {
         "manifest_version": MANIFEST_VERSION,
@@ -53,6 +54,7 @@ def build_manifest(artifact: Path, *, final_path: Path, fmt: str, quantize: str,
         "platform": {"python": platform.python_version(), "machine": platform.machine(), "system": platform.system()},
         "options": options or {},
         "separation": separation,
+        "refinement": refinement,
         "verification": verification.to_dict() if verification is not None else None,
     }
     return manifest

@@ -43,6 +43,7 @@ class ConvertOptions:
     quantize: str = "auto"
     separate: bool = True
     separation: SeparationOptions = field(default_factory=SeparationOptions)
+    refine: bool = False  # least-squares refit of separated layers on the calibration data (refinement.py)
     data: str | None = None
     data_options: DataOptions = field(default_factory=DataOptions)
     calibration_samples: int = 200
@@ -95,6 +96,7 @@ class ConvertResult:
     quantize_reason: str
     data: dict
     separation: dict | None
+    refinement: dict | None
     artifacts: tuple[Artifact, ...]
     seconds: dict
 
@@ -150,13 +152,23 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
         say("separate", f"{totals['separated']} of {totals['layers']} conv layers separated; parameters "
                         f"{totals['model_params_before']:,} -> {totals['model_params_after']:,} "
                         f"({totals['params_ratio']:.2f}x smaller)")
+    refinement = None
+    if options.refine and report is not None:
+        from sepconv.convert.refinement import refine
+
+        with timer("refine"):
+            refinement = refine(model, exported, calibration, report)
+        refined = [layer for layer in refinement.layers if layer.status == "refined"]
+        say("refine", f"{len(refined)} of {len(refinement.layers)} separated layers refit on {refinement.samples} "
+                      f"images; layer output error " + ", ".join(
+                          f"{layer.path} {layer.error_before:.2f}->{layer.error_after:.2f}" for layer in refined))
 
     staged = []
     try:
         for target in targets:
             with timer(f"export {target.name}"):
                 staged.append(_stage(exported, model if report else None, target, quantize, calibration, heldout,
-                                     data_info, options, source, report, say))
+                                     data_info, options, source, report, refinement, say))
         failed = [s for s in staged if not s["verification"].passed]
         if failed:
             raise VerificationError("; ".join(_failure_line(s) for s in failed) + " - nothing was written; try "
@@ -169,7 +181,8 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
                     Path(tmp).unlink(missing_ok=True)
     return ConvertResult(source={"path": str(source), "sha256": sha256(source), "params": model.count_params()},
                          quantize=quantize, quantize_reason=reason, data=data_info,
-                         separation=report.to_dict() if report else None, artifacts=artifacts,
+                         separation=report.to_dict() if report else None,
+                         refinement=refinement.to_dict() if refinement else None, artifacts=artifacts,
                          seconds=timer.seconds)
 
 
@@ -218,6 +231,10 @@ def _writable(folder: Path) -> bool:
 
 
 def _check_modes(targets: list[Path], quantize: str, options: ConvertOptions) -> None:
+    if options.refine and not options.data:
+        raise InvalidOptionError("--refine refits separated layers on calibration images; pass --data")
+    if options.refine and not options.separate:
+        raise InvalidOptionError("--refine refits separated layers; it cannot be combined with --no-separate")
     if quantize in NEEDS_DATA and not options.data:
         raise InvalidOptionError(f"--quantize {quantize} calibrates activations on representative data; pass --data "
                                  f"(an .npz or a folder of images) or use --quantize dynamic")
@@ -264,7 +281,7 @@ def _data(model, options: ConvertOptions):
 
 
 def _stage(model, original, target: Path, quantize: str, calibration, heldout, data_info, options: ConvertOptions,
-           source: Path, report, say) -> dict:
+           source: Path, report, refinement, say) -> dict:
     """Export to a temporary file beside `target`, verify it, write its manifest to another temporary file."""
     fmt = FORMATS[target.suffix.lower()]
     mode = "none" if fmt == "keras" else quantize
@@ -272,7 +289,8 @@ def _stage(model, original, target: Path, quantize: str, calibration, heldout, d
     os.close(fd)
     item = {"target": target, "tmp": tmp, "tmp_manifest": None, "format": fmt, "quantize": mode}
     try:
-        return _export_and_verify(item, model, original, calibration, heldout, data_info, options, source, report, say)
+        return _export_and_verify(item, model, original, calibration, heldout, data_info, options, source, report,
+                                  refinement, say)
     except BaseException:
         for path in (item["tmp"], item["tmp_manifest"]):
             if path is not None:
@@ -281,7 +299,7 @@ def _stage(model, original, target: Path, quantize: str, calibration, heldout, d
 
 
 def _export_and_verify(item: dict, model, original, calibration, heldout, data_info, options: ConvertOptions,
-                       source: Path, report, say) -> dict:
+                       source: Path, report, refinement, say) -> dict:
     from sepconv.convert.manifest import build_manifest, manifest_json
     from sepconv.convert.verification import verify, verify_keras
 
@@ -315,7 +333,8 @@ def _export_and_verify(item: dict, model, original, calibration, heldout, data_i
     manifest = build_manifest(Path(tmp), final_path=target, fmt=fmt, quantize=mode, runtime=runtime,
                               layout=options.layout if fmt == "onnx" else "nhwc",
                               source={"path": str(source), "sha256": sha256(source)},
-                              separation=report.to_dict() if report else None, verification=verification,
+                              separation=report.to_dict() if report else None,
+                              refinement=refinement.to_dict() if refinement else None, verification=verification,
                               options=options.describe())
     fd, item["tmp_manifest"] = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
     with os.fdopen(fd, "w") as file:

@@ -77,7 +77,8 @@ def export_tflite(model, path=None, *, representative_data: np.ndarray | None = 
 def _converter(frozen, representative_data, options: TFLiteOptions):
     import tensorflow as tf
 
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen])
+    # The function is frozen (no variables), so an empty module is the whole trackable object the converter asks for.
+    converter = tf.lite.TFLiteConverter.from_concrete_functions([frozen], tf.Module())
     builtins = tf.lite.OpsSet.TFLITE_BUILTINS
     if options.quantize != "none":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]

@@ -95,6 +95,19 @@ def test_trained_demo_int8_with_data(tmp_path, trained_demo):
     assert "d.tflite" in done.stdout and "agrees w/ original" in done.stdout
 
 
+def test_refine_is_recorded(tmp_path, small_h5):
+    out = tmp_path / "out"
+    out.mkdir()
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(2).random((64, 12, 12, 3)).astype(np.float32))
+    done = run(small_h5, out / "m.tflite", "--data", tmp_path / "data.npz", "--rank", "1", "--refine",
+               "--quantize", "none")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "refine: 2 of 2 separated layers refit on 32 images" in done.stderr
+    refinement = json.loads((out / "m.tflite.json").read_text())["refinement"]
+    assert [layer["status"] for layer in refinement["layers"]] == ["refined", "refined"]
+    assert all(layer["error_after"] < layer["error_before"] for layer in refinement["layers"])
+
+
 def test_verification_failure_writes_nothing(tmp_path, small_h5):
     source_digest[str(small_h5)] = digest(small_h5)
     out = tmp_path / "out"
@@ -123,6 +136,7 @@ BAD_INPUTS = {
                                            _npz(t / "d.npz", x=np.zeros((4, 12, 12, 2)))], "2 channels"),
     "int8 without data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--quantize", "int8"], "--data"),
     "float16 onnx": (lambda t, h5: [h5, t / "out" / "m.onnx", "--quantize", "float16"], "not available for ONNX"),
+    "refine without data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--refine"], "--refine"),
     "custom object unknown": (lambda t, h5: [h5, t / "out" / "m.tflite", "--custom-objects", "no_such_mod:X"],
                               "Cannot import module"),
 }

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -28,6 +29,11 @@ def test_demo_trains_separates_and_reports(tmp_path):
     assert summary["original"]["test_accuracy"] > 0.5, "two epochs on digits must learn something"
     assert (tmp_path / "digits_tutorial.h5").exists()
     assert json.loads((tmp_path / "report_k1.json").read_text())["totals"]["separated"] == 6
+    conversion = summary["conversion"]
+    assert [Path(a["path"]).name for a in conversion["artifacts"]] == ["digits_k1_int8.tflite", "digits_k1_int8.onnx"]
+    assert all(a["verification"]["passed"] for a in conversion["artifacts"])
+    assert conversion["refinement"]["layers"][0]["status"] == "refined"
+    assert (tmp_path / "digits_k1_int8.tflite.json").exists()
 
     again = run("--out", str(tmp_path))  # reuses the cached model and prints tables
     assert again.returncode == 0, again.stderr[-3000:]

@@ -1,0 +1,110 @@
+"""Data-driven refinement without back-propagation: re-solve each separated layer's pointwise kernel and bias.
+
+For each separated layer, in graph order, the depthwise step of the *separated* model (so that earlier layers'
+errors are compensated) is fed calibration images, and the pointwise kernel and bias are re-solved by least squares
+so that the layer's pre-activation output matches the *original* Conv2D's pre-activation output on the original
+model's activations. This is the idea of DAC (Li et al., WACV 2019) and of Network Decoupling's data-driven variant.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import numpy as np
+
+from sepconv.convert.errors import InvalidOptionError
+
+MAX_ROWS = 200_000  # output positions per layer used in the least-squares fit (a random subset beyond that)
+
+
+@dataclass(frozen=True)
+class LayerRefinement:
+    path: str
+    rows: int  # output positions the fit used
+    error_before: float  # ||separated - original|| / ||original|| of the layer's pre-activation output
+    error_after: float
+    status: str  # "refined" or "skipped: <reason>"
+
+
+@dataclass(frozen=True)
+class RefinementReport:
+    layers: tuple[LayerRefinement, ...]
+    samples: int
+
+    def to_dict(self) -> dict:
+        return {"samples": self.samples, "layers": [asdict(layer) for layer in self.layers]}
+
+
+def refine(original, separated, x: np.ndarray, report, *, ridge: float = 1e-6, seed: int = 0) -> RefinementReport:
+    """Refit, in place, the pointwise kernel and bias of every separated layer of `separated` (see module doc).
+
+    original / separated: the model before and after `separate`; report: its SeparationReport; x: calibration
+    images shaped like the model's input. Layers inside nested models or shared by several calls are skipped
+    (reported), as their inputs are not one tensor of the top-level graph.
+    """
+    if len(x) == 0:
+        raise InvalidOptionError("refine needs calibration images (x is empty)")
+    rng = np.random.default_rng(seed)
+    done = []
+    for row in report.separated:
+        layer = _top_level(separated, row.path)
+        if layer is None:
+            done.append(LayerRefinement(row.path, 0, float("nan"), float("nan"),
+                                        "skipped: inside a nested model or shared by several calls"))
+            continue
+        done.append(_refine_layer(original, separated, row.path, x, ridge, rng))
+    return RefinementReport(layers=tuple(done), samples=len(x))
+
+
+def _top_level(model, path: str):
+    if "/" in path:
+        return None
+    layer = model.get_layer(path)
+    return layer if len(layer._inbound_nodes) == 1 else None
+
+
+def _layer_input(model, name: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    import keras
+
+    probe = keras.Model(model.inputs, model.get_layer(name).input)
+    return np.concatenate([keras.ops.convert_to_numpy(probe([x[i:i + batch]], training=False))
+                           for i in range(0, len(x), batch)])
+
+
+def _refine_layer(original, separated, name: str, x, ridge: float, rng) -> LayerRefinement:
+    import keras
+
+    conv, sep = original.get_layer(name), separated.get_layer(name)
+    options = dict(strides=conv.strides, padding=conv.padding, data_format=conv.data_format,
+                   dilation_rate=conv.dilation_rate)
+    target = keras.ops.conv(_layer_input(original, name, x), conv.kernel, **options)
+    features = keras.ops.depthwise_conv(_layer_input(separated, name, x), sep.depthwise_kernel, **options)
+    target, features = (np.asarray(keras.ops.convert_to_numpy(t), np.float64) for t in (target, features))
+    if conv.data_format == "channels_first":
+        target, features = np.moveaxis(target, 1, -1), np.moveaxis(features, 1, -1)
+    if conv.use_bias:
+        target = target + conv.bias.numpy()
+    target, features = target.reshape(-1, target.shape[-1]), features.reshape(-1, features.shape[-1])
+    if len(target) > MAX_ROWS:
+        keep = rng.choice(len(target), MAX_ROWS, replace=False)
+        target, features = target[keep], features[keep]
+    pointwise = sep.pointwise_kernel.numpy().reshape(features.shape[1], -1).astype(np.float64)
+    bias = sep.bias.numpy().astype(np.float64) if sep.use_bias else np.zeros(target.shape[1])
+    before = _relative(features @ pointwise + bias, target)
+    design = np.hstack([features, np.ones((len(features), 1))]) if sep.use_bias else features
+    gram = design.T @ design
+    gram += ridge * np.trace(gram) / len(gram) * np.eye(len(gram))
+    solution = np.linalg.solve(gram, design.T @ target)
+    new_pointwise, new_bias = (solution[:-1], solution[-1]) if sep.use_bias else (solution, None)
+    after = _relative(design @ solution, target)
+    if after >= before:  # least squares cannot do worse on its own rows, unless the ridge dominates: keep the SVD
+        return LayerRefinement(name, len(target), before, before, "skipped: no improvement")
+    weights = [sep.depthwise_kernel.numpy(), new_pointwise.reshape(sep.pointwise_kernel.shape).astype(np.float32)]
+    if sep.use_bias:
+        weights.append(new_bias.astype(np.float32))
+    sep.set_weights(weights)
+    return LayerRefinement(name, len(target), before, after, "refined")
+
+
+def _relative(estimate: np.ndarray, target: np.ndarray) -> float:
+    return float(np.linalg.norm(estimate - target) / max(np.linalg.norm(target), 1e-30))

@@ -1,0 +1,53 @@
+import numpy as np
+import pytest
+from models import CASES
+
+from sepconv.convert import demo, separate
+from sepconv.convert.errors import InvalidOptionError
+from sepconv.convert.refinement import refine
+
+
+def _inputs(model, n=64, seed=0):
+    return np.random.default_rng(seed).uniform(0, 1, (n, *model.input_shape[1:])).astype(np.float32)
+
+
+@pytest.mark.parametrize("case", ["sequential_options", "functional_branches", "channels_first"])
+def test_refinement_reduces_every_layer_error(case):
+    original = CASES[case]()
+    separated, report = separate(original, rank=1)
+    before = [w.copy() for w in separated.get_weights()]
+    result = refine(original, separated, _inputs(original), report)
+    assert [layer.path for layer in result.layers] == [row.path for row in report.separated]
+    for layer in result.layers:
+        assert layer.status == "refined", layer
+        assert layer.error_after < layer.error_before, f"{layer.path}: {layer.error_before} -> {layer.error_after}"
+    assert any(not np.array_equal(a, b) for a, b in zip(before, separated.get_weights()))
+    assert result.to_dict()["samples"] == 64
+
+
+def test_nested_layers_are_skipped_with_a_reason():
+    original = CASES["nested"]()
+    separated, report = separate(original, rank=1)
+    result = {layer.path: layer for layer in refine(original, separated, _inputs(original), report).layers}
+    assert result["top_conv"].status == "refined"
+    assert result["mid/mid_conv"].status.startswith("skipped: inside a nested model")
+
+
+def test_refinement_needs_data():
+    original = CASES["sequential_options"]()
+    separated, report = separate(original, rank=1)
+    with pytest.raises(InvalidOptionError, match="calibration images"):
+        refine(original, separated, np.zeros((0, 24, 24, 3), np.float32), report)
+
+
+@pytest.mark.slow
+def test_refinement_recovers_the_trained_digits_model(trained_demo, digits):
+    original = trained_demo["model"]
+    baseline = demo.accuracy(original, digits.x_test, digits.y_test)
+    separated, report = separate(original, rank=1)
+    unrefined = demo.accuracy(separated, digits.x_test, digits.y_test)
+    result = refine(original, separated, digits.x_train[:300], report)
+    refined = demo.accuracy(separated, digits.x_test, digits.y_test)
+    assert all(layer.error_after < layer.error_before for layer in result.layers)
+    assert refined > unrefined + 0.2, f"K=1 accuracy {unrefined:.2%} -> {refined:.2%} after refinement"
+    assert refined >= baseline - 0.05, f"refined K=1 {refined:.2%} vs original {baseline:.2%}"
