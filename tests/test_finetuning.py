@@ -1,0 +1,121 @@
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+
+from sepconv.convert import demo, separate
+from sepconv.convert.errors import InvalidOptionError
+from sepconv.convert.finetuning import FinetuneOptions, finetune
+from sepconv.convert.verification import predict_keras
+
+
+def teacher_and_data(seed=0, n=384):
+    """A small random CNN defines the task; its own predictions are the labels."""
+    keras.utils.set_random_seed(seed)
+    x_in = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(16, 3, activation="relu", name="c1")(x_in)
+    x = keras.layers.Conv2D(16, 3, strides=2, activation="relu", name="c2")(x)
+    teacher = keras.Model(x_in, keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(x)))
+    images = np.random.default_rng(seed).uniform(0, 1, (n, 12, 12, 3)).astype(np.float32)
+    return teacher, images, np.argmax(predict_keras(teacher, images)[0], 1)
+
+
+def agreement(a, b, x):
+    return float(np.mean(np.argmax(predict_keras(a, x)[0], 1) == np.argmax(predict_keras(b, x)[0], 1)))
+
+
+@pytest.mark.parametrize("with_labels", [True, False], ids=["labels", "distillation"])
+def test_finetuning_improves_agreement(with_labels):
+    teacher, x, y = teacher_and_data()
+    student, _ = separate(teacher, rank=1)
+    held_out = np.random.default_rng(9).uniform(0, 1, (256, 12, 12, 3)).astype(np.float32)
+    before = agreement(student, teacher, held_out)
+    result = finetune(student, teacher, x, y if with_labels else None, epochs=6, verbose=0, patience=6)
+    after = agreement(student, teacher, held_out)
+    assert after > before + 0.05, f"agreement {before:.2%} -> {after:.2%}"
+    assert result.mode == ("labels+distillation" if with_labels else "distillation")
+    assert result.monitor == ("val_accuracy" if with_labels else "val_agreement")
+    assert len(result.history["loss"]) == result.epochs_run and 1 <= result.best_epoch <= result.epochs_run
+    assert result.history[result.monitor][result.best_epoch - 1] == pytest.approx(result.best_value)
+
+
+class Interrupt(keras.callbacks.Callback):
+    def __init__(self, after_epoch):
+        super().__init__()
+        self.after_epoch = after_epoch
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch == self.after_epoch:
+            raise KeyboardInterrupt
+
+
+class FirstEpoch(keras.callbacks.Callback):
+    first = None
+
+    def on_epoch_begin(self, epoch, logs=None):
+        if self.first is None:
+            self.first = epoch
+
+
+def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
+    teacher, x, y = teacher_and_data(n=128)
+    student, _ = separate(teacher, rank=1)
+    backup = tmp_path / "checkpoints"
+    with pytest.raises(KeyboardInterrupt):
+        finetune(student, teacher, x, y, epochs=4, patience=4, verbose=0, checkpoint_dir=str(backup),
+                 callbacks=[Interrupt(after_epoch=1)])
+    assert backup.exists() and any(backup.iterdir()), "finished epochs must be saved"
+    seen = FirstEpoch()
+    result = finetune(student, teacher, x, y, epochs=4, patience=4, verbose=0, checkpoint_dir=str(backup),
+                      resume=True, callbacks=[seen])
+    assert seen.first == 2, f"resumed at epoch index {seen.first}, expected 2 (after the two finished epochs)"
+    assert not backup.exists() or not any(backup.iterdir()), "a finished run removes its checkpoints"
+    assert result.epochs_run == 2, "the history of the resumed run covers the remaining epochs"
+
+
+def test_two_logical_devices_train_mirrored(tmp_path):
+    script = textwrap.dedent("""
+        import os, sys
+        os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+        import tensorflow as tf
+        cpu = tf.config.list_physical_devices("CPU")[0]
+        tf.config.set_logical_device_configuration(cpu, [tf.config.LogicalDeviceConfiguration()] * 2)
+        sys.path.insert(0, sys.argv[1])
+        from test_finetuning import agreement, teacher_and_data
+        from sepconv.convert import separate
+        from sepconv.convert.finetuning import finetune
+        teacher, x, y = teacher_and_data()
+        student, _ = separate(teacher, rank=1)
+        before = agreement(student, teacher, x)
+        result = finetune(student, teacher, x, y, epochs=4, verbose=0, patience=4)
+        print(result.strategy, result.devices, before < agreement(student, teacher, x))
+    """)
+    import os
+
+    done = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], capture_output=True, text=True,
+                          timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip().splitlines()[-1] == "mirrored 2 True"
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(epochs=0), "epochs=0"), (dict(temperature=0), "temperature=0"), (dict(label_weight=2), "label_weight=2"),
+    (dict(validation_split=1.0), "validation_split"), (dict(strategy="tpu"), "strategy='tpu'"),
+    (dict(resume=True), "checkpoint_dir"),
+])
+def test_bad_options(kwargs, match):
+    with pytest.raises(InvalidOptionError, match=match):
+        FinetuneOptions(**kwargs)
+
+
+@pytest.mark.slow
+def test_finetuning_recovers_trained_digits_at_k1(trained_demo, digits):
+    original = trained_demo["model"]
+    student, _ = separate(original, rank=1)
+    before = demo.accuracy(student, digits.x_test, digits.y_test)
+    finetune(student, original, digits.x_train, digits.y_train, epochs=3, verbose=0)
+    after = demo.accuracy(student, digits.x_test, digits.y_test)
+    assert after > before + 0.3, f"K=1 test accuracy {before:.2%} -> {after:.2%} after 3 epochs"
