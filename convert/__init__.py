@@ -1,11 +1,11 @@
 """sepconv.convert: the workstation side. Load a trained Keras model, separate its convolutions, export verified
 TFLite / ONNX artifacts.
 
-    from sepconv.convert import load, separate, convert_model
-    model = load("model.h5")
-    small, report = separate(model, rank=1)
-    print(report)
-    convert_model("model.h5", ["model.tflite", "model.onnx"], data="images/")
+    >>> from sepconv.convert import load, separate, convert_model
+    >>> model = load("model.h5")
+    >>> small, report = separate(model, rank=1)
+    >>> print(report)
+    >>> convert_model("model.h5", ["model.tflite", "model.onnx"], data="images/")
 
 Names are imported on first use, so that `import sepconv.convert` (and `--help` of the tools) stays instant and
 TensorFlow loads only when a function that needs it is called.

@@ -66,36 +66,25 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def _rank(text: str):
-    if text == "full":
-        return "full"
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid rank {text!r}: use a whole number >= 1 or 'full'") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid rank {text!r}: use a whole number >= 1 or 'full'")
-    return value
+def _checked(convert, valid, kind: str, allowed: str):
+    """An argparse type: convert the text, check the value, or say which values are allowed."""
+
+    def parse(text: str):
+        try:
+            value = convert(text)
+        except ValueError:
+            value = None
+        if value is None or not valid(value):
+            raise argparse.ArgumentTypeError(f"invalid {kind} {text!r}: use {allowed}")
+        return value
+
+    return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid fraction {text!r}: use a number in (0, 1]") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"invalid fraction {text!r}: use a number in (0, 1]")
-    return value
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: use a whole number >= 1") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"invalid count {text!r}: use a whole number >= 1")
-    return value
+_fraction = _checked(float, lambda v: 0 < v <= 1, "fraction", "a number in (0, 1]")
+_positive = _checked(int, lambda v: v >= 1, "count", "a whole number >= 1")
+_rank = _checked(lambda t: t if t == "full" else int(t), lambda v: v == "full" or v >= 1, "rank",
+                 "a whole number >= 1 or 'full'")
 
 
 def _floats(text: str) -> tuple:

@@ -88,12 +88,11 @@ def _tflite_interpreter_class():
         return Interpreter, "tflite-runtime"
     except ImportError:
         pass
+    import importlib
     import importlib.util
 
-    if importlib.util.find_spec("tensorflow") is not None:
-        import tensorflow as tf
-
-        return tf.lite.Interpreter, "tensorflow"
+    if importlib.util.find_spec("tensorflow") is not None:  # only where it happens to be installed already
+        return importlib.import_module("tensorflow").lite.Interpreter, "tensorflow"
     raise RuntimeMissingError("Running .tflite files needs LiteRT, which is not installed; install it with: "
                               "pip install ai-edge-litert")
 
