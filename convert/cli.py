@@ -18,28 +18,23 @@ EXIT_ERROR = 1
 def _quiet_tensorflow(debug: bool) -> None:
     """Import TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) kept off the user's terminal.
 
-    TensorFlow 2.21 logs these through absl before TF_CPP_MIN_LOG_LEVEL applies, so the process's stderr is pointed
-    at /dev/null while TensorFlow imports and initialises its devices; --debug keeps everything.
+    TensorFlow 2.21 logs these through absl before TF_CPP_MIN_LOG_LEVEL applies, so the process's output is captured
+    while TensorFlow imports and initialises its devices; --debug keeps everything.
     """
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     if debug:
         return
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
-    sys.stderr.flush()
-    saved = os.dup(2)
-    try:
-        with open(os.devnull, "w") as devnull:
-            os.dup2(devnull.fileno(), 2)
-            try:
-                import tensorflow as tf
+    from sepconv.deploy.quiet import captured_output
 
-                tf.config.list_logical_devices()
-                tf.get_logger().setLevel("ERROR")  # e.g. retracing notices when several models are evaluated
-            except ImportError:
-                pass  # reported where a function needs TensorFlow, with the install hint
-    finally:
-        os.dup2(saved, 2)
-        os.close(saved)
+    with captured_output():
+        try:
+            import tensorflow as tf
+
+            tf.config.list_logical_devices()
+            tf.get_logger().setLevel("ERROR")  # e.g. retracing notices when several models are evaluated
+        except ImportError:
+            pass  # reported where a function needs TensorFlow, with the install hint
 
 
 def run(prog: str, body, args: argparse.Namespace) -> int:

@@ -8,10 +8,10 @@ from __future__ import annotations
 import datetime
 import json
 import platform
-from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 from sepconv.convert.files import sha256
+from sepconv.deploy.runtime import package_version
 
 MANIFEST_VERSION = 1
 LIBRARIES = ("sepconv", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert", "numpy")
@@ -23,13 +23,7 @@ def manifest_path(artifact) -> Path:
 
 
 def library_versions() -> dict[str, str | None]:
-    found = {}
-    for name in LIBRARIES:
-        try:
-            found[name] = version(name)
-        except PackageNotFoundError:
-            found[name] = None
-    return found
+    return {name: package_version(name) for name in LIBRARIES}
 
 
 def build_manifest(artifact: Path, *, final_path: Path, fmt: str, quantize: str, source: dict, runtime=None,

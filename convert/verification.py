@@ -81,17 +81,22 @@ def predict_keras(model, x: np.ndarray, batch_size: int = 64) -> list[np.ndarray
     """The Keras model's outputs, as a list of float32 arrays, computed in batches without retracing noise."""
     import keras
 
-    chunks = []
-    for start in range(0, len(x), batch_size):
-        result = model(x[start:start + batch_size], training=False)
-        chunks.append([np.asarray(keras.ops.convert_to_numpy(r), np.float32) for r in keras.tree.flatten(result)])
-    return [np.concatenate([chunk[k] for chunk in chunks]) for k in range(len(chunks[0]))]
+    def run(batch):
+        result = model(batch, training=False)
+        return [np.asarray(keras.ops.convert_to_numpy(r), np.float32) for r in keras.tree.flatten(result)]
+
+    return _batched(run, x, batch_size)
 
 
 def run_artifact(runtime, x: np.ndarray, *, layout: str = "nhwc", batch_size: int = 64) -> list[np.ndarray]:
     if layout == "nchw":
         x = np.transpose(x, (0, 3, 1, 2))
-    chunks = [runtime.run([x[start:start + batch_size]]) for start in range(0, len(x), batch_size)]
+    return _batched(lambda batch: runtime.run([batch]), x, batch_size)
+
+
+def _batched(run, x: np.ndarray, batch_size: int) -> list[np.ndarray]:
+    """`run` (batch -> list of output arrays) over `x` in batches, each output concatenated."""
+    chunks = [run(x[start:start + batch_size]) for start in range(0, len(x), batch_size)]
     return [np.concatenate([chunk[k] for chunk in chunks]) for k in range(len(chunks[0]))]
 
 
@@ -105,19 +110,23 @@ def verify(model, artifact, x: np.ndarray, y: np.ndarray | None = None, *, quant
     from sepconv.deploy.runtime import Runtime, open_runtime
 
     runtime = artifact if isinstance(artifact, Runtime) else open_runtime(artifact)
-    expected = predict_keras(model, x)
-    actual = run_artifact(runtime, x, layout=layout)
+    return _compare(predict_keras(model, x), run_artifact(runtime, x, layout=layout),
+                    [spec.name for spec in runtime.outputs], x, y, quantized=quantized, quantize=quantize,
+                    tolerance=tolerance, inputs=inputs, original=original,
+                    artifact=str(artifact if not isinstance(artifact, Runtime) else "artifact"))
+
+
+def _compare(expected, actual, names, x, y, *, quantized: bool, quantize: str, tolerance: Tolerance, inputs: str,
+             original, artifact: str) -> Verification:
+    """Judge each output, and score the model before separation against the artifact's first output."""
     if len(expected) != len(actual):
         raise VerificationError(f"{artifact}: has {len(actual)} outputs but the Keras model has {len(expected)}")
-    names = [spec.name for spec in runtime.outputs]
     checks = tuple(_check(name, e, a, y, quantized, tolerance) for name, e, a in zip(names, expected, actual))
     original_agreement = original_accuracy = None
     if original is not None and _is_classifier(actual[0]):
         reference = predict_keras(original, x)[0]
-        original_agreement = _agreement(reference, actual[0])
-        original_accuracy = _accuracy(reference, y)
-    return Verification(artifact=str(artifact if not isinstance(artifact, Runtime) else "artifact"),
-                        quantize=quantize, samples=len(x), inputs=inputs, outputs=checks,
+        original_agreement, original_accuracy = _agreement(reference, actual[0]), _accuracy(reference, y)
+    return Verification(artifact=artifact, quantize=quantize, samples=len(x), inputs=inputs, outputs=checks,
                         original_agreement=original_agreement, original_accuracy=original_accuracy)
 
 
@@ -167,12 +176,6 @@ def verify_keras(model, path, x: np.ndarray, y: np.ndarray | None = None, *, tol
     from sepconv.convert.loading import load
 
     reloaded = load(path)
-    expected, actual = predict_keras(model, x), predict_keras(reloaded, x)
-    names = [tensor.name for tensor in reloaded.outputs]
-    checks = tuple(_check(name, e, a, y, False, tolerance) for name, e, a in zip(names, expected, actual))
-    original_agreement = original_accuracy = None
-    if original is not None and _is_classifier(actual[0]):
-        reference = predict_keras(original, x)[0]
-        original_agreement, original_accuracy = _agreement(reference, actual[0]), _accuracy(reference, y)
-    return Verification(artifact=str(path), quantize="none", samples=len(x), inputs=inputs, outputs=checks,
-                        original_agreement=original_agreement, original_accuracy=original_accuracy)
+    return _compare(predict_keras(model, x), predict_keras(reloaded, x), [t.name for t in reloaded.outputs], x, y,
+                    quantized=False, quantize="none", tolerance=tolerance, inputs=inputs, original=original,
+                    artifact=str(path))

@@ -147,7 +147,7 @@ class LiteRTRuntime(Runtime):
         return dict(collections.Counter(op["op_name"] for op in ops if op["op_name"] != "DELEGATE"))
 
     def versions(self) -> dict[str, str]:
-        return {self.runtime_name: _version(self.runtime_name)}
+        return {self.runtime_name: package_version(self.runtime_name) or "unknown"}
 
 
 def _tflite_spec(detail: dict) -> TensorSpec:
@@ -192,7 +192,7 @@ class OnnxRuntime(Runtime):
         return dict(collections.Counter(node.op_type for node in graph.node))
 
     def versions(self) -> dict[str, str]:
-        return {"onnxruntime": _version("onnxruntime")}
+        return {"onnxruntime": package_version("onnxruntime") or "unknown"}
 
 
 _ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
@@ -204,13 +204,14 @@ def _onnx_spec(node) -> TensorSpec:
     return TensorSpec(name=node.name, shape=shape, dtype=_ONNX_DTYPES.get(node.type, node.type))
 
 
-def _version(distribution: str) -> str:
+def package_version(distribution: str) -> str | None:
+    """The installed version of a distribution, or None if it is not installed."""
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         return version(distribution)
     except PackageNotFoundError:
-        return "unknown"
+        return None
 
 
 def open_runtime(path, *, threads: int | None = None) -> Runtime:
