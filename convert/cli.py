@@ -42,8 +42,13 @@ def run(prog: str, body, args: argparse.Namespace) -> int:
     _quiet_tensorflow(args.debug)
     from sepconv.convert.errors import SepconvError
 
+    from sepconv.convert.errors import InterruptedRunError
+
     try:
         return body(args) or 0
+    except InterruptedRunError as error:
+        print(f"{prog}: {error}", file=sys.stderr)
+        return 130
     except SepconvError as error:
         if args.debug:
             raise
@@ -78,6 +83,12 @@ def _checked(convert, valid, kind: str, allowed: str):
 
 _fraction = _checked(float, lambda v: 0 < v <= 1, "fraction", "a number in (0, 1]")
 _positive = _checked(int, lambda v: v >= 1, "count", "a whole number >= 1")
+_count = _checked(int, lambda v: v >= 0, "count", "a whole number >= 0")
+_points = _checked(float, lambda v: 0 <= v < 100, "number of points", "points of accuracy in [0, 100), e.g. 1.0")
+_positive_float = _checked(float, lambda v: v > 0, "number", "a number > 0")
+_weight = _checked(float, lambda v: v >= 0, "weight", "a number >= 0")
+_share = _checked(float, lambda v: 0 <= v <= 1, "share", "a number in [0, 1]")
+_open_fraction = _checked(float, lambda v: 0 < v < 1, "fraction", "a number in (0, 1)")
 _rank = _checked(lambda t: t if t == "full" else int(t), lambda v: v == "full" or v >= 1, "rank",
                  "a whole number >= 1 or 'full'")
 
@@ -98,7 +109,10 @@ def convert_parser() -> argparse.ArgumentParser:
         description="Separate a trained Keras CNN's Conv2D layers, export quantized TFLite / ONNX (or .keras), verify "
                     "every artifact against the Keras model on held-out inputs, and write each artifact with a JSON "
                     "manifest beside it (out.tflite.json). Nothing is written unless every artifact passes.",
-        epilog="example: convert-model model.h5 model.tflite model.onnx --data images/ --rank 4")
+        epilog="examples:\n  convert-model model.h5 model.tflite --data images/      # budget 1 point, refine, fine-tune, "
+               "int8\n  convert-model model.h5 model.tflite model.onnx --data images/ --rank 1 --epochs 0\n"
+               "  convert-model model.h5 model.tflite --data images/ --resume   # continue after Ctrl-C",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="the trained Keras model (.keras or .h5, Keras 3 or Keras 2)")
     parser.add_argument("outputs", nargs="+", metavar="output",
                         help="artifacts to write; the format follows the extension: .tflite, .onnx, .keras")
@@ -110,21 +124,55 @@ def convert_parser() -> argparse.ArgumentParser:
     group.add_argument("--mean", type=_floats, help="per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406")
     group.add_argument("--std", type=_floats, help="per-channel std divided after the mean, e.g. 0.229,0.224,0.225")
     group.add_argument("--max-samples", type=_positive, help="read at most this many samples")
+    group.add_argument("--test-data", help="held-out data (same forms as --data) for scoring and verification; "
+                       "default: --heldout-fraction of --data")
+    group.add_argument("--heldout-fraction", type=_open_fraction, default=0.25,
+                       help="share of --data held out when there is no --test-data (default: %(default)s)")
     group.add_argument("--calibration-samples", type=_positive, default=200,
-                       help="samples that calibrate int8; the rest verify (default: %(default)s, at most half)")
-    group = parser.add_argument_group("separation")
+                       help="training samples that calibrate int8, refinement and BatchNorm (default: %(default)s)")
+    group = parser.add_argument_group(
+        "separation", "with --data the default is --max-accuracy-drop 1.0; without, --energy 0.9 (no training)")
     policy = group.add_mutually_exclusive_group()
+    policy.add_argument("--max-accuracy-drop", type=_points, metavar="POINTS",
+                        help="choose K per layer so that at most this many points of accuracy (agreement with the "
+                             "original without labels) are lost on held-out data; checked after fine-tuning")
     policy.add_argument("--rank", type=_rank, help="depth multiplier K for every separated layer, or 'full' (exact)")
     policy.add_argument("--energy", type=_fraction,
-                        help="per layer, the smallest K keeping this fraction of the kernel's energy (default 0.9)")
+                        help="per layer, the smallest K keeping this fraction of the kernel's energy")
     group.add_argument("--include", action="append", metavar="PATTERN", help="separate only layers matching "
                        "(fnmatch on name or path; repeatable)")
     group.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
                        help="never separate layers matching (repeatable)")
     group.add_argument("--no-separate", action="store_true", help="export the model as it is")
-    group.add_argument("--refine", action="store_true",
+    group.add_argument("--refine", action=argparse.BooleanOptionalAction,
                        help="refit each separated layer's pointwise weights by least squares so that its output "
-                            "matches the original layer's on the --data calibration images (no training)")
+                            "matches the original layer's on the calibration images, no training (default: on with "
+                            "--data)")
+    group.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction,
+                       help="re-estimate BatchNorm statistics of the separated model on the calibration images "
+                            "(default: on with --data)")
+    group = parser.add_argument_group("fine-tuning (needs --data; labels are used when the data has them, "
+                                      "else distillation from the original)")
+    group.add_argument("--epochs", type=_count, help="at most this many epochs, early stopping on held-out "
+                       "accuracy/agreement (default: 10 with --data; 0 turns fine-tuning off)")
+    group.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
+    group.add_argument("--learning-rate", type=_positive_float,
+                       help="Adam's peak rate, cosine-decayed (default: 3e-4 after --refine, else 1e-3)")
+    group.add_argument("--label-weight", type=_share, default=0.5,
+                       help="share of the label loss; the rest is distillation (default: %(default)s)")
+    group.add_argument("--temperature", type=_positive_float, default=4.0,
+                       help="distillation temperature (default: %(default)s)")
+    group.add_argument("--feature-distillation", type=_weight, default=0.0, metavar="WEIGHT",
+                       help="also match each separated layer's output to the original's, with this weight "
+                            "(default: %(default)s, off)")
+    group.add_argument("--patience", type=_positive, default=3, help="epochs without improvement before stopping "
+                       "(default: %(default)s)")
+    group.add_argument("--strategy", choices=("auto", "default", "mirrored"), default="auto",
+                       help="tf.distribute: mirrored over all visible devices, auto when there are several "
+                            "(default: %(default)s)")
+    group.add_argument("--checkpoint-dir", help="per-epoch checkpoints (default: the first output + .checkpoints); "
+                       "removed once the artifacts are written")
+    group.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     group = parser.add_argument_group("export")
     group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
                        help="auto: int8 with --data, dynamic without (default: %(default)s); ONNX takes none, "
@@ -155,17 +203,29 @@ def convert_parser() -> argparse.ArgumentParser:
 def convert_options(args):
     """The one mapping from convert-model's flags to ConvertOptions."""
     from sepconv.convert.data import DataOptions
+    from sepconv.convert.finetuning import FinetuneOptions
     from sepconv.convert.loading import parse_custom_objects
     from sepconv.convert.pipeline import ConvertOptions
-    from sepconv.convert.separation import SeparationOptions
+    from sepconv.convert.policy import SeparationOptions
     from sepconv.convert.verification import Tolerance
 
     return ConvertOptions(
         quantize=args.quantize,
         separate=not args.no_separate,
-        refine=args.refine,
         separation=SeparationOptions(rank=args.rank, energy=args.energy, include=args.include, exclude=args.exclude),
+        max_accuracy_drop=args.max_accuracy_drop,
+        refine=args.refine,
+        recalibrate_bn=args.recalibrate_bn,
+        epochs=args.epochs,
+        finetune=FinetuneOptions(batch_size=args.batch_size, learning_rate=args.learning_rate,
+                                 label_weight=args.label_weight, temperature=args.temperature,
+                                 feature_weight=args.feature_distillation, patience=args.patience,
+                                 strategy=args.strategy),
+        checkpoint_dir=args.checkpoint_dir,
+        resume=args.resume,
         data=args.data,
+        test_data=args.test_data,
+        heldout_fraction=args.heldout_fraction,
         data_options=DataOptions(scale=args.scale, mean=args.mean, std=args.std, max_samples=args.max_samples),
         calibration_samples=args.calibration_samples,
         io_type=args.io_type,
@@ -193,8 +253,39 @@ def _convert(args) -> int:
     if args.json:
         print(json.dumps(result.to_dict(), indent=2, default=str))
     else:
-        print(artifact_table(result))
+        print(recovery_tables(result) + artifact_table(result))
     return 0
+
+
+def recovery_tables(result) -> str:
+    """Per-layer sensitivity and chosen K (budget mode), then accuracy after each stage; empty without separation."""
+    from tabulate import tabulate
+
+    recovery = result.recovery
+    if not recovery:
+        return ""
+    text = ""
+    budget = recovery["budget"]
+    if budget:
+        ranks = sorted({c["rank"] for layer in budget["layers"] for c in layer["candidates"] if c["rank"]})
+        rows = [[layer["path"], budget["ranks"].get(layer["path"], "kept")] +
+                [_drop(layer, k) for k in ranks] for layer in budget["layers"]]
+        text += tabulate(rows, headers=["layer", "K chosen"] + [f"drop K={k}" for k in ranks], tablefmt="simple",
+                         disable_numparse=True)
+        text += (f"\nsensitivity: points of {budget['metric']} lost when only that layer is separated "
+                 f"(on {budget['samples']} held-out samples); budget {budget['max_drop']}, predicted "
+                 f"{budget['predicted_drop']:.2f}, measured after recovery {budget['measured_drop']:.2f}: "
+                 f"{'held' if budget['held'] else 'NOT held'}\n\n")
+    rows = [[stage["name"], f"{stage['params']:,}", _pct(stage["accuracy"]), _pct(stage["agreement"]),
+             f"{stage['seconds']:.1f}"] for stage in recovery["stages"]]
+    text += tabulate(rows, headers=["stage", "params", "accuracy", "agrees w/ original", "seconds"],
+                     tablefmt="simple", disable_numparse=True)
+    return text + f"\nscored on {recovery['samples']} held-out samples (Keras models)\n\n"
+
+
+def _drop(layer: dict, rank: int) -> str:
+    found = [c for c in layer["candidates"] if c["rank"] == rank]
+    return f"{found[0]['drop']:+.2f}" if found else ""
 
 
 def artifact_table(result) -> str:
@@ -214,7 +305,8 @@ def artifact_table(result) -> str:
                      "passed" if artifact.verification["passed"] else "FAILED"])
     headers = ["model", "format", "size", "smaller", "accuracy", "agrees w/ separated", "agrees w/ original", "check"]
     data = result.data
-    note = (f"verified on {data['heldout_samples']} held-out samples of {data['source']}" if data["source"] else
+    held = data.get("test_source") or data["source"]
+    note = (f"verified on {data['heldout_samples']} held-out samples of {held}" if data["source"] else
             f"verified on {data['heldout_samples']} synthetic inputs (no --data)")
     return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True) + f"\n{note}; manifests beside " \
         "each artifact (.json)"
@@ -234,8 +326,10 @@ def demo_parser() -> argparse.ArgumentParser:
         prog="sepconv-demo",
         description="Train the tutorial network on scikit-learn's bundled digits (once; cached as an .h5), load it "
                     "back as a user's file would be, separate it at K=1 and with the default energy policy and print "
-                    "each separation report with test accuracy; then convert it at K=1, refined by least squares on "
-                    "calibration digits, to int8 TFLite and int8 ONNX, verified on held-out digits. Nothing is downloaded.")
+                    "each separation report with test accuracy; then run convert-model with its defaults for data "
+                    "(rank per layer for a 1-point accuracy budget, least-squares refinement, fine-tuning, int8 "
+                    "TFLite and ONNX) on the training digits, scored and verified on the test digits. Nothing is "
+                    "downloaded.")
     parser.add_argument("--out", type=Path, default=Path("build/demo"),
                         help="directory for the demo model and reports (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=15, help="training epochs of the original (default: %(default)s)")
@@ -283,31 +377,26 @@ def _demo(args) -> int:
 
 
 def _demo_conversion(args, model_path: Path, split) -> dict:
-    """convert-model on the demo: K=1, refined on calibration digits, int8 TFLite and ONNX, verified on held-out ones."""
+    """convert-model on the demo with its defaults for data: a 1-point accuracy budget, refinement, fine-tuning, int8
+    TFLite and ONNX, scored and verified on the test digits."""
     from sepconv.convert import demo
     from sepconv.convert.pipeline import convert_model
 
-    data = demo.save_split(split, args.out / "digits_test.npz")
-    outputs = [args.out / "digits_k1_int8.tflite", args.out / "digits_k1_int8.onnx"]
+    train, test = demo.save_split(split, args.out)
+    outputs = [args.out / "digits_int8.tflite", args.out / "digits_int8.onnx"]
     if not args.json:
-        print(f"== convert-model {model_path} {' '.join(map(str, outputs))} --data {data} --rank 1 --refine "
+        print(f"== convert-model {model_path} {' '.join(map(str, outputs))} --data {train} --test-data {test} "
               f"--overwrite")
 
     def progress(stage, message):
         if not args.json:
             print(f"  {stage}: {message}", flush=True)
 
-    result = convert_model(model_path, outputs, data=str(data), quantize="int8", overwrite=True, refine=True,
-                           separation=_rank_options(1), progress=progress)
+    result = convert_model(model_path, outputs, data=str(train), test_data=str(test), overwrite=True,
+                           progress=progress)
     if not args.json:
-        print(artifact_table(result) + "\n")
+        print(recovery_tables(result) + artifact_table(result) + "\n")
     return result.to_dict()
-
-
-def _rank_options(rank: int):
-    from sepconv.convert.policy import SeparationOptions
-
-    return SeparationOptions(rank=rank)
 
 
 def demo_main(argv=None) -> int:

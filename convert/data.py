@@ -189,10 +189,11 @@ def check_labels(data: Dataset, classes: int) -> None:
         raise DataError(f"{data.source}: label {int(data.y.max())} is out of range for a model with {classes} outputs")
 
 
-def split(data: Dataset, calibration: int = 200, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """(calibration, held-out): a seeded shuffle; calibration gets up to `calibration` samples and at most half."""
+def split(data: Dataset, heldout: float = 0.25, seed: int = 0) -> tuple[Dataset, Dataset]:
+    """(train, held-out): a seeded shuffle; `heldout` of the samples (at least one each side) are held out."""
     if len(data) < 2:
-        raise DataError(f"{data.source}: needs at least 2 samples (calibration and held-out); got {len(data)}")
+        raise DataError(f"{data.source}: needs at least 2 samples (some to calibrate or train on, some held out); "
+                        f"got {len(data)}")
     order = np.random.default_rng(seed).permutation(len(data))
-    cut = min(calibration, len(data) // 2)
-    return data.take(order[:cut]), data.take(order[cut:])
+    cut = min(len(data) - 1, max(1, int(round(len(data) * heldout))))
+    return data.take(order[cut:]), data.take(order[:cut])

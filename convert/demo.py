@@ -58,6 +58,30 @@ def tutorial_network(input_shape=INPUT_SHAPE, classes: int = CLASSES, separable:
     return keras.Sequential(layers, name="tutorial_separable" if separable else "tutorial")
 
 
+def residual_network(input_shape=INPUT_SHAPE, classes: int = CLASSES, width: int = 32):
+    """A small digits network with BatchNorm and a residual block: the harder case for separation (issue 4).
+
+    stem Conv2D-BN-ReLU, one residual block (two Conv2D-BN, identity shortcut), a strided Conv2D-BN-ReLU, global
+    average pooling and a softmax classifier. Convolutions have no bias (BatchNorm follows them).
+    """
+    import keras
+
+    def conv_bn(x, filters, name, strides=1, relu=True):
+        x = keras.layers.Conv2D(filters, 3, strides=strides, padding="same", use_bias=False, name=f"{name}_conv")(x)
+        x = keras.layers.BatchNormalization(name=f"{name}_bn")(x)
+        return keras.layers.ReLU(name=f"{name}_relu")(x) if relu else x
+
+    image = keras.Input(input_shape, name="image")
+    x = conv_bn(image, width, "stem", strides=2)
+    shortcut = x
+    x = conv_bn(x, width, "res1a")
+    x = conv_bn(x, width, "res1b", relu=False)
+    x = keras.layers.ReLU(name="res1_relu")(keras.layers.Add(name="res1_add")([x, shortcut]))
+    x = conv_bn(x, 2 * width, "down", strides=2)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    return keras.Model(image, keras.layers.Dense(classes, activation="softmax", name="probs")(x), name="residual_bn")
+
+
 def train(model, split: Split, *, epochs: int = 15, batch_size: int = 32, seed: int = 0, verbose: int = 0):
     """Train `model` in place with Adam and sparse cross-entropy; returns the Keras History."""
     import keras
@@ -80,10 +104,12 @@ def accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> floa
     return hits / len(x)
 
 
-def save_split(split: Split, path: Path) -> Path:
-    """The held-out test images and labels as an .npz (x, y): the --data a user would pass."""
-    np.savez(path, x=split.x_test, y=split.y_test)
-    return path
+def save_split(split: Split, folder: Path) -> tuple[Path, Path]:
+    """The training and the test images with labels as .npz files (x, y): the --data and --test-data a user passes."""
+    train, test = Path(folder) / "digits_train.npz", Path(folder) / "digits_test.npz"
+    np.savez(train, x=split.x_train, y=split.y_train)
+    np.savez(test, x=split.x_test, y=split.y_test)
+    return train, test
 
 
 def demo_model(path: Path, *, epochs: int = 15, seed: int = 0, retrain: bool = False, verbose: int = 0):

@@ -7,8 +7,8 @@ classes live in `sepconv.deploy.errors`, which the device side shares without Te
 from sepconv.deploy.errors import ArtifactError, InvalidOptionError, RuntimeMissingError, SepconvError
 
 __all__ = [
-    "ArtifactError", "CorruptModelFileError", "DataError", "EmptyModelFileError", "ExportError", "FlexOpsError",
-    "InvalidOptionError", "ModelLoadError", "ModelNotFoundError", "OutputPathError", "RuntimeMissingError",
+    "ArtifactError", "BudgetError", "CheckpointError", "CorruptModelFileError", "DataError", "EmptyModelFileError", "ExportError", "FlexOpsError",
+    "InterruptedRunError", "InvalidOptionError", "ModelLoadError", "ModelNotFoundError", "OutputPathError", "RuntimeMissingError",
     "SavedModelError", "SepconvError", "UnknownObjectError", "UnsafeModelError", "UnsupportedModelError",
     "VerificationError", "WeightsOnlyFileError", "WrongFileKindError",
 ]
@@ -72,3 +72,15 @@ class OutputPathError(SepconvError):
 
 class VerificationError(SepconvError):
     """An exported artifact does not reproduce the Keras model within its tolerance."""
+
+
+class BudgetError(VerificationError):
+    """The fine-tuned model lost more accuracy than --max-accuracy-drop allows."""
+
+
+class CheckpointError(SepconvError):
+    """Checkpoints of an interrupted run are in the way (or missing for --resume, or from another run)."""
+
+
+class InterruptedRunError(SepconvError):
+    """Ctrl-C during a resumable stage; the message says how to resume."""

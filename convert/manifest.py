@@ -13,7 +13,7 @@ from pathlib import Path
 from sepconv.convert.files import sha256
 from sepconv.deploy.runtime import package_version
 
-MANIFEST_VERSION = 1
+MANIFEST_VERSION = 2
 LIBRARIES = ("sepconv", "tensorflow", "keras", "tf2onnx", "onnx", "onnxruntime", "ai-edge-litert", "numpy")
 
 
@@ -27,7 +27,7 @@ def library_versions() -> dict[str, str | None]:
 
 
 def build_manifest(artifact: Path, *, final_path: Path, fmt: str, quantize: str, source: dict, runtime=None,
-                   layout: str = "nhwc", separation=None, refinement=None, verification=None,
+                   layout: str = "nhwc", separation=None, recovery=None, verification=None,
                    options: dict | None = None) -> dict:
     """`artifact` is the file as written (maybe still a temporary); `final_path` the name it will have."""
     manifest = {
@@ -48,7 +48,7 @@ def build_manifest(artifact: Path, *, final_path: Path, fmt: str, quantize: str,
         "platform": {"python": platform.python_version(), "machine": platform.machine(), "system": platform.system()},
         "options": options or {},
         "separation": separation,
-        "refinement": refinement,
+        "recovery": recovery,
         "verification": verification.to_dict() if verification is not None else None,
     }
     return manifest

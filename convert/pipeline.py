@@ -1,9 +1,15 @@
 """`convert_model`: the whole job behind `convert-model in.h5 out.tflite [out.onnx ...]`.
 
-load -> separate -> export each output -> verify each artifact against the Keras model -> write artifacts and
-manifests. All outputs of a run share one loaded model, one separation and one data split. Nothing is written
-unless every artifact passes verification: artifacts go to temporary files beside their targets and are renamed
-only at the end, so a failure leaves no partial file; the input is only read.
+load -> separate and recover (budget, refine, BatchNorm, fine-tune: recovery.py) -> export each output -> verify
+each artifact against the Keras model -> write artifacts and manifests. All outputs of a run share one loaded model,
+one separation and one data split. Nothing is written unless every artifact passes verification: artifacts go to
+temporary files beside their targets and are renamed only at the end, so a failure leaves no partial file; the input
+is only read.
+
+Defaults follow the data: with `data`, the rank is chosen for an accuracy budget (1 point), the separated model is
+refined, its BatchNorm statistics re-estimated and fine-tuned for up to 10 epochs, and quantized to int8; without
+data, a conservative separation (energy 0.9) that keeps accuracy without training, dynamic-range quantization, and
+a hint that data unlocks the real savings. `ConvertOptions.plan()` says which choices were defaults and why.
 """
 
 from __future__ import annotations
@@ -18,7 +24,9 @@ from typing import Callable
 import numpy as np
 
 from sepconv.convert.data import DataOptions, check_labels, load_data, split
-from sepconv.convert.errors import InvalidOptionError, OutputPathError, UnsupportedModelError, VerificationError
+from sepconv.convert.errors import (BudgetError, InvalidOptionError, OutputPathError, SepconvError,
+                                    UnsupportedModelError, VerificationError)
+from sepconv.convert.finetuning import FinetuneOptions
 from sepconv.convert.onnx_export import DEFAULT_OPSET, ONNX_MODES, OnnxOptions
 from sepconv.convert.tflite_export import NEEDS_DATA, TFLITE_MODES, TFLiteOptions
 from sepconv.convert.files import sha256
@@ -28,6 +36,9 @@ from sepconv.convert.verification import Tolerance
 FORMATS = {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras"}
 QUANTIZE_CHOICES = ("auto",) + TFLITE_MODES
 SYNTHETIC_SAMPLES = 64
+DEFAULT_MAX_DROP = 1.0  # points of accuracy the budget mode may lose, the default with data
+DEFAULT_EPOCHS = 10
+CHECKPOINTS_SUFFIX = ".checkpoints"
 
 
 @dataclass(frozen=True)
@@ -36,15 +47,29 @@ class ConvertOptions:
 
     quantize: 'auto' (int8 with data, dynamic without) or a mode of export_tflite / export_onnx.
     separation: SeparationOptions (rank, energy, include, exclude); separate=False exports the model as it is.
-    data: an .npz or image folder for calibration and verification; data_options how to read it.
-    calibration_samples: samples used to calibrate int8 (the rest of the data verifies the artifacts).
+    max_accuracy_drop: points of accuracy (agreement without labels) the separated model may lose; K is then chosen
+    per layer (budget.py). None: 1.0 with data when separation gives no rank / energy, off otherwise.
+    refine / recalibrate_bn: least-squares refit of separated layers / BatchNorm statistics re-estimated on the
+    calibration images (None: on with data). epochs: fine-tuning epochs (None: 10 with data; 0: none); finetune:
+    its other options. checkpoint_dir: fine-tuning checkpoints (default: first output + ".checkpoints"); resume:
+    continue an interrupted run from them.
+    data: an .npz or image folder; test_data: held-out data for scoring and verification (default: heldout_fraction
+    of data). calibration_samples: training samples that calibrate int8, refinement and BatchNorm statistics.
     """
 
     quantize: str = "auto"
     separate: bool = True
     separation: SeparationOptions = field(default_factory=SeparationOptions)
-    refine: bool = False  # least-squares refit of separated layers on the calibration data (refinement.py)
+    max_accuracy_drop: float | None = None
+    refine: bool | None = None
+    recalibrate_bn: bool | None = None
+    epochs: int | None = None
+    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
+    checkpoint_dir: str | None = None
+    resume: bool = False
     data: str | None = None
+    test_data: str | None = None
+    heldout_fraction: float = 0.25
     data_options: DataOptions = field(default_factory=DataOptions)
     calibration_samples: int = 200
     io_type: str = "float32"
@@ -64,7 +89,33 @@ class ConvertOptions:
         if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
             raise InvalidOptionError(f"Unrecognized calibration_samples={self.calibration_samples!r}. Use a whole "
                                      f"number >= 1")
+        if not isinstance(self.heldout_fraction, (int, float)) or not 0 < self.heldout_fraction < 1:
+            raise InvalidOptionError(f"Unrecognized heldout_fraction={self.heldout_fraction!r}. Use a fraction in "
+                                     f"(0, 1), e.g. 0.25")
+        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 0):
+            raise InvalidOptionError(f"Unrecognized epochs={self.epochs!r}. Use a whole number >= 0 (0: no "
+                                     f"fine-tuning)")
+        if self.max_accuracy_drop is not None:
+            from sepconv.convert.budget import BudgetOptions
 
+            BudgetOptions(max_drop=self.max_accuracy_drop)
+
+    def plan(self) -> dict:
+        """The effective choices, with a note of which were defaults (printed by the CLI, kept in the manifest)."""
+        data = self.data is not None
+        fixed = any(v is not None for v in (self.separation.rank, self.separation.energy, self.separation.ranks))
+        budget = self.max_accuracy_drop
+        if budget is None and data and self.separate and not fixed:
+            budget = DEFAULT_MAX_DROP
+        epochs = self.epochs if self.epochs is not None else (DEFAULT_EPOCHS if data and self.separate else 0)
+        chosen = {"max_accuracy_drop": budget, "refine": _default(self.refine, data and self.separate),
+                  "recalibrate_bn": _default(self.recalibrate_bn, data and self.separate), "epochs": epochs,
+                  "quantize": self.resolved_quantize()}
+        defaults = [name for name, given in (("max_accuracy_drop", self.max_accuracy_drop), ("refine", self.refine),
+                                             ("recalibrate_bn", self.recalibrate_bn), ("epochs", self.epochs))
+                    if given is None and not (name == "max_accuracy_drop" and budget is None)]
+        defaults += ["quantize"] if self.quantize == "auto" else []
+        return dict(chosen, defaults=defaults)
     def resolved_quantize(self) -> str:
         if self.quantize != "auto":
             return self.quantize
@@ -74,7 +125,8 @@ class ConvertOptions:
         described = asdict(self)
         described.pop("custom_objects")
         described["separation"] = self.separation.describe()
-        described["quantize_resolved"] = self.resolved_quantize()
+        described["finetune"] = asdict(self.finetune)
+        described["plan"] = self.plan()
         return described
 
 
@@ -96,7 +148,8 @@ class ConvertResult:
     quantize_reason: str
     data: dict
     separation: dict | None
-    refinement: dict | None
+    recovery: dict | None  # per-stage accuracy, budget, BatchNorm, fine-tuning (recovery.RecoveryReport)
+    plan: dict  # the effective choices and which of them were defaults
     artifacts: tuple[Artifact, ...]
     seconds: dict
 
@@ -125,8 +178,9 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
     say = progress or (lambda stage, message: None)
     source = Path(source)
     targets = _check_outputs(source, outputs, options)
-    quantize = options.resolved_quantize()
-    _check_modes(targets, quantize, options)
+    plan = options.plan()
+    _check_modes(targets, plan, options)
+    recovery_options = _recovery_options(options, plan, targets)
     timer = _Timer()
 
     from sepconv.convert.loading import load
@@ -135,60 +189,106 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
         model = load(source, custom_objects=options.custom_objects, safe_mode=options.safe_mode)
     say("load", f"{source} ({model.count_params():,} parameters)")
     with timer("data"):
-        calibration, heldout, data_info = _data(model, options)
+        train, calibration, heldout, data_info = _data(model, options)
     say("data", data_info["description"])
-    reason = (f"quantize={quantize}" if options.quantize != "auto" else
-              f"quantize=auto -> {quantize} ({'representative data given' if options.data else 'no --data given'})")
-    say("quantize", reason)
+    say("plan", _plan_line(plan, options))
+    source_sha256 = sha256(source)
 
-    report = None
+    report = recovery = None
     exported = model
     if options.separate:
-        from sepconv.convert.separation import separate
+        from sepconv.convert.recovery import recover
 
-        with timer("separate"):
-            exported, report = separate(model, **_separation_kwargs(options.separation))
-        totals = report.totals
-        say("separate", f"{totals['separated']} of {totals['layers']} conv layers separated; parameters "
-                        f"{totals['model_params_before']:,} -> {totals['model_params_after']:,} "
-                        f"({totals['params_ratio']:.2f}x smaller)")
-    refinement = None
-    if options.refine and report is not None:
-        from sepconv.convert.refinement import refine
+        with timer("separate and recover"):
+            exported, report, recovery = recover(model, train, calibration, heldout, options.separation,
+                                                 recovery_options, source_sha256=source_sha256, progress=say)
+    try:
+        artifacts = _export_all(exported, model if report else None, targets, plan["quantize"], calibration,
+                                heldout, data_info, options, source, report, recovery, timer, say)
+    except SepconvError as error:
+        if recovery and recovery.finetune and not isinstance(error, BudgetError):
+            raise type(error)(f"{error} (the fine-tuned weights are kept in {recovery_options.checkpoint_dir}: "
+                              f"add --resume to reuse them)") from error
+        raise
+    from sepconv.convert.recovery import remove_checkpoints
 
-        with timer("refine"):
-            refinement = refine(model, exported, calibration, report)
-        refined = [layer for layer in refinement.layers if layer.status == "refined"]
-        say("refine", f"{len(refined)} of {len(refinement.layers)} separated layers refit on {refinement.samples} "
-                      f"images; layer output error " + ", ".join(
-                          f"{layer.path} {layer.error_before:.2f}->{layer.error_after:.2f}" for layer in refined))
+    remove_checkpoints(recovery_options)
+    return ConvertResult(source={"path": str(source), "sha256": source_sha256, "params": model.count_params()},
+                         quantize=plan["quantize"], quantize_reason=_quantize_reason(options, plan),
+                         data=data_info, separation=report.to_dict() if report else None,
+                         recovery=recovery.to_dict() if recovery else None, plan=plan, artifacts=artifacts,
+                         seconds=timer.seconds)
 
+
+def _export_all(exported, original, targets, quantize, calibration, heldout, data_info, options, source, report,
+                recovery, timer, say) -> tuple[Artifact, ...]:
+    """Stage every artifact in a temporary file, verify it, then commit them all (or none)."""
     staged = []
     try:
         for target in targets:
             with timer(f"export {target.name}"):
-                staged.append(_stage(exported, model if report else None, target, quantize, calibration, heldout,
-                                     data_info, options, source, report, refinement, say))
+                staged.append(_stage(exported, original, target, quantize, calibration, heldout, data_info, options,
+                                     source, report, recovery, say))
         failed = [s for s in staged if not s["verification"].passed]
         if failed:
             raise VerificationError("; ".join(_failure_line(s) for s in failed) + " - nothing was written; try "
                                     "another --quantize mode, more representative --data, or a lower --min-agreement")
-        artifacts = tuple(_commit(s) for s in staged)
+        return tuple(_commit(s) for s in staged)
     finally:
         for item in staged:
             for tmp in (item["tmp"], item["tmp_manifest"]):
                 if tmp is not None:
                     Path(tmp).unlink(missing_ok=True)
-    return ConvertResult(source={"path": str(source), "sha256": sha256(source), "params": model.count_params()},
-                         quantize=quantize, quantize_reason=reason, data=data_info,
-                         separation=report.to_dict() if report else None,
-                         refinement=refinement.to_dict() if refinement else None, artifacts=artifacts,
-                         seconds=timer.seconds)
 
 
-def _separation_kwargs(options: SeparationOptions) -> dict:
-    return {"rank": options.rank, "energy": options.energy, "include": options.include, "exclude": options.exclude,
-            "only_if_smaller": options.only_if_smaller}
+def _default(value, default: bool) -> bool:
+    return default if value is None else bool(value)
+
+
+def _recovery_options(options: ConvertOptions, plan: dict, targets: list[Path]):
+    from sepconv.convert.budget import BudgetOptions
+    from sepconv.convert.recovery import RecoveryOptions
+
+    budget = plan["max_accuracy_drop"]
+    folder = options.checkpoint_dir or str(targets[0].with_name(targets[0].name + CHECKPOINTS_SUFFIX))
+    return RecoveryOptions(refine=plan["refine"], recalibrate_bn=plan["recalibrate_bn"], epochs=plan["epochs"],
+                           finetune=options.finetune,
+                           budget=None if budget is None else BudgetOptions(max_drop=budget, refine=plan["refine"]),
+                           checkpoint_dir=folder, resume=options.resume)
+
+
+def _quantize_reason(options: ConvertOptions, plan: dict) -> str:
+    if options.quantize != "auto":
+        return f"quantize={plan['quantize']}"
+    return f"quantize=auto -> {plan['quantize']} ({'data given' if options.data else 'no data given'})"
+
+
+def _plan_line(plan: dict, options: ConvertOptions) -> str:
+    """One line: what will happen, which choices were defaults, and the hint when there is no data."""
+    if not options.separate:
+        steps = ["no separation"]
+    elif plan["max_accuracy_drop"] is not None:
+        steps = [f"rank per layer for --max-accuracy-drop {plan['max_accuracy_drop']}"]
+    else:
+        steps = [f"separation {_policy_text(options.separation)}"]
+    steps += ["refine" if plan["refine"] else "no refine",
+              "BatchNorm recalibration" if plan["recalibrate_bn"] else "no BatchNorm recalibration",
+              f"fine-tune up to {plan['epochs']} epochs" if plan["epochs"] else "no fine-tuning",
+              f"quantize {plan['quantize']}"]
+    line = ", ".join(steps)
+    if plan["defaults"]:
+        line += f" (defaults {'with' if options.data else 'without'} --data: {', '.join(plan['defaults'])})"
+    if not options.data and options.separate:
+        conservative = options.separation.rank is None and options.separation.energy is None
+        line += ("; hint: " + ("this conservative separation keeps accuracy without training - " if conservative
+                               else "") + "pass --data (your images) to choose the rank for an accuracy budget, "
+                 "fine-tune and quantize to int8, where the real savings are")
+    return line
+
+
+def _policy_text(separation: SeparationOptions) -> str:
+    policy = separation.policy
+    return f"K={policy.rank}" if policy.rank is not None else f"energy={policy.energy}"
 
 
 def _check_outputs(source: Path, outputs, options: ConvertOptions) -> list[Path]:
@@ -230,11 +330,25 @@ def _writable(folder: Path) -> bool:
         return False
 
 
-def _check_modes(targets: list[Path], quantize: str, options: ConvertOptions) -> None:
-    if options.refine and not options.data:
-        raise InvalidOptionError("--refine refits separated layers on calibration images; pass --data")
-    if options.refine and not options.separate:
-        raise InvalidOptionError("--refine refits separated layers; it cannot be combined with --no-separate")
+def _check_modes(targets: list[Path], plan: dict, options: ConvertOptions) -> None:
+    quantize = plan["quantize"]
+    needs_data = [(plan["refine"], "--refine refits separated layers on calibration images"),
+                  (plan["recalibrate_bn"], "--recalibrate-bn re-estimates BatchNorm statistics on calibration images"),
+                  (plan["epochs"], "--epochs fine-tunes on your images"),
+                  (plan["max_accuracy_drop"] is not None, "--max-accuracy-drop measures accuracy on held-out images"),
+                  (options.test_data, "--test-data scores a model trained or calibrated on --data")]
+    for wanted, what in needs_data:
+        if wanted and not options.data:
+            raise InvalidOptionError(f"{what}; pass --data (an .npz or a folder of images)")
+        if wanted and not options.separate:
+            raise InvalidOptionError(f"{what.split(' ')[0]} works on separated layers; it cannot be combined with "
+                                     f"--no-separate")
+    if options.max_accuracy_drop is not None and any(
+            v is not None for v in (options.separation.rank, options.separation.energy, options.separation.ranks)):
+        raise InvalidOptionError("--max-accuracy-drop chooses the rank of each layer; drop --rank / --energy, or "
+                                 "drop --max-accuracy-drop to use them")
+    if options.resume and not plan["epochs"]:
+        raise InvalidOptionError("--resume continues an interrupted fine-tuning; it needs --epochs >= 1 and --data")
     if quantize in NEEDS_DATA and not options.data:
         raise InvalidOptionError(f"--quantize {quantize} calibrates activations on representative data; pass --data "
                                  f"(an .npz or a folder of images) or use --quantize dynamic")
@@ -252,36 +366,46 @@ def _check_modes(targets: list[Path], quantize: str, options: ConvertOptions) ->
 
 
 def _data(model, options: ConvertOptions):
-    """(calibration inputs or None, held-out Dataset, description) for the run."""
+    """(train Dataset or None, calibration inputs or None, held-out Dataset, description) for the run."""
     from sepconv.convert.data import Dataset
 
     if len(model.inputs) != 1:
         raise UnsupportedModelError(f"convert-model handles single-input models; this one has {len(model.inputs)} "
                                     f"inputs: use export_tflite / export_onnx from the Python API")
+    classes = int(model.outputs[0].shape[-1])
     if options.data:
         data = load_data(options.data, model.input_shape, options.data_options)
-        check_labels(data, int(model.outputs[0].shape[-1]))
-        calibration, heldout = split(data, calibration=options.calibration_samples)
+        check_labels(data, classes)
+        if options.test_data:
+            train, heldout = data, load_data(options.test_data, model.input_shape, options.data_options)
+            check_labels(heldout, classes)
+        else:
+            train, heldout = split(data, heldout=options.heldout_fraction)
+        calibration = train.take(np.arange(min(options.calibration_samples, len(train))))
         labels = "labelled" if data.y is not None else "unlabelled"
-        info = {"source": data.source, "samples": len(data), "labelled": data.y is not None,
+        held = f"{len(heldout)} from {heldout.source}" if options.test_data else f"{len(heldout)} held out"
+        info = {"source": data.source, "test_source": heldout.source if options.test_data else None,
+                "samples": len(data), "labelled": data.y is not None, "train_samples": len(train),
                 "calibration_samples": len(calibration), "heldout_samples": len(heldout),
-                "description": f"{len(data)} {labels} samples from {data.source}: {len(calibration)} calibrate, "
-                               f"{len(heldout)} held out for verification"}
-        return calibration.x, heldout, info
+                "heldout_labelled": heldout.y is not None,
+                "description": f"{len(data)} {labels} samples from {data.source}: {len(train)} to train on (the "
+                               f"first {len(calibration)} also calibrate), {held} for scoring and verification"}
+        return train, calibration.x, heldout, info
     shape = tuple(model.inputs[0].shape)
     if any(d is None for d in shape[1:]):
         raise UnsupportedModelError(f"The model's input {shape} has a free size besides the batch; pass --data so "
                                     f"that sepconv knows what to feed it")
     x = np.random.default_rng(0).random((SYNTHETIC_SAMPLES, *shape[1:]), dtype=np.float32)
-    info = {"source": None, "samples": SYNTHETIC_SAMPLES, "labelled": False, "calibration_samples": 0,
-            "heldout_samples": SYNTHETIC_SAMPLES,
+    info = {"source": None, "test_source": None, "samples": SYNTHETIC_SAMPLES, "labelled": False,
+            "train_samples": 0, "calibration_samples": 0, "heldout_samples": SYNTHETIC_SAMPLES,
+            "heldout_labelled": False,
             "description": f"no --data: verifying on {SYNTHETIC_SAMPLES} synthetic uniform [0, 1) inputs (pass --data "
                            f"for accuracy and a meaningful agreement check)"}
-    return None, Dataset(x, None, "synthetic uniform [0, 1) inputs"), info
+    return None, None, Dataset(x, None, "synthetic uniform [0, 1) inputs"), info
 
 
 def _stage(model, original, target: Path, quantize: str, calibration, heldout, data_info, options: ConvertOptions,
-           source: Path, report, refinement, say) -> dict:
+           source: Path, report, recovery, say) -> dict:
     """Export to a temporary file beside `target`, verify it, write its manifest to another temporary file."""
     fmt = FORMATS[target.suffix.lower()]
     mode = "none" if fmt == "keras" else quantize
@@ -290,7 +414,7 @@ def _stage(model, original, target: Path, quantize: str, calibration, heldout, d
     item = {"target": target, "tmp": tmp, "tmp_manifest": None, "format": fmt, "quantize": mode}
     try:
         return _export_and_verify(item, model, original, calibration, heldout, data_info, options, source, report,
-                                  refinement, say)
+                                  recovery, say)
     except BaseException:
         for path in (item["tmp"], item["tmp_manifest"]):
             if path is not None:
@@ -299,7 +423,7 @@ def _stage(model, original, target: Path, quantize: str, calibration, heldout, d
 
 
 def _export_and_verify(item: dict, model, original, calibration, heldout, data_info, options: ConvertOptions,
-                       source: Path, report, refinement, say) -> dict:
+                       source: Path, report, recovery, say) -> dict:
     from sepconv.convert.manifest import build_manifest, manifest_json
     from sepconv.convert.verification import verify, verify_keras
 
@@ -334,7 +458,7 @@ def _export_and_verify(item: dict, model, original, calibration, heldout, data_i
                               layout=options.layout if fmt == "onnx" else "nhwc",
                               source={"path": str(source), "sha256": sha256(source)},
                               separation=report.to_dict() if report else None,
-                              refinement=refinement.to_dict() if refinement else None, verification=verification,
+                              recovery=recovery.to_dict() if recovery else None, verification=verification,
                               options=options.describe())
     fd, item["tmp_manifest"] = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
     with os.fdopen(fd, "w") as file:

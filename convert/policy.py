@@ -36,6 +36,8 @@ class SeparationOptions:
     energy: a fraction in (0, 1]: per layer, the smallest K keeping that share of the kernel's energy.
     include / exclude: fnmatch patterns on layer names or paths ("inner_model/conv*"); exclude wins.
     only_if_smaller: keep a layer whose separated form would have as many parameters or more.
+    ranks: per-layer K by layer name or path ({"block1_conv1": 2}); wins over rank / energy for those layers (the
+    accuracy-budget search hands its choice to `separate` this way).
     """
 
     rank: int | str | None = None
@@ -43,6 +45,7 @@ class SeparationOptions:
     include: tuple[str, ...] | None = None
     exclude: tuple[str, ...] = ()
     only_if_smaller: bool = True
+    ranks: dict | None = None
 
     def __post_init__(self):
         if self.rank is not None and self.energy is not None:
@@ -57,6 +60,11 @@ class SeparationOptions:
             isinstance(self.energy, (int, float)) and not isinstance(self.energy, bool) and 0 < self.energy <= 1
         ):
             raise InvalidOptionError(f"Unrecognized energy={self.energy!r}. Use a fraction in (0, 1], e.g. 0.99")
+        if self.ranks is not None and not (isinstance(self.ranks, dict) and all(
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            for k, v in self.ranks.items())):
+            raise InvalidOptionError(f"Unrecognized ranks={self.ranks!r}. Use a dict of layer name or path -> "
+                                     f"whole number >= 1, e.g. {{'block1_conv1': 2}}")
         object.__setattr__(self, "include", _patterns(self.include, "include"))
         object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude") or ())
 
@@ -69,12 +77,16 @@ class SeparationOptions:
     def describe(self) -> dict:
         policy = self.policy
         return {"rank": policy.rank, "energy": policy.energy, "include": self.include, "exclude": self.exclude,
-                "only_if_smaller": self.only_if_smaller}
+                "only_if_smaller": self.only_if_smaller, "ranks": self.ranks}
 
     def context(self, path: str):
         from sepconv.convert.rewrites import Context
 
-        return Context(path=path, policy=self.policy, include=self.include, exclude=self.exclude,
+        policy = self.policy
+        own = (self.ranks or {}).get(path, (self.ranks or {}).get(path.rsplit("/", 1)[-1]))
+        if own is not None:
+            policy = RankPolicy(rank=own, energy=None)
+        return Context(path=path, policy=policy, include=self.include, exclude=self.exclude,
                        only_if_smaller=self.only_if_smaller)
 
 

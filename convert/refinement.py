@@ -108,3 +108,38 @@ def _refine_layer(original, separated, name: str, x, ridge: float, rng) -> Layer
 
 def _relative(estimate: np.ndarray, target: np.ndarray) -> float:
     return float(np.linalg.norm(estimate - target) / max(np.linalg.norm(target), 1e-30))
+
+
+@dataclass(frozen=True)
+class BatchNormRecalibration:
+    path: str
+    mean_shift: float  # ||new - old moving mean|| / sqrt(mean old moving variance): how far the statistics moved
+    variance_ratio: float  # mean new moving variance / mean old moving variance
+
+
+def recalibrate_batchnorm(model, x: np.ndarray) -> tuple[BatchNormRecalibration, ...]:
+    """Re-estimate, in place, the moving mean and variance of `model`'s top-level BatchNormalization layers on `x`.
+
+    After separation a BatchNorm layer's input statistics are no longer those it was trained on; its moving statistics
+    are set, in graph order, to the mean and variance of its actual inputs (earlier layers already re-estimated), the
+    way pruning and NAS tools recalibrate BatchNorm. The learned scale and offset are left as they are.
+    """
+    import keras
+
+    if len(x) == 0:
+        raise InvalidOptionError("BatchNorm recalibration needs images (x is empty)")
+    done = []
+    for layer in model.layers:
+        if not isinstance(layer, keras.layers.BatchNormalization) or len(layer._inbound_nodes) != 1:
+            continue
+        inputs = _layer_input(model, layer.name, x).astype(np.float64)
+        axis = layer.axis if layer.axis >= 0 else inputs.ndim + layer.axis
+        reduce = tuple(i for i in range(inputs.ndim) if i != axis)
+        mean, variance = inputs.mean(axis=reduce), inputs.var(axis=reduce)
+        old_mean, old_variance = layer.moving_mean.numpy(), layer.moving_variance.numpy()
+        layer.moving_mean.assign(mean.astype(old_mean.dtype))
+        layer.moving_variance.assign(variance.astype(old_variance.dtype))
+        scale = float(np.sqrt(max(np.mean(old_variance), 1e-12)))
+        done.append(BatchNormRecalibration(layer.name, float(np.linalg.norm(mean - old_mean) / scale / np.sqrt(len(mean))),
+                                           float(np.mean(variance) / max(np.mean(old_variance), 1e-12))))
+    return tuple(done)

@@ -17,14 +17,20 @@ from sepconv.convert.report import SeparationReport
 from sepconv.convert.rewrites import CONV_LIKE, Plan, plan_layer, unsupported_row
 
 def separate(model: keras.Model, *, rank=None, energy=None, include=None, exclude=None,
-             only_if_smaller: bool = True) -> tuple[keras.Model, SeparationReport]:
+             only_if_smaller: bool = True, ranks=None) -> tuple[keras.Model, SeparationReport]:
     """Rewrite every eligible Conv2D of `model` into a SeparableConv2D started from the trained kernel's SVD.
 
     Returns the new model (the input is left as it was) and a `SeparationReport` with a row per convolution-like
-    layer. Options are those of `SeparationOptions`; without rank and energy, energy=DEFAULT_ENERGY.
+    layer. Options are those of `SeparationOptions` (`separate_with` takes the object); without rank and
+    energy, energy=DEFAULT_ENERGY; `ranks` gives some layers their own K.
     """
     options = SeparationOptions(rank=rank, energy=energy, include=include, exclude=exclude,
-                                only_if_smaller=only_if_smaller)
+                                only_if_smaller=only_if_smaller, ranks=ranks)
+    return separate_with(model, options)
+
+
+def separate_with(model: keras.Model, options: SeparationOptions) -> tuple[keras.Model, SeparationReport]:
+    """`separate` with a SeparationOptions object (what the pipeline and the budget search hold)."""
     _require_graph_model(model)
     plans = _plan(model, options)
     clones: list[tuple[keras.layers.Layer, keras.layers.Layer, Plan]] = []

@@ -62,8 +62,10 @@ def test_without_data_dynamic_and_manifests(tmp_path, small_h5):
     done = run(small_h5, out / "m.tflite", out / "m.onnx", out / "m.keras", "--rank", "1", "--json")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
-    assert summary["quantize"] == "dynamic" and "no --data given" in summary["quantize_reason"]
-    assert "quantize=auto -> dynamic" in done.stderr, "the CLI says which mode it chose"
+    assert summary["quantize"] == "dynamic" and "no data given" in summary["quantize_reason"]
+    plan = next(line for line in done.stderr.splitlines() if "] plan: " in line)
+    assert "quantize dynamic (defaults without --data: refine, recalibrate_bn, epochs, quantize)" in plan, plan
+    assert "hint: pass --data (your images) to choose the rank for an accuracy budget" in plan
     assert listing(out) == ["m.keras", "m.keras.json", "m.onnx", "m.onnx.json", "m.tflite", "m.tflite.json"]
     for artifact in summary["artifacts"]:
         manifest = json.loads(Path(artifact["manifest"]).read_text())
@@ -86,12 +88,15 @@ def test_trained_demo_int8_with_data(tmp_path, trained_demo):
     out.mkdir()
     done = run(trained_demo["h5"], out / "d.tflite", out / "d.onnx", "--data", trained_demo["npz"], "--rank", "4")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "quantize=auto -> int8 (representative data given)" in done.stderr
+    plan = next(line for line in done.stderr.splitlines() if "] plan: " in line)
+    assert ("separation K=4, refine, BatchNorm recalibration, fine-tune up to 10 epochs, quantize int8 (defaults "
+            "with --data: refine, recalibrate_bn, epochs, quantize)") in plan, plan
+    assert "hint" not in plan
     for name in ("d.tflite", "d.onnx"):
         verification = json.loads((out / f"{name}.json").read_text())["verification"]
         check = verification["outputs"][0]
         assert verification["passed"] and check["agreement"] >= 0.98, check
-        assert verification["samples"] == 250 and check["accuracy"] > 0.8
+        assert verification["samples"] == 112 and check["accuracy"] > 0.8, "a quarter of the 450 images held out"
     assert "d.tflite" in done.stdout and "agrees w/ original" in done.stdout
 
 
@@ -100,10 +105,10 @@ def test_refine_is_recorded(tmp_path, small_h5):
     out.mkdir()
     np.savez(tmp_path / "data.npz", x=np.random.default_rng(2).random((64, 12, 12, 3)).astype(np.float32))
     done = run(small_h5, out / "m.tflite", "--data", tmp_path / "data.npz", "--rank", "1", "--refine",
-               "--quantize", "none")
+               "--quantize", "none", "--epochs", "0")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "refine: 2 of 2 separated layers refit on 32 images" in done.stderr
-    refinement = json.loads((out / "m.tflite.json").read_text())["refinement"]
+    assert "refine: 2 of 2 separated layers refit on 48 images" in done.stderr, "64 images, a quarter held out"
+    refinement = json.loads((out / "m.tflite.json").read_text())["recovery"]["refinement"]
     assert [layer["status"] for layer in refinement["layers"]] == ["refined", "refined"]
     assert all(layer["error_after"] < layer["error_before"] for layer in refinement["layers"])
 
@@ -115,6 +120,7 @@ def test_verification_failure_writes_nothing(tmp_path, small_h5):
     x = np.random.default_rng(1).random((300, 12, 12, 3)).astype(np.float32)
     np.savez(tmp_path / "data.npz", x=x)
     done = run(small_h5, out / "m.tflite", "--data", tmp_path / "data.npz", "--rank", "1", "--min-agreement", "1.0",
+               "--epochs", "0",
                "--quantize", "int8")
     assert_clean_failure(done, small_h5, out, [], "failed verification")
     assert "nothing was written" in done.stderr
@@ -139,6 +145,12 @@ BAD_INPUTS = {
     "refine without data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--refine"], "--refine"),
     "custom object unknown": (lambda t, h5: [h5, t / "out" / "m.tflite", "--custom-objects", "no_such_mod:X"],
                               "Cannot import module"),
+    "epochs without data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--epochs", "3"], "--epochs fine-tunes"),
+    "budget without data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--max-accuracy-drop", "1"],
+                            "--max-accuracy-drop measures"),
+    "resume without checkpoints": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data", _npz(t / "d.npz", x=np.zeros(
+        (8, 12, 12, 3), np.float32)), "--resume", "--rank", "1"], "no checkpoints in"),
+    "resume without training": (lambda t, h5: [h5, t / "out" / "m.tflite", "--resume"], "--resume continues"),
 }
 
 
@@ -194,6 +206,9 @@ def test_flex_needed(tmp_path):
     (["--rank", "0"], "invalid rank '0'"), (["--energy", "2"], "invalid fraction '2'"),
     (["--quantize", "int4"], "invalid choice: 'int4'"), (["--rank", "1", "--energy", "0.5"], "not allowed with"),
     (["--max-samples", "-3"], "invalid count"), (["--mean", "a,b"], "invalid list"),
+    (["--max-accuracy-drop", "1", "--rank", "2"], "not allowed with"),
+    (["--max-accuracy-drop", "-1"], "invalid number of points '-1'"), (["--epochs", "x"], "invalid count 'x'"),
+    (["--learning-rate", "0"], "invalid number '0'"), (["--strategy", "tpu"], "invalid choice: 'tpu'"),
 ])
 def test_bad_flags(tmp_path, small_h5, flags, phrase):
     source_digest[str(small_h5)] = digest(small_h5)
@@ -215,3 +230,77 @@ def test_help_is_instant_and_needs_no_tensorflow():
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stderr
     shown = run("--help")
     assert shown.returncode == 0 and "--quantize" in shown.stdout and "--allow-flex" in shown.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_during_fine_tuning_then_resume(tmp_path, trained_demo):
+    """Ctrl-C after the first epoch's checkpoint: exit 130 with the resume hint, nothing written; --resume finishes."""
+    import signal
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [trained_demo["h5"], out / "d.tflite", "--data", trained_demo["npz"], "--rank", "1", "--epochs", "40",
+            "--patience", "40", "--quantize", "none"]
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    process = subprocess.Popen([*CONVERT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=env)
+    deadline = time.time() + 600
+    while time.time() < deadline and not (out / "d.tflite.checkpoints" / "fit").is_dir():
+        time.sleep(0.5)
+    time.sleep(3)  # well into an epoch after the first checkpoint
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-3000:]
+    assert "Traceback" not in stderr
+    assert stderr.strip().splitlines()[-1].startswith("convert-model: interrupted during fine-tuning"), stderr[-2000:]
+    assert "run the same command with --resume to continue" in stderr
+    assert listing(out) == ["d.tflite.checkpoints"], "no artifact, only the checkpoints"
+    finished = [line for line in stderr.splitlines() if "finetune: epoch " in line]
+    assert finished, stderr[-2000:]
+
+    done = run(*args, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    epochs = [int(line.split("finetune: epoch ")[1].split("/")[0]) for line in done.stderr.splitlines()
+              if "finetune: epoch " in line]
+    assert epochs and epochs[0] > 1, f"the resumed run must start after the checkpointed epochs, got {epochs}"
+    assert listing(out) == ["d.tflite", "d.tflite.json"], "checkpoints are removed once the artifact is written"
+    recovery = json.loads((out / "d.tflite.json").read_text())["recovery"]
+    assert recovery["resumed"] is True and recovery["finetune"]["epochs_run"] >= epochs[0]
+
+
+def test_default_budget_mode_with_data(tmp_path, small_h5):
+    """With --data and no rank: budget 1.0, refine, fine-tuning, int8, said aloud; sensitivity in the report."""
+    out = tmp_path / "out"
+    out.mkdir()
+    x = np.random.default_rng(3).random((160, 12, 12, 3)).astype(np.float32)
+    np.savez(tmp_path / "data.npz", x=x)
+    done = run(small_h5, out / "m.tflite", "--data", tmp_path / "data.npz", "--epochs", "2", "--min-agreement", "0.5")
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    plan = next(line for line in done.stderr.splitlines() if "] plan: " in line)
+    assert ("rank per layer for --max-accuracy-drop 1.0, refine, BatchNorm recalibration, fine-tune up to 2 epochs, "
+            "quantize int8 (defaults with --data: max_accuracy_drop, refine, recalibrate_bn, quantize)") in plan, plan
+    assert "sensitivity: [1/2] c1: drop in points K=1" in done.stderr
+    if done.returncode == 1:  # the budget may not hold on a random model: then it must say so, and write nothing
+        assert_clean_failure(done, None, out, [], "the budget did not hold")
+        return
+    manifest = json.loads((out / "m.tflite.json").read_text())
+    budget = manifest["recovery"]["budget"]
+    assert budget["metric"] == "agreement" and budget["held"] and budget["measured_drop"] <= 1.0
+    assert [layer["path"] for layer in budget["layers"]] == ["c1", "c2"]
+    assert "K chosen" in done.stdout and "drop K=1" in done.stdout, done.stdout
+    stages = [stage["name"] for stage in manifest["recovery"]["stages"]]
+    assert stages[:2] == ["original", "separated"] and all(name in done.stdout for name in stages)
+    if budget["ranks"]:
+        assert stages[2:] == ["refined", "fine-tuned"], stages
+
+
+def test_without_data_the_default_is_conservative_and_says_so(tmp_path, small_h5):
+    out = tmp_path / "out"
+    out.mkdir()
+    done = run(small_h5, out / "m.tflite")
+    assert done.returncode == 0, done.stderr[-3000:]
+    plan = next(line for line in done.stderr.splitlines() if "] plan: " in line)
+    assert plan.split("] plan: ")[1].startswith("separation energy=0.9, no refine, no BatchNorm recalibration, "
+                                                 "no fine-tuning, quantize dynamic"), plan
+    assert "hint: this conservative separation keeps accuracy without training - pass --data" in plan

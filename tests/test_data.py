@@ -93,11 +93,13 @@ def test_labels_checked_and_split(tmp_path):
     data = load_data(tmp_path / "d.npz", SHAPE)
     with pytest.raises(DataError, match="label 9 is out of range for a model with 5 outputs"):
         check_labels(data, 5)
-    calibration, heldout = split(data, calibration=3)
-    assert len(calibration) == 3 and len(heldout) == 7
-    assert sorted(calibration.y.tolist() + heldout.y.tolist()) == list(range(10)), "disjoint and complete"
-    calibration, heldout = split(data, calibration=200)
-    assert len(calibration) == 5, "calibration takes at most half"
+    train, heldout = split(data, heldout=0.3)
+    assert len(train) == 7 and len(heldout) == 3
+    assert sorted(train.y.tolist() + heldout.y.tolist()) == list(range(10)), "disjoint and complete"
+    again, _ = split(data, heldout=0.3)
+    assert again.y.tolist() == train.y.tolist(), "the same seed gives the same split"
+    train, heldout = split(data, heldout=0.999)
+    assert len(train) == 1 and len(heldout) == 9, "at least one sample on each side"
 
 
 def test_bad_options():

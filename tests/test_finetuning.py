@@ -73,7 +73,8 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
                       resume=True, callbacks=[seen])
     assert seen.first == 2, f"resumed at epoch index {seen.first}, expected 2 (after the two finished epochs)"
     assert not backup.exists() or not any(backup.iterdir()), "a finished run removes its checkpoints"
-    assert result.epochs_run == 2, "the history of the resumed run covers the remaining epochs"
+    assert result.epochs_run == 4, "epochs_run counts the interrupted run's epochs too"
+    assert len(result.history["loss"]) == 2, "the history of the resumed run covers the remaining epochs"
 
 
 def test_two_logical_devices_train_mirrored(tmp_path):

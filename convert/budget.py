@@ -1,0 +1,191 @@
+"""Rank chosen for an accuracy budget: per-layer sensitivity, then the smallest model whose predicted drop fits.
+
+Sensitivity: each separable layer alone is separated at each candidate K (refined by least squares on calibration
+images when asked, as the pipeline will do) and the model's score is measured on evaluation images: top-1 accuracy
+with labels, top-1 agreement with the original without. A layer's drop at K is the original's score minus that.
+
+Choice: drops are taken as additive (the predicted drop of a plan is the sum of its layers' drops, negative ones
+counted as 0). Every layer starts at its smallest candidate; while the prediction is over budget, the move (a layer to
+a larger K, or kept as it is) that removes the most predicted drop per parameter added is made. A layer kept as it is
+has no drop, so the search always ends. The pipeline then fine-tunes the plan and checks the budget on held-out data.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+import numpy as np
+
+from sepconv.convert.errors import InvalidOptionError
+
+KEEP = 0  # the "rank" of a layer left as it is
+DEFAULT_CANDIDATES = (1, 2, 4)
+
+
+@dataclass(frozen=True)
+class BudgetOptions:
+    """max_drop: points (percent) of accuracy (or agreement without labels) the plan may lose before fine-tuning
+    recovers any. candidates: the K tried per layer (the exact K is always an option, as is keeping the layer).
+    refine: measure each candidate after least-squares refinement on the calibration images."""
+
+    max_drop: float = 1.0
+    candidates: tuple[int, ...] = DEFAULT_CANDIDATES
+    refine: bool = True
+
+    def __post_init__(self):
+        if not isinstance(self.max_drop, (int, float)) or isinstance(self.max_drop, bool) or not 0 <= self.max_drop < 100:
+            raise InvalidOptionError(f"Unrecognized max_drop={self.max_drop!r}. Use points of accuracy in [0, 100), "
+                                     f"e.g. 1.0")
+        if not self.candidates or not all(isinstance(k, int) and k >= 1 for k in self.candidates):
+            raise InvalidOptionError(f"Unrecognized candidates={self.candidates!r}. Use whole numbers >= 1, e.g. "
+                                     f"(1, 2, 4)")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    rank: int  # K, or KEEP (0) for the layer as it is
+    params: int
+    score: float
+    drop: float  # points; measured (0 for KEEP and for the exact K)
+
+
+@dataclass(frozen=True)
+class LayerSensitivity:
+    path: str
+    full_rank: int
+    candidates: tuple[Candidate, ...]  # ascending by parameters; the last one is KEEP
+
+    def candidate(self, rank: int) -> Candidate:
+        return next(c for c in self.candidates if c.rank == rank)
+
+
+@dataclass(frozen=True)
+class BudgetPlan:
+    metric: str  # "accuracy" or "agreement"
+    baseline: float  # the original's score on the evaluation images
+    max_drop: float
+    samples: int
+    layers: tuple[LayerSensitivity, ...]
+    ranks: dict  # chosen K per layer path; layers kept as they are are absent
+    predicted_drop: float
+    params_before: int  # of the separable layers
+    params_after: int
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def tightened(self, max_drop: float) -> "BudgetPlan":
+        """The plan chosen from the same measurements for a smaller budget (used when a budget did not hold)."""
+        ranks, predicted = choose(self.layers, max_drop)
+        return replace(self, max_drop=max_drop, ranks=ranks, predicted_drop=predicted,
+                       params_after=_params(self.layers, ranks))
+
+
+Progress = Callable[[str, str], None]
+
+
+def plan_budget(model, x_eval: np.ndarray, y_eval: np.ndarray | None, x_calibration: np.ndarray | None,
+                options: BudgetOptions = BudgetOptions(), *, separation=None, progress: Progress | None = None
+                ) -> BudgetPlan:
+    """Measure every separable layer's sensitivity and choose per-layer K for `options.max_drop` (module doc).
+
+    separation: a SeparationOptions whose include / exclude patterns limit the layers considered.
+    """
+    import time
+
+    from sepconv.convert.policy import SeparationOptions
+
+    if options.refine and (x_calibration is None or len(x_calibration) == 0):
+        raise InvalidOptionError("the budget search refines candidates on calibration images; pass some or refine=False")
+    started = time.perf_counter()
+    separation = separation or SeparationOptions()
+    say = progress or (lambda stage, message: None)
+    baseline, score = _scorer(model, x_eval, y_eval)
+    paths = _separable_layers(model, separation)
+    if not paths:
+        raise InvalidOptionError("no layer of this model can be separated (see the separation report); nothing to "
+                                 "budget")
+    layers = []
+    for number, (path, full_rank, params) in enumerate(paths, start=1):
+        layers.append(_sensitivity(model, path, full_rank, params, score, baseline, x_calibration, options,
+                                   separation))
+        measured = ", ".join(f"K={c.rank} {c.drop:+.2f}" for c in layers[-1].candidates if c.rank != KEEP)
+        say("sensitivity", f"[{number}/{len(paths)}] {path}: drop in points {measured}")
+    layers = tuple(layers)
+    ranks, predicted = choose(layers, options.max_drop)
+    return BudgetPlan(metric="accuracy" if y_eval is not None else "agreement", baseline=baseline,
+                      max_drop=float(options.max_drop), samples=len(x_eval), layers=layers, ranks=ranks,
+                      predicted_drop=predicted, params_before=sum(p for _, _, p in paths),
+                      params_after=_params(layers, ranks), seconds=round(time.perf_counter() - started, 1))
+
+
+def choose(layers, max_drop: float) -> tuple[dict, float]:
+    """Per-layer K (KEEP layers absent) and the predicted drop: the greedy search of the module doc."""
+    chosen = {layer.path: layer.candidates[0] for layer in layers}
+
+    def predicted() -> float:
+        return sum(max(0.0, c.drop) for c in chosen.values())
+
+    while predicted() > max_drop + 1e-9:
+        best = None
+        for layer in layers:
+            now = chosen[layer.path]
+            for option in layer.candidates:
+                gain = max(0.0, now.drop) - max(0.0, option.drop)
+                cost = option.params - now.params
+                if option.params > now.params and gain > 0 and (best is None or gain / cost > best[0]):
+                    best = (gain / cost, layer.path, option)
+        if best is None:
+            break
+        chosen[best[1]] = best[2]
+    ranks = {path: c.rank for path, c in chosen.items() if c.rank != KEEP}
+    return ranks, round(predicted(), 4)
+
+
+def _params(layers, ranks: dict) -> int:
+    return sum(layer.candidate(ranks.get(layer.path, KEEP)).params for layer in layers)
+
+
+def _scorer(model, x_eval, y_eval):
+    """(the original's score, a function scoring a model) in percent: accuracy with labels, else agreement."""
+    from sepconv.convert.verification import predict_keras
+
+    reference = np.argmax(predict_keras(model, x_eval)[0], axis=-1)
+    truth = np.asarray(y_eval) if y_eval is not None else reference
+
+    def score(candidate) -> float:
+        return 100.0 * float(np.mean(np.argmax(predict_keras(candidate, x_eval)[0], axis=-1) == truth))
+
+    return 100.0 * float(np.mean(reference == truth)), score
+
+
+def _separable_layers(model, separation) -> list[tuple[str, int, int]]:
+    """(path, exact K, parameters) of the top-level layers separation would rewrite at K=1."""
+    from sepconv.convert.separation import separate_with
+
+    _, report = separate_with(model, replace(separation, rank=1, energy=None, ranks=None))
+    return [(row.path, row.full_rank, row.params_before) for row in report.separated if "/" not in row.path]
+
+
+def _sensitivity(model, path: str, full_rank: int, params: int, score, baseline: float, x_calibration,
+                 options: BudgetOptions, separation) -> LayerSensitivity:
+    from sepconv.convert.refinement import refine
+    from sepconv.convert.separation import separate_with
+
+    candidates = []
+    for rank in sorted({k for k in options.candidates if k < full_rank} | {full_rank}):
+        single = replace(separation, rank=rank, energy=None, include=(path,), ranks=None)
+        separated, report = separate_with(model, single)
+        if not report.separated:  # not smaller at this K: larger K will not be either
+            break
+        if rank == full_rank:  # exact: nothing to measure
+            candidates.append(Candidate(rank, report.separated[0].params_after, baseline, 0.0))
+            continue
+        if options.refine:
+            refine(model, separated, x_calibration, report)
+        value = score(separated)
+        candidates.append(Candidate(rank, report.separated[0].params_after, value, round(baseline - value, 4)))
+    candidates.append(Candidate(KEEP, params, baseline, 0.0))
+    return LayerSensitivity(path=path, full_rank=full_rank, candidates=tuple(candidates))

@@ -1,0 +1,183 @@
+"""Accuracy budget, BatchNorm recalibration, feature distillation and the recovery stages of convert_model."""
+
+import keras
+import numpy as np
+import pytest
+
+from sepconv.convert import convert_model, separate
+from sepconv.convert.budget import KEEP, BudgetOptions, Candidate, LayerSensitivity, choose, plan_budget
+from sepconv.convert.errors import BudgetError, CheckpointError, InvalidOptionError
+from sepconv.convert.finetuning import finetune
+from sepconv.convert.recovery import _check_budget, _Scorer
+from sepconv.convert.refinement import _layer_input, recalibrate_batchnorm
+from sepconv.convert.verification import predict_keras
+from test_finetuning import agreement, teacher_and_data
+
+
+def layer(path, drops, params):
+    """A synthetic sensitivity: K=1, 2, ... with these drops and parameter counts, then KEEP."""
+    candidates = [Candidate(k + 1, p, 0.0, d) for k, (d, p) in enumerate(zip(drops, params[:-1]))]
+    return LayerSensitivity(path, len(drops), tuple(candidates) + (Candidate(KEEP, params[-1], 0.0, 0.0),))
+
+
+def test_choose_spends_the_budget_where_it_buys_most():
+    layers = (layer("a", [3.0, 0.5], [10, 20, 100]), layer("b", [0.4, 0.1], [10, 20, 100]))
+    ranks, predicted = choose(layers, max_drop=1.0)
+    assert ranks == {"a": 2, "b": 1} and predicted == pytest.approx(0.9), "a's K=2 removes 2.5 points for 10 params"
+    assert choose(layers, max_drop=10.0) == ({"a": 1, "b": 1}, pytest.approx(3.4)), "a large budget: smallest K"
+    ranks, predicted = choose(layers, max_drop=0.0)
+    assert predicted == 0.0 and ranks == {}, "no budget at all: every layer kept"
+    ranks, _ = choose((layer("c", [-0.2, 0.3], [10, 20, 100]),), max_drop=0.0)
+    assert ranks == {"c": 1}, "a negative (noise) drop counts as no drop"
+
+
+def test_plan_budget_measures_every_layer_and_respects_the_budget():
+    teacher, x, y = teacher_and_data(n=256)
+    for max_drop in (0.0, 3.0, 50.0):
+        plan = plan_budget(teacher, x[128:], y[128:], x[:128], BudgetOptions(max_drop=max_drop))
+        assert [s.path for s in plan.layers] == ["c1", "c2"]
+        assert plan.predicted_drop <= max_drop + 1e-9
+        chosen = sum(max(0.0, s.candidate(plan.ranks.get(s.path, KEEP)).drop) for s in plan.layers)
+        assert chosen == pytest.approx(plan.predicted_drop), "the prediction is the sum of the chosen drops"
+        assert plan.params_after <= plan.params_before
+        for sensitivity in plan.layers:
+            assert sensitivity.candidates[-1].rank == KEEP and sensitivity.candidates[-1].drop == 0.0
+            assert all(c.drop == 0.0 for c in sensitivity.candidates if c.rank == sensitivity.full_rank), \
+                "the exact K (when it is smaller than the layer) loses nothing"
+            params = [c.params for c in sensitivity.candidates]
+            assert params == sorted(params), "candidates ascend by parameters, keeping the layer last"
+    assert plan.ranks == {"c1": 1, "c2": 1}, "a 50-point budget takes the smallest K everywhere"
+
+
+def test_budget_check_fails_loudly():
+    teacher, x, y = teacher_and_data(n=64)
+    scorer = _Scorer(teacher, _Data(x, y))
+    stages = [scorer.stage("original", teacher, 0.0), scorer.stage("fine-tuned", _Constant(teacher), 0.0)]
+    plan = {"max_drop": 1.0, "predicted_drop": 0.2, "ranks": {"c1": 1}}
+    with pytest.raises(BudgetError, match=r"the budget did not hold: the fine-tuned model lost \d+\.\d\d points of "
+                                          r"accuracy on 64 held-out samples.*nothing was written"):
+        _check_budget(plan, stages, scorer)
+    assert _check_budget(dict(plan, max_drop=100.0), stages, scorer)["held"] is True
+
+
+class _Data:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __len__(self):
+        return len(self.x)
+
+
+def _Constant(model):
+    """A model that always answers class 0 (to break a budget)."""
+    x_in = keras.Input(model.input_shape[1:])
+    flat = keras.layers.Flatten()(x_in)
+    dense = keras.layers.Dense(model.output_shape[-1], activation="softmax", kernel_initializer="zeros",
+                               bias_initializer=keras.initializers.Constant([9.0] + [0.0] * (model.output_shape[-1] - 1)))
+    return keras.Model(x_in, dense(flat))
+
+
+def bn_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    x_in = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(16, 3, use_bias=False, name="c1")(x_in)
+    x = keras.layers.BatchNormalization(name="bn1")(x)
+    x = keras.layers.ReLU()(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, use_bias=False, name="c2")(x)
+    x = keras.layers.BatchNormalization(name="bn2")(x)
+    model = keras.Model(x_in, keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(x)))
+    images = np.random.default_rng(seed).uniform(0, 1, (128, 12, 12, 3)).astype(np.float32)
+    for bn in ("bn1", "bn2"):  # trained-looking statistics, far from the defaults (0, 1)
+        layer = model.get_layer(bn)
+        inputs = _layer_input(model, bn, images)
+        layer.moving_mean.assign(inputs.mean(axis=(0, 1, 2)))
+        layer.moving_variance.assign(inputs.var(axis=(0, 1, 2)))
+    return model, images
+
+
+def test_batchnorm_statistics_are_re_estimated_in_graph_order():
+    model, x = bn_model()
+    separated, _ = separate(model, rank=1)
+    done = recalibrate_batchnorm(separated, x)
+    assert [d.path for d in done] == ["bn1", "bn2"]
+    for bn in ("bn1", "bn2"):
+        inputs = _layer_input(separated, bn, x).astype(np.float64)  # with bn1 already re-estimated
+        layer = separated.get_layer(bn)
+        np.testing.assert_allclose(layer.moving_mean.numpy(), inputs.mean(axis=(0, 1, 2)), rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{bn}: moving mean must be its actual input mean")
+        np.testing.assert_allclose(layer.moving_variance.numpy(), inputs.var(axis=(0, 1, 2)), rtol=1e-3, atol=1e-6,
+                                   err_msg=f"{bn}: moving variance must be its actual input variance")
+    assert any(d.mean_shift > 0 for d in done), "separation at K=1 moved the statistics"
+    exact, _ = separate(model, rank="full")
+    for d in recalibrate_batchnorm(exact, x):
+        assert d.mean_shift < 1e-3 and d.variance_ratio == pytest.approx(1.0, rel=1e-3), \
+            "an exact separation leaves the statistics where they were"
+    with pytest.raises(InvalidOptionError, match="needs images"):
+        recalibrate_batchnorm(separated, x[:0])
+
+
+def relative_feature_error(student, teacher, name, x):
+    mine = keras.Model(student.inputs, student.get_layer(name).output)(x)
+    theirs = keras.Model(teacher.inputs, teacher.get_layer(name).output)(x)
+    mine, theirs = np.asarray(mine), np.asarray(theirs)
+    return float(np.sum((mine - theirs) ** 2) / np.sum(theirs ** 2))
+
+
+def test_feature_distillation_matches_the_separated_layers():
+    teacher, x, _ = teacher_and_data(n=256)
+    plain, _ = separate(teacher, rank=1)
+    matched, _ = separate(teacher, rank=1)
+    finetune(plain, teacher, x, epochs=4, patience=4, verbose=0)
+    result = finetune(matched, teacher, x, epochs=4, patience=4, verbose=0, feature_weight=5.0)
+    assert result.feature_layers == ("c1", "c2")
+    for name in ("c1", "c2"):
+        assert relative_feature_error(matched, teacher, name, x) < relative_feature_error(plain, teacher, name, x), \
+            f"{name}: feature distillation must bring the layer's output closer to the original's"
+    with pytest.raises(InvalidOptionError, match="feature_layers"):
+        finetune(matched, teacher, x, epochs=1, feature_weight=1.0, feature_layers=("nope",), verbose=0)
+
+
+def test_a_start_no_epoch_beats_is_kept():
+    teacher, x, y = teacher_and_data(n=128)
+    exact, _ = separate(teacher, rank="full")
+    before = [w.copy() for w in exact.get_weights()]
+    result = finetune(exact, teacher, x, epochs=2, patience=2, verbose=0, learning_rate=0.05)
+    assert result.best_epoch == 0 and result.initial_value == 1.0, "an exact separation agrees 100% at the start"
+    for a, b in zip(before, exact.get_weights()):
+        np.testing.assert_array_equal(a, b, err_msg="the start's weights must be restored")
+
+
+def test_convert_model_budget_stages_and_checkpoints(tmp_path):
+    teacher, x, y = teacher_and_data(n=1024)
+    teacher.save(tmp_path / "teacher.keras")
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    lines = []
+    result = convert_model(tmp_path / "teacher.keras", [tmp_path / "m.tflite"], data=str(tmp_path / "data.npz"),
+                           quantize="none", max_accuracy_drop=15.0, epochs=4,
+                           progress=lambda stage, message: lines.append((stage, message)))
+    recovery = result.recovery
+    assert [s["name"] for s in recovery["stages"]] == ["original", "separated", "refined", "fine-tuned"], \
+        "no BatchNorm in this model: no recalibration stage"
+    assert recovery["budget"]["ranks"], "a 15-point budget separates something"
+    assert recovery["budget"]["held"] and recovery["budget"]["measured_drop"] <= 15.0
+    assert recovery["samples"] == 256 and result.data["train_samples"] == 768
+    original, final = recovery["stages"][0], recovery["stages"][-1]
+    assert final["accuracy"] > recovery["stages"][1]["accuracy"], f"recovery must beat the raw separation: {recovery}"
+    assert original["accuracy"] - final["accuracy"] <= 0.15 + 1e-9
+    assert final["params"] < original["params"]
+    assert result.plan["defaults"] == ["refine", "recalibrate_bn"], "quantize was given"
+    assert any(stage == "finetune" and message.startswith("epoch 1/4") for stage, message in lines)
+    assert not (tmp_path / "m.tflite.checkpoints").exists(), "checkpoints go once the artifacts are written"
+    (tmp_path / "m.tflite.checkpoints").mkdir()
+    with pytest.raises(CheckpointError, match="pass --resume to continue it, or delete the folder"):
+        convert_model(tmp_path / "teacher.keras", [tmp_path / "n.tflite"], data=str(tmp_path / "data.npz"),
+                      checkpoint_dir=str(tmp_path / "m.tflite.checkpoints"), quantize="none", rank=1)
+    assert not (tmp_path / "n.tflite").exists()
+
+
+def test_model_stages_score_the_same_as_predictions():
+    teacher, x, y = teacher_and_data(n=64)
+    stage = _Scorer(teacher, _Data(x, y)).stage("original", teacher, 0.0)
+    assert stage.agreement == 1.0
+    assert stage.accuracy == pytest.approx(float(np.mean(np.argmax(predict_keras(teacher, x)[0], 1) == y)))
+    assert agreement(teacher, teacher, x) == 1.0
