@@ -105,7 +105,12 @@ def recover(original, train, calibration: np.ndarray | None, heldout, separation
         batchnorm = _recalibrate(separated, calibration, scorer, stages, say)
     if options.epochs and report.separated:
         tuned = _finetune(original, separated, train, folder, options, state, scorer, stages, say)
-    budget = _check_budget(plan, stages, scorer) if plan is not None else None
+    try:
+        budget = _check_budget(plan, stages, scorer) if plan is not None else None
+    except BudgetError:
+        if folder is not None:  # a failed budget is final: resuming would only fail again
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
     return separated, report, RecoveryReport(
         samples=len(heldout), stages=tuple(stages), budget=budget,
         refinement=refinement.to_dict() if refinement else None,
