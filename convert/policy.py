@@ -36,8 +36,8 @@ class SeparationOptions:
     energy: a fraction in (0, 1]: per layer, the smallest K keeping that share of the kernel's energy.
     include / exclude: fnmatch patterns on layer names or paths ("inner_model/conv*"); exclude wins.
     only_if_smaller: keep a layer whose separated form would have as many parameters or more.
-    ranks: per-layer K by layer name or path ({"block1_conv1": 2}); wins over rank / energy for those layers (the
-    accuracy-budget search hands its choice to `separate` this way).
+    ranks: per-layer K by layer name or path ({"block1_conv1": 2}; 0 keeps the layer as it is); wins over rank /
+    energy for those layers (the accuracy-budget search hands its choice to `separate` this way).
     """
 
     rank: int | str | None = None
@@ -61,10 +61,10 @@ class SeparationOptions:
         ):
             raise InvalidOptionError(f"Unrecognized energy={self.energy!r}. Use a fraction in (0, 1], e.g. 0.99")
         if self.ranks is not None and not (isinstance(self.ranks, dict) and all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 1
+            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
             for k, v in self.ranks.items())):
             raise InvalidOptionError(f"Unrecognized ranks={self.ranks!r}. Use a dict of layer name or path -> "
-                                     f"whole number >= 1, e.g. {{'block1_conv1': 2}}")
+                                     f"whole number >= 0 (0 keeps the layer), e.g. {{'block1_conv1': 2}}")
         object.__setattr__(self, "include", _patterns(self.include, "include"))
         object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude") or ())
 

@@ -89,9 +89,9 @@ def recover(original, train, calibration: np.ndarray | None, heldout, separation
     plan = state.get("plan")
     if options.budget is not None and plan is None:
         plan = _plan(original, heldout, calibration, options.budget, separation, say)
-    if plan is not None:
-        separation = replace(separation, rank=1, energy=None, ranks=plan["ranks"], include=tuple(plan["ranks"]) or
-                             ("-no layer-",))
+    if plan is not None:  # every measured layer gets its K; 0 (KEEP) leaves it as it is
+        ranks = {layer["path"]: plan["ranks"].get(layer["path"], 0) for layer in plan["layers"]}
+        separation = replace(separation, rank=None, energy=None, ranks=ranks, include=tuple(ranks))
     _save_state(folder, state, plan=plan, source_sha256=source_sha256)
 
     started = time.perf_counter()

@@ -166,6 +166,8 @@ def separate_conv2d(layer: keras.layers.Conv2D, context: Context) -> Plan:
     user_reason = context.user_skip_reason(layer.name)
     if user_reason:
         raise Keep(user_reason, **known)
+    if context.policy.rank == 0:
+        raise Keep("kept as it is by the per-layer ranks (K=0; e.g. the accuracy budget's choice)", **known)
 
     spectrum = svd.spectrum(kernel)
     rank = context.policy.choose(spectrum)

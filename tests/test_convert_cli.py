@@ -233,15 +233,17 @@ def test_help_is_instant_and_needs_no_tensorflow():
 
 
 @pytest.mark.slow
-def test_ctrl_c_during_fine_tuning_then_resume(tmp_path, trained_demo):
-    """Ctrl-C after the first epoch's checkpoint: exit 130 with the resume hint, nothing written; --resume finishes."""
+@pytest.mark.parametrize("how", ["ctrl-c", "killed"])
+def test_interrupted_fine_tuning_then_resume(tmp_path, trained_demo, how):
+    """Stopped after the first epoch's checkpoint (Ctrl-C: exit 130 with the resume hint; SIGKILL: no word at all),
+    nothing but the checkpoints is left; a plain rerun refuses to overwrite them; --resume finishes the job."""
     import signal
     import time
 
     out = tmp_path / "out"
     out.mkdir()
-    args = [trained_demo["h5"], out / "d.tflite", "--data", trained_demo["npz"], "--rank", "1", "--epochs", "40",
-            "--patience", "40", "--quantize", "none"]
+    args = [trained_demo["h5"], out / "d.tflite", "--data", trained_demo["npz"], "--rank", "1", "--epochs", "12",
+            "--patience", "12", "--quantize", "none"]
     env = dict(os.environ, PYTHONPATH=str(HERE))
     process = subprocess.Popen([*CONVERT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env)
@@ -249,16 +251,21 @@ def test_ctrl_c_during_fine_tuning_then_resume(tmp_path, trained_demo):
     while time.time() < deadline and not (out / "d.tflite.checkpoints" / "fit").is_dir():
         time.sleep(0.5)
     time.sleep(3)  # well into an epoch after the first checkpoint
-    process.send_signal(signal.SIGINT)
+    process.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
     _, stderr = process.communicate(timeout=300)
-    assert process.returncode == 130, stderr[-3000:]
-    assert "Traceback" not in stderr
-    assert stderr.strip().splitlines()[-1].startswith("convert-model: interrupted during fine-tuning"), stderr[-2000:]
-    assert "run the same command with --resume to continue" in stderr
+    if how == "ctrl-c":
+        assert process.returncode == 130, stderr[-3000:]
+        assert "Traceback" not in stderr
+        assert stderr.strip().splitlines()[-1].startswith("convert-model: interrupted during fine-tuning"), \
+            stderr[-2000:]
+        assert "run the same command with --resume to continue" in stderr
+    else:
+        assert process.returncode == -signal.SIGKILL
     assert listing(out) == ["d.tflite.checkpoints"], "no artifact, only the checkpoints"
-    finished = [line for line in stderr.splitlines() if "finetune: epoch " in line]
-    assert finished, stderr[-2000:]
+    assert [line for line in stderr.splitlines() if "finetune: epoch " in line], stderr[-2000:]
 
+    refused = run(*args)
+    assert refused.returncode == 1 and "pass --resume to continue it, or delete the folder" in refused.stderr
     done = run(*args, "--resume")
     assert done.returncode == 0, done.stderr[-3000:]
     epochs = [int(line.split("finetune: epoch ")[1].split("/")[0]) for line in done.stderr.splitlines()

@@ -149,6 +149,18 @@ def test_skip_reasons_are_named():
     assert count_layers(new, L.SeparableConv2D) == 0
 
 
+def test_per_layer_ranks_win_over_the_policy():
+    model = CASES["functional_branches"]()
+    paths = [row.path for row in separate(model, rank=1, only_if_smaller=False)[1].separated]
+    first, second = paths[0], paths[1]
+    new, report = separate(model, rank=1, only_if_smaller=False, ranks={first: 2, second: 0})
+    assert report.row(first).rank == 2 and new.get_layer(first).depth_multiplier == 2
+    assert report.row(second).status == "kept" and "K=0" in report.row(second).reason
+    assert all(row.rank == 1 for row in report.separated if row.path not in (first, second))
+    with pytest.raises(InvalidOptionError, match="ranks="):
+        SeparationOptions(ranks={first: -1})
+
+
 class MyConv(L.Conv2D):
     pass
 
