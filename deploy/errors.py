@@ -19,3 +19,31 @@ class RuntimeMissingError(SepconvError, ImportError):
 
 class ArtifactError(SepconvError):
     """A .tflite or .onnx file is missing, empty, damaged, or not loadable by its runtime."""
+
+
+class RemoteError(SepconvError):
+    """Something failed on or on the way to a device reached over SSH."""
+
+
+class HostUnreachableError(RemoteError):
+    """The device did not answer: off, wrong name or port, no sshd, network down."""
+
+
+class AuthenticationError(RemoteError):
+    """The device refused the login (no authorized key, wrong user)."""
+
+
+class HostKeyError(RemoteError):
+    """The device's host key is unknown or changed; sepconv never accepts host keys silently."""
+
+
+class UnsupportedDeviceError(RemoteError):
+    """The device cannot run the deploy side: no Python 3.9+, an architecture without runtime wheels, no disk space."""
+
+
+class RemoteInstallError(RemoteError):
+    """Installing the runtime into the device's ~/.sepconv failed (the message has pip's last lines)."""
+
+
+class RemoteRuntimeError(RemoteError):
+    """The benchmark crashed or failed on the device."""

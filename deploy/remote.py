@@ -1,0 +1,292 @@
+"""Deploy to devices over SSH: probe, set up the runtime under one folder, copy artifacts by content hash, benchmark.
+
+Everything sepconv puts on a device lives under one folder (default `~/.sepconv`, `remote_dir` to change it):
+
+    .sepconv/venv/            a virtual environment with sepconv-deploy and the runtimes the artifacts need
+    .sepconv/venv/.sepconv-deploy.json   what was installed (reused when it matches)
+    .sepconv/artifacts/<sha256><suffix>  each artifact (and <...>.json, its manifest), named by content
+    .sepconv/wheels/          wheels copied for an offline install (--wheels)
+
+Nothing outside that folder is touched. Several hosts run concurrently, one thread each.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import json
+import shlex
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from sepconv.deploy.errors import (ArtifactError, InvalidOptionError, RemoteError, RemoteInstallError,
+                                   RemoteRuntimeError, SepconvError, UnsupportedDeviceError)
+from sepconv.deploy.ssh import Connection, SshOptions, Target, parse_target
+
+DEFAULT_REMOTE_DIR = ".sepconv"
+RUNTIME_PACKAGES = {".tflite": "ai-edge-litert", ".onnx": "onnxruntime"}
+SUPPORTED_MACHINES = ("aarch64", "arm64", "x86_64", "amd64")
+MIN_PYTHON = (3, 9)
+INSTALL_SPACE = 400 * 1024 * 1024  # a venv with numpy and one or two runtimes, with room to spare
+
+PROBE = r"""
+import json, os, platform, shutil, sys
+def read(path):
+    try:
+        with open(path, "rb") as f:
+            return f.read().decode(errors="replace").replace("\x00", "").strip()
+    except OSError:
+        return None
+cpu = None
+for line in (read("/proc/cpuinfo") or "").splitlines():
+    key = line.split(":")[0].strip().lower()
+    if key in ("model name", "hardware", "cpu model") and cpu is None:
+        cpu = line.split(":", 1)[1].strip()
+memory = None
+for line in (read("/proc/meminfo") or "").splitlines():
+    if line.startswith("MemTotal:"):
+        memory = int(line.split()[1]) * 1024
+os_name = None
+for line in (read("/etc/os-release") or "").splitlines():
+    if line.startswith("PRETTY_NAME="):
+        os_name = line.split("=", 1)[1].strip('"')
+root = sys.argv[1]
+probe_dir = root if os.path.isdir(root) else os.path.dirname(os.path.abspath(root)) or "."
+try:
+    import venv, ensurepip  # noqa: F401
+    has_venv = True
+except ImportError:
+    has_venv = False
+print(json.dumps({"machine": platform.machine(), "system": platform.system(), "os": os_name or platform.platform(),
+                  "python": platform.python_version(), "cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory,
+                  "disk_free_bytes": shutil.disk_usage(probe_dir).free, "pi_model": read("/proc/device-tree/model"),
+                  "has_venv": has_venv, "home": os.path.expanduser("~")}))
+"""
+
+
+@dataclass(frozen=True)
+class DeployOptions:
+    """threads: thread counts benchmarked on the device. remote_dir: the one folder sepconv uses there (relative to
+    the remote home, or absolute). wheels: a local folder of wheels for an offline device (installed with --no-index);
+    index_url: another package index. bench_args: extra bench-model flags. timeout: seconds for any remote step."""
+
+    threads: tuple[int, ...] = (1,)
+    remote_dir: str = DEFAULT_REMOTE_DIR
+    wheels: str | None = None
+    index_url: str | None = None
+    bench_args: tuple[str, ...] = ()
+    ssh: SshOptions = field(default_factory=SshOptions)
+    timeout: int = 1800
+
+    def __post_init__(self):
+        if not self.threads or not all(isinstance(t, int) and t >= 1 for t in self.threads):
+            raise InvalidOptionError(f"Unrecognized threads={self.threads!r}. Use whole numbers >= 1, e.g. (1, 4)")
+        if not isinstance(self.remote_dir, str) or not self.remote_dir.strip() or "\0" in self.remote_dir:
+            raise InvalidOptionError(f"Unrecognized remote_dir={self.remote_dir!r}. Use a folder name such as .sepconv")
+        if self.wheels is not None and not Path(self.wheels).is_dir():
+            raise InvalidOptionError(f"wheels={self.wheels!r}: no such folder; pass a folder of .whl files")
+
+
+@dataclass(frozen=True)
+class HostReport:
+    host: str
+    device: dict  # what the probe found
+    runtime: dict  # {"reused": bool, "packages": [...], "seconds": float}
+    artifacts: list  # [{"local": path, "remote": path, "sha256": ..., "bytes": ..., "copied": bool}]
+    benchmark: dict  # bench-model's JSON report, as the device wrote it
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+Progress = Callable[[str, str], None]
+
+
+def deploy(hosts, artifacts, options: DeployOptions = DeployOptions(), *, progress: Progress | None = None
+           ) -> dict[str, HostReport | SepconvError]:
+    """Deploy and benchmark `artifacts` on every host at once. Returns, per host spec, its HostReport or the error
+    that stopped it (one host's failure does not stop the others)."""
+    targets = [parse_target(h) for h in ([hosts] if isinstance(hosts, str) else hosts)]
+    if not targets:
+        raise InvalidOptionError("No host given; name at least one, e.g. pi@raspberrypi.local")
+    paths = _check_artifacts(artifacts)
+    say = progress or (lambda host, message: None)
+    with tempfile.TemporaryDirectory(prefix="sepconv-deploy-") as tmp:
+        from sepconv.deploy.device_wheel import build
+
+        wheel = build(Path(tmp))
+        with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
+            futures = {t.spec: pool.submit(_deploy_one, t, paths, wheel, options, say) for t in targets}
+            results = {}
+            for spec, future in futures.items():
+                try:
+                    results[spec] = future.result()
+                except SepconvError as error:
+                    results[spec] = error
+    return results
+
+
+def _check_artifacts(artifacts) -> list[Path]:
+    paths = [Path(a) for a in ([artifacts] if isinstance(artifacts, (str, Path)) else artifacts)]
+    if not paths:
+        raise InvalidOptionError("No artifact given; name at least one .tflite or .onnx file")
+    for path in paths:
+        if path.suffix.lower() not in RUNTIME_PACKAGES:
+            raise ArtifactError(f"{path}: unrecognized artifact extension {path.suffix!r}; deploy .tflite or .onnx "
+                                f"files")
+        if not path.is_file():
+            raise ArtifactError(f"{path}: no such file; check the path")
+        if path.stat().st_size == 0:
+            raise ArtifactError(f"{path}: the file is empty (0 bytes); export it again")
+    return paths
+
+
+def _deploy_one(target: Target, paths: list[Path], wheel: Path, options: DeployOptions, say) -> HostReport:
+    started = time.perf_counter()
+    with Connection(target, options.ssh) as conn:
+        device = probe(conn, options)
+        say(target.label, f"{device['machine']}, {device['os']}, Python {device['python']}, "
+                          f"{device['cores']} cores{', ' + device['pi_model'] if device.get('pi_model') else ''}")
+        runtime = ensure_runtime(conn, device, paths, wheel, options, say)
+        copied = upload(conn, paths, options, say)
+        report = run_benchmark(conn, [c["remote"] for c in copied], options, say)
+    return HostReport(host=target.label, device=device, runtime=runtime, artifacts=copied, benchmark=report,
+                      seconds=round(time.perf_counter() - started, 1))
+
+
+def probe(conn: Connection, options: DeployOptions) -> dict:
+    """The device's architecture, OS, Python, CPU, memory, free disk and Pi model; refuses what cannot work."""
+    done = conn.run(["python3", "-", options.remote_dir], stdin=PROBE.encode(), check=False, timeout=60)
+    if done.returncode == 127:
+        raise UnsupportedDeviceError(f"{conn.target.label}: no python3 on the device; install Python 3.9+ (on "
+                                     f"Raspberry Pi OS: sudo apt install python3 python3-venv)")
+    if done.returncode != 0:
+        raise UnsupportedDeviceError(f"{conn.target.label}: probing the device failed: "
+                                     f"{_tail(done.stderr, 1)}")
+    device = json.loads(done.stdout.decode().strip().splitlines()[-1])
+    version = tuple(int(p) for p in device["python"].split(".")[:2])
+    if version < MIN_PYTHON:
+        raise UnsupportedDeviceError(f"{conn.target.label}: Python {device['python']} is too old; the device side "
+                                     f"needs Python 3.9+ (Raspberry Pi OS bookworm has 3.11)")
+    if device["machine"].lower() not in SUPPORTED_MACHINES:
+        raise UnsupportedDeviceError(f"{conn.target.label}: architecture {device['machine']} has no LiteRT / ONNX "
+                                     f"Runtime wheels; use a 64-bit OS (64-bit Raspberry Pi OS: aarch64)")
+    if not device["has_venv"]:
+        raise UnsupportedDeviceError(f"{conn.target.label}: Python has no venv module; install it (sudo apt install "
+                                     f"python3-venv)")
+    return device
+
+
+def ensure_runtime(conn: Connection, device: dict, paths: list[Path], wheel: Path, options: DeployOptions,
+                   say) -> dict:
+    """Create (or reuse) the virtual environment under remote_dir with sepconv-deploy and the runtimes needed."""
+    started = time.perf_counter()
+    root = options.remote_dir
+    packages = sorted({RUNTIME_PACKAGES[p.suffix.lower()] for p in paths})
+    wanted = {"wheel_sha256": _sha256(wheel), "packages": packages}
+    state = conn.run(["cat", f"{root}/venv/.sepconv-deploy.json"], check=False).stdout.decode()
+    try:
+        current = json.loads(state) if state.strip() else None
+    except json.JSONDecodeError:
+        current = None
+    if current and current.get("wheel_sha256") == wanted["wheel_sha256"] and set(packages) <= set(current["packages"]):
+        say(conn.target.label, f"runtime reused ({', '.join(current['packages'])} in {root}/venv)")
+        return {"reused": True, "packages": current["packages"], "seconds": round(time.perf_counter() - started, 1)}
+    if device["disk_free_bytes"] < INSTALL_SPACE:
+        raise UnsupportedDeviceError(f"{conn.target.label}: only {device['disk_free_bytes'] / 2**20:.0f} MiB free "
+                                     f"where {root} lives; the runtime needs about {INSTALL_SPACE / 2**20:.0f} MiB: "
+                                     f"free some space")
+    say(conn.target.label, f"installing {', '.join(packages)} into {root}/venv "
+                           f"({'from ' + options.wheels if options.wheels else 'from the package index'})")
+    conn.run(["mkdir", "-p", f"{root}/wheels"])
+    remote_wheel = f"{root}/wheels/{wheel.name}"
+    conn.put(wheel, remote_wheel)
+    install = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input", remote_wheel, *packages]
+    if options.wheels:
+        for local in sorted(Path(options.wheels).glob("*.whl")):
+            conn.put(local, f"{root}/wheels/{local.name}")
+        install += ["--no-index", "--find-links", f"{root}/wheels"]
+    elif options.index_url:
+        install += ["--index-url", options.index_url]
+    script = 'set -e; root=$1; shift; python3 -m venv "$root/venv"; "$root/venv/bin/python" "$@"'
+    done = conn.run(["sh", "-c", script, "sh", root, *install], check=False, timeout=options.timeout)
+    if done.returncode != 0:
+        raise RemoteInstallError(f"{conn.target.label}: installing the runtime failed (pip on the device said: "
+                                 f"{_tail(done.stdout + done.stderr, 3)}); for an offline device pass --wheels with "
+                                 f"wheels for {device['machine']} and Python {device['python']}")
+    conn.put(json.dumps(wanted).encode(), f"{root}/venv/.sepconv-deploy.json")
+    return {"reused": False, "packages": packages, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def upload(conn: Connection, paths: list[Path], options: DeployOptions, say) -> list[dict]:
+    """Copy each artifact (and its manifest) to remote_dir/artifacts/<sha256><suffix>, skipping those already there."""
+    folder = f"{options.remote_dir}/artifacts"
+    conn.run(["mkdir", "-p", folder])
+    present = set(conn.run(["ls", "-1", folder]).stdout.decode().split())
+    copied = []
+    for path in paths:
+        digest = _sha256(path)
+        name = f"{digest}{path.suffix.lower()}"
+        item = {"local": str(path), "remote": f"{folder}/{name}", "sha256": digest, "bytes": path.stat().st_size,
+                "copied": name not in present}
+        if item["copied"]:
+            _put_checked(conn, path, item["remote"])
+        manifest = path.with_name(path.name + ".json")
+        if manifest.is_file() and f"{name}.json" not in present:
+            _put_checked(conn, manifest, f"{item['remote']}.json")
+        say(conn.target.label, f"{path.name}: {'copied' if item['copied'] else 'already there'} as {name[:12]}...")
+        copied.append(item)
+    return copied
+
+
+def _put_checked(conn: Connection, local: Path, remote: str) -> None:
+    try:
+        conn.put(local, remote)
+    except RemoteError as error:
+        conn.run(["rm", "-f", f"{remote}.partial"], check=False)
+        if "No space left" in str(error) or "Disk quota" in str(error):
+            raise UnsupportedDeviceError(f"{conn.target.label}: the device's disk is full while copying "
+                                         f"{local.name}; free some space (nothing half-written was left)") from None
+        raise RemoteError(f"{conn.target.label}: copying {local.name} failed ({str(error).split(': ', 1)[-1]}); "
+                          f"nothing half-written was left") from None
+
+
+def run_benchmark(conn: Connection, remote_paths: list[str], options: DeployOptions, say) -> dict:
+    """Run bench-model on the device and bring its JSON report back."""
+    say(conn.target.label, f"benchmarking {len(remote_paths)} artifact(s) at threads {','.join(map(str, options.threads))}")
+    bench = f"{options.remote_dir}/venv/bin/bench-model"
+    argv = [bench, *remote_paths, "--threads", ",".join(map(str, options.threads)), "--json", "--quiet",
+            *options.bench_args]
+    done = conn.run(argv, check=False, timeout=options.timeout)
+    if done.returncode != 0:
+        status = f"signal {-done.returncode}" if done.returncode < 0 or done.returncode > 128 else \
+            f"status {done.returncode}"
+        raise RemoteRuntimeError(f"{conn.target.label}: the benchmark failed on the device ({status}): "
+                                 f"{_tail(done.stderr, 2)}")
+    try:
+        return json.loads(done.stdout.decode())
+    except json.JSONDecodeError:
+        raise RemoteRuntimeError(f"{conn.target.label}: the benchmark's report was not JSON: "
+                                 f"{_tail(done.stdout, 1)}") from None
+
+
+def remote_command_preview(argv: list[str]) -> str:
+    """The exact string the remote shell receives for `argv` (every argument quoted)."""
+    return shlex.join(argv)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _tail(data: bytes, lines: int) -> str:
+    text = [line.strip() for line in data.decode(errors="replace").splitlines() if line.strip()]
+    return " | ".join(text[-lines:]) if text else "no message"
