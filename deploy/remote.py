@@ -40,11 +40,13 @@ def read(path):
             return f.read().decode(errors="replace").replace("\x00", "").strip()
     except OSError:
         return None
-cpu = None
+cpu = model = None
 for line in (read("/proc/cpuinfo") or "").splitlines():
     key = line.split(":")[0].strip().lower()
     if key in ("model name", "hardware", "cpu model") and cpu is None:
         cpu = line.split(":", 1)[1].strip()
+    if key == "model" and model is None:  # Raspberry Pi OS names the board here too
+        model = line.split(":", 1)[1].strip()
 memory = None
 for line in (read("/proc/meminfo") or "").splitlines():
     if line.startswith("MemTotal:"):
@@ -62,7 +64,7 @@ except ImportError:
     has_venv = False
 print(json.dumps({"machine": platform.machine(), "system": platform.system(), "os": os_name or platform.platform(),
                   "python": platform.python_version(), "cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory,
-                  "disk_free_bytes": shutil.disk_usage(probe_dir).free, "pi_model": read("/proc/device-tree/model"),
+                  "disk_free_bytes": shutil.disk_usage(probe_dir).free, "pi_model": read("/proc/device-tree/model") or model,
                   "has_venv": has_venv, "home": os.path.expanduser("~")}))
 """
 
