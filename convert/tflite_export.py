@@ -104,7 +104,7 @@ def _require_loadable(flatbuffer: bytes, options: TFLiteOptions) -> None:
     """The converter can emit a model that LiteRT then refuses to prepare (e.g. 16x8 bias overflow): catch it here."""
     from sepconv.deploy.runtime import _tflite_interpreter_class
 
-    interpreter_class, runtime = _tflite_interpreter_class()
+    interpreter_class, _, runtime = _tflite_interpreter_class()
     try:
         with captured_output():
             interpreter_class(model_content=flatbuffer).allocate_tensors()

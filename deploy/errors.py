@@ -47,3 +47,7 @@ class RemoteInstallError(RemoteError):
 
 class RemoteRuntimeError(RemoteError):
     """The benchmark crashed or failed on the device."""
+
+
+class InputDataError(SepconvError):
+    """Benchmark input data (an .npz) that cannot be read or does not fit the model."""

@@ -45,7 +45,7 @@ for line in (read("/proc/cpuinfo") or "").splitlines():
     key = line.split(":")[0].strip().lower()
     if key in ("model name", "hardware", "cpu model") and cpu is None:
         cpu = line.split(":", 1)[1].strip()
-    if key == "model" and model is None:  # Raspberry Pi OS names the board here too
+    if line.split(":")[0].strip() == "Model" and model is None:  # Raspberry Pi OS names the board here
         model = line.split(":", 1)[1].strip()
 memory = None
 for line in (read("/proc/meminfo") or "").splitlines():
@@ -79,6 +79,7 @@ class DeployOptions:
     remote_dir: str = DEFAULT_REMOTE_DIR
     wheels: str | None = None
     index_url: str | None = None
+    inputs: str | None = None  # an .npz for bench-model --input (copied like an artifact)
     bench_args: tuple[str, ...] = ()
     ssh: SshOptions = field(default_factory=SshOptions)
     timeout: int = 1800
@@ -88,6 +89,8 @@ class DeployOptions:
             raise InvalidOptionError(f"Unrecognized threads={self.threads!r}. Use whole numbers >= 1, e.g. (1, 4)")
         if not isinstance(self.remote_dir, str) or not self.remote_dir.strip() or "\0" in self.remote_dir:
             raise InvalidOptionError(f"Unrecognized remote_dir={self.remote_dir!r}. Use a folder name such as .sepconv")
+        if self.inputs is not None and not Path(self.inputs).is_file():
+            raise InvalidOptionError(f"inputs={self.inputs!r}: no such file; pass an .npz with x (and y)")
         if self.wheels is not None and not Path(self.wheels).is_dir():
             raise InvalidOptionError(f"wheels={self.wheels!r}: no such folder; pass a folder of .whl files")
 
@@ -155,7 +158,12 @@ def _deploy_one(target: Target, paths: list[Path], wheel: Path, options: DeployO
                           f"{device['cores']} cores{', ' + device['pi_model'] if device.get('pi_model') else ''}")
         runtime = ensure_runtime(conn, device, paths, wheel, options, say)
         copied = upload(conn, paths, options, say)
-        report = run_benchmark(conn, [c["remote"] for c in copied], options, say)
+        inputs = upload(conn, [Path(options.inputs)], options, say)[0]["remote"] if options.inputs else None
+        report = run_benchmark(conn, [c["remote"] for c in copied], options, say, inputs=inputs)
+    names = {c["remote"]: Path(c["local"]).name for c in copied}
+    for case in report.get("cases", []):  # the device ran them under their hash names
+        case["remote_path"] = case["path"]
+        case["model"] = names.get(case["path"], case["model"])
     return HostReport(host=target.label, device=device, runtime=runtime, artifacts=copied, benchmark=report,
                       seconds=round(time.perf_counter() - started, 1))
 
@@ -257,12 +265,13 @@ def _put_checked(conn: Connection, local: Path, remote: str) -> None:
                           f"nothing half-written was left") from None
 
 
-def run_benchmark(conn: Connection, remote_paths: list[str], options: DeployOptions, say) -> dict:
+def run_benchmark(conn: Connection, remote_paths: list[str], options: DeployOptions, say, *,
+                  inputs: str | None = None) -> dict:
     """Run bench-model on the device and bring its JSON report back."""
     say(conn.target.label, f"benchmarking {len(remote_paths)} artifact(s) at threads {','.join(map(str, options.threads))}")
     bench = f"{options.remote_dir}/venv/bin/bench-model"
     argv = [bench, *remote_paths, "--threads", ",".join(map(str, options.threads)), "--json", "--quiet",
-            *options.bench_args]
+            *(["--input", inputs] if inputs else []), *options.bench_args]
     done = conn.run(argv, check=False, timeout=options.timeout)
     if done.returncode != 0:
         status = f"signal {-done.returncode}" if done.returncode < 0 or done.returncode > 128 else \

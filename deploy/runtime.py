@@ -58,6 +58,11 @@ class Runtime:
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         raise NotImplementedError
 
+    def prepare(self, inputs: list[np.ndarray]):
+        """A zero-argument function that runs one inference on `inputs` (converted to the tensors' types once, here):
+        what a benchmark times, with nothing else in the loop."""
+        raise NotImplementedError
+
     def op_histogram(self) -> dict[str, int]:
         raise NotImplementedError
 
@@ -75,24 +80,21 @@ def _require_file(path: Path) -> None:
 
 
 def _tflite_interpreter_class():
-    """LiteRT's interpreter, else tflite_runtime's, else TensorFlow's (only if TensorFlow happens to be installed)."""
-    try:
-        from ai_edge_litert.interpreter import Interpreter
-
-        return Interpreter, "ai-edge-litert"
-    except ImportError:
-        pass
-    try:
-        from tflite_runtime.interpreter import Interpreter
-
-        return Interpreter, "tflite-runtime"
-    except ImportError:
-        pass
+    """(Interpreter class, OpResolverType enum, distribution): LiteRT's, else tflite_runtime's, else TensorFlow's
+    (only if TensorFlow happens to be installed)."""
     import importlib
     import importlib.util
 
+    for module, distribution in (("ai_edge_litert.interpreter", "ai-edge-litert"),
+                                 ("tflite_runtime.interpreter", "tflite-runtime")):
+        try:
+            found = importlib.import_module(module)
+            return found.Interpreter, getattr(found, "OpResolverType", None), distribution
+        except ImportError:
+            pass
     if importlib.util.find_spec("tensorflow") is not None:  # only where it happens to be installed already
-        return importlib.import_module("tensorflow").lite.Interpreter, "tensorflow"
+        lite = importlib.import_module("tensorflow").lite
+        return lite.Interpreter, getattr(lite.experimental, "OpResolverType", None), "tensorflow"
     raise RuntimeMissingError("Running .tflite files needs LiteRT, which is not installed; install it with: "
                               "pip install ai-edge-litert")
 
@@ -100,11 +102,17 @@ def _tflite_interpreter_class():
 class LiteRTRuntime(Runtime):
     format = "tflite"
 
-    def __init__(self, path: Path, *, threads: int | None = None):
-        interpreter_class, self.runtime_name = _tflite_interpreter_class()
+    def __init__(self, path: Path, *, threads: int | None = None, xnnpack: bool = True):
+        interpreter_class, resolvers, self.runtime_name = _tflite_interpreter_class()
+        options = {}
+        if not xnnpack:  # the built-in kernels alone, without the default XNNPACK delegate
+            if resolvers is None:
+                raise InvalidOptionError(f"{self.runtime_name} cannot turn XNNPACK off; install ai-edge-litert")
+            options["experimental_op_resolver_type"] = resolvers.BUILTIN_WITHOUT_DEFAULT_DELEGATES
+        self.xnnpack = xnnpack
         try:
             with captured_output():  # LiteRT announces its XNNPACK delegate on stderr
-                self._interpreter = interpreter_class(model_path=str(path), num_threads=threads)
+                self._interpreter = interpreter_class(model_path=str(path), num_threads=threads, **options)
                 self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as error:
             raise ArtifactError(f"{path}: LiteRT cannot load it ({str(error).strip().splitlines()[0][:200]}); the "
@@ -142,6 +150,21 @@ class LiteRTRuntime(Runtime):
         return [spec.dequantize(self._interpreter.get_tensor(detail["index"]))
                 for spec, detail in zip(self.outputs, self._output_details)]
 
+    def prepare(self, inputs: list[np.ndarray]):
+        if not self._resize(len(inputs[0])):
+            raise InvalidOptionError(f"this model takes a fixed batch of {self._input_details[0]['shape'][0]}; "
+                                     f"use batch {self._input_details[0]['shape'][0]}")
+        feeds = [(detail["index"], spec.quantize(np.asarray(x)))
+                 for spec, detail, x in zip(self.inputs, self._input_details, inputs)]
+        interpreter = self._interpreter
+
+        def invoke():
+            for index, value in feeds:
+                interpreter.set_tensor(index, value)
+            interpreter.invoke()
+
+        return invoke
+
     def op_histogram(self) -> dict[str, int]:
         ops = self._interpreter._get_ops_details()
         return dict(collections.Counter(op["op_name"] for op in ops if op["op_name"] != "DELEGATE"))
@@ -168,10 +191,16 @@ class OnnxRuntime(Runtime):
         except ImportError as error:
             raise RuntimeMissingError("Running .onnx files needs ONNX Runtime, which is not installed; install it "
                                       "with: pip install onnxruntime") from error
+        available = onnxruntime.get_available_providers()
+        unknown = [p for p in providers if p not in available]
+        if unknown:
+            raise InvalidOptionError(f"Unrecognized ONNX Runtime providers {unknown}. This installation has: "
+                                     f"{available}")
         options = onnxruntime.SessionOptions()
         options.log_severity_level = 3
         if threads:
             options.intra_op_num_threads = threads
+            options.inter_op_num_threads = 1
         try:
             self._session = onnxruntime.InferenceSession(str(path), options, providers=list(providers))
         except Exception as error:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
@@ -184,6 +213,14 @@ class OnnxRuntime(Runtime):
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         feeds = {spec.name: spec.quantize(np.asarray(x)) for spec, x in zip(self.inputs, inputs)}
         return [np.asarray(y, dtype=np.float32) for y in self._session.run(None, feeds)]
+
+    def prepare(self, inputs: list[np.ndarray]):
+        fixed = self.inputs[0].shape[0]
+        if fixed not in (-1, len(inputs[0])):
+            raise InvalidOptionError(f"this model takes a fixed batch of {fixed}; use batch {fixed}")
+        feeds = {spec.name: spec.quantize(np.asarray(x)) for spec, x in zip(self.inputs, inputs)}
+        session = self._session
+        return lambda: session.run(None, feeds)
 
     def op_histogram(self) -> dict[str, int]:
         import onnx
@@ -214,15 +251,16 @@ def package_version(distribution: str) -> str | None:
         return None
 
 
-def open_runtime(path, *, threads: int | None = None) -> Runtime:
-    """Open a .tflite (LiteRT) or .onnx (ONNX Runtime) artifact for inference on the CPU."""
+def open_runtime(path, *, threads: int | None = None, xnnpack: bool = True,
+                 providers: tuple[str, ...] = ("CPUExecutionProvider",)) -> Runtime:
+    """Open a .tflite (LiteRT; XNNPACK on unless xnnpack=False) or .onnx (ONNX Runtime with `providers`) artifact."""
     path = Path(path)
     _require_file(path)
     if threads is not None and (not isinstance(threads, int) or threads < 1):
         raise InvalidOptionError(f"Unrecognized threads={threads!r}. Use a whole number >= 1")
     suffix = path.suffix.lower()
     if suffix == TFLITE_SUFFIX:
-        return LiteRTRuntime(path, threads=threads)
+        return LiteRTRuntime(path, threads=threads, xnnpack=xnnpack)
     if suffix == ONNX_SUFFIX:
-        return OnnxRuntime(path, threads=threads)
+        return OnnxRuntime(path, threads=threads, providers=tuple(providers))
     raise ArtifactError(f"{path}: unrecognized artifact extension {suffix!r}; sepconv runs .tflite and .onnx files")

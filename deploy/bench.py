@@ -1,0 +1,297 @@
+"""`benchmark`: honest latency of .tflite and .onnx artifacts, with nothing but numpy and the runtimes.
+
+For every (artifact, thread count) case: load and initialise the runtime (timed, resident memory before and after),
+run once (the first inference, timed, memory after), warm up (a count and a time, both), then timed runs. The timed
+runs of all cases are interleaved in blocks, round after round, so that drift of a shared machine (frequency,
+other jobs, heat) hits every case alike; a case stops when it has both `min_runs` runs and `min_seconds` of them, or
+after `max_seconds`. A timed run is one call that sets the (already converted) inputs and invokes the model: no
+conversion, allocation or copy of outputs inside the timing (docs/bench.md says how this was checked).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sepconv.deploy.errors import ArtifactError, InputDataError, InvalidOptionError
+from sepconv.deploy.runtime import open_runtime
+from sepconv.deploy.stats import summarize
+
+SCHEMA_VERSION = 1
+
+
+@dataclass(frozen=True)
+class BenchOptions:
+    """threads: thread counts, each a separate case per artifact. warmup_runs / warmup_seconds: both must be met.
+    min_runs / min_seconds: a case's timed runs stop when both are met, or at max_seconds. block: timed runs per case
+    per round. batch: rows per inference (where the model allows). inputs: an .npz with x (and y for accuracy);
+    without it, seeded random data of each input's shape and type. xnnpack: LiteRT's default delegate. providers:
+    ONNX Runtime's execution providers."""
+
+    threads: tuple[int, ...] = (1,)
+    warmup_runs: int = 10
+    warmup_seconds: float = 0.5
+    min_runs: int = 50
+    min_seconds: float = 2.0
+    max_seconds: float = 60.0
+    block: int = 10
+    batch: int = 1
+    inputs: str | None = None
+    xnnpack: bool = True
+    providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    seed: int = 0
+
+    def __post_init__(self):
+        whole = [("warmup_runs", 0), ("min_runs", 1), ("block", 1), ("batch", 1)]
+        for name, least in whole:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise InvalidOptionError(f"Unrecognized {name}={value!r}. Use a whole number >= {least}")
+        for name in ("warmup_seconds", "min_seconds", "max_seconds"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or value < 0:
+                raise InvalidOptionError(f"Unrecognized {name}={value!r}. Use seconds >= 0")
+        if self.max_seconds < self.min_seconds:
+            raise InvalidOptionError(f"max_seconds={self.max_seconds} is below min_seconds={self.min_seconds}")
+        if not self.threads or not all(isinstance(t, int) and t >= 1 for t in self.threads):
+            raise InvalidOptionError(f"Unrecognized threads={self.threads!r}. Use whole numbers >= 1, e.g. (1, 2)")
+
+
+@dataclass
+class Case:
+    """One artifact at one thread count, as measured."""
+
+    model: str
+    path: str
+    format: str
+    threads: int
+    runtime: str
+    artifact: dict
+    load_ms: float
+    first_ms: float
+    warmup: dict
+    memory: dict
+    latency_ms: dict = field(default_factory=dict)
+    samples_ms: list = field(default_factory=list)
+    accuracy: dict | None = None
+    speedup: float | None = None  # p50 of the first artifact at the same thread count / this p50
+    stopped_by: str = ""  # "min_runs and min_seconds" or "max_seconds"
+
+
+@dataclass
+class BenchReport:
+    schema: int
+    context: dict
+    options: dict
+    cases: list
+    peak_rss_bytes: int | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def to_json(self, **kwargs) -> str:
+        return json.dumps(self.to_dict(), **kwargs)
+
+
+Progress = Callable[[str], None]
+
+
+def benchmark(paths, options: BenchOptions = BenchOptions(), *, progress: Progress | None = None,
+              **kwargs) -> BenchReport:
+    """Measure every artifact in `paths` at every thread count of `options` (see the module doc)."""
+    from sepconv.deploy import context
+
+    if kwargs:
+        options = BenchOptions(**{**asdict(options), **kwargs})
+    say = progress or (lambda message: None)
+    paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
+    if not paths:
+        raise InvalidOptionError("No artifact given; name at least one .tflite or .onnx file")
+    started = time.perf_counter()
+    data = _load_inputs(options.inputs)
+    machine = context.system()
+    before = context.thermal()
+    cases, runners = [], []
+    for path in paths:
+        for threads in options.threads:
+            case, runner = _open_case(path, threads, data, options)
+            cases.append(case)
+            runners.append(runner)
+            say(f"{case.model} @ {threads} thread(s): loaded in {case.load_ms:.1f} ms, first run "
+                f"{case.first_ms:.2f} ms, warm-up {case.warmup['runs']} runs")
+    _timed_rounds(cases, runners, options, say)
+    for case, runner in zip(cases, runners):
+        case.latency_ms = summarize(np.asarray(case.samples_ms) / 1000.0, batch=options.batch)
+        if data is not None and data.get("y") is not None:
+            case.accuracy = _accuracy(runner["runtime"], data, options.batch)
+    _speedups(cases)
+    return BenchReport(schema=SCHEMA_VERSION, context=dict(machine, before=before, after=context.thermal()),
+                       options=asdict(options), cases=[asdict(c) for c in cases],
+                       peak_rss_bytes=_status("VmHWM"), seconds=round(time.perf_counter() - started, 2))
+
+
+def _open_case(path: Path, threads: int, data, options: BenchOptions):
+    rss_before = _status("VmRSS")
+    began = time.perf_counter()
+    runtime = open_runtime(path, threads=threads, xnnpack=options.xnnpack, providers=options.providers)
+    load_ms = (time.perf_counter() - began) * 1000
+    rss_loaded = _status("VmRSS")
+    inputs = _inputs(runtime, data, options, path)
+    invoke = runtime.prepare(inputs)
+    began = time.perf_counter()
+    invoke()
+    first_ms = (time.perf_counter() - began) * 1000
+    rss_first = _status("VmRSS")
+    runs, began = 0, time.perf_counter()
+    while runs < options.warmup_runs or time.perf_counter() - began < options.warmup_seconds:
+        invoke()
+        runs += 1
+    memory = {"rss_before_load_bytes": rss_before, "rss_after_load_bytes": rss_loaded,
+              "rss_after_first_run_bytes": rss_first, "load_growth_bytes": _diff(rss_loaded, rss_before),
+              "first_run_growth_bytes": _diff(rss_first, rss_loaded)}
+    case = Case(model=path.name, path=str(path), format=runtime.format, threads=threads,
+                runtime=f"{runtime.runtime_name} {next(iter(runtime.versions().values()))}",
+                artifact=_artifact(path, runtime), load_ms=round(load_ms, 3), first_ms=round(first_ms, 3),
+                warmup={"runs": runs, "seconds": round(time.perf_counter() - began, 3)}, memory=memory)
+    return case, {"runtime": runtime, "invoke": invoke, "timed": 0.0, "began": None}
+
+
+def _timed_rounds(cases, runners, options: BenchOptions, say) -> None:
+    clock = time.perf_counter
+    active = list(range(len(cases)))
+    rounds, last_said = 0, clock()
+    while active:
+        rounds += 1
+        for index in list(active):
+            case, runner = cases[index], runners[index]
+            invoke, samples = runner["invoke"], case.samples_ms
+            for _ in range(options.block):
+                began = clock()
+                invoke()
+                elapsed = clock() - began
+                samples.append(elapsed * 1000.0)
+                runner["timed"] += elapsed
+            if len(samples) >= options.min_runs and runner["timed"] >= options.min_seconds:
+                case.stopped_by = "min_runs and min_seconds"
+                active.remove(index)
+            elif runner["timed"] >= options.max_seconds:
+                case.stopped_by = "max_seconds"
+                active.remove(index)
+        if active and clock() - last_said >= 2.0:
+            last_said = clock()
+            runs = sum(len(c.samples_ms) for c in cases)
+            say(f"round {rounds}: {runs:,} timed runs so far; {len(active)} of {len(cases)} case(s) still measuring")
+
+
+def _speedups(cases) -> None:
+    baseline = {}
+    for case in cases:
+        baseline.setdefault(case.threads, case.latency_ms["p50"])
+        case.speedup = round(baseline[case.threads] / case.latency_ms["p50"], 3)
+
+
+def _load_inputs(source):
+    if source is None:
+        return None
+    path = Path(source)
+    if not path.is_file():
+        raise InputDataError(f"{path}: no such file; pass an .npz with an array x (and y for accuracy)")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            arrays = {key: npz[key] for key in npz.files}
+    except (OSError, ValueError) as error:
+        raise InputDataError(f"{path}: not a readable .npz ({error}); save one with numpy.savez(path, x=..., y=...)"
+                             ) from None
+    if "x" not in arrays:
+        raise InputDataError(f"{path}: no array 'x' (found {sorted(arrays)}); save inputs as x (and labels as y)")
+    y = arrays.get("y")
+    if y is not None and y.ndim == 2:
+        y = np.argmax(y, axis=1)
+    if y is not None and len(y) != len(arrays["x"]):
+        raise InputDataError(f"{path}: y has {len(y)} labels for {len(arrays['x'])} inputs; give one label per input")
+    return {"x": arrays["x"], "y": y, "source": str(path)}
+
+
+def _inputs(runtime, data, options: BenchOptions, path: Path) -> list[np.ndarray]:
+    """One batch for each model input: rows of the .npz x, or seeded random data of the right type and shape."""
+    specs = runtime.inputs
+    if data is not None:
+        if len(specs) != 1:
+            raise InputDataError(f"{path}: the model has {len(specs)} inputs; an .npz x feeds one-input models only")
+        x = data["x"]
+        expected = tuple(specs[0].shape[1:])
+        compatible = x.ndim == len(specs[0].shape) and all(e in (-1, a) for e, a in zip(expected, x.shape[1:]))
+        if not compatible:
+            raise InputDataError(f"{data['source']}: x has samples of shape {tuple(x.shape[1:])}, {path.name} "
+                                 f"takes {expected}; save x as (N, {', '.join(map(str, expected))})")
+        if len(x) < options.batch:
+            raise InputDataError(f"{data['source']}: {len(x)} samples, fewer than --batch {options.batch}")
+        return [np.asarray(x[:options.batch], dtype=np.float32)]
+    rng = np.random.default_rng(options.seed)
+    batch = []
+    for spec in specs:
+        shape = [options.batch if i == 0 else d for i, d in enumerate(spec.shape)]
+        if any(d == -1 for d in shape[1:]):
+            raise InputDataError(f"{path}: input {spec.name!r} has a free size {tuple(spec.shape)}; pass --input "
+                                 f"with real data")
+        dtype = np.dtype(spec.dtype)
+        if np.issubdtype(dtype, np.integer) and spec.scale is None:
+            info = np.iinfo(dtype)
+            batch.append(rng.integers(max(info.min, -128), min(info.max, 127), size=shape).astype(dtype))
+        else:
+            batch.append(rng.random(shape, dtype=np.float32))  # float, or quantized (converted by the runtime)
+    return batch
+
+
+def _accuracy(runtime, data, batch: int) -> dict:
+    x, y = data["x"], data["y"]
+    predictions = []
+    for start in range(0, len(x), max(batch, 64)):
+        predictions.append(np.argmax(runtime.run([np.asarray(x[start:start + max(batch, 64)], np.float32)])[0],
+                                     axis=-1))
+    predicted = np.concatenate(predictions).astype(np.int64)
+    return {"top1": float(np.mean(predicted == y)), "samples": int(len(y)), "source": data["source"],
+            "predictions_sha256": hashlib.sha256(predicted.tobytes()).hexdigest()}
+
+
+def _artifact(path: Path, runtime) -> dict:
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    info = {"path": str(path), "bytes": path.stat().st_size, "sha256": digest,
+            "inputs": [s.to_dict() for s in runtime.inputs], "outputs": [s.to_dict() for s in runtime.outputs],
+            "manifest": None}
+    manifest = path.with_name(path.name + ".json")
+    if manifest.is_file():
+        try:
+            data = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            raise ArtifactError(f"{manifest}: the manifest beside the artifact is not valid JSON; remove it or "
+                                f"convert again") from None
+        verification = data.get("verification") or {}
+        info["manifest"] = {"quantize": data.get("quantize"), "sha256_matches": data.get("sha256") == digest,
+                            "verification_passed": verification.get("passed"),
+                            "accuracy": (verification.get("outputs") or [{}])[0].get("accuracy"),
+                            "agreement": (verification.get("outputs") or [{}])[0].get("agreement"),
+                            "original_agreement": verification.get("original_agreement")}
+    return info
+
+
+def _status(key: str) -> int | None:
+    """A memory figure of this process from /proc/self/status, in bytes (None where there is no /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(key + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        return None
+    return None
+
+
+def _diff(after, before):
+    return None if after is None or before is None else after - before
