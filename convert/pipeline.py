@@ -340,7 +340,7 @@ def _check_modes(targets: list[Path], plan: dict, options: ConvertOptions) -> No
     for wanted, what in needs_data:
         if wanted and not options.data:
             raise InvalidOptionError(f"{what}; pass --data (an .npz or a folder of images)")
-        if wanted and not options.separate:
+        if wanted and not options.separate and what[:11] != "--test-data":
             raise InvalidOptionError(f"{what.split(' ')[0]} works on separated layers; it cannot be combined with "
                                      f"--no-separate")
     if options.max_accuracy_drop is not None and any(

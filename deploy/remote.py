@@ -18,6 +18,7 @@ import json
 import shlex
 import tempfile
 import time
+import urllib.parse
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -215,7 +216,9 @@ def ensure_runtime(conn: Connection, device: dict, paths: list[Path], wheel: Pat
     conn.run(["mkdir", "-p", f"{root}/wheels"])
     remote_wheel = f"{root}/wheels/{wheel.name}"
     conn.put(wheel, remote_wheel)
-    install = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input", remote_wheel, *packages]
+    absolute = remote_wheel if remote_wheel.startswith("/") else f"{device['home']}/{remote_wheel}"
+    requirement = f"sepconv-deploy @ file://{urllib.parse.quote(absolute)}"  # a bare path with '; ' reads as a marker
+    install = ["-m", "pip", "install", "--disable-pip-version-check", "--no-input", requirement, *packages]
     if options.wheels:
         for local in sorted(Path(options.wheels).glob("*.whl")):
             conn.put(local, f"{root}/wheels/{local.name}")
@@ -269,8 +272,9 @@ def run_benchmark(conn: Connection, remote_paths: list[str], options: DeployOpti
                   inputs: str | None = None) -> dict:
     """Run bench-model on the device and bring its JSON report back."""
     say(conn.target.label, f"benchmarking {len(remote_paths)} artifact(s) at threads {','.join(map(str, options.threads))}")
-    bench = f"{options.remote_dir}/venv/bin/bench-model"
-    argv = [bench, *remote_paths, "--threads", ",".join(map(str, options.threads)), "--json", "--quiet",
+    # python -m rather than the bench-model script: pip writes a shell trampoline for scripts whose interpreter path
+    # has spaces, and does not quote it for every character a folder name may hold
+    argv = [f"{options.remote_dir}/venv/bin/python", "-m", "sepconv.deploy.cli", *remote_paths, "--threads", ",".join(map(str, options.threads)), "--json", "--quiet",
             *(["--input", inputs] if inputs else []), *options.bench_args]
     done = conn.run(argv, check=False, timeout=options.timeout)
     if done.returncode != 0:

@@ -167,6 +167,9 @@ def classify_ssh_failure(target: Target, stderr: str) -> RemoteError:
         if marker in stderr:
             return HostUnreachableError(f"{name}: unreachable ({last}); check that the device is on, on the "
                                         f"network, that sshd runs there, and the host name and port")
+    if last == "no message":  # a connection killed from the other side: ssh exits 255 and says nothing
+        return HostUnreachableError(f"{name}: the connection was closed without a word (sshd stopped, or the device "
+                                    f"went away); check the device and retry")
     return RemoteError(f"{name}: ssh failed: {last}")
 
 
