@@ -328,13 +328,18 @@ def demo_parser() -> argparse.ArgumentParser:
                     "back as a user's file would be, separate it at K=1 and with the default energy policy and print "
                     "each separation report with test accuracy; then run convert-model with its defaults for data "
                     "(rank per layer for a 1-point accuracy budget, least-squares refinement, fine-tuning, int8 "
-                    "TFLite and ONNX) on the training digits, scored and verified on the test digits. Nothing is "
-                    "downloaded.")
+                    "TFLite and ONNX) on the training digits, scored and verified on the test digits; finally the "
+                    "speed table: bench-model on the original and the separated model, float32 and int8, TFLite and "
+                    "ONNX, at 1 and 2 threads. Nothing is downloaded.")
     parser.add_argument("--out", type=Path, default=Path("build/demo"),
                         help="directory for the demo model and reports (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=15, help="training epochs of the original (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the data split and training (default: %(default)s)")
     parser.add_argument("--retrain", action="store_true", help="train again even if the cached model exists")
+    parser.add_argument("--no-bench", action="store_true", help="skip the speed table (bench-model on the original "
+                        "and separated models, float32 and int8, TFLite and ONNX, 1 and 2 threads)")
+    parser.add_argument("--bench-time", type=float, default=1.0, help="seconds of timed runs per case in the speed "
+                        "table (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON summary instead of tables")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
@@ -368,6 +373,8 @@ def _demo(args) -> int:
             print(f"== {label} (no fine-tuning)\n{report}\n"
                   f"test accuracy: {score:.2%} (original {baseline:.2%})\n")
     summary["conversion"] = _demo_conversion(args, model_path, split)
+    if not args.no_bench:
+        summary["speed"] = _demo_speed(args, model_path)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
@@ -397,6 +404,23 @@ def _demo_conversion(args, model_path: Path, split) -> dict:
     if not args.json:
         print(recovery_tables(result) + artifact_table(result) + "\n")
     return result.to_dict()
+
+
+def _demo_speed(args, model_path: Path) -> dict:
+    """The speed table: bench-model's harness on the eight demo artifacts at 1 and 2 threads, with test accuracy."""
+    from sepconv.convert import demo
+    from sepconv.deploy.bench import benchmark
+    from sepconv.deploy.cli import cases_table
+
+    train, test = args.out / "digits_train.npz", args.out / "digits_test.npz"
+    if not args.json:
+        print("== speed: original and separated (K=1, refined), float32 and int8, TFLite and ONNX (bench-model)")
+    paths = demo.speed_artifacts(model_path, args.out / "speed", train, test)
+    report = benchmark(paths, threads=(1, 2), inputs=str(test), min_seconds=args.bench_time, min_runs=50,
+                       progress=None if args.json else lambda message: print(f"  {message}", flush=True)).to_dict()
+    if not args.json:
+        print(cases_table(report) + "\n")
+    return report
 
 
 def demo_main(argv=None) -> int:

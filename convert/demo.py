@@ -106,6 +106,7 @@ def accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> floa
 
 def save_split(split: Split, folder: Path) -> tuple[Path, Path]:
     """The training and the test images with labels as .npz files (x, y): the --data and --test-data a user passes."""
+    Path(folder).mkdir(parents=True, exist_ok=True)
     train, test = Path(folder) / "digits_train.npz", Path(folder) / "digits_test.npz"
     np.savez(train, x=split.x_train, y=split.y_train)
     np.savez(test, x=split.x_test, y=split.y_test)
@@ -129,3 +130,26 @@ def demo_model(path: Path, *, epochs: int = 15, seed: int = 0, retrain: bool = F
     model.save(tmp, include_optimizer=False)
     tmp.replace(path)
     return load(path)
+
+
+SPEED_VARIANTS = (("original", dict(separate=False)),
+                  ("separated_k1", dict(rank=1, refine=True, epochs=0, recalibrate_bn=False)))
+
+
+def speed_artifacts(model_path: Path, folder: Path, train: Path, test: Path) -> list[Path]:
+    """The speed table's eight artifacts, converted once and cached in `folder`: the original (no separation) and the
+    separated model (K = 1, refined by least squares, no fine-tuning), float32 and int8, TFLite and ONNX; TFLite
+    first."""
+    from sepconv.convert.pipeline import convert_model
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for kind, separation in SPEED_VARIANTS:
+        for precision, quantize in (("fp32", "none"), ("int8", "int8")):
+            targets = [folder / f"{kind}_{precision}.tflite", folder / f"{kind}_{precision}.onnx"]
+            if not all(t.exists() for t in targets):
+                convert_model(model_path, targets, quantize=quantize, data=str(train), test_data=str(test),
+                              overwrite=True, **separation)
+            paths += targets
+    return [p for suffix in (".tflite", ".onnx") for p in paths if p.suffix == suffix]

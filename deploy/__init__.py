@@ -4,11 +4,17 @@
     runtime = open_runtime("model.tflite")
     probabilities = runtime.run([images])[0]      # float in, float out; quantized tensors handled
 
+    from sepconv.deploy import benchmark
+    report = benchmark(["original.tflite", "small_int8.tflite"], threads=(1, 2))   # what bench-model runs
+    report.to_dict()["cases"][1]["latency_ms"]["p50"]
+
 This package never imports TensorFlow, directly or through a dependency: it is what runs on a Raspberry Pi.
 """
 
-from sepconv.deploy.errors import ArtifactError, InvalidOptionError, RuntimeMissingError, SepconvError
+from sepconv.deploy.bench import BenchOptions, BenchReport, benchmark
+from sepconv.deploy.errors import (ArtifactError, InputDataError, InvalidOptionError, RuntimeMissingError,
+                                   SepconvError)
 from sepconv.deploy.runtime import Runtime, TensorSpec, open_runtime
 
-__all__ = ["ArtifactError", "InvalidOptionError", "Runtime", "RuntimeMissingError", "SepconvError", "TensorSpec",
-           "open_runtime"]
+__all__ = ["ArtifactError", "BenchOptions", "BenchReport", "InputDataError", "InvalidOptionError", "Runtime",
+           "RuntimeMissingError", "SepconvError", "TensorSpec", "benchmark", "open_runtime"]

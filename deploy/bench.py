@@ -2,14 +2,18 @@
 
 For every (artifact, thread count) case: load and initialise the runtime (timed, resident memory before and after),
 run once (the first inference, timed, memory after), warm up (a count and a time, both), then timed runs. The timed
-runs of all cases are interleaved in blocks, round after round, so that drift of a shared machine (frequency,
-other jobs, heat) hits every case alike; a case stops when it has both `min_runs` runs and `min_seconds` of them, or
-after `max_seconds`. A timed run is one call that sets the (already converted) inputs and invokes the model: no
-conversion, allocation or copy of outputs inside the timing (docs/bench.md says how this was checked).
+runs of all cases are interleaved round after round, so that drift of a shared machine (frequency, other jobs,
+heat) hits every case alike: in each round every case gets about the same slice of time (`round_seconds`; its runs per
+round are that slice divided by its warm-up latency), so a 7 ms model and a 0.2 ms model progress through the
+wall-clock run together instead of the slow one collecting all its samples in the first seconds. A case stops when it
+has both `min_runs` runs and `min_seconds` of them, or after `max_seconds`. A timed run is one call that sets the
+(already converted) inputs and invokes the model: no conversion, allocation or copy of outputs inside the timing, and
+Python's garbage collector is off during the timed rounds (as `timeit` does). docs/bench.md says how this was checked.
 """
 
 from __future__ import annotations
 
+import gc
 import hashlib
 import json
 import time
@@ -20,7 +24,7 @@ from typing import Callable
 import numpy as np
 
 from sepconv.deploy.errors import ArtifactError, InputDataError, InvalidOptionError
-from sepconv.deploy.runtime import open_runtime
+from sepconv.deploy.runtime import import_runtime, open_runtime
 from sepconv.deploy.stats import summarize
 
 SCHEMA_VERSION = 1
@@ -29,10 +33,11 @@ SCHEMA_VERSION = 1
 @dataclass(frozen=True)
 class BenchOptions:
     """threads: thread counts, each a separate case per artifact. warmup_runs / warmup_seconds: both must be met.
-    min_runs / min_seconds: a case's timed runs stop when both are met, or at max_seconds. block: timed runs per case
-    per round. batch: rows per inference (where the model allows). inputs: an .npz with x (and y for accuracy);
-    without it, seeded random data of each input's shape and type. xnnpack: LiteRT's default delegate. providers:
-    ONNX Runtime's execution providers."""
+    min_runs / min_seconds: a case's timed runs stop when both are met, or at max_seconds. round_seconds: timed time
+    per case per interleaved round (runs per round = round_seconds / warm-up latency, at least 1); 0 means a fixed
+    `block` of runs per case per round instead. batch: rows per inference (where the model allows). inputs: an .npz
+    with x (and y for accuracy); without it, seeded random data of each input's shape and type. xnnpack: LiteRT's
+    default delegate. providers: ONNX Runtime's execution providers."""
 
     threads: tuple[int, ...] = (1,)
     warmup_runs: int = 10
@@ -41,6 +46,7 @@ class BenchOptions:
     min_seconds: float = 2.0
     max_seconds: float = 60.0
     block: int = 10
+    round_seconds: float = 0.05
     batch: int = 1
     inputs: str | None = None
     xnnpack: bool = True
@@ -53,10 +59,10 @@ class BenchOptions:
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise InvalidOptionError(f"Unrecognized {name}={value!r}. Use a whole number >= {least}")
-        for name in ("warmup_seconds", "min_seconds", "max_seconds"):
+        for name in ("warmup_seconds", "min_seconds", "max_seconds", "round_seconds"):
             value = getattr(self, name)
-            if not isinstance(value, (int, float)) or value < 0:
-                raise InvalidOptionError(f"Unrecognized {name}={value!r}. Use seconds >= 0")
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value < float("inf"):
+                raise InvalidOptionError(f"Unrecognized {name}={value!r}. Use a finite number of seconds >= 0")
         if self.max_seconds < self.min_seconds:
             raise InvalidOptionError(f"max_seconds={self.max_seconds} is below min_seconds={self.min_seconds}")
         if not self.threads or not all(isinstance(t, int) and t >= 1 for t in self.threads):
@@ -82,6 +88,8 @@ class Case:
     accuracy: dict | None = None
     speedup: float | None = None  # p50 of the first artifact at the same thread count / this p50
     stopped_by: str = ""  # "min_runs and min_seconds" or "max_seconds"
+    runs_per_round: int = 0  # timed runs of this case in each interleaved round
+    rounds: int = 0  # interleaved rounds this case took part in
 
 
 @dataclass
@@ -115,6 +123,8 @@ def benchmark(paths, options: BenchOptions = BenchOptions(), *, progress: Progre
     if not paths:
         raise InvalidOptionError("No artifact given; name at least one .tflite or .onnx file")
     started = time.perf_counter()
+    for path in paths:  # runtime libraries first: the first case's load_ms and memory must not include an import
+        import_runtime(path)
     data = _load_inputs(options.inputs)
     machine = context.system()
     before = context.thermal()
@@ -153,17 +163,37 @@ def _open_case(path: Path, threads: int, data, options: BenchOptions):
     while runs < options.warmup_runs or time.perf_counter() - began < options.warmup_seconds:
         invoke()
         runs += 1
+    warm_seconds = time.perf_counter() - began
     memory = {"rss_before_load_bytes": rss_before, "rss_after_load_bytes": rss_loaded,
               "rss_after_first_run_bytes": rss_first, "load_growth_bytes": _diff(rss_loaded, rss_before),
               "first_run_growth_bytes": _diff(rss_first, rss_loaded)}
     case = Case(model=path.name, path=str(path), format=runtime.format, threads=threads,
                 runtime=f"{runtime.runtime_name} {next(iter(runtime.versions().values()))}",
                 artifact=_artifact(path, runtime), load_ms=round(load_ms, 3), first_ms=round(first_ms, 3),
-                warmup={"runs": runs, "seconds": round(time.perf_counter() - began, 3)}, memory=memory)
+                warmup={"runs": runs, "seconds": round(warm_seconds, 3)}, memory=memory,
+                runs_per_round=runs_per_round(warm_seconds / runs if runs else first_ms / 1000, options))
     return case, {"runtime": runtime, "invoke": invoke, "timed": 0.0, "began": None}
 
 
+def runs_per_round(latency_seconds: float, options: BenchOptions) -> int:
+    """How many timed runs a case makes per interleaved round: enough to fill `round_seconds` at its warm-up latency
+    (so every case gets the same slice of wall-clock time per round), or the fixed `block` when round_seconds is 0."""
+    if options.round_seconds == 0:
+        return options.block
+    return max(1, round(options.round_seconds / max(latency_seconds, 1e-9)))
+
+
 def _timed_rounds(cases, runners, options: BenchOptions, say) -> None:
+    collecting = gc.isenabled()
+    gc.disable()  # a collection inside a timed run would be charged to the model (timeit does the same)
+    try:
+        _rounds(cases, runners, options, say)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _rounds(cases, runners, options: BenchOptions, say) -> None:
     clock = time.perf_counter
     active = list(range(len(cases)))
     rounds, last_said = 0, clock()
@@ -172,7 +202,8 @@ def _timed_rounds(cases, runners, options: BenchOptions, say) -> None:
         for index in list(active):
             case, runner = cases[index], runners[index]
             invoke, samples = runner["invoke"], case.samples_ms
-            for _ in range(options.block):
+            case.rounds += 1
+            for _ in range(case.runs_per_round):
                 began = clock()
                 invoke()
                 elapsed = clock() - began

@@ -10,6 +10,7 @@ import argparse
 import csv
 import io
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -62,6 +63,9 @@ def run(prog: str, body, args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:  # stdout closed early (`bench-model ... | head`): stop quietly, as Unix tools do
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
+        return EXIT_ERROR
 
 
 def progress_printer(args, started: float):
@@ -97,8 +101,10 @@ def bench_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     parser.add_argument("--warmup-runs", type=count, default=10, help="(default: %(default)s)")
     parser.add_argument("--warmup-time", type=seconds, default=0.5, help="(default: %(default)s s)")
-    parser.add_argument("--block", type=positive, default=10, help="timed runs per case per interleaved round "
-                        "(default: %(default)s)")
+    parser.add_argument("--round-time", type=seconds, default=0.05, help="timed seconds per case per interleaved "
+                        "round; each case's runs per round follow from its warm-up latency (default: %(default)s)")
+    parser.add_argument("--block", type=positive, default=10, help="with --round-time 0: a fixed number of timed "
+                        "runs per case per round (default: %(default)s)")
     parser.add_argument("--no-xnnpack", action="store_true", help="LiteRT's built-in kernels without XNNPACK")
     parser.add_argument("--providers", default="CPUExecutionProvider",
                         help="ONNX Runtime execution providers, comma-separated (default: %(default)s)")
@@ -117,7 +123,8 @@ def bench_options(args):
 
     return BenchOptions(threads=args.threads, warmup_runs=args.warmup_runs, warmup_seconds=args.warmup_time,
                         min_runs=args.min_runs, min_seconds=args.min_time, max_seconds=args.max_time,
-                        block=args.block, batch=args.batch, inputs=args.input, xnnpack=not args.no_xnnpack,
+                        block=args.block, round_seconds=args.round_time, batch=args.batch, inputs=args.input,
+                        xnnpack=not args.no_xnnpack,
                         providers=tuple(p for p in args.providers.split(",") if p), seed=args.seed)
 
 
@@ -226,6 +233,8 @@ def deploy_parser() -> argparse.ArgumentParser:
     parser.add_argument("--min-runs", type=positive, default=50, help="(default: %(default)s)")
     parser.add_argument("--min-time", type=seconds, default=2.0, help="(default: %(default)s s)")
     parser.add_argument("--max-time", type=seconds, default=60.0, help="(default: %(default)s s)")
+    parser.add_argument("--no-xnnpack", action="store_true", help="LiteRT's built-in kernels without XNNPACK, on the "
+                        "devices (and here with --compare-local)")
     parser.add_argument("--compare-local", action="store_true", help="also benchmark here with the same options and "
                         "show it beside the devices")
     parser.add_argument("--remote-dir", default=".sepconv", help="the one folder sepconv uses on the device, relative "
@@ -251,7 +260,8 @@ def deploy_options(args):
     from sepconv.deploy.remote import DeployOptions
     from sepconv.deploy.ssh import SshOptions
 
-    bench_args = ("--min-runs", str(args.min_runs), "--min-time", str(args.min_time), "--max-time", str(args.max_time))
+    bench_args = ("--min-runs", str(args.min_runs), "--min-time", str(args.min_time), "--max-time", str(args.max_time),
+                  *(["--no-xnnpack"] if args.no_xnnpack else []))
     return DeployOptions(threads=args.threads, remote_dir=args.remote_dir, wheels=args.wheels,
                          index_url=args.index_url, inputs=args.input, bench_args=bench_args, timeout=args.timeout,
                          ssh=SshOptions(connect_timeout=args.connect_timeout, config=args.ssh_config,
@@ -273,7 +283,7 @@ def _deploy(args) -> int:
 
         say("local: benchmarking here with the same options")
         local = benchmark(args.models, threads=args.threads, inputs=args.input, min_runs=args.min_runs,
-                          min_seconds=args.min_time, max_seconds=args.max_time).to_dict()
+                          min_seconds=args.min_time, max_seconds=args.max_time, xnnpack=not args.no_xnnpack).to_dict()
         reports = {"local": {"host": "local", "benchmark": local}, **reports}
     _save_reports(args, reports)
     if reports and args.json != "-" and args.csv != "-":

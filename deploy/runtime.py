@@ -186,11 +186,7 @@ class OnnxRuntime(Runtime):
     runtime_name = "onnxruntime"
 
     def __init__(self, path: Path, *, threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
-        try:
-            import onnxruntime
-        except ImportError as error:
-            raise RuntimeMissingError("Running .onnx files needs ONNX Runtime, which is not installed; install it "
-                                      "with: pip install onnxruntime") from error
+        onnxruntime = _onnxruntime()
         available = onnxruntime.get_available_providers()
         unknown = [p for p in providers if p not in available]
         if unknown:
@@ -232,6 +228,15 @@ class OnnxRuntime(Runtime):
         return {"onnxruntime": package_version("onnxruntime") or "unknown"}
 
 
+def _onnxruntime():
+    try:
+        import onnxruntime
+    except ImportError as error:
+        raise RuntimeMissingError("Running .onnx files needs ONNX Runtime, which is not installed; install it "
+                                  "with: pip install onnxruntime") from error
+    return onnxruntime
+
+
 _ONNX_DTYPES = {"tensor(float)": "float32", "tensor(float16)": "float16", "tensor(int8)": "int8",
                 "tensor(uint8)": "uint8", "tensor(int32)": "int32", "tensor(int64)": "int64"}
 
@@ -249,6 +254,18 @@ def package_version(distribution: str) -> str | None:
         return version(distribution)
     except PackageNotFoundError:
         return None
+
+
+def import_runtime(path) -> None:
+    """Import the runtime library an artifact needs, without opening it (a missing runtime raises
+    RuntimeMissingError; an unknown extension does nothing here). A benchmark calls this before it times a load, so
+    that the first model's load time and memory growth are the model's, not the library's import."""
+    suffix = Path(path).suffix.lower()
+    if suffix == TFLITE_SUFFIX:
+        with captured_output():
+            _tflite_interpreter_class()
+    elif suffix == ONNX_SUFFIX:
+        _onnxruntime()
 
 
 def open_runtime(path, *, threads: int | None = None, xnnpack: bool = True,

@@ -1,7 +1,8 @@
 """The first speed table: the digits demo's original and separated (K = 1, refined) models, float32 and int8, as
 TFLite and ONNX, at 1 and 2 threads, with sizes and test accuracy, measured by bench-model's harness in one
-interleaved run; then a per-op-type profile (ONNX Runtime's profiler) of the separated int8 model against the
-original int8 one, to show where time goes.
+interleaved run; then where time goes: a per-op profile of the separated int8 TFLite model (prefix truncation,
+scripts/tflite_profile.py: LiteRT ships no op profiler) and a per-op-type profile (ONNX Runtime's profiler) of the
+separated int8 ONNX model against the original int8 one.
 
 usage: scripts/bench-speed [--out build/speed] [--threads 1,2] [--min-time 2]   Prints Markdown for docs/benchmarks.md.
 """
@@ -33,28 +34,29 @@ def main(argv=None) -> int:
     print(cases_table(report, markdown=True))
     print()
     print(profile_table([args.out / "original_int8.onnx", args.out / "separated_k1_int8.onnx"], test))
+    print()
+    print(tflite_profile_table(args.out / "separated_k1_int8.tflite", args.out / "profile_separated_k1_int8.json"))
     return 0
 
 
-def build(folder: Path):
-    """The eight artifacts (cached): original = --no-separate; separated = --rank 1 --refine (no fine-tuning)."""
-    from sepconv.convert import convert_model, demo
+def tflite_profile_table(model: Path, save: Path) -> str:
+    """Marginal p50 of every op of `model` at 1 thread, XNNPACK on (see scripts/tflite_profile.py)."""
+    from tflite_profile import markdown, profile
 
-    folder.mkdir(parents=True, exist_ok=True)
+    result = profile(model, threads=1, min_seconds=1.0,
+                     progress=lambda message: print(f"  profile: {message}", file=sys.stderr, flush=True))
+    save.write_text(json.dumps(result, indent=2))
+    return markdown(result)
+
+
+def build(folder: Path):
+    """The eight artifacts (cached; demo.speed_artifacts, the ones scripts/demo's speed table uses)."""
+    from sepconv.convert import demo
+
     model = Path("build/demo/digits_tutorial.h5")
     demo.demo_model(model, verbose=2)
     train, test = demo.save_split(demo.digits(), folder)
-    paths = []
-    for kind, separation in (("original", dict(separate=False)),
-                             ("separated_k1", dict(rank=1, refine=True, epochs=0, recalibrate_bn=False))):
-        for precision, quantize in (("fp32", "none"), ("int8", "int8")):
-            targets = [folder / f"{kind}_{precision}.tflite", folder / f"{kind}_{precision}.onnx"]
-            if not all(t.exists() for t in targets):
-                convert_model(model, targets, quantize=quantize, data=str(train), test_data=str(test),
-                              overwrite=True, **separation)
-            paths += targets
-    order = [p for fmt in (".tflite", ".onnx") for p in paths if p.suffix == fmt]
-    return order, test
+    return demo.speed_artifacts(model, folder, train, test), test
 
 
 def profile_table(paths, test) -> str:

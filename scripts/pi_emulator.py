@@ -107,7 +107,8 @@ def start(folder: Path, port: int | None) -> dict:
     (rootfs / "etc/ssh/sshd_sepconv").write_text(SSHD_CONFIG.format(port=port))
     mounts = mount_all(folder, rootfs)
     process = subprocess.Popen(["chroot", str(rootfs), "/usr/sbin/sshd", "-D", "-f", "/etc/ssh/sshd_sepconv",
-                                "-E", "/var/log/sshd-sepconv.log"], stdin=subprocess.DEVNULL, start_new_session=True)
+                                "-E", "/var/log/sshd-sepconv.log"], stdin=subprocess.DEVNULL,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     state = {"pid": process.pid, "port": port, "alias": ALIAS, "rootfs": str(rootfs), "mounts": mounts,
              "wheels": str(wheels), "ssh_config": str(keys["config"]), "known_hosts": str(keys["known_hosts"]),
              "identity": str(keys["identity"]), "pi_model": PI_MODEL}

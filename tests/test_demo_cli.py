@@ -18,7 +18,7 @@ def run(*args, timeout=600):
 
 @pytest.mark.slow
 def test_demo_trains_separates_and_reports(tmp_path):
-    done = run("--out", str(tmp_path), "--epochs", "4", "--json")
+    done = run("--out", str(tmp_path), "--epochs", "4", "--json", "--bench-time", "0.1")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads(done.stdout)
     assert summary["original"]["params"] == 1_186_378
@@ -35,12 +35,16 @@ def test_demo_trains_separates_and_reports(tmp_path):
     assert conversion["plan"]["max_accuracy_drop"] == 1.0 and conversion["quantize"] == "int8"
     assert conversion["recovery"]["budget"]["held"] and conversion["recovery"]["budget"]["measured_drop"] <= 1.0
     assert (tmp_path / "digits_int8.tflite.json").exists()
+    speed = summary["speed"]["cases"]
+    assert [(c["model"], c["threads"]) for c in speed[:2]] == [("original_fp32.tflite", 1), ("original_fp32.tflite", 2)]
+    assert len(speed) == 16 and all(c["accuracy"]["samples"] == 450 for c in speed)
 
-    again = run("--out", str(tmp_path))  # reuses the cached model and prints tables
+    again = run("--out", str(tmp_path), "--bench-time", "0.1")  # reuses the cached model and prints tables
     assert again.returncode == 0, again.stderr[-3000:]
     assert "loading the demo model" in again.stdout
     assert "block3_conv2" in again.stdout and "test accuracy" in again.stdout
     assert "K chosen" in again.stdout and "fine-tuned" in again.stdout and "digits_int8.onnx" in again.stdout
+    assert "separated_k1_int8.tflite" in again.stdout and "speed-up" in again.stdout
 
 
 def test_demo_help_is_instant_and_imports_no_tensorflow():
