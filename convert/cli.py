@@ -12,7 +12,8 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_ERROR = 1
+from sepconv.deploy.cli import Parser, checked as _checked, count as _count, positive as _positive
+from sepconv.deploy.cli import run as run_command
 
 
 def _quiet_tensorflow(debug: bool) -> None:
@@ -38,52 +39,13 @@ def _quiet_tensorflow(debug: bool) -> None:
 
 
 def run(prog: str, body, args: argparse.Namespace) -> int:
-    """Run `body(args)`; a sepconv error becomes one line on stderr and exit status 1 (a traceback with --debug)."""
+    """Import TensorFlow quietly, then run `body(args)` as every sepconv command does (sepconv.deploy.cli.run): a
+    sepconv error is one line on stderr and its exit status (a traceback with --debug)."""
     _quiet_tensorflow(args.debug)
-    from sepconv.convert.errors import SepconvError
-
-    from sepconv.convert.errors import InterruptedRunError
-
-    try:
-        return body(args) or 0
-    except InterruptedRunError as error:
-        print(f"{prog}: {error}", file=sys.stderr)
-        return 130
-    except SepconvError as error:
-        if args.debug:
-            raise
-        print(f"{prog}: error: {error}", file=sys.stderr)
-        return EXIT_ERROR
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        return 130
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with a bad flag reported in one line (and exit status 2) instead of usage + error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def _checked(convert, valid, kind: str, allowed: str):
-    """An argparse type: convert the text, check the value, or say which values are allowed."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not valid(value):
-            raise argparse.ArgumentTypeError(f"invalid {kind} {text!r}: use {allowed}")
-        return value
-
-    return parse
+    return run_command(prog, body, args)
 
 
 _fraction = _checked(float, lambda v: 0 < v <= 1, "fraction", "a number in (0, 1]")
-_positive = _checked(int, lambda v: v >= 1, "count", "a whole number >= 1")
-_count = _checked(int, lambda v: v >= 0, "count", "a whole number >= 0")
 _points = _checked(float, lambda v: 0 <= v < 100, "number of points", "points of accuracy in [0, 100), e.g. 1.0")
 _positive_float = _checked(float, lambda v: v > 0, "number", "a number > 0")
 _weight = _checked(float, lambda v: v >= 0, "weight", "a number >= 0")

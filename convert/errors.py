@@ -84,3 +84,5 @@ class CheckpointError(SepconvError):
 
 class InterruptedRunError(SepconvError):
     """Ctrl-C during a resumable stage; the message says how to resume."""
+
+    exit_status = 130  # as for any Ctrl-C; the CLI prints the message without "error:"
