@@ -175,23 +175,29 @@ def _csv_row(case: dict, host: str) -> list:
             case["first_ms"], (case["accuracy"] or {}).get("top1")]
 
 
-def cases_table(report: dict, *, markdown: bool = False, host: str | None = None) -> str:
+HEADERS = ["model", "format", "threads", "size", "p50 ms", "p50 95% CI", "p90 ms", "mean ± std ms", "runs", "speed-up",
+           "accuracy"]
+
+
+def cases_table(report: dict, *, markdown: bool = False) -> str:
     """The readable table: per case p50 [95% CI], p90, mean +- std, runs, speed-up, size, accuracy; then context."""
     from tabulate import tabulate
 
+    table = tabulate(case_rows(report), headers=HEADERS, tablefmt="github" if markdown else "simple",
+                     disable_numparse=True)
+    return table + "\n" + context_line(report["context"])
+
+
+def case_rows(report: dict) -> list[list]:
     rows = []
     for case in report["cases"]:
         lat = case["latency_ms"]
         accuracy = case["accuracy"]["top1"] if case["accuracy"] else None
-        rows.append(([host] if host else []) + [
-            case["model"], case["format"], case["threads"], f"{case['artifact']['bytes'] / 1024:,.0f} KiB",
-            f"{lat['p50']:.3f}", f"{lat['ci95_p50'][0]:.3f}-{lat['ci95_p50'][1]:.3f}", f"{lat['p90']:.3f}",
-            f"{lat['mean']:.3f} ± {lat['std']:.3f}", lat["count"], f"{case['speedup']:.2f}x",
-            "" if accuracy is None else f"{accuracy:.2%}"])
-    headers = (["host"] if host else []) + ["model", "format", "threads", "size", "p50 ms", "p50 95% CI", "p90 ms",
-                                            "mean ± std ms", "runs", "speed-up", "accuracy"]
-    table = tabulate(rows, headers=headers, tablefmt="github" if markdown else "simple", disable_numparse=True)
-    return table + "\n" + context_line(report["context"])
+        rows.append([case["model"], case["format"], case["threads"], f"{case['artifact']['bytes'] / 1024:,.0f} KiB",
+                     f"{lat['p50']:.3f}", f"{lat['ci95_p50'][0]:.3f}-{lat['ci95_p50'][1]:.3f}", f"{lat['p90']:.3f}",
+                     f"{lat['mean']:.3f} ± {lat['std']:.3f}", lat["count"], f"{case['speedup']:.2f}x",
+                     "" if accuracy is None else f"{accuracy:.2%}"])
+    return rows
 
 
 def context_line(ctx: dict) -> str:
@@ -310,14 +316,19 @@ def _save_reports(args, reports: dict) -> None:
 
 
 def deploy_table(reports: dict, *, markdown: bool = False) -> str:
-    """One table per host (the same as bench-model's, with the host in front), each with its context line."""
-    parts = []
+    """One table for all hosts (bench-model's columns with the host in front), then a line per host: the device and
+    its context. Speed-ups are within each host (against its first artifact)."""
+    from tabulate import tabulate
+
+    rows = [[host, *row] for host, report in reports.items() for row in case_rows(report["benchmark"])]
+    table = tabulate(rows, headers=["host", *HEADERS], tablefmt="github" if markdown else "simple",
+                     disable_numparse=True)
+    lines = []
     for host, report in reports.items():
-        bench = report["benchmark"]
         device = report.get("device") or {}
-        title = host if host == "local" else f"{host} ({device.get('machine')}, {device.get('pi_model') or device.get('cpu')})"
-        parts.append(f"== {title}\n" + cases_table(bench, markdown=markdown, host=host))
-    return "\n\n".join(parts)
+        name = host if host == "local" else f"{host} ({device.get('machine')}, {device.get('pi_model') or device.get('cpu')})"
+        lines.append(f"{name}: {context_line(report['benchmark']['context'])}")
+    return table + "\n" + "\n".join(lines)
 
 
 def deploy_main(argv=None) -> int:

@@ -59,7 +59,8 @@ def partial_files(folder: Path):
 def test_deploy_benchmarks_on_the_device_and_brings_the_report_back(deployed, sshd):
     done, remote_dir = deployed["done"], deployed["remote_dir"]
     assert done.returncode == 0, done.stderr[-3000:]
-    assert f"== {ALIAS} ({platform.machine()}" in done.stdout and deployed["local"].name in done.stdout
+    assert done.stdout.splitlines()[0].split()[:2] == ["host", "model"], "one table, the host first"
+    assert f"{ALIAS} ({platform.machine()}" in done.stdout and deployed["local"].name in done.stdout
     combined = json.loads((deployed["folder"] / "all.json").read_text())
     report = combined[ALIAS]
     assert report["device"]["machine"] == platform.machine() and report["device"]["python"]
@@ -84,7 +85,7 @@ def test_second_run_reuses_runtime_and_copies_only_what_is_new(deployed, sshd, s
     assert f"{deployed['local'].name}: already there" in done.stderr
     assert "float.onnx: copied" in done.stderr
     assert "installing ai-edge-litert, onnxruntime into" in done.stderr, "the new runtime joins the venv"
-    rows = [line for line in done.stdout.splitlines() if line.startswith(ALIAS)]
+    rows = [line for line in done.stdout.splitlines() if line.startswith(ALIAS) and " KiB " in line]
     assert len(rows) == 4, "two artifacts at two thread counts"
     again = run(ALIAS, deployed["local"], small_artifacts["onnx"], "--ssh-config", sshd.client_config(),
                 "--remote-dir", deployed["remote_dir"], "--reports", deployed["folder"] / "reports", *FAST)
@@ -95,7 +96,9 @@ def test_compare_local_and_csv(deployed, sshd, tmp_path):
     done = run(ALIAS, deployed["local"], "--ssh-config", sshd.client_config(), "--remote-dir",
                deployed["remote_dir"], "--reports", tmp_path, "--compare-local", "--csv", tmp_path / "r.csv", *FAST)
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "== local" in done.stdout and f"== {ALIAS}" in done.stdout
+    rows = [line.split()[0] for line in done.stdout.splitlines()[2:4]]
+    assert rows == ["local", ALIAS], "the local run and the device's, side by side in one table"
+    assert "\nlocal: " in done.stdout and f"\n{ALIAS} (" in done.stdout
     lines = (tmp_path / "r.csv").read_text().splitlines()
     assert lines[0].startswith("host,model") and [line.split(",")[0] for line in lines[1:]] == ["local", ALIAS]
 
@@ -107,6 +110,7 @@ def test_unknown_host_key_stops_and_writes_nothing(sshd, small_artifacts, tmp_pa
                tmp_path / "reports")
     assert_one_line_failure(done, "unknown host key; sepconv never accepts host keys silently")
     assert not remote.exists() and sshd.empty_known_hosts.read_text() == ""
+    assert not (tmp_path / "reports").exists(), "no report for a host that failed"
 
 
 def test_wrong_key_is_refused(sshd, small_artifacts, tmp_path):
