@@ -76,12 +76,6 @@ class BudgetPlan:
     def to_dict(self) -> dict:
         return asdict(self)
 
-    def tightened(self, max_drop: float) -> "BudgetPlan":
-        """The plan chosen from the same measurements for a smaller budget (used when a budget did not hold)."""
-        ranks, predicted = choose(self.layers, max_drop)
-        return replace(self, max_drop=max_drop, ranks=ranks, predicted_drop=predicted,
-                       params_after=_params(self.layers, ranks))
-
 
 Progress = Callable[[str, str], None]
 

@@ -15,7 +15,6 @@ from __future__ import annotations
 import concurrent.futures
 import hashlib
 import json
-import shlex
 import tempfile
 import time
 import urllib.parse
@@ -287,11 +286,6 @@ def run_benchmark(conn: Connection, remote_paths: list[str], options: DeployOpti
     except json.JSONDecodeError:
         raise RemoteRuntimeError(f"{conn.target.label}: the benchmark's report was not JSON: "
                                  f"{_tail(done.stdout, 1)}") from None
-
-
-def remote_command_preview(argv: list[str]) -> str:
-    """The exact string the remote shell receives for `argv` (every argument quoted)."""
-    return shlex.join(argv)
 
 
 def _sha256(path: Path) -> str:
