@@ -10,7 +10,10 @@ p^(1/T) renormalised, so models that end in a softmax need no logits.
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -140,9 +143,11 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
     initial = trainer.evaluate(x[val], targets[val], batch_size=options.batch_size, verbose=0, return_dict=True)
     initial = float(initial[monitor.removeprefix("val_")])
     log = _epoch_log_class()(monitor, options.epochs, progress)
-    history = trainer.fit(x[train], targets[train], validation_data=(x[val], targets[val]), epochs=options.epochs,
-                          batch_size=options.batch_size, callbacks=own + [log] + list(callbacks),
-                          verbose=0 if progress else verbose, shuffle=True)
+    with _ctrl_c_between_batches() as stop:  # after the checkpoint callback: a save is never cut in half
+        history = trainer.fit(x[train], targets[train], validation_data=(x[val], targets[val]),
+                              epochs=options.epochs, batch_size=options.batch_size,
+                              callbacks=own + [log, stop] + list(callbacks), verbose=0 if progress else verbose,
+                              shuffle=True)
     values = history.history.get(monitor, [])
     best = int(np.nanargmax(values)) if values else -1
     if best < 0 or not values[best] > initial:  # no epoch beat the start: keep it
@@ -157,6 +162,34 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
                           history={k: [float(v) for v in vs] for k, vs in history.history.items()}, strategy=name,
                           devices=int(strategy.num_replicas_in_sync), seconds=round(time.perf_counter() - started, 1),
                           feature_layers=tuple(features))
+
+
+@contextlib.contextmanager
+def _ctrl_c_between_batches():
+    """Ctrl-C during training raises KeyboardInterrupt at the next batch or epoch boundary (after that epoch's
+    checkpoint is written) instead of wherever Python happens to be - in the middle of writing a checkpoint, a
+    half-written file that a resume cannot load. Only the main thread can own SIGINT; elsewhere nothing changes."""
+    import keras
+
+    pressed = []
+
+    class StopOnCtrlC(keras.callbacks.Callback):
+        def on_train_batch_end(self, batch, logs=None):
+            if pressed:
+                raise KeyboardInterrupt
+
+        on_epoch_end = on_train_batch_end
+
+    if threading.current_thread() is not threading.main_thread():
+        yield StopOnCtrlC()
+        return
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    try:
+        yield StopOnCtrlC()
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if pressed:
+        raise KeyboardInterrupt
 
 
 @functools.cache

@@ -189,6 +189,12 @@ def _finetune(original, separated, train, folder: Path, options: RecoveryOptions
         except KeyboardInterrupt:
             raise InterruptedRunError(f"interrupted during fine-tuning; finished epochs are checkpointed in {folder}: "
                                       f"run the same command with --resume to continue") from None
+        except (ValueError, OSError) as error:
+            if not options.resume:
+                raise
+            reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+            raise CheckpointError(f"--resume: the checkpoint in {folder} cannot be loaded ({reason}); it was cut off "
+                                  f"when the run was killed: delete the folder to start over") from None
         partial = weights.with_name(weights.name + ".partial.weights.h5")
         separated.save_weights(partial)
         partial.replace(weights)
