@@ -78,6 +78,23 @@ def progress_printer(args, started: float):
 
 # ---------------------------------------------------------------------------------------------------- bench-model
 
+def _stop_flags(parser) -> None:
+    """When a case's timed runs stop: the same flags, meaning and defaults in bench-model and deploy-model."""
+    parser.add_argument("--min-runs", type=positive, default=50, help="(default: %(default)s)")
+    parser.add_argument("--min-time", type=seconds, default=2.0, help="seconds of timed runs per case, at least "
+                        "(default: %(default)s)")
+    parser.add_argument("--max-time", type=seconds, default=60.0, help="seconds of timed runs per case, at most "
+                        "(default: %(default)s)")
+
+
+def _output_flags(parser):
+    """The last flags of both commands' parsers; returns the parser."""
+    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
+    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
 def bench_parser() -> argparse.ArgumentParser:
     parser = Parser(
         prog="bench-model",
@@ -94,11 +111,7 @@ def bench_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     parser.add_argument("--input", help="an .npz with x (inputs) and optionally y (labels: top-1 accuracy is "
                         "reported); default: seeded random data of each input's shape and type")
-    parser.add_argument("--min-runs", type=positive, default=50, help="(default: %(default)s)")
-    parser.add_argument("--min-time", type=seconds, default=2.0, help="seconds of timed runs per case, at least "
-                        "(default: %(default)s)")
-    parser.add_argument("--max-time", type=seconds, default=60.0, help="seconds of timed runs per case, at most "
-                        "(default: %(default)s)")
+    _stop_flags(parser)
     parser.add_argument("--warmup-runs", type=count, default=10, help="(default: %(default)s)")
     parser.add_argument("--warmup-time", type=seconds, default=0.5, help="(default: %(default)s s)")
     parser.add_argument("--round-time", type=seconds, default=0.05, help="timed seconds per case per interleaved "
@@ -112,10 +125,7 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE", help="the full report as JSON, with the raw "
                         "samples (to FILE, or stdout without one)")
     parser.add_argument("--csv", metavar="FILE", help="one row per case as CSV ('-' for stdout)")
-    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
+    return _output_flags(parser)
 
 
 def bench_options(args):
@@ -236,9 +246,7 @@ def deploy_parser() -> argparse.ArgumentParser:
                         "travel with them)")
     parser.add_argument("--threads", type=thread_list, default=(1,), help="thread counts, e.g. 1,4 (default: 1)")
     parser.add_argument("--input", help="an .npz with x (and y for accuracy) to benchmark on; copied to the device")
-    parser.add_argument("--min-runs", type=positive, default=50, help="(default: %(default)s)")
-    parser.add_argument("--min-time", type=seconds, default=2.0, help="(default: %(default)s s)")
-    parser.add_argument("--max-time", type=seconds, default=60.0, help="(default: %(default)s s)")
+    _stop_flags(parser)
     parser.add_argument("--no-xnnpack", action="store_true", help="LiteRT's built-in kernels without XNNPACK, on the "
                         "devices (and here with --compare-local)")
     parser.add_argument("--compare-local", action="store_true", help="also benchmark here with the same options and "
@@ -256,10 +264,7 @@ def deploy_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     parser.add_argument("--json", metavar="FILE", help="all hosts' reports in one JSON file ('-' for stdout)")
     parser.add_argument("--csv", metavar="FILE", help="one row per host and case as CSV ('-' for stdout)")
-    parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
-    return parser
+    return _output_flags(parser)
 
 
 def deploy_options(args):

@@ -62,3 +62,15 @@ def assert_snapshot_equal(before, after, what="model"):
     assert [p for p, _ in before] == [p for p, _ in after], f"{what}: its variables changed"
     for (path, a), (_, b) in zip(before, after):
         np.testing.assert_array_equal(a, b, err_msg=f"{what}: variable {path} changed")
+
+
+def write_file(path, data: bytes):
+    """Write `data` to `path` and return the path (for bad-input cases built inline)."""
+    path.write_bytes(data)
+    return path
+
+
+def save_npz(path, **arrays):
+    """np.savez `arrays` to `path` and return the path."""
+    np.savez(path, **arrays)
+    return path

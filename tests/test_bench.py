@@ -5,6 +5,7 @@ import hashlib
 import numpy as np
 import pytest
 
+from helpers import write_file
 from sepconv.deploy.bench import BenchOptions, benchmark
 from sepconv.deploy.context import system, thermal
 from sepconv.deploy.errors import ArtifactError, InputDataError, InvalidOptionError
@@ -79,9 +80,9 @@ def test_labelled_npz_gives_accuracy_and_the_same_predictions_everywhere(small_a
 
 @pytest.mark.parametrize("make, error, match", [
     (lambda t, a: [t / "missing.tflite"], ArtifactError, "no such file"),
-    (lambda t, a: [_write(t / "bad.tflite", b"\0" * 64)], ArtifactError, "LiteRT cannot load it"),
-    (lambda t, a: [_write(t / "bad.onnx", b"junk" * 16)], ArtifactError, "ONNX Runtime cannot load it"),
-    (lambda t, a: [_write(t / "m.pt", b"x")], ArtifactError, "unrecognized artifact extension"),
+    (lambda t, a: [write_file(t / "bad.tflite", b"\0" * 64)], ArtifactError, "LiteRT cannot load it"),
+    (lambda t, a: [write_file(t / "bad.onnx", b"junk" * 16)], ArtifactError, "ONNX Runtime cannot load it"),
+    (lambda t, a: [write_file(t / "m.pt", b"x")], ArtifactError, "unrecognized artifact extension"),
 ])
 def test_bad_artifacts(tmp_path, small_artifacts, make, error, match):
     with pytest.raises(error, match=match):
@@ -129,7 +130,3 @@ def test_context_reads_a_raspberry_pi(tmp_path):
     empty = system(tmp_path / "nothing")
     assert empty["pi_model"] is None and empty["governor"] is None, "missing files are None, not errors"
 
-
-def _write(path, data):
-    path.write_bytes(data)
-    return path

@@ -12,6 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from helpers import save_npz, write_file
+
 BENCH = str(Path(sys.executable).parent / "bench-model")
 FAST = ["--min-runs", "10", "--min-time", "0.05", "--warmup-runs", "2", "--warmup-time", "0"]
 BLOCK = """
@@ -75,9 +77,9 @@ def test_json_and_csv_files_and_markdown(small_artifacts, tmp_path):
 
 @pytest.mark.parametrize("make, phrase", [
     (lambda t, a: [t / "nope.tflite"], "no such file"),
-    (lambda t, a: [_write(t / "bad.tflite", b"\0" * 64)], "LiteRT cannot load it"),
-    (lambda t, a: [_write(t / "empty.onnx", b"")], "empty"),
-    (lambda t, a: [a["tflite"], "--input", _npz(t / "d.npz", x=np.zeros((3, 5, 5, 3), np.float32))],
+    (lambda t, a: [write_file(t / "bad.tflite", b"\0" * 64)], "LiteRT cannot load it"),
+    (lambda t, a: [write_file(t / "empty.onnx", b"")], "empty"),
+    (lambda t, a: [a["tflite"], "--input", save_npz(t / "d.npz", x=np.zeros((3, 5, 5, 3), np.float32))],
      "takes (12, 12, 3)"),
     (lambda t, a: [a["tflite"], "--input", t / "missing.npz"], "no such file"),
 ])
@@ -116,15 +118,6 @@ def test_runs_end_to_end_with_tensorflow_unimportable(small_artifacts, tmp_path)
     assert [c["runtime"].split()[0] for c in report["cases"]] == ["ai-edge-litert", "onnxruntime"], \
         "LiteRT itself, not TensorFlow's interpreter"
 
-
-def _write(path, data):
-    path.write_bytes(data)
-    return path
-
-
-def _npz(path, **arrays):
-    np.savez(path, **arrays)
-    return path
 
 
 def test_help_is_instant():

@@ -11,6 +11,8 @@ import keras
 import numpy as np
 import pytest
 
+from helpers import save_npz, write_file
+
 HERE = Path(__file__).parent
 CONVERT = [str(Path(sys.executable).parent / "convert-model")]
 
@@ -128,18 +130,18 @@ def test_verification_failure_writes_nothing(tmp_path, small_h5):
 
 BAD_INPUTS = {
     "missing input": (lambda t, h5: [t / "nope.h5", t / "out" / "m.tflite"], "no such file"),
-    "empty input": (lambda t, h5: [_write(t / "empty.h5", b""), t / "out" / "m.tflite"], "empty"),
-    "corrupt input": (lambda t, h5: [_write(t / "bad.h5", b"x" * 64), t / "out" / "m.tflite"], "damaged"),
-    "tflite as input": (lambda t, h5: [_write(t / "m.tflite", b"\0\0\0\0TFL3" + b"\0" * 32), t / "out" / "x.onnx"],
+    "empty input": (lambda t, h5: [write_file(t / "empty.h5", b""), t / "out" / "m.tflite"], "empty"),
+    "corrupt input": (lambda t, h5: [write_file(t / "bad.h5", b"x" * 64), t / "out" / "m.tflite"], "damaged"),
+    "tflite as input": (lambda t, h5: [write_file(t / "m.tflite", b"\0\0\0\0TFL3" + b"\0" * 32), t / "out" / "x.onnx"],
                         "TFLite model"),
     "unknown extension": (lambda t, h5: [h5, t / "out" / "m.pt"], "unknown extension '.pt'"),
     "missing folder": (lambda t, h5: [h5, t / "out" / "sub" / "m.tflite"], "does not exist"),
     "unwritable folder": (lambda t, h5: [h5, "/proc/m.tflite"], "not writable"),
     "same as input": (lambda t, h5: [h5, h5.with_suffix(".keras"), h5], "unknown extension '.h5'"),
-    "wrong data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data", _npz(t / "d.npz", y=np.arange(3))],
+    "wrong data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data", save_npz(t / "d.npz", y=np.arange(3))],
                    "no array 'x'"),
     "data of wrong shape": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data",
-                                           _npz(t / "d.npz", x=np.zeros((4, 12, 12, 2)))], "2 channels"),
+                                           save_npz(t / "d.npz", x=np.zeros((4, 12, 12, 2)))], "2 channels"),
     "int8 without data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--quantize", "int8"], "--data"),
     "float16 onnx": (lambda t, h5: [h5, t / "out" / "m.onnx", "--quantize", "float16"], "not available for ONNX"),
     "refine without data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--refine"], "--refine"),
@@ -148,20 +150,11 @@ BAD_INPUTS = {
     "epochs without data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--epochs", "3"], "--epochs fine-tunes"),
     "budget without data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--max-accuracy-drop", "1"],
                             "--max-accuracy-drop measures"),
-    "resume without checkpoints": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data", _npz(t / "d.npz", x=np.zeros(
+    "resume without checkpoints": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data", save_npz(t / "d.npz", x=np.zeros(
         (8, 12, 12, 3), np.float32)), "--resume", "--rank", "1"], "no checkpoints in"),
     "resume without training": (lambda t, h5: [h5, t / "out" / "m.tflite", "--resume"], "--resume continues"),
 }
 
-
-def _write(path, data):
-    path.write_bytes(data)
-    return path
-
-
-def _npz(path, **arrays):
-    np.savez(path, **arrays)
-    return path
 
 
 @pytest.mark.parametrize("case", sorted(BAD_INPUTS))
