@@ -169,6 +169,8 @@ def _check_top_level_class(path: Path, config: dict, custom_objects: dict) -> No
 def _keras_load(path: Path, kind: str, custom_objects: dict | None, safe_mode: bool):
     import keras
 
+    if kind == "h5":  # Keras 2 files: layers whose saved configs carry keys Keras 3 refuses
+        custom_objects = {**_keras2_shims(), **(custom_objects or {})}
     try:
         if kind == "keras" and path.suffix.lower() != ".keras":
             return _load_renamed(path, ".keras", custom_objects, safe_mode)
@@ -179,6 +181,30 @@ def _keras_load(path: Path, kind: str, custom_objects: dict | None, safe_mode: b
         raise
     except Exception as error:  # Keras raises ValueError, TypeError, KeyError ... with long multi-line messages
         raise _translate(path, error) from error
+
+
+# Keys tf.keras (Keras 2) wrote into these layers' configs that Keras 3's constructors refuse ("Unrecognized keyword
+# arguments passed to SeparableConv2D: {'groups': 1, 'kernel_initializer': ...}"); they have no effect on these layers.
+_KERAS2_EXTRA_KEYS = {
+    "SeparableConv2D": ("groups", "kernel_initializer", "kernel_regularizer", "kernel_constraint"),
+    "DepthwiseConv2D": ("groups", "kernel_initializer", "kernel_regularizer", "kernel_constraint"),
+}
+
+
+def _keras2_shims() -> dict:
+    """{class name: an object whose from_config drops the Keras 2-only keys and builds the real Keras 3 layer}."""
+    import keras
+
+    def shim(layer_class, extra):
+        class Keras2Config:
+            @classmethod
+            def from_config(cls, config):
+                return layer_class.from_config({k: v for k, v in config.items() if k not in extra})
+
+        Keras2Config.__name__ = layer_class.__name__
+        return Keras2Config
+
+    return {name: shim(getattr(keras.layers, name), extra) for name, extra in _KERAS2_EXTRA_KEYS.items()}
 
 
 def _load_renamed(path: Path, suffix: str, custom_objects, safe_mode):

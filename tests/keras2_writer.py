@@ -2,13 +2,14 @@
 
 usage: python keras2_writer.py OUT_DIR
 Writes model.h5 (a small CNN with BatchNorm, a residual Add and Dropout), inputs/expected outputs in
-expected.npz, weights.h5 (weights only) and lambda.h5 (a model with a Python lambda).
+expected.npz, separable.h5 (SeparableConv2D, DepthwiseConv2D, a strided 1x1 shortcut) with separable_expected.npz, weights.h5 (weights only) and lambda.h5 (a model with a Python lambda).
 """
 
 import os
 import sys
 
 os.environ["TF_USE_LEGACY_KERAS"] = "1"
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")  # oneDNN crashes training strided 1x1 convolutions (AVX-512)
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
@@ -33,6 +34,19 @@ model.fit(data, rng.integers(0, 5, 64), epochs=1, verbose=0)  # moves BatchNorm 
 model.save(os.path.join(out, "model.h5"))
 np.savez(os.path.join(out, "expected.npz"), x=data[:4], y=model.predict(data[:4], verbose=0))
 model.save_weights(os.path.join(out, "weights.h5"))
+# SeparableConv2D and DepthwiseConv2D: tf.keras wrote Conv2D-only keys (groups, kernel_initializer, ...) in their
+# configs, which Keras 3's constructors refuse
+sep_in = k2.Input((16, 16, 3), name="gray")
+s = k2.layers.Conv2D(8, 1, strides=2, use_bias=False, name="proj")(sep_in)
+t = k2.layers.SeparableConv2D(8, 3, padding="same", use_bias=False, depthwise_regularizer=k2.regularizers.l2(0.01),
+                              name="sep")(sep_in)
+t = k2.layers.DepthwiseConv2D(3, strides=2, padding="same", name="dw")(k2.layers.BatchNormalization(name="sep_bn")(t))
+sep = k2.Model(sep_in, k2.layers.Dense(3, activation="softmax")(k2.layers.GlobalAveragePooling2D()(
+    k2.layers.add([s, t]))), name="keras2_separable")
+sep.compile("adam", "sparse_categorical_crossentropy")
+sep.fit(data, rng.integers(0, 3, 64), epochs=1, verbose=0)
+sep.save(os.path.join(out, "separable.h5"))
+np.savez(os.path.join(out, "separable_expected.npz"), x=data[:4], y=sep.predict(data[:4], verbose=0))
 lam = k2.Sequential([k2.Input((4,)), k2.layers.Lambda(lambda t: t * 2.0, name="doubler")])
 lam.save(os.path.join(out, "lambda.h5"))
 print("ok")

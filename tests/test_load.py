@@ -61,6 +61,17 @@ def test_keras2_h5(keras2_files):
     assert sha256(path) == digest
 
 
+def test_keras2_separable_and_depthwise_layers(keras2_files):
+    """tf.keras wrote keys Keras 3 refuses into these layers' configs ("Unrecognized keyword arguments passed to
+    SeparableConv2D: {'groups': 1, ...}"): sepconv loads them as the real Keras 3 layers, predicting the same."""
+    model = load(keras2_files / "separable.h5")
+    expected = np.load(keras2_files / "separable_expected.npz")
+    np.testing.assert_allclose(model.predict(expected["x"], verbose=0), expected["y"], atol=1e-5,
+                               err_msg="a Keras 2 .h5 with SeparableConv2D must predict what it did in tf.keras")
+    assert type(model.get_layer("sep")) is keras.layers.SeparableConv2D
+    assert type(model.get_layer("dw")) is keras.layers.DepthwiseConv2D
+
+
 def test_keras2_weights_only(keras2_files):
     with pytest.raises(errors.WeightsOnlyFileError, match="weights only.*load_weights"):
         load(keras2_files / "weights.h5")
