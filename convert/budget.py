@@ -7,7 +7,8 @@ with labels, top-1 agreement with the original without. A layer's drop at K is t
 Choice: drops are taken as additive (the predicted drop of a plan is the sum of its layers' drops, negative ones
 counted as 0). Every layer starts at its smallest candidate; while the prediction is over budget, the move (a layer to
 a larger K, or kept as it is) that removes the most predicted drop per parameter added is made. A layer kept as it is
-has no drop, so the search always ends. The pipeline then fine-tunes the plan and checks the budget on held-out data.
+has no drop, so the search always ends. Then each layer, largest savings first, gets back the smallest candidate that
+still fits (greedy steps can overshoot). The pipeline then fine-tunes the plan and checks the budget on held-out data.
 """
 
 from __future__ import annotations
@@ -134,8 +135,23 @@ def choose(layers, max_drop: float) -> tuple[dict, float]:
         if best is None:
             break
         chosen[best[1]] = best[2]
+    _fill_back(layers, chosen, max_drop, predicted)
     ranks = {path: c.rank for path, c in chosen.items() if c.rank != KEEP}
     return ranks, round(predicted(), 4)
+
+
+def _fill_back(layers, chosen: dict, max_drop: float, predicted) -> None:
+    """Greedy steps can overshoot (keeping a layer whose smaller K would still have fitted once another layer was
+    kept): give each layer, largest savings first, the smallest candidate that keeps the prediction in budget."""
+    for layer in sorted(layers, key=lambda layer: layer.candidates[0].params - layer.candidates[-1].params):
+        now = chosen[layer.path]
+        for option in layer.candidates:  # ascending by parameters
+            if option.params >= now.params:
+                break
+            chosen[layer.path] = option
+            if predicted() <= max_drop + 1e-9:
+                break
+            chosen[layer.path] = now
 
 
 def _params(layers, ranks: dict) -> int:
@@ -156,11 +172,12 @@ def _scorer(model, x_eval, y_eval):
 
 
 def _separable_layers(model, separation) -> list[tuple[str, int, int]]:
-    """(path, exact K, parameters) of the top-level layers separation would rewrite at K=1."""
+    """(path, exact K, parameters) of the layers separation would rewrite at K=1, nested models included."""
+    from sepconv.convert.refinement import called_once
     from sepconv.convert.separation import separate_with
 
     _, report = separate_with(model, replace(separation, rank=1, energy=None, ranks=None))
-    return [(row.path, row.full_rank, row.params_before) for row in report.separated if "/" not in row.path]
+    return [(row.path, row.full_rank, row.params_before) for row in report.separated if called_once(model, row.path)]
 
 
 def _sensitivity(model, path: str, full_rank: int, params: int, score, baseline: float, x_calibration,

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from sepconv.deploy.cli import Parser, checked as _checked, count as _count, positive as _positive
 from sepconv.deploy.cli import run as run_command
+from sepconv.convert.supervise import die_with_parent, in_worker, report_stage, supervise
 
 
 def _quiet_tensorflow(debug: bool) -> None:
@@ -42,6 +43,10 @@ def run(prog: str, body, args: argparse.Namespace) -> int:
     """Import TensorFlow quietly, then run `body(args)` as every sepconv command does (sepconv.deploy.cli.run): a
     sepconv error is one line on stderr and its exit status (a traceback with --debug)."""
     _quiet_tensorflow(args.debug)
+    if not args.debug:  # Keras 3 warns on every call of a legacy (Keras 2) model saved with a list input; harmless
+        import warnings
+
+        warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match the expected structure")
     return run_command(prog, body, args)
 
 
@@ -80,16 +85,22 @@ def convert_parser() -> argparse.ArgumentParser:
                         help="artifacts to write; the format follows the extension: .tflite, .onnx, .keras")
     group = parser.add_argument_group("data (calibration and verification)")
     group.add_argument("--data", help="an .npz with x (and y), or a folder of images (in class sub-folders for labels)")
-    group.add_argument("--scale", choices=("unit", "symmetric", "raw"), default="unit",
-                       help="map 0..255 pixels to [0, 1], [-1, 1] or leave them (default: %(default)s); float .npz "
+    group.add_argument("--scale", choices=("auto", "unit", "symmetric", "raw"), default="auto",
+                       help="map 0..255 pixels to [0, 1], [-1, 1] or leave them; auto: leave them when the model "
+                            "has its own Rescaling layer at the input, else [0, 1] (default: %(default)s); float .npz "
                             "arrays are taken as preprocessed")
     group.add_argument("--mean", type=_floats, help="per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406")
     group.add_argument("--std", type=_floats, help="per-channel std divided after the mean, e.g. 0.229,0.224,0.225")
-    group.add_argument("--max-samples", type=_positive, help="read at most this many samples")
-    group.add_argument("--test-data", help="held-out data (same forms as --data) for scoring and verification; "
-                       "default: --heldout-fraction of --data")
+    group.add_argument("--max-samples", type=_positive, help="read at most this many samples (a seeded random choice)")
+    group.add_argument("--test-data", help="test data (same forms as --data) for scoring and verification only, never "
+                       "for choosing; default: --heldout-fraction of --data")
     group.add_argument("--heldout-fraction", type=_open_fraction, default=0.25,
-                       help="share of --data held out when there is no --test-data (default: %(default)s)")
+                       help="share of --data held out as test data when there is no --test-data (default: "
+                            "%(default)s)")
+    group.add_argument("--validation-fraction", type=_open_fraction, default=0.2,
+                       help="share of the rest set aside as validation data, which makes every choice: the rank "
+                            "per layer, early stopping, keeping or rejecting each recovery stage (default: "
+                            "%(default)s)")
     group.add_argument("--calibration-samples", type=_positive, default=200,
                        help="training samples that calibrate int8, refinement and BatchNorm (default: %(default)s)")
     group = parser.add_argument_group(
@@ -97,7 +108,7 @@ def convert_parser() -> argparse.ArgumentParser:
     policy = group.add_mutually_exclusive_group()
     policy.add_argument("--max-accuracy-drop", type=_points, metavar="POINTS",
                         help="choose K per layer so that at most this many points of accuracy (agreement with the "
-                             "original without labels) are lost on held-out data; checked after fine-tuning")
+                             "original without labels) are lost on the validation data; checked after recovery")
     policy.add_argument("--rank", type=_rank, help="depth multiplier K for every separated layer, or 'full' (exact)")
     policy.add_argument("--energy", type=_fraction,
                         help="per layer, the smallest K keeping this fraction of the kernel's energy")
@@ -115,7 +126,7 @@ def convert_parser() -> argparse.ArgumentParser:
                             "(default: on with --data)")
     group = parser.add_argument_group("fine-tuning (needs --data; labels are used when the data has them, "
                                       "else distillation from the original)")
-    group.add_argument("--epochs", type=_count, help="at most this many epochs, early stopping on held-out "
+    group.add_argument("--epochs", type=_count, help="at most this many epochs, early stopping on validation "
                        "accuracy/agreement (default: 10 with --data; 0 turns fine-tuning off)")
     group.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
     group.add_argument("--learning-rate", type=_positive_float,
@@ -188,6 +199,7 @@ def convert_options(args):
         data=args.data,
         test_data=args.test_data,
         heldout_fraction=args.heldout_fraction,
+        validation_fraction=args.validation_fraction,
         data_options=DataOptions(scale=args.scale, mean=args.mean, std=args.std, max_samples=args.max_samples),
         calibration_samples=args.calibration_samples,
         io_type=args.io_type,
@@ -208,6 +220,7 @@ def _convert(args) -> int:
     started = time.perf_counter()
 
     def progress(stage, message):
+        report_stage(stage)
         if not args.quiet:
             print(f"[{time.perf_counter() - started:6.1f}s] {stage}: {message}", file=sys.stderr, flush=True)
 
@@ -235,14 +248,21 @@ def recovery_tables(result) -> str:
         text += tabulate(rows, headers=["layer", "K chosen"] + [f"drop K={k}" for k in ranks], tablefmt="simple",
                          disable_numparse=True)
         text += (f"\nsensitivity: points of {budget['metric']} lost when only that layer is separated "
-                 f"(on {budget['samples']} held-out samples); budget {budget['max_drop']}, predicted "
-                 f"{budget['predicted_drop']:.2f}, measured after recovery {budget['measured_drop']:.2f}: "
-                 f"{'held' if budget['held'] else 'NOT held'}\n\n")
-    rows = [[stage["name"], f"{stage['params']:,}", _pct(stage["accuracy"]), _pct(stage["agreement"]),
-             f"{stage['seconds']:.1f}"] for stage in recovery["stages"]]
-    text += tabulate(rows, headers=["stage", "params", "accuracy", "agrees w/ original", "seconds"],
-                     tablefmt="simple", disable_numparse=True)
-    return text + f"\nscored on {recovery['samples']} held-out samples (Keras models)\n\n"
+                 f"(on {budget['samples']} validation samples); budget {budget['max_drop']}, predicted "
+                 f"{budget['predicted_drop']:.2f}, measured after recovery {budget['measured_drop']:.2f} "
+                 f"(validation): {'held' if budget['held'] else 'NOT held'}; on the test data "
+                 f"{budget['test_drop']:.2f}\n\n")
+    rows = [[stage["name"], "kept" if stage["kept"] else "REJECTED", f"{stage['params']:,}",
+             _pct(stage["val_accuracy"] if stage["val_accuracy"] is not None else stage["val_agreement"]),
+             _pct(stage["accuracy"]), _pct(stage["agreement"]), f"{stage['seconds']:.1f}"]
+            for stage in recovery["stages"]]
+    metric = "accuracy" if any(stage["val_accuracy"] is not None for stage in recovery["stages"]) else "agreement"
+    text += tabulate(rows, headers=["stage", "verdict", "params", f"val {metric}", "test accuracy",
+                                    "agrees w/ original", "seconds"], tablefmt="simple", disable_numparse=True)
+    rejected = [f"{stage['name']} ({stage['note']})" for stage in recovery["stages"] if not stage["kept"]]
+    text += (f"\na stage is kept only if the validation {metric} (on {recovery['validation_samples']} samples) does "
+             f"not fall; test figures on {recovery['samples']} samples only report (Keras models)")
+    return text + (f"\nrejected: {'; '.join(rejected)}" if rejected else "") + "\n\n"
 
 
 def _drop(layer: dict, rank: int) -> str:
@@ -279,7 +299,13 @@ def _pct(value) -> str:
 
 
 def convert_main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = convert_parser().parse_args(argv)
+    if not in_worker():  # the work runs in a child process (supervise.py: a native crash becomes one line)
+        first = Path(args.outputs[0])
+        checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else first.with_name(first.name + ".checkpoints")
+        return supervise("convert-model", argv, checkpoints)
+    die_with_parent()
     return run("convert-model", _convert, args)
 
 
@@ -386,9 +412,17 @@ def _demo_speed(args, model_path: Path) -> dict:
 
 
 def demo_main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = demo_parser().parse_args(argv)
+    if not in_worker():
+        return supervise("sepconv-demo", argv)
+    die_with_parent()
     return run("sepconv-demo", _demo, args)
 
 
-if __name__ == "__main__":
-    sys.exit(demo_main())
+MAINS = {"convert-model": convert_main, "sepconv-demo": demo_main}
+
+if __name__ == "__main__":  # python -m sepconv.convert.cli PROG ARGS... (how supervise.py starts the worker)
+    if len(sys.argv) < 2 or sys.argv[1] not in MAINS:
+        sys.exit(f"usage: python -m sepconv.convert.cli {{{','.join(MAINS)}}} ARGS...")
+    sys.exit(MAINS[sys.argv[1]](sys.argv[2:]))

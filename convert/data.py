@@ -16,22 +16,28 @@ from sepconv.convert.errors import DataError, InvalidOptionError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SCALES = {"unit": (1 / 255.0, 0.0), "symmetric": (2 / 255.0, -1.0), "raw": (1.0, 0.0)}
+AUTO = "auto"  # 'raw' for a model that rescales its own input (a Rescaling layer before any weights), else 'unit'
+SEED = 0  # of every shuffle and sample here: the same files give the same data
 
 
 @dataclass(frozen=True)
 class DataOptions:
-    """scale: how 0..255 pixels map to the model's range: 'unit' [0, 1], 'symmetric' [-1, 1] or 'raw' [0, 255].
+    """scale: how 0..255 pixels map to the model's range: 'unit' [0, 1], 'symmetric' [-1, 1] or 'raw' [0, 255];
+    'auto' (the default) is 'raw' for a model with its own Rescaling layer at the input and 'unit' otherwise
+    (`resolve_scale`; read without a model, 'unit').
     mean / std: per-channel normalisation applied after scaling ((x - mean) / std), e.g. ImageNet statistics.
-    max_samples: read at most this many samples (the first ones, in a fixed order)."""
+    max_samples: read at most this many samples: a seeded random choice (classes in turn for image folders), so that
+    a file sorted by label keeps its classes."""
 
-    scale: str = "unit"
+    scale: str = AUTO
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     max_samples: int | None = None
 
     def __post_init__(self):
-        if self.scale not in SCALES:
-            raise InvalidOptionError(f"Unrecognized scale={self.scale!r}. Supported scales are: {sorted(SCALES)}")
+        if self.scale not in SCALES and self.scale != AUTO:
+            raise InvalidOptionError(f"Unrecognized scale={self.scale!r}. Supported scales are: "
+                                     f"{sorted(SCALES) + [AUTO]}")
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
             raise InvalidOptionError(f"Unrecognized max_samples={self.max_samples!r}. Use a whole number >= 1")
         if self.std is not None and any(s == 0 for s in self.std):
@@ -81,9 +87,10 @@ def _from_npz(path: Path, shape, options: DataOptions) -> Dataset:
         raise DataError(f"{path}: has no array 'x' (found: {sorted(arrays)}); save it with numpy.savez(path, x=images, "
                         f"y=labels)")
     x, y = arrays["x"], arrays.get("y")
-    if options.max_samples:
-        x = x[: options.max_samples]
-        y = None if y is None else y[: options.max_samples]
+    if options.max_samples and np.ndim(x) >= 1 and options.max_samples < len(x):
+        keep = np.sort(np.random.default_rng(SEED).choice(len(x), options.max_samples, replace=False))
+        y = y[keep] if y is not None and np.ndim(y) >= 1 and len(y) == len(x) else y
+        x = x[keep]
     if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or x.ndim not in (3, 4) or len(x) == 0:
         raise DataError(f"{path}: 'x' must be a non-empty numeric array of images (N, H, W[, C]); got dtype "
                         f"{x.dtype} and shape {x.shape}")
@@ -102,6 +109,8 @@ def _from_folder(path: Path, shape, options: DataOptions) -> Dataset:
         files = [(f, None) for f in _images_in(path)]
     if not files:
         raise DataError(f"{path}: holds no images ({', '.join(IMAGE_SUFFIXES)}), directly or in class sub-folders")
+    order = np.random.default_rng(SEED).permutation(len(files))  # read class by class, used in a random order
+    files = [files[i] for i in order]
     if options.max_samples:
         files = _interleave(files, options.max_samples)
     x = np.stack([_read_image(f, shape) for f, _ in files])
@@ -161,7 +170,7 @@ def _fit(x: np.ndarray, shape, source: str) -> np.ndarray:
 
 def _normalise(x: np.ndarray, options: DataOptions, *, scale: bool) -> np.ndarray:
     if scale:
-        factor, offset = SCALES[options.scale]
+        factor, offset = SCALES["unit" if options.scale == AUTO else options.scale]
         x = x * factor + offset
     if options.mean is not None:
         x = x - np.asarray(options.mean, dtype=np.float32)
@@ -187,6 +196,43 @@ def check_labels(data: Dataset, classes: int) -> None:
     """Labels must index the model's output classes."""
     if data.y is not None and len(data.y) and int(data.y.max()) >= classes:
         raise DataError(f"{data.source}: label {int(data.y.max())} is out of range for a model with {classes} outputs")
+
+
+def resolve_scale(model, options: DataOptions) -> tuple[DataOptions, str]:
+    """(options with scale 'auto' resolved for `model`, a note saying what was chosen and why)."""
+    from dataclasses import replace
+
+    if options.scale != AUTO:
+        return options, f"scale {options.scale}"
+    layer = _input_rescaling(model)
+    if layer is not None:
+        return replace(options, scale="raw"), (f"scale auto -> raw: the model rescales its input itself in layer "
+                                                f"{layer!r}, so pixels are fed as 0..255")
+    return replace(options, scale="unit"), "scale auto -> unit: 0..255 pixels become [0, 1]"
+
+
+def _input_rescaling(model) -> str | None:
+    """The path of a Rescaling layer met before any layer with weights, walking the model in graph order."""
+    import keras
+
+    from sepconv.convert.separation import leaf_layers
+
+    for path, layer in leaf_layers(model):
+        if isinstance(layer, keras.layers.Rescaling):
+            return path
+        if layer.weights and not isinstance(layer, keras.layers.Normalization):
+            return None
+    return None
+
+
+def check_usable(data: Dataset, minimum: int) -> None:
+    """Refuse data that cannot carry a run: too few samples for its three roles, or images that are all the same."""
+    if len(data) < minimum:
+        raise DataError(f"{data.source}: only {len(data)} samples; a run needs at least {minimum} (some to train and "
+                        f"calibrate on, some to validate, some to test); pass more images")
+    if float(np.ptp(data.x)) == 0.0:
+        raise DataError(f"{data.source}: all {len(data)} images are the same constant value {float(data.x.flat[0]):g}; "
+                        f"this is not image data: pass the real images")
 
 
 def split(data: Dataset, heldout: float = 0.25, seed: int = 0) -> tuple[Dataset, Dataset]:

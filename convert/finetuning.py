@@ -96,12 +96,13 @@ class FinetuneResult:
 
 def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
              options: FinetuneOptions = FinetuneOptions(), verbose: int = 1, callbacks=(), progress=None,
-             **kwargs) -> FinetuneResult:
+             validation: tuple | None = None, **kwargs) -> FinetuneResult:
     """Train `student` in place towards `teacher` (and the labels `y`, if given) on images `x`.
 
     kwargs are FinetuneOptions fields; callbacks are extra Keras callbacks (after sepconv's own). `student` must end
     in a softmax classifier output, like `teacher`. progress(stage, message), if given, gets one line per epoch instead
-    of Keras' progress bar. The starting weights count as epoch 0: if no epoch beats them on the validation split, they
+    of Keras' progress bar. validation: (x_val, y_val or None) for early stopping; without it, validation_split of `x`
+    is held out. The starting weights count as epoch 0: if no epoch beats them on the validation data, they
     are kept (best_epoch 0). Raises KeyboardInterrupt as usual on Ctrl-C; the checkpoints of finished epochs stay in
     checkpoint_dir.
     """
@@ -113,8 +114,16 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
         raise InvalidOptionError(f"fine-tuning needs at least 2 images; got {len(x)}")
     started = time.perf_counter()
     classes = int(student.outputs[0].shape[-1])
-    targets = _targets(teacher, x, y, classes)
-    train, val = _split(len(x), options)
+    if validation is None:
+        targets = _targets(teacher, x, y, classes)
+        train, val = _split(len(x), options)
+        x_train, t_train, x_val, t_val = x[train], targets[train], x[val], targets[val]
+    else:
+        x_val, y_val = validation
+        if len(x_val) == 0 or (y is None) != (y_val is None):
+            raise InvalidOptionError("validation=(x_val, y_val) needs images, and labels exactly when y is given")
+        x_train, t_train = x, _targets(teacher, x, y, classes)
+        t_val = _targets(teacher, x_val, y_val, classes)
     monitor = "val_accuracy" if y is not None else "val_agreement"
     label_weight = options.label_weight if y is not None else 0.0
     strategy, name = _strategy(options.strategy)
@@ -124,7 +133,7 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
         model = _trainable_copy(student)
         trainer = _feature_trainer(model, _trainable_copy(teacher), features, options.feature_weight) if features \
             else model
-        steps = int(np.ceil(len(train) / options.batch_size)) * options.epochs
+        steps = int(np.ceil(len(x_train) / options.batch_size)) * options.epochs
         schedule = keras.optimizers.schedules.CosineDecay(options.learning_rate or DEFAULT_LEARNING_RATE,
                                                           decay_steps=max(1, steps))
         trainer.compile(optimizer=keras.optimizers.Adam(schedule),
@@ -140,11 +149,11 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
             shutil.rmtree(backup)
         own.append(keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch", delete_checkpoint=True))
     start = model.get_weights()
-    initial = trainer.evaluate(x[val], targets[val], batch_size=options.batch_size, verbose=0, return_dict=True)
+    initial = trainer.evaluate(x_val, t_val, batch_size=options.batch_size, verbose=0, return_dict=True)
     initial = float(initial[monitor.removeprefix("val_")])
     log = _epoch_log_class()(monitor, options.epochs, progress)
     with _ctrl_c_between_batches() as stop:  # after the checkpoint callback: a save is never cut in half
-        history = trainer.fit(x[train], targets[train], validation_data=(x[val], targets[val]),
+        history = trainer.fit(x_train, t_train, validation_data=(x_val, t_val),
                               epochs=options.epochs, batch_size=options.batch_size,
                               callbacks=own + [log, stop] + list(callbacks), verbose=0 if progress else verbose,
                               shuffle=True)

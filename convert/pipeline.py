@@ -36,6 +36,7 @@ from sepconv.convert.verification import Tolerance
 FORMATS = {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras"}
 QUANTIZE_CHOICES = ("auto",) + TFLITE_MODES
 SYNTHETIC_SAMPLES = 64
+MIN_SAMPLES = 20  # a run with data needs some samples to train on, some to validate with and some to test on
 DEFAULT_MAX_DROP = 1.0  # points of accuracy the budget mode may lose, the default with data
 DEFAULT_EPOCHS = 10
 CHECKPOINTS_SUFFIX = ".checkpoints"
@@ -53,8 +54,10 @@ class ConvertOptions:
     calibration images (None: on with data). epochs: fine-tuning epochs (None: 10 with data; 0: none); finetune:
     its other options. checkpoint_dir: fine-tuning checkpoints (default: first output + ".checkpoints"); resume:
     continue an interrupted run from them.
-    data: an .npz or image folder; test_data: held-out data for scoring and verification (default: heldout_fraction
-    of data). calibration_samples: training samples that calibrate int8, refinement and BatchNorm statistics.
+    data: an .npz or image folder; test_data: held-out data for scoring and verification, never used to choose
+    (default: heldout_fraction of data). validation_fraction: the share of the remaining data set aside for every
+    choice (the budget's sensitivity, early stopping, keeping or rejecting each recovery stage).
+    calibration_samples: training samples that calibrate int8, refinement and BatchNorm statistics.
     """
 
     quantize: str = "auto"
@@ -70,6 +73,7 @@ class ConvertOptions:
     data: str | None = None
     test_data: str | None = None
     heldout_fraction: float = 0.25
+    validation_fraction: float = 0.2
     data_options: DataOptions = field(default_factory=DataOptions)
     calibration_samples: int = 200
     io_type: str = "float32"
@@ -89,9 +93,10 @@ class ConvertOptions:
         if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
             raise InvalidOptionError(f"Unrecognized calibration_samples={self.calibration_samples!r}. Use a whole "
                                      f"number >= 1")
-        if not isinstance(self.heldout_fraction, (int, float)) or not 0 < self.heldout_fraction < 1:
-            raise InvalidOptionError(f"Unrecognized heldout_fraction={self.heldout_fraction!r}. Use a fraction in "
-                                     f"(0, 1), e.g. 0.25")
+        for name, example in (("heldout_fraction", 0.25), ("validation_fraction", 0.2)):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
+                raise InvalidOptionError(f"Unrecognized {name}={value!r}. Use a fraction in (0, 1), e.g. {example}")
         if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 0):
             raise InvalidOptionError(f"Unrecognized epochs={self.epochs!r}. Use a whole number >= 0 (0: no "
                                      f"fine-tuning)")
@@ -189,7 +194,7 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
         model = load(source, custom_objects=options.custom_objects, safe_mode=options.safe_mode)
     say("load", f"{source} ({model.count_params():,} parameters)")
     with timer("data"):
-        train, calibration, heldout, data_info = _data(model, options)
+        train, calibration, validation, heldout, data_info = _data(model, options)
     say("data", data_info["description"])
     say("plan", _plan_line(plan, options))
     source_sha256 = sha256(source)
@@ -200,8 +205,9 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
         from sepconv.convert.recovery import recover
 
         with timer("separate and recover"):
-            exported, report, recovery = recover(model, train, calibration, heldout, options.separation,
-                                                 recovery_options, source_sha256=source_sha256, progress=say)
+            exported, report, recovery = recover(model, train, calibration, validation, heldout,
+                                                 options.separation, recovery_options, source_sha256=source_sha256,
+                                                 progress=say)
     try:
         artifacts = _export_all(exported, model if report else None, targets, plan["quantize"], calibration,
                                 heldout, data_info, options, source, report, recovery, timer, say)
@@ -366,42 +372,55 @@ def _check_modes(targets: list[Path], plan: dict, options: ConvertOptions) -> No
 
 
 def _data(model, options: ConvertOptions):
-    """(train Dataset or None, calibration inputs or None, held-out Dataset, description) for the run."""
-    from sepconv.convert.data import Dataset
+    """(train, calibration inputs, validation, test, description) for the run; without data: (None, None, None,
+    synthetic test inputs, description). The three roles never share a sample (module recovery.py says who uses what).
+    """
+    from sepconv.convert.data import Dataset, resolve_scale
 
     if len(model.inputs) != 1:
         raise UnsupportedModelError(f"convert-model handles single-input models; this one has {len(model.inputs)} "
                                     f"inputs: use export_tflite / export_onnx from the Python API")
-    classes = int(model.outputs[0].shape[-1])
     if options.data:
-        data = load_data(options.data, model.input_shape, options.data_options)
-        check_labels(data, classes)
+        data_options, scale_note = resolve_scale(model, options.data_options)
+        data = _labelled_data(options.data, model, data_options)
         if options.test_data:
-            train, heldout = data, load_data(options.test_data, model.input_shape, options.data_options)
-            check_labels(heldout, classes)
+            rest, test = data, _labelled_data(options.test_data, model, data_options)
         else:
-            train, heldout = split(data, heldout=options.heldout_fraction)
+            rest, test = split(data, heldout=options.heldout_fraction)
+        train, validation = split(rest, heldout=options.validation_fraction, seed=1)
         calibration = train.take(np.arange(min(options.calibration_samples, len(train))))
         labels = "labelled" if data.y is not None else "unlabelled"
-        held = f"{len(heldout)} from {heldout.source}" if options.test_data else f"{len(heldout)} held out"
-        info = {"source": data.source, "test_source": heldout.source if options.test_data else None,
-                "samples": len(data), "labelled": data.y is not None, "train_samples": len(train),
-                "calibration_samples": len(calibration), "heldout_samples": len(heldout),
-                "heldout_labelled": heldout.y is not None,
-                "description": f"{len(data)} {labels} samples from {data.source}: {len(train)} to train on (the "
-                               f"first {len(calibration)} also calibrate), {held} for scoring and verification"}
-        return train, calibration.x, heldout, info
+        held = f"{len(test)} from {test.source}" if options.test_data else f"{len(test)} held out"
+        info = {"source": data.source, "test_source": test.source if options.test_data else None,
+                "samples": len(data), "labelled": data.y is not None, "scale": data_options.scale,
+                "train_samples": len(train), "calibration_samples": len(calibration),
+                "validation_samples": len(validation), "heldout_samples": len(test),
+                "heldout_labelled": test.y is not None,
+                "description": f"{len(data)} {labels} samples from {data.source} ({scale_note}): {len(train)} to train "
+                               f"on (a random {len(calibration)} of them also calibrate), {len(validation)} to "
+                               f"validate (every choice), {held} to test (scoring and verification only)"}
+        return train, calibration.x, validation, test, info
     shape = tuple(model.inputs[0].shape)
     if any(d is None for d in shape[1:]):
         raise UnsupportedModelError(f"The model's input {shape} has a free size besides the batch; pass --data so "
                                     f"that sepconv knows what to feed it")
     x = np.random.default_rng(0).random((SYNTHETIC_SAMPLES, *shape[1:]), dtype=np.float32)
-    info = {"source": None, "test_source": None, "samples": SYNTHETIC_SAMPLES, "labelled": False,
-            "train_samples": 0, "calibration_samples": 0, "heldout_samples": SYNTHETIC_SAMPLES,
-            "heldout_labelled": False,
-            "description": f"no --data: verifying on {SYNTHETIC_SAMPLES} synthetic uniform [0, 1) inputs (pass --data "
-                           f"for accuracy and a meaningful agreement check)"}
-    return None, None, Dataset(x, None, "synthetic uniform [0, 1) inputs"), info
+    info = {"source": None, "test_source": None, "samples": SYNTHETIC_SAMPLES, "labelled": False, "scale": None,
+            "train_samples": 0, "calibration_samples": 0, "validation_samples": 0,
+            "heldout_samples": SYNTHETIC_SAMPLES, "heldout_labelled": False,
+            "description": f"no --data: verifying on {SYNTHETIC_SAMPLES} synthetic uniform [0, 1) inputs, judged by "
+                           f"output similarity (pass --data for accuracy and a top-1 agreement check)"}
+    return None, None, None, Dataset(x, None, "synthetic uniform [0, 1) inputs"), info
+
+
+def _labelled_data(source, model, data_options):
+    """A data set read for `model`, its labels checked against the model's classes, and usable for a run."""
+    from sepconv.convert.data import check_usable
+
+    data = load_data(source, model.input_shape, data_options)
+    check_labels(data, int(model.outputs[0].shape[-1]))
+    check_usable(data, MIN_SAMPLES)
+    return data
 
 
 def _stage(model, original, target: Path, quantize: str, calibration, heldout, data_info, options: ConvertOptions,
@@ -452,7 +471,7 @@ def _export_and_verify(item: dict, model, original, calibration, heldout, data_i
         runtime = open_runtime(tmp)
         verification = verify(model, runtime, heldout.x, heldout.y, quantized=mode != "none", quantize=mode,
                               tolerance=options.tolerance, layout=options.layout if fmt == "onnx" else "nhwc",
-                              inputs=inputs, original=original)
+                              inputs=inputs, original=original, synthetic=not data_info["source"])
     verification = _named(verification, target)
     manifest = build_manifest(Path(tmp), final_path=target, fmt=fmt, quantize=mode, runtime=runtime,
                               layout=options.layout if fmt == "onnx" else "nhwc",

@@ -1,7 +1,10 @@
 """Separate and recover: the part of `convert_model` between loading and export.
 
-plan (fixed policy, or per-layer K for an accuracy budget) -> separate -> refine (least squares) -> recalibrate
-BatchNorm -> fine-tune -> score every stage on the held-out data -> check the budget.
+plan (fixed policy, or per-layer K for an accuracy budget) -> separate -> the recovery steps (STEPS: refine by least
+squares, recalibrate BatchNorm, fine-tune) -> check the budget. Data plays three roles, never mixed: training data
+(fine-tuning; a part of it calibrates), validation data (the budget's sensitivity, early stopping, and the verdict on
+each step: a step whose validation score falls below the last kept stage's is rejected and its weights put back) and
+test data (every stage is scored on it for the report; it never decides anything).
 
 Fine-tuning is resumable: its checkpoint folder holds `state.json` (the plan and the stages measured so far), Keras'
 per-epoch backup and, once training ends, the fine-tuned weights; the pipeline removes the folder only after every
@@ -51,16 +54,24 @@ class RecoveryOptions:
 
 @dataclass(frozen=True)
 class Stage:
+    """One step of the recovery and the model after it, scored on both held-out sets: validation decides whether the
+    step is kept (its score must not fall below the last kept stage's), test only reports."""
+
     name: str  # original, separated, refined, batchnorm recalibrated, fine-tuned
-    accuracy: float | None  # top-1 on the held-out labels (None without labels)
-    agreement: float  # top-1 agreement with the original
+    kept: bool  # False: the step made the validation score fall, its weights were put back
+    accuracy: float | None  # top-1 on the test labels (None without labels)
+    agreement: float  # top-1 agreement with the original on the test data
+    val_accuracy: float | None  # the same on the validation data (None without labels or validation data)
+    val_agreement: float | None
     params: int
     seconds: float  # spent on this stage
+    note: str = ""  # why a stage was rejected
 
 
 @dataclass(frozen=True)
 class RecoveryReport:
-    samples: int  # held-out samples every stage was scored on
+    samples: int  # test samples every stage was scored on (reporting only)
+    validation_samples: int  # validation samples that chose: sensitivity, early stopping, stage acceptance
     stages: tuple[Stage, ...]
     budget: dict | None  # the plan (sensitivity per layer and K), measured drop, whether it held
     refinement: dict | None
@@ -71,24 +82,59 @@ class RecoveryReport:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @property
+    def final(self) -> Stage:
+        """The last kept stage: the model that is exported."""
+        return [stage for stage in self.stages if stage.kept][-1]
+
 
 Progress = Callable[[str, str], None]
 
 
-def recover(original, train, calibration: np.ndarray | None, heldout, separation: SeparationOptions,
+@dataclass
+class Context:
+    """What the recovery steps share: the models, the data in its three roles, options, checkpoint state."""
+
+    original: object
+    model: object  # the separated model, changed in place by the steps
+    report: object  # SeparationReport
+    train: object  # Dataset: fine-tuning
+    calibration: np.ndarray | None  # refinement and BatchNorm statistics (a part of train)
+    validation: object  # Dataset: early stopping (the scorer uses it for stage acceptance)
+    options: RecoveryOptions
+    folder: Path | None
+    state: dict
+    say: Progress
+
+
+@dataclass(frozen=True)
+class Step:
+    """A recovery stage: `applies(context)` says whether it runs, `run(context)` changes `context.model` in place and
+    returns what the report keeps of it. Adding a stage is one more Step in STEPS."""
+
+    name: str  # in the stage table: what the model is after it ("refined")
+    label: str  # of its progress lines ("refine")
+    applies: Callable[[Context], bool]
+    run: Callable[[Context], object]
+    summary: Callable[[object], str] = lambda result: ""  # what it did, for its progress line
+
+
+def recover(original, train, calibration: np.ndarray | None, validation, test, separation: SeparationOptions,
             options: RecoveryOptions, *, source_sha256: str = "", progress: Progress | None = None):
-    """(separated model, SeparationReport, RecoveryReport): see the module doc. `train` and `heldout` are Datasets
-    (x, y or None); `calibration` feeds refinement, BatchNorm statistics and the budget search's refinement."""
+    """(separated model, SeparationReport, RecoveryReport): see the module doc. `train`, `validation` and `test` are
+    Datasets (x, y or None): the first trains (`calibration`, a part of it, feeds refinement, BatchNorm statistics and
+    the budget search's refinement), the second chooses (sensitivity, early stopping, which stages are kept), the
+    third only scores. Without data `validation` is None: nothing is chosen, only the separation runs."""
     from sepconv.convert.separation import separate_with
 
     say = progress or (lambda stage, message: None)
     folder = Path(options.checkpoint_dir) if options.epochs else None
     state = _open_state(folder, options, source_sha256, separation)
-    scorer = _Scorer(original, heldout)
+    scorer = _Scorer(original, validation, test)
     stages = [scorer.stage("original", original, 0.0)]
     plan = state.get("plan")
     if options.budget is not None and plan is None:
-        plan = _plan(original, heldout, calibration, options.budget, separation, say)
+        plan = _plan(original, validation, calibration, options.budget, separation, say)
     if plan is not None:  # every measured layer gets its K; 0 (KEEP) leaves it as it is
         ranks = {layer["path"]: plan["ranks"].get(layer["path"], 0) for layer in plan["layers"]}
         separation = replace(separation, rank=None, energy=None, ranks=ranks, include=tuple(ranks))
@@ -98,24 +144,42 @@ def recover(original, train, calibration: np.ndarray | None, heldout, separation
     separated, report = separate_with(original, separation)
     stages.append(scorer.stage("separated", separated, time.perf_counter() - started))
     say("separate", _separation_line(report))
-    refinement = batchnorm = tuned = None
-    if options.refine and report.separated:
-        refinement = _refine(original, separated, calibration, report, scorer, stages, say)
-    if options.recalibrate_bn:
-        batchnorm = _recalibrate(separated, calibration, scorer, stages, say)
-    if options.epochs and report.separated:
-        tuned = _finetune(original, separated, train, folder, options, state, scorer, stages, say)
+    context = Context(original, separated, report, train, calibration, validation, options, folder, state, say)
+    details = {}
+    for step in STEPS:
+        if step.applies(context):
+            details[step.name] = _run_step(step, context, scorer, stages)
     try:
         budget = _check_budget(plan, stages, scorer) if plan is not None else None
     except BudgetError:
         if folder is not None:  # a failed budget is final: resuming would only fail again
             shutil.rmtree(folder, ignore_errors=True)
         raise
+    refinement, batchnorm = details.get("refined"), details.get("batchnorm recalibrated")
     return separated, report, RecoveryReport(
-        samples=len(heldout), stages=tuple(stages), budget=budget,
+        samples=scorer.samples, validation_samples=scorer.validation_samples, stages=tuple(stages), budget=budget,
         refinement=refinement.to_dict() if refinement else None,
-        batchnorm=[asdict(b) for b in batchnorm] if batchnorm is not None else None, finetune=tuned,
-        resumed=bool(options.resume))
+        batchnorm=[asdict(b) for b in batchnorm] if batchnorm is not None else None,
+        finetune=details.get("fine-tuned"), resumed=bool(options.resume))
+
+
+def _run_step(step: Step, context: Context, scorer, stages: list) -> object:
+    """Run one step; keep it only if the validation score does not fall below the last kept stage's, else put the
+    weights back. The stage is recorded either way, with its figures."""
+    before = context.model.get_weights()
+    started = time.perf_counter()
+    result = step.run(context)
+    stage = scorer.stage(step.name, context.model, time.perf_counter() - started)
+    last = [s for s in stages if s.kept][-1]
+    fell = scorer.validates and scorer.value(stage) < scorer.value(last) - 1e-12
+    if fell:
+        context.model.set_weights(before)
+        stage = replace(stage, kept=False, note=f"rejected: validation {scorer.metric} {scorer.value(last):.2%} -> "
+                                                f"{scorer.value(stage):.2%}, weights put back")
+    stages.append(stage)
+    verdict = stage.note if fell else f"kept (validation {scorer.metric} {scorer.value(stage):.2%})"
+    context.say(step.label, f"{step.summary(result)}{_score_text(stage)}; {verdict}")
+    return result
 
 
 def remove_checkpoints(options: RecoveryOptions) -> None:
@@ -132,120 +196,157 @@ def _separation_line(report) -> str:
             f"smaller)")
 
 
-def _plan(original, heldout, calibration, budget: BudgetOptions, separation, say) -> dict:
+def _plan(original, validation, calibration, budget: BudgetOptions, separation, say) -> dict:
     from sepconv.convert.budget import plan_budget
 
-    say("budget", f"measuring each layer's sensitivity on {len(heldout)} held-out samples for a budget of "
-                  f"{budget.max_drop} points of {'accuracy' if heldout.y is not None else 'agreement'}")
-    plan = plan_budget(original, heldout.x, heldout.y, calibration, budget, separation=separation, progress=say)
+    say("budget", f"measuring each layer's sensitivity on {len(validation)} validation samples for a budget of "
+                  f"{budget.max_drop} points of {'accuracy' if validation.y is not None else 'agreement'}")
+    plan = plan_budget(original, validation.x, validation.y, calibration, budget, separation=separation,
+                       progress=say)
     say("budget", f"chosen: {plan.ranks or 'no layer'} (predicted drop {plan.predicted_drop:.2f} points before "
                   f"fine-tuning; separable layers' parameters {plan.params_before:,} -> {plan.params_after:,}, "
                   f"{plan.seconds} s)")
     return plan.to_dict()
 
 
-def _refine(original, separated, calibration, report, scorer, stages, say):
+def _refine_summary(result) -> str:
+    refined = [layer for layer in result.layers if layer.status == "refined"]
+    return (f"{len(refined)} of {len(result.layers)} separated layers refit on {result.samples} images; layer output "
+            f"error " + ", ".join(f"{layer.path} {layer.error_before:.2f}->{layer.error_after:.2f}"
+                                  for layer in refined) + "; ")
+
+
+def _finetune_summary(result) -> str:
+    best = (f"best epoch {result['best_epoch']}" if result["best_epoch"] else "no epoch beat the start, kept it")
+    return (f"{result['epochs_run']} epochs, {best} ({result['monitor']} {result['best_value']:.2%}, start "
+            f"{result['initial_value']:.2%}); ")
+
+
+def _refine(context: Context):
     from sepconv.convert.refinement import refine
 
-    started = time.perf_counter()
-    result = refine(original, separated, calibration, report)
-    stages.append(scorer.stage("refined", separated, time.perf_counter() - started))
-    refined = [layer for layer in result.layers if layer.status == "refined"]
-    say("refine", f"{len(refined)} of {len(result.layers)} separated layers refit on {result.samples} images; layer "
-                  f"output error " + ", ".join(f"{layer.path} {layer.error_before:.2f}->{layer.error_after:.2f}"
-                                               for layer in refined) + f"; {_score_text(stages[-1])}")
-    return result
+    return refine(context.original, context.model, context.calibration, context.report)
 
 
-def _recalibrate(separated, calibration, scorer, stages, say):
+def _recalibrate(context: Context):
     from sepconv.convert.refinement import recalibrate_batchnorm
 
-    started = time.perf_counter()
-    done = recalibrate_batchnorm(separated, calibration)
-    if done:
-        stages.append(scorer.stage("batchnorm recalibrated", separated, time.perf_counter() - started))
-        say("batchnorm", f"{len(done)} BatchNorm layers re-estimated on {len(calibration)} images; "
-                         f"{_score_text(stages[-1])}")
-    return done
+    return recalibrate_batchnorm(context.model, context.calibration)
 
 
-def _finetune(original, separated, train, folder: Path, options: RecoveryOptions, state: dict, scorer, stages, say):
+def _has_batchnorm(context: Context) -> bool:
+    import keras
+
+    from sepconv.convert.separation import leaf_layers
+
+    return context.options.recalibrate_bn and any(
+        isinstance(layer, keras.layers.BatchNormalization) for _, layer in leaf_layers(context.model))
+
+
+def _finetune(context: Context):
     from sepconv.convert.finetuning import DEFAULT_LEARNING_RATE, REFINED_LEARNING_RATE, finetune
 
-    started = time.perf_counter()
+    options, folder, train, say = context.options, context.folder, context.train, context.say
     weights = folder / FINETUNED
     if weights.exists():  # a resumed run whose training had finished: only the export was left
-        separated.load_weights(weights)
-        result = state["finetune"]
+        context.model.load_weights(weights)
         say("finetune", f"fine-tuning had finished in the interrupted run; weights restored from {weights}")
-    else:
-        mode = "labels + distillation" if train.y is not None else "distillation from the original (no labels)"
-        say("finetune", f"{mode}, at most {options.epochs} epochs on {len(train)} images; checkpoints in {folder}")
-        fit_options = replace(options.finetune, epochs=options.epochs, checkpoint_dir=str(folder / "fit"),
-                              resume=options.resume, learning_rate=options.finetune.learning_rate or (
-                                  REFINED_LEARNING_RATE if options.refine else DEFAULT_LEARNING_RATE))
-        try:
-            result = finetune(separated, original, train.x, train.y, options=fit_options, progress=say).to_dict()
-        except KeyboardInterrupt:
-            raise InterruptedRunError(f"interrupted during fine-tuning; finished epochs are checkpointed in {folder}: "
-                                      f"run the same command with --resume to continue") from None
-        except (ValueError, OSError) as error:
-            if not options.resume:
-                raise
-            reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
-            raise CheckpointError(f"--resume: the checkpoint in {folder} cannot be loaded ({reason}); it was cut off "
-                                  f"when the run was killed: delete the folder to start over") from None
-        partial = weights.with_name(weights.name + ".partial.weights.h5")
-        separated.save_weights(partial)
-        partial.replace(weights)
-        _save_state(folder, state, finetune=result)
-    stages.append(scorer.stage("fine-tuned", separated, time.perf_counter() - started))
-    best = (f"best epoch {result['best_epoch']}" if result["best_epoch"] else "no epoch beat the start, kept it")
-    say("finetune", f"{result['epochs_run']} epochs, {best} ({result['monitor']} {result['best_value']:.2%}, start "
-                    f"{result['initial_value']:.2%}); {_score_text(stages[-1])}")
+        return context.state["finetune"]
+    mode = "labels + distillation" if train.y is not None else "distillation from the original (no labels)"
+    say("finetune", f"{mode}, at most {options.epochs} epochs on {len(train)} images, early stopping on "
+                    f"{len(context.validation)} validation images; checkpoints in {folder}")
+    fit_options = replace(options.finetune, epochs=options.epochs, checkpoint_dir=str(folder / "fit"),
+                          resume=options.resume, learning_rate=options.finetune.learning_rate or (
+                              REFINED_LEARNING_RATE if options.refine else DEFAULT_LEARNING_RATE))
+    try:
+        result = finetune(context.model, context.original, train.x, train.y, options=fit_options, progress=say,
+                          validation=(context.validation.x, context.validation.y)).to_dict()
+    except KeyboardInterrupt:
+        raise InterruptedRunError(f"interrupted during fine-tuning; finished epochs are checkpointed in {folder}: "
+                                  f"run the same command with --resume to continue") from None
+    except (ValueError, OSError) as error:
+        if not options.resume:
+            raise
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise CheckpointError(f"--resume: the checkpoint in {folder} cannot be loaded ({reason}); it was cut off "
+                              f"when the run was killed: delete the folder to start over") from None
+    partial = weights.with_name(weights.name + ".partial.weights.h5")
+    context.model.save_weights(partial)
+    partial.replace(weights)
+    _save_state(folder, context.state, finetune=result)
     return result
+
+
+STEPS = (
+    Step("refined", "refine", lambda c: bool(c.options.refine and c.report.separated), _refine, _refine_summary),
+    Step("batchnorm recalibrated", "batchnorm", _has_batchnorm, _recalibrate,
+         lambda result: f"{len(result)} BatchNorm layers re-estimated; "),
+    Step("fine-tuned", "finetune", lambda c: bool(c.options.epochs and c.report.separated), _finetune, _finetune_summary),
+)
 
 
 def _check_budget(plan: dict, stages, scorer) -> dict:
-    final = stages[-1]
+    """The budget holds when the exported (last kept) model's validation score is within it; the test figure is
+    reported beside it, never used to decide."""
+    final = [stage for stage in stages if stage.kept][-1]
     first = stages[0]
-    metric = "accuracy" if scorer.labelled else "agreement"
-    drop = 100.0 * (getattr(first, metric) - getattr(final, metric))
+    metric = scorer.metric
+    drop = scorer.value(first) - scorer.value(final)
+    drop = 100.0 * drop
+    test_metric = "accuracy" if scorer.labelled else "agreement"
+    test_drop = 100.0 * (getattr(first, test_metric) - getattr(final, test_metric))
     held = drop <= plan["max_drop"] + 1e-9
-    result = dict(plan, measured_drop=round(drop, 4), measured_on=f"{scorer.samples} held-out samples", held=held,
+    result = dict(plan, measured_drop=round(drop, 4), measured_on=f"{scorer.validation_samples} validation samples",
+                  test_drop=round(test_drop, 4), test_samples=scorer.samples, held=held,
                   params_ratio=round(first.params / max(1, final.params), 3))
     if not held:
         raise BudgetError(
-            f"the budget did not hold: the {final.name} model lost {drop:.2f} points of {metric} on {scorer.samples} "
-            f"held-out samples ({100 * getattr(first, metric):.2f}% -> {100 * getattr(final, metric):.2f}%; budget "
-            f"{plan['max_drop']}, predicted {plan['predicted_drop']:.2f} before fine-tuning; ranks {plan['ranks']}); "
-            f"nothing was written: raise --max-accuracy-drop, fine-tune longer (--epochs) or pass more --data")
+            f"the budget did not hold: the {final.name} model lost {drop:.2f} points of {metric} on "
+            f"{scorer.validation_samples} validation samples ({scorer.value(first):.2%} -> {scorer.value(final):.2%}; "
+            f"budget {plan['max_drop']}, predicted {plan['predicted_drop']:.2f} before fine-tuning; ranks "
+            f"{plan['ranks']}); nothing was written: raise --max-accuracy-drop, fine-tune longer (--epochs) or pass "
+            f"more --data")
     return result
 
 
 def _score_text(stage: Stage) -> str:
     accuracy = f"accuracy {stage.accuracy:.2%}, " if stage.accuracy is not None else ""
-    return f"{accuracy}agreement with the original {stage.agreement:.2%}"
+    return f"{accuracy}agreement with the original {stage.agreement:.2%} (test)"
 
 
 class _Scorer:
-    """Scores Keras models on the held-out data against the labels and the original's predictions."""
+    """Scores Keras models against the labels and the original's predictions on the validation data (which decides)
+    and on the test data (which only reports)."""
 
-    def __init__(self, original, heldout):
+    def __init__(self, original, validation, test):
         from sepconv.convert.verification import predict_keras
 
-        self._x, self._y = heldout.x, heldout.y
-        self.samples = len(heldout.x)
-        self.labelled = heldout.y is not None
-        self._reference = np.argmax(predict_keras(original, self._x)[0], axis=-1)
+        self._sets = {"test": test, "validation": validation}
+        self._reference = {role: np.argmax(predict_keras(original, data.x)[0], axis=-1)
+                           for role, data in self._sets.items() if data is not None}
+        self.samples = len(test.x)
+        self.validation_samples = len(validation.x) if validation is not None else 0
+        self.validates = validation is not None
+        self.labelled = test.y is not None
+        self.metric = "accuracy" if validation is not None and validation.y is not None else "agreement"
+
+    def value(self, stage: Stage) -> float:
+        """The validation score that decides (accuracy with labels, else agreement with the original)."""
+        return stage.val_accuracy if self.metric == "accuracy" else stage.val_agreement
 
     def stage(self, name: str, model, seconds: float) -> Stage:
+        scores = {role: self._score(role, model) for role in self._reference}
+        test, validation = scores["test"], scores.get("validation", (None, None))
+        return Stage(name=name, kept=True, accuracy=test[0], agreement=test[1], val_accuracy=validation[0],
+                     val_agreement=validation[1], params=int(model.count_params()), seconds=round(seconds, 2))
+
+    def _score(self, role: str, model) -> tuple[float | None, float]:
         from sepconv.convert.verification import predict_keras
 
-        predicted = np.argmax(predict_keras(model, self._x)[0], axis=-1)
-        accuracy = float(np.mean(predicted == self._y)) if self.labelled else None
-        return Stage(name=name, accuracy=accuracy, agreement=float(np.mean(predicted == self._reference)),
-                     params=int(model.count_params()), seconds=round(seconds, 2))
+        data = self._sets[role]
+        predicted = np.argmax(predict_keras(model, data.x)[0], axis=-1)
+        accuracy = float(np.mean(predicted == data.y)) if data.y is not None else None
+        return accuracy, float(np.mean(predicted == self._reference[role]))
 
 
 def _open_state(folder: Path | None, options: RecoveryOptions, source_sha256: str, separation) -> dict:

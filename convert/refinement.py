@@ -47,38 +47,58 @@ def refine(original, separated, x: np.ndarray, report, *, ridge: float = 1e-6, s
     rng = np.random.default_rng(seed)
     done = []
     for row in report.separated:
-        layer = _top_level(separated, row.path)
-        if layer is None:
+        if not called_once(separated, row.path):
             done.append(LayerRefinement(row.path, 0, float("nan"), float("nan"),
-                                        "skipped: inside a nested model or shared by several calls"))
+                                        "skipped: shared by several calls"))
             continue
         done.append(_refine_layer(original, separated, row.path, x, ridge, rng))
     return RefinementReport(layers=tuple(done), samples=len(x))
 
 
-def _top_level(model, path: str):
-    if "/" in path:
-        return None
-    layer = model.get_layer(path)
-    return layer if len(layer._inbound_nodes) == 1 else None
+def layer_at(model, path: str):
+    """The layer at `path` ("backbone/block_1_conv": names of nested models, then the layer's)."""
+    layer = model
+    for name in path.split("/"):
+        layer = layer.get_layer(name)
+    return layer
 
 
-def _layer_input(model, name: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
+def called_once(model, path: str) -> bool:
+    """True when the layer at `path` and every nested model on the way to it are called exactly once, so that its
+    input is one tensor of the graph."""
+    layer = model
+    for name in path.split("/"):
+        layer = layer.get_layer(name)
+        if len(layer._inbound_nodes) != 1:
+            return False
+    return True
+
+
+def layer_input(model, path: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
+    """What the layer at `path` receives when `model` is fed `x` (inference mode), through nested models: the input
+    of each nested model on the path is computed in its parent's graph, then fed to the nested model's own graph."""
     import keras
 
-    probe = keras.Model(model.inputs, model.get_layer(name).input)
-    return np.concatenate([keras.ops.convert_to_numpy(probe([x[i:i + batch]], training=False))
-                           for i in range(0, len(x), batch)])
+    head, _, rest = path.partition("/")
+    layer = model.get_layer(head)
+    tensors = layer._inbound_nodes[0].input_tensors
+    if len(tensors) != 1:
+        raise InvalidOptionError(f"{path}: takes {len(tensors)} inputs; only single-input layers and nested models "
+                                 f"can be probed")
+    probe = keras.Model(model.inputs, tensors[0])
+    value = np.concatenate([keras.ops.convert_to_numpy(probe(x[i:i + batch], training=False))
+                            for i in range(0, len(x), batch)])
+    return layer_input(layer, rest, value, batch) if rest else value
 
 
 def _refine_layer(original, separated, name: str, x, ridge: float, rng) -> LayerRefinement:
     import keras
 
-    conv, sep = original.get_layer(name), separated.get_layer(name)
+    conv, sep = layer_at(original, name), layer_at(separated, name)
     options = dict(strides=conv.strides, padding=conv.padding, data_format=conv.data_format,
                    dilation_rate=conv.dilation_rate)
-    target = keras.ops.conv(_layer_input(original, name, x), conv.kernel, **options)
-    features = keras.ops.depthwise_conv(_layer_input(separated, name, x), sep.depthwise_kernel, **options)
+    target = keras.ops.conv(layer_input(original, name, x), conv.kernel, **options)
+    features = keras.ops.depthwise_conv(layer_input(separated, name, x), sep.depthwise_kernel, **options)
     target, features = (np.asarray(keras.ops.convert_to_numpy(t), np.float64) for t in (target, features))
     if conv.data_format == "channels_first":
         target, features = np.moveaxis(target, 1, -1), np.moveaxis(features, 1, -1)
@@ -118,21 +138,25 @@ class BatchNormRecalibration:
 
 
 def recalibrate_batchnorm(model, x: np.ndarray) -> tuple[BatchNormRecalibration, ...]:
-    """Re-estimate, in place, the moving mean and variance of `model`'s top-level BatchNormalization layers on `x`.
+    """Re-estimate, in place, the moving mean and variance of `model`'s BatchNormalization layers on `x`, nested
+    models included.
 
     After separation a BatchNorm layer's input statistics are no longer those it was trained on; its moving statistics
     are set, in graph order, to the mean and variance of its actual inputs (earlier layers already re-estimated), the
-    way pruning and NAS tools recalibrate BatchNorm. The learned scale and offset are left as they are.
+    way pruning and NAS tools recalibrate BatchNorm. The learned scale and offset are left as they are. Whether that
+    helps is for the caller to measure (recovery.py keeps it only when the validation score does not fall).
     """
     import keras
+
+    from sepconv.convert.separation import leaf_layers
 
     if len(x) == 0:
         raise InvalidOptionError("BatchNorm recalibration needs images (x is empty)")
     done = []
-    for layer in model.layers:
-        if not isinstance(layer, keras.layers.BatchNormalization) or len(layer._inbound_nodes) != 1:
+    for path, layer in leaf_layers(model):
+        if not isinstance(layer, keras.layers.BatchNormalization) or not called_once(model, path):
             continue
-        inputs = _layer_input(model, layer.name, x).astype(np.float64)
+        inputs = layer_input(model, path, x).astype(np.float64)
         axis = layer.axis if layer.axis >= 0 else inputs.ndim + layer.axis
         reduce = tuple(i for i in range(inputs.ndim) if i != axis)
         mean, variance = inputs.mean(axis=reduce), inputs.var(axis=reduce)
@@ -140,6 +164,6 @@ def recalibrate_batchnorm(model, x: np.ndarray) -> tuple[BatchNormRecalibration,
         layer.moving_mean.assign(mean.astype(old_mean.dtype))
         layer.moving_variance.assign(variance.astype(old_variance.dtype))
         scale = float(np.sqrt(max(np.mean(old_variance), 1e-12)))
-        done.append(BatchNormRecalibration(layer.name, float(np.linalg.norm(mean - old_mean) / scale / np.sqrt(len(mean))),
+        done.append(BatchNormRecalibration(path, float(np.linalg.norm(mean - old_mean) / scale / np.sqrt(len(mean))),
                                            float(np.mean(variance) / max(np.mean(old_variance), 1e-12))))
     return tuple(done)

@@ -85,7 +85,7 @@ def _require_graph_model(model) -> None:
 def _plan(model: keras.Model, options: SeparationOptions) -> dict[int, Plan]:
     """A plan for each leaf layer that is convolution-like, keyed by id (shared layers are planned once)."""
     plans: dict[int, Plan] = {}
-    for path, layer in _leaf_layers(model, prefix=""):
+    for path, layer in leaf_layers(model):
         if id(layer) in plans:
             continue
         plan = _opaque_plan(layer, path) if _has_sublayers(layer) else plan_layer(layer, options.context(path))
@@ -94,12 +94,13 @@ def _plan(model: keras.Model, options: SeparationOptions) -> dict[int, Plan]:
     return plans
 
 
-def _leaf_layers(model: keras.Model, prefix: str):
-    """(path, layer) for every layer below `model`, descending into nested Functional/Sequential models."""
+def leaf_layers(model: keras.Model, prefix: str = ""):
+    """(path, layer) for every layer below `model` in graph order, descending into nested Functional/Sequential
+    models ("backbone/block_1_conv")."""
     for layer in model.layers:
         path = prefix + layer.name
         if _is_graph_model(layer):
-            yield from _leaf_layers(layer, prefix=path + "/")
+            yield from leaf_layers(layer, prefix=path + "/")
         else:
             yield path, layer
 

@@ -9,7 +9,7 @@ from sepconv.convert.budget import KEEP, BudgetOptions, Candidate, LayerSensitiv
 from sepconv.convert.errors import BudgetError, CheckpointError, InvalidOptionError
 from sepconv.convert.finetuning import finetune
 from sepconv.convert.recovery import _check_budget, _Scorer
-from sepconv.convert.refinement import _layer_input, recalibrate_batchnorm
+from sepconv.convert.refinement import layer_input as _layer_input, recalibrate_batchnorm
 from sepconv.convert.verification import predict_keras
 from test_finetuning import agreement, teacher_and_data
 
@@ -29,6 +29,9 @@ def test_choose_spends_the_budget_where_it_buys_most():
     assert predicted == 0.0 and ranks == {}, "no budget at all: every layer kept"
     ranks, _ = choose((layer("c", [-0.2, 0.3], [10, 20, 100]),), max_drop=0.0)
     assert ranks == {"c": 1}, "a negative (noise) drop counts as no drop"
+    # greedy alone keeps both: d (cheap to keep) first, then e, whose K=1 alone is over budget; d's K=1 then fits again
+    ranks, predicted = choose((layer("d", [14.0], [10, 30]), layer("e", [18.0], [100, 1000])), max_drop=15.0)
+    assert ranks == {"d": 1} and predicted == pytest.approx(14.0), "a layer kept too eagerly gets its K back"
 
 
 def test_plan_budget_measures_every_layer_and_respects_the_budget():
@@ -51,11 +54,11 @@ def test_plan_budget_measures_every_layer_and_respects_the_budget():
 
 def test_budget_check_fails_loudly():
     teacher, x, y = teacher_and_data(n=64)
-    scorer = _Scorer(teacher, _Data(x, y))
+    scorer = _Scorer(teacher, _Data(x[:48], y[:48]), _Data(x[48:], y[48:]))
     stages = [scorer.stage("original", teacher, 0.0), scorer.stage("fine-tuned", _Constant(teacher), 0.0)]
     plan = {"max_drop": 1.0, "predicted_drop": 0.2, "ranks": {"c1": 1}}
     with pytest.raises(BudgetError, match=r"the budget did not hold: the fine-tuned model lost \d+\.\d\d points of "
-                                          r"accuracy on 64 held-out samples.*nothing was written"):
+                                          r"accuracy on 48 validation samples.*nothing was written"):
         _check_budget(plan, stages, scorer)
     assert _check_budget(dict(plan, max_drop=100.0), stages, scorer)["held"] is True
 
@@ -160,7 +163,8 @@ def test_convert_model_budget_stages_and_checkpoints(tmp_path):
         "no BatchNorm in this model: no recalibration stage"
     assert recovery["budget"]["ranks"], "a 15-point budget separates something"
     assert recovery["budget"]["held"] and recovery["budget"]["measured_drop"] <= 15.0
-    assert recovery["samples"] == 256 and result.data["train_samples"] == 768
+    assert recovery["samples"] == 256 and recovery["validation_samples"] == 154 and result.data["train_samples"] == 614
+    assert recovery["budget"]["samples"] == 154, "the sensitivity is measured on the validation data, not the test data"
     original, final = recovery["stages"][0], recovery["stages"][-1]
     assert final["accuracy"] > recovery["stages"][1]["accuracy"], f"recovery must beat the raw separation: {recovery}"
     assert original["accuracy"] - final["accuracy"] <= 0.15 + 1e-9
@@ -177,7 +181,7 @@ def test_convert_model_budget_stages_and_checkpoints(tmp_path):
 
 def test_model_stages_score_the_same_as_predictions():
     teacher, x, y = teacher_and_data(n=64)
-    stage = _Scorer(teacher, _Data(x, y)).stage("original", teacher, 0.0)
+    stage = _Scorer(teacher, None, _Data(x, y)).stage("original", teacher, 0.0)
     assert stage.agreement == 1.0
     assert stage.accuracy == pytest.approx(float(np.mean(np.argmax(predict_keras(teacher, x)[0], 1) == y)))
     assert agreement(teacher, teacher, x) == 1.0

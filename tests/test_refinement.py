@@ -25,12 +25,39 @@ def test_refinement_reduces_every_layer_error(case):
     assert result.to_dict()["samples"] == 64
 
 
-def test_nested_layers_are_skipped_with_a_reason():
+def test_layers_inside_nested_models_are_refined():
     original = CASES["nested"]()
     separated, report = separate(original, rank=1)
+    paths = [row.path for row in report.separated]
+    assert {"top_conv", "mid/mid_conv", "mid/deep/deep_conv", "inner_seq/seq_conv"} <= set(paths), paths
     result = {layer.path: layer for layer in refine(original, separated, _inputs(original), report).layers}
-    assert result["top_conv"].status == "refined"
-    assert result["mid/mid_conv"].status.startswith("skipped: inside a nested model")
+    for path in paths:
+        assert result[path].status == "refined", result[path]
+        assert result[path].error_after < result[path].error_before, result[path]
+
+
+def test_layer_input_reaches_through_nested_models():
+    import keras
+
+    from sepconv.convert.refinement import layer_at, layer_input
+
+    model = CASES["nested"]()
+    x = _inputs(model, n=8)
+    # by hand: top_conv's output is mid's input; mid_conv's output is deep's input
+    top = keras.ops.convert_to_numpy(model.get_layer("top_conv")(x))
+    mid = model.get_layer("mid")
+    expected = keras.ops.convert_to_numpy(mid.get_layer("mid_conv")(top))
+    np.testing.assert_allclose(layer_input(model, "mid/deep/deep_conv", x), expected, rtol=1e-5, atol=1e-6,
+                               err_msg="the input of a layer two models deep")
+    assert layer_at(model, "mid/deep/deep_conv").name == "deep_conv"
+
+
+def test_shared_layers_are_skipped_with_a_reason():
+    original = CASES["shared"]()
+    separated, report = separate(original, rank=1)
+    x = [np.random.default_rng(0).uniform(0, 1, (16, 10, 10, 4)).astype(np.float32)] * 2
+    result = refine(original, separated, x[0], report)
+    assert [layer.status for layer in result.layers] == ["skipped: shared by several calls"]
 
 
 def test_refinement_needs_data():

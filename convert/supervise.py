@@ -1,0 +1,115 @@
+"""Run a TensorFlow command in a child process, so that a crash in native code is an error the user can act on.
+
+TensorFlow 2.21's oneDNN kernels crash (SIGSEGV, or glibc's "free(): invalid size" abort) while training a model with
+a strided 1x1 convolution - every ResNet projection shortcut - on x86 CPUs with AVX-512 (seen on Intel Xeon with AMX
+and on this project's AMD EPYC). Two defences:
+
+- the safe configuration: on x86 the child runs with TF_ENABLE_ONEDNN_OPTS=0 unless the user set that variable
+  (its cost is measured in docs/benchmarks.md); TensorFlow reads it once, at import, hence the child process;
+- if native code still kills the child, the parent (which never imports TensorFlow) prints one line naming the
+  signal and the stage that was running, and, when fine-tuning checkpoints exist, the `--resume` that continues.
+
+The child is the same command (`python -m sepconv.convert.cli PROG ARGS...`) with SEPCONV_WORKER set; it dies with
+its parent (Linux), and Ctrl-C / SIGTERM sent to the parent are passed on to it.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+WORKER = "SEPCONV_WORKER"  # set in the child: do the work here
+STATUS = "SEPCONV_STATUS"  # a file where the child writes the stage it is in
+ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
+CRASHES = {signal.SIGSEGV, signal.SIGABRT, signal.SIGBUS, signal.SIGILL, signal.SIGFPE}
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+EXIT_CRASH = 70  # EX_SOFTWARE: the child died in native code
+
+
+def in_worker() -> bool:
+    return bool(os.environ.get(WORKER))
+
+
+def safe_environment(environ=None) -> dict:
+    """The child's environment: the worker mark, and oneDNN off on x86 unless the user chose."""
+    env = dict(os.environ if environ is None else environ)
+    env[WORKER] = "1"
+    if platform.machine().lower() in ("x86_64", "amd64", "i686", "x86"):
+        env.setdefault(ONEDNN, "0")
+    return env
+
+
+def supervise(prog: str, argv: list[str], checkpoints: Path | None = None) -> int:
+    """Run `prog argv` in a child process; its exit status, or EXIT_CRASH with one line on stderr after a crash."""
+    fd, status = tempfile.mkstemp(prefix="sepconv-status-")
+    os.close(fd)
+    env = dict(safe_environment(), **{STATUS: status})
+    try:
+        child = subprocess.Popen([sys.executable, "-m", "sepconv.convert.cli", prog, *argv], env=env,
+                                 start_new_session=True)
+        returncode = _wait(child)
+        stage = Path(status).read_text().strip() or "start-up"
+    finally:
+        os.unlink(status)
+    if returncode < 0 and -returncode in CRASHES:
+        print(crash_line(prog, signal.Signals(-returncode), stage, checkpoints, env.get(ONEDNN)), file=sys.stderr)
+        return EXIT_CRASH
+    return returncode if returncode >= 0 else 128 - returncode
+
+
+def crash_line(prog: str, signum: signal.Signals, stage: str, checkpoints: Path | None, onednn: str | None) -> str:
+    resume = (f"finished fine-tuning epochs are checkpointed in {checkpoints}: run the same command with --resume "
+              f"to continue" if checkpoints is not None and checkpoints.exists() else "run the same command again")
+    switch = (f"; if it happens again, try {ONEDNN}={'1' if onednn == '0' else '0'}" if onednn is not None else "")
+    return (f"{prog}: error: TensorFlow crashed in native code ({signum.name}) during the {stage} stage; nothing was "
+            f"written; {resume}{switch}, and report it with --debug output")
+
+
+def report_stage(stage: str) -> None:
+    """In the child: remember the stage that is running, for the parent's crash message."""
+    path = os.environ.get(STATUS)
+    if path:
+        try:
+            Path(path).write_text(stage)
+        except OSError:
+            pass
+
+
+def die_with_parent() -> None:
+    """In the child (Linux): get SIGKILL when the parent dies, so a killed command leaves no worker running."""
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() == 1:  # the parent died before prctl took effect
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _wait(child: subprocess.Popen) -> int:
+    """Wait for the child, passing Ctrl-C and termination signals on to it (it stops cleanly and says how to go on)."""
+    previous = {}
+
+    def forward(signum, frame):
+        if child.poll() is None:
+            child.send_signal(signum)
+
+    for signum in FORWARDED:
+        previous[signum] = signal.signal(signum, forward)
+    try:
+        while True:
+            try:
+                return child.wait()
+            except KeyboardInterrupt:  # a handler replaced ours: keep waiting for the child
+                continue
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)

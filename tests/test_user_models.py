@@ -1,0 +1,305 @@
+"""The pipeline on models and data unlike the demo (issue 10): three data roles, stages that must earn their place,
+nested backbones, a Rescaling layer inside, data that would mislead, synthetic-input verification, native crashes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from sepconv.convert import convert_model
+from sepconv.convert.data import DataOptions, load_data
+from sepconv.convert.errors import DataError
+from test_finetuning import teacher_and_data
+
+HERE = Path(__file__).parent
+CONVERT = [str(Path(sys.executable).parent / "convert-model")]
+L = keras.layers
+
+
+def run(*args, env=None, timeout=600):
+    env = dict(os.environ, PYTHONPATH=str(HERE), **(env or {}))
+    return subprocess.run([*CONVERT, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(scope="module")
+def labelled(tmp_path_factory):
+    """A small trained classifier (tests/test_finetuning.py's) saved as .keras, with train and test .npz files."""
+    folder = tmp_path_factory.mktemp("labelled")
+    teacher, x, y = teacher_and_data(n=600)
+    teacher.save(folder / "teacher.keras")
+    np.savez(folder / "train.npz", x=x[:450], y=y[:450])
+    np.savez(folder / "test.npz", x=x[450:], y=y[450:])
+    return folder
+
+
+def test_test_data_scores_but_never_chooses(tmp_path, labelled):
+    """The budget's sensitivity, early stopping and stage verdicts use the validation data; swapping the test data for
+    data with wrong labels changes the reported test figures and nothing else."""
+    test = np.load(labelled / "test.npz")
+    np.savez(tmp_path / "wrong.npz", x=test["x"], y=(test["y"] + 1) % 3)
+    results = []
+    for name, test_data in (("a", labelled / "test.npz"), ("b", tmp_path / "wrong.npz")):
+        results.append(convert_model(labelled / "teacher.keras", [tmp_path / f"{name}.tflite"],
+                                     data=str(labelled / "train.npz"), test_data=str(test_data), quantize="none",
+                                     max_accuracy_drop=20.0, epochs=2))
+    a, b = (r.recovery for r in results)
+    assert a["budget"]["samples"] == a["validation_samples"] == 90 and a["samples"] == 150
+    assert results[0].data["train_samples"] == 360 and results[0].data["validation_samples"] == 90
+    assert a["budget"]["ranks"] == b["budget"]["ranks"] and a["budget"]["layers"] == b["budget"]["layers"], \
+        "the rank per layer must not depend on the test data"
+    assert [(s["name"], s["kept"], s["val_accuracy"]) for s in a["stages"]] == \
+        [(s["name"], s["kept"], s["val_accuracy"]) for s in b["stages"]], "nor which stages are kept"
+    assert a["stages"][0]["accuracy"] != b["stages"][0]["accuracy"], "the test figures come from the test data"
+    assert "measured_drop" in a["budget"] and "test_drop" in a["budget"]
+
+
+def _harmful(context):
+    """A recovery step that wrecks the model: every weight zeroed."""
+    context.model.set_weights([np.zeros_like(w) for w in context.model.get_weights()])
+    return {"zeroed": True}
+
+
+def test_a_stage_that_hurts_is_rejected_and_undone(tmp_path, labelled, monkeypatch):
+    from sepconv.convert import recovery
+
+    harmful = recovery.Step("zeroed", "zero", lambda context: True, _harmful)
+    monkeypatch.setattr(recovery, "STEPS", recovery.STEPS[:1] + (harmful,))
+    lines = []
+    result = convert_model(labelled / "teacher.keras", [tmp_path / "m.keras"], data=str(labelled / "train.npz"),
+                           quantize="none", rank=1, epochs=0, progress=lambda stage, message: lines.append(message))
+    stages = {stage["name"]: stage for stage in result.recovery["stages"]}
+    assert stages["refined"]["kept"] is True
+    assert stages["zeroed"]["kept"] is False and stages["zeroed"]["note"].startswith("rejected: validation accuracy")
+    assert stages["zeroed"]["val_accuracy"] < stages["refined"]["val_accuracy"]
+    assert any("rejected: validation accuracy" in line for line in lines), lines
+    saved = keras.models.load_model(tmp_path / "m.keras")
+    x = np.load(labelled / "train.npz")["x"][:32]
+    assert np.any(saved.predict(x, verbose=0) != 0), "the exported model is the one before the rejected stage"
+    check = result.artifacts[0].verification
+    assert check["passed"] and check["outputs"][0]["keras_accuracy"] == pytest.approx(stages["refined"]["accuracy"])
+
+
+def bn_residual(seed=0):
+    """BatchNorm + a residual block with a strided 1x1 projection shortcut."""
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((16, 16, 3))
+    x = L.ReLU()(L.BatchNormalization(name="stem_bn")(L.Conv2D(8, 3, padding="same", use_bias=False,
+                                                                 name="stem")(image)))
+    shortcut = L.BatchNormalization(name="proj_bn")(L.Conv2D(16, 1, strides=2, use_bias=False, name="proj")(x))
+    y = L.ReLU()(L.BatchNormalization(name="a_bn")(L.Conv2D(16, 3, strides=2, padding="same", use_bias=False,
+                                                              name="a")(x)))
+    y = L.BatchNormalization(name="b_bn")(L.Conv2D(16, 3, padding="same", use_bias=False, name="b")(y))
+    x = L.GlobalAveragePooling2D()(L.ReLU()(L.Add()([y, shortcut])))
+    return keras.Model(image, L.Dense(3, activation="softmax")(x))
+
+
+def nested_classifier(seed=0):
+    """The transfer-learning shape: a BatchNorm backbone as one nested Functional layer, then a pooled head."""
+    keras.utils.set_random_seed(seed)
+    backbone = bn_residual(seed)
+    inner = keras.Model(backbone.inputs, backbone.layers[-2].output, name="backbone")
+    image = keras.Input((16, 16, 3), name="image")
+    return keras.Model(image, L.Dense(3, activation="softmax", name="head")(inner(image)), name="transfer")
+
+
+def _trained(model, n=480, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.uniform(0, 1, (n, *model.input_shape[1:])).astype(np.float32)
+    y = (x[..., 0].mean(axis=(1, 2)) * 3 > 1.5).astype(np.int64) + (x[..., 1].mean(axis=(1, 2)) > 0.5)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=3, batch_size=32, verbose=0)
+    return x, y
+
+
+def test_nested_backbone_is_budgeted_refined_and_recalibrated(tmp_path):
+    model = nested_classifier()
+    x, y = _trained(model)
+    model.save(tmp_path / "transfer.keras")
+    np.savez(tmp_path / "data.npz", x=x, y=y)
+    result = convert_model(tmp_path / "transfer.keras", [tmp_path / "t.tflite"], data=str(tmp_path / "data.npz"),
+                           quantize="none", max_accuracy_drop=50.0, epochs=0)
+    recovery = result.recovery
+    measured = [layer["path"] for layer in recovery["budget"]["layers"]]
+    assert measured == ["backbone/stem", "backbone/a", "backbone/b"], measured
+    assert recovery["budget"]["ranks"], "a 50-point budget separates layers of the nested backbone"
+    refined = [layer for layer in recovery["refinement"]["layers"] if layer["status"] == "refined"]
+    assert {layer["path"] for layer in refined} == set(recovery["budget"]["ranks"]), recovery["refinement"]
+    recalibrated = [b["path"] for b in recovery["batchnorm"]]
+    assert recalibrated[0] == "backbone/stem_bn" and sorted(recalibrated) == [
+        "backbone/a_bn", "backbone/b_bn", "backbone/proj_bn", "backbone/stem_bn"], "every BatchNorm, in graph order"
+    assert [s["name"] for s in recovery["stages"]] == ["original", "separated", "refined", "batchnorm recalibrated"]
+
+
+def rescaling_model():
+    keras.utils.set_random_seed(0)
+    image = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, activation="relu", name="c1")(L.Rescaling(1 / 255.0, name="rescale")(image))
+    x = L.Conv2D(8, 3, name="c2")(x)
+    return keras.Model(image, L.Dense(3, activation="softmax")(L.Flatten()(x)))
+
+
+def test_a_model_that_rescales_itself_gets_raw_pixels(tmp_path):
+    model = rescaling_model()
+    pixels = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3)).astype(np.uint8)
+    labels = np.argmax(model.predict(pixels.astype(np.float32), verbose=0), axis=1)
+    model.save(tmp_path / "r.keras")
+    np.savez(tmp_path / "pixels.npz", x=pixels, y=labels)
+    lines = []
+    result = convert_model(tmp_path / "r.keras", [tmp_path / "r.tflite"], data=str(tmp_path / "pixels.npz"),
+                           separate=False, quantize="none", progress=lambda stage, message: lines.append(message))
+    assert result.data["scale"] == "raw"
+    assert any("scale auto -> raw: the model rescales its input itself in layer 'rescale'" in m for m in lines), lines
+    check = result.artifacts[0].verification["outputs"][0]
+    assert check["keras_accuracy"] == 1.0, "fed as the model expects, it agrees with its own labels"
+    data = load_data(tmp_path / "pixels.npz", model.input_shape, DataOptions(scale="unit"))
+    assert float(data.x.max()) <= 1.0, "an explicit --scale unit still scales"
+
+
+def test_image_folders_are_shuffled_and_max_samples_keeps_classes(tmp_path):
+    from PIL import Image
+
+    for label in range(4):
+        (tmp_path / "images" / f"class{label}").mkdir(parents=True)
+        for i in range(10):
+            Image.fromarray(np.full((8, 8, 3), 20 * label + i, np.uint8)).save(tmp_path / "images" / f"class{label}"
+                                                                                / f"{i}.png")
+    data = load_data(tmp_path / "images", (None, 8, 8, 3))
+    assert len(set(data.y[:10].tolist())) > 1, f"the first images must not all be one class: {data.y.tolist()}"
+    np.savez(tmp_path / "sorted.npz", x=np.zeros((100, 8, 8, 3), np.float32) + np.arange(100)[:, None, None, None],
+             y=np.repeat(np.arange(4), 25))
+    capped = load_data(tmp_path / "sorted.npz", (None, 8, 8, 3), DataOptions(max_samples=20))
+    assert len(capped) == 20 and set(capped.y.tolist()) == {0, 1, 2, 3}, capped.y.tolist()
+
+
+@pytest.mark.parametrize("case", ["tiny", "constant"])
+def test_data_too_small_or_constant_fails_early(tmp_path, labelled, case):
+    x = np.zeros((4, 7, 7, 1), np.float32) if case == "tiny" else np.zeros((64, 12, 12, 3), np.float32)
+    np.savez(tmp_path / "bad.npz", x=x)
+    done = run(labelled / "teacher.keras", tmp_path / "m.tflite", "--data", tmp_path / "bad.npz")
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    phrase = "only 4 samples; a run needs at least 20" if case == "tiny" else "are the same constant value 0"
+    assert last.startswith("convert-model: error: ") and phrase in last, last
+    assert not any(line.startswith("[") and "budget:" in line for line in done.stderr.splitlines()), \
+        "the data is refused before any work"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad.npz"]
+
+
+def test_synthetic_inputs_judge_quantized_classifiers_by_similarity(labelled):
+    from sepconv.convert.verification import _check
+
+    rng = np.random.default_rng(0)
+    expected = np.full((64, 3), 1 / 3) + rng.normal(0, 1e-3, (64, 3))  # noise inputs: near-ties everywhere
+    actual = expected + rng.normal(0, 1e-3, (64, 3))  # a faithful quantized copy, ties broken otherwise
+    real = _check("p", expected, actual, None, quantized=True, tolerance=_tolerance())
+    synthetic = _check("p", expected, actual, None, quantized=True, tolerance=_tolerance(), synthetic=True)
+    assert not real.passed and real.agreement < 0.98, "top-1 on near-ties fails a faithful copy"
+    assert synthetic.passed and synthetic.criterion.startswith("cosine similarity"), synthetic.criterion
+    assert "top-1 agreement on noise" in synthetic.criterion
+    broken = _check("p", expected, np.eye(3)[np.zeros(64, int)], None, quantized=True, tolerance=_tolerance(),
+                    synthetic=True)
+    assert broken.passed is False and broken.cosine < 0.6, "an artifact that always answers one class still fails"
+
+
+def _tolerance():
+    from sepconv.convert.verification import Tolerance
+
+    return Tolerance()
+
+
+def test_the_worker_trains_with_onednn_off_unless_the_user_chose():
+    from sepconv.convert.supervise import ONEDNN, WORKER, safe_environment
+
+    env = safe_environment({"PATH": "/bin"})
+    assert env[WORKER] == "1"
+    import platform
+
+    if platform.machine() in ("x86_64", "AMD64"):
+        assert env[ONEDNN] == "0"
+    assert safe_environment({ONEDNN: "1"})[ONEDNN] == "1", "the user's choice wins"
+
+
+STRIDED_1X1 = """
+import keras, numpy as np
+i = keras.Input((32, 32, 8)); h = keras.layers.Conv2D(16, 3, padding="same", name="c3")(i)
+h = keras.layers.Conv2D(16, 1, strides=2, padding="same", name="s1x1")(h)
+o = keras.layers.Dense(3, activation="softmax")(keras.layers.GlobalAveragePooling2D()(h))
+keras.Model(i, o).save(__import__("sys").argv[1])
+"""
+
+
+@pytest.mark.slow
+def test_fine_tuning_a_strided_1x1_model_does_not_crash(tmp_path):
+    """The issue's reproduction (SIGSEGV / "free(): invalid size" under TF 2.21's oneDNN on AVX-512 CPUs): through
+    convert-model, fine-tuning such a model finishes."""
+    subprocess.run([sys.executable, "-c", STRIDED_1X1, str(tmp_path / "m.keras")], check=True, timeout=300)
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "d.npz", x=rng.random((96, 32, 32, 8), dtype=np.float32), y=rng.integers(0, 3, 96))
+    done = run(tmp_path / "m.keras", tmp_path / "m.tflite", "--data", tmp_path / "d.npz", "--rank", "1",
+               "--epochs", "2", "--quantize", "none")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "finetune: epoch 2/2" in done.stderr or "finetune: epoch 1/2" in done.stderr, done.stderr[-3000:]
+
+
+CRASH_AFTER_FIRST_EPOCH = """
+import os, signal, threading, time
+from pathlib import Path
+if os.environ.get("SEPCONV_WORKER") and os.environ.get("CRASH_WHEN"):
+    def crash():
+        while not Path(os.environ["CRASH_WHEN"]).exists():
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGSEGV)
+    threading.Thread(target=crash, daemon=True).start()
+"""
+
+
+@pytest.mark.slow
+def test_a_native_crash_is_one_line_and_the_run_resumes(tmp_path, labelled):
+    """A worker killed by SIGSEGV (on purpose, once its first fine-tuning checkpoint exists): one line naming the signal
+    and the stage, exit 70, nothing written but the checkpoints; --resume finishes the job."""
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(CRASH_AFTER_FIRST_EPOCH)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [labelled / "teacher.keras", out / "m.tflite", "--data", labelled / "train.npz", "--rank", "1",
+            "--epochs", "40", "--patience", "40", "--quantize", "none"]
+    env = {"PYTHONPATH": f"{tmp_path / 'hook'}{os.pathsep}{HERE}",
+           "CRASH_WHEN": str(out / "m.tflite.checkpoints" / "fit")}
+    crashed = subprocess.run([*CONVERT, *map(str, args)], capture_output=True, text=True, timeout=600,
+                             env=dict(os.environ, **env))
+    assert crashed.returncode == 70, crashed.stderr[-3000:]
+    last = crashed.stderr.strip().splitlines()[-1]
+    assert last.startswith("convert-model: error: TensorFlow crashed in native code (SIGSEGV) during the finetune "
+                           "stage"), last
+    assert "run the same command with --resume to continue" in last and "Traceback" not in crashed.stderr
+    assert sorted(p.name for p in out.iterdir()) == ["m.tflite.checkpoints"]
+    done = run(*args, "--resume")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert sorted(p.name for p in out.iterdir()) == ["m.tflite", "m.tflite.json"]
+    assert json.loads((out / "m.tflite.json").read_text())["recovery"]["resumed"] is True
+
+
+def test_ctrl_c_reaches_the_worker(tmp_path, labelled):
+    """SIGINT sent to convert-model (the supervisor) stops the worker: exit 130, no traceback, no orphan."""
+    import time
+
+    process = subprocess.Popen([*CONVERT, str(labelled / "teacher.keras"), str(tmp_path / "m.tflite"), "--data",
+                                str(labelled / "train.npz"), "--rank", "1", "--epochs", "30", "--patience", "30"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                               env=dict(os.environ, PYTHONPATH=str(HERE)))
+    deadline = time.time() + 300
+    while time.time() < deadline and not (tmp_path / "m.tflite.checkpoints").exists():
+        time.sleep(0.3)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=300)
+    assert process.returncode == 130, stderr[-2000:]
+    assert "Traceback" not in stderr
+    workers = subprocess.run(["pgrep", "-f", f"sepconv.convert.cli convert-model {labelled / 'teacher.keras'}"],
+                             capture_output=True, text=True)
+    assert workers.stdout.strip() == "", "the worker must be gone"
