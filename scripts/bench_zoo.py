@@ -1,0 +1,148 @@
+"""convert-model on the model zoo (convert/zoo.py), as a user runs it: one subprocess per model and mode.
+
+Modes (every run writes an int8 TFLite artifact, or fails with one line and writes nothing):
+- default:  `convert-model MODEL out.tflite --data train.npz --test-data test.npz` (budget 1 point, refine,
+            BatchNorm recalibration, fine-tuning, int8: every default with data);
+- k1-labels: the same with `--rank 1` (every separable layer at K=1, fine-tuned with labels);
+- k1-distill: `--rank 1` with the training images only (no labels: distillation from the original);
+- nodata:   `convert-model MODEL out.tflite` (no data: energy 0.9, dynamic-range int8, synthetic verification).
+The artifact's accuracy is measured here, with LiteRT, on the test digits that no run chose with (the runs' own
+validation data is a part of train.npz). Peak memory is the run's maximum resident set (wait4), seconds wall-clock.
+
+usage: scripts/bench-zoo [--models a,b] [--modes default,nodata] [--out build/zoo]   (writes OUT/bench-zoo.json)
+"""
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+MODES = ("default", "k1-labels", "k1-distill", "nodata")
+
+
+def main(argv=None) -> int:
+    from sepconv.convert import zoo
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default=",".join(zoo.ZOO), help="comma-separated zoo names (default: all)")
+    parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
+    parser.add_argument("--out", type=Path, default=Path("build/zoo"))
+    args = parser.parse_args(argv)
+    rows = []
+    report = args.out / "bench-zoo.json"
+    previous = {(r["model"], r["mode"]): r for r in json.loads(report.read_text())["rows"]} if report.exists() else {}
+    for name in args.models.split(","):
+        entry = zoo.entry(name, args.out)
+        print(f"{name}: {entry.params:,} parameters, test accuracy {entry.accuracy:.2%}", flush=True)
+        for mode in args.modes.split(","):
+            rows.append(run(entry, mode, args.out / name / "runs"))
+            previous[(name, mode)] = rows[-1]
+            print(f"  {mode}: {summary(rows[-1])}", flush=True)
+    merged = sorted(previous.values(), key=lambda r: (list(zoo.ZOO).index(r["model"]), MODES.index(r["mode"])))
+    report.write_text(json.dumps({"cpu": cpu(), "rows": merged}, indent=2))
+    print(f"\n{cpu()}\n")
+    print(table(merged))
+    return 0
+
+
+def run(entry, mode: str, folder: Path) -> dict:
+    import numpy as np
+
+    folder.mkdir(parents=True, exist_ok=True)
+    out = folder / f"{mode}.tflite"
+    for leftover in (out, out.with_name(out.name + ".json")):
+        leftover.unlink(missing_ok=True)
+    args = [str(entry.model), str(out)]
+    if mode != "nodata":
+        train = entry.train
+        if mode == "k1-distill":
+            train = folder / "train_unlabelled.npz"
+            np.savez(train, x=np.load(entry.train)["x"])
+        args += ["--data", str(train), "--test-data", str(entry.test)]
+    if mode.startswith("k1"):
+        args += ["--rank", "1"]
+    convert = Path(sys.executable).parent / "convert-model"
+    started = time.perf_counter()
+    process = subprocess.Popen([str(convert), *args, "--quiet"], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                               text=True)
+    stderr = process.stderr.read()
+    _, status, usage = os.wait4(process.pid, 0)  # its usage includes its worker's (waited for by it)
+    exit_code = os.waitstatus_to_exitcode(status)
+    seconds = time.perf_counter() - started
+    row = {"model": entry.name, "mode": mode, "exit": exit_code, "seconds": round(seconds, 1),
+           "peak_rss_mib": round(usage.ru_maxrss / 1024), "original_accuracy": entry.accuracy,
+           "params_before": entry.params, "error": stderr.strip().splitlines()[-1] if exit_code else None}
+    if exit_code == 0:
+        row.update(scored(entry, out))
+    return row
+
+
+def scored(entry, artifact: Path) -> dict:
+    import numpy as np
+
+    from sepconv.deploy import open_runtime
+
+    manifest = json.loads(artifact.with_name(artifact.name + ".json").read_text())
+    test = np.load(entry.test)
+    x = test["x"].astype(np.float32)
+    x = x[..., None] if x.ndim == 3 else x
+    predicted = np.argmax(open_runtime(str(artifact)).run([x])[0], axis=1)
+    separation = manifest.get("separation") or {}
+    totals = separation.get("totals", {})
+    recovery = manifest.get("recovery") or {}
+    stages = recovery.get("stages", [])
+    budget = recovery.get("budget") or {}
+    return {"int8_accuracy": float(np.mean(predicted == test["y"])), "bytes": manifest["bytes"],
+            "quantize": manifest["quantize"], "params_after": totals.get("model_params_after", entry.params),
+            "macs_before": totals.get("macs_before"), "macs_after": totals.get("macs_after"),
+            "separated": totals.get("separated", 0), "conv_layers": totals.get("layers", 0),
+            "stages": [[s["name"], s["kept"]] for s in stages[2:]], "ranks": budget.get("ranks"),
+            "verification": manifest["verification"]["outputs"][0]["criterion"]}
+
+
+def summary(row: dict) -> str:
+    if row["exit"]:
+        return f"exit {row['exit']}: {row['error']} ({row['seconds']} s)"
+    return (f"int8 {row['int8_accuracy']:.2%} (original {row['original_accuracy']:.2%}), {row['params_before']:,} -> "
+            f"{row['params_after']:,} parameters, {row['seconds']} s, peak {row['peak_rss_mib']:,.0f} MiB")
+
+
+def table(rows) -> str:
+    from tabulate import tabulate
+
+    lines = []
+    for r in rows:
+        ok = r["exit"] == 0
+        drop = 100 * (r["original_accuracy"] - r["int8_accuracy"]) if ok else None
+        macs = (f"{r['macs_before'] / 1e6:,.1f}M -> {r['macs_after'] / 1e6:,.1f}M" if ok and r.get("macs_before")
+                else "")
+        stages = ", ".join(f"{name} {'kept' if kept else 'REJECTED'}" for name, kept in r.get("stages") or []) if ok \
+            else ""
+        lines.append([r["model"], r["mode"], f"exit {r['exit']}" if not ok else "0",
+                      f"{r['params_before']:,} -> {r['params_after']:,}" if ok else f"{r['params_before']:,}", macs,
+                      f"{r['original_accuracy']:.2%}", f"{r['int8_accuracy']:.2%}" if ok else "",
+                      f"{drop:+.2f}" if ok else "", stages or ("" if ok else (r["error"] or "")[:90]),
+                      r["seconds"], f"{r['peak_rss_mib']:,.0f}"])
+    return tabulate(lines, headers=["model", "mode", "exit", "parameters", "conv MACs", "original", "int8 (test)",
+                                    "drop", "stages (kept / rejected) or error", "seconds", "peak MiB"],
+                    tablefmt="github", disable_numparse=True)
+
+
+def cpu() -> str:
+    name = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"CPU: {name}, {os.cpu_count()} cores; Python {platform.python_version()}"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
