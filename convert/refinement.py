@@ -64,14 +64,28 @@ def layer_at(model, path: str):
 
 
 def called_once(model, path: str) -> bool:
-    """True when the layer at `path` and every nested model on the way to it are called exactly once, so that its
-    input is one tensor of the graph."""
-    layer = model
+    """True when the layer at `path` and every nested model on the way to it are called exactly once in their parent's
+    graph, so that its input is one tensor."""
+    parent = model
     for name in path.split("/"):
-        layer = layer.get_layer(name)
-        if len(layer._inbound_nodes) != 1:
+        layer = parent.get_layer(name)
+        if len(_calls(parent, layer)) != 1:
             return False
+        parent = layer
     return True
+
+
+def _graph(model):
+    """The Functional graph of `model` (a Sequential keeps one inside; its layers' own node lists also hold nodes of
+    earlier builds, so they cannot be trusted)."""
+    import keras
+
+    return model._functional if isinstance(model, keras.Sequential) else model
+
+
+def _calls(model, layer) -> list:
+    """The nodes of `model`'s graph where `layer` is called."""
+    return [node for nodes in _graph(model)._nodes_by_depth.values() for node in nodes if node.operation is layer]
 
 
 def layer_input(model, path: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
@@ -81,11 +95,11 @@ def layer_input(model, path: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
 
     head, _, rest = path.partition("/")
     layer = model.get_layer(head)
-    tensors = layer._inbound_nodes[0].input_tensors
-    if len(tensors) != 1:
-        raise InvalidOptionError(f"{path}: takes {len(tensors)} inputs; only single-input layers and nested models "
-                                 f"can be probed")
-    probe = keras.Model(model.inputs, tensors[0])
+    calls = _calls(model, layer)
+    if len(calls) != 1 or len(calls[0].input_tensors) != 1:
+        raise InvalidOptionError(f"{path}: is called {len(calls)} times or takes several inputs; only layers and "
+                                 f"nested models called once on one input can be probed")
+    probe = keras.Model(_graph(model).inputs, calls[0].input_tensors[0])
     value = np.concatenate([keras.ops.convert_to_numpy(probe(x[i:i + batch], training=False))
                             for i in range(0, len(x), batch)])
     return layer_input(layer, rest, value, batch) if rest else value

@@ -303,3 +303,19 @@ def test_ctrl_c_reaches_the_worker(tmp_path, labelled):
     workers = subprocess.run(["pgrep", "-f", f"sepconv.convert.cli convert-model {labelled / 'teacher.keras'}"],
                              capture_output=True, text=True)
     assert workers.stdout.strip() == "", "the worker must be gone"
+
+
+def test_a_sequential_loaded_from_h5_is_refined_layer_by_layer(tmp_path):
+    """Keras' .h5 loader builds a Sequential several times, leaving its layers with stale call records (11 for the
+    first layer of the tutorial net): each layer is still found once in the model's own graph."""
+    from sepconv.convert import demo, load, refine, separate
+    from sepconv.convert.refinement import called_once
+
+    demo.tutorial_network(filters=(4, 8, 8)).save(tmp_path / "seq.h5")
+    model = load(tmp_path / "seq.h5")
+    assert len(model.layers[0]._inbound_nodes) > 1, "the situation this test is about"
+    assert all(called_once(model, layer.name) for layer in model.layers)
+    separated, report = separate(model, rank=1)
+    x = np.random.default_rng(0).random((16, 32, 32, 3), dtype=np.float32)
+    result = refine(model, separated, x, report)
+    assert [layer.status for layer in result.layers] == ["refined"] * 6, result
