@@ -28,7 +28,7 @@ def library_versions() -> dict[str, str | None]:
 
 def build_manifest(artifact: Path, *, final_path: Path, fmt: str, quantize: str, source: dict, runtime=None,
                    layout: str = "nhwc", separation=None, recovery=None, verification=None,
-                   options: dict | None = None) -> dict:
+                   options: dict | None = None, preprocessing: dict | None = None) -> dict:
     """`artifact` is the file as written (maybe still a temporary); `final_path` the name it will have."""
     manifest = {
         "manifest_version": MANIFEST_VERSION,
@@ -47,6 +47,7 @@ def build_manifest(artifact: Path, *, final_path: Path, fmt: str, quantize: str,
         "libraries": library_versions(),
         "platform": {"python": platform.python_version(), "machine": platform.machine(), "system": platform.system()},
         "options": options or {},
+        "preprocessing": preprocessing,
         "separation": separation,
         "recovery": recovery,
         "verification": verification.to_dict() if verification is not None else None,

@@ -380,8 +380,10 @@ def _data(model, options: ConvertOptions):
     if len(model.inputs) != 1:
         raise UnsupportedModelError(f"convert-model handles single-input models; this one has {len(model.inputs)} "
                                     f"inputs: use export_tflite / export_onnx from the Python API")
+    data_options, scale_note = resolve_scale(model, options.data_options)
+    preprocessing = {"scale": data_options.scale, "mean": data_options.mean, "std": data_options.std,
+                     "reason": scale_note}
     if options.data:
-        data_options, scale_note = resolve_scale(model, options.data_options)
         data = _labelled_data(options.data, model, data_options)
         if options.test_data:
             rest, test = data, _labelled_data(options.test_data, model, data_options)
@@ -393,6 +395,7 @@ def _data(model, options: ConvertOptions):
         held = f"{len(test)} from {test.source}" if options.test_data else f"{len(test)} held out"
         info = {"source": data.source, "test_source": test.source if options.test_data else None,
                 "samples": len(data), "labelled": data.y is not None, "scale": data_options.scale,
+                "preprocessing": preprocessing,
                 "train_samples": len(train), "calibration_samples": len(calibration),
                 "validation_samples": len(validation), "heldout_samples": len(test),
                 "heldout_labelled": test.y is not None,
@@ -406,6 +409,7 @@ def _data(model, options: ConvertOptions):
                                     f"that sepconv knows what to feed it")
     x = np.random.default_rng(0).random((SYNTHETIC_SAMPLES, *shape[1:]), dtype=np.float32)
     info = {"source": None, "test_source": None, "samples": SYNTHETIC_SAMPLES, "labelled": False, "scale": None,
+            "preprocessing": preprocessing,
             "train_samples": 0, "calibration_samples": 0, "validation_samples": 0,
             "heldout_samples": SYNTHETIC_SAMPLES, "heldout_labelled": False,
             "description": f"no --data: verifying on {SYNTHETIC_SAMPLES} synthetic uniform [0, 1) inputs, judged by "
@@ -478,7 +482,7 @@ def _export_and_verify(item: dict, model, original, calibration, heldout, data_i
                               source={"path": str(source), "sha256": sha256(source)},
                               separation=report.to_dict() if report else None,
                               recovery=recovery.to_dict() if recovery else None, verification=verification,
-                              options=options.describe())
+                              options=options.describe(), preprocessing=data_info["preprocessing"])
     fd, item["tmp_manifest"] = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
     with os.fdopen(fd, "w") as file:
         file.write(manifest_json(manifest))

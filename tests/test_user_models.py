@@ -154,6 +154,8 @@ def test_a_model_that_rescales_itself_gets_raw_pixels(tmp_path):
     result = convert_model(tmp_path / "r.keras", [tmp_path / "r.tflite"], data=str(tmp_path / "pixels.npz"),
                            separate=False, quantize="none", progress=lambda stage, message: lines.append(message))
     assert result.data["scale"] == "raw"
+    manifest = json.loads((tmp_path / "r.tflite.json").read_text())
+    assert manifest["preprocessing"]["scale"] == "raw", "bench-model and deploy-model read how to feed pixels here"
     assert any("scale auto -> raw: the model rescales its input itself in layer 'rescale'" in m for m in lines), lines
     check = result.artifacts[0].verification["outputs"][0]
     assert check["keras_accuracy"] == 1.0, "fed as the model expects, it agrees with its own labels"
