@@ -321,3 +321,14 @@ def test_a_sequential_loaded_from_h5_is_refined_layer_by_layer(tmp_path):
     x = np.random.default_rng(0).random((16, 32, 32, 3), dtype=np.float32)
     result = refine(model, separated, x, report)
     assert [layer.status for layer in result.layers] == ["refined"] * 6, result
+
+
+def test_legacy_models_convert_without_keras_warnings(tmp_path):
+    """Keras 3 warns ("UserWarning: The structure of `inputs` doesn't match the expected structure") on every call of
+    a Keras 2 model; the user sees none of it."""
+    done = subprocess.run([sys.executable, str(HERE / "keras2_writer.py"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    converted = run(tmp_path / "model.h5", tmp_path / "m.tflite", "--rank", "1")
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    assert "UserWarning" not in converted.stderr and "doesn't match the expected structure" not in converted.stderr
