@@ -398,7 +398,8 @@ def deploy_options(args):
     bench_args = ("--min-runs", str(args.min_runs), "--min-time", str(args.min_time), "--max-time", str(args.max_time))
     return DeployOptions(threads=args.threads, remote_dir=args.remote_dir, wheels=args.wheels,
                          index_url=args.index_url, inputs=args.input, bench_args=bench_args, timeout=args.timeout,
-                         xnnpack=args.xnnpack, ssh=SshOptions(connect_timeout=args.connect_timeout, config=args.ssh_config,
+                         xnnpack=args.xnnpack,
+                         ssh=SshOptions(connect_timeout=args.connect_timeout, config=args.ssh_config,
                                         identity=args.identity))
 
 

@@ -135,7 +135,8 @@ def start(folder: Path, port: int | None) -> dict:
 def register_binfmt() -> None:
     """aarch64 ELF files run through qemu-aarch64-static ('F': the interpreter is opened now, so chroots see it)."""
     if not Path(QEMU).exists():
-        raise EmulatorError(f"{QEMU} is missing; install Debian's qemu-user-static (scripts/setup does)")
+        raise EmulatorError(f"{QEMU} is missing; install Debian's qemu-user-static "
+                            f"(scripts/setup --for-tests does)")
     if not (BINFMT / "register").exists():
         done = subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)], capture_output=True,
                               text=True)
@@ -150,7 +151,8 @@ def register_binfmt() -> None:
 
 def build_rootfs(folder: Path, rootfs: Path) -> None:
     if not shutil.which("debootstrap"):
-        raise EmulatorError("debootstrap is missing; install Debian's debootstrap (scripts/setup does)")
+        raise EmulatorError("debootstrap is missing; install Debian's debootstrap "
+                            "(scripts/setup --for-tests does)")
     shutil.rmtree(rootfs, ignore_errors=True)
     rootfs.parent.mkdir(parents=True, exist_ok=True)
     log = folder / "debootstrap.log"

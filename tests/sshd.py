@@ -65,7 +65,7 @@ class LoopbackSshd:
 
     def start(self) -> "LoopbackSshd":
         if not Path(SSHD).exists():
-            raise RuntimeError("sshd is not installed; scripts/setup installs Debian's openssh-server")
+            raise RuntimeError("sshd is not installed; scripts/setup --for-tests installs Debian's openssh-server")
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         self.process = subprocess.Popen([SSHD, "-D", "-f", str(self.config), "-E", str(self.log)],

@@ -234,3 +234,13 @@ def test_convert_model_json_follows_the_same_convention(tmp_path, json_target, p
         phrase in done.stderr, done.stderr[-2000:]
     assert model.read_bytes().startswith(b"not read") and (tmp_path / "old.json").read_bytes() == b"keep"
     assert not (tmp_path / "out.tflite").exists()
+
+
+def test_convert_model_failure_is_json_too(tmp_path):
+    convert = str(Path(sys.executable).parent / "convert-model")
+    done = subprocess.run([convert, str(tmp_path / "missing.h5"), str(tmp_path / "out.tflite"), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    failure = json.loads(done.stdout)
+    assert failure["tool"] == "convert-model" and failure["exit_status"] == 1
+    assert "missing.h5" in failure["error"]["message"] and failure["error"]["type"].endswith("Error")
