@@ -12,9 +12,9 @@ import sys
 import time
 from pathlib import Path
 
-from sepconv.deploy.cli import Parser, checked as _checked, count as _count, positive as _positive
-from sepconv.deploy.cli import run as run_command
 from sepconv.convert.supervise import die_with_parent, in_worker, report_stage, supervise
+from sepconv.deploy.cli import JSON_HELP, Parser, checked as _checked, check_output_file, count as _count
+from sepconv.deploy.cli import positive as _positive, run as run_command, version_flag, write_output
 
 
 def _quiet_tensorflow(debug: bool) -> None:
@@ -39,7 +39,7 @@ def _quiet_tensorflow(debug: bool) -> None:
             pass  # reported where a function needs TensorFlow, with the install hint
 
 
-def run(prog: str, body, args: argparse.Namespace) -> int:
+def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
     """Import TensorFlow quietly, then run `body(args)` as every sepconv command does (sepconv.deploy.cli.run): a
     sepconv error is one line on stderr and its exit status (a traceback with --debug)."""
     _quiet_tensorflow(args.debug)
@@ -47,7 +47,7 @@ def run(prog: str, body, args: argparse.Namespace) -> int:
         import warnings
 
         warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match the expected structure")
-    return run_command(prog, body, args)
+    return run_command(prog, body, args, outputs)
 
 
 _fraction = _checked(float, lambda v: 0 < v <= 1, "fraction", "a number in (0, 1]")
@@ -167,9 +167,10 @@ def convert_parser() -> argparse.ArgumentParser:
                        help="import custom layers/functions the model uses (repeatable)")
     group.add_argument("--unsafe-allow-lambda", action="store_true",
                        help="load Lambda layers holding Python code (only for files you trust)")
-    group.add_argument("--json", action="store_true", help="print a machine-readable summary on stdout")
+    group.add_argument("--json", nargs="?", const="-", metavar="FILE", help="a machine-readable summary " + JSON_HELP)
     group.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     group.add_argument("--debug", action="store_true", help="show tracebacks and converter logs")
+    version_flag(parser)
     return parser
 
 
@@ -226,10 +227,16 @@ def _convert(args) -> int:
 
     result = convert_model(args.input, args.outputs, options=convert_options(args), progress=progress)
     if args.json:
-        print(json.dumps(result.to_dict(), indent=2, default=str))
-    else:
+        write_output(args.json, json.dumps(result.to_dict(), indent=2, default=str))
+    if args.json != "-":
         print(recovery_tables(result) + artifact_table(result))
     return 0
+
+
+def _convert_outputs(args) -> None:
+    """--json FILE is checked before any work; it is never an input, an output or an output's manifest."""
+    protected = [args.input, args.data, args.test_data, *args.outputs, *(f"{o}.json" for o in args.outputs)]
+    check_output_file("--json", args.json, protected=protected, overwrite=args.overwrite)
 
 
 def recovery_tables(result) -> str:
@@ -304,9 +311,9 @@ def convert_main(argv=None) -> int:
     if not in_worker():  # the work runs in a child process (supervise.py: a native crash becomes one line)
         first = Path(args.outputs[0])
         checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else first.with_name(first.name + ".checkpoints")
-        return supervise("convert-model", argv, checkpoints)
+        return supervise("convert-model", argv, checkpoints, json_target=args.json)
     die_with_parent()
-    return run("convert-model", _convert, args)
+    return run("convert-model", _convert, args, outputs=_convert_outputs)
 
 
 def demo_parser() -> argparse.ArgumentParser:
@@ -330,6 +337,7 @@ def demo_parser() -> argparse.ArgumentParser:
                         "table (default: %(default)s)")
     parser.add_argument("--json", action="store_true", help="print one JSON summary instead of tables")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    version_flag(parser)
     return parser
 
 

@@ -44,8 +44,9 @@ def safe_environment(environ=None) -> dict:
     return env
 
 
-def supervise(prog: str, argv: list[str], checkpoints: Path | None = None) -> int:
-    """Run `prog argv` in a child process; its exit status, or EXIT_CRASH with one line on stderr after a crash."""
+def supervise(prog: str, argv: list[str], checkpoints: Path | None = None, json_target=None) -> int:
+    """Run `prog argv` in a child process; its exit status, or EXIT_CRASH with one line on stderr (and the JSON
+    failure record when `json_target`, the --json flag's value, asks for one) after a crash."""
     fd, status = tempfile.mkstemp(prefix="sepconv-status-")
     os.close(fd)
     env = dict(safe_environment(), **{STATUS: status})
@@ -57,7 +58,15 @@ def supervise(prog: str, argv: list[str], checkpoints: Path | None = None) -> in
     finally:
         os.unlink(status)
     if returncode < 0 and -returncode in CRASHES:
-        print(crash_line(prog, signal.Signals(-returncode), stage, checkpoints, env.get(ONEDNN)), file=sys.stderr)
+        line = crash_line(prog, signal.Signals(-returncode), stage, checkpoints, env.get(ONEDNN))
+        print(line, file=sys.stderr)
+        if json_target:
+            from types import SimpleNamespace
+
+            from sepconv.deploy.cli import _json_failure
+
+            _json_failure(SimpleNamespace(json=json_target), prog, "NativeCrash", line.split(": error: ", 1)[1],
+                          EXIT_CRASH, True)
         return EXIT_CRASH
     return returncode if returncode >= 0 else 128 - returncode
 

@@ -7,6 +7,7 @@ here imports TensorFlow: these commands run on a Raspberry Pi.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import io
 import json
@@ -15,8 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-EXIT_ERROR = 1
+EXIT_ERROR = 1  # a sepconv error (for deploy-model: every host failed, or nothing could start)
+EXIT_BAD_FLAG = 2
+EXIT_SOME_HOSTS_FAILED = 3  # deploy-model: some hosts failed, the others' results are reported
 EXIT_INTERRUPTED = 130
+# A report never replaces a model or data file (`bench-model a.tflite --json b.tflite` once overwrote b.tflite).
+NOT_A_REPORT = (".tflite", ".onnx", ".npz", ".h5", ".keras", ".pb", ".whl")
+JSON_HELP = ("as JSON to FILE, or to stdout with '-' or no FILE (a failure too: {\"error\": {...}}); FILE must not "
+             "exist unless --overwrite, and is never a model or data file")
 
 
 class Parser(argparse.ArgumentParser):
@@ -48,24 +55,104 @@ thread_list = checked(lambda t: tuple(int(v) for v in t.split(",")), lambda v: a
                       "thread list", "comma-separated whole numbers >= 1, e.g. 1,2,4")
 
 
-def run(prog: str, body, args: argparse.Namespace) -> int:
-    """Run `body(args)`; a sepconv error becomes one line on stderr and its exit status (a traceback with --debug)."""
-    from sepconv.deploy.errors import SepconvError
+def version() -> str:
+    from importlib.metadata import PackageNotFoundError, version as installed
 
     try:
+        return installed("sepconv")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def version_flag(parser) -> None:
+    parser.add_argument("--version", action="version", version=f"%(prog)s (sepconv) {version()}")
+
+
+def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
+    """Check the output paths (`outputs(args)`, before any work), then run `body(args)`; a sepconv error becomes one
+    line on stderr and its exit status (a traceback with --debug), and with --json a JSON {"error": ...} as well."""
+    from sepconv.deploy.errors import SepconvError
+
+    checked = False
+    try:
+        if outputs:
+            outputs(args)
+        checked = True
         return body(args) or 0
     except SepconvError as error:
         if args.debug:
             raise
         status = getattr(error, "exit_status", EXIT_ERROR)
         print(f"{prog}: {'error: ' if status == EXIT_ERROR else ''}{error}", file=sys.stderr)
+        _json_failure(args, prog, type(error).__name__, str(error), status, checked)
         return status
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
+        _json_failure(args, prog, "KeyboardInterrupt", "interrupted", EXIT_INTERRUPTED, checked)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # stdout closed early (`bench-model ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
         return EXIT_ERROR
+
+
+def _json_failure(args, prog: str, kind: str, message: str, status: int, checked: bool) -> None:
+    """With --json, a failure is JSON too: to stdout, or to the JSON file if its path passed the checks."""
+    from sepconv.deploy.errors import SepconvError
+
+    target = "-" if getattr(args, "json", None) is True else getattr(args, "json", None)
+    if not target or (target != "-" and not checked):
+        return
+    text = json.dumps({"error": {"type": kind, "message": message}, "exit_status": status, "tool": prog}, indent=2)
+    with contextlib.suppress(SepconvError):  # the file cannot be written either: the line on stderr says enough
+        write_output(target, text)
+
+
+def check_output_file(flag: str, target, *, protected=(), overwrite: bool = False) -> None:
+    """Refuse, before any work, an output path that cannot or must not be written: its folder missing or not
+    writable, a directory, a model or data file, a file this run reads, or an existing file without --overwrite."""
+    from sepconv.deploy.errors import OutputError
+
+    if target in (None, "-", True):
+        return
+    path = Path(target)
+    if path.suffix.lower() in NOT_A_REPORT:
+        raise OutputError(f"{flag} {target}: a report would replace a {path.suffix} file; name the report "
+                          f"e.g. {path.with_suffix('.json' if flag == '--json' else '.csv').name}")
+    for other in protected:
+        if other is not None and _same_file(path, Path(other)):
+            raise OutputError(f"{flag} {target}: is also an input of this run; name another file for the report")
+    if path.is_dir():
+        raise OutputError(f"{flag} {target}: is a directory; name a file in it, e.g. {path / 'report.json'}")
+    folder = path.parent
+    if not folder.is_dir():
+        raise OutputError(f"{flag} {target}: the folder {folder} does not exist; create it or name another")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {target}: the folder {folder} is not writable; name another")
+    if path.exists() and not overwrite:
+        raise OutputError(f"{flag} {target}: exists; pass --overwrite to replace it, or name another file")
+
+
+def check_output_folder(flag: str, target) -> None:
+    """A folder that will be created (with its parents) at the end: refuse now what cannot be."""
+    from sepconv.deploy.errors import OutputError
+
+    path = Path(target)
+    if path.exists() and not path.is_dir():
+        raise OutputError(f"{flag} {target}: is a file, not a folder; name a folder")
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise OutputError(f"{flag} {target}: {existing} is not a folder; name another")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"{flag} {target}: {existing} is not writable; name another folder")
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return a.exists() and b.exists() and os.path.samefile(a, b) or a.resolve() == b.resolve()
+    except OSError:
+        return False
 
 
 def progress_printer(args, started: float):
@@ -89,9 +176,11 @@ def _stop_flags(parser) -> None:
 
 def _output_flags(parser):
     """The last flags of both commands' parsers; returns the parser."""
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json / --csv file")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
     parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    version_flag(parser)
     return parser
 
 
@@ -122,9 +211,10 @@ def bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--providers", default="CPUExecutionProvider",
                         help="ONNX Runtime execution providers, comma-separated (default: %(default)s)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
-    parser.add_argument("--json", nargs="?", const="-", metavar="FILE", help="the full report as JSON, with the raw "
-                        "samples (to FILE, or stdout without one)")
-    parser.add_argument("--csv", metavar="FILE", help="one row per case as CSV ('-' for stdout)")
+    parser.add_argument("--json", nargs="?", const="-", metavar="FILE", help="the full report, with the raw samples, "
+                        + JSON_HELP)
+    parser.add_argument("--csv", metavar="FILE", help="one row per case as CSV ('-' for stdout; the same rules as "
+                        "--json's FILE)")
     return _output_flags(parser)
 
 
@@ -138,6 +228,12 @@ def bench_options(args):
                         providers=tuple(p for p in args.providers.split(",") if p), seed=args.seed)
 
 
+def _bench_outputs(args) -> None:
+    protected = [*args.models, args.input]
+    check_output_file("--json", args.json, protected=protected, overwrite=args.overwrite)
+    check_output_file("--csv", args.csv, protected=[*protected, args.json], overwrite=args.overwrite)
+
+
 def _bench(args) -> int:
     from sepconv.deploy.bench import benchmark
 
@@ -145,27 +241,40 @@ def _bench(args) -> int:
     report = benchmark(args.models, bench_options(args), progress=progress_printer(args, started)).to_dict()
     quiet_stdout = args.json == "-" or args.csv == "-"
     if args.json:
-        _write(args.json, json.dumps(report, indent=2))
+        write_output(args.json, json.dumps(report, indent=2))
     if args.csv:
-        _write(args.csv, cases_csv(report["cases"]))
+        write_output(args.csv, cases_csv(report["cases"]))
     if not quiet_stdout:
         print(cases_table(report, markdown=args.markdown))
     return 0
 
 
-def _write(target: str, text: str) -> None:
+def write_output(target: str, text: str) -> None:
+    """`text` to stdout ('-') or whole to a file (a temporary name renamed at the end); a failed write (disk full)
+    is one OutputError and leaves neither the temporary file nor a half-written one."""
+    from sepconv.deploy.errors import OutputError
+
     if target == "-":
         print(text)
         return
     path = Path(target)
     tmp = path.with_name(f".{path.name}.partial")
-    tmp.write_text(text + ("" if text.endswith("\n") else "\n"))
-    tmp.replace(path)
+    try:
+        with open(tmp, "w") as file:
+            file.write(text + ("" if text.endswith("\n") else "\n"))
+            file.flush()
+            os.fsync(file.fileno())
+        tmp.replace(path)
+    except OSError as error:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise OutputError(f"{path}: could not be written ({error.strerror or error}); nothing half-written was "
+                          f"left") from None
 
 
 CSV_COLUMNS = ("host", "model", "format", "threads", "bytes", "count", "mean_ms", "std_ms", "min_ms", "p50_ms",
                "ci95_low_ms", "ci95_high_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "inferences_per_second",
-               "speedup", "load_ms", "first_ms", "accuracy")
+               "speedup", "load_ms", "first_ms", "accuracy", "error")
 
 
 def cases_csv(cases, host: str = "local") -> str:
@@ -182,7 +291,7 @@ def _csv_row(case: dict, host: str) -> list:
     return [host, case["model"], case["format"], case["threads"], case["artifact"]["bytes"], lat["count"],
             lat["mean"], lat["std"], lat["min"], lat["p50"], lat["ci95_p50"][0], lat["ci95_p50"][1], lat["p90"],
             lat["p95"], lat["p99"], lat["max"], lat["inferences_per_second"], case["speedup"], case["load_ms"],
-            case["first_ms"], (case["accuracy"] or {}).get("top1")]
+            case["first_ms"], (case["accuracy"] or {}).get("top1"), ""]
 
 
 HEADERS = ["model", "format", "threads", "size", "p50 ms", "p50 95% CI", "p90 ms", "mean ± std ms", "runs", "speed-up",
@@ -198,15 +307,17 @@ def cases_table(report: dict, *, markdown: bool = False) -> str:
     return table + "\n" + context_line(report["context"])
 
 
-def case_rows(report: dict) -> list[list]:
+def case_rows(report: dict, mismatches=()) -> list[list]:
+    """The table's rows; a case in `mismatches` (model, threads) gets "DIFFERS FROM LOCAL" after its accuracy."""
     rows = []
     for case in report["cases"]:
         lat = case["latency_ms"]
         accuracy = case["accuracy"]["top1"] if case["accuracy"] else None
+        flag = " DIFFERS FROM LOCAL" if (case["model"], case["threads"]) in mismatches else ""
         rows.append([case["model"], case["format"], case["threads"], f"{case['artifact']['bytes'] / 1024:,.0f} KiB",
                      f"{lat['p50']:.3f}", f"{lat['ci95_p50'][0]:.3f}-{lat['ci95_p50'][1]:.3f}", f"{lat['p90']:.3f}",
                      f"{lat['mean']:.3f} ± {lat['std']:.3f}", lat["count"], f"{case['speedup']:.2f}x",
-                     "" if accuracy is None else f"{accuracy:.2%}"])
+                     ("" if accuracy is None else f"{accuracy:.2%}") + flag])
     return rows
 
 
@@ -238,7 +349,13 @@ def deploy_parser() -> argparse.ArgumentParser:
                     "unknown host key.",
         epilog="examples:\n  deploy-model pi@raspberrypi.local model_int8.tflite model_int8.onnx --threads 1,4\n"
                "  deploy-model pi1,pi2,pi3 model.tflite --compare-local --json fleet.json\n"
-               "  deploy-model pi@10.0.0.7:2222 model.tflite --wheels wheels-aarch64/   # offline device",
+               "  deploy-model pi@10.0.0.7:2222 model.tflite --wheels wheels-aarch64/   # offline device\n\n"
+               "exit status:\n  0    every host benchmarked\n  1    every host failed, or nothing could start (a "
+               "bad artifact, an output path)\n  2    a bad flag\n  3    some hosts failed; the others' results are "
+               "reported (--json / --csv keep a row with each failed host's error)\n  130  interrupted (Ctrl-C): "
+               "the remote steps are stopped\n\nAn emulated device (qemu) runs without XNNPACK unless --xnnpack; "
+               "its timings are meaningless. With --compare-local and a labelled --input, a device whose predictions "
+               "differ from this machine's is flagged DIFFERS FROM LOCAL in the table, with a warning.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("hosts", help="what you type after ssh: an alias, host, user@host or user@host:port; several "
                         "comma-separated for a fleet (benchmarked concurrently)")
@@ -247,8 +364,12 @@ def deploy_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=thread_list, default=(1,), help="thread counts, e.g. 1,4 (default: 1)")
     parser.add_argument("--input", help="an .npz with x (and y for accuracy) to benchmark on; copied to the device")
     _stop_flags(parser)
-    parser.add_argument("--no-xnnpack", action="store_true", help="LiteRT's built-in kernels without XNNPACK, on the "
-                        "devices (and here with --compare-local)")
+    xnnpack = parser.add_mutually_exclusive_group()
+    xnnpack.add_argument("--no-xnnpack", dest="xnnpack", action="store_false", default=None,
+                         help="LiteRT's built-in kernels without XNNPACK, on the devices (and here with "
+                         "--compare-local); the default on an emulated device")
+    xnnpack.add_argument("--xnnpack", dest="xnnpack", action="store_true", default=None,
+                         help="XNNPACK on even on an emulated device (default: on, except under emulation)")
     parser.add_argument("--compare-local", action="store_true", help="also benchmark here with the same options and "
                         "show it beside the devices")
     parser.add_argument("--remote-dir", default=".sepconv", help="the one folder sepconv uses on the device, relative "
@@ -260,10 +381,13 @@ def deploy_parser() -> argparse.ArgumentParser:
     parser.add_argument("--connect-timeout", type=positive, default=15, help="(default: %(default)s s)")
     parser.add_argument("--timeout", type=positive, default=1800, help="seconds for any remote step, installs "
                         "included (default: %(default)s)")
-    parser.add_argument("--reports", default="sepconv-reports", help="folder for one JSON report per host "
-                        "(default: %(default)s)")
-    parser.add_argument("--json", metavar="FILE", help="all hosts' reports in one JSON file ('-' for stdout)")
-    parser.add_argument("--csv", metavar="FILE", help="one row per host and case as CSV ('-' for stdout)")
+    parser.add_argument("--reports", default="sepconv-reports", help="folder for one JSON report per host that "
+                        "succeeded, created with a .gitignore so it never dirties a git checkout (default: "
+                        "%(default)s)")
+    parser.add_argument("--json", nargs="?", const="-", metavar="FILE", help="{host: report or {host, error}} for "
+                        "every host " + JSON_HELP)
+    parser.add_argument("--csv", metavar="FILE", help="one row per host and case, one with the error for a failed "
+                        "host, as CSV ('-' for stdout; the same rules as --json's FILE)")
     return _output_flags(parser)
 
 
@@ -271,17 +395,24 @@ def deploy_options(args):
     from sepconv.deploy.remote import DeployOptions
     from sepconv.deploy.ssh import SshOptions
 
-    bench_args = ("--min-runs", str(args.min_runs), "--min-time", str(args.min_time), "--max-time", str(args.max_time),
-                  *(["--no-xnnpack"] if args.no_xnnpack else []))
+    bench_args = ("--min-runs", str(args.min_runs), "--min-time", str(args.min_time), "--max-time", str(args.max_time))
     return DeployOptions(threads=args.threads, remote_dir=args.remote_dir, wheels=args.wheels,
                          index_url=args.index_url, inputs=args.input, bench_args=bench_args, timeout=args.timeout,
+                         xnnpack=args.xnnpack,
                          ssh=SshOptions(connect_timeout=args.connect_timeout, config=args.ssh_config,
                                         identity=args.identity))
 
 
+def _deploy_outputs(args) -> None:
+    protected = [*args.models, args.input]
+    check_output_file("--json", args.json, protected=protected, overwrite=args.overwrite)
+    check_output_file("--csv", args.csv, protected=[*protected, args.json], overwrite=args.overwrite)
+    check_output_folder("--reports", args.reports)
+
+
 def _deploy(args) -> int:
     from sepconv.deploy.errors import SepconvError
-    from sepconv.deploy.remote import deploy
+    from sepconv.deploy.remote import deploy, prediction_mismatches
 
     started = time.perf_counter()
     say = progress_printer(args, started)
@@ -289,35 +420,59 @@ def _deploy(args) -> int:
     hosts = [h for h in args.hosts.split(",") if h]
     results = deploy(hosts, args.models, options, progress=lambda host, message: say(f"{host}: {message}"))
     reports = {host: r.to_dict() for host, r in results.items() if not isinstance(r, SepconvError)}
+    failed = {host: r for host, r in results.items() if isinstance(r, SepconvError)}
+    warnings = []
     if args.compare_local:
         from sepconv.deploy.bench import benchmark
 
         say("local: benchmarking here with the same options")
         local = benchmark(args.models, threads=args.threads, inputs=args.input, min_runs=args.min_runs,
-                          min_seconds=args.min_time, max_seconds=args.max_time, xnnpack=not args.no_xnnpack).to_dict()
+                          min_seconds=args.min_time, max_seconds=args.max_time,
+                          xnnpack=args.xnnpack is not False).to_dict()
+        for host, report in reports.items():
+            report["prediction_mismatch"] = prediction_mismatches(local, report["benchmark"])
+            warnings += [f"WARNING: {host}: {m['model']} at {m['threads']} thread(s) predicts other classes than "
+                         f"this machine on the same --input (top-1 {m['device_top1']:.2%} there, "
+                         f"{m['local_top1']:.2%} here): the device's figures are not the model's"
+                         for m in report["prediction_mismatch"]]
         reports = {"local": {"host": "local", "benchmark": local}, **reports}
-    _save_reports(args, reports)
+    _save_reports(args, reports, failed)
     if reports and args.json != "-" and args.csv != "-":
-        print(deploy_table(reports, markdown=args.markdown))
-    failed = [r for r in results.values() if isinstance(r, SepconvError)]
-    for error in failed:
+        print(deploy_table(reports, markdown=args.markdown) + "".join(f"\n{w}" for w in warnings))
+    for line in warnings:
+        print(f"deploy-model: {line}", file=sys.stderr)
+    for error in failed.values():
         print(f"deploy-model: error: {error}", file=sys.stderr)
-    return EXIT_ERROR if failed else 0
+    if not failed:
+        return 0
+    return EXIT_SOME_HOSTS_FAILED if len(failed) < len(results) else EXIT_ERROR
 
 
-def _save_reports(args, reports: dict) -> None:
-    if reports:
+def _save_reports(args, reports: dict, failed: dict) -> None:
+    if any(host != "local" for host in reports):
         folder = Path(args.reports)
-        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            if not (folder / ".gitignore").exists():  # reports are results, not sources (as .pytest_cache does)
+                (folder / ".gitignore").write_text("# written by deploy-model: its reports stay out of git\n*\n")
+        except OSError as error:
+            from sepconv.deploy.errors import OutputError
+
+            raise OutputError(f"--reports {folder}: cannot be created ({error.strerror or error})") from None
         stamp = time.strftime("%Y%m%d-%H%M%S")
         for host, report in reports.items():
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in host)
-            _write(str(folder / f"{safe}-{stamp}.json"), json.dumps(report, indent=2))
+            write_output(str(folder / f"{safe}-{stamp}.json"), json.dumps(report, indent=2))
+    everything = {**reports, **{host: {"host": host, "error": {"type": type(error).__name__, "message": str(error)}}
+                                for host, error in failed.items()}}
     if args.json:
-        _write(args.json, json.dumps(reports, indent=2))
+        write_output(args.json, json.dumps(everything, indent=2))
     if args.csv:
         rows = "".join(cases_csv(r["benchmark"]["cases"], host).split("\n", 1)[1] for host, r in reports.items())
-        _write(args.csv, ",".join(CSV_COLUMNS) + "\n" + rows)
+        errors = io.StringIO()
+        for host, error in failed.items():
+            csv.writer(errors).writerow([host, *[""] * (len(CSV_COLUMNS) - 2), str(error)])
+        write_output(args.csv, ",".join(CSV_COLUMNS) + "\n" + rows + errors.getvalue())
 
 
 def deploy_table(reports: dict, *, markdown: bool = False) -> str:
@@ -325,25 +480,30 @@ def deploy_table(reports: dict, *, markdown: bool = False) -> str:
     its context. Speed-ups are within each host (against its first artifact)."""
     from tabulate import tabulate
 
-    rows = [[host, *row] for host, report in reports.items() for row in case_rows(report["benchmark"])]
+    rows = [[host, *row] for host, report in reports.items()
+            for row in case_rows(report["benchmark"], {(m["model"], m["threads"])
+                                                       for m in report.get("prediction_mismatch") or ()})]
     table = tabulate(rows, headers=["host", *HEADERS], tablefmt="github" if markdown else "simple",
                      disable_numparse=True)
     lines = []
     for host, report in reports.items():
         device = report.get("device") or {}
         name = host if host == "local" else f"{host} ({device.get('machine')}, {device.get('pi_model') or device.get('cpu')})"
-        lines.append(f"{name}: {context_line(report['benchmark']['context'])}")
+        notes = ["EMULATED: timings are meaningless"] if device.get("emulated") else []
+        if not report["benchmark"]["options"].get("xnnpack", True):
+            notes.append("XNNPACK off")
+        lines.append(f"{name}: {'; '.join([*notes, context_line(report['benchmark']['context'])])}")
     return table + "\n" + "\n".join(lines)
 
 
 def deploy_main(argv=None) -> int:
     args = deploy_parser().parse_args(argv)
-    return run("deploy-model", _deploy, args)
+    return run("deploy-model", _deploy, args, outputs=_deploy_outputs)
 
 
 def bench_main(argv=None) -> int:
     args = bench_parser().parse_args(argv)
-    return run("bench-model", _bench, args)
+    return run("bench-model", _bench, args, outputs=_bench_outputs)
 
 
 if __name__ == "__main__":

@@ -51,3 +51,8 @@ class RemoteRuntimeError(RemoteError):
 
 class InputDataError(SepconvError):
     """Benchmark input data (an .npz) that cannot be read or does not fit the model."""
+
+
+class OutputError(SepconvError):
+    """A report or output path that cannot be written: a missing folder, a directory, not writable, an input of the run,
+    an existing file without --overwrite, or a write that failed (disk full); nothing half-written is left."""

@@ -7,7 +7,11 @@ Everything sepconv puts on a device lives under one folder (default `~/.sepconv`
     .sepconv/artifacts/<sha256><suffix>  each artifact (and <...>.json, its manifest), named by content
     .sepconv/wheels/          wheels copied for an offline install (--wheels)
 
-Nothing outside that folder is touched. Several hosts run concurrently, one thread each.
+Nothing outside that folder is touched. Several hosts run concurrently, one thread each. Long remote steps (the
+install, the benchmark) run under a watchdog: stopping them here (Ctrl-C) or a timeout kills them on the device too.
+
+An emulated device (qemu: the probe's `emulated`) runs LiteRT without XNNPACK unless the caller insists
+(`DeployOptions(xnnpack=True)`): qemu-user mis-executes XNNPACK's arm64 int8 kernels and gives wrong answers.
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from typing import Callable
 
 from sepconv.deploy.errors import (ArtifactError, InvalidOptionError, RemoteError, RemoteInstallError,
                                    RemoteRuntimeError, SepconvError, UnsupportedDeviceError)
-from sepconv.deploy.ssh import Connection, SshOptions, Target, parse_target
+from sepconv.deploy.ssh import Connection, SshOptions, parse_target
 
 DEFAULT_REMOTE_DIR = ".sepconv"
 RUNTIME_PACKAGES = {".tflite": "ai-edge-litert", ".onnx": "onnxruntime"}
@@ -55,6 +59,9 @@ os_name = None
 for line in (read("/etc/os-release") or "").splitlines():
     if line.startswith("PRETTY_NAME="):
         os_name = line.split("=", 1)[1].strip('"')
+pi_model = read("/proc/device-tree/model") or model
+emulated = os.path.exists("/etc/sepconv-emulated") or any(
+    word in (text or "").lower() for text in (pi_model, cpu) for word in ("qemu", "emulated"))
 root = sys.argv[1]
 probe_dir = root if os.path.isdir(root) else os.path.dirname(os.path.abspath(root)) or "."
 try:
@@ -64,8 +71,8 @@ except ImportError:
     has_venv = False
 print(json.dumps({"machine": platform.machine(), "system": platform.system(), "os": os_name or platform.platform(),
                   "python": platform.python_version(), "cpu": cpu, "cores": os.cpu_count(), "memory_bytes": memory,
-                  "disk_free_bytes": shutil.disk_usage(probe_dir).free, "pi_model": read("/proc/device-tree/model") or model,
-                  "has_venv": has_venv, "home": os.path.expanduser("~")}))
+                  "disk_free_bytes": shutil.disk_usage(probe_dir).free, "pi_model": pi_model,
+                  "has_venv": has_venv, "home": os.path.expanduser("~"), "emulated": emulated}))
 """
 
 
@@ -73,7 +80,9 @@ print(json.dumps({"machine": platform.machine(), "system": platform.system(), "o
 class DeployOptions:
     """threads: thread counts benchmarked on the device. remote_dir: the one folder sepconv uses there (relative to
     the remote home, or absolute). wheels: a local folder of wheels for an offline device (installed with --no-index);
-    index_url: another package index. bench_args: extra bench-model flags. timeout: seconds for any remote step."""
+    index_url: another package index. bench_args: extra bench-model flags. timeout: seconds for any remote step.
+    xnnpack: LiteRT's XNNPACK delegate on the device; None: on, except on an emulated device (qemu gives wrong int8
+    answers with it)."""
 
     threads: tuple[int, ...] = (1,)
     remote_dir: str = DEFAULT_REMOTE_DIR
@@ -83,6 +92,7 @@ class DeployOptions:
     bench_args: tuple[str, ...] = ()
     ssh: SshOptions = field(default_factory=SshOptions)
     timeout: int = 1800
+    xnnpack: bool | None = None
 
     def __post_init__(self):
         if not self.threads or not all(isinstance(t, int) and t >= 1 for t in self.threads):
@@ -124,14 +134,20 @@ def deploy(hosts, artifacts, options: DeployOptions = DeployOptions(), *, progre
         from sepconv.deploy.device_wheel import build
 
         wheel = build(Path(tmp))
+        connections = [Connection(t, options.ssh) for t in targets]
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
-            futures = {t.spec: pool.submit(_deploy_one, t, paths, wheel, options, say) for t in targets}
+            futures = {c.target.spec: pool.submit(_deploy_one, c, paths, wheel, options, say) for c in connections}
             results = {}
-            for spec, future in futures.items():
-                try:
-                    results[spec] = future.result()
-                except SepconvError as error:
-                    results[spec] = error
+            try:
+                for spec, future in futures.items():
+                    try:
+                        results[spec] = future.result()
+                    except SepconvError as error:
+                        results[spec] = error
+            except BaseException:  # Ctrl-C: stop every host's remote step now instead of waiting for it
+                for conn in connections:
+                    conn.abort()
+                raise
     return results
 
 
@@ -150,22 +166,33 @@ def _check_artifacts(artifacts) -> list[Path]:
     return paths
 
 
-def _deploy_one(target: Target, paths: list[Path], wheel: Path, options: DeployOptions, say) -> HostReport:
+def _deploy_one(conn: Connection, paths: list[Path], wheel: Path, options: DeployOptions, say) -> HostReport:
     started = time.perf_counter()
-    with Connection(target, options.ssh) as conn:
+    target = conn.target
+    with conn:
         device = probe(conn, options)
         say(target.label, f"{device['machine']}, {device['os']}, Python {device['python']}, "
                           f"{device['cores']} cores{', ' + device['pi_model'] if device.get('pi_model') else ''}")
+        if device.get("emulated"):
+            say(target.label, "EMULATED device: timings are meaningless; " + (
+                "XNNPACK on as asked (qemu may give wrong int8 answers with it)" if options.xnnpack else
+                "LiteRT runs without XNNPACK (qemu gives wrong int8 answers with it; --xnnpack to force it)"))
         runtime = ensure_runtime(conn, device, paths, wheel, options, say)
         copied = upload(conn, paths, options, say)
         inputs = upload(conn, [Path(options.inputs)], options, say)[0]["remote"] if options.inputs else None
-        report = run_benchmark(conn, [c["remote"] for c in copied], options, say, inputs=inputs)
-    names = {c["remote"]: Path(c["local"]).name for c in copied}
-    for case in report.get("cases", []):  # the device ran them under their hash names
+        report = run_benchmark(conn, [c["remote"] for c in copied], options, say, inputs=inputs,
+                               xnnpack=device_xnnpack(device, options))
+    per_artifact = len(report.get("options", {}).get("threads") or options.threads)
+    for index, case in enumerate(report.get("cases", [])):  # the device ran them under their hash names, in order
         case["remote_path"] = case["path"]
-        case["model"] = names.get(case["path"], case["model"])
+        case["model"] = Path(copied[index // per_artifact]["local"]).name
     return HostReport(host=target.label, device=device, runtime=runtime, artifacts=copied, benchmark=report,
                       seconds=round(time.perf_counter() - started, 1))
+
+
+def device_xnnpack(device: dict, options: DeployOptions) -> bool:
+    """XNNPACK on the device: as asked, else on except on an emulated device."""
+    return options.xnnpack if options.xnnpack is not None else not device.get("emulated")
 
 
 def probe(conn: Connection, options: DeployOptions) -> dict:
@@ -198,7 +225,7 @@ def ensure_runtime(conn: Connection, device: dict, paths: list[Path], wheel: Pat
     root = options.remote_dir
     packages = sorted({RUNTIME_PACKAGES[p.suffix.lower()] for p in paths})
     wanted = {"wheel_sha256": _sha256(wheel), "packages": packages}
-    state = conn.run(["cat", f"{root}/venv/.sepconv-deploy.json"], check=False).stdout.decode()
+    state = conn.run(["cat", "--", f"{root}/venv/.sepconv-deploy.json"], check=False).stdout.decode()
     try:
         current = json.loads(state) if state.strip() else None
     except json.JSONDecodeError:
@@ -212,7 +239,7 @@ def ensure_runtime(conn: Connection, device: dict, paths: list[Path], wheel: Pat
                                      f"free some space")
     say(conn.target.label, f"installing {', '.join(packages)} into {root}/venv "
                            f"({'from ' + options.wheels if options.wheels else 'from the package index'})")
-    conn.run(["mkdir", "-p", f"{root}/wheels"])
+    conn.run(["mkdir", "-p", "--", f"{root}/wheels"])
     remote_wheel = f"{root}/wheels/{wheel.name}"
     conn.put(wheel, remote_wheel)
     absolute = remote_wheel if remote_wheel.startswith("/") else f"{device['home']}/{remote_wheel}"
@@ -221,24 +248,33 @@ def ensure_runtime(conn: Connection, device: dict, paths: list[Path], wheel: Pat
     if options.wheels:
         for local in sorted(Path(options.wheels).glob("*.whl")):
             conn.put(local, f"{root}/wheels/{local.name}")
-        install += ["--no-index", "--find-links", f"{root}/wheels"]
+        install += ["--no-index", f"--find-links={root}/wheels"]
     elif options.index_url:
-        install += ["--index-url", options.index_url]
-    script = 'set -e; root=$1; shift; python3 -m venv "$root/venv"; "$root/venv/bin/python" "$@"'
-    done = conn.run(["sh", "-c", script, "sh", root, *install], check=False, timeout=options.timeout)
+        install += [f"--index-url={options.index_url}"]
+    script = 'set -e; root=$1; shift; python3 -m venv -- "$root/venv"; "$root/venv/bin/python" "$@"'
+    done = conn.run(["sh", "-c", script, "sh", root, *install], check=False, timeout=options.timeout, watch=True)
     if done.returncode != 0:
         raise RemoteInstallError(f"{conn.target.label}: installing the runtime failed (pip on the device said: "
-                                 f"{_tail(done.stdout + done.stderr, 3)}); for an offline device pass --wheels with "
-                                 f"wheels for {device['machine']} and Python {device['python']}")
+                                 f"{_tail(done.stdout + done.stderr, 3)}); {_install_hint(done, device, options)}")
     conn.put(json.dumps(wanted).encode(), f"{root}/venv/.sepconv-deploy.json")
     return {"reused": False, "packages": packages, "seconds": round(time.perf_counter() - started, 1)}
+
+
+def _install_hint(done, device: dict, options: DeployOptions) -> str:
+    offline = (f"pass --wheels DIR with wheels for {device['machine']} and Python {device['python']}"
+               + (" (scripts/pi-emulator downloads them: --wheels build/pi-emulator/wheels)" if device.get("emulated")
+                  else ""))
+    if b"CERTIFICATE_VERIFY_FAILED" in done.stdout + done.stderr or b"SSLCertVerificationError" in done.stderr:
+        return (f"the device's pip could not verify the package index's TLS certificate (check the device's clock "
+                f"and its ca-certificates package, and any proxy), or install offline: {offline}")
+    return f"for an offline device {offline}"
 
 
 def upload(conn: Connection, paths: list[Path], options: DeployOptions, say) -> list[dict]:
     """Copy each artifact (and its manifest) to remote_dir/artifacts/<sha256><suffix>, skipping those already there."""
     folder = f"{options.remote_dir}/artifacts"
-    conn.run(["mkdir", "-p", folder])
-    present = set(conn.run(["ls", "-1", folder]).stdout.decode().split())
+    conn.run(["mkdir", "-p", "--", folder])
+    present = set(conn.run(["ls", "-1", "--", folder]).stdout.decode().split())
     copied = []
     for path in paths:
         digest = _sha256(path)
@@ -247,6 +283,7 @@ def upload(conn: Connection, paths: list[Path], options: DeployOptions, say) -> 
                 "copied": name not in present}
         if item["copied"]:
             _put_checked(conn, path, item["remote"])
+            present.add(name)
         manifest = path.with_name(path.name + ".json")
         if manifest.is_file() and f"{name}.json" not in present:
             _put_checked(conn, manifest, f"{item['remote']}.json")
@@ -259,7 +296,7 @@ def _put_checked(conn: Connection, local: Path, remote: str) -> None:
     try:
         conn.put(local, remote)
     except RemoteError as error:
-        conn.run(["rm", "-f", f"{remote}.partial"], check=False)
+        conn.run(["rm", "-f", "--", f"{remote}.partial"], check=False)
         if "No space left" in str(error) or "Disk quota" in str(error):
             raise UnsupportedDeviceError(f"{conn.target.label}: the device's disk is full while copying "
                                          f"{local.name}; free some space (nothing half-written was left)") from None
@@ -267,15 +304,24 @@ def _put_checked(conn: Connection, local: Path, remote: str) -> None:
                           f"nothing half-written was left") from None
 
 
-def run_benchmark(conn: Connection, remote_paths: list[str], options: DeployOptions, say, *,
-                  inputs: str | None = None) -> dict:
-    """Run bench-model on the device and bring its JSON report back."""
-    say(conn.target.label, f"benchmarking {len(remote_paths)} artifact(s) at threads {','.join(map(str, options.threads))}")
+def bench_command(remote_paths: list[str], options: DeployOptions, *, inputs: str | None = None,
+                  xnnpack: bool = True) -> list[str]:
+    """bench-model's command line on the device: JSON on stdout, progress on stderr; user paths after `--`."""
     # python -m rather than the bench-model script: pip writes a shell trampoline for scripts whose interpreter path
     # has spaces, and does not quote it for every character a folder name may hold
-    argv = [f"{options.remote_dir}/venv/bin/python", "-m", "sepconv.deploy.cli", *remote_paths, "--threads", ",".join(map(str, options.threads)), "--json", "--quiet",
-            *(["--input", inputs] if inputs else []), *options.bench_args]
-    done = conn.run(argv, check=False, timeout=options.timeout)
+    return [f"{options.remote_dir}/venv/bin/python", "-m", "sepconv.deploy.cli", "--threads",
+            ",".join(map(str, options.threads)), "--json=-", *([f"--input={inputs}"] if inputs else []),
+            *([] if xnnpack else ["--no-xnnpack"]), *options.bench_args, "--", *remote_paths]
+
+
+def run_benchmark(conn: Connection, remote_paths: list[str], options: DeployOptions, say, *,
+                  inputs: str | None = None, xnnpack: bool = True) -> dict:
+    """Run bench-model on the device (its progress lines passed on as they come) and bring its JSON report back."""
+    say(conn.target.label, f"benchmarking {len(remote_paths)} artifact(s) at threads "
+                           f"{','.join(map(str, options.threads))}{'' if xnnpack else ', XNNPACK off'}")
+    argv = bench_command(remote_paths, options, inputs=inputs, xnnpack=xnnpack)
+    done = conn.run(argv, check=False, timeout=options.timeout, watch=True,
+                    on_stderr=lambda line: say(conn.target.label, f"device: {line.split('] ', 1)[-1]}"))
     if done.returncode != 0:
         status = f"signal {-done.returncode}" if done.returncode < 0 or done.returncode > 128 else \
             f"status {done.returncode}"
@@ -286,6 +332,22 @@ def run_benchmark(conn: Connection, remote_paths: list[str], options: DeployOpti
     except json.JSONDecodeError:
         raise RemoteRuntimeError(f"{conn.target.label}: the benchmark's report was not JSON: "
                                  f"{_tail(done.stdout, 1)}") from None
+
+
+def prediction_mismatches(local: dict, device: dict) -> list[dict]:
+    """Cases (same artifact and thread count) where the device's top-1 predictions on the same labelled --input differ
+    from this machine's (bench-model reports: their `predictions_sha256`). Whatever the cause, the device's figures
+    are not the model's."""
+    here = {(c["model"], c["threads"]): c for c in local.get("cases", [])}
+    found = []
+    for case in device.get("cases", []):
+        other = here.get((case["model"], case["threads"]))
+        if not other or not case.get("accuracy") or not other.get("accuracy"):
+            continue
+        if case["accuracy"]["predictions_sha256"] != other["accuracy"]["predictions_sha256"]:
+            found.append({"model": case["model"], "threads": case["threads"], "device_top1": case["accuracy"]["top1"],
+                          "local_top1": other["accuracy"]["top1"]})
+    return found
 
 
 def _sha256(path: Path) -> str:

@@ -95,8 +95,8 @@ def _tflite_interpreter_class():
     if importlib.util.find_spec("tensorflow") is not None:  # only where it happens to be installed already
         lite = importlib.import_module("tensorflow").lite
         return lite.Interpreter, getattr(lite.experimental, "OpResolverType", None), "tensorflow"
-    raise RuntimeMissingError("Running .tflite files needs LiteRT, which is not installed; install it with: "
-                              "pip install ai-edge-litert")
+    raise RuntimeMissingError("Running .tflite files needs LiteRT, which is not installed: pip install "
+                              "'sepconv[edge]' (or pip install ai-edge-litert)")
 
 
 class LiteRTRuntime(Runtime):
@@ -232,8 +232,8 @@ def _onnxruntime():
     try:
         import onnxruntime
     except ImportError as error:
-        raise RuntimeMissingError("Running .onnx files needs ONNX Runtime, which is not installed; install it "
-                                  "with: pip install onnxruntime") from error
+        raise RuntimeMissingError("Running .onnx files needs ONNX Runtime, which is not installed: pip install "
+                                  "'sepconv[edge]' (or pip install onnxruntime)") from error
     return onnxruntime
 
 

@@ -2,7 +2,7 @@
 run with qemu-user-static through binfmt_misc, with an sshd inside on a loopback port.
 
     scripts/pi-emulator start [--dir build/pi-emulator] [--port N] [--json]   build (cached) and start
-    scripts/pi-emulator stop  [--dir build/pi-emulator]                        stop sshd by PID, unmount
+    scripts/pi-emulator stop  [--dir build/pi-emulator]                        stop everything it runs, unmount
     scripts/pi-emulator status [--dir build/pi-emulator]
 
 The fast route (about a minute the first time): `debootstrap --foreign` downloads and unpacks the base; every .deb it
@@ -11,12 +11,18 @@ second stage under emulation; aarch64 wheels of the runtimes are downloaded with
 `deploy-model --wheels`. LiteRT and ONNX Runtime crash under qemu 7.2 unless /proc/cpuinfo looks like an arm64 CPU, so
 a Cortex-A72 (Raspberry Pi 4) cpuinfo is bind-mounted over it; /dev, /proc and /sys are mounted for sshd. The client
 side gets its own key, known_hosts and an ssh_config with the alias `sepconv-pi`. Needs root (chroot, mount) and
-Debian's qemu-user-static and debootstrap (scripts/setup installs them). Emulated timings are meaningless.
+Debian's qemu-user-static and debootstrap (`scripts/setup --for-tests` installs them). Emulated timings are
+meaningless, and the userland has no CA certificates: install with `deploy-model --wheels DIR/wheels`.
+
+`stop` ends everything the emulator runs: the sshd listener (its own process group) and every process whose root
+directory is the emulated userland - the sessions sshd forked (each in a session of its own, so a signal to the
+listener's group misses them) and whatever they started (a benchmark, pip) - then unmounts.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shutil
@@ -79,17 +85,25 @@ def main(argv=None) -> int:
     try:
         if args.command == "start":
             info = start(args.dir.resolve(), args.port)
-            print(json.dumps(info, indent=2) if args.json else
-                  f"emulated Pi: ssh -F {info['ssh_config']} {ALIAS}   (stop: scripts/pi-emulator stop)")
+            print(json.dumps(info, indent=2) if args.json else start_message(info))
         elif args.command == "stop":
             stop(args.dir.resolve())
         else:
-            state = args.dir.resolve() / "state.json"
-            print(state.read_text() if state.exists() else "not running")
+            print(status(args.dir.resolve()))
     except EmulatorError as error:
         print(f"pi-emulator: error: {error}", file=sys.stderr)
         return 1
     return 0
+
+
+def start_message(info: dict) -> str:
+    """What to type next: the deploy-model line that works (its own ssh_config; --wheels, the userland has no CA
+    certificates for the package index), and ssh for a look around."""
+    return "\n".join([
+        f"emulated Raspberry Pi (arm64 under qemu; timings are meaningless) on 127.0.0.1:{info['port']}",
+        f"  deploy-model {ALIAS} MODEL.tflite --ssh-config {info['ssh_config']} --wheels {info['wheels']}",
+        f"  ssh -F {info['ssh_config']} {ALIAS}",
+        "  stop: scripts/pi-emulator stop"])
 
 
 def start(folder: Path, port: int | None) -> dict:
@@ -105,6 +119,7 @@ def start(folder: Path, port: int | None) -> dict:
     keys = client_keys(folder, rootfs)
     port = port or free_port()
     (rootfs / "etc/ssh/sshd_sepconv").write_text(SSHD_CONFIG.format(port=port))
+    (rootfs / "etc/sepconv-emulated").write_text("qemu-user: deploy-model's probe reports emulated\n")
     mounts = mount_all(folder, rootfs)
     process = subprocess.Popen(["chroot", str(rootfs), "/usr/sbin/sshd", "-D", "-f", "/etc/ssh/sshd_sepconv",
                                 "-E", "/var/log/sshd-sepconv.log"], stdin=subprocess.DEVNULL,
@@ -120,7 +135,8 @@ def start(folder: Path, port: int | None) -> dict:
 def register_binfmt() -> None:
     """aarch64 ELF files run through qemu-aarch64-static ('F': the interpreter is opened now, so chroots see it)."""
     if not Path(QEMU).exists():
-        raise EmulatorError(f"{QEMU} is missing; install Debian's qemu-user-static (scripts/setup does)")
+        raise EmulatorError(f"{QEMU} is missing; install Debian's qemu-user-static "
+                            f"(scripts/setup --for-tests does)")
     if not (BINFMT / "register").exists():
         done = subprocess.run(["mount", "-t", "binfmt_misc", "binfmt_misc", str(BINFMT)], capture_output=True,
                               text=True)
@@ -135,7 +151,8 @@ def register_binfmt() -> None:
 
 def build_rootfs(folder: Path, rootfs: Path) -> None:
     if not shutil.which("debootstrap"):
-        raise EmulatorError("debootstrap is missing; install Debian's debootstrap (scripts/setup does)")
+        raise EmulatorError("debootstrap is missing; install Debian's debootstrap "
+                            "(scripts/setup --for-tests does)")
     shutil.rmtree(rootfs, ignore_errors=True)
     rootfs.parent.mkdir(parents=True, exist_ok=True)
     log = folder / "debootstrap.log"
@@ -232,19 +249,42 @@ def write_client_config(rootfs: Path, port: int) -> None:
 
 
 def stop(folder: Path) -> None:
+    """Stop the listener and every process running in the emulated userland (sessions, benchmarks), then unmount."""
     state_file = folder / "state.json"
     if not state_file.exists():
         return
     state = json.loads(state_file.read_text())
-    try:
+    with contextlib.suppress(ProcessLookupError):
         os.killpg(state["pid"], signal.SIGTERM)
-    except ProcessLookupError:
-        pass
-    deadline = time.time() + 10
-    while time.time() < deadline and _alive(state["pid"]):
-        time.sleep(0.1)
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        for pid in [state["pid"], *inside(Path(state["rootfs"]))]:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.kill(pid, sig)
+        deadline = time.time() + 10
+        while time.time() < deadline and (_alive(state["pid"]) or inside(Path(state["rootfs"]))):
+            time.sleep(0.1)
     unmount(state["mounts"])
     state_file.unlink()
+
+
+def inside(rootfs: Path) -> list[int]:
+    """PIDs of the processes whose root directory is `rootfs` (chrooted there: all the emulator runs)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit() and int(entry.name) != os.getpid():
+            with contextlib.suppress(OSError):
+                if os.readlink(entry / "root") == str(rootfs):
+                    found.append(int(entry.name))
+    return found
+
+
+def status(folder: Path) -> str:
+    state = folder / "state.json"
+    if state.exists():
+        return state.read_text()
+    rootfs = folder / "rootfs"
+    left = inside(rootfs.resolve()) if rootfs.exists() else []
+    return f"not running, but {len(left)} process(es) still run in {rootfs}: {left}" if left else "not running"
 
 
 def unmount(mounts: list[str]) -> None:

@@ -65,7 +65,7 @@ class LoopbackSshd:
 
     def start(self) -> "LoopbackSshd":
         if not Path(SSHD).exists():
-            raise RuntimeError("sshd is not installed; scripts/setup installs Debian's openssh-server")
+            raise RuntimeError("sshd is not installed; scripts/setup --for-tests installs Debian's openssh-server")
         if os.geteuid() == 0:
             Path("/run/sshd").mkdir(mode=0o755, exist_ok=True)  # sshd's privilege separation directory
         self.process = subprocess.Popen([SSHD, "-D", "-f", str(self.config), "-E", str(self.log)],
@@ -85,6 +85,27 @@ class LoopbackSshd:
             os.kill(self.process.pid, signal.SIGTERM)
             self.process.wait(timeout=10)
         self.process = None
+
+
+def processes_mentioning(text: str) -> list[int]:
+    """PIDs (not this one) whose command line holds `text`: the loopback "device" is this machine, so this is what
+    runs on it (and the local ssh clients of a command that names it)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text.encode() in cmdline.read_bytes() and int(cmdline.parent.name) != os.getpid():
+                found.append(int(cmdline.parent.name))
+        except (OSError, ValueError):
+            continue
+    return found
+
+
+def wait_until_none_mention(text: str, seconds: float = 30) -> list[int]:
+    """Wait (up to `seconds`) until no process mentions `text`; returns those still there."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and processes_mentioning(text):
+        time.sleep(0.2)
+    return processes_mentioning(text)
 
 
 def _free_port() -> int:

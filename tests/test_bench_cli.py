@@ -4,6 +4,7 @@ import csv
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -104,9 +105,11 @@ def test_bad_flags(small_artifacts, flags, phrase):
 def test_missing_runtime_names_the_pip_command(small_artifacts):
     done = run(small_artifacts["tflite"], *FAST, blocked=["ai_edge_litert", "tflite_runtime", "tensorflow"])
     assert done.returncode == 1
-    assert done.stderr.strip().endswith("install it with: pip install ai-edge-litert"), done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "needs LiteRT" in last and "pip install 'sepconv[edge]'" in last, done.stderr[-2000:]
     done = run(small_artifacts["onnx"], *FAST, blocked=["onnxruntime"])
-    assert done.returncode == 1 and "pip install onnxruntime" in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert done.returncode == 1 and "needs ONNX Runtime" in last and "pip install 'sepconv[edge]'" in last
 
 
 def test_runs_end_to_end_with_tensorflow_unimportable(small_artifacts, tmp_path):
@@ -124,3 +127,120 @@ def test_help_is_instant():
     done = subprocess.run([BENCH, "--help"], capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, PYTHONWARNINGS="error"))
     assert done.returncode == 0 and "--threads" in done.stdout and "--json" in done.stdout
+
+
+@pytest.mark.parametrize("tool", ["bench-model", "deploy-model", "convert-model", "sepconv-demo"])
+def test_every_tool_has_version(tool):
+    done = subprocess.run([str(Path(sys.executable).parent / tool), "--version"], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"{tool} (sepconv) 0.1.0", done.stderr[-2000:]
+
+
+@pytest.mark.parametrize("make, phrase", [
+    (lambda t, a: [a["tflite"], "--json", a["onnx"]], "a report would replace a .onnx file"),
+    (lambda t, a: [a["tflite"], "--csv", a["tflite"]], "a report would replace a .tflite file"),
+    (lambda t, a: [a["tflite"], "--input", save_npz(t / "d.npz", x=a["x"]), "--json", t / "d.npz"],
+     "a report would replace a .npz file"),
+    (lambda t, a: [a["tflite"], "--json", write_file(t / "old.json", b"keep")], "old.json: exists; pass --overwrite"),
+    (lambda t, a: [a["tflite"], "--json", t / "no" / "r.json"], "the folder"),
+    (lambda t, a: [a["tflite"], "--csv", t], "is a directory"),
+])
+def test_reports_never_replace_inputs_and_are_checked_before_the_benchmark(tmp_path, small_artifacts, make, phrase):
+    before = {p: p.read_bytes() for p in (small_artifacts["tflite"], small_artifacts["onnx"])}
+    done = run(*make(tmp_path, small_artifacts), *FAST)
+    assert done.returncode == 1, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("bench-model: error: ") and phrase in lines[0], done.stderr
+    assert "loaded in" not in done.stderr, "refused before anything was benchmarked"
+    assert all(p.read_bytes() == data for p, data in before.items()), "the artifacts are untouched"
+    if (tmp_path / "old.json").exists():
+        assert (tmp_path / "old.json").read_bytes() == b"keep"
+
+
+def test_overwrite_replaces_an_existing_report(tmp_path, small_artifacts):
+    write_file(tmp_path / "r.json", b"old")
+    done = run(small_artifacts["tflite"], "--json", tmp_path / "r.json", "--overwrite", *FAST, "--quiet")
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads((tmp_path / "r.json").read_text())["cases"][0]["model"] == "float.tflite"
+
+
+@pytest.fixture
+def mounted(tmp_path):
+    """Mount a 64 KiB tmpfs at tmp_path/DIR (read-only with ro=True); unmounted after the test."""
+    if os.geteuid() != 0:
+        pytest.fail("mounting a tmpfs needs root (CI and scripts/test run as root)")
+    points = []
+
+    def mount(name, *options):
+        point = tmp_path / name
+        point.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "-o", ",".join(["size=64k", *options]), "tmpfs", str(point)],
+                       check=True)
+        points.append(point)
+        return point
+
+    yield mount
+    for point in points:
+        subprocess.run(["umount", str(point)], check=True)
+
+
+def test_unwritable_report_folder_is_refused_before_the_benchmark(mounted, small_artifacts):
+    readonly = mounted("readonly", "ro")
+    done = run(small_artifacts["tflite"], "--json", readonly / "r.json", *FAST)
+    assert done.returncode == 1 and "is not writable" in done.stderr.strip().splitlines()[-1], done.stderr
+    assert "loaded in" not in done.stderr
+
+
+def test_disk_full_while_writing_the_report_is_one_line_and_leaves_nothing(mounted, small_artifacts):
+    full = mounted("full")
+    with open(full / "filler", "wb", buffering=0) as filler:  # fill the tmpfs, leaving no room for the report
+        with pytest.raises(OSError, match="No space left"):
+            while True:
+                filler.write(b"\0" * 4096)
+    done = run(small_artifacts["tflite"], "--json", full / "r.json", "--csv", full / "r.csv", *FAST)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert "Traceback" not in done.stderr
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith("bench-model: error: ") and "No space left on device" in last and \
+        "nothing half-written" in last, done.stderr[-2000:]
+    assert sorted(p.name for p in full.iterdir()) == ["filler"], "no report, no .partial"
+
+
+def test_a_failure_is_json_too(tmp_path, small_artifacts):
+    done = run(tmp_path / "missing.tflite", "--json", *FAST)
+    assert done.returncode == 1
+    failure = json.loads(done.stdout)
+    assert failure["error"]["type"] == "ArtifactError" and "no such file" in failure["error"]["message"]
+    assert failure["exit_status"] == 1 and failure["tool"] == "bench-model"
+    done = run(tmp_path / "missing.tflite", "--json", tmp_path / "failure.json", *FAST)
+    assert done.returncode == 1 and done.stdout == ""
+    assert json.loads((tmp_path / "failure.json").read_text())["error"]["type"] == "ArtifactError"
+
+
+@pytest.mark.parametrize("json_target, phrase", [
+    ("m.h5", "a report would replace a .h5 file"),
+    ("out.tflite.json", "is also an input of this run"),  # the manifest convert-model writes beside out.tflite
+    ("old.json", "old.json: exists; pass --overwrite"),
+])
+def test_convert_model_json_follows_the_same_convention(tmp_path, json_target, phrase):
+    """convert-model's --json [FILE]: the same checks as bench-model's and deploy-model's, before any work."""
+    model = write_file(tmp_path / "m.h5", b"not read: the output check comes first")
+    write_file(tmp_path / "old.json", b"keep")
+    convert = str(Path(sys.executable).parent / "convert-model")
+    done = subprocess.run([convert, str(model), str(tmp_path / "out.tflite"), "--json", str(tmp_path / json_target)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    assert done.stderr.strip().splitlines()[-1].startswith("convert-model: error: --json ") and \
+        phrase in done.stderr, done.stderr[-2000:]
+    assert model.read_bytes().startswith(b"not read") and (tmp_path / "old.json").read_bytes() == b"keep"
+    assert not (tmp_path / "out.tflite").exists()
+
+
+def test_convert_model_failure_is_json_too(tmp_path):
+    convert = str(Path(sys.executable).parent / "convert-model")
+    done = subprocess.run([convert, str(tmp_path / "missing.h5"), str(tmp_path / "out.tflite"), "--json"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr[-2000:]
+    failure = json.loads(done.stdout)
+    assert failure["tool"] == "convert-model" and failure["exit_status"] == 1
+    assert "missing.h5" in failure["error"]["message"] and failure["error"]["type"].endswith("Error")

@@ -1,14 +1,19 @@
 """The SSH layer against a real OpenSSH server on 127.0.0.1 (tests/sshd.py): errors, quoting, connection reuse."""
 
+import os
 import subprocess
+import tempfile
+import threading
+import time
+import uuid
 from pathlib import Path
 
 import pytest
 
 from sepconv.deploy.errors import (AuthenticationError, HostKeyError, HostUnreachableError, InvalidOptionError,
                                    RemoteError)
-from sepconv.deploy.ssh import Connection, SshOptions, parse_target
-from sshd import ALIAS, LoopbackSshd
+from sepconv.deploy.ssh import SOCKET_PATH_LIMIT, Connection, SshOptions, parse_target
+from sshd import ALIAS, LoopbackSshd, processes_mentioning, wait_until_none_mention
 
 NASTY = "a b'c\"d;e $(touch PWNED) `x` &|<>*?.txt"
 
@@ -105,3 +110,63 @@ def test_remote_failure_and_timeout_are_one_line(sshd):
             conn.run(["sh", "-c", "echo boom >&2; exit 3"])
         with pytest.raises(RemoteError, match="did not finish within 1 s"):
             conn.run(["sleep", "5"], timeout=1)
+
+
+def test_control_socket_path_fits_macos_limit_under_a_deep_temporary_folder(sshd, tmp_path, monkeypatch):
+    """macOS's $TMPDIR (/var/folders/xx/.../T/) made the socket path ~127 bytes; a Unix socket path holds 104 there,
+    and ssh first binds it under a name 17 bytes longer."""
+    deep = tmp_path / ("deep-" * 14)
+    deep.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(deep))
+    with connect(sshd.client_config()) as conn:
+        assert conn.run(["echo", "ok"]).stdout == b"ok\n"
+        sockets = list(Path(conn._control_dir).iterdir())
+        assert len(sockets) == 1
+        assert len(os.fsencode(str(sockets[0]))) + 17 < SOCKET_PATH_LIMIT, sockets[0]
+
+
+SLEEPER = ["python3", "-c", "import sys, time; time.sleep(600)"]
+
+
+def test_aborted_remote_step_is_killed_on_the_device(sshd):
+    """Ctrl-C in deploy-model calls abort(): the ssh client dies, and the watchdog on the device kills the program
+    (before, the remote program ran on to its end)."""
+    marker = f"sepconv-abort-{uuid.uuid4().hex}"
+    errors = []
+    with connect(sshd.client_config()) as conn:
+        def step():
+            try:
+                conn.run([*SLEEPER, marker], watch=True, timeout=900)
+            except RemoteError as error:
+                errors.append(error)
+
+        worker = threading.Thread(target=step)
+        worker.start()
+        deadline = time.time() + 60
+        while time.time() < deadline and not processes_mentioning(marker):
+            time.sleep(0.1)
+        assert processes_mentioning(marker), "the remote program started"
+        conn.abort()
+        worker.join(timeout=60)
+        assert not worker.is_alive(), "the step returned instead of waiting for the remote program"
+        assert errors and "stopped" in str(errors[0])
+        with pytest.raises(RemoteError, match="stopped"):
+            conn.run(["true"])
+    assert wait_until_none_mention(marker) == [], "the remote program was killed with its session"
+
+
+def test_timed_out_remote_step_is_killed_on_the_device(sshd):
+    marker = f"sepconv-timeout-{uuid.uuid4().hex}"
+    with connect(sshd.client_config()) as conn:
+        with pytest.raises(RemoteError, match="did not finish within 2 s"):
+            conn.run([*SLEEPER, marker], watch=True, timeout=2)
+        assert conn.run(["echo", "still usable"]).stdout == b"still usable\n"
+    assert wait_until_none_mention(marker) == [], "a timed-out step does not keep running on the device"
+
+
+def test_watched_step_streams_stderr_and_keeps_status_and_stdout(sshd):
+    lines = []
+    with connect(sshd.client_config()) as conn:
+        done = conn.run(["sh", "-c", "echo one >&2; echo out; echo two >&2; exit 4"], watch=True, check=False,
+                        on_stderr=lines.append)
+    assert (done.returncode, done.stdout, lines) == (4, b"out\n", ["one", "two"])

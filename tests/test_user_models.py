@@ -273,9 +273,11 @@ def test_a_native_crash_is_one_line_and_the_run_resumes(tmp_path, labelled):
             "--epochs", "40", "--patience", "40", "--quantize", "none"]
     env = {"PYTHONPATH": f"{tmp_path / 'hook'}{os.pathsep}{HERE}",
            "CRASH_WHEN": str(out / "m.tflite.checkpoints" / "fit")}
-    crashed = subprocess.run([*CONVERT, *map(str, args)], capture_output=True, text=True, timeout=600,
+    crashed = subprocess.run([*CONVERT, *map(str, args), "--json"], capture_output=True, text=True, timeout=600,
                              env=dict(os.environ, **env))
     assert crashed.returncode == 70, crashed.stderr[-3000:]
+    failure = json.loads(crashed.stdout)
+    assert failure["exit_status"] == 70 and failure["error"]["type"] == "NativeCrash", failure
     last = crashed.stderr.strip().splitlines()[-1]
     assert last.startswith("convert-model: error: TensorFlow crashed in native code (SIGSEGV) during the finetune "
                            "stage"), last

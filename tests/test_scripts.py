@@ -1,0 +1,69 @@
+"""The install paths: what scripts/setup, scripts/demo and scripts/test install, and the Python they say they need.
+
+apt-get, dpkg and sudo are replaced by stubs that record their calls, so nothing is installed by these tests."""
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).parent.parent
+STUB = """#!/bin/sh
+[ -t 0 ] && tty=tty || tty=no-tty
+echo "$(basename "$0") $* [DEBIAN_FRONTEND=${DEBIAN_FRONTEND:-} stdin=$tty]" >> "$STUB_LOG"
+[ "$(basename "$0")" = dpkg ] && exit 1
+exit 0
+"""
+
+
+def stubbed(tmp_path):
+    """An environment whose apt-get, dpkg and sudo only record their calls (dpkg says every package is missing)."""
+    folder = tmp_path / "stubs"
+    folder.mkdir()
+    for name in ("apt-get", "dpkg", "sudo"):
+        (folder / name).write_text(STUB)
+        (folder / name).chmod(0o755)
+    log = tmp_path / "calls.log"
+    log.write_text("")
+    return dict(os.environ, PATH=f"{folder}:{os.environ['PATH']}", STUB_LOG=str(log)), log
+
+
+def test_demo_and_plain_setup_install_no_system_package(tmp_path):
+    """scripts/demo (even --help) once apt-installed openssh-server, which starts an sshd on the user's machine."""
+    env, log = stubbed(tmp_path)
+    done = subprocess.run([str(ROOT / "scripts/demo"), "--help"], env=env, capture_output=True, text=True,
+                          timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0 and "sepconv-demo" in done.stdout, done.stderr[-2000:]
+    done = subprocess.run([str(ROOT / "scripts/setup")], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert log.read_text() == "", "no apt-get, dpkg or sudo without --for-tests"
+
+
+def test_setup_for_tests_installs_the_deploy_tests_packages_without_asking(tmp_path):
+    env, log = stubbed(tmp_path)
+    done = subprocess.run([str(ROOT / "scripts/setup"), "--for-tests"], env=env, capture_output=True, text=True,
+                          timeout=600, stdin=subprocess.DEVNULL)
+    assert done.returncode == 0, done.stderr[-2000:]
+    calls = log.read_text().splitlines()
+    install = [c for c in calls if c.startswith("apt-get install")]
+    assert len(install) == 1, calls
+    assert all(p in install[0] for p in ("openssh-server", "qemu-user-static", "debootstrap", " -y "))
+    assert "DEBIAN_FRONTEND=noninteractive stdin=no-tty" in install[0]
+    if os.geteuid() == 0:
+        assert not [c for c in calls if c.startswith("sudo")], "as root, no sudo"
+    for script in ("test", "pi-emulator"):
+        assert "scripts/setup --for-tests" in (ROOT / "scripts" / script).read_text()
+    assert re.search(r"^scripts/setup$", (ROOT / "scripts/demo").read_text(), re.M)
+
+
+def test_the_stated_python_support_is_one_and_true():
+    """pyproject's requires-python, setup's check and the README say the same version, and this interpreter (the
+    one the suite runs on) meets it."""
+    required = re.search(r'^requires-python = ">=(\d+)\.(\d+)"', (ROOT / "pyproject.toml").read_text(), re.M)
+    major, minor = int(required[1]), int(required[2])
+    setup = (ROOT / "scripts/setup").read_text()
+    assert f"sys.version_info < ({major}, {minor})" in setup and f"older than Python {major}.{minor}" in setup
+    readme = (ROOT / "README.md").read_text()
+    assert f"Requirements: Python {major}.{minor}+" in readme and "3.9+ (tested" not in readme
+    assert sys.version_info >= (major, minor)
