@@ -13,10 +13,9 @@ from pathlib import Path
 import numpy as np
 
 from sepconv.convert.errors import DataError, InvalidOptionError
+from sepconv.deploy.preprocess import AUTO, SCALES  # one definition for both sides
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
-SCALES = {"unit": (1 / 255.0, 0.0), "symmetric": (2 / 255.0, -1.0), "raw": (1.0, 0.0)}
-AUTO = "auto"  # 'raw' for a model that rescales its own input (a Rescaling layer before any weights), else 'unit'
 SEED = 0  # of every shuffle and sample here: the same files give the same data
 
 

@@ -25,6 +25,7 @@ import numpy as np
 
 from sepconv.deploy.errors import ArtifactError, InputDataError, InvalidOptionError
 from sepconv.deploy.runtime import import_runtime, open_runtime
+from sepconv.deploy.preprocess import check_scale, from_pixels, preprocessing_for
 from sepconv.deploy.stats import summarize
 
 SCHEMA_VERSION = 1
@@ -36,7 +37,8 @@ class BenchOptions:
     min_runs / min_seconds: a case's timed runs stop when both are met, or at max_seconds. round_seconds: timed time
     per case per interleaved round (runs per round = round_seconds / warm-up latency, at least 1); 0 means a fixed
     `block` of runs per case per round instead. batch: rows per inference (where the model allows). inputs: an .npz
-    with x (and y for accuracy); without it, seeded random data of each input's shape and type. xnnpack: LiteRT's
+    with x (and y for accuracy); without it, seeded random data of each input's shape and type. scale: how integer
+    (0..255) x becomes each model's input ('auto': as its manifest says, preprocess.py). xnnpack: LiteRT's
     default delegate. providers: ONNX Runtime's execution providers."""
 
     threads: tuple[int, ...] = (1,)
@@ -49,6 +51,7 @@ class BenchOptions:
     round_seconds: float = 0.05
     batch: int = 1
     inputs: str | None = None
+    scale: str = "auto"
     xnnpack: bool = True
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     seed: int = 0
@@ -65,6 +68,7 @@ class BenchOptions:
                 raise InvalidOptionError(f"Unrecognized {name}={value!r}. Use a finite number of seconds >= 0")
         if self.max_seconds < self.min_seconds:
             raise InvalidOptionError(f"max_seconds={self.max_seconds} is below min_seconds={self.min_seconds}")
+        check_scale(self.scale)
         if not self.threads or not all(isinstance(t, int) and t >= 1 for t in self.threads):
             raise InvalidOptionError(f"Unrecognized threads={self.threads!r}. Use whole numbers >= 1, e.g. (1, 2)")
 
@@ -140,7 +144,7 @@ def benchmark(paths, options: BenchOptions = BenchOptions(), *, progress: Progre
     for case, runner in zip(cases, runners):
         case.latency_ms = summarize(np.asarray(case.samples_ms) / 1000.0, batch=options.batch)
         if data is not None and data.get("y") is not None:
-            case.accuracy = _accuracy(runner["runtime"], data, options.batch)
+            case.accuracy = _accuracy(runner["runtime"], data, options.batch, runner["preprocessing"])
     _speedups(cases)
     return BenchReport(schema=SCHEMA_VERSION, context=dict(machine, before=before, after=context.thermal()),
                        options=asdict(options), cases=[asdict(c) for c in cases],
@@ -153,7 +157,8 @@ def _open_case(path: Path, threads: int, data, options: BenchOptions):
     runtime = open_runtime(path, threads=threads, xnnpack=options.xnnpack, providers=options.providers)
     load_ms = (time.perf_counter() - began) * 1000
     rss_loaded = _status("VmRSS")
-    inputs = _inputs(runtime, data, options, path)
+    preprocessing = preprocessing_for(path, options.scale)
+    inputs = _inputs(runtime, data, options, path, preprocessing)
     invoke = runtime.prepare(inputs)
     began = time.perf_counter()
     invoke()
@@ -172,7 +177,9 @@ def _open_case(path: Path, threads: int, data, options: BenchOptions):
                 artifact=_artifact(path, runtime), load_ms=round(load_ms, 3), first_ms=round(first_ms, 3),
                 warmup={"runs": runs, "seconds": round(warm_seconds, 3)}, memory=memory,
                 runs_per_round=runs_per_round(warm_seconds / runs if runs else first_ms / 1000, options))
-    return case, {"runtime": runtime, "invoke": invoke, "timed": 0.0, "began": None}
+    if data is not None:
+        case.artifact["input_preprocessing"] = preprocessing
+    return case, {"runtime": runtime, "invoke": invoke, "timed": 0.0, "began": None, "preprocessing": preprocessing}
 
 
 def runs_per_round(latency_seconds: float, options: BenchOptions) -> int:
@@ -250,7 +257,7 @@ def _load_inputs(source):
     return {"x": arrays["x"], "y": y, "source": str(path)}
 
 
-def _inputs(runtime, data, options: BenchOptions, path: Path) -> list[np.ndarray]:
+def _inputs(runtime, data, options: BenchOptions, path: Path, preprocessing: dict) -> list[np.ndarray]:
     """One batch for each model input: rows of the .npz x, or seeded random data of the right type and shape."""
     specs = runtime.inputs
     if data is not None:
@@ -264,7 +271,7 @@ def _inputs(runtime, data, options: BenchOptions, path: Path) -> list[np.ndarray
                                  f"takes {expected}; save x as (N, {', '.join(map(str, expected))})")
         if len(x) < options.batch:
             raise InputDataError(f"{data['source']}: {len(x)} samples, fewer than --batch {options.batch}")
-        return [np.asarray(x[:options.batch], dtype=np.float32)]
+        return [from_pixels(x[:options.batch], preprocessing)]
     rng = np.random.default_rng(options.seed)
     batch = []
     for spec in specs:
@@ -281,11 +288,11 @@ def _inputs(runtime, data, options: BenchOptions, path: Path) -> list[np.ndarray
     return batch
 
 
-def _accuracy(runtime, data, batch: int) -> dict:
+def _accuracy(runtime, data, batch: int, preprocessing: dict) -> dict:
     x, y = data["x"], data["y"]
     predictions = []
     for start in range(0, len(x), max(batch, 64)):
-        predictions.append(np.argmax(runtime.run([np.asarray(x[start:start + max(batch, 64)], np.float32)])[0],
+        predictions.append(np.argmax(runtime.run([from_pixels(x[start:start + max(batch, 64)], preprocessing)])[0],
                                      axis=-1))
     predicted = np.concatenate(predictions).astype(np.int64)
     return {"top1": float(np.mean(predicted == y)), "samples": int(len(y)), "source": data["source"],

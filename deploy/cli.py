@@ -174,6 +174,14 @@ def _stop_flags(parser) -> None:
                         "(default: %(default)s)")
 
 
+def _scale_flag(parser) -> None:
+    """How integer (0..255) --input pixels become each model's input: the same flag in bench-model and deploy-model."""
+    parser.add_argument("--scale", choices=("auto", "unit", "symmetric", "raw"), default="auto",
+                        help="map integer --input pixels to [0, 1], [-1, 1] or leave them; auto: as the manifest "
+                             "beside each artifact says (convert-model records it), else [0, 1]; float inputs are "
+                             "taken as preprocessed (default: %(default)s)")
+
+
 def _output_flags(parser):
     """The last flags of both commands' parsers; returns the parser."""
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json / --csv file")
@@ -200,6 +208,7 @@ def bench_parser() -> argparse.ArgumentParser:
                         "(default: %(default)s)")
     parser.add_argument("--input", help="an .npz with x (inputs) and optionally y (labels: top-1 accuracy is "
                         "reported); default: seeded random data of each input's shape and type")
+    _scale_flag(parser)
     _stop_flags(parser)
     parser.add_argument("--warmup-runs", type=count, default=10, help="(default: %(default)s)")
     parser.add_argument("--warmup-time", type=seconds, default=0.5, help="(default: %(default)s s)")
@@ -224,7 +233,7 @@ def bench_options(args):
     return BenchOptions(threads=args.threads, warmup_runs=args.warmup_runs, warmup_seconds=args.warmup_time,
                         min_runs=args.min_runs, min_seconds=args.min_time, max_seconds=args.max_time,
                         block=args.block, round_seconds=args.round_time, batch=args.batch, inputs=args.input,
-                        xnnpack=not args.no_xnnpack,
+                        scale=args.scale, xnnpack=not args.no_xnnpack,
                         providers=tuple(p for p in args.providers.split(",") if p), seed=args.seed)
 
 
@@ -363,6 +372,7 @@ def deploy_parser() -> argparse.ArgumentParser:
                         "travel with them)")
     parser.add_argument("--threads", type=thread_list, default=(1,), help="thread counts, e.g. 1,4 (default: 1)")
     parser.add_argument("--input", help="an .npz with x (and y for accuracy) to benchmark on; copied to the device")
+    _scale_flag(parser)
     _stop_flags(parser)
     xnnpack = parser.add_mutually_exclusive_group()
     xnnpack.add_argument("--no-xnnpack", dest="xnnpack", action="store_false", default=None,
@@ -395,7 +405,8 @@ def deploy_options(args):
     from sepconv.deploy.remote import DeployOptions
     from sepconv.deploy.ssh import SshOptions
 
-    bench_args = ("--min-runs", str(args.min_runs), "--min-time", str(args.min_time), "--max-time", str(args.max_time))
+    bench_args = ("--min-runs", str(args.min_runs), "--min-time", str(args.min_time), "--max-time", str(args.max_time),
+                  f"--scale={args.scale}")
     return DeployOptions(threads=args.threads, remote_dir=args.remote_dir, wheels=args.wheels,
                          index_url=args.index_url, inputs=args.input, bench_args=bench_args, timeout=args.timeout,
                          xnnpack=args.xnnpack,
@@ -428,7 +439,7 @@ def _deploy(args) -> int:
         say("local: benchmarking here with the same options")
         local = benchmark(args.models, threads=args.threads, inputs=args.input, min_runs=args.min_runs,
                           min_seconds=args.min_time, max_seconds=args.max_time,
-                          xnnpack=args.xnnpack is not False).to_dict()
+                          scale=args.scale, xnnpack=args.xnnpack is not False).to_dict()
         for host, report in reports.items():
             report["prediction_mismatch"] = prediction_mismatches(local, report["benchmark"])
             warnings += [f"WARNING: {host}: {m['model']} at {m['threads']} thread(s) predicts other classes than "

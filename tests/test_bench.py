@@ -130,3 +130,36 @@ def test_context_reads_a_raspberry_pi(tmp_path):
     empty = system(tmp_path / "nothing")
     assert empty["pi_model"] is None and empty["governor"] is None, "missing files are None, not errors"
 
+
+
+def test_integer_input_is_scaled_as_the_manifest_says(tmp_path, small_artifacts):
+    """bench-model --input with uint8 pixels: scaled to [0, 1] by default, left raw when the artifact's manifest says
+    its model rescales itself; the accuracy column is measured on what the model expects."""
+    import json
+    import shutil
+
+    from sepconv.deploy.bench import benchmark
+    from sepconv.deploy.preprocess import from_pixels
+
+    pixels = np.random.default_rng(0).integers(0, 256, (32, 12, 12, 3)).astype(np.uint8)
+    model = small_artifacts["model"]
+    labels = np.argmax(np.asarray(model(pixels.astype(np.float32) / 255.0, training=False)), axis=1)
+    np.savez(tmp_path / "pixels.npz", x=pixels, y=labels)
+    artifact = tmp_path / "float.tflite"
+    shutil.copy(small_artifacts["tflite"], artifact)
+    fast = dict(min_runs=1, min_seconds=0.0, warmup_runs=0, warmup_seconds=0.0, inputs=str(tmp_path / "pixels.npz"))
+    unit = benchmark([artifact], **fast).cases[0]
+    assert unit["accuracy"]["top1"] == 1.0, "0..255 pixels become [0, 1] without a manifest"
+    assert unit["artifact"]["input_preprocessing"]["scale"] == "unit"
+    for scale, feed in (("raw", pixels.astype(np.float32)), ("symmetric", pixels / 127.5 - 1.0)):
+        (tmp_path / "float.tflite.json").write_text(json.dumps({"preprocessing": {"scale": scale}}))
+        case = benchmark([artifact], **fast).cases[0]
+        assert case["artifact"]["input_preprocessing"] == {"scale": scale, "mean": None, "std": None,
+                                                           "source": "manifest float.tflite.json"}
+        expected = float(np.mean(np.argmax(np.asarray(model(feed.astype(np.float32), training=False)), 1) == labels))
+        assert case["accuracy"]["top1"] == pytest.approx(expected), f"{scale}: the model is fed what the manifest says"
+    np.testing.assert_allclose(from_pixels(pixels, {"scale": "symmetric"}), pixels / 127.5 - 1.0, atol=1e-6,
+                               err_msg="symmetric maps 0..255 to [-1, 1]")
+    floats = pixels.astype(np.float32)
+    assert from_pixels(floats, {"scale": "unit"}) is not None and from_pixels(floats, {"scale": "unit"}).max() > 1, \
+        "float arrays are taken as preprocessed"
