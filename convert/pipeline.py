@@ -286,7 +286,8 @@ def _plan_line(plan: dict, options: ConvertOptions) -> str:
         line += f" (defaults {'with' if options.data else 'without'} --data: {', '.join(plan['defaults'])})"
     if not options.data and options.separate:
         conservative = options.separation.rank is None and options.separation.energy is None
-        line += ("; hint: " + ("this conservative separation keeps accuracy without training - " if conservative
+        line += ("; hint: " + ("without data this conservative separation is checked only by its outputs' similarity "
+                               "on synthetic inputs - " if conservative
                                else "") + "pass --data (your images) to choose the rank for an accuracy budget, "
                  "fine-tune and quantize to int8, where the real savings are")
     return line

@@ -16,6 +16,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import subprocess
 import sys
 import time
@@ -56,6 +57,7 @@ def run(entry, mode: str, folder: Path) -> dict:
     out = folder / f"{mode}.tflite"
     for leftover in (out, out.with_name(out.name + ".json")):
         leftover.unlink(missing_ok=True)
+    shutil.rmtree(out.with_name(out.name + ".checkpoints"), ignore_errors=True)  # kept by a run that failed
     args = [str(entry.model), str(out)]
     if mode != "nodata":
         train = entry.train

@@ -304,4 +304,5 @@ def test_without_data_the_default_is_conservative_and_says_so(tmp_path, small_h5
     plan = next(line for line in done.stderr.splitlines() if "] plan: " in line)
     assert plan.split("] plan: ")[1].startswith("separation energy=0.9, no refine, no BatchNorm recalibration, "
                                                  "no fine-tuning, quantize dynamic"), plan
-    assert "hint: this conservative separation keeps accuracy without training - pass --data" in plan
+    assert ("hint: without data this conservative separation is checked only by its outputs' similarity on synthetic "
+            "inputs - pass --data") in plan
