@@ -288,7 +288,9 @@ def artifact_table(result) -> str:
                  _pct(first.get("original_accuracy")), "", "", ""])
     for artifact in result.artifacts:
         check = artifact.verification["outputs"][0]
-        rows.append([Path(artifact.path).name, f"{artifact.format} {artifact.quantize}", f"{artifact.bytes / 1024:,.0f} KiB",
+        mode = f"{artifact.format} {artifact.quantize}" + (
+            f" ({artifact.quantize_fallback['from']} failed)" if artifact.quantize_fallback else "")
+        rows.append([Path(artifact.path).name, mode, f"{artifact.bytes / 1024:,.0f} KiB",
                      f"{source_bytes / artifact.bytes:.2f}x", _pct(check["accuracy"]),
                      _pct(check["agreement"]), _pct(artifact.verification["original_agreement"]),
                      "passed" if artifact.verification["passed"] else "FAILED"])

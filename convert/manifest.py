@@ -28,13 +28,15 @@ def library_versions() -> dict[str, str | None]:
 
 def build_manifest(artifact: Path, *, final_path: Path, fmt: str, quantize: str, source: dict, runtime=None,
                    layout: str = "nhwc", separation=None, recovery=None, verification=None,
-                   options: dict | None = None, preprocessing: dict | None = None) -> dict:
+                   options: dict | None = None, preprocessing: dict | None = None,
+                   quantize_fallback: dict | None = None) -> dict:
     """`artifact` is the file as written (maybe still a temporary); `final_path` the name it will have."""
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "artifact": final_path.name,
         "format": fmt,
         "quantize": quantize,
+        "quantize_fallback": quantize_fallback,
         "bytes": artifact.stat().st_size,
         "sha256": sha256(artifact),
         "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

@@ -144,6 +144,7 @@ class Artifact:
     sha256: str
     manifest: str
     verification: dict
+    quantize_fallback: dict | None = None  # {from, reason}: --quantize auto's first choice failed verification
 
 
 @dataclass(frozen=True)
@@ -233,8 +234,12 @@ def _export_all(exported, original, targets, quantize, calibration, heldout, dat
     try:
         for target in targets:
             with timer(f"export {target.name}"):
-                staged.append(_stage(exported, original, target, quantize, calibration, heldout, data_info, options,
-                                     source, report, recovery, say))
+                item = _stage(exported, original, target, quantize, calibration, heldout, data_info, options, source,
+                              report, recovery, say)
+                if _falls_back(item, options):
+                    item = _fall_back(item, exported, original, calibration, heldout, data_info, options, source,
+                                      report, recovery, say)
+                staged.append(item)
         failed = [s for s in staged if not s["verification"].passed]
         if failed:
             raise VerificationError("; ".join(_failure_line(s) for s in failed) + " - nothing was written; try "
@@ -245,6 +250,35 @@ def _export_all(exported, original, targets, quantize, calibration, heldout, dat
             for tmp in (item["tmp"], item["tmp_manifest"]):
                 if tmp is not None:
                     Path(tmp).unlink(missing_ok=True)
+
+
+# What --quantize auto tries after a full-int8 artifact fails verification, in order, per format: int8 weights with
+# float activations, then (TFLite) float16 weights; every artifact is verified as usual.
+AUTO_FALLBACKS = {"tflite": ("dynamic", "float16"), "onnx": ("dynamic",)}
+
+
+def _falls_back(item: dict, options: ConvertOptions) -> bool:
+    """--quantize auto chose int8 (data given) and the int8 artifact failed verification."""
+    return options.quantize == "auto" and item["quantize"] == "int8" and not item["verification"].passed
+
+
+def _fall_back(item: dict, *stage_args) -> dict:
+    """Replace a failed int8 artifact of --quantize auto by the first AUTO_FALLBACKS mode that verifies, said aloud
+    and recorded in the manifest; an explicit --quantize int8 fails instead. Returns the last one tried."""
+    exported, original, calibration, heldout, data_info, options, source, report, recovery, say = stage_args
+    reasons = []
+    for mode in AUTO_FALLBACKS[item["format"]]:
+        for path in (item["tmp"], item["tmp_manifest"]):
+            if path is not None:
+                Path(path).unlink(missing_ok=True)
+        reasons.append(f"{item['quantize']}: " + "; ".join(item["verification"].failures()))
+        say("export", f"{item['target']}: {item['quantize']} failed verification ({reasons[-1]}); --quantize auto "
+                      f"tries {mode} instead (pass --quantize int8 to insist on int8)")
+        item = _stage(exported, original, item["target"], mode, calibration, heldout, data_info, options, source,
+                      report, recovery, say, fallback={"from": "int8", "reason": " | ".join(reasons)})
+        if item["verification"].passed:
+            break
+    return item
 
 
 def _default(value, default: bool) -> bool:
@@ -429,13 +463,14 @@ def _labelled_data(source, model, data_options):
 
 
 def _stage(model, original, target: Path, quantize: str, calibration, heldout, data_info, options: ConvertOptions,
-           source: Path, report, recovery, say) -> dict:
-    """Export to a temporary file beside `target`, verify it, write its manifest to another temporary file."""
+           source: Path, report, recovery, say, fallback: dict | None = None) -> dict:
+    """Export to a temporary file beside `target`, verify it, write its manifest to another temporary file.
+    fallback: why this mode replaces the one --quantize auto chose first (kept in the manifest)."""
     fmt = FORMATS[target.suffix.lower()]
     mode = "none" if fmt == "keras" else quantize
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{target.suffix}", dir=target.parent)
     os.close(fd)
-    item = {"target": target, "tmp": tmp, "tmp_manifest": None, "format": fmt, "quantize": mode}
+    item = {"target": target, "tmp": tmp, "tmp_manifest": None, "format": fmt, "quantize": mode, "fallback": fallback}
     try:
         return _export_and_verify(item, model, original, calibration, heldout, data_info, options, source, report,
                                   recovery, say)
@@ -483,7 +518,8 @@ def _export_and_verify(item: dict, model, original, calibration, heldout, data_i
                               source={"path": str(source), "sha256": sha256(source)},
                               separation=report.to_dict() if report else None,
                               recovery=recovery.to_dict() if recovery else None, verification=verification,
-                              options=options.describe(), preprocessing=data_info["preprocessing"])
+                              options=options.describe(), preprocessing=data_info["preprocessing"],
+                              quantize_fallback=item["fallback"])
     fd, item["tmp_manifest"] = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
     with os.fdopen(fd, "w") as file:
         file.write(manifest_json(manifest))
@@ -516,7 +552,7 @@ def _commit(item: dict) -> Artifact:
     manifest = item["manifest"]
     return Artifact(path=str(target), format=item["format"], quantize=item["quantize"], bytes=manifest["bytes"],
                     sha256=manifest["sha256"], manifest=str(manifest_path(target)),
-                    verification=manifest["verification"])
+                    verification=manifest["verification"], quantize_fallback=item["fallback"])
 
 
 class _Timer:

@@ -353,3 +353,35 @@ def test_without_data_a_separation_that_changes_the_outputs_is_backed_off(tmp_pa
     assert any("kept more of each kernel" in line for line in lines), lines
     easy = convert_model(entry.model, [tmp_path / "easy.tflite"], quantize="none", rank=1)
     assert easy.recovery["synthetic_check"] is None, "an explicit --rank is the user's choice: no guard"
+
+
+def near_tie_classifier(seed=0):
+    """Ten classes whose probabilities differ by a few thousandths: a full-int8 output (steps of 1/256) loses the
+    top-1 class on many inputs, while int8 weights with float activations keep it."""
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((8, 8, 3))
+    x = L.Conv2D(8, 3, name="c2")(L.Conv2D(8, 3, activation="relu", name="c1")(image))
+    probs = L.Dense(10, activation="softmax", kernel_initializer=keras.initializers.RandomNormal(stddev=0.004))(
+        L.Flatten()(x))
+    return keras.Model(image, probs)
+
+
+def test_quantize_auto_falls_back_when_int8_fails_verification(tmp_path):
+    model = near_tie_classifier()
+    model.save(tmp_path / "m.keras")
+    x = np.random.default_rng(0).random((240, 8, 8, 3), dtype=np.float32)
+    np.savez(tmp_path / "d.npz", x=x, y=np.argmax(model.predict(x, verbose=0), axis=1))
+    lines = []
+    result = convert_model(tmp_path / "m.keras", [tmp_path / "m.tflite", tmp_path / "m.onnx"],
+                           data=str(tmp_path / "d.npz"), separate=False,
+                           progress=lambda stage, message: lines.append(message))
+    for artifact in result.artifacts:
+        assert artifact.quantize in ("dynamic", "float16") and artifact.verification["passed"], artifact
+        assert artifact.quantize_fallback["from"] == "int8" and "top-1 agreement" in artifact.quantize_fallback["reason"]
+        manifest = json.loads(Path(artifact.manifest).read_text())
+        assert manifest["quantize"] == artifact.quantize and manifest["quantize_fallback"] == artifact.quantize_fallback
+    assert any("int8 failed verification" in line and "--quantize auto tries" in line for line in lines), lines
+    insisted = run(tmp_path / "m.keras", tmp_path / "i.tflite", "--data", tmp_path / "d.npz", "--no-separate",
+                   "--quantize", "int8")
+    assert insisted.returncode == 1 and "failed verification" in insisted.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "i.tflite").exists(), "an explicit --quantize int8 is not replaced"
