@@ -105,7 +105,7 @@ def plan_layer(layer: keras.layers.Layer, context: Context) -> Plan | None:
         except Keep as keep:
             return Plan(row=_row(layer, context, KEPT, keep.reason, **keep.fields))
     if isinstance(layer, ALREADY_SEPARABLE):
-        return Plan(row=_row(layer, context, KEPT, "already depthwise/separable"))
+        return Plan(row=_row(layer, context, KEPT, "already depthwise/separable", macs_before=_separable_macs(layer)))
     if isinstance(layer, CONV_LIKE):
         return Plan(row=unsupported_row(layer, context.path, _unsupported_reason(layer)))
     return None
@@ -132,6 +132,22 @@ def _row(layer, context: Context, status: str, reason: str | None, **fields) -> 
     if "macs_before" in fields:
         fields.setdefault("macs_after", fields["macs_before"])
     return LayerRow(path=context.path, layer_class=type(layer).__name__, status=status, reason=reason, **fields)
+
+
+def _separable_macs(layer) -> int | None:
+    """Multiply-accumulates per sample of a DepthwiseConv2D or SeparableConv2D (None for other kinds or unknown
+    sizes), so that the model's MAC totals count the layers that are already separable."""
+    if not isinstance(layer, (keras.layers.DepthwiseConv2D, keras.layers.SeparableConv2D)) or not layer.built:
+        return None
+    pixels = output_pixels(layer, layer.data_format)
+    if pixels is None:
+        return None
+    (kh, kw), multiplier = layer.kernel_size, layer.depth_multiplier
+    cin = layer.depthwise_kernel.shape[2] if isinstance(layer, keras.layers.SeparableConv2D) else layer.kernel.shape[2]
+    macs = kh * kw * cin * multiplier
+    if isinstance(layer, keras.layers.SeparableConv2D):
+        macs += cin * multiplier * layer.filters
+    return pixels * macs
 
 
 def output_pixels(layer: keras.layers.Layer, data_format: str) -> int | None:

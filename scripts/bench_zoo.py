@@ -7,7 +7,9 @@ Modes (every run writes an int8 TFLite artifact, or fails with one line and writ
 - k1-distill: `--rank 1` with the training images only (no labels: distillation from the original);
 - nodata:   `convert-model MODEL out.tflite` (no data: energy 0.9, dynamic-range int8, synthetic verification).
 The artifact's accuracy is measured here, with LiteRT, on the test digits that no run chose with (the runs' own
-validation data is a part of train.npz). Peak memory is the run's maximum resident set (wait4), seconds wall-clock.
+validation data is a part of train.npz). Peak memory is the run's maximum resident set (wait4), seconds wall-clock;
+this process never imports TensorFlow (the zoo is trained in a child), since Linux passes a parent's peak on to the
+children it starts.
 
 usage: scripts/bench-zoo [--models a,b] [--modes default,nodata] [--out build/zoo]   (writes OUT/bench-zoo.json)
 """
@@ -37,7 +39,7 @@ def main(argv=None) -> int:
     report = args.out / "bench-zoo.json"
     previous = {(r["model"], r["mode"]): r for r in json.loads(report.read_text())["rows"]} if report.exists() else {}
     for name in args.models.split(","):
-        entry = zoo.entry(name, args.out)
+        entry = trained(name, args.out)
         print(f"{name}: {entry.params:,} parameters, test accuracy {entry.accuracy:.2%}", flush=True)
         for mode in args.modes.split(","):
             rows.append(run(entry, mode, args.out / name / "runs"))
@@ -48,6 +50,18 @@ def main(argv=None) -> int:
     print(f"\n{cpu()}\n")
     print(table(merged))
     return 0
+
+
+def trained(name: str, folder: Path):
+    """zoo.entry(name, folder), trained (once) in a child process so that this one stays small."""
+    from sepconv.convert import zoo
+
+    code = "import sys; from sepconv.convert import zoo; zoo.entry(sys.argv[1], sys.argv[2])"
+    subprocess.run([sys.executable, "-c", code, name, str(folder)], check=True)
+    info = json.loads((folder / name / "info.json").read_text())
+    model = folder / name / f"{name}{zoo.ZOO[name][1]}"
+    return zoo.ZooEntry(name, model, folder / name / "train.npz", folder / name / "test.npz", info["accuracy"],
+                        info["params"])
 
 
 def run(entry, mode: str, folder: Path) -> dict:

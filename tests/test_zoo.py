@@ -76,3 +76,13 @@ def test_zoo_entry_trains_once_and_is_cached(tmp_path):
     assert first.accuracy > 0.2, f"two epochs already beat chance (10%) twice over: {first.accuracy:.2%}"
     test = np.load(first.test)
     assert test["x"].dtype == np.uint8, "this model's data is 0..255 pixels"
+
+
+def test_layers_already_separable_count_in_the_mac_totals():
+    """MobileNet's DepthwiseConv2D layers are kept as they are, and still counted: the totals are known."""
+    model = zoo.mobilenet_v1()
+    _, report = separate(model, rank=1)
+    rows = {row.path: row for row in report.rows}
+    assert rows["b1_dw"].macs_before == rows["b1_dw"].macs_after == 16 * 16 * 3 * 3 * 16, "16x16 outputs, 16 channels"
+    assert report.totals["macs_before"] == sum(row.macs_before for row in report.rows)
+    assert report.totals["macs_after"] < report.totals["macs_before"]
