@@ -373,17 +373,19 @@ def _writable(folder: Path) -> bool:
 
 def _check_modes(targets: list[Path], plan: dict, options: ConvertOptions) -> None:
     quantize = plan["quantize"]
-    needs_data = [(plan["refine"], "--refine refits separated layers on calibration images"),
-                  (plan["recalibrate_bn"], "--recalibrate-bn re-estimates BatchNorm statistics on calibration images"),
-                  (plan["epochs"], "--epochs fine-tunes on your images"),
-                  (plan["max_accuracy_drop"] is not None, "--max-accuracy-drop measures accuracy on held-out images"),
-                  (options.test_data, "--test-data scores a model trained or calibrated on --data")]
-    for wanted, what in needs_data:
+    # (wanted, flag, what it does, whether it works on separated layers only)
+    needs_data = [(plan["refine"], "--refine", "refits separated layers on calibration images", True),
+                  (plan["recalibrate_bn"], "--recalibrate-bn", "re-estimates BatchNorm statistics on calibration "
+                                                               "images", True),
+                  (plan["epochs"], "--epochs", "fine-tunes on your images", True),
+                  (plan["max_accuracy_drop"] is not None, "--max-accuracy-drop", "measures accuracy on validation "
+                                                                                 "images", True),
+                  (options.test_data, "--test-data", "scores a model trained or calibrated on --data", False)]
+    for wanted, flag, what, separated_only in needs_data:
         if wanted and not options.data:
-            raise InvalidOptionError(f"{what}; pass --data (an .npz or a folder of images)")
-        if wanted and not options.separate and what[:11] != "--test-data":
-            raise InvalidOptionError(f"{what.split(' ')[0]} works on separated layers; it cannot be combined with "
-                                     f"--no-separate")
+            raise InvalidOptionError(f"{flag} {what}; pass --data (an .npz or a folder of images)")
+        if wanted and not options.separate and separated_only:
+            raise InvalidOptionError(f"{flag} works on separated layers; it cannot be combined with --no-separate")
     if options.max_accuracy_drop is not None and any(
             v is not None for v in (options.separation.rank, options.separation.energy, options.separation.ranks)):
         raise InvalidOptionError("--max-accuracy-drop chooses the rank of each layer; drop --rank / --energy, or "
