@@ -451,6 +451,27 @@ def test_a_second_run_on_the_same_output_fails_while_the_first_runs(tmp_path, sm
     assert listing(out) == ["m.tflite", "m.tflite.json"], "the lock file goes with the run"
 
 
+def test_a_checkpoint_folder_in_use_is_refused(tmp_path, small_h5):
+    """Another process holds the checkpoint folder's lock (as a run fine-tuning into it does): a run with another
+    output but the same --checkpoint-dir must fail in one line and write nothing."""
+    source_digest[str(small_h5)] = digest(small_h5)
+    out, shared = tmp_path / "out", tmp_path / "shared.checkpoints"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                               "from sepconv.convert.pipeline import _locked\n"
+                               f"with _locked([Path({str(shared)!r})]):\n    print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = run(small_h5, out / "m.tflite", "--data", save_npz(tmp_path / "d.npz", x=with_value(0.5)), "--rank",
+                   "1", "--epochs", "1", "--checkpoint-dir", shared)
+        assert_clean_failure(done, small_h5, out, [], f"another convert-model run is writing {shared}")
+        assert not shared.exists()
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0 and listing(tmp_path).count(".shared.checkpoints.lock") == 0
+
+
 @pytest.fixture()
 def tiny_disk(tmp_path):
     """tiny_disk(name, kib): a folder of tmp_path that is a tmpfs of that size (root only), unmounted afterwards."""
