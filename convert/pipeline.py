@@ -572,7 +572,7 @@ def _export_and_verify(item: dict, model, original, calibration, heldout, data_i
                               recovery=recovery.to_dict() if recovery else None, verification=verification,
                               options=options.describe())
     fd, item["tmp_manifest"] = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
-    with os.fdopen(fd, "w") as file:
+    with _disk_full_as("writing the manifest of", target), os.fdopen(fd, "w") as file:
         file.write(manifest_json(manifest))
     item.update(verification=verification, manifest=manifest)
     status = "passed" if verification.passed else "FAILED"

@@ -506,6 +506,19 @@ def test_disk_full_while_exporting(tmp_path, small_h5, tiny_disk, name):
     assert not [p for p in listing(temp) if p.startswith(("tmp", "sepconv"))], "no temporary folder may leak"
 
 
+def test_disk_full_while_writing_the_manifest(tmp_path, small_h5, tiny_disk):
+    """A disk with room for the artifact (measured by a first run elsewhere) but not for its manifest."""
+    source_digest[str(small_h5)] = digest(small_h5)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    assert run(small_h5, reference / "m.tflite", "--rank", "1", "--quiet").returncode == 0
+    pages = -(-(reference / "m.tflite").stat().st_size // 4096)
+    disk = tiny_disk("disk", 4 * pages)
+    done = run(small_h5, disk / "m.tflite", "--rank", "1")
+    assert_clean_failure(done, small_h5, disk, [], f"No space left on device while writing the manifest of "
+                                                   f"{disk / 'm.tflite'}: free space or choose another folder")
+
+
 def test_disk_full_while_checkpointing_then_resume(tmp_path, small_h5, tiny_disk):
     """No checkpoint is started that the disk cannot hold (HDF5 crashes the process when a disk fills under it);
     once there is space, --resume works from what was left."""
