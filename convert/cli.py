@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -47,7 +48,26 @@ def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match the expected structure")
-    return run_command(prog, body, args, outputs)
+    return run_command(prog, _one_line_errors(body), args, outputs)
+
+
+def _one_line_errors(body):
+    """`body`, with a sepconv error's control characters (a newline in a file name, a converter's multi-line text)
+    escaped, so that its message stays one line."""
+
+    def guarded(args):
+        from sepconv.convert.errors import SepconvError
+
+        try:
+            return body(args)
+        except SepconvError as error:
+            text = str(error)
+            escaped = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+            if escaped != text:
+                error.args = (escaped,)
+            raise
+
+    return guarded
 
 
 _fraction = _checked(float, lambda v: 0 < v <= 1, "fraction", "a number in (0, 1]")
@@ -56,6 +76,7 @@ _positive_float = _checked(float, lambda v: v > 0, "number", "a number > 0")
 _weight = _checked(float, lambda v: v >= 0, "weight", "a number >= 0")
 _share = _checked(float, lambda v: 0 <= v <= 1, "share", "a number in [0, 1]")
 _open_fraction = _checked(float, lambda v: 0 < v < 1, "fraction", "a number in (0, 1)")
+_seed = _checked(int, lambda v: 0 <= v < 2 ** 32, "seed", "a whole number in [0, 2**32)")
 _rank = _checked(lambda t: t if t == "full" else int(t), lambda v: v == "full" or v >= 1, "rank",
                  "a whole number >= 1 or 'full'")
 
@@ -167,6 +188,10 @@ def convert_parser() -> argparse.ArgumentParser:
                        help="import custom layers/functions the model uses (repeatable)")
     group.add_argument("--unsafe-allow-lambda", action="store_true",
                        help="load Lambda layers holding Python code (only for files you trust)")
+    group.add_argument("--max-unpacked-mb", type=_positive, metavar="MB",
+                       help="what the input model file may declare unpacked (zip members, HDF5 datasets) before it is "
+                            "refused as a possible zip bomb (default: 100x the file's size, at least 256, at most "
+                            "16384)")
     group.add_argument("--json", nargs="?", const="-", metavar="FILE", help="a machine-readable summary " + JSON_HELP)
     group.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     group.add_argument("--debug", action="store_true", help="show tracebacks and converter logs")
@@ -212,6 +237,7 @@ def convert_options(args):
         overwrite=args.overwrite,
         safe_mode=not args.unsafe_allow_lambda,
         custom_objects=parse_custom_objects(args.custom_objects) or None,
+        max_unpacked_bytes=args.max_unpacked_mb * (1 << 20) if args.max_unpacked_mb else None,
     )
 
 
@@ -222,7 +248,7 @@ def _convert(args) -> int:
 
     def progress(stage, message):
         report_stage(stage)
-        if not args.quiet:
+        if not args.quiet or stage == "warning":  # warnings (nothing separated) are shown even with --quiet
             print(f"[{time.perf_counter() - started:6.1f}s] {stage}: {message}", file=sys.stderr, flush=True)
 
     result = convert_model(args.input, args.outputs, options=convert_options(args), progress=progress)
@@ -319,7 +345,7 @@ def convert_main(argv=None) -> int:
 
 
 def demo_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="sepconv-demo",
         description="Train the tutorial network on scikit-learn's bundled digits (once; cached as an .h5), load it "
                     "back as a user's file would be, separate it at K=1 and with the default energy policy and print "
@@ -331,7 +357,8 @@ def demo_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("build/demo"),
                         help="directory for the demo model and reports (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=15, help="training epochs of the original (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the data split and training (default: %(default)s)")
+    parser.add_argument("--seed", type=_seed, default=0,
+                        help="seed of the data split and training, 0..2**32-1 (default: %(default)s)")
     parser.add_argument("--retrain", action="store_true", help="train again even if the cached model exists")
     parser.add_argument("--no-bench", action="store_true", help="skip the speed table (bench-model on the original "
                         "and separated models, float32 and int8, TFLite and ONNX, 1 and 2 threads)")

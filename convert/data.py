@@ -7,6 +7,7 @@ only the user knows how the model was trained.
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ from sepconv.deploy.preprocess import AUTO, SCALES  # one definition for both si
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SEED = 0  # of every shuffle and sample here: the same files give the same data
+MAX_IMAGE_PIXELS = 1 << 26  # 67 M pixels (8192 x 8192): more than any camera image, less than PIL's bomb warning
 
 
 @dataclass(frozen=True)
@@ -66,13 +68,38 @@ def load_data(source, input_shape, options: DataOptions = DataOptions()) -> Data
     if len(shape) != 3 or any(d is None for d in shape):
         raise DataError(f"--data needs a model with one image input of fixed size (H, W, C); this model's input is "
                         f"{tuple(input_shape)}; pass arrays through the Python API instead")
+    _check_normalisation(options, shape[-1])
     if not path.exists():
         raise DataError(f"{path}: no such file or directory; pass an .npz file or a folder of images")
-    if path.is_dir():
-        return _from_folder(path, shape, options)
-    if path.suffix.lower() != ".npz":
+    if not path.is_dir() and path.suffix.lower() != ".npz":
         raise DataError(f"{path}: unrecognized data file; pass an .npz with arrays 'x' (and 'y') or a folder of images")
-    return _from_npz(path, shape, options)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # overflows are counted by _check_finite
+        return _check_finite(_from_folder(path, shape, options) if path.is_dir() else _from_npz(path, shape, options))
+
+
+def _check_normalisation(options: DataOptions, channels: int) -> None:
+    """--mean / --std give one value per channel of the model's input (or one value for all)."""
+    for name, values in (("mean", options.mean), ("std", options.std)):
+        if values is not None and len(values) not in (1, channels):
+            raise InvalidOptionError(f"--{name} has {len(values)} values {list(values)} but the model's input has "
+                                     f"{channels} channels; give {channels} comma-separated values (or one for all)")
+
+
+def _check_finite(data: Dataset) -> Dataset:
+    """NaN or infinite inputs would train and calibrate a model that outputs NaN: refuse them, saying how many."""
+    finite = np.isfinite(data.x)
+    bad = int(finite.size - np.count_nonzero(finite))
+    if bad:
+        samples = int(np.count_nonzero(~finite.reshape(len(finite), -1).all(axis=1)))
+        raise DataError(f"{data.source}: {bad:,} non-finite values (NaN or infinity) in {samples:,} of {len(data):,} "
+                        f"samples, after conversion to float32 and --mean/--std; remove or repair those samples")
+    return data
+
+
+def _check_kind(x: np.ndarray, path: Path) -> None:
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or x.ndim not in (3, 4) or len(x) == 0:
+        raise DataError(f"{path}: 'x' must be a non-empty numeric array of images (N, H, W[, C]); got dtype "
+                        f"{x.dtype} and shape {x.shape}")
 
 
 def _from_npz(path: Path, shape, options: DataOptions) -> Dataset:
@@ -85,14 +112,12 @@ def _from_npz(path: Path, shape, options: DataOptions) -> Dataset:
     if "x" not in arrays:
         raise DataError(f"{path}: has no array 'x' (found: {sorted(arrays)}); save it with numpy.savez(path, x=images, "
                         f"y=labels)")
+    _check_kind(arrays["x"], path)
     x, y = arrays["x"], arrays.get("y")
-    if options.max_samples and np.ndim(x) >= 1 and options.max_samples < len(x):
+    if options.max_samples and options.max_samples < len(x):
         keep = np.sort(np.random.default_rng(SEED).choice(len(x), options.max_samples, replace=False))
         y = y[keep] if y is not None and np.ndim(y) >= 1 and len(y) == len(x) else y
         x = x[keep]
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or x.ndim not in (3, 4) or len(x) == 0:
-        raise DataError(f"{path}: 'x' must be a non-empty numeric array of images (N, H, W[, C]); got dtype "
-                        f"{x.dtype} and shape {x.shape}")
     if x.ndim == 3:
         x = x[..., None]
     scaled = np.issubdtype(x.dtype, np.integer)
@@ -143,12 +168,25 @@ def _read_image(path: Path, shape) -> np.ndarray:
         raise DataError(f"The model takes {channels}-channel images; image folders can feed 1 (grayscale) or 3 (RGB) "
                         f"channels; pass an .npz instead")
     try:
-        with Image.open(path) as image:
-            image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-            array = np.asarray(image, dtype=np.float32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as image:
+                _check_pixels(path, image.width, image.height)
+                image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+                array = np.asarray(image, dtype=np.float32)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
+        raise DataError(f"{path}: refused as a possible decompression bomb ({error}); images may have at most "
+                        f"{MAX_IMAGE_PIXELS:,} pixels: shrink or remove the file") from None
     except (UnidentifiedImageError, OSError) as error:
         raise DataError(f"{path}: cannot be read as an image ({error}); remove or replace the file") from error
     return array[..., None] if channels == 1 else array
+
+
+def _check_pixels(path: Path, width: int, height: int) -> None:
+    """Judge the size the header declares before anything is decoded (a tiny PNG can claim 100000 x 100000)."""
+    if width * height > MAX_IMAGE_PIXELS:
+        raise DataError(f"{path}: declares {width} x {height} pixels, more than the {MAX_IMAGE_PIXELS:,} an input "
+                        f"image may have (a possible decompression bomb); shrink or remove the file")
 
 
 def _fit(x: np.ndarray, shape, source: str) -> np.ndarray:

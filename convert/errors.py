@@ -7,8 +7,9 @@ classes live in `sepconv.deploy.errors`, which the device side shares without Te
 from sepconv.deploy.errors import ArtifactError, InvalidOptionError, RuntimeMissingError, SepconvError
 
 __all__ = [
-    "ArtifactError", "BudgetError", "CheckpointError", "CorruptModelFileError", "DataError", "EmptyModelFileError", "ExportError", "FlexOpsError",
-    "InterruptedRunError", "InvalidOptionError", "ModelLoadError", "ModelNotFoundError", "OutputPathError", "RuntimeMissingError",
+    "ArtifactError", "BudgetError", "CheckpointError", "CorruptModelFileError", "DataError", "DiskFullError",
+    "EmptyModelFileError", "ExportError", "FlexOpsError", "InterruptedRunError", "InvalidOptionError", "ModelLoadError",
+    "ModelNotFoundError", "ModelTooLargeError", "OutputBusyError", "OutputPathError", "RuntimeMissingError",
     "SavedModelError", "SepconvError", "UnknownObjectError", "UnsafeModelError", "UnsupportedModelError",
     "VerificationError", "WeightsOnlyFileError", "WrongFileKindError",
 ]
@@ -42,6 +43,10 @@ class WeightsOnlyFileError(WrongFileKindError):
     """An HDF5 file with weights but no architecture."""
 
 
+class ModelTooLargeError(ModelLoadError):
+    """A model file that would expand past a bound (a zip bomb), or whose input is too large to feed."""
+
+
 class UnsafeModelError(ModelLoadError):
     """The model holds Python code (a Lambda layer) and safe mode is on."""
 
@@ -68,6 +73,15 @@ class FlexOpsError(ExportError):
 
 class OutputPathError(SepconvError):
     """An output path that cannot be written: unknown extension, existing file, missing or read-only folder."""
+
+
+class OutputBusyError(OutputPathError):
+    """Another convert-model run holds the lock on an output or checkpoint folder."""
+
+
+class DiskFullError(SepconvError):
+    """No space left on the device while writing an artifact, a manifest or a checkpoint; nothing half-written is
+    left. Deliberately not an OSError: callers that turn OSErrors into other messages must let it through."""
 
 
 class VerificationError(SepconvError):

@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import shutil
 import signal
 import threading
 import time
@@ -20,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sepconv.convert.errors import InvalidOptionError
+from sepconv.convert.errors import DiskFullError, InvalidOptionError
+from sepconv.convert.files import disk_full
 
 STRATEGIES = ("auto", "default", "mirrored")
 DEFAULT_LEARNING_RATE = 1e-3
@@ -147,16 +150,16 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
             import shutil
 
             shutil.rmtree(backup)
-        own.append(keras.callbacks.BackupAndRestore(str(backup), save_freq="epoch", delete_checkpoint=True))
+        own.append(_atomic_backup_class()(str(backup), save_freq="epoch", delete_checkpoint=True))
     start = model.get_weights()
     initial = trainer.evaluate(x_val, t_val, batch_size=options.batch_size, verbose=0, return_dict=True)
     initial = float(initial[monitor.removeprefix("val_")])
     log = _epoch_log_class()(monitor, options.epochs, progress)
-    with _ctrl_c_between_batches() as stop:  # after the checkpoint callback: a save is never cut in half
+    with _ctrl_c_between_batches() as stop, _disk_full_while_checkpointing(options.checkpoint_dir):
         history = trainer.fit(x_train, t_train, validation_data=(x_val, t_val),
                               epochs=options.epochs, batch_size=options.batch_size,
                               callbacks=own + [log, stop] + list(callbacks), verbose=0 if progress else verbose,
-                              shuffle=True)
+                              shuffle=True)  # stop comes after the checkpoint callback: a save is never cut in half
     values = history.history.get(monitor, [])
     best = int(np.nanargmax(values)) if values else -1
     if best < 0 or not values[best] > initial:  # no epoch beat the start: keep it
@@ -199,6 +202,57 @@ def _ctrl_c_between_batches():
         signal.signal(signal.SIGINT, previous)
     if pressed:
         raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _disk_full_while_checkpointing(folder):
+    """A full disk while a checkpoint is written is one DiskFullError; the last complete checkpoint stays usable."""
+    try:
+        yield
+    except Exception as error:
+        if folder is None or isinstance(error, DiskFullError) or not disk_full(error):
+            raise
+        raise DiskFullError(f"No space left on device while writing a fine-tuning checkpoint in {folder}: free "
+                            f"space or choose another folder (--checkpoint-dir); the last complete checkpoint is "
+                            f"kept") from None
+
+
+def _require_space(folder: Path, model) -> None:
+    """Refuse a checkpoint the disk cannot hold before HDF5 starts writing it: HDF5 does not recover from a full
+    disk in the middle of a file (a stream of errors, then a crash at exit). The estimate is generous (twice the
+    model's and optimizer's variables, plus 1 MiB); a disk filled by someone else during the write is not covered."""
+    variables = list(model.variables) + list(getattr(model.optimizer, "variables", []) or [])
+    need = 2 * sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables) + (1 << 20)
+    existing = next(p for p in (folder, *folder.parents) if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need:
+        raise DiskFullError(f"No space left on device for a fine-tuning checkpoint in {folder}: it needs about "
+                            f"{need / 2 ** 20:.1f} MiB, {free / 2 ** 20:.1f} MiB are free; free space or choose another "
+                            f"folder (--checkpoint-dir); the last complete checkpoint is kept")
+
+
+@functools.cache
+def _atomic_backup_class():
+    """Keras' BackupAndRestore, but each file is written under a temporary name and renamed into place, so a run
+    killed (or out of disk space) in the middle of a save leaves the previous checkpoint whole for --resume."""
+    import keras
+
+    class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+        def _save_model(self):
+            _require_space(Path(self.backup_dir), self.model)
+            final = self._weights_path, self._training_metadata_path
+            partial = (final[0].removesuffix(".weights.h5") + ".partial.weights.h5", final[1] + ".partial")
+            self._weights_path, self._training_metadata_path = partial
+            try:
+                super()._save_model()
+                for written, name in zip(partial, final):
+                    os.replace(written, name)
+            finally:
+                self._weights_path, self._training_metadata_path = final
+                for written in partial:
+                    Path(written).unlink(missing_ok=True)
+
+    return AtomicBackupAndRestore
 
 
 @functools.cache

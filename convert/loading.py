@@ -21,6 +21,7 @@ from sepconv.convert.errors import (
     InvalidOptionError,
     ModelLoadError,
     ModelNotFoundError,
+    ModelTooLargeError,
     SavedModelError,
     UnknownObjectError,
     UnsafeModelError,
@@ -33,18 +34,29 @@ HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"
 GRAPH_MODEL_CLASSES = {"Functional", "Sequential", "Model"}
 _RESAVE = "load it where it was made and save it with model.save('model.keras')"
+# What a model file may expand to when Keras reads it (zip members, HDF5 datasets), unless the caller says otherwise:
+# Keras stores .keras members and .h5 weights uncompressed (ratio ~1), so 100x the file's size is generous, with a
+# floor for small files and a cap whatever the file's size. A 1 MB zip bomb declaring gigabytes is refused.
+MAX_EXPANSION = 100
+UNPACKED_FLOOR = 1 << 28  # 256 MiB
+UNPACKED_CAP = 1 << 34  # 16 GiB
 
 
-def load(path, *, custom_objects: dict | None = None, safe_mode: bool = True):
+def load(path, *, custom_objects: dict | None = None, safe_mode: bool = True, max_unpacked_bytes: int | None = None):
     """Load a `.keras` or `.h5` Keras model (Keras 3 or Keras 2 / tf.keras) for reading; it is not compiled.
 
     custom_objects: {name: class or function} for custom layers, activations, ... the model names.
     safe_mode: leave on for files you did not make: it refuses Lambda layers holding Python bytecode.
+    max_unpacked_bytes: what the file's zip members or HDF5 datasets may declare in total before anything is
+    unpacked (default: `unpacked_limit(file size)`); a file declaring more is refused as a possible zip bomb.
     Raises a `ModelLoadError` subclass naming the problem and its fix.
     """
     path = Path(path)
     kind = _file_kind(path)
-    config = _read_config(path, kind)
+    if max_unpacked_bytes is not None and (not isinstance(max_unpacked_bytes, int) or max_unpacked_bytes < 1):
+        raise InvalidOptionError(f"Unrecognized max_unpacked_bytes={max_unpacked_bytes!r}. Use a whole number >= 1")
+    limit = max_unpacked_bytes or unpacked_limit(path.stat().st_size)
+    config = _read_config(path, kind, limit)
     if safe_mode:
         _refuse_lambdas(path, config)
     _check_top_level_class(path, config, custom_objects or {})
@@ -87,11 +99,39 @@ def _file_kind(path: Path) -> str:
     raise WrongFileKindError(f"{path}: unrecognized model file; sepconv loads Keras models saved as .keras or .h5")
 
 
-def _read_config(path: Path, kind: str) -> dict:
-    """The model's architecture as JSON, read without building anything."""
+def unpacked_limit(file_bytes: int) -> int:
+    """The default bound on what a model file of this size may expand to (see MAX_EXPANSION)."""
+    return min(max(MAX_EXPANSION * file_bytes, UNPACKED_FLOOR), UNPACKED_CAP)
+
+
+def _check_unpacked(path: Path, declared: int, limit: int) -> None:
+    if declared > limit:
+        raise ModelTooLargeError(
+            f"{path}: declares {declared:,} bytes unpacked from {path.stat().st_size:,} bytes on disk, more than the "
+            f"{limit:,} allowed (a possible zip bomb); only for a file you trust, raise the bound with "
+            f"--max-unpacked-mb (load(..., max_unpacked_bytes=...))")
+
+
+def _h5_bytes(h5) -> int:
+    """Bytes the HDF5 file's datasets declare (shape x item size), read from metadata only."""
+    import h5py
+
+    total = [0]
+
+    def add(name, node):
+        if isinstance(node, h5py.Dataset):
+            total[0] += int(node.size or 0) * node.dtype.itemsize
+
+    h5.visititems(add)
+    return total[0]
+
+
+def _read_config(path: Path, kind: str, limit: int) -> dict:
+    """The model's architecture as JSON, read without building anything (or unpacking more than `limit`)."""
     try:
         if kind == "keras":
             with zipfile.ZipFile(path) as archive:
+                _check_unpacked(path, sum(info.file_size for info in archive.infolist()), limit)
                 if "config.json" not in archive.namelist():
                     raise CorruptModelFileError(f"{path}: is a zip archive without config.json, not a Keras model "
                                                 f"archive; save the model with model.save('model.keras')")
@@ -100,6 +140,7 @@ def _read_config(path: Path, kind: str) -> dict:
             import h5py
 
             with h5py.File(path, "r") as h5:
+                _check_unpacked(path, _h5_bytes(h5), limit)
                 text = h5.attrs.get("model_config")
                 if text is None:
                     raise WeightsOnlyFileError(

@@ -14,7 +14,11 @@ a hint that data unlocks the real savings. `ConvertOptions.plan()` says which ch
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
+import math
 import os
+import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,12 +28,12 @@ from typing import Callable
 import numpy as np
 
 from sepconv.convert.data import DataOptions, check_labels, load_data, split
-from sepconv.convert.errors import (BudgetError, InvalidOptionError, OutputPathError, SepconvError,
-                                    UnsupportedModelError, VerificationError)
+from sepconv.convert.errors import (BudgetError, DiskFullError, InvalidOptionError, OutputBusyError, OutputPathError,
+                                    SepconvError, UnsupportedModelError, VerificationError)
 from sepconv.convert.finetuning import FinetuneOptions
 from sepconv.convert.onnx_export import DEFAULT_OPSET, ONNX_MODES, OnnxOptions
 from sepconv.convert.tflite_export import NEEDS_DATA, TFLITE_MODES, TFLiteOptions
-from sepconv.convert.files import sha256
+from sepconv.convert.files import disk_full, sha256
 from sepconv.convert.policy import SeparationOptions
 from sepconv.convert.verification import Tolerance
 
@@ -40,6 +44,7 @@ MIN_SAMPLES = 20  # a run with data needs some samples to train on, some to vali
 DEFAULT_MAX_DROP = 1.0  # points of accuracy the budget mode may lose, the default with data
 DEFAULT_EPOCHS = 10
 CHECKPOINTS_SUFFIX = ".checkpoints"
+MAX_INPUT_ELEMENTS = 1 << 25  # values per input sample (e.g. 3344 x 3344 x 3): 128 MiB of float32 each
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,7 @@ class ConvertOptions:
     overwrite: bool = False
     safe_mode: bool = True
     custom_objects: dict | None = None
+    max_unpacked_bytes: int | None = None
 
     def __post_init__(self):
         if self.quantize not in QUANTIZE_CHOICES:
@@ -100,6 +106,10 @@ class ConvertOptions:
         if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 0):
             raise InvalidOptionError(f"Unrecognized epochs={self.epochs!r}. Use a whole number >= 0 (0: no "
                                      f"fine-tuning)")
+        if self.max_unpacked_bytes is not None and (not isinstance(self.max_unpacked_bytes, int)
+                                                    or self.max_unpacked_bytes < 1):
+            raise InvalidOptionError(f"Unrecognized max_unpacked_bytes={self.max_unpacked_bytes!r}. Use a whole "
+                                     f"number >= 1")
         if self.max_accuracy_drop is not None:
             from sepconv.convert.budget import BudgetOptions
 
@@ -158,6 +168,7 @@ class ConvertResult:
     plan: dict  # the effective choices and which of them were defaults
     artifacts: tuple[Artifact, ...]
     seconds: dict
+    warnings: tuple[str, ...] = ()  # e.g. nothing was separated; the CLI prints them even with --quiet
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -187,13 +198,23 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
     plan = options.plan()
     _check_modes(targets, plan, options)
     recovery_options = _recovery_options(options, plan, targets)
+    locked = targets + ([Path(recovery_options.checkpoint_dir)] if recovery_options.epochs else [])
+    with _locked(locked), _trusted(options.safe_mode):
+        _check_outputs(source, targets, options)  # again, under the lock: a run that finished meanwhile wrote them
+        return _convert(source, targets, plan, options, recovery_options, say)
+
+
+def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOptions, recovery_options,
+             say: Progress) -> ConvertResult:
     timer = _Timer()
 
     from sepconv.convert.loading import load
 
     with timer("load"):
-        model = load(source, custom_objects=options.custom_objects, safe_mode=options.safe_mode)
+        model = load(source, custom_objects=options.custom_objects, safe_mode=options.safe_mode,
+                     max_unpacked_bytes=options.max_unpacked_bytes)
     say("load", f"{source} ({model.count_params():,} parameters)")
+    _check_input_size(model)
     with timer("data"):
         train, calibration, validation, heldout, data_info = _data(model, options)
     say("data", data_info["description"])
@@ -202,13 +223,17 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
 
     report = recovery = None
     exported = model
+    warnings = []
     if options.separate:
         from sepconv.convert.recovery import recover
 
-        with timer("separate and recover"):
+        with timer("separate and recover"), _disk_full_as("writing checkpoints in", recovery_options.checkpoint_dir):
             exported, report, recovery = recover(model, train, calibration, validation, heldout,
                                                  options.separation, recovery_options, source_sha256=source_sha256,
                                                  progress=say)
+        if not report.separated:
+            warnings.append(_nothing_separated(report))
+            say("warning", warnings[-1])
     try:
         artifacts = _export_all(exported, model if report else None, targets, plan["quantize"], calibration,
                                 heldout, data_info, options, source, report, recovery, timer, say)
@@ -224,7 +249,85 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
                          quantize=plan["quantize"], quantize_reason=_quantize_reason(options, plan),
                          data=data_info, separation=report.to_dict() if report else None,
                          recovery=recovery.to_dict() if recovery else None, plan=plan, artifacts=artifacts,
-                         seconds=timer.seconds)
+                         seconds=timer.seconds, warnings=tuple(warnings))
+
+
+def _nothing_separated(report) -> str:
+    reasons = "; ".join(f"{row.path}: {row.reason}" for row in report.rows) or "the model has no Conv2D layer"
+    return (f"nothing was separated ({reasons}): the artifacts hold the original layers; choose layers and ranks "
+            f"with --rank / --energy / --include, or pass --no-separate to say so")
+
+
+def _check_input_size(model) -> None:
+    """Refuse, before any array is allocated, an input no edge model has (a file can claim 100000 x 100000)."""
+    for tensor in model.inputs:
+        dims = tuple(tensor.shape[1:])
+        if all(d is not None for d in dims) and math.prod(dims) > MAX_INPUT_ELEMENTS:
+            raise UnsupportedModelError(
+                f"The model's input {tensor.name!r} of shape {tuple(tensor.shape)} has {math.prod(dims):,} values "
+                f"per sample, more than the {MAX_INPUT_ELEMENTS:,} convert-model feeds (data, calibration and "
+                f"verification hold many samples of it); resize the model's input")
+
+
+@contextlib.contextmanager
+def _disk_full_as(doing: str, where):
+    """An OSError (or a converter's wrapping of one) saying the device is full becomes one DiskFullError line."""
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, SepconvError) or not disk_full(error):
+            raise
+        raise DiskFullError(f"No space left on device while {doing} {where}: free space or choose another "
+                            f"folder") from None
+
+
+@contextlib.contextmanager
+def _trusted(safe_mode: bool):
+    """With safe_mode off (--unsafe-allow-lambda), every Keras deserialization of the run (cloning for separation
+    and fine-tuning, reloading a .keras artifact) may rebuild the Lambda layers the user trusted."""
+    if safe_mode:
+        yield
+        return
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    with SafeModeScope(safe_mode=False):
+        yield
+
+
+@contextlib.contextmanager
+def _locked(paths: list[Path]):
+    """An exclusive lock per output and per checkpoint folder for the whole run: a second run writing any of them
+    fails at once instead of overwriting the first one's files. Each lock is a `.NAME.lock` file beside the path,
+    held with flock and removed at the end (a killed run leaves it, unlocked: the next run takes it over)."""
+    held = []
+    try:
+        for path in sorted({p.absolute() for p in paths}):
+            if path.parent.is_dir():  # a checkpoint folder under a folder not made yet: nobody can be writing it
+                held.append(_lock(path))
+        yield
+    finally:
+        for lock, fd in reversed(held):
+            lock.unlink(missing_ok=True)  # while still holding it, so that nobody takes a lock on a removed file
+            os.close(fd)
+
+
+def _lock(path: Path) -> tuple[Path, int]:
+    lock = path.with_name(f".{path.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OutputBusyError(f"another convert-model run is writing {path} (it holds {lock}): wait for it to "
+                                  f"finish or choose another output") from None
+        try:
+            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            return lock, fd
+        os.close(fd)  # the run that held it removed it while we waited for it: lock the new one
 
 
 def _export_all(exported, original, targets, quantize, calibration, heldout, data_info, options, source, report,
@@ -386,6 +489,12 @@ def _check_modes(targets: list[Path], plan: dict, options: ConvertOptions) -> No
             raise InvalidOptionError(f"{flag} {what}; pass --data (an .npz or a folder of images)")
         if wanted and not options.separate and separated_only:
             raise InvalidOptionError(f"{flag} works on separated layers; it cannot be combined with --no-separate")
+    ignored = [flag for flag, value in (("--rank", options.separation.rank), ("--energy", options.separation.energy),
+                                        ("--include", options.separation.include),
+                                        ("--exclude", options.separation.exclude)) if value]
+    if ignored and not options.separate:
+        raise InvalidOptionError(f"{' / '.join(ignored)} choose what to separate; they cannot be combined with "
+                                 f"--no-separate (drop one or the other)")
     if options.max_accuracy_drop is not None and any(
             v is not None for v in (options.separation.rank, options.separation.energy, options.separation.ranks)):
         raise InvalidOptionError("--max-accuracy-drop chooses the rank of each layer; drop --rank / --energy, or "
@@ -474,8 +583,9 @@ def _stage(model, original, target: Path, quantize: str, calibration, heldout, d
     os.close(fd)
     item = {"target": target, "tmp": tmp, "tmp_manifest": None, "format": fmt, "quantize": mode, "fallback": fallback}
     try:
-        return _export_and_verify(item, model, original, calibration, heldout, data_info, options, source, report,
-                                  recovery, say)
+        with _disk_full_as("writing", target):
+            return _export_and_verify(item, model, original, calibration, heldout, data_info, options, source,
+                                      report, recovery, say)
     except BaseException:
         for path in (item["tmp"], item["tmp_manifest"]):
             if path is not None:
@@ -493,9 +603,10 @@ def _export_and_verify(item: dict, model, original, calibration, heldout, data_i
     inputs = "held-out samples" if data_info["source"] else "synthetic inputs"
     runtime = None
     if fmt == "keras":
-        model.save(tmp)
+        with _own_temporary_folder():
+            model.save(tmp)
         verification = verify_keras(model, tmp, heldout.x, heldout.y, tolerance=options.tolerance, inputs=inputs,
-                                    original=original)
+                                    original=original, safe_mode=options.safe_mode)
     else:
         from sepconv.deploy.runtime import open_runtime
 
@@ -523,13 +634,26 @@ def _export_and_verify(item: dict, model, original, calibration, heldout, data_i
                               options=options.describe(), preprocessing=data_info["preprocessing"],
                               quantize_fallback=item["fallback"])
     fd, item["tmp_manifest"] = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
-    with os.fdopen(fd, "w") as file:
+    with _disk_full_as("writing the manifest of", target), os.fdopen(fd, "w") as file:
         file.write(manifest_json(manifest))
     item.update(verification=verification, manifest=manifest)
     status = "passed" if verification.passed else "FAILED"
     say("export", f"{target} ({fmt}, {mode}): {manifest['bytes']:,} bytes, verification {status}: "
                   f"{'; '.join(c.criterion for c in verification.outputs)} ({time.perf_counter() - started:.1f} s)")
     return item
+
+
+@contextlib.contextmanager
+def _own_temporary_folder():
+    """Keras' .keras save works in tempfile.mkdtemp() folders that a failed write (a full disk) leaves behind; give
+    it a folder of ours for the duration and remove it whatever happens."""
+    folder = tempfile.mkdtemp(prefix="sepconv-save-")
+    previous, tempfile.tempdir = tempfile.tempdir, folder
+    try:
+        yield
+    finally:
+        tempfile.tempdir = previous
+        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _named(verification, target: Path):

@@ -402,7 +402,14 @@ def _open_state(folder: Path | None, options: RecoveryOptions, source_sha256: st
     state_file = folder / STATE
     if not state_file.exists():
         raise CheckpointError(f"--resume: no checkpoints in {folder} (nothing to resume); run without --resume")
-    state = json.loads(state_file.read_text())
+    try:
+        state = json.loads(state_file.read_text())
+        if not isinstance(state, dict):
+            raise ValueError(f"a JSON {type(state).__name__}, not an object")
+    except (OSError, ValueError) as error:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
+        raise CheckpointError(f"--resume: the checkpoint in {folder} cannot be loaded ({STATE} is damaged: {reason}); "
+                              f"delete the folder to start over") from None
     if state.get("key") != key:
         raise CheckpointError(f"--resume: the checkpoints in {folder} are from another input model or other "
                               f"separation options; rerun the interrupted command exactly, or delete the folder")

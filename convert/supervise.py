@@ -104,15 +104,22 @@ def die_with_parent() -> None:
 
 
 def _wait(child: subprocess.Popen) -> int:
-    """Wait for the child, passing Ctrl-C and termination signals on to it (it stops cleanly and says how to go on)."""
+    """Wait for the child, passing Ctrl-C and termination signals on to it (it stops cleanly and says how to go on),
+    and job control: Ctrl-Z stops the child, then this process; `fg` / `bg` continue both."""
     previous = {}
 
     def forward(signum, frame):
         if child.poll() is None:
             child.send_signal(signum)
 
-    for signum in FORWARDED:
+    def suspend(signum, frame):
+        if child.poll() is None:
+            child.send_signal(signal.SIGSTOP)
+        os.kill(os.getpid(), signal.SIGSTOP)  # continues here on SIGCONT, which `forward` passes on
+
+    for signum in FORWARDED + (signal.SIGCONT,):
         previous[signum] = signal.signal(signum, forward)
+    previous[signal.SIGTSTP] = signal.signal(signal.SIGTSTP, suspend)
     try:
         while True:
             try:

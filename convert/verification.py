@@ -159,7 +159,10 @@ def _check(name, expected, actual, y, quantized: bool, tolerance: Tolerance, syn
     cosine = float(np.mean(np.sum(flat_e * flat_a, axis=1) / np.maximum(norms, 1e-30)))
     classifier = _is_classifier(expected)
     agreement = _agreement(expected, actual) if classifier else None
-    if not quantized:
+    non_finite = _non_finite(expected, actual)
+    if non_finite:  # NaN agrees with NaN on argmax: no criterion below may pass such a model
+        passed, criterion = False, non_finite
+    elif not quantized:
         passed = relative <= tolerance.max_relative_error
         criterion = f"relative max error {relative:.2e} {'<=' if passed else '>'} {tolerance.max_relative_error:g}"
     elif classifier and not synthetic:
@@ -177,12 +180,22 @@ def _check(name, expected, actual, y, quantized: bool, tolerance: Tolerance, syn
                        passed=bool(passed))
 
 
+def _non_finite(expected: np.ndarray, actual: np.ndarray) -> str:
+    """'' when every value is finite; else which side has how many NaN / infinite values."""
+    counts = [(what, int(values.size - np.count_nonzero(np.isfinite(values))))
+              for what, values in (("the artifact", actual), ("the Keras model", expected))]
+    return "; ".join(f"{what} outputs {count:,} non-finite values (NaN or infinity) of {values.size:,}"
+                     for (what, count), values in zip(counts, (actual, expected)) if count)
+
+
 def verify_keras(model, path, x: np.ndarray, y: np.ndarray | None = None, *, tolerance: Tolerance = Tolerance(),
-                 inputs: str = "held-out samples", original=None) -> Verification:
-    """A saved .keras file, loaded back through sepconv's safe loader, must compute what `model` computes."""
+                 inputs: str = "held-out samples", original=None, safe_mode: bool = True) -> Verification:
+    """A saved .keras file, loaded back through sepconv's loader, must compute what `model` computes.
+
+    safe_mode=False only when the model was loaded that way (its Lambda layers are trusted)."""
     from sepconv.convert.loading import load
 
-    reloaded = load(path)
+    reloaded = load(path, safe_mode=safe_mode)
     return _compare(predict_keras(model, x), predict_keras(reloaded, x), [t.name for t in reloaded.outputs], x, y,
                     quantized=False, quantize="none", tolerance=tolerance, inputs=inputs, original=original,
                     artifact=str(path))

@@ -74,3 +74,36 @@ def save_npz(path, **arrays):
     """np.savez `arrays` to `path` and return the path."""
     np.savez(path, **arrays)
     return path
+
+
+def zip_bomb(path, model, unpacked_mib=320):
+    """`model` saved as a .keras archive whose weights member is padded with zeros: a few hundred KB on disk that
+    declare `unpacked_mib` MiB (Keras reads the member; it loads, and takes that much memory, unless refused)."""
+    import zipfile
+
+    model.save(path)
+    with zipfile.ZipFile(path) as archive:
+        members = {name: archive.read(name) for name in archive.namelist()}
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+        for name, data in members.items():
+            if name != "model.weights.h5":
+                archive.writestr(name, data)
+        with archive.open("model.weights.h5", "w", force_zip64=True) as member:
+            member.write(members["model.weights.h5"])
+            for _ in range(unpacked_mib):
+                member.write(bytes(1 << 20))
+    return path
+
+
+def png_claiming(path, width, height):
+    """A PNG of a few hundred bytes whose header claims width x height pixels (a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(bytes(4096)))
+                     + chunk(b"IEND", b""))
+    return path

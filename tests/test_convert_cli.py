@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import pytest
 
-from helpers import save_npz, write_file
+from helpers import png_claiming, save_npz, write_file, zip_bomb
 
 HERE = Path(__file__).parent
 CONVERT = [str(Path(sys.executable).parent / "convert-model")]
@@ -20,6 +20,13 @@ CONVERT = [str(Path(sys.executable).parent / "convert-model")]
 def run(*args, timeout=600):
     env = dict(os.environ, PYTHONPATH=str(HERE))
     return subprocess.run([*CONVERT, *map(str, args)], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def process_tree(pid):
+    """`pid` and its descendants (Linux /proc)."""
+    children = Path(f"/proc/{pid}/task/{pid}/children")
+    kids = [int(c) for c in children.read_text().split()] if children.exists() else []
+    return [pid] + [p for kid in kids for p in process_tree(kid)]
 
 
 def digest(path):
@@ -154,7 +161,81 @@ BAD_INPUTS = {
     "resume without checkpoints": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data", save_npz(t / "d.npz", x=np.random.default_rng(0).random(
         (24, 12, 12, 3), dtype=np.float32)), "--resume", "--rank", "1"], "no checkpoints in"),
     "resume without training": (lambda t, h5: [h5, t / "out" / "m.tflite", "--resume"], "--resume continues"),
+    "NaN in data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--rank", "1", "--data", save_npz(
+        t / "nan.npz", x=with_value(np.nan))], "nan.npz: 1 non-finite values (NaN or infinity) in 1 of 8 samples"),
+    "infinity in test data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--rank", "1", "--data", save_npz(
+        t / "d.npz", x=with_value(0.5)), "--test-data", save_npz(t / "t.npz", x=with_value(np.inf))],
+        "t.npz: 1 non-finite values"),
+    "mean of the wrong length": (lambda t, h5: [h5, t / "out" / "m.tflite", "--rank", "1", "--data", save_npz(
+        t / "d.npz", x=with_value(0.5)), "--mean", "0.5,0.5"], "--mean has 2 values [0.5, 0.5] but the model's "
+                                                              "input has 3 channels"),
+    "0-d x": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data", save_npz(t / "d.npz", x=np.array(3.0)),
+                             "--max-samples", "4"], "'x' must be a non-empty numeric array"),
+    "string x": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data", save_npz(t / "d.npz", x=np.array("abc")),
+                                "--max-samples", "4"], "got dtype <U3 and shape ()"),
+    "decompression bomb": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data", bomb_folder(t)],
+                           "bomb.png: refused as a possible decompression bomb"),
+    "newline in a path": (lambda t, h5: [t / "no\nsuch.h5", t / "out" / "m.tflite"],
+                          "no\\nsuch.h5: no such file"),
+    "no separation but a rank": (lambda t, h5: [h5, t / "out" / "m.tflite", "--no-separate", "--rank", "1"],
+                                 "--rank choose what to separate; they cannot be combined with --no-separate"),
+    "no separation but include/exclude": (lambda t, h5: [h5, t / "out" / "m.tflite", "--no-separate", "--include",
+                                                         "c*", "--exclude", "c2"], "--include / --exclude choose"),
+    "zip bomb": (lambda t, h5: [zip_bomb(t / "bomb.keras", tiny_model()), t / "out" / "m.tflite"],
+                 "(a possible zip bomb); only for a file you trust, raise the bound with --max-unpacked-mb"),
+    "unpacked bound from the flag": (lambda t, h5: [save_model(t / "wide.keras", keras.Sequential([
+        keras.Input((20, 20, 1)), keras.layers.Flatten(), keras.layers.Dense(800)])), t / "out" / "m.tflite",
+        "--max-unpacked-mb", "1"], "more than the 1,048,576 allowed"),
+    "input of 100000 x 100000": (lambda t, h5: [save_model(t / "huge.keras", tiny_model((100_000, 100_000, 3))),
+                                                t / "out" / "m.tflite"],
+                                 "has 30,000,000,000 values per sample, more than the 33,554,432"),
+    "damaged state.json": (lambda t, h5: [h5, t / "out" / "m.tflite", "--rank", "1", "--epochs", "1", "--data",
+                                          save_npz(t / "d.npz", x=with_value(0.5)), "--resume", "--checkpoint-dir",
+                                          damaged_checkpoint(t / "ck")],
+                           "--resume: the checkpoint in "),
 }
+
+
+def with_value(value, count=8):
+    x = np.random.default_rng(0).random((count, 12, 12, 3)).astype(np.float32)
+    x[count // 2, 3, 4, 1] = value
+    return x
+
+
+def bomb_folder(tmp_path):
+    folder = tmp_path / "images"
+    (folder / "cats").mkdir(parents=True)
+    for i in range(3):
+        write_file(folder / "cats" / f"ok{i}.png", _png_bytes())
+    png_claiming(folder / "cats" / "bomb.png", 100_000, 100_000)
+    return folder
+
+
+def _png_bytes():
+    import io
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("RGB", (12, 12), (10, 20, 30)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def tiny_model(shape=(12, 12, 3)):
+    x_in = keras.Input(shape)
+    x = keras.layers.Conv2D(4, 3, name="c1")(x_in)
+    return keras.Model(x_in, keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x)))
+
+
+def save_model(path, model):
+    model.save(path)
+    return path
+
+
+def damaged_checkpoint(folder):
+    folder.mkdir()
+    (folder / "state.json").write_text('{"key": {"source_sha')  # cut off by a full disk or a kill
+    return folder
 
 
 
@@ -255,7 +336,9 @@ def test_interrupted_fine_tuning_then_resume(tmp_path, trained_demo, how):
         assert "run the same command with --resume to continue" in stderr
     else:
         assert process.returncode == -signal.SIGKILL
-    assert listing(out) == ["d.tflite.checkpoints"], "no artifact, only the checkpoints"
+    locks = [".d.tflite.checkpoints.lock", ".d.tflite.lock"] if how == "killed" else []  # Ctrl-C removes them
+    assert listing(out) == locks + ["d.tflite.checkpoints"], "no artifact, only the checkpoints (and a killed run's " \
+        "unlocked lock files, which the next run takes over)"
     assert [line for line in stderr.splitlines() if "finetune: epoch " in line], stderr[-2000:]
 
     refused = run(*args)
@@ -306,3 +389,163 @@ def test_without_data_the_default_is_conservative_and_says_so(tmp_path, small_h5
                                                  "no fine-tuning, quantize dynamic"), plan
     assert ("hint: without data this conservative separation is checked only by its outputs' similarity on synthetic "
             "inputs - pass --data") in plan
+
+
+def test_trusted_lambda_model_is_separated(tmp_path):
+    """--unsafe-allow-lambda lets separation, fine-tuning and the .keras check rebuild the Lambda layer too."""
+    x_in = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(16, 3, activation="relu", name="c1")(x_in)
+    x = keras.layers.Lambda(lambda t: t * 2.0, name="double")(x)
+    x = keras.layers.Conv2D(16, 3, strides=2, name="c2")(x)
+    source = save_model(tmp_path / "lambda.keras", keras.Model(x_in, keras.layers.Dense(
+        5, activation="softmax")(keras.layers.Flatten()(x))))
+    source_digest[str(source)] = digest(source)
+    out = tmp_path / "out"
+    out.mkdir()
+    refused = run(source, out / "m.tflite", "--rank", "1")
+    assert_clean_failure(refused, source, out, [], "Lambda layer(s) ['double'] hold Python bytecode")
+    done = run(source, out / "m.tflite", out / "m.keras", "--rank", "1", "--unsafe-allow-lambda", "--data",
+               save_npz(tmp_path / "d.npz", x=with_value(0.5, count=16)), "--epochs", "1", "--quantize", "none")
+    assert done.returncode == 0, done.stderr[-3000:]
+    for name in ("m.tflite", "m.keras"):
+        manifest = json.loads((out / f"{name}.json").read_text())
+        assert manifest["separation"]["totals"]["separated"] == 2 and manifest["verification"]["passed"], name
+    assert json.loads((out / "m.keras.json").read_text())["recovery"]["finetune"]["epochs_run"] == 1
+
+
+def test_a_run_that_separates_nothing_says_so(tmp_path):
+    x_in = keras.Input((12, 12, 3))
+    x = keras.layers.Conv2D(4, 1, name="pointwise")(x_in)
+    source = save_model(tmp_path / "pointwise.keras", keras.Model(x_in, keras.layers.Dense(2, activation="softmax")(
+        keras.layers.GlobalAveragePooling2D()(x))))
+    out = tmp_path / "out"
+    out.mkdir()
+    done = run(source, out / "m.tflite", "--quiet", "--json")
+    assert done.returncode == 0, done.stderr[-3000:]
+    warning = "warning: nothing was separated (pointwise: "
+    assert [line for line in done.stderr.splitlines() if warning in line], "shown even with --quiet: " + done.stderr
+    warnings = json.loads(done.stdout)["warnings"]
+    assert len(warnings) == 1 and warnings[0].startswith("nothing was separated (pointwise: ") and \
+        "--no-separate to say so" in warnings[0], warnings
+    assert listing(out) == ["m.tflite", "m.tflite.json"]
+
+
+def test_a_second_run_on_the_same_output_fails_while_the_first_runs(tmp_path, small_h5):
+    """The first run is paused (SIGSTOP) while it holds its lock; the second, even with --overwrite, must fail in
+    one line and write nothing; the first then finishes and leaves no lock file."""
+    import signal
+    import time
+
+    source_digest[str(small_h5)] = digest(small_h5)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [small_h5, out / "m.tflite", "--rank", "1", "--overwrite"]
+    env = dict(os.environ, PYTHONPATH=str(HERE))
+    first = subprocess.Popen([*CONVERT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                             env=env)
+    lock = out / ".m.tflite.lock"
+    deadline = time.time() + 300
+    while time.time() < deadline and first.poll() is None and not lock.exists():
+        time.sleep(0.02)
+    paused = process_tree(first.pid)  # convert-model and its worker (convert/supervise.py)
+    for pid in paused:
+        os.kill(pid, signal.SIGSTOP)
+    try:
+        assert lock.exists(), "the first run must hold a lock on its output while it works"
+        during = listing(out)
+        second = run(*args)
+        assert_clean_failure(second, small_h5, out, during, f"another convert-model run is writing {out / 'm.tflite'}")
+    finally:
+        for pid in paused:
+            os.kill(pid, signal.SIGCONT)
+    _, stderr = first.communicate(timeout=300)
+    assert first.returncode == 0, stderr[-3000:]
+    assert listing(out) == ["m.tflite", "m.tflite.json"], "the lock file goes with the run"
+
+
+def test_a_checkpoint_folder_in_use_is_refused(tmp_path, small_h5):
+    """Another process holds the checkpoint folder's lock (as a run fine-tuning into it does): a run with another
+    output but the same --checkpoint-dir must fail in one line and write nothing."""
+    source_digest[str(small_h5)] = digest(small_h5)
+    out, shared = tmp_path / "out", tmp_path / "shared.checkpoints"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
+                               "from sepconv.convert.pipeline import _locked\n"
+                               f"with _locked([Path({str(shared)!r})]):\n    print('held', flush=True); sys.stdin.read()"],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        done = run(small_h5, out / "m.tflite", "--data", save_npz(tmp_path / "d.npz", x=with_value(0.5)), "--rank",
+                   "1", "--epochs", "1", "--checkpoint-dir", shared)
+        assert_clean_failure(done, small_h5, out, [], f"another convert-model run is writing {shared}")
+        assert not shared.exists()
+    finally:
+        holder.communicate("", timeout=60)
+    assert holder.returncode == 0 and listing(tmp_path).count(".shared.checkpoints.lock") == 0
+
+
+@pytest.fixture()
+def tiny_disk(tmp_path):
+    """tiny_disk(name, kib): a folder of tmp_path that is a tmpfs of that size (root only), unmounted afterwards."""
+    mounted = []
+
+    def mount(name, kib):
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here (root and mount rights needed): {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)
+
+
+@pytest.mark.parametrize("name", ["m.tflite", "m.onnx", "m.keras"])
+def test_disk_full_while_exporting(tmp_path, small_h5, tiny_disk, name):
+    source_digest[str(small_h5)] = digest(small_h5)
+    disk = tiny_disk("disk", 4)  # one page: the lock file fits, no artifact does
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(HERE), TMPDIR=str(temp))
+    done = subprocess.run([*CONVERT, str(small_h5), str(disk / name), "--rank", "1"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert_clean_failure(done, small_h5, disk, [], f"No space left on device while writing {disk / name}: free space "
+                                                   f"or choose another folder")
+    assert not [p for p in listing(temp) if p.startswith(("tmp", "sepconv"))], "no temporary folder may leak"
+
+
+def test_disk_full_while_writing_the_manifest(tmp_path, small_h5, tiny_disk):
+    """A disk with room for the artifact (measured by a first run elsewhere) but not for its manifest."""
+    source_digest[str(small_h5)] = digest(small_h5)
+    reference = tmp_path / "reference"
+    reference.mkdir()
+    assert run(small_h5, reference / "m.tflite", "--rank", "1", "--quiet").returncode == 0
+    pages = -(-(reference / "m.tflite").stat().st_size // 4096)
+    disk = tiny_disk("disk", 4 * pages)
+    done = run(small_h5, disk / "m.tflite", "--rank", "1")
+    assert_clean_failure(done, small_h5, disk, [], f"No space left on device while writing the manifest of "
+                                                   f"{disk / 'm.tflite'}: free space or choose another folder")
+
+
+def test_disk_full_while_checkpointing_then_resume(tmp_path, small_h5, tiny_disk):
+    """No checkpoint is started that the disk cannot hold (HDF5 crashes the process when a disk fills under it);
+    once there is space, --resume works from what was left."""
+    disk = tiny_disk("disk", 24)
+    out = tmp_path / "out"
+    out.mkdir()
+    args = [small_h5, out / "m.tflite", "--data", save_npz(tmp_path / "d.npz", x=with_value(0.5, count=32)), "--rank",
+            "1", "--epochs", "2", "--quantize", "none", "--checkpoint-dir", disk / "checkpoints"]
+    done = run(*args)
+    source_digest[str(small_h5)] = digest(small_h5)
+    assert_clean_failure(done, small_h5, out, [], f"No space left on device for a fine-tuning checkpoint in "
+                                                  f"{disk / 'checkpoints' / 'fit'}")
+    left = sorted(str(p.relative_to(disk)) for p in disk.rglob("*"))
+    assert left == ["checkpoints", "checkpoints/state.json"], f"nothing half-written: {left}"
+    subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+    resumed = run(*args, "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert listing(out) == ["m.tflite", "m.tflite.json"] and not (disk / "checkpoints").exists()

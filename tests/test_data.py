@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from helpers import png_claiming
+
 from sepconv.convert.data import DataOptions, check_labels, load_data, split
 from sepconv.convert.errors import DataError, InvalidOptionError
 
@@ -100,6 +102,54 @@ def test_labels_checked_and_split(tmp_path):
     assert again.y.tolist() == train.y.tolist(), "the same seed gives the same split"
     train, heldout = split(data, heldout=0.999)
     assert len(train) == 1 and len(heldout) == 9, "at least one sample on each side"
+
+
+@pytest.mark.parametrize("side", [100_000, 9_000], ids=["beyond PIL's limit", "beyond sepconv's limit"])
+def test_decompression_bomb_png_is_refused_before_decoding(tmp_path, side):
+    write_images(tmp_path / "cat", 2, (255, 0, 0))
+    png_claiming(tmp_path / "cat" / "bomb.png", side, side)
+    with pytest.raises(DataError, match=r"bomb\.png: .*decompression bomb") as caught:
+        load_data(tmp_path, SHAPE)
+    assert "\n" not in str(caught.value)
+
+
+@pytest.mark.parametrize("values, what", [
+    (np.array([np.nan]), "NaN"), (np.array([np.inf, -np.inf]), "infinity"),
+    (np.array([1e39]), "float64 beyond float32"),
+])
+def test_non_finite_inputs_are_refused_and_counted(tmp_path, values, what):
+    x = np.random.default_rng(0).random((6, 16, 16, 3))
+    x[2, 0, 0, : len(values)] = values
+    x[4, 1, 1, 0] = values[0]
+    np.savez(tmp_path / "d.npz", x=x)
+    with pytest.raises(DataError, match=rf"d\.npz: {len(values) + 1} non-finite values \(NaN or infinity\) in 2 of 6 "
+                                        rf"samples"):
+        load_data(tmp_path / "d.npz", SHAPE)
+
+
+def test_non_finite_after_normalisation_is_refused(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.full((2, 16, 16, 3), 3e38, np.float32))
+    with pytest.raises(DataError, match="1,536 non-finite values"):
+        load_data(tmp_path / "d.npz", SHAPE, DataOptions(std=(1e-3,)))
+
+
+def test_mean_std_must_match_the_channels(tmp_path):
+    np.savez(tmp_path / "d.npz", x=np.zeros((2, 16, 16, 3), np.uint8))
+    with pytest.raises(InvalidOptionError, match=r"--mean has 2 values \[0.5, 0.5\] but the model's input has 3 "
+                                                 r"channels"):
+        load_data(tmp_path / "d.npz", SHAPE, DataOptions(mean=(0.5, 0.5)))
+    with pytest.raises(InvalidOptionError, match="--std has 4 values"):
+        load_data(tmp_path / "d.npz", SHAPE, DataOptions(std=(1.0, 1.0, 1.0, 1.0)))
+    one = load_data(tmp_path / "d.npz", SHAPE, DataOptions(mean=(0.5,), std=(0.5,)))
+    np.testing.assert_allclose(one.x, -1.0, err_msg="one value applies to every channel")
+
+
+@pytest.mark.parametrize("x", [np.array(5.0), np.array("abc"), np.array(["a", "b"])], ids=["0-d", "0-d string",
+                                                                                         "strings"])
+def test_x_of_the_wrong_kind_with_max_samples(tmp_path, x):
+    np.savez(tmp_path / "d.npz", x=x)
+    with pytest.raises(DataError, match="'x' must be a non-empty numeric array of images"):
+        load_data(tmp_path / "d.npz", SHAPE, DataOptions(max_samples=2))
 
 
 def test_bad_options():

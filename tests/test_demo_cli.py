@@ -62,3 +62,12 @@ def test_demo_with_corrupt_cached_model(tmp_path):
     assert done.stderr.strip().count("\n") == 0, done.stderr
     assert "sepconv-demo: error:" in done.stderr and "damaged or truncated" in done.stderr
     assert (tmp_path / "digits_tutorial.h5").read_bytes() == b"garbage", "the input file must be left untouched"
+
+
+@pytest.mark.parametrize("seed", ["-1", "4294967296", "x"])
+def test_bad_seed_is_one_line(tmp_path, seed):
+    done = run("--out", str(tmp_path), "--seed", seed)
+    assert done.returncode == 2 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.strip() == (f"sepconv-demo: error: argument --seed: invalid seed {seed!r}: use a whole number "
+                                   f"in [0, 2**32) (see sepconv-demo --help)"), done.stderr
+    assert list(tmp_path.iterdir()) == []

@@ -7,7 +7,7 @@ from pathlib import Path
 import keras
 import numpy as np
 import pytest
-from helpers import assert_same_outputs
+from helpers import assert_same_outputs, zip_bomb
 
 from sepconv.convert import load, parse_custom_objects, separate
 from sepconv.convert import errors
@@ -232,3 +232,24 @@ def test_errors_are_one_line(tmp_path):
     with pytest.raises(errors.SepconvError) as caught:
         load(path)
     assert "\n" not in str(caught.value)
+
+
+
+def test_zip_bomb_refused_before_keras_opens_it(tmp_path):
+    path = zip_bomb(tmp_path / "bomb.keras", small_model())
+    assert path.stat().st_size < 1 << 20
+    with pytest.raises(errors.ModelTooLargeError, match=r"declares 33\d,\d{3},\d{3} bytes unpacked from .* more than "
+                                                        r"the 268,435,456 allowed \(a possible zip bomb\)"):
+        load(path)
+
+
+def test_unpacked_bound_can_be_set(tmp_path):
+    path = tmp_path / "m.keras"
+    small_model().save(path)
+    with pytest.raises(errors.ModelTooLargeError, match="more than the 1,000 allowed"):
+        load(path, max_unpacked_bytes=1000)
+    h5 = tmp_path / "m.h5"
+    small_model().save(h5)
+    with pytest.raises(errors.ModelTooLargeError, match="more than the 100 allowed"):
+        load(h5, max_unpacked_bytes=100)
+    assert load(path, max_unpacked_bytes=10 ** 6).count_params() == small_model().count_params()

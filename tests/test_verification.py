@@ -45,3 +45,17 @@ def test_failure_is_raised_with_reasons():
 def test_bad_tolerance():
     with pytest.raises(InvalidOptionError, match="min_agreement=1.5"):
         Tolerance(min_agreement=1.5)
+
+
+@pytest.mark.parametrize("quantized", [False, True], ids=["float", "quantized"])
+def test_non_finite_outputs_never_pass(quantized):
+    """A model whose outputs are NaN agrees with itself on argmax; verification must fail it all the same."""
+    nan = np.full_like(LOGITS, np.nan)
+    both = _check("out", nan, nan, np.argmax(LOGITS, 1), quantized, Tolerance())
+    assert not both.passed and "the artifact outputs 2,000 non-finite values" in both.criterion, both.criterion
+    assert "the Keras model outputs 2,000 non-finite values" in both.criterion
+    inf = LOGITS.copy()
+    inf[3, 4] = np.inf
+    artifact_only = _check("out", LOGITS, inf, None, quantized, Tolerance(min_agreement=0.5))
+    assert not artifact_only.passed and artifact_only.criterion == ("the artifact outputs 1 non-finite values (NaN or "
+                                                                    "infinity) of 2,000")
