@@ -308,6 +308,9 @@ def _finetune(context: Context):
         reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
         raise CheckpointError(f"--resume: the checkpoint in {folder} cannot be loaded ({reason}); it was cut off "
                               f"when the run was killed: delete the folder to start over") from None
+    from sepconv.convert.finetuning import _require_space
+
+    _require_space(folder, context.model)  # HDF5 does not recover from a disk filling under it
     partial = weights.with_name(weights.name + ".partial.weights.h5")
     context.model.save_weights(partial)
     partial.replace(weights)
@@ -420,7 +423,14 @@ def _save_state(folder: Path | None, state: dict, **updates) -> None:
     if folder is None:
         return
     state.update(updates)
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     partial = folder / (STATE + ".partial")
-    partial.write_text(json.dumps(state, indent=2, default=str))
-    partial.replace(folder / STATE)
+    try:
+        partial.write_text(json.dumps(state, indent=2, default=str))
+        partial.replace(folder / STATE)
+    except OSError:  # e.g. a full disk: leave no half state, and no folder that would ask for a --resume
+        partial.unlink(missing_ok=True)
+        if created:
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
