@@ -11,7 +11,8 @@ validation data is a part of train.npz). Peak memory is the run's maximum reside
 this process never imports TensorFlow (the zoo is trained in a child), since Linux passes a parent's peak on to the
 children it starts.
 
-usage: scripts/bench-zoo [--models a,b] [--modes default,nodata] [--out build/zoo]   (writes OUT/bench-zoo.json)
+usage: scripts/bench-zoo [--models a,b] [--modes default,nodata] [--out build/zoo]   (OUT/bench-zoo.json, rewritten
+after every run, keeps the rows of earlier invocations for the models and modes not run again)
 """
 
 import argparse
@@ -45,10 +46,11 @@ def main(argv=None) -> int:
             rows.append(run(entry, mode, args.out / name / "runs"))
             previous[(name, mode)] = rows[-1]
             print(f"  {mode}: {summary(rows[-1])}", flush=True)
-    merged = sorted(previous.values(), key=lambda r: (list(zoo.ZOO).index(r["model"]), MODES.index(r["mode"])))
-    report.write_text(json.dumps({"cpu": cpu(), "rows": merged}, indent=2))
+            merged = sorted(previous.values(), key=lambda r: (list(zoo.ZOO).index(r["model"]),
+                                                              MODES.index(r["mode"])))
+            report.write_text(json.dumps({"cpu": cpu(), "rows": merged}, indent=2))  # after every run
     print(f"\n{cpu()}\n")
-    print(table(merged))
+    print(table(sorted(previous.values(), key=lambda r: (list(zoo.ZOO).index(r["model"]), MODES.index(r["mode"])))))
     return 0
 
 
