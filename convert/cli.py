@@ -459,7 +459,7 @@ def demo_main(argv=None) -> int:
 
 MAINS = {"convert-model": convert_main, "sepconv-demo": demo_main}
 
-if __name__ == "__main__":  # python -m sepconv.convert.cli PROG ARGS... (how supervise.py starts the worker)
-    if len(sys.argv) < 2 or sys.argv[1] not in MAINS:
-        sys.exit(f"usage: python -m sepconv.convert.cli {{{','.join(MAINS)}}} ARGS...")
-    sys.exit(MAINS[sys.argv[1]](sys.argv[2:]))
+if __name__ == "__main__":  # python -m sepconv.convert.cli [PROG] ARGS... (supervise.py names PROG; default: the demo)
+    if len(sys.argv) > 1 and sys.argv[1] in MAINS:
+        sys.exit(MAINS[sys.argv[1]](sys.argv[2:]))
+    sys.exit(demo_main(sys.argv[1:]))

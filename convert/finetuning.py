@@ -221,7 +221,7 @@ def _require_space(folder: Path, model) -> None:
     """Refuse a checkpoint the disk cannot hold before HDF5 starts writing it: HDF5 does not recover from a full
     disk in the middle of a file (a stream of errors, then a crash at exit). The estimate is generous (twice the
     model's and optimizer's variables, plus 1 MiB); a disk filled by someone else during the write is not covered."""
-    variables = list(model.variables) + list(getattr(model.optimizer, "variables", []) or [])
+    variables = list(model.variables) + list(getattr(getattr(model, "optimizer", None), "variables", []) or [])
     need = 2 * sum(int(np.prod(v.shape)) * np.dtype(v.dtype).itemsize for v in variables) + (1 << 20)
     existing = next(p for p in (folder, *folder.parents) if p.exists())
     free = shutil.disk_usage(existing).free

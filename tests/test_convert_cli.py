@@ -162,7 +162,7 @@ BAD_INPUTS = {
         (24, 12, 12, 3), dtype=np.float32)), "--resume", "--rank", "1"], "no checkpoints in"),
     "resume without training": (lambda t, h5: [h5, t / "out" / "m.tflite", "--resume"], "--resume continues"),
     "NaN in data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--rank", "1", "--data", save_npz(
-        t / "nan.npz", x=with_value(np.nan))], "nan.npz: 1 non-finite values (NaN or infinity) in 1 of 8 samples"),
+        t / "nan.npz", x=with_value(np.nan))], "nan.npz: 1 non-finite values (NaN or infinity) in 1 of 24 samples"),
     "infinity in test data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--rank", "1", "--data", save_npz(
         t / "d.npz", x=with_value(0.5)), "--test-data", save_npz(t / "t.npz", x=with_value(np.inf))],
         "t.npz: 1 non-finite values"),
@@ -196,7 +196,7 @@ BAD_INPUTS = {
 }
 
 
-def with_value(value, count=8):
+def with_value(value, count=24):
     x = np.random.default_rng(0).random((count, 12, 12, 3)).astype(np.float32)
     x[count // 2, 3, 4, 1] = value
     return x
@@ -405,7 +405,7 @@ def test_trusted_lambda_model_is_separated(tmp_path):
     refused = run(source, out / "m.tflite", "--rank", "1")
     assert_clean_failure(refused, source, out, [], "Lambda layer(s) ['double'] hold Python bytecode")
     done = run(source, out / "m.tflite", out / "m.keras", "--rank", "1", "--unsafe-allow-lambda", "--data",
-               save_npz(tmp_path / "d.npz", x=with_value(0.5, count=16)), "--epochs", "1", "--quantize", "none")
+               save_npz(tmp_path / "d.npz", x=with_value(0.5, count=24)), "--epochs", "1", "--quantize", "none")
     assert done.returncode == 0, done.stderr[-3000:]
     for name in ("m.tflite", "m.keras"):
         manifest = json.loads((out / f"{name}.json").read_text())
