@@ -178,16 +178,14 @@ def _data_free_guard(original, separated, report, separation, x, say):
     their direction (MIN_SYNTHETIC_COSINE); else retried keeping more of each kernel (GUARD_ENERGIES)."""
     from sepconv.convert.policy import DEFAULT_ENERGY
     from sepconv.convert.separation import separate_with
-    from sepconv.convert.verification import predict_keras
+    from sepconv.convert.verification import mean_cosine, predict_keras
 
-    reference = predict_keras(original, x)[0].reshape(len(x), -1)
+    reference = predict_keras(original, x)[0].astype(np.float64)
     tried = []
     for energy in (DEFAULT_ENERGY,) + GUARD_ENERGIES:
         if energy != DEFAULT_ENERGY:
             separated, report = separate_with(original, replace(separation, energy=energy))
-        outputs = predict_keras(separated, x)[0].reshape(len(x), -1)
-        norms = np.linalg.norm(outputs, axis=1) * np.linalg.norm(reference, axis=1)
-        cosine = float(np.mean(np.sum(outputs * reference, axis=1) / np.maximum(norms, 1e-30)))
+        cosine = mean_cosine(reference, predict_keras(separated, x)[0].astype(np.float64))
         tried.append({"energy": energy, "cosine": round(cosine, 6), "separated": len(report.separated)})
         if cosine >= MIN_SYNTHETIC_COSINE or not report.separated:
             break

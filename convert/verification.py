@@ -148,15 +148,20 @@ def _accuracy(output: np.ndarray, y) -> float | None:
     return float(np.mean(np.argmax(output, axis=1) == y))
 
 
+def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The mean over samples of the cosine similarity of two outputs' rows (each sample flattened)."""
+    a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    return float(np.mean(np.sum(a * b, axis=1) / np.maximum(norms, 1e-30)))
+
+
 def _check(name, expected, actual, y, quantized: bool, tolerance: Tolerance, synthetic: bool = False) -> OutputCheck:
     expected = expected.astype(np.float64)
     actual = actual.astype(np.float64).reshape(expected.shape)
     diff = np.abs(actual - expected)
     scale = max(float(np.max(np.abs(expected))), 1e-30)
     relative = float(np.max(diff)) / scale
-    flat_e, flat_a = expected.reshape(len(expected), -1), actual.reshape(len(actual), -1)
-    norms = np.linalg.norm(flat_e, axis=1) * np.linalg.norm(flat_a, axis=1)
-    cosine = float(np.mean(np.sum(flat_e * flat_a, axis=1) / np.maximum(norms, 1e-30)))
+    cosine = mean_cosine(expected, actual)
     classifier = _is_classifier(expected)
     agreement = _agreement(expected, actual) if classifier else None
     non_finite = _non_finite(expected, actual)
