@@ -245,7 +245,7 @@ def resolve_scale(model, options: DataOptions) -> tuple[DataOptions, str]:
     if layer is not None:
         return replace(options, scale="raw"), (f"scale auto -> raw: the model rescales its input itself in layer "
                                                 f"{layer!r}, so pixels are fed as 0..255")
-    return replace(options, scale="unit"), "scale auto -> unit: 0..255 pixels become [0, 1]"
+    return replace(options, scale="unit"), "scale auto -> unit: integer 0..255 pixels become [0, 1]"
 
 
 def _input_rescaling(model) -> str | None:
