@@ -217,8 +217,10 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
                                 heldout, data_info, options, source, report, recovery, timer, say)
     except SepconvError as error:
         if recovery and recovery.finetune and not isinstance(error, BudgetError):
-            raise type(error)(f"{error} (the fine-tuned weights are kept in {recovery_options.checkpoint_dir}: "
-                              f"add --resume to reuse them)") from error
+            kept = type(error)(f"{error} (the fine-tuned weights are kept in {recovery_options.checkpoint_dir}: "
+                               f"add --resume to reuse them)")
+            kept.details = getattr(error, "details", None)
+            raise kept from error
         raise
     from sepconv.convert.recovery import remove_checkpoints
 
@@ -241,8 +243,12 @@ def _export_all(exported, original, targets, quantize, calibration, heldout, dat
                                      source, report, recovery, say))
         failed = [s for s in staged if not s["verification"].passed]
         if failed:
-            raise VerificationError("; ".join(_failure_line(s) for s in failed) + " - nothing was written; try "
-                                    "another --quantize mode, more representative --data, or a lower --min-agreement")
+            error = VerificationError("; ".join(_failure_line(s) for s in failed) + " - nothing was written; try "
+                                      "another --quantize mode, more representative --data, or a lower "
+                                      "--min-agreement")
+            error.details = {"quantization": {str(s["target"]): s["quantization"].to_dict() for s in failed
+                                              if s.get("quantization") is not None}}
+            raise error
         return tuple(_commit(s) for s in staged)
     finally:
         for item in staged:

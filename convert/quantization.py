@@ -29,6 +29,7 @@ from sepconv.convert.errors import InvalidOptionError
 
 RELATIVE_ERROR_ALARM = 0.25  # an op whose output error is a quarter of its signal's spread is where trouble starts
 ONNX_CALIBRATIONS = ("minmax", "percentile", "entropy")
+DIAGNOSIS_SAMPLES = 100  # calibration images the debuggers run (the artifact is calibrated on all of them)
 
 
 @dataclass(frozen=True)
@@ -286,7 +287,7 @@ def _tflite_debugger(model, setting: Setting, io_type: str, keep=None, **debug_o
 
     from sepconv.deploy.quiet import captured_output
 
-    samples = np.asarray(setting.samples, np.float32)
+    samples = np.asarray(setting.samples[:DIAGNOSIS_SAMPLES], np.float32)
     compare = {"float_std": lambda f, q, s, z: float(np.std(f)), "float_min": lambda f, q, s, z: float(np.min(f)),
                "float_max": lambda f, q, s, z: float(np.max(f))}
     if keep is not None:
@@ -333,7 +334,8 @@ def diagnose_tflite(model, setting: Setting, io_type: str = "float32") -> Diagno
                                rmse_over_scale=rmse / scale if scale else None, relative_error=rmse / spread,
                                min=low, max=high, scale=scale,
                                channel_relative_error=channel_errors[index] if low is not None else None))
-    return Diagnosis("tflite", "tf.lite.experimental.QuantizationDebugger", len(setting.samples), tuple(rows))
+    return Diagnosis("tflite", "tf.lite.experimental.QuantizationDebugger",
+                     min(len(setting.samples), DIAGNOSIS_SAMPLES), tuple(rows))
 
 
 # --- ONNX: qdq_loss_debug ----------------------------------------------------------------------------------------
@@ -368,8 +370,8 @@ def diagnose_onnx(float_model: bytes, setting: Setting, input_name: str, layout:
     from sepconv.convert.onnx_export import reader
     from sepconv.deploy.quiet import captured_output
 
-    samples = _nchw(setting.samples, layout)
-    qdq = onnx_int8(float_model, replace(setting, samples=setting.samples), input_name, layout)
+    samples = _nchw(setting.samples[:DIAGNOSIS_SAMPLES], layout)
+    qdq = onnx_int8(float_model, setting, input_name, layout)
     with tempfile.TemporaryDirectory(prefix="sepconv-qdq-debug-") as tmp, captured_output():
         paths = {name: Path(tmp) / f"{name}.onnx" for name in ("float", "qdq", "float_aug", "qdq_aug")}
         paths["float"].write_bytes(float_model)

@@ -90,7 +90,6 @@ def test_options_are_validated():
         q.QuantizationOptions(max_float_layers=-1)
 
 
-@pytest.mark.slow
 def test_convert_model_repairs_and_records_float_layers(tmp_path, masked):
     """The pipeline: int8 repaired, the manifest names the float layer; with --no-repair, one line with the
     diagnosis and nothing written."""
@@ -107,6 +106,8 @@ def test_convert_model_repairs_and_records_float_layers(tmp_path, masked):
                       options=ConvertOptions(**common, quantization=q.QuantizationOptions(repair=False)))
     assert "\n" not in str(failed.value)
     assert not list(tmp_path.glob("bad*"))
+    table = failed.value.details["quantization"][str(tmp_path / "bad.tflite")]["diagnosis"]["layers"]
+    assert any(row["op"] == "FULLY_CONNECTED" and row["channel_relative_error"] > 0.25 for row in table), table
     result = convert_model(tmp_path / "m.keras", [tmp_path / "ok.tflite"], options=ConvertOptions(**common))
     manifest = json.loads((tmp_path / "ok.tflite.json").read_text())
     assert manifest["quantization"]["passed"]
