@@ -55,6 +55,10 @@ def test_int8_that_fails_as_requested_is_repaired_with_one_float_layer(masked, f
     assert kept.op in ("FULLY_CONNECTED", "Gemm", "MatMul"), kept
     assert "relative int8 error" in kept.reason
     assert len(artifact) == chosen.bytes
+    # its cost: against the all-int8 attempt with the same calibration (negative on a model this small: the float
+    # Dense's weights are fewer bytes than the quantize/dequantize ops and parameters it no longer needs)
+    reference = next(a for a in report.attempts if not a.float_layers and a.calibration == chosen.calibration)
+    assert kept.bytes == chosen.bytes - reference.bytes, (kept, reference)
 
 
 def test_tflite_diagnosis_names_the_masked_logits_and_their_range(masked):
@@ -113,3 +117,28 @@ def test_convert_model_repairs_and_records_float_layers(tmp_path, masked):
     assert manifest["quantization"]["passed"]
     assert len(manifest["quantization"]["float_layers"]) == 1
     assert result.artifacts[0].verification["passed"]
+
+
+def test_explain_diagnoses_an_artifact_that_passes(masked):
+    _, calibration = masked
+    keras.utils.set_random_seed(1)
+    image = keras.Input((8, 8, 1), name="image")
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, activation="relu", name="conv")(image))
+    model = keras.Model(image, keras.layers.Dense(10, name="logits")(x))
+    plain = q.quantize_verified(model, "tflite", calibration, tolerance=Tolerance(min_agreement=0.9))[1]
+    assert plain.passed and plain.diagnosis is None and len(plain.attempts) == 1
+    explained = q.quantize_verified(model, "tflite", calibration, tolerance=Tolerance(min_agreement=0.9),
+                                    options=q.QuantizationOptions(explain=True))[1]
+    assert explained.passed and len(explained.attempts) == 1 and explained.float_layers == ()
+    assert {row.op for row in explained.diagnosis.layers} >= {"CONV_2D", "FULLY_CONNECTED"}
+    assert explained.to_dict()["diagnosis"]["samples"] == min(len(calibration.samples), q.DIAGNOSIS_SAMPLES)
+
+
+def test_cli_flags_map_onto_quantization_options():
+    from sepconv.convert.cli import convert_options, convert_parser
+
+    args = convert_parser().parse_args(["m.h5", "m.tflite", "--explain-quantization", "--no-repair",
+                                        "--max-float-layers", "1"])
+    assert convert_options(args).quantization == q.QuantizationOptions(repair=False, explain=True,
+                                                                        max_float_layers=1)
+    assert convert_options(convert_parser().parse_args(["m.h5", "m.tflite"])).quantization == q.QuantizationOptions()
