@@ -151,7 +151,8 @@ class QuantizationReport:
 
     def line(self) -> str:
         tried = "; ".join(f"{a.name}: {_agreement_text(a)}" for a in self.attempts)
-        return f"int8 attempts ({tried})"
+        kept = "; ".join(f"{f.layer} ({f.op}, {f.reason}, {f.bytes:+,} bytes)" for f in self.float_layers)
+        return f"int8 attempts ({tried})" + (f"; kept in float: {kept}" if kept else "")
 
 
 def _agreement_text(attempt: Attempt) -> str:
@@ -228,7 +229,7 @@ def _calibration_settings(fmt: str, calibration: Calibration, per_channel: bool,
     yield Setting(f"calibration on {text}" + ("" if per_channel else ", per-channel"), samples, text, True)
     if fmt == "onnx":
         for method in ONNX_CALIBRATIONS[1:]:
-            yield Setting(f"{method} calibration on {text}", samples, text, True, method)
+            yield Setting(f"{method} calibration on {text}", samples, f"{text}, {method}", True, method)
 
 
 def _score(attempt: Attempt) -> float:

@@ -53,7 +53,7 @@ def test_int8_that_fails_as_requested_is_repaired_with_one_float_layer(masked, f
     assert [a.float_layers for a in report.attempts[:2]] == [(), ()], report.line()
     [kept] = report.float_layers
     assert kept.op in ("FULLY_CONNECTED", "Gemm", "MatMul"), kept
-    assert "relative int8 error" in kept.reason
+    assert "relative int8 error" in kept.reason and f"kept in float: {kept.layer}" in report.line()
     assert len(artifact) == chosen.bytes
     # its cost: against the all-int8 attempt with the same calibration (negative on a model this small: the float
     # Dense's weights are fewer bytes than the quantize/dequantize ops and parameters it no longer needs)
