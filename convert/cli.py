@@ -180,6 +180,14 @@ def convert_parser() -> argparse.ArgumentParser:
     group.add_argument("--opset", type=int, default=17, help="ONNX opset, 13..18 (default: %(default)s)")
     group.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc", help="ONNX input layout "
                        "(default: %(default)s, as in Keras)")
+    group.add_argument("--explain-quantization", action="store_true",
+                       help="int8: report each layer's quantization error, output range and scale on the calibration "
+                            "images (in the manifest and --json), even when the artifact verifies")
+    group.add_argument("--repair", action=argparse.BooleanOptionalAction, default=True,
+                       help="int8 that disagrees with the Keras model: try better calibration, then keep the worst "
+                            "layers in float (default: on)")
+    group.add_argument("--max-float-layers", type=_count, default=2, metavar="N",
+                       help="int8 repair keeps at most N layers in float (default: %(default)s)")
     group = parser.add_argument_group("verification and output")
     group.add_argument("--min-agreement", type=_fraction, default=0.98,
                        help="top-1 agreement a quantized artifact must reach (default: %(default)s)")
@@ -206,6 +214,7 @@ def convert_options(args):
     from sepconv.convert.loading import parse_custom_objects
     from sepconv.convert.pipeline import ConvertOptions
     from sepconv.convert.policy import SeparationOptions
+    from sepconv.convert.quantization import QuantizationOptions
     from sepconv.convert.verification import Tolerance
 
     return ConvertOptions(
@@ -234,6 +243,8 @@ def convert_options(args):
         opset=args.opset,
         layout=args.layout,
         tolerance=Tolerance(min_agreement=args.min_agreement),
+        quantization=QuantizationOptions(repair=args.repair, explain=args.explain_quantization,
+                                         max_float_layers=args.max_float_layers),
         overwrite=args.overwrite,
         safe_mode=not args.unsafe_allow_lambda,
         custom_objects=parse_custom_objects(args.custom_objects) or None,

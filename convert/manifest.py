@@ -29,7 +29,7 @@ def library_versions() -> dict[str, str | None]:
 def build_manifest(artifact: Path, *, final_path: Path, fmt: str, quantize: str, source: dict, runtime=None,
                    layout: str = "nhwc", separation=None, recovery=None, verification=None,
                    options: dict | None = None, preprocessing: dict | None = None,
-                   quantize_fallback: dict | None = None) -> dict:
+                   quantize_fallback: dict | None = None, quantization=None) -> dict:
     """`artifact` is the file as written (maybe still a temporary); `final_path` the name it will have."""
     manifest = {
         "manifest_version": MANIFEST_VERSION,
@@ -53,6 +53,7 @@ def build_manifest(artifact: Path, *, final_path: Path, fmt: str, quantize: str,
         "separation": separation,
         "recovery": recovery,
         "verification": verification.to_dict() if verification is not None else None,
+        "quantization": quantization.to_dict() if quantization is not None else None,
     }
     return manifest
 

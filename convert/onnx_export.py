@@ -146,9 +146,7 @@ def _refuse_untranslated(proto, model, options: OnnxOptions) -> None:
 
 
 def _quantize(source: Path, target: Path, options: OnnxOptions, representative_data, model) -> None:
-    from onnxruntime.quantization import (CalibrationDataReader, QuantFormat, QuantType, quantize_dynamic,
-                                          quantize_static)
-    from onnxruntime.quantization.shape_inference import quant_pre_process
+    from onnxruntime.quantization import QuantType, quantize_dynamic
 
     try:
         with captured_output():
@@ -156,27 +154,50 @@ def _quantize(source: Path, target: Path, options: OnnxOptions, representative_d
                 quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8,
                                  per_channel=options.per_channel)
                 return
-            prepared = source.with_name("prepared.onnx")
-            quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
             samples = np.asarray(representative_data, dtype=np.float32)
             if options.layout == "nchw":
                 samples = np.transpose(samples, (0, 3, 1, 2))
-            name = input_names(model)[0]
-
-            class Reader(CalibrationDataReader):
-                def __init__(self):
-                    self._rows = iter(range(len(samples)))
-
-                def get_next(self):
-                    index = next(self._rows, None)
-                    return None if index is None else {name: samples[index:index + 1]}
-
-            quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ,
-                            per_channel=options.per_channel, activation_type=QuantType.QInt8,
-                            weight_type=QuantType.QInt8)
+            quantize_static_qdq(source, target, samples, input_names(model)[0], per_channel=options.per_channel)
     except Exception as error:  # onnxruntime.quantization raises many types
         raise ExportError(f"ONNX Runtime's {options.quantize} quantization failed ({_first(error)}); run with --debug "
                           f"for details") from error
+
+
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+def quantize_static_qdq(source: Path, target: Path, samples: np.ndarray, input_name: str, *, per_channel: bool = True,
+                        method: str = "minmax", nodes_to_exclude=()) -> None:
+    """ONNX Runtime's static QDQ int8 of `source`, calibrated on `samples` (already in the model's layout) with
+    `method`; `nodes_to_exclude` stay in float."""
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+               "entropy": CalibrationMethod.Entropy}
+    prepared = target.with_name(target.stem + ".prepared.onnx")
+    quant_pre_process(str(source), str(prepared), skip_symbolic_shape=True)
+    try:
+        quantize_static(str(prepared), str(target), reader(samples, input_name), quant_format=QuantFormat.QDQ,
+                        per_channel=per_channel, activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+                        calibrate_method=methods[method], nodes_to_exclude=list(nodes_to_exclude))
+    finally:
+        prepared.unlink(missing_ok=True)
+
+
+def reader(samples: np.ndarray, input_name: str):
+    """An ONNX Runtime CalibrationDataReader feeding `samples` one at a time."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self._rows = iter(range(len(samples)))
+
+        def get_next(self):
+            index = next(self._rows, None)
+            return None if index is None else {input_name: samples[index:index + 1]}
+
+    return Reader()
 
 
 def _first(error: Exception) -> str:

@@ -35,6 +35,7 @@ from sepconv.convert.onnx_export import DEFAULT_OPSET, ONNX_MODES, OnnxOptions
 from sepconv.convert.tflite_export import NEEDS_DATA, TFLITE_MODES, TFLiteOptions
 from sepconv.convert.files import disk_full, sha256
 from sepconv.convert.policy import SeparationOptions
+from sepconv.convert.quantization import Calibration, QuantizationOptions
 from sepconv.convert.verification import Tolerance
 
 FORMATS = {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras"}
@@ -63,6 +64,7 @@ class ConvertOptions:
     (default: heldout_fraction of data). validation_fraction: the share of the remaining data set aside for every
     choice (the budget's sensitivity, early stopping, keeping or rejecting each recovery stage).
     calibration_samples: training samples that calibrate int8, refinement and BatchNorm statistics.
+    quantization: int8 diagnosis and repair (quantization.py): explain, repair, max_float_layers.
     """
 
     quantize: str = "auto"
@@ -87,6 +89,7 @@ class ConvertOptions:
     opset: int = DEFAULT_OPSET
     layout: str = "nhwc"
     tolerance: Tolerance = field(default_factory=Tolerance)
+    quantization: QuantizationOptions = field(default_factory=QuantizationOptions)
     overwrite: bool = False
     safe_mode: bool = True
     custom_objects: dict | None = None
@@ -235,12 +238,15 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
             warnings.append(_nothing_separated(report))
             say("warning", warnings[-1])
     try:
+        calibration = calibration if calibration is None else Calibration(calibration, train.x, validation.x)
         artifacts = _export_all(exported, model if report else None, targets, plan["quantize"], calibration,
                                 heldout, data_info, options, source, report, recovery, timer, say)
     except SepconvError as error:
         if recovery and recovery.finetune and not isinstance(error, BudgetError):
-            raise type(error)(f"{error} (the fine-tuned weights are kept in {recovery_options.checkpoint_dir}: "
-                              f"add --resume to reuse them)") from error
+            kept = type(error)(f"{error} (the fine-tuned weights are kept in {recovery_options.checkpoint_dir}: "
+                               f"add --resume to reuse them)")
+            kept.details = getattr(error, "details", None)
+            raise kept from error
         raise
     from sepconv.convert.recovery import remove_checkpoints
 
@@ -345,8 +351,12 @@ def _export_all(exported, original, targets, quantize, calibration, heldout, dat
                 staged.append(item)
         failed = [s for s in staged if not s["verification"].passed]
         if failed:
-            raise VerificationError("; ".join(_failure_line(s) for s in failed) + " - nothing was written; try "
-                                    "another --quantize mode, more representative --data, or a lower --min-agreement")
+            error = VerificationError("; ".join(_failure_line(s) for s in failed) + " - nothing was written; try "
+                                      "another --quantize mode, more representative --data, or a lower "
+                                      "--min-agreement")
+            error.details = {"quantization": {str(s["target"]): s["quantization"].to_dict() for s in failed
+                                              if s.get("quantization") is not None}}
+            raise error
         return tuple(_commit(s) for s in staged)
     finally:
         for item in staged:
@@ -610,16 +620,26 @@ def _export_and_verify(item: dict, model, original, calibration, heldout, data_i
     else:
         from sepconv.deploy.runtime import open_runtime
 
-        if fmt == "tflite":
+        if mode == "int8":
+            from sepconv.convert.quantization import quantize_verified
+
+            data, item["quantization"] = quantize_verified(
+                model, fmt, calibration, tolerance=options.tolerance, io_type=options.io_type,
+                per_channel=options.per_channel, opset=options.opset, layout=options.layout,
+                options=options.quantization)
+            Path(tmp).write_bytes(data)
+            say("quantize", f"{target}: {item['quantization'].line()}")
+        elif fmt == "tflite":
             from sepconv.convert.tflite_export import export_tflite
 
-            Path(tmp).write_bytes(export_tflite(model, representative_data=calibration, options=TFLiteOptions(
+            Path(tmp).write_bytes(export_tflite(model, representative_data=_samples(calibration), options=TFLiteOptions(
                 quantize=mode, io_type=options.io_type if mode in NEEDS_DATA else "float32",
                 per_channel=options.per_channel, allow_flex=options.allow_flex)))
         else:
             from sepconv.convert.onnx_export import export_onnx
 
-            Path(tmp).write_bytes(export_onnx(model, representative_data=calibration, options=OnnxOptions(
+            Path(tmp).write_bytes(export_onnx(model, representative_data=_samples(calibration),
+                                              options=OnnxOptions(
                 quantize=mode, opset=options.opset, layout=options.layout, per_channel=options.per_channel)))
         runtime = open_runtime(tmp)
         verification = verify(model, runtime, heldout.x, heldout.y, quantized=mode != "none", quantize=mode,
@@ -632,7 +652,7 @@ def _export_and_verify(item: dict, model, original, calibration, heldout, data_i
                               separation=report.to_dict() if report else None,
                               recovery=recovery.to_dict() if recovery else None, verification=verification,
                               options=options.describe(), preprocessing=data_info["preprocessing"],
-                              quantize_fallback=item["fallback"])
+                              quantize_fallback=item["fallback"], quantization=item.get("quantization"))
     fd, item["tmp_manifest"] = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
     with _disk_full_as("writing the manifest of", target), os.fdopen(fd, "w") as file:
         file.write(manifest_json(manifest))
@@ -656,6 +676,10 @@ def _own_temporary_folder():
         shutil.rmtree(folder, ignore_errors=True)
 
 
+def _samples(calibration):
+    return None if calibration is None else calibration.samples
+
+
 def _named(verification, target: Path):
     from dataclasses import replace
 
@@ -663,7 +687,11 @@ def _named(verification, target: Path):
 
 
 def _failure_line(item: dict) -> str:
-    return f"{item['target']} ({item['quantize']}) failed verification: {'; '.join(item['verification'].failures())}"
+    line = f"{item['target']} ({item['quantize']}) failed verification: {'; '.join(item['verification'].failures())}"
+    quantization = item.get("quantization")
+    if quantization is not None and quantization.diagnosis is not None:
+        line += f" after {quantization.line()}; {quantization.diagnosis.summary()} (full table: --json)"
+    return line
 
 
 def _commit(item: dict) -> Artifact:

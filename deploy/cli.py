@@ -84,7 +84,7 @@ def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
             raise
         status = getattr(error, "exit_status", EXIT_ERROR)
         print(f"{prog}: {'error: ' if status == EXIT_ERROR else ''}{error}", file=sys.stderr)
-        _json_failure(args, prog, type(error).__name__, str(error), status, checked)
+        _json_failure(args, prog, type(error).__name__, str(error), status, checked, getattr(error, "details", None))
         return status
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
@@ -95,14 +95,16 @@ def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
         return EXIT_ERROR
 
 
-def _json_failure(args, prog: str, kind: str, message: str, status: int, checked: bool) -> None:
-    """With --json, a failure is JSON too: to stdout, or to the JSON file if its path passed the checks."""
+def _json_failure(args, prog: str, kind: str, message: str, status: int, checked: bool, details=None) -> None:
+    """With --json, a failure is JSON too: to stdout, or to the JSON file if its path passed the checks; `details`
+    (an error's machine-readable extras, e.g. the int8 diagnosis table) go in error.details."""
     from sepconv.deploy.errors import SepconvError
 
     target = "-" if getattr(args, "json", None) is True else getattr(args, "json", None)
     if not target or (target != "-" and not checked):
         return
-    text = json.dumps({"error": {"type": kind, "message": message}, "exit_status": status, "tool": prog}, indent=2)
+    error = {"type": kind, "message": message, **({"details": details} if details else {})}
+    text = json.dumps({"error": error, "exit_status": status, "tool": prog}, indent=2, default=str)
     with contextlib.suppress(SepconvError):  # the file cannot be written either: the line on stderr says enough
         write_output(target, text)
 

@@ -1,0 +1,493 @@
+"""int8 that holds: diagnose which layers full-integer quantization breaks, and repair the artifact.
+
+Diagnosis uses the converters' own tools. For TFLite, `tf.lite.experimental.QuantizationDebugger` runs every
+quantized op next to its float twin (fed the same dequantized input) on the calibration images: the error of each
+op's output is local to that op. For ONNX, `onnxruntime.quantization.qdq_loss_debug` records every activation of the
+float and the QDQ models: the error of a tensor's QuantizeLinear/DequantizeLinear pair is local (`qdq`), its
+difference from the float model accumulates everything before it (`xmodel`). Per layer: RMSE / scale (RMSE in units
+of the output's quantization step: ~0.29 is the rounding floor), relative error (RMSE / std of the float output),
+the float output's range and the int8 scale. The error "starts" at the first layer, in graph order, whose relative
+error exceeds RELATIVE_ERROR_ALARM.
+
+Repair (`export_int8`), when the artifact at the requested settings does not agree with the Keras model on the
+validation images, tries in order, each measured: more and shuffled calibration samples (and per-channel weights if
+they were per-tensor; percentile then entropy calibration for ONNX), then the worst 1..max_float_layers layers kept
+in float (TFLite `denylisted_nodes`, ONNX `nodes_to_exclude`), and stops at the first that agrees. Choices use the
+validation images; the pipeline's verification on the test images judges the result, as for any artifact.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from sepconv.convert.errors import InvalidOptionError
+
+RELATIVE_ERROR_ALARM = 0.25  # an op whose output error is a quarter of its signal's spread is where trouble starts
+ONNX_CALIBRATIONS = ("minmax", "percentile", "entropy")
+DIAGNOSIS_SAMPLES = 100  # calibration images the debuggers run (the artifact is calibrated on all of them)
+
+
+@dataclass(frozen=True)
+class QuantizationOptions:
+    """repair: try better calibration, then float layers, when int8 disagrees with the Keras model.
+    explain: diagnose even when the first attempt passes (CLI --explain-quantization).
+    max_float_layers: at most this many layers kept in float by the repair.
+    calibration_samples: samples (a seeded shuffle of the training images) of the better-calibration attempt."""
+
+    repair: bool = True
+    explain: bool = False
+    max_float_layers: int = 2
+    calibration_samples: int = 1000
+
+    def __post_init__(self):
+        for name, low in (("max_float_layers", 0), ("calibration_samples", 1)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise InvalidOptionError(f"Unrecognized {name}={value!r}. Use a whole number >= {low}")
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """The images int8 export may use: `samples` calibrate the first attempt, `pool` (training images) the
+    better-calibration one, `validation` judges the attempts (never the test images)."""
+
+    samples: np.ndarray
+    pool: np.ndarray | None = None
+    validation: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class LayerError:
+    layer: str  # the op's output tensor (TFLite) or node (ONNX) name
+    op: str
+    order: int  # position in the graph
+    rmse_over_scale: float | None  # RMSE in int8 steps of the output
+    relative_error: float  # RMSE / std of the float output
+    min: float | None  # the float output's range on the calibration images
+    max: float | None
+    scale: float | None  # the int8 output scale
+    accumulated_relative_error: float | None = None  # vs the float model, all earlier errors included (ONNX)
+    channel_relative_error: float | None = None  # mean over channels (TFLite) or units (ONNX) of RMSE / their std
+
+    @property
+    def severity(self) -> float:
+        """What ranks the layers: the worse of the whole-tensor and the per-channel relative error (one outlier
+        channel sets the scale of a per-tensor int8 activation and flattens every other channel)."""
+        return max(self.relative_error, self.channel_relative_error or 0.0)
+
+
+@dataclass(frozen=True)
+class Diagnosis:
+    format: str
+    tool: str
+    samples: int
+    layers: tuple[LayerError, ...]
+
+    @property
+    def starts_at(self) -> LayerError | None:
+        return next((row for row in sorted(self.layers, key=lambda r: r.order)
+                     if row.severity > RELATIVE_ERROR_ALARM), None)
+
+    def worst(self, count: int) -> list[LayerError]:
+        return sorted(self.layers, key=lambda row: -row.severity)[:count]
+
+    def summary(self) -> str:
+        """One line: where the error starts and the worst layers."""
+        worst = ", ".join(f"{r.layer} ({r.op}) {r.severity:.0%}" +
+                          (f" range [{r.min:.3g}, {r.max:.3g}]" if r.min is not None else "") +
+                          (f" scale {r.scale:.3g}" if r.scale else "")
+                          for r in self.worst(3))
+        start = self.starts_at
+        where = (f"error starts at {start.layer} ({start.op}, relative error {start.severity:.0%})" if start
+                 else f"no layer above {RELATIVE_ERROR_ALARM:.0%} relative error")
+        return f"{self.format} int8 diagnosis on {self.samples} calibration images: {where}; worst: {worst}"
+
+    def to_dict(self) -> dict:
+        start = self.starts_at
+        return {"format": self.format, "tool": self.tool, "samples": self.samples,
+                "starts_at": start.layer if start else None, "alarm_relative_error": RELATIVE_ERROR_ALARM,
+                "layers": [asdict(row) for row in sorted(self.layers, key=lambda r: r.order)]}
+
+
+@dataclass(frozen=True)
+class Attempt:
+    name: str
+    calibration: str
+    float_layers: tuple[str, ...]
+    bytes: int
+    agreement: float | None  # top-1 agreement with the Keras model on the validation images
+    cosine: float
+    passed: bool
+
+
+@dataclass(frozen=True)
+class FloatLayer:
+    layer: str
+    op: str
+    reason: str
+    bytes: int  # what keeping it in float adds to the artifact
+
+
+@dataclass(frozen=True)
+class QuantizationReport:
+    attempts: tuple[Attempt, ...]
+    chosen: int | None  # index into attempts, None if none passed
+    float_layers: tuple[FloatLayer, ...] = ()
+    diagnosis: Diagnosis | None = None
+
+    @property
+    def passed(self) -> bool:
+        return self.chosen is not None
+
+    def to_dict(self) -> dict:
+        return {"passed": self.passed, "chosen": self.chosen, "attempts": [asdict(a) for a in self.attempts],
+                "float_layers": [asdict(f) for f in self.float_layers],
+                "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None}
+
+    def line(self) -> str:
+        tried = "; ".join(f"{a.name}: {_agreement_text(a)}" for a in self.attempts)
+        kept = "; ".join(f"{f.layer} ({f.op}, {f.reason}, {f.bytes:+,} bytes)" for f in self.float_layers)
+        return f"int8 attempts ({tried})" + (f"; kept in float: {kept}" if kept else "")
+
+
+def _agreement_text(attempt: Attempt) -> str:
+    if attempt.agreement is None:
+        return f"cosine {attempt.cosine:.4f}"
+    return f"agreement {attempt.agreement:.2%}"
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One way to quantize: calibration images, method (ONNX), per-channel, layers kept in float."""
+
+    name: str
+    samples: np.ndarray = field(repr=False)
+    calibration: str
+    per_channel: bool = True
+    method: str = "minmax"
+    float_layers: tuple[str, ...] = ()
+
+
+def export_int8(model, fmt: str, calibration: Calibration, *, export: Callable[[Setting], bytes],
+                judge: Callable[[bytes, np.ndarray], tuple[float | None, float, bool]],
+                diagnose: Callable[[Setting], Diagnosis], per_channel: bool,
+                options: QuantizationOptions = QuantizationOptions()) -> tuple[bytes, QuantizationReport]:
+    """The int8 artifact of the first setting that agrees with the Keras model on the validation images.
+
+    export(setting) -> artifact bytes; judge(artifact, x) -> (agreement, cosine, passed); diagnose(setting) ->
+    Diagnosis. Without validation images (or with repair off) the first setting is the only one tried.
+    """
+    first = Setting("as requested", calibration.samples, f"{len(calibration.samples)} samples", per_channel)
+    attempts, artifacts = [], []
+
+    def attempt(setting: Setting) -> bool:
+        data = export(setting)
+        x = calibration.validation if calibration.validation is not None else calibration.samples
+        agreement, cosine, passed = judge(data, x)
+        attempts.append(Attempt(setting.name, setting.calibration, setting.float_layers, len(data), agreement,
+                                cosine, passed))
+        artifacts.append(data)
+        return passed
+
+    passed = attempt(first)
+    can_repair = options.repair and calibration.validation is not None
+    diagnosis = diagnose(first) if (options.explain or not passed) else None
+    best = first
+    if not passed and can_repair:
+        tried = [first]
+        for setting in _calibration_settings(fmt, calibration, per_channel, options):
+            tried.append(setting)
+            if attempt(setting):
+                best, passed = setting, True
+                break
+        if not passed and options.max_float_layers:
+            # layers are kept in float on top of the calibration that agreed best
+            base = max(zip(tried, attempts), key=lambda pair: _score(pair[1]))[0]
+            ranking = diagnose(base) if base is not first else diagnosis
+            for count in range(1, options.max_float_layers + 1):
+                chosen = tuple(row.layer for row in ranking.worst(count))
+                setting = replace(base, name=f"{count} layer{'s' * (count > 1)} in float", float_layers=chosen)
+                if attempt(setting):
+                    best, passed, diagnosis = setting, True, ranking
+                    break
+    chosen = len(attempts) - 1 if passed else None
+    floats = _float_layers(best, diagnosis, attempts, artifacts) if passed else ()
+    report = QuantizationReport(tuple(attempts), chosen, floats, diagnosis)
+    return artifacts[chosen if passed else 0], report
+
+
+def _calibration_settings(fmt: str, calibration: Calibration, per_channel: bool, options: QuantizationOptions):
+    pool = calibration.pool if calibration.pool is not None else calibration.samples
+    count = min(options.calibration_samples, len(pool))
+    samples = pool[np.random.default_rng(0).permutation(len(pool))[:count]]
+    text = f"{count} shuffled samples"
+    yield Setting(f"calibration on {text}" + ("" if per_channel else ", per-channel"), samples, text, True)
+    if fmt == "onnx":
+        for method in ONNX_CALIBRATIONS[1:]:
+            yield Setting(f"{method} calibration on {text}", samples, f"{text}, {method}", True, method)
+
+
+def _score(attempt: Attempt) -> float:
+    return attempt.agreement if attempt.agreement is not None else attempt.cosine
+
+
+def _float_layers(best: Setting, diagnosis: Diagnosis | None, attempts, artifacts) -> tuple[FloatLayer, ...]:
+    if not best.float_layers:
+        return ()
+    rows = {row.layer: row for row in diagnosis.layers}
+    # the cost: this artifact vs the same calibration with every layer quantized (the previous float-free attempt)
+    reference = next(a for a in reversed(attempts) if not a.float_layers and a.calibration == best.calibration)
+    extra = attempts[-1].bytes - reference.bytes
+    share = extra // len(best.float_layers)
+    return tuple(FloatLayer(name, rows[name].op, f"relative int8 error {rows[name].severity:.0%} (rank "
+                                                 f"{i + 1} of {len(rows)} layers)", share)
+                 for i, name in enumerate(best.float_layers))
+
+
+# --- TFLite: QuantizationDebugger ---------------------------------------------------------------------------------
+
+
+def tflite_converter(model, setting: Setting, io_type: str = "float32"):
+    """The TFLite converter for `setting`; float ops are allowed when some layers stay in float."""
+    import tensorflow as tf
+
+    from sepconv.convert.tflite_export import TFLiteOptions, _converter
+    from sepconv.convert.trace import frozen_function
+    from sepconv.deploy.quiet import captured_output
+
+    with captured_output():
+        frozen = frozen_function(model)
+    converter = _converter(frozen, setting.samples, TFLiteOptions(quantize="int8", io_type=io_type,
+                                                                  per_channel=setting.per_channel))
+    if setting.float_layers:
+        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
+    return converter
+
+
+def tflite_int8(model, setting: Setting, io_type: str = "float32") -> bytes:
+    """The int8 flatbuffer for `setting`, its float layers left out of quantization by the debugger's denylist."""
+    if not setting.float_layers:
+        from sepconv.convert.tflite_export import export_tflite
+
+        return export_tflite(model, representative_data=setting.samples, quantize="int8", io_type=io_type,
+                             per_channel=setting.per_channel)
+    debugger = _tflite_debugger(model, setting, io_type, denylisted_nodes=list(setting.float_layers))
+    from sepconv.deploy.quiet import captured_output
+
+    with captured_output():
+        return debugger.get_nondebug_quantized_model()
+
+
+def _tflite_debugger(model, setting: Setting, io_type: str, keep=None, **debug_options):
+    import tensorflow as tf
+
+    from sepconv.deploy.quiet import captured_output
+
+    samples = np.asarray(setting.samples[:DIAGNOSIS_SAMPLES], np.float32)
+    compare = {"float_std": lambda f, q, s, z: float(np.std(f)), "float_min": lambda f, q, s, z: float(np.min(f)),
+               "float_max": lambda f, q, s, z: float(np.max(f))}
+    if keep is not None:
+        compare["kept"] = keep
+    options = tf.lite.experimental.QuantizationDebugOptions(layer_direct_compare_metrics=compare, **debug_options)
+    with captured_output():
+        return tf.lite.experimental.QuantizationDebugger(
+            converter=tflite_converter(model, setting, io_type),
+            debug_dataset=lambda: ([samples[i:i + 1]] for i in range(len(samples))), debug_options=options)
+
+
+def diagnose_tflite(model, setting: Setting, io_type: str = "float32") -> Diagnosis:
+    """Per quantized op of the TFLite model: its local output error on the calibration images."""
+    import csv
+    import io
+
+    from sepconv.deploy.quiet import captured_output
+
+    outputs = []  # (float, dequantized) of every op on every sample, in the debugger's order
+
+    def keep(f, q, s, z):
+        outputs.append((np.array(f, np.float32), ((q.astype(np.float32) - z) * s)))
+        return 0.0
+
+    debugger = _tflite_debugger(model, setting, io_type, keep=keep)
+    with captured_output():
+        debugger.run()
+    per_layer = len(debugger.layer_statistics)
+    channel_errors = [_channel_error(np.concatenate([f for f, _ in outputs[k::per_layer]]),
+                                     np.concatenate([d for _, d in outputs[k::per_layer]]), -1)
+                      for k in range(per_layer)]
+    dump = io.StringIO()
+    debugger.layer_statistics_dump(dump)
+    dump.seek(0)
+    rows = []
+    for index, row in enumerate(csv.DictReader(dump)):
+        scale, rmse = float(row["scale"]), float(row["mean_squared_error"]) ** 0.5
+        spread, low, high = float(row["float_std"]), float(row["float_min"]), float(row["float_max"])
+        if not (np.isfinite(spread) and spread > 0 and max(abs(low), abs(high)) < 1e3 * 256 * scale):
+            # the debugger did not keep the float twin's output (it happens for FULLY_CONNECTED): judge by the
+            # quantized range instead (std of a uniform spread over 256 steps)
+            spread, low, high = 256 * scale / 12 ** 0.5, None, None
+        rows.append(LayerError(layer=row["tensor_name"], op=row["op_name"], order=int(row["tensor_idx"]),
+                               rmse_over_scale=rmse / scale if scale else None, relative_error=rmse / spread,
+                               min=low, max=high, scale=scale,
+                               channel_relative_error=channel_errors[index] if low is not None else None))
+    return Diagnosis("tflite", "tf.lite.experimental.QuantizationDebugger",
+                     min(len(setting.samples), DIAGNOSIS_SAMPLES), tuple(rows))
+
+
+# --- ONNX: qdq_loss_debug ----------------------------------------------------------------------------------------
+
+
+def onnx_int8(float_model: bytes, setting: Setting, input_name: str, layout: str = "nhwc") -> bytes:
+    """Static QDQ int8 of the float ONNX model for `setting` (ONNX Runtime's quantizer, `nodes_to_exclude`)."""
+    from sepconv.convert.onnx_export import quantize_static_qdq
+    from sepconv.deploy.quiet import captured_output
+
+    with tempfile.TemporaryDirectory(prefix="sepconv-int8-") as tmp:
+        source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
+        source.write_bytes(float_model)
+        with captured_output():
+            quantize_static_qdq(source, target, _nchw(setting.samples, layout), input_name,
+                                per_channel=setting.per_channel, method=setting.method,
+                                nodes_to_exclude=setting.float_layers)
+        return target.read_bytes()
+
+
+def _nchw(samples: np.ndarray, layout: str) -> np.ndarray:
+    samples = np.asarray(samples, np.float32)
+    return np.transpose(samples, (0, 3, 1, 2)) if layout == "nchw" else samples
+
+
+def diagnose_onnx(float_model: bytes, setting: Setting, input_name: str, layout: str = "nhwc") -> Diagnosis:
+    """Per activation of the QDQ model: its QDQ error (local) and its error against the float model (accumulated),
+    named by the node that produces it (the name `nodes_to_exclude` takes)."""
+    import onnx
+    from onnxruntime.quantization import qdq_loss_debug as debug
+
+    from sepconv.convert.onnx_export import reader
+    from sepconv.deploy.quiet import captured_output
+
+    samples = _nchw(setting.samples[:DIAGNOSIS_SAMPLES], layout)
+    qdq = onnx_int8(float_model, setting, input_name, layout)
+    with tempfile.TemporaryDirectory(prefix="sepconv-qdq-debug-") as tmp, captured_output():
+        paths = {name: Path(tmp) / f"{name}.onnx" for name in ("float", "qdq", "float_aug", "qdq_aug")}
+        paths["float"].write_bytes(float_model)
+        paths["qdq"].write_bytes(qdq)
+        debug.modify_model_output_intermediate_tensors(str(paths["float"]), str(paths["float_aug"]))
+        debug.modify_model_output_intermediate_tensors(str(paths["qdq"]), str(paths["qdq_aug"]))
+        float_acts = debug.collect_activations(str(paths["float_aug"]), reader(samples, input_name))
+        qdq_acts = debug.collect_activations(str(paths["qdq_aug"]), reader(samples, input_name))
+        matched = debug.create_activation_matching(qdq_acts, float_acts)
+        graph = onnx.load(str(paths["qdq"])).graph
+    producers = {out: (i, node) for i, node in enumerate(graph.node) for out in node.output}
+    scales = _qdq_scales(graph)
+    rows = []
+    for tensor, acts in matched.items():
+        if "float" not in acts:
+            continue
+        found = _real_producer(tensor, producers)
+        if found is None:
+            continue
+        order, node = found
+        scale = scales.get(tensor) or scales.get(node.output[0])
+        reference = np.concatenate([np.ravel(a) for a in acts["float"]])
+        # ORT fuses a Relu into the QDQ pair of the op before it: the pair's input is then the op's output before
+        # the Relu. Clipped to the float tensor's range, that input differs from the output by quantization only.
+        pre = [np.clip(a, reference.min(), reference.max()) for a in acts["pre_qdq"]]
+        local = _rmse(pre, acts["post_qdq"])
+        total = _rmse(acts["float"], acts["post_qdq"])
+        spread = float(np.std(reference)) or 1.0
+        rows.append(LayerError(layer=node.name, op=node.op_type, order=order,
+                               rmse_over_scale=local / scale if scale else None, relative_error=local / spread,
+                               min=float(reference.min()), max=float(reference.max()), scale=scale,
+                               accumulated_relative_error=total / spread,
+                               channel_relative_error=_channel_error(np.stack(acts["float"]),
+                                                                     np.stack(acts["post_qdq"]), 1)))
+    return Diagnosis("onnx", "onnxruntime.quantization.qdq_loss_debug", len(samples), tuple(rows))
+
+
+def _real_producer(tensor: str, producers: dict):
+    """(position, node) of the op computing `tensor` in the QDQ graph, behind its Quantize/DequantizeLinear pair:
+    its name is what `nodes_to_exclude` takes (ORT's pre-processing may have fused ops, e.g. MatMul + Add -> Gemm)."""
+    found = producers.get(tensor)
+    while found is not None and found[1].op_type in ("QuantizeLinear", "DequantizeLinear"):
+        found = producers.get(found[1].input[0])
+    return found
+
+
+def _channel_error(reference: np.ndarray, actual: np.ndarray, axis: int) -> float:
+    """Mean over channels (`axis`) of RMSE / std of the channel; channels that never vary (dead) count as 0."""
+    reference = np.asarray(reference, np.float64)
+    actual = np.asarray(actual, np.float64).reshape(reference.shape)
+    if reference.ndim < 2:
+        return 0.0
+    reference, actual = np.moveaxis(reference, axis, 0), np.moveaxis(actual, axis, 0)
+    reference, actual = reference.reshape(len(reference), -1), actual.reshape(len(actual), -1)
+    rmse = np.sqrt(np.mean((reference - actual) ** 2, axis=1))
+    spread = np.std(reference, axis=1)
+    return float(np.mean(np.where(spread > 0, rmse / np.maximum(spread, 1e-30), 0.0)))
+
+
+def _rmse(a, b) -> float:
+    a = np.concatenate([np.ravel(x) for x in a]).astype(np.float64)
+    b = np.concatenate([np.ravel(x) for x in b]).astype(np.float64)
+    return float(np.sqrt(np.mean((a - b) ** 2)))
+
+
+def _qdq_scales(graph) -> dict[str, float]:
+    """The int8 scale of each activation, from the QuantizeLinear node that reads it."""
+    from onnx import numpy_helper
+
+    constants = {init.name: numpy_helper.to_array(init) for init in graph.initializer}
+    for node in graph.node:
+        if node.op_type == "Constant":
+            constants[node.output[0]] = numpy_helper.to_array(node.attribute[0].t)
+    return {node.input[0]: float(np.ravel(constants[node.input[1]])[0]) for node in graph.node
+            if node.op_type == "QuantizeLinear" and node.input[1] in constants
+            and np.size(constants[node.input[1]]) == 1}
+
+
+# --- the pipeline's entry point ------------------------------------------------------------------------------------
+
+
+def quantize_verified(model, fmt: str, calibration: Calibration, *, tolerance, io_type: str = "float32",
+                      per_channel: bool = True, opset: int = 17, layout: str = "nhwc",
+                      options: QuantizationOptions = QuantizationOptions()) -> tuple[bytes, QuantizationReport]:
+    """The int8 TFLite or ONNX artifact of `model` (export_int8 with the converters' exporters and debuggers)."""
+    from sepconv.convert.trace import input_names
+
+    if fmt == "tflite":
+        export = lambda setting: tflite_int8(model, setting, io_type)  # noqa: E731
+        diagnose = lambda setting: diagnose_tflite(model, setting, io_type)  # noqa: E731
+        run_layout = "nhwc"
+    else:
+        from sepconv.convert.onnx_export import OnnxOptions, export_onnx
+
+        float_model = export_onnx(model, options=OnnxOptions(quantize="none", opset=opset, layout=layout))
+        name = input_names(model)[0]
+        export = lambda setting: onnx_int8(float_model, setting, name, layout)  # noqa: E731
+        diagnose = lambda setting: diagnose_onnx(float_model, setting, name, layout)  # noqa: E731
+        run_layout = layout
+    return export_int8(model, fmt, calibration, export=export, judge=_judge(model, fmt, tolerance, run_layout),
+                       diagnose=diagnose, per_channel=per_channel, options=options)
+
+
+def _judge(model, fmt: str, tolerance, layout: str):
+    """(agreement, cosine, passed) of an artifact against the Keras model on images x, as verification judges it."""
+    from sepconv.convert.verification import verify
+    from sepconv.deploy.runtime import open_runtime
+
+    def judge(data: bytes, x: np.ndarray):
+        with tempfile.TemporaryDirectory(prefix="sepconv-judge-") as tmp:
+            path = Path(tmp) / f"attempt.{fmt}"
+            path.write_bytes(data)
+            checked = verify(model, open_runtime(str(path)), x, quantized=True, quantize="int8", tolerance=tolerance,
+                             layout=layout)
+        first = checked.outputs[0]
+        return first.agreement, first.cosine, checked.passed
+
+    return judge

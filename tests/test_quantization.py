@@ -1,0 +1,144 @@
+"""int8 diagnosis and repair (convert/quantization.py) on a model whose int8 export fails verification as it is."""
+
+import json
+
+import keras
+import numpy as np
+import pytest
+
+from sepconv.convert import quantization as q
+from sepconv.convert.errors import InvalidOptionError, VerificationError
+from sepconv.convert.verification import Tolerance
+
+
+def _masked_class_model(seed=0):
+    """A digits-sized classifier with an 11th, masked logit stuck near -1000 (a class switched off by its bias).
+
+    Keras never picks it, so the model's answers are those of the 10 real logits; but int8 quantizes the logits
+    tensor per-tensor, so its scale spans [-1000, 10] (about 4 per step) and the real logits, a few units apart, fall
+    into one or two steps: top-1 agreement collapses. No calibration fixes a real range; the Dense kept in float does.
+    """
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((8, 8, 1), name="image")
+    x = keras.layers.Conv2D(8, 3, activation="relu", name="conv")(image)
+    x = keras.layers.GlobalAveragePooling2D(name="pool")(x)
+    logits = keras.layers.Dense(11, name="logits")(x)
+    model = keras.Model(image, logits)
+    kernel, bias = model.get_layer("logits").get_weights()
+    kernel *= 4.0  # real logits a few units apart
+    kernel[:, 10], bias[10] = 0.0, -1000.0
+    model.get_layer("logits").set_weights([kernel, bias])
+    return model
+
+
+@pytest.fixture(scope="module")
+def masked():
+    model = _masked_class_model()
+    x = np.random.default_rng(0).uniform(0, 1, (320, 8, 8, 1)).astype(np.float32)
+    return model, q.Calibration(x[:100], x[:240], x[240:])
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_int8_that_fails_as_requested_is_repaired_with_one_float_layer(masked, fmt):
+    model, calibration = masked
+    without = q.quantize_verified(model, fmt, calibration, tolerance=Tolerance(),
+                                  options=q.QuantizationOptions(repair=False))[1]
+    assert not without.passed and len(without.attempts) == 1
+    assert without.attempts[0].agreement < 0.98, without.attempts[0]  # fails verification as it is
+    artifact, report = q.quantize_verified(model, fmt, calibration, tolerance=Tolerance())
+    assert report.passed, report.line()
+    chosen = report.attempts[report.chosen]
+    assert chosen.agreement >= 0.98 and len(chosen.float_layers) == 1, report.line()
+    # calibration was tried before any layer was kept in float, and did not fix a real range
+    assert [a.float_layers for a in report.attempts[:2]] == [(), ()], report.line()
+    [kept] = report.float_layers
+    assert kept.op in ("FULLY_CONNECTED", "Gemm", "MatMul"), kept
+    assert "relative int8 error" in kept.reason and f"kept in float: {kept.layer}" in report.line()
+    assert len(artifact) == chosen.bytes
+    # its cost: against the all-int8 attempt with the same calibration (negative on a model this small: the float
+    # Dense's weights are fewer bytes than the quantize/dequantize ops and parameters it no longer needs)
+    reference = next(a for a in report.attempts if not a.float_layers and a.calibration == chosen.calibration)
+    assert kept.bytes == chosen.bytes - reference.bytes, (kept, reference)
+
+
+def test_tflite_diagnosis_names_the_masked_logits_and_their_range(masked):
+    model, calibration = masked
+    setting = q.Setting("as requested", calibration.samples, "100 samples")
+    diagnosis = q.diagnose_tflite(model, setting)
+    worst = diagnosis.worst(1)[0]
+    assert worst.op == "FULLY_CONNECTED", diagnosis.summary()
+    assert worst.severity > q.RELATIVE_ERROR_ALARM
+    assert diagnosis.starts_at.layer == worst.layer
+    np.testing.assert_allclose(worst.scale, (worst.max - worst.min) / 255, rtol=0.05,
+                               err_msg="the logits' int8 scale spans their float range")
+    assert worst.min < -900, worst
+    conv = next(row for row in diagnosis.layers if "conv" in row.layer)
+    assert conv.severity < 0.1, conv  # the layers before the logits quantize well
+    assert "error starts at" in diagnosis.summary() and worst.layer in diagnosis.summary()
+    json.dumps(diagnosis.to_dict())
+
+
+def test_onnx_diagnosis_has_local_and_accumulated_errors(masked):
+    model, calibration = masked
+    from sepconv.convert.onnx_export import OnnxOptions, export_onnx
+
+    float_model = export_onnx(model, options=OnnxOptions())
+    diagnosis = q.diagnose_onnx(float_model, q.Setting("x", calibration.samples, "100"), "image")
+    worst = diagnosis.worst(1)[0]
+    assert worst.op in ("Gemm", "MatMul"), diagnosis.summary()
+    assert worst.accumulated_relative_error is not None and worst.channel_relative_error > 0.25
+
+
+def test_options_are_validated():
+    with pytest.raises(InvalidOptionError, match="max_float_layers"):
+        q.QuantizationOptions(max_float_layers=-1)
+
+
+def test_convert_model_repairs_and_records_float_layers(tmp_path, masked):
+    """The pipeline: int8 repaired, the manifest names the float layer; with --no-repair, one line with the
+    diagnosis and nothing written."""
+    from sepconv.convert.pipeline import ConvertOptions, convert_model
+
+    model, calibration = masked
+    model.save(tmp_path / "m.keras")
+    x = np.concatenate([calibration.pool, calibration.validation])
+    y = np.argmax(model.predict(x, verbose=0)[:, :10], axis=1)
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    common = dict(separate=False, data=str(tmp_path / "d.npz"), quantize="int8")
+    with pytest.raises(VerificationError, match="error starts at") as failed:
+        convert_model(tmp_path / "m.keras", [tmp_path / "bad.tflite"],
+                      options=ConvertOptions(**common, quantization=q.QuantizationOptions(repair=False)))
+    assert "\n" not in str(failed.value)
+    assert not list(tmp_path.glob("bad*"))
+    table = failed.value.details["quantization"][str(tmp_path / "bad.tflite")]["diagnosis"]["layers"]
+    assert any(row["op"] == "FULLY_CONNECTED" and row["channel_relative_error"] > 0.25 for row in table), table
+    result = convert_model(tmp_path / "m.keras", [tmp_path / "ok.tflite"], options=ConvertOptions(**common))
+    manifest = json.loads((tmp_path / "ok.tflite.json").read_text())
+    assert manifest["quantization"]["passed"]
+    assert len(manifest["quantization"]["float_layers"]) == 1
+    assert result.artifacts[0].verification["passed"]
+
+
+def test_explain_diagnoses_an_artifact_that_passes(masked):
+    _, calibration = masked
+    keras.utils.set_random_seed(1)
+    image = keras.Input((8, 8, 1), name="image")
+    x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, activation="relu", name="conv")(image))
+    model = keras.Model(image, keras.layers.Dense(10, name="logits")(x))
+    plain = q.quantize_verified(model, "tflite", calibration, tolerance=Tolerance(min_agreement=0.9))[1]
+    assert plain.passed and plain.diagnosis is None and len(plain.attempts) == 1
+    explained = q.quantize_verified(model, "tflite", calibration, tolerance=Tolerance(min_agreement=0.9),
+                                    options=q.QuantizationOptions(explain=True))[1]
+    assert explained.passed and len(explained.attempts) == 1 and explained.float_layers == ()
+    assert {row.op for row in explained.diagnosis.layers} >= {"CONV_2D", "FULLY_CONNECTED"}
+    assert explained.to_dict()["diagnosis"]["samples"] == min(len(calibration.samples), q.DIAGNOSIS_SAMPLES)
+
+
+def test_cli_flags_map_onto_quantization_options():
+    from sepconv.convert.cli import convert_options, convert_parser
+
+    args = convert_parser().parse_args(["m.h5", "m.tflite", "--explain-quantization", "--no-repair",
+                                        "--max-float-layers", "1"])
+    assert convert_options(args).quantization == q.QuantizationOptions(repair=False, explain=True,
+                                                                        max_float_layers=1)
+    assert convert_options(convert_parser().parse_args(["m.h5", "m.tflite"])).quantization == q.QuantizationOptions()
