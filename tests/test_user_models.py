@@ -371,9 +371,16 @@ def test_quantize_auto_falls_back_when_int8_fails_verification(tmp_path):
     model.save(tmp_path / "m.keras")
     x = np.random.default_rng(0).random((240, 8, 8, 3), dtype=np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=np.argmax(model.predict(x, verbose=0), axis=1))
+    from sepconv.convert.quantization import QuantizationOptions
+
+    repaired = convert_model(tmp_path / "m.keras", [tmp_path / "r.tflite"], data=str(tmp_path / "d.npz"),
+                             separate=False)
+    assert repaired.artifacts[0].quantize == "int8" and repaired.artifacts[0].quantize_fallback is None, \
+        "the int8 repair comes first (issue 11); the fallback only when it cannot help"
     lines = []
     result = convert_model(tmp_path / "m.keras", [tmp_path / "m.tflite", tmp_path / "m.onnx"],
                            data=str(tmp_path / "d.npz"), separate=False,
+                           quantization=QuantizationOptions(repair=False),
                            progress=lambda stage, message: lines.append(message))
     for artifact in result.artifacts:
         assert artifact.quantize in ("dynamic", "float16") and artifact.verification["passed"], artifact
@@ -382,6 +389,6 @@ def test_quantize_auto_falls_back_when_int8_fails_verification(tmp_path):
         assert manifest["quantize"] == artifact.quantize and manifest["quantize_fallback"] == artifact.quantize_fallback
     assert any("int8 failed verification" in line and "--quantize auto tries" in line for line in lines), lines
     insisted = run(tmp_path / "m.keras", tmp_path / "i.tflite", "--data", tmp_path / "d.npz", "--no-separate",
-                   "--quantize", "int8")
+                   "--quantize", "int8", "--no-repair")
     assert insisted.returncode == 1 and "failed verification" in insisted.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "i.tflite").exists(), "an explicit --quantize int8 is not replaced"
