@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-DEMO = [sys.executable, "-m", "sepconv.convert.cli"]
+DEMO = [sys.executable, "-m", "sepconv.convert.cli", "sepconv-demo"]
 
 
 def run(*args, timeout=600):
