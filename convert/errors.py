@@ -8,7 +8,7 @@ from sepconv.deploy.errors import ArtifactError, InvalidOptionError, RuntimeMiss
 
 __all__ = [
     "ArtifactError", "BudgetError", "CheckpointError", "CorruptModelFileError", "DataError", "EmptyModelFileError", "ExportError", "FlexOpsError",
-    "InterruptedRunError", "InvalidOptionError", "ModelLoadError", "ModelNotFoundError", "OutputPathError", "RuntimeMissingError",
+    "InterruptedRunError", "InvalidOptionError", "ModelLoadError", "ModelNotFoundError", "OutputPathError", "ReportInputError", "RuntimeMissingError",
     "SavedModelError", "SepconvError", "UnknownObjectError", "UnsafeModelError", "UnsupportedModelError",
     "VerificationError", "WeightsOnlyFileError", "WrongFileKindError",
 ]
@@ -68,6 +68,11 @@ class FlexOpsError(ExportError):
 
 class OutputPathError(SepconvError):
     """An output path that cannot be written: unknown extension, existing file, missing or read-only folder."""
+
+
+class ReportInputError(SepconvError):
+    """A JSON file given to the HTML report that is missing, unreadable, not JSON, a failure report, or of a kind the
+    report does not know."""
 
 
 class VerificationError(SepconvError):
