@@ -464,7 +464,7 @@ def report_parser() -> argparse.ArgumentParser:
     parser.add_argument("inputs", nargs="+", metavar="run.json", help="JSON written by convert-model, bench-model, "
                         "deploy-model (--json FILE, or a file of sepconv-reports/) or sepconv-demo --json")
     parser.add_argument("-o", "--output", metavar="FILE", help="the HTML report to write, e.g. report.html")
-    parser.add_argument("--report-dir", metavar="DIR", help="also " + REPORT_DIR_HELP[2:])
+    parser.add_argument("--report-dir", metavar="DIR", help="also " + REPORT_DIR_HELP)
     parser.add_argument("--title", default="sepconv report", help="the page's title (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report or PNG")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")

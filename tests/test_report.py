@@ -121,6 +121,16 @@ def test_renderer_on_saved_json(benched):
     assert [p[1] for p in points] == sorted(p[1] for p in points)
 
 
+def test_layers_kept_in_float_are_listed_when_the_json_has_them(converted):
+    """An int8 artifact whose repair kept layers in float (issue 11) names them in the artifact table."""
+    from sepconv.convert.html_report import classify, render
+
+    summary = json.loads((converted / "convert.json").read_text())
+    assert "<td>none</td>" in render(classify(summary)).html, "nothing recorded: none"
+    summary["artifacts"][0]["float_layers"] = [{"path": "c2", "reason": "quantization error"}]
+    assert "<td>c2</td>" in render(classify(summary)).html
+
+
 def test_hosts_side_by_side_and_a_failed_host(benched):
     """deploy-model's --json shape ({host: report}), built from the real bench report, with one failed host."""
     from sepconv.convert.html_report import classify, render
