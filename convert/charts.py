@@ -301,37 +301,36 @@ def accuracy_latency(benches: list[tuple[str, dict]], name: str) -> Chart | None
                 fastest[key] = case
     if not fastest:
         return None
-    figure, axes = _figure(11, 4, ncols=2, sharey=True)
+    figure, axes = _figure(12, 4.2, ncols=2, sharey=True)
     hosts = list(dict.fromkeys(label for label, _ in fastest))
+    models = list(dict.fromkeys(model for _, model in fastest))
+    markers = "os^Dv<>p"
     for (label, model), case in fastest.items():
-        color = COLORS[hosts.index(label) % len(COLORS)]
+        style = {"color": COLORS[models.index(model) % len(COLORS)], "marker": markers[hosts.index(label) % 8],
+                 "linestyle": "none", "markersize": 8, "alpha": 0.85}
         y = 100 * case["accuracy"]["top1"]
-        for axis, x, text in ((axes[0], case["latency_ms"]["p50"], f"{model} ({case['threads']} thr)"),
-                              (axes[1], case["artifact"]["bytes"] / 1024, model)):
-            axis.plot(x, y, "o", color=color)
-            axis.annotate(text, (x, y), textcoords="offset points", xytext=(4, 3), fontsize=7)
+        axes[0].plot(case["latency_ms"]["p50"], y, label=model if len(hosts) == 1 else f"{model} on {label}", **style)
+        axes[1].plot(case["artifact"]["bytes"] / 1024, y, **style)
     _log_axis(axes[0].xaxis)
     _log_axis(axes[1].xaxis)
     axes[0].set_xlabel("p50 latency (ms, log scale), fastest thread count")
     axes[1].set_xlabel("artifact size (KiB, log scale)")
     axes[0].set_ylabel("top-1 accuracy (%)")
-    if len(hosts) > 1:
-        for index, host in enumerate(hosts):
-            axes[0].plot([], [], "o", color=COLORS[index % len(COLORS)], label=host)
-        axes[0].legend(fontsize=8)
+    figure.legend(loc="outside right upper", fontsize=7)
     return _chart(figure, name, "Accuracy versus latency and size",
                   "Top-1 accuracy on the labelled --input against p50 latency (at the model's fastest thread count) "
-                  "and file size, per model and host.")
+                  "and file size; a colour per model, a marker per host.")
 
 
 def _log_axis(axis) -> None:
     """A log scale whose tick labels read as plain numbers (0.01, 20, 3000), not powers of ten."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     if axis is axis.axes.xaxis:
         axis.axes.set_xscale("log")
     else:
         axis.axes.set_yscale("log")
+    axis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 1-2-5 steps: labels even on a range under a decade
     axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
     axis.set_minor_formatter(NullFormatter())
 
