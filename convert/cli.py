@@ -15,7 +15,8 @@ from pathlib import Path
 
 from sepconv.convert.supervise import die_with_parent, in_worker, report_stage, supervise
 from sepconv.deploy.cli import JSON_HELP, Parser, checked as _checked, check_output_file, count as _count
-from sepconv.deploy.cli import positive as _positive, run as run_command, version_flag, write_output
+from sepconv.deploy.cli import positive as _positive, report_flags, run as run_command, version_flag, write_output
+from sepconv.deploy.cli import REPORT_DIR_HELP, check_report_outputs, write_html_report
 
 
 def _quiet_tensorflow(debug: bool) -> None:
@@ -201,6 +202,7 @@ def convert_parser() -> argparse.ArgumentParser:
                             "refused as a possible zip bomb (default: 100x the file's size, at least 256, at most "
                             "16384)")
     group.add_argument("--json", nargs="?", const="-", metavar="FILE", help="a machine-readable summary " + JSON_HELP)
+    report_flags(group)
     group.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     group.add_argument("--debug", action="store_true", help="show tracebacks and converter logs")
     version_flag(parser)
@@ -263,8 +265,10 @@ def _convert(args) -> int:
             print(f"[{time.perf_counter() - started:6.1f}s] {stage}: {message}", file=sys.stderr, flush=True)
 
     result = convert_model(args.input, args.outputs, options=convert_options(args), progress=progress)
+    summary = json.dumps(result.to_dict(), indent=2, default=str)
     if args.json:
-        write_output(args.json, json.dumps(result.to_dict(), indent=2, default=str))
+        write_output(args.json, summary)
+    write_html_report(args, [(Path(args.input).name, json.loads(summary))], title=f"convert-model: {args.input}")
     if args.json != "-":
         print(recovery_tables(result) + artifact_table(result))
     return 0
@@ -274,6 +278,7 @@ def _convert_outputs(args) -> None:
     """--json FILE is checked before any work; it is never an input, an output or an output's manifest."""
     protected = [args.input, args.data, args.test_data, *args.outputs, *(f"{o}.json" for o in args.outputs)]
     check_output_file("--json", args.json, protected=protected, overwrite=args.overwrite)
+    check_report_outputs(args, protected=[*protected, args.json])
 
 
 def recovery_tables(result) -> str:
@@ -364,7 +369,8 @@ def demo_parser() -> argparse.ArgumentParser:
                     "(rank per layer for a 1-point accuracy budget, least-squares refinement, fine-tuning, int8 "
                     "TFLite and ONNX) on the training digits, scored and verified on the test digits; finally the "
                     "speed table: bench-model on the original and the separated model, float32 and int8, TFLite and "
-                    "ONNX, at 1 and 2 threads. Nothing is downloaded.")
+                    "ONNX, at 1 and 2 threads; and the HTML report of it all (report.html, a PNG per chart in "
+                    "report/). Nothing is downloaded.")
     parser.add_argument("--out", type=Path, default=Path("build/demo"),
                         help="directory for the demo model and reports (default: %(default)s)")
     parser.add_argument("--epochs", type=int, default=15, help="training epochs of the original (default: %(default)s)")
@@ -411,12 +417,27 @@ def _demo(args) -> int:
     summary["conversion"] = _demo_conversion(args, model_path, split)
     if not args.no_bench:
         summary["speed"] = _demo_speed(args, model_path)
+    summary["report"] = _demo_report(args, summary)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
         print(json.dumps(summary, indent=2, default=str))
     else:
         print(f"reports, artifacts and manifests are in {args.out}/ ({summary['seconds']} s)")
     return 0
+
+
+def _demo_report(args, summary: dict) -> str:
+    """The HTML report of the conversion and the speed table (report.html) and a PNG per chart (report/)."""
+    from sepconv.deploy.cli import html_renderer
+
+    renderer = html_renderer()
+    page = renderer.render(renderer.classify(json.loads(json.dumps(summary, default=str)), "demo"),
+                           title="sepconv demo: the tutorial network on digits")
+    path = args.out / "report.html"
+    renderer.write_report(page, path, args.out / "report", overwrite=True)
+    if not args.json:
+        print(f"== report: {path} (charts as PNG in {args.out / 'report'}/)")
+    return str(path)
 
 
 def _demo_conversion(args, model_path: Path, split) -> dict:
@@ -466,6 +487,51 @@ def demo_main(argv=None) -> int:
         return supervise("sepconv-demo", argv)
     die_with_parent()
     return run("sepconv-demo", _demo, args)
+
+
+def report_parser() -> argparse.ArgumentParser:
+    parser = Parser(
+        prog="sepconv-report",
+        description="Draw one self-contained HTML report (inline SVG charts and tables, no script, opens without a "
+                    "network) from saved JSON: convert-model's --json summary (per-layer sensitivity and chosen K, "
+                    "parameters and MACs per layer, each recovery stage, the artifacts), bench-model's and "
+                    "deploy-model's --json reports (latency distributions, speed-ups, accuracy, memory, the devices; "
+                    "several runs or hosts side by side), sepconv-demo's --json summary. Needs matplotlib "
+                    "(pip install 'sepconv[report]'), not TensorFlow.",
+        epilog="examples:\n  sepconv-report convert.json bench.json -o report.html\n"
+               "  sepconv-report sepconv-reports/*.json -o fleet.html --report-dir charts/   # and a PNG per chart",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("inputs", nargs="+", metavar="run.json", help="JSON written by convert-model, bench-model, "
+                        "deploy-model (--json FILE, or a file of sepconv-reports/) or sepconv-demo --json")
+    parser.add_argument("-o", "--output", metavar="FILE", help="the HTML report to write, e.g. report.html")
+    parser.add_argument("--report-dir", metavar="DIR", help="also " + REPORT_DIR_HELP)
+    parser.add_argument("--title", default="sepconv report", help="the page's title (default: %(default)s)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing report or PNG")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    version_flag(parser)
+    return parser
+
+
+def _report(args) -> int:
+    from sepconv.deploy.cli import html_renderer
+
+    renderer = html_renderer()
+    runs = renderer.load_runs(args.inputs)
+    renderer.write_report(renderer.render(runs, title=args.title), args.output, args.report_dir,
+                          overwrite=args.overwrite)
+    written = [p for p in (args.output, args.report_dir) if p]
+    print(f"wrote {' and '.join(written)} ({len(runs.converts)} conversion(s), {len(runs.benches)} benchmark(s)"
+          f"{f', {len(runs.failed)} failed host(s)' if runs.failed else ''})")
+    return 0
+
+
+def report_main(argv=None) -> int:
+    parser = report_parser()
+    args = parser.parse_args(argv)
+    if not (args.output or args.report_dir):
+        parser.error("name the HTML file with -o FILE (or a folder for PNGs with --report-dir DIR)")
+    return run_command("sepconv-report", _report, args,
+                       outputs=lambda a: check_report_outputs(a, protected=a.inputs, flag="-o", target=a.output))
 
 
 MAINS = {"convert-model": convert_main, "sepconv-demo": demo_main}

@@ -9,7 +9,8 @@ from sepconv.deploy.errors import ArtifactError, InvalidOptionError, RuntimeMiss
 __all__ = [
     "ArtifactError", "BudgetError", "CheckpointError", "CorruptModelFileError", "DataError", "DiskFullError",
     "EmptyModelFileError", "ExportError", "FlexOpsError", "InterruptedRunError", "InvalidOptionError", "ModelLoadError",
-    "ModelNotFoundError", "ModelTooLargeError", "OutputBusyError", "OutputPathError", "RuntimeMissingError",
+    "ModelNotFoundError", "ModelTooLargeError", "OutputBusyError", "OutputPathError", "ReportInputError",
+    "RuntimeMissingError",
     "SavedModelError", "SepconvError", "UnknownObjectError", "UnsafeModelError", "UnsupportedModelError",
     "VerificationError", "WeightsOnlyFileError", "WrongFileKindError",
 ]
@@ -82,6 +83,11 @@ class OutputBusyError(OutputPathError):
 class DiskFullError(SepconvError):
     """No space left on the device while writing an artifact, a manifest or a checkpoint; nothing half-written is
     left. Deliberately not an OSError: callers that turn OSErrors into other messages must let it through."""
+
+
+class ReportInputError(SepconvError):
+    """A JSON file given to the HTML report that is missing, unreadable, not JSON, a failure report, or of a kind the
+    report does not know."""
 
 
 class VerificationError(SepconvError):

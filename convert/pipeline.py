@@ -158,6 +158,7 @@ class Artifact:
     manifest: str
     verification: dict
     quantize_fallback: dict | None = None  # {from, reason}: --quantize auto's first choice failed verification
+    quantization: dict | None = None  # the int8 repair's attempts and layers kept in float (quantization.py)
 
 
 @dataclass(frozen=True)
@@ -706,7 +707,8 @@ def _commit(item: dict) -> Artifact:
     manifest = item["manifest"]
     return Artifact(path=str(target), format=item["format"], quantize=item["quantize"], bytes=manifest["bytes"],
                     sha256=manifest["sha256"], manifest=str(manifest_path(target)),
-                    verification=manifest["verification"], quantize_fallback=item["fallback"])
+                    verification=manifest["verification"], quantize_fallback=item["fallback"],
+                    quantization=manifest.get("quantization"))
 
 
 class _Timer:

@@ -118,8 +118,9 @@ def check_output_file(flag: str, target, *, protected=(), overwrite: bool = Fals
         return
     path = Path(target)
     if path.suffix.lower() in NOT_A_REPORT:
+        suffix = {"--json": ".json", "--csv": ".csv"}.get(flag, ".html")
         raise OutputError(f"{flag} {target}: a report would replace a {path.suffix} file; name the report "
-                          f"e.g. {path.with_suffix('.json' if flag == '--json' else '.csv').name}")
+                          f"e.g. {path.with_suffix(suffix).name}")
     for other in protected:
         if other is not None and _same_file(path, Path(other)):
             raise OutputError(f"{flag} {target}: is also an input of this run; name another file for the report")
@@ -148,6 +149,61 @@ def check_output_folder(flag: str, target) -> None:
         raise OutputError(f"{flag} {target}: {existing} is not a folder; name another")
     if not os.access(existing, os.W_OK | os.X_OK):
         raise OutputError(f"{flag} {target}: {existing} is not writable; name another folder")
+
+
+REPORT_HELP = ("an HTML report with charts to FILE (one self-contained page: inline SVG, no script, opens without a "
+               "network); needs the plotting extra: pip install 'sepconv[report]'")
+REPORT_DIR_HELP = ("a PNG of each chart in DIR (created if missing; existing PNGs of the same name are replaced only "
+                   "with --overwrite)")
+
+
+def report_flags(parser) -> None:
+    """--report FILE and --report-dir DIR: the same flags in convert-model, bench-model and deploy-model."""
+    parser.add_argument("--report", metavar="FILE", help=REPORT_HELP)
+    parser.add_argument("--report-dir", metavar="DIR", help=REPORT_DIR_HELP)
+
+
+def check_report_outputs(args, *, protected=(), flag: str = "--report", target=None) -> None:
+    """Before any work: the report's paths can be written and the plotting extra is installed."""
+    from sepconv.deploy.errors import OutputError
+
+    target = getattr(args, "report", None) if target is None else target
+    if target == "-":
+        raise OutputError(f"{flag} -: the HTML report goes to a file; name one, e.g. report.html")
+    check_output_file(flag, target, protected=protected, overwrite=args.overwrite)
+    if args.report_dir:
+        check_output_folder("--report-dir", args.report_dir)
+    if target or args.report_dir:
+        html_renderer()
+
+
+def html_renderer():
+    """sepconv.convert.html_report, imported now (lazily: never at import time), or the install hint in one line.
+
+    It needs matplotlib, not TensorFlow; a device's sepconv-deploy wheel has neither, so the report is drawn on the
+    workstation, from the JSON the device wrote, with sepconv-report."""
+    from sepconv.deploy.errors import RuntimeMissingError
+
+    try:
+        from sepconv.convert import charts, html_report
+    except ImportError:
+        raise RuntimeMissingError("The HTML report needs the workstation side of sepconv with matplotlib: "
+                                  "pip install 'sepconv[report]'") from None
+    charts.require_matplotlib()
+    return html_report
+
+
+def write_html_report(args, documents, *, title: str, target=None) -> None:
+    """Draw the report of `documents` ([(label, JSON dict)]) to --report (or `target`) and --report-dir, if asked."""
+    target = getattr(args, "report", None) if target is None else target
+    if not (target or args.report_dir):
+        return
+    renderer = html_renderer()
+    runs = renderer.Runs()
+    for label, document in documents:
+        runs.add(renderer.classify(document, label))
+    page = renderer.render(runs, title=title)
+    renderer.write_report(page, target, args.report_dir, overwrite=args.overwrite)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -226,6 +282,7 @@ def bench_parser() -> argparse.ArgumentParser:
                         + JSON_HELP)
     parser.add_argument("--csv", metavar="FILE", help="one row per case as CSV ('-' for stdout; the same rules as "
                         "--json's FILE)")
+    report_flags(parser)
     return _output_flags(parser)
 
 
@@ -243,6 +300,7 @@ def _bench_outputs(args) -> None:
     protected = [*args.models, args.input]
     check_output_file("--json", args.json, protected=protected, overwrite=args.overwrite)
     check_output_file("--csv", args.csv, protected=[*protected, args.json], overwrite=args.overwrite)
+    check_report_outputs(args, protected=[*protected, args.json, args.csv])
 
 
 def _bench(args) -> int:
@@ -255,6 +313,7 @@ def _bench(args) -> int:
         write_output(args.json, json.dumps(report, indent=2))
     if args.csv:
         write_output(args.csv, cases_csv(report["cases"]))
+    write_html_report(args, [("local", report)], title="bench-model: " + ", ".join(Path(m).name for m in args.models))
     if not quiet_stdout:
         print(cases_table(report, markdown=args.markdown))
     return 0
@@ -400,6 +459,7 @@ def deploy_parser() -> argparse.ArgumentParser:
                         "every host " + JSON_HELP)
     parser.add_argument("--csv", metavar="FILE", help="one row per host and case, one with the error for a failed "
                         "host, as CSV ('-' for stdout; the same rules as --json's FILE)")
+    report_flags(parser)
     return _output_flags(parser)
 
 
@@ -421,6 +481,7 @@ def _deploy_outputs(args) -> None:
     check_output_file("--json", args.json, protected=protected, overwrite=args.overwrite)
     check_output_file("--csv", args.csv, protected=[*protected, args.json], overwrite=args.overwrite)
     check_output_folder("--reports", args.reports)
+    check_report_outputs(args, protected=[*protected, args.json, args.csv])
 
 
 def _deploy(args) -> int:
@@ -449,7 +510,9 @@ def _deploy(args) -> int:
                          f"{m['local_top1']:.2%} here): the device's figures are not the model's"
                          for m in report["prediction_mismatch"]]
         reports = {"local": {"host": "local", "benchmark": local}, **reports}
-    _save_reports(args, reports, failed)
+    everything = _save_reports(args, reports, failed)
+    if reports:  # hosts side by side; failed hosts are listed with their error
+        write_html_report(args, [("deploy-model", everything)], title=f"deploy-model: {', '.join(results)}")
     if reports and args.json != "-" and args.csv != "-":
         print(deploy_table(reports, markdown=args.markdown) + "".join(f"\n{w}" for w in warnings))
     for line in warnings:
@@ -461,7 +524,7 @@ def _deploy(args) -> int:
     return EXIT_SOME_HOSTS_FAILED if len(failed) < len(results) else EXIT_ERROR
 
 
-def _save_reports(args, reports: dict, failed: dict) -> None:
+def _save_reports(args, reports: dict, failed: dict) -> dict:
     if any(host != "local" for host in reports):
         folder = Path(args.reports)
         try:
@@ -486,6 +549,7 @@ def _save_reports(args, reports: dict, failed: dict) -> None:
         for host, error in failed.items():
             csv.writer(errors).writerow([host, *[""] * (len(CSV_COLUMNS) - 2), str(error)])
         write_output(args.csv, ",".join(CSV_COLUMNS) + "\n" + rows + errors.getvalue())
+    return everything
 
 
 def deploy_table(reports: dict, *, markdown: bool = False) -> str:

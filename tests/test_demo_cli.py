@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-DEMO = [sys.executable, "-m", "sepconv.convert.cli"]
+DEMO = [sys.executable, "-m", "sepconv.convert.cli", "sepconv-demo"]
 
 
 def run(*args, timeout=600):
@@ -38,6 +38,10 @@ def test_demo_trains_separates_and_reports(tmp_path):
     speed = summary["speed"]["cases"]
     assert [(c["model"], c["threads"]) for c in speed[:2]] == [("original_fp32.tflite", 1), ("original_fp32.tflite", 2)]
     assert len(speed) == 16 and all(c["accuracy"]["samples"] == 450 for c in speed)
+    page = (tmp_path / "report.html").read_text()
+    assert summary["report"] == str(tmp_path / "report.html")
+    for chart in ("convert1_sensitivity", "convert1_stages", "latency", "speedup", "tradeoff_size"):
+        assert f'<figure id="{chart}">' in page and (tmp_path / "report" / f"{chart}.png").stat().st_size > 1000
 
     again = run("--out", str(tmp_path), "--bench-time", "0.1")  # reuses the cached model and prints tables
     assert again.returncode == 0, again.stderr[-3000:]

@@ -248,7 +248,7 @@ def test_fleet_some_hosts_failed_is_exit_3_with_a_row_per_host(deployed, sshd, t
     subprocess.run(["git", "init", "-q", str(checkout)], check=True)
     done = run(f"{ALIAS},sepconv-gone", deployed["local"], "--ssh-config", _fleet_config(sshd, tmp_path),
                "--connect-timeout", "3", "--remote-dir", deployed["remote_dir"], "--json", tmp_path / "fleet.json",
-               "--csv", tmp_path / "fleet.csv", *FAST, cwd=checkout)
+               "--csv", tmp_path / "fleet.csv", "--report", tmp_path / "fleet.html", *FAST, cwd=checkout)
     assert done.returncode == 3, done.stderr[-3000:]
     assert done.stderr.strip().splitlines()[-1].startswith("deploy-model: error: sepconv-gone: unreachable")
     fleet = json.loads((tmp_path / "fleet.json").read_text())
@@ -258,6 +258,9 @@ def test_fleet_some_hosts_failed_is_exit_3_with_a_row_per_host(deployed, sshd, t
     rows = list(csv.DictReader(io.StringIO((tmp_path / "fleet.csv").read_text())))
     assert [r["host"] for r in rows] == [ALIAS, "sepconv-gone"]
     assert rows[0]["error"] == "" and "unreachable" in rows[1]["error"] and rows[1]["p50_ms"] == ""
+    page = (tmp_path / "fleet.html").read_text()  # the HTML report: the device's latencies, the failed host's error
+    assert '<figure id="latency">' in page and f"<td>{ALIAS}</td>" in page
+    assert "<td>sepconv-gone</td><td>" in page and "unreachable" in page
     assert (checkout / "sepconv-reports").is_dir()
     status = subprocess.run(["git", "status", "--porcelain"], cwd=checkout, capture_output=True, text=True)
     assert status.stdout == "", "the reports folder ignores itself"
@@ -296,6 +299,8 @@ def test_identical_artifacts_keep_their_own_names(deployed, sshd, small_artifact
     (lambda t, a: ["--json", t / "missing" / "r.json"], "does not exist"),
     (lambda t, a: ["--json", t], "is a directory"),
     (lambda t, a: ["--reports", write_file(t / "file", b"keep")], "is a file, not a folder"),
+    (lambda t, a: ["--report", a], "a report would replace a .tflite file; name the report e.g. float.html"),
+    (lambda t, a: ["--report", t / "r.html", "--report-dir", write_file(t / "file", b"keep")], "is a file, not a folder"),
 ])
 def test_output_paths_are_refused_before_anything_runs(sshd, small_artifacts, tmp_path, flags, phrase):
     remote = tmp_path / "remote"

@@ -48,7 +48,7 @@ def test_setup_for_tests_installs_the_deploy_tests_packages_without_asking(tmp_p
     calls = log.read_text().splitlines()
     install = [c for c in calls if c.startswith("apt-get install")]
     assert len(install) == 1, calls
-    assert all(p in install[0] for p in ("openssh-server", "qemu-user-static", "debootstrap", " -y "))
+    assert all(p in install[0] for p in ("openssh-server", "qemu-user-static", "debootstrap", "chromium", " -y "))
     assert "DEBIAN_FRONTEND=noninteractive stdin=no-tty" in install[0]
     if os.geteuid() == 0:
         assert not [c for c in calls if c.startswith("sudo")], "as root, no sudo"

@@ -1,0 +1,292 @@
+"""The HTML report: --report / --report-dir on convert-model and bench-model, sepconv-report on saved JSON, the
+renderer on JSON that a real (tiny) conversion and benchmark wrote, and every bad input as one line."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import keras
+import numpy as np
+import pytest
+
+from helpers import write_file
+
+BIN = Path(sys.executable).parent
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+FAST_BENCH = ["--min-runs", "10", "--min-time", "0.05", "--warmup-runs", "2", "--warmup-time", "0", "--quiet"]
+CONVERT_CHARTS = {"convert1_sensitivity", "convert1_layers", "convert1_stages", "convert1_artifacts", "tradeoff_size"}
+BENCH_CHARTS = {"latency", "speedup", "tradeoff_latency", "memory"}
+
+
+def run(tool, *args, timeout=600):
+    return subprocess.run([str(BIN / tool), *map(str, args)], capture_output=True, text=True, timeout=timeout)
+
+
+def assert_png_drawn(path: Path):
+    """A PNG that decodes and is not one flat colour."""
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(path).convert("L"), dtype=np.float64)
+    assert pixels.shape[0] > 100 and pixels.shape[1] > 100, f"{path.name}: {pixels.shape}"
+    assert pixels.std() > 10, f"{path.name} is blank (pixel std {pixels.std():.2f})"
+
+
+def assert_self_contained(page: str):
+    assert page.startswith("<!DOCTYPE html>") and page.rstrip().endswith("</html>")
+    assert "<script" not in page.lower(), "no script: the page is static"
+    for attribute in ("src=", "@import", "url(http", 'href="http', "href='http"):
+        assert attribute not in page, f"the page loads something from outside ({attribute})"
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """convert-model on a tiny CNN with --data (budget, refine, fine-tune, int8 TFLite and ONNX), --json, --report,
+    --report-dir: the JSON the other tests render is what the tool wrote."""
+    folder = tmp_path_factory.mktemp("converted")
+    keras.utils.set_random_seed(0)
+    x_in = keras.Input((12, 12, 3), name="pixels")
+    x = keras.layers.Conv2D(16, 3, activation="relu", name="c1")(x_in)
+    x = keras.layers.Conv2D(16, 3, strides=2, name="c2")(x)
+    keras.Model(x_in, keras.layers.Dense(5, activation="softmax")(keras.layers.Flatten()(x))).save(folder / "small.h5")
+    x = np.random.default_rng(3).random((160, 12, 12, 3)).astype(np.float32)
+    np.savez(folder / "data.npz", x=x)
+    np.savez(folder / "labelled.npz", x=x[:40], y=np.random.default_rng(0).integers(0, 5, 40))
+    # a loose budget and agreement: a random network's figures are not the point here, the report of them is
+    done = run("convert-model", folder / "small.h5", folder / "m.tflite", folder / "m.onnx", "--data",
+               folder / "data.npz", "--max-accuracy-drop", "50", "--epochs", "1", "--min-agreement", "0.3",
+               "--json", folder / "convert.json", "--report", folder / "convert.html", "--report-dir",
+               folder / "convert-charts")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def benched(converted):
+    folder = converted
+    done = run("bench-model", folder / "m.tflite", folder / "m.onnx", "--threads", "1,2", "--input",
+               folder / "labelled.npz", *FAST_BENCH, "--json", folder / "bench.json", "--report", folder / "bench.html",
+               "--report-dir", folder / "bench-charts")
+    assert done.returncode == 0, done.stderr[-3000:]
+    return folder
+
+
+def test_convert_model_report_and_pngs(converted):
+    page = (converted / "convert.html").read_text()
+    assert_self_contained(page)
+    summary = json.loads((converted / "convert.json").read_text())
+    for name in CONVERT_CHARTS:
+        assert f'<figure id="{name}">' in page, name
+        assert_png_drawn(converted / "convert-charts" / f"{name}.png")
+    assert {p.stem for p in (converted / "convert-charts").iterdir()} == CONVERT_CHARTS
+    for layer in summary["recovery"]["budget"]["layers"]:  # the heat map's cells are the measured drops
+        for candidate in layer["candidates"]:
+            if candidate["rank"]:
+                assert f"{candidate['drop']:+.2f}" in page, (layer["path"], candidate)
+    for artifact in summary["artifacts"]:
+        assert f"<td>{Path(artifact['path']).name}</td>" in page
+
+
+def test_bench_model_report_and_pngs(benched):
+    page = (benched / "bench.html").read_text()
+    assert_self_contained(page)
+    for name in BENCH_CHARTS:
+        assert f'<figure id="{name}">' in page, name
+        assert_png_drawn(benched / "bench-charts" / f"{name}.png")
+    report = json.loads((benched / "bench.json").read_text())
+    assert f"<td>{report['context']['os']}</td>" in page, "the device context is shown"
+
+
+def test_renderer_on_saved_json(benched):
+    from sepconv.convert import charts
+    from sepconv.convert.html_report import load_runs, render
+
+    runs = load_runs([benched / "convert.json", benched / "bench.json"])
+    page = render(runs, title="two runs")
+    assert {chart.name for chart in page.charts} == CONVERT_CHARTS | BENCH_CHARTS
+    assert all(chart.svg.startswith("<svg") and chart.png.startswith(b"\x89PNG") for chart in page.charts)
+    assert page.html.count("<svg") == len(page.charts)
+    budget = json.loads((benched / "convert.json").read_text())["recovery"]["budget"]
+    points = charts.tradeoff_points(budget)
+    keep = next(p for p in points if p[0] == "keep")
+    assert keep[1] == budget["params_before"] and keep[2] == pytest.approx(budget["baseline"]), \
+        "keeping every layer is the original: its parameters, its score"
+    k1 = next(p for p in points if p[0] == "K=1")
+    expected = sum(c["params"] for layer in budget["layers"] for c in layer["candidates"] if c["rank"] == 1)
+    assert k1[1] == expected and k1[2] == pytest.approx(
+        budget["baseline"] - sum(c["drop"] for layer in budget["layers"] for c in layer["candidates"] if c["rank"] == 1))
+    assert [p[1] for p in points] == sorted(p[1] for p in points)
+
+
+def test_layers_kept_in_float_are_listed_when_the_json_has_them(converted):
+    """An int8 artifact whose repair kept layers in float (issue 11) names them in the artifact table."""
+    from sepconv.convert.html_report import classify, render
+
+    summary = json.loads((converted / "convert.json").read_text())
+    assert "<td>none</td>" in render(classify(summary)).html, "nothing recorded: none"
+    summary["artifacts"][0]["quantization"] = {"float_layers": [  # as convert-model records them (quantization.py)
+        {"layer": "c2", "op": "CONV_2D", "reason": "largest quantization error", "bytes": 1024}]}
+    assert "<td>c2</td>" in render(classify(summary)).html
+
+
+def test_hosts_side_by_side_and_a_failed_host(benched):
+    """deploy-model's --json shape ({host: report}), built from the real bench report, with one failed host."""
+    from sepconv.convert.html_report import classify, render
+
+    bench = json.loads((benched / "bench.json").read_text())
+    fleet = {"pi-a": {"host": "pi-a", "device": {"machine": "aarch64", "pi_model": "Raspberry Pi 5"}, "benchmark": bench},
+             "pi-b": {"host": "pi-b", "device": {"machine": "aarch64", "emulated": True}, "benchmark": bench},
+             "pi-c": {"host": "pi-c", "error": {"type": "HostUnreachableError", "message": "pi-c: unreachable"}}}
+    runs = classify(fleet, "fleet")
+    assert [label for label, _, _ in runs.benches] == ["pi-a", "pi-b"] and runs.failed == [("pi-c", "pi-c: unreachable")]
+    page = render(runs)
+    latency = next(chart for chart in page.charts if chart.name == "latency")
+    assert latency.svg.count("pi-a") >= 1 and latency.svg.count("pi-b") >= 1, "one panel per host"
+    assert "Raspberry Pi 5" in page.html and "timings are meaningless" in page.html
+    assert "<td>pi-c</td><td>pi-c: unreachable</td>" in page.html
+
+
+def test_sepconv_report_renders_saved_json_side_by_side(benched, tmp_path):
+    done = run("sepconv-report", benched / "convert.json", benched / "bench.json", benched / "bench.json", "-o",
+               tmp_path / "r.html", "--report-dir", tmp_path / "png", "--title", "Two runs")
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith(f"wrote {tmp_path / 'r.html'}") and done.stderr == ""
+    page = (tmp_path / "r.html").read_text()
+    assert "<title>Two runs</title>" in page and page.count("<td>bench</td>") >= 2, "both bench runs are shown"
+    assert {p.stem for p in (tmp_path / "png").iterdir()} == CONVERT_CHARTS | BENCH_CHARTS
+    again = run("sepconv-report", benched / "bench.json", "-o", tmp_path / "r.html")
+    assert again.returncode == 1 and "exists; pass --overwrite" in again.stderr
+    assert run("sepconv-report", benched / "bench.json", "-o", tmp_path / "r.html", "--overwrite").returncode == 0
+
+
+@pytest.mark.parametrize("make, phrase", [
+    (lambda t, b: [t / "nope.json"], "no such file"),
+    (lambda t, b: [write_file(t / "cut.json", (b / "bench.json").read_bytes()[:500])], "is not valid JSON"),
+    (lambda t, b: [write_file(t / "odd.json", b'{"hello": [1, 2]}')], "unknown kind"),
+    (lambda t, b: [write_file(t / "list.json", b"[1, 2]")], "unknown kind"),
+    (lambda t, b: [write_file(t / "failed.json", json.dumps({"error": {"type": "ArtifactError", "message": "gone"},
+                                                              "exit_status": 1, "tool": "bench-model"}).encode())],
+     "failure report of bench-model"),
+    (lambda t, b: [b / "bench.json", "-o", t / "missing" / "r.html"], "does not exist"),
+    (lambda t, b: [b / "bench.json", "-o", t / "model.tflite"], "would replace a .tflite file"),
+    (lambda t, b: [b / "bench.json", "-o", b / "bench.json"], "is also an input"),
+    (lambda t, b: [b / "bench.json", "-o", "-"], "goes to a file"),
+])
+def test_bad_input_is_one_line_and_no_file(benched, tmp_path, make, phrase):
+    args = make(tmp_path, benched)
+    if "-o" not in args:
+        args += ["-o", tmp_path / "r.html"]
+    before = sorted(p.name for p in tmp_path.iterdir())
+    done = run("sepconv-report", *args)
+    assert done.returncode == 1, (done.returncode, done.stderr)
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    assert done.stderr.startswith("sepconv-report: error: ") and phrase in done.stderr, done.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == before, "no partial file is left"
+    assert json.loads((benched / "bench.json").read_text())["cases"], "an input is never touched"
+
+
+def test_unwritable_folder(benched, tmp_path):
+    """Not writable: refused before any work when the permissions say so (a user), or the write itself fails (root
+    in sysfs): one line either way, nothing left."""
+    folder = Path("/sys") if os.geteuid() == 0 else tmp_path / "ro"
+    folder.mkdir(mode=0o555, exist_ok=True)
+    done = run("sepconv-report", benched / "bench.json", "-o", folder / "sepconv-r.html")
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert ("is not writable" in done.stderr or "could not be written" in done.stderr), done.stderr
+    assert not (folder / "sepconv-r.html").exists() and not list(folder.glob(".sepconv-r.html.*"))
+
+
+def test_failed_write_leaves_nothing(benched, tmp_path, monkeypatch):
+    """A write that fails half-way (disk full) raises OutputError and leaves neither the file nor a temporary one."""
+    from sepconv.convert import html_report
+    from sepconv.deploy.errors import OutputError
+
+    page = html_report.render(html_report.load_runs([benched / "bench.json"]))
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(html_report.os, "fsync", disk_full)
+    with pytest.raises(OutputError, match="No space left on device"):
+        html_report.write_report(page, tmp_path / "r.html", tmp_path / "png")
+    assert not (tmp_path / "r.html").exists() and not [p for p in tmp_path.rglob("*") if p.is_file()]
+
+
+def test_no_flag_no_output(benched):
+    done = run("sepconv-report", benched / "bench.json")
+    assert done.returncode == 2 and "name the HTML file with -o FILE" in done.stderr
+
+
+BLOCKED = """
+import sys
+class Block:
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] == "matplotlib":
+            raise ImportError("blocked for this test: " + name)
+sys.meta_path.insert(0, Block())
+from sepconv.deploy.cli import bench_main
+sys.exit(bench_main(sys.argv[1:]))
+"""
+
+
+def test_report_without_matplotlib_fails_first_in_one_line(benched, tmp_path):
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(BLOCKED), str(benched / "m.tflite"), "--report",
+                           str(tmp_path / "r.html"), *FAST_BENCH], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+    assert "pip install 'sepconv[report]'" in done.stderr and done.stdout == "", "refused before benchmarking"
+    assert not list(tmp_path.iterdir())
+
+
+def test_device_side_imports_neither_matplotlib_nor_tensorflow():
+    probe = ("import sys, sepconv.deploy, sepconv.deploy.cli as cli; cli.bench_parser().format_help(); "
+             "cli.deploy_parser().format_help(); import sepconv.convert.html_report; "
+             "print(sorted(m for m in ('matplotlib', 'tensorflow') if m in sys.modules))")
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr
+    assert "--report FILE" in run("bench-model", "--help").stdout
+    assert "--report-dir DIR" in run("deploy-model", "--help").stdout
+
+
+def chromium(page: Path, profile: Path, *mode):
+    """Debian's chromium, headless, as root in a container allows (no sandbox, no GPU, no network chatter), with
+    the page's console messages logged to stderr as 'CONSOLE' lines."""
+    assert CHROMIUM, "chromium is missing: scripts/setup --for-tests installs it"
+    return subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                           "--disable-component-update", "--no-first-run", "--disable-extensions",
+                           f"--user-data-dir={profile}", "--enable-logging=stderr", "--v=0", *mode, page.as_uri()],
+                          capture_output=True, text=True, timeout=180)
+
+
+def console_lines(done) -> list[str]:
+    return [line for line in done.stderr.splitlines() if ":CONSOLE" in line]
+
+
+def test_the_report_renders_in_a_real_browser(benched, tmp_path):
+    page = tmp_path / "report.html"
+    assert run("sepconv-report", benched / "convert.json", benched / "bench.json", "-o", page).returncode == 0
+    shot = chromium(page, tmp_path / "profile", "--window-size=1280,6000", f"--screenshot={tmp_path / 'shot.png'}")
+    assert shot.returncode == 0, shot.stderr[-3000:]
+    assert_png_drawn(tmp_path / "shot.png")
+    from PIL import Image
+
+    pixels = np.asarray(Image.open(tmp_path / "shot.png").convert("RGB"), dtype=np.int32)
+    for color in ("#4C72B0", "#55A868"):  # bars and boxes of the charts (the page's own style has no such colour)
+        rgb = np.array([int(color[i:i + 2], 16) for i in (1, 3, 5)])
+        drawn = int((np.abs(pixels - rgb).sum(axis=-1) < 12).sum())
+        assert drawn > 2000, f"the charts' {color} covers {drawn} pixels of the screenshot: the SVG did not render"
+    assert console_lines(shot) == [], "no console error or warning"
+    dom = chromium(page, tmp_path / "profile", "--dump-dom")
+    assert dom.returncode == 0 and console_lines(dom) == [], dom.stderr[-3000:]
+    for name in CONVERT_CHARTS | BENCH_CHARTS:
+        assert f'<figure id="{name}">' in dom.stdout, f"{name} is not in the browser's DOM"
+    assert dom.stdout.count("<svg") == len(CONVERT_CHARTS | BENCH_CHARTS), "every chart parsed as SVG"
+
+
+def test_the_browser_check_sees_console_errors(tmp_path):
+    """The check above would catch a page that fails: the same browser run reports a script error."""
+    page = write_file(tmp_path / "bad.html", b"<!DOCTYPE html><p>x</p><script>undefinedFunction();</script>")
+    done = chromium(page, tmp_path / "profile", "--dump-dom")
+    assert any("undefinedFunction is not defined" in line for line in console_lines(done)), done.stderr[-3000:]
