@@ -35,7 +35,19 @@ def main(argv=None) -> int:
     parser.add_argument("--models", default=",".join(zoo.ZOO), help="comma-separated zoo names (default: all)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
     parser.add_argument("--out", type=Path, default=Path("build/zoo"))
+    parser.add_argument("--table", action="store_true", help="only print the table of OUT/bench-zoo.json")
     args = parser.parse_args(argv)
+    if args.table:
+        saved = json.loads((args.out / "bench-zoo.json").read_text())
+        for row in saved["rows"]:  # rows written before the report had these columns: read them off the manifest
+            manifest = args.out / row["model"] / "runs" / f"{row['mode']}.tflite.json"
+            if row["exit"] == 0 and "fallback" not in row and manifest.is_file():
+                recorded = json.loads(manifest.read_text())
+                row["fallback"] = (recorded.get("quantize_fallback") or {}).get("reason")
+                row["float_layers"] = [f["layer"] for f in (recorded.get("quantization") or {}).get("float_layers", [])]
+                row["keras_test_drop"] = ((recorded.get("recovery") or {}).get("budget") or {}).get("test_drop")
+        print(f"{saved['cpu']}\n\n{table(saved['rows'])}")
+        return 0
     rows = []
     report = args.out / "bench-zoo.json"
     previous = {(r["model"], r["mode"]): r for r in json.loads(report.read_text())["rows"]} if report.exists() else {}
@@ -114,7 +126,10 @@ def scored(entry, artifact: Path) -> dict:
     recovery = manifest.get("recovery") or {}
     stages = recovery.get("stages", [])
     budget = recovery.get("budget") or {}
+    float_layers = [f["layer"] for f in (manifest.get("quantization") or {}).get("float_layers", [])]
     return {"int8_accuracy": float(np.mean(predicted == test["y"])), "bytes": manifest["bytes"],
+            "fallback": (manifest.get("quantize_fallback") or {}).get("reason"), "float_layers": float_layers,
+            "keras_test_drop": budget.get("test_drop"),
             "quantize": manifest["quantize"], "params_after": totals.get("model_params_after", entry.params),
             "macs_before": totals.get("macs_before"), "macs_after": totals.get("macs_after"),
             "separated": totals.get("separated", 0), "conv_layers": totals.get("layers", 0),
@@ -140,13 +155,18 @@ def table(rows) -> str:
                 else "")
         stages = ", ".join(f"{name} {'kept' if kept else 'REJECTED'}" for name, kept in r.get("stages") or []) if ok \
             else ""
-        lines.append([r["model"], r["mode"], f"exit {r['exit']}" if not ok else "0",
+        artifact = ""
+        if ok:
+            artifact = r.get("quantize", "") + (" (int8 failed)" if r.get("fallback") else "") + (
+                f" ({len(r['float_layers'])} float)" if r.get("float_layers") else "")
+        lines.append([r["model"], r["mode"], f"exit {r['exit']}" if not ok else "0", artifact,
                       f"{r['params_before']:,} -> {r['params_after']:,}" if ok else f"{r['params_before']:,}", macs,
                       f"{r['original_accuracy']:.2%}", f"{r['int8_accuracy']:.2%}" if ok else "",
-                      f"{drop:+.2f}" if ok else "", stages or ("" if ok else (r["error"] or "")[:90]),
+                      f"{drop:+.2f}" if ok else "",
+                      f"{r['keras_test_drop']:+.2f}" if ok and r.get("keras_test_drop") is not None else "", stages or ("" if ok else (r["error"] or "")[:90]),
                       r["seconds"], f"{r['peak_rss_mib']:,.0f}"])
-    return tabulate(lines, headers=["model", "mode", "exit", "parameters", "conv MACs", "original", "int8 (test)",
-                                    "drop", "stages (kept / rejected) or error", "seconds", "peak MiB"],
+    return tabulate(lines, headers=["model", "mode", "exit", "artifact", "parameters", "conv MACs", "original", "artifact (test)",
+                                    "drop", "budget: Keras drop (test)", "stages (kept / rejected) or error", "seconds", "peak MiB"],
                     tablefmt="github", disable_numparse=True)
 
 
