@@ -116,6 +116,9 @@ def convert_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-samples", type=_positive, help="read at most this many samples (a seeded random choice)")
     group.add_argument("--test-data", help="test data (same forms as --data) for scoring and verification only, never "
                        "for choosing; default: --heldout-fraction of --data")
+    group.add_argument("--validation-data", help="validation data (same forms as --data) that makes every choice, "
+                       "instead of --validation-fraction of --data: pass it when --data is the set the model was "
+                       "trained on, whose scores are inflated")
     group.add_argument("--heldout-fraction", type=_open_fraction, default=0.25,
                        help="share of --data held out as test data when there is no --test-data (default: "
                             "%(default)s)")
@@ -235,6 +238,7 @@ def convert_options(args):
         resume=args.resume,
         data=args.data,
         test_data=args.test_data,
+        validation_data=args.validation_data,
         heldout_fraction=args.heldout_fraction,
         validation_fraction=args.validation_fraction,
         data_options=DataOptions(scale=args.scale, mean=args.mean, std=args.std, max_samples=args.max_samples),
@@ -276,7 +280,7 @@ def _convert(args) -> int:
 
 def _convert_outputs(args) -> None:
     """--json FILE is checked before any work; it is never an input, an output or an output's manifest."""
-    protected = [args.input, args.data, args.test_data, *args.outputs, *(f"{o}.json" for o in args.outputs)]
+    protected = [args.input, args.data, args.test_data, args.validation_data, *args.outputs, *(f"{o}.json" for o in args.outputs)]
     check_output_file("--json", args.json, protected=protected, overwrite=args.overwrite)
     check_report_outputs(args, protected=[*protected, args.json])
 

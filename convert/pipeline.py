@@ -62,7 +62,8 @@ class ConvertOptions:
     continue an interrupted run from them.
     data: an .npz or image folder; test_data: held-out data for scoring and verification, never used to choose
     (default: heldout_fraction of data). validation_fraction: the share of the remaining data set aside for every
-    choice (the budget's sensitivity, early stopping, keeping or rejecting each recovery stage).
+    choice (the budget's sensitivity, early stopping, keeping or rejecting each recovery stage); validation_data:
+    that data from its own file instead (say when --data is the set the model was trained on).
     calibration_samples: training samples that calibrate int8, refinement and BatchNorm statistics.
     quantization: int8 diagnosis and repair (quantization.py): explain, repair, max_float_layers.
     """
@@ -79,6 +80,7 @@ class ConvertOptions:
     resume: bool = False
     data: str | None = None
     test_data: str | None = None
+    validation_data: str | None = None
     heldout_fraction: float = 0.25
     validation_fraction: float = 0.2
     data_options: DataOptions = field(default_factory=DataOptions)
@@ -494,7 +496,8 @@ def _check_modes(targets: list[Path], plan: dict, options: ConvertOptions) -> No
                   (plan["epochs"], "--epochs", "fine-tunes on your images", True),
                   (plan["max_accuracy_drop"] is not None, "--max-accuracy-drop", "measures accuracy on validation "
                                                                                  "images", True),
-                  (options.test_data, "--test-data", "scores a model trained or calibrated on --data", False)]
+                  (options.test_data, "--test-data", "scores a model trained or calibrated on --data", False),
+                  (options.validation_data, "--validation-data", "chooses what is done with --data", False)]
     for wanted, flag, what, separated_only in needs_data:
         if wanted and not options.data:
             raise InvalidOptionError(f"{flag} {what}; pass --data (an .npz or a folder of images)")
@@ -546,11 +549,16 @@ def _data(model, options: ConvertOptions):
             rest, test = data, _labelled_data(options.test_data, model, data_options)
         else:
             rest, test = split(data, heldout=options.heldout_fraction)
-        train, validation = split(rest, heldout=options.validation_fraction, seed=1)
+        if options.validation_data:
+            train = rest.take(np.random.default_rng(1).permutation(len(rest)))  # all of it, shuffled
+            validation = _labelled_data(options.validation_data, model, data_options)
+        else:
+            train, validation = split(rest, heldout=options.validation_fraction, seed=1)
         calibration = train.take(np.arange(min(options.calibration_samples, len(train))))
         labels = "labelled" if data.y is not None else "unlabelled"
         held = f"{len(test)} from {test.source}" if options.test_data else f"{len(test)} held out"
         info = {"source": data.source, "test_source": test.source if options.test_data else None,
+                "validation_source": validation.source if options.validation_data else None,
                 "samples": len(data), "labelled": data.y is not None, "scale": data_options.scale,
                 "preprocessing": preprocessing,
                 "train_samples": len(train), "calibration_samples": len(calibration),

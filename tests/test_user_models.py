@@ -392,3 +392,19 @@ def test_quantize_auto_falls_back_when_int8_fails_verification(tmp_path):
                    "--quantize", "int8", "--no-repair")
     assert insisted.returncode == 1 and "failed verification" in insisted.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "i.tflite").exists(), "an explicit --quantize int8 is not replaced"
+
+
+def test_validation_data_from_its_own_file(tmp_path, labelled):
+    """--validation-data: every choice is made on that file, and all of --data trains (nothing split off it)."""
+    test = np.load(labelled / "test.npz")
+    np.savez(tmp_path / "val.npz", x=test["x"][:60], y=test["y"][:60])
+    np.savez(tmp_path / "test.npz", x=test["x"][60:], y=test["y"][60:])
+    result = convert_model(labelled / "teacher.keras", [tmp_path / "m.tflite"], data=str(labelled / "train.npz"),
+                           validation_data=str(tmp_path / "val.npz"), test_data=str(tmp_path / "test.npz"),
+                           quantize="none", max_accuracy_drop=20.0, epochs=1)
+    assert result.data["train_samples"] == 450 and result.data["validation_samples"] == 60
+    assert result.data["validation_source"] == str(tmp_path / "val.npz")
+    assert result.recovery["budget"]["samples"] == 60 and result.recovery["samples"] == 90
+    refused = run(labelled / "teacher.keras", tmp_path / "n.tflite", "--validation-data", tmp_path / "val.npz")
+    assert refused.returncode == 1 and "--validation-data chooses what is done with --data; pass --data" in \
+        refused.stderr.strip().splitlines()[-1]
