@@ -90,7 +90,10 @@ def report_stage(stage: str) -> None:
 
 
 def die_with_parent() -> None:
-    """In the child (Linux): get SIGKILL when the parent dies, so a killed command leaves no worker running."""
+    """In the child: Ctrl-C acts (the parent passes on only what it was sent, and a shell or test runner may have
+    started it with SIGINT ignored, which the child would inherit); on Linux, get SIGKILL when the parent dies, so a
+    killed command leaves no worker running."""
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     if not sys.platform.startswith("linux"):
         return
     import ctypes

@@ -177,8 +177,7 @@ def _open_case(path: Path, threads: int, data, options: BenchOptions):
                 artifact=_artifact(path, runtime), load_ms=round(load_ms, 3), first_ms=round(first_ms, 3),
                 warmup={"runs": runs, "seconds": round(warm_seconds, 3)}, memory=memory,
                 runs_per_round=runs_per_round(warm_seconds / runs if runs else first_ms / 1000, options))
-    if data is not None:
-        case.artifact["input_preprocessing"] = preprocessing
+    case.artifact["input_preprocessing"] = preprocessing if data is not None else None  # what scaled --input
     return case, {"runtime": runtime, "invoke": invoke, "timed": 0.0, "began": None, "preprocessing": preprocessing}
 
 

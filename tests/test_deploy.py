@@ -212,6 +212,12 @@ def test_server_gone_mid_run(small_artifacts, tmp_path):
     assert not partial_files(tmp_path / "remote")
 
 
+def ctrl_c_as_in_a_terminal():
+    """pytest-xdist's workers run with SIGINT ignored, and a child inherits that; a user's shell starts deploy-model
+    with SIGINT at its default, which is what this test is about."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def test_ctrl_c_stops_the_remote_benchmark_at_once(deployed, sshd, small_artifacts, tmp_path):
     """Ctrl-C during the remote benchmark: deploy-model exits 130 with one line at once (not after the remote step's
     30 minutes), and the benchmark on the device is killed, not left running."""
@@ -220,7 +226,7 @@ def test_ctrl_c_stops_the_remote_benchmark_at_once(deployed, sshd, small_artifac
     process = subprocess.Popen([DEPLOY, ALIAS, str(local), "--ssh-config", str(sshd.client_config()), "--remote-dir",
                                 str(deployed["remote_dir"]), "--reports", str(tmp_path / "reports"), "--min-time",
                                 "1000", "--max-time", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True)
+                               text=True, preexec_fn=ctrl_c_as_in_a_terminal)
     _wait_for_stderr(process, "device: round")
     remote = str(deployed["remote_dir"] / "venv/bin/python")
     assert processes_mentioning(remote), "the benchmark runs on the device"
