@@ -359,7 +359,7 @@ def convert_main(argv=None) -> int:
     if not in_worker():  # the work runs in a child process (supervise.py: a native crash becomes one line)
         first = Path(args.outputs[0])
         checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else first.with_name(first.name + ".checkpoints")
-        return supervise("convert-model", argv, checkpoints, json_target=args.json)
+        return _supervised("convert-model", argv, checkpoints, json_target=args.json)
     die_with_parent()
     return run("convert-model", _convert, args, outputs=_convert_outputs)
 
@@ -488,7 +488,7 @@ def demo_main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = demo_parser().parse_args(argv)
     if not in_worker():
-        return supervise("sepconv-demo", argv)
+        return _supervised("sepconv-demo", argv)
     die_with_parent()
     return run("sepconv-demo", _demo, args)
 
@@ -536,6 +536,23 @@ def report_main(argv=None) -> int:
         parser.error("name the HTML file with -o FILE (or a folder for PNGs with --report-dir DIR)")
     return run_command("sepconv-report", _report, args,
                        outputs=lambda a: check_report_outputs(a, protected=a.inputs, flag="-o", target=a.output))
+
+
+def _supervised(prog: str, argv: list[str], checkpoints: Path | None = None, json_target=None) -> int:
+    """The parent's part: run the worker (supervise.py); a native crash is one line on stderr, and the JSON failure
+    record too when --json asks for one."""
+    from sepconv.convert.supervise import EXIT_CRASH
+
+    status, crash = supervise(prog, argv, checkpoints)
+    if crash is not None:
+        print(f"{prog}: error: {crash}", file=sys.stderr)
+        if json_target:
+            from types import SimpleNamespace
+
+            from sepconv.deploy.cli import _json_failure
+
+            _json_failure(SimpleNamespace(json=json_target), prog, "NativeCrash", crash, EXIT_CRASH, True)
+    return status
 
 
 MAINS = {"convert-model": convert_main, "sepconv-demo": demo_main}

@@ -363,9 +363,7 @@ def _export_all(exported, original, targets, quantize, calibration, heldout, dat
         return tuple(_commit(s) for s in staged)
     finally:
         for item in staged:
-            for tmp in (item["tmp"], item["tmp_manifest"]):
-                if tmp is not None:
-                    Path(tmp).unlink(missing_ok=True)
+            _discard(item)
 
 
 # What --quantize auto tries after a full-int8 artifact fails verification, in order, per format: int8 weights with
@@ -384,9 +382,7 @@ def _fall_back(item: dict, *stage_args) -> dict:
     exported, original, calibration, heldout, data_info, options, source, report, recovery, say = stage_args
     reasons = []
     for mode in AUTO_FALLBACKS[item["format"]]:
-        for path in (item["tmp"], item["tmp_manifest"]):
-            if path is not None:
-                Path(path).unlink(missing_ok=True)
+        _discard(item)
         reasons.append(f"{item['quantize']}: " + "; ".join(item["verification"].failures()))
         say("export", f"{item['target']}: {item['quantize']} failed verification ({reasons[-1]}); --quantize auto "
                       f"tries {mode} instead (pass --quantize int8 to insist on int8)")
@@ -606,10 +602,15 @@ def _stage(model, original, target: Path, quantize: str, calibration, heldout, d
             return _export_and_verify(item, model, original, calibration, heldout, data_info, options, source,
                                       report, recovery, say)
     except BaseException:
-        for path in (item["tmp"], item["tmp_manifest"]):
-            if path is not None:
-                Path(path).unlink(missing_ok=True)
+        _discard(item)
         raise
+
+
+def _discard(item: dict) -> None:
+    """Remove a staged artifact's temporary files (nothing after _commit has renamed them)."""
+    for path in (item["tmp"], item["tmp_manifest"]):
+        if path is not None:
+            Path(path).unlink(missing_ok=True)
 
 
 def _export_and_verify(item: dict, model, original, calibration, heldout, data_info, options: ConvertOptions,

@@ -44,9 +44,9 @@ def safe_environment(environ=None) -> dict:
     return env
 
 
-def supervise(prog: str, argv: list[str], checkpoints: Path | None = None, json_target=None) -> int:
-    """Run `prog argv` in a child process; its exit status, or EXIT_CRASH with one line on stderr (and the JSON
-    failure record when `json_target`, the --json flag's value, asks for one) after a crash."""
+def supervise(prog: str, argv: list[str], checkpoints: Path | None = None) -> tuple[int, str | None]:
+    """Run `prog argv` in a child process: (its exit status, None), or (EXIT_CRASH, the one-line message naming the
+    signal, the stage and how to go on) when native code killed it. The caller prints."""
     fd, status = tempfile.mkstemp(prefix="sepconv-status-")
     os.close(fd)
     env = dict(safe_environment(), **{STATUS: status})
@@ -58,24 +58,15 @@ def supervise(prog: str, argv: list[str], checkpoints: Path | None = None, json_
     finally:
         os.unlink(status)
     if returncode < 0 and -returncode in CRASHES:
-        line = crash_line(prog, signal.Signals(-returncode), stage, checkpoints, env.get(ONEDNN))
-        print(line, file=sys.stderr)
-        if json_target:
-            from types import SimpleNamespace
-
-            from sepconv.deploy.cli import _json_failure
-
-            _json_failure(SimpleNamespace(json=json_target), prog, "NativeCrash", line.split(": error: ", 1)[1],
-                          EXIT_CRASH, True)
-        return EXIT_CRASH
-    return returncode if returncode >= 0 else 128 - returncode
+        return EXIT_CRASH, crash_line(signal.Signals(-returncode), stage, checkpoints, env.get(ONEDNN))
+    return (returncode if returncode >= 0 else 128 - returncode), None
 
 
-def crash_line(prog: str, signum: signal.Signals, stage: str, checkpoints: Path | None, onednn: str | None) -> str:
+def crash_line(signum: signal.Signals, stage: str, checkpoints: Path | None, onednn: str | None) -> str:
     resume = (f"finished fine-tuning epochs are checkpointed in {checkpoints}: run the same command with --resume "
               f"to continue" if checkpoints is not None and checkpoints.exists() else "run the same command again")
     switch = (f"; if it happens again, try {ONEDNN}={'1' if onednn == '0' else '0'}" if onednn is not None else "")
-    return (f"{prog}: error: TensorFlow crashed in native code ({signum.name}) during the {stage} stage; nothing was "
+    return (f"TensorFlow crashed in native code ({signum.name}) during the {stage} stage; nothing was "
             f"written; {resume}{switch}, and report it with --debug output")
 
 
