@@ -341,6 +341,12 @@ def artifact_table(result) -> str:
                      _pct(check["agreement"]), _pct(artifact.verification["original_agreement"]),
                      "passed" if artifact.verification["passed"] else "FAILED"])
     headers = ["model", "format", "size", "smaller", "accuracy", "agrees w/ separated", "agrees w/ original", "check"]
+    budgets = [artifact.verification.get("budget") for artifact in result.artifacts]
+    if any(budgets):  # --max-accuracy-drop covers each artifact: its own drop on the validation data
+        headers.insert(-1, "budget (validation)")
+        rows[0].insert(-1, "")
+        for row, budget in zip(rows[1:], budgets):
+            row.insert(-1, f"{budget['drop']:+.2f} of {budget['max_drop']} points" if budget else "")
     data = result.data
     held = data.get("test_source") or data["source"]
     note = (f"verified on {data['heldout_samples']} held-out samples of {held}" if data["source"] else
