@@ -145,7 +145,8 @@ class ConvertOptions:
         described = asdict(self)
         described.pop("custom_objects")
         described["separation"] = self.separation.describe()
-        described["finetune"] = asdict(self.finetune)
+        described["finetune"] = {key: value for key, value in asdict(self.finetune).items()
+                                  if key not in ("epochs", "checkpoint_dir", "resume")}  # the run's own fields decide
         described["plan"] = self.plan()
         return described
 
@@ -208,14 +209,30 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
         raise InvalidOptionError(f"Pass options=ConvertOptions(...) or keyword options, not both (got {sorted(kwargs)})")
     say = progress or (lambda stage, message: None)
     source = Path(source)
-    targets = _check_outputs(source, outputs, options)
-    plan = options.plan()
-    _check_modes(targets, plan, options)
+    targets, plan = preflight(source, outputs, options)
     recovery_options = _recovery_options(options, plan, targets)
     locked = targets + ([Path(recovery_options.checkpoint_dir)] if recovery_options.epochs else [])
     with _locked(locked), _trusted(options.safe_mode):
         _check_outputs(source, targets, options)  # again, under the lock: a run that finished meanwhile wrote them
         return _convert(source, targets, plan, options, recovery_options, say)
+
+
+def preflight(source, outputs, options: ConvertOptions) -> tuple[list[Path], dict]:
+    """(targets, plan): every check that needs neither TensorFlow nor the model's contents, before any work: the
+    outputs, the options together, the model file's kind, the data paths. convert_model starts with it; the CLI runs it
+    before it starts its worker, so that a wrong path or flag costs no TensorFlow start-up."""
+    from sepconv.convert.data import check_source
+    from sepconv.convert.loading import file_kind
+
+    source = Path(source)
+    targets = _check_outputs(source, outputs, options)
+    plan = options.plan()
+    _check_modes(targets, plan, options)
+    file_kind(source)
+    for data in (options.data, options.validation_data, options.test_data):
+        if data:
+            check_source(data)
+    return targets, plan
 
 
 def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOptions, recovery_options,
