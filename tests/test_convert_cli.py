@@ -341,8 +341,8 @@ def test_interrupted_fine_tuning_then_resume(tmp_path, trained_demo, how):
 
     out = tmp_path / "out"
     out.mkdir()
-    args = [trained_demo["h5"], out / "d.tflite", "--data", trained_demo["npz"], "--rank", "1", "--epochs", "12",
-            "--patience", "12", "--quantize", "none"]
+    args = [trained_demo["h5"], out / "d.tflite", "--data", trained_demo["npz"], "--rank", "1", "--epochs", "5",
+            "--patience", "5", "--quantize", "none"]
     env = dict(os.environ, PYTHONPATH=str(HERE))
     process = subprocess.Popen([*CONVERT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env)
