@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from sepconv.convert.errors import DataError, InvalidOptionError
+from sepconv.deploy.files import first_line
 from sepconv.deploy.preprocess import AUTO, SCALES  # one definition for both sides
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -113,7 +114,7 @@ def _from_npz(path: Path, shape, options: DataOptions) -> Dataset:
         with np.load(path, allow_pickle=False) as archive:
             arrays = {key: archive[key] for key in archive.files}
     except (OSError, ValueError) as error:
-        raise DataError(f"{path}: cannot be read as .npz ({str(error).splitlines()[0][:200]}); save it with "
+        raise DataError(f"{path}: cannot be read as .npz ({first_line(error, 200)}); save it with "
                         f"numpy.savez(path, x=images, y=labels)") from error
     if "x" not in arrays:
         raise DataError(f"{path}: has no array 'x' (found: {sorted(arrays)}); save it with numpy.savez(path, x=images, "

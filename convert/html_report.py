@@ -13,17 +13,15 @@ is imported when a chart is drawn (charts.py).
 
 from __future__ import annotations
 
-import contextlib
 import html
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from sepconv.convert import charts
 from sepconv.convert.errors import ReportInputError
 from sepconv.deploy.errors import OutputError
+from sepconv.deploy.files import write_atomic
 
 KINDS = ("convert-model's --json summary, bench-model's --json report, deploy-model's --json report or a "
          "per-host file of its sepconv-reports/, or sepconv-demo's --json summary")
@@ -170,19 +168,9 @@ def write_report(page: Page, html_path=None, png_dir=None, *, overwrite: bool = 
 
 
 def _write_whole(path: Path, data: bytes) -> None:
-    tmp = None
     try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
-        with os.fdopen(fd, "wb") as file:
-            file.write(data)
-            file.flush()
-            os.fsync(file.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
+        write_atomic(path, data, sync=True)
     except OSError as error:
-        if tmp:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
         raise OutputError(f"{path}: could not be written ({error.strerror or error}); nothing half-written was "
                           f"left") from None
 

@@ -29,6 +29,7 @@ from sepconv.convert.errors import (
     WeightsOnlyFileError,
     WrongFileKindError,
 )
+from sepconv.deploy.files import first_line
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"
@@ -153,7 +154,7 @@ def _read_config(path: Path, kind: str, limit: int) -> dict:
     except ModelLoadError:
         raise
     except (OSError, zipfile.BadZipFile, ValueError, KeyError, UnicodeDecodeError) as error:
-        raise CorruptModelFileError(f"{path}: cannot be read ({_first_line(error)}); the file is damaged or "
+        raise CorruptModelFileError(f"{path}: cannot be read ({first_line(error)}); the file is damaged or "
                                     f"truncated: save or copy it again") from error
     if not isinstance(config, dict) or "class_name" not in config:
         raise CorruptModelFileError(f"{path}: its model configuration is not a Keras model config; save the model "
@@ -271,15 +272,10 @@ def _translate(path: Path, error: Exception) -> ModelLoadError:
             f"{path}: uses custom object {name!r} that is not registered; pass custom_objects={{'{name}': ...}} "
             f"(CLI: --custom-objects module:{name}) or decorate it with @keras.saving.register_keras_serializable()")
     if "safe_mode" in text or "unsafe" in text.lower():
-        return UnsafeModelError(f"{path}: Keras refused to load it in safe mode ({_first_line(error)}); only if you "
+        return UnsafeModelError(f"{path}: Keras refused to load it in safe mode ({first_line(error)}); only if you "
                                 f"trust this file: load(..., safe_mode=False) (CLI: --unsafe-allow-lambda)")
-    return ModelLoadError(f"{path}: Keras could not rebuild the model ({type(error).__name__}: {_first_line(error)}); "
+    return ModelLoadError(f"{path}: Keras could not rebuild the model ({type(error).__name__}: {first_line(error)}); "
                           f"run with --debug for the full trace")
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__
 
 
 def parse_custom_objects(specs: Iterable[str]) -> dict:

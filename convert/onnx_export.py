@@ -16,6 +16,7 @@ import numpy as np
 
 from sepconv.convert.errors import ExportError, InvalidOptionError
 from sepconv.convert.trace import frozen_function, input_names, layers_in_scopes
+from sepconv.deploy.files import first_line
 from sepconv.deploy.quiet import captured_output
 
 ONNX_MODES = ("none", "dynamic", "int8")
@@ -93,7 +94,7 @@ def _tf2onnx(model, path: Path, options: OnnxOptions) -> None:
                 inputs_as_nchw=tf_inputs if options.layout == "nchw" else None,
                 custom_op_handlers={"Erfc": (_erfc, [])})
     except Exception as error:  # tf2onnx raises ValueError, RuntimeError, its own errors ...
-        raise ExportError(f"tf2onnx failed at opset {options.opset} ({_first(error)}); try another --opset, or run "
+        raise ExportError(f"tf2onnx failed at opset {options.opset} ({first_line(error)}); try another --opset, or run "
                           f"with --debug for tf2onnx's log") from error
     _refuse_untranslated(proto, model, options)
     for old, new in [*zip(tf_inputs, names), *zip(tf_outputs, _output_names(model, len(tf_outputs)))]:
@@ -159,7 +160,7 @@ def _quantize(source: Path, target: Path, options: OnnxOptions, representative_d
                 samples = np.transpose(samples, (0, 3, 1, 2))
             quantize_static_qdq(source, target, samples, input_names(model)[0], per_channel=options.per_channel)
     except Exception as error:  # onnxruntime.quantization raises many types
-        raise ExportError(f"ONNX Runtime's {options.quantize} quantization failed ({_first(error)}); run with --debug "
+        raise ExportError(f"ONNX Runtime's {options.quantize} quantization failed ({first_line(error)}); run with --debug "
                           f"for details") from error
 
 
@@ -198,8 +199,3 @@ def reader(samples: np.ndarray, input_name: str):
             return None if index is None else {input_name: samples[index:index + 1]}
 
     return Reader()
-
-
-def _first(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0][:300] if text else type(error).__name__

@@ -15,6 +15,7 @@ from sepconv.convert.errors import InvalidOptionError, UnsupportedModelError
 from sepconv.convert.policy import DEFAULT_ENERGY, SeparationOptions  # noqa: F401  (re-exported)
 from sepconv.convert.report import SeparationReport
 from sepconv.convert.rewrites import CONV_LIKE, Plan, plan_layer, unsupported_row
+from sepconv.deploy.files import first_line
 
 def separate(model: keras.Model, *, rank=None, energy=None, include=None, exclude=None,
              only_if_smaller: bool = True, ranks=None) -> tuple[keras.Model, SeparationReport]:
@@ -42,7 +43,7 @@ def separate_with(model: keras.Model, options: SeparationOptions) -> tuple[keras
         except Exception as error:  # a custom layer whose get_config/from_config do not round-trip
             raise UnsupportedModelError(
                 f"Layer {layer.name!r} ({type(layer).__name__}) cannot be re-created from its config "
-                f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}); give the class "
+                f"({type(error).__name__}: {first_line(str(error))}); give the class "
                 f"get_config() and from_config() that round-trip") from error
         clones.append((layer, new, plan))
         return new

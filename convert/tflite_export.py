@@ -16,6 +16,7 @@ import numpy as np
 
 from sepconv.convert.errors import ExportError, FlexOpsError, InvalidOptionError
 from sepconv.convert.trace import frozen_function, layers_in_scopes
+from sepconv.deploy.files import first_line
 from sepconv.deploy.quiet import captured_output
 
 TFLITE_MODES = ("none", "float16", "dynamic", "int8", "int16x8")
@@ -109,7 +110,7 @@ def _require_loadable(flatbuffer: bytes, options: TFLiteOptions) -> None:
         with captured_output():
             interpreter_class(model_content=flatbuffer).allocate_tensors()
     except (RuntimeError, ValueError) as error:
-        first = str(error).strip().splitlines()[0][:200]
+        first = first_line(error, 200)
         raise ExportError(f"The TFLite converter produced a quantize={options.quantize!r} model that {runtime} "
                           f"refuses to prepare ({first}); try another --quantize mode (e.g. int8)") from error
 
@@ -128,6 +129,6 @@ def _translate(error: Exception, log: str, model, frozen, options: TFLiteOptions
     if "ERROR_NEEDS_CUSTOM_OPS" in text or "Custom ops:" in text:
         return ExportError(f"TFLite has no kernel for TensorFlow {where}, not even with Flex; replace those layers "
                            f"with ones TFLite supports")
-    first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+    first = first_line(error)
     return ExportError(f"The TFLite converter failed for quantize={options.quantize!r} ({first}); run with --debug "
                        f"for the converter's log")

@@ -24,6 +24,7 @@ from typing import Callable
 import numpy as np
 
 from sepconv.deploy.errors import ArtifactError, InputDataError, InvalidOptionError
+from sepconv.deploy.files import sha256
 from sepconv.deploy.runtime import import_runtime, open_runtime
 from sepconv.deploy.preprocess import check_scale, from_pixels, preprocessing_for
 from sepconv.deploy.stats import summarize
@@ -299,7 +300,7 @@ def _accuracy(runtime, data, batch: int, preprocessing: dict) -> dict:
 
 
 def _artifact(path: Path, runtime) -> dict:
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    digest = sha256(path)
     info = {"path": str(path), "bytes": path.stat().st_size, "sha256": digest,
             "inputs": [s.to_dict() for s in runtime.inputs], "outputs": [s.to_dict() for s in runtime.outputs],
             "manifest": None}

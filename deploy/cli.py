@@ -16,6 +16,8 @@ import sys
 import time
 from pathlib import Path
 
+from sepconv.deploy.files import write_atomic
+
 EXIT_ERROR = 1  # a sepconv error (for deploy-model: every host failed, or nothing could start)
 EXIT_BAD_FLAG = 2
 EXIT_SOME_HOSTS_FAILED = 3  # deploy-model: some hosts failed, the others' results are reported
@@ -328,16 +330,9 @@ def write_output(target: str, text: str) -> None:
         print(text)
         return
     path = Path(target)
-    tmp = path.with_name(f".{path.name}.partial")
     try:
-        with open(tmp, "w") as file:
-            file.write(text + ("" if text.endswith("\n") else "\n"))
-            file.flush()
-            os.fsync(file.fileno())
-        tmp.replace(path)
+        write_atomic(path, text + ("" if text.endswith("\n") else "\n"), sync=True)
     except OSError as error:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
         raise OutputError(f"{path}: could not be written ({error.strerror or error}); nothing half-written was "
                           f"left") from None
 

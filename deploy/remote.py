@@ -17,7 +17,6 @@ An emulated device (qemu: the probe's `emulated`) runs LiteRT without XNNPACK un
 from __future__ import annotations
 
 import concurrent.futures
-import hashlib
 import json
 import tempfile
 import time
@@ -28,6 +27,7 @@ from typing import Callable
 
 from sepconv.deploy.errors import (ArtifactError, InvalidOptionError, RemoteError, RemoteInstallError,
                                    RemoteRuntimeError, SepconvError, UnsupportedDeviceError)
+from sepconv.deploy.files import sha256
 from sepconv.deploy.ssh import Connection, SshOptions, parse_target
 
 DEFAULT_REMOTE_DIR = ".sepconv"
@@ -224,7 +224,7 @@ def ensure_runtime(conn: Connection, device: dict, paths: list[Path], wheel: Pat
     started = time.perf_counter()
     root = options.remote_dir
     packages = sorted({RUNTIME_PACKAGES[p.suffix.lower()] for p in paths})
-    wanted = {"wheel_sha256": _sha256(wheel), "packages": packages}
+    wanted = {"wheel_sha256": sha256(wheel), "packages": packages}
     state = conn.run(["cat", "--", f"{root}/venv/.sepconv-deploy.json"], check=False).stdout.decode()
     try:
         current = json.loads(state) if state.strip() else None
@@ -277,7 +277,7 @@ def upload(conn: Connection, paths: list[Path], options: DeployOptions, say) -> 
     present = set(conn.run(["ls", "-1", "--", folder]).stdout.decode().split())
     copied = []
     for path in paths:
-        digest = _sha256(path)
+        digest = sha256(path)
         name = f"{digest}{path.suffix.lower()}"
         item = {"local": str(path), "remote": f"{folder}/{name}", "sha256": digest, "bytes": path.stat().st_size,
                 "copied": name not in present}
@@ -348,14 +348,6 @@ def prediction_mismatches(local: dict, device: dict) -> list[dict]:
             found.append({"model": case["model"], "threads": case["threads"], "device_top1": case["accuracy"]["top1"],
                           "local_top1": other["accuracy"]["top1"]})
     return found
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _tail(data: bytes, lines: int) -> str:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from sepconv.deploy.errors import ArtifactError, InvalidOptionError, RuntimeMissingError
+from sepconv.deploy.files import first_line
 from sepconv.deploy.quiet import captured_output
 
 TFLITE_SUFFIX = ".tflite"
@@ -115,7 +116,7 @@ class LiteRTRuntime(Runtime):
                 self._interpreter = interpreter_class(model_path=str(path), num_threads=threads, **options)
                 self._interpreter.allocate_tensors()
         except (ValueError, RuntimeError) as error:
-            raise ArtifactError(f"{path}: LiteRT cannot load it ({str(error).strip().splitlines()[0][:200]}); the "
+            raise ArtifactError(f"{path}: LiteRT cannot load it ({first_line(error, 200)}); the "
                                 f"file is damaged or not a TFLite model: export it again") from error
         self._input_details = self._interpreter.get_input_details()
         self._output_details = self._interpreter.get_output_details()
@@ -200,7 +201,7 @@ class OnnxRuntime(Runtime):
         try:
             self._session = onnxruntime.InferenceSession(str(path), options, providers=list(providers))
         except Exception as error:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
-            raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({str(error).strip().splitlines()[0][:200]}); "
+            raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({first_line(error, 200)}); "
                                 f"the file is damaged or not an ONNX model: export it again") from error
         self.inputs = tuple(_onnx_spec(i) for i in self._session.get_inputs())
         self.outputs = tuple(_onnx_spec(o) for o in self._session.get_outputs())

@@ -202,6 +202,7 @@ def test_unwritable_folder(benched, tmp_path):
 def test_failed_write_leaves_nothing(benched, tmp_path, monkeypatch):
     """A write that fails half-way (disk full) raises OutputError and leaves neither the file nor a temporary one."""
     from sepconv.convert import html_report
+    from sepconv.deploy import files
     from sepconv.deploy.errors import OutputError
 
     page = html_report.render(html_report.load_runs([benched / "bench.json"]))
@@ -209,7 +210,7 @@ def test_failed_write_leaves_nothing(benched, tmp_path, monkeypatch):
     def disk_full(fd):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(html_report.os, "fsync", disk_full)
+    monkeypatch.setattr(files.os, "fsync", disk_full)  # the shared atomic write (sepconv.deploy.files)
     with pytest.raises(OutputError, match="No space left on device"):
         html_report.write_report(page, tmp_path / "r.html", tmp_path / "png")
     assert not (tmp_path / "r.html").exists() and not [p for p in tmp_path.rglob("*") if p.is_file()]
