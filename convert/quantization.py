@@ -508,7 +508,8 @@ def quantize_verified(model, fmt: str, calibration: Calibration, *, tolerance, i
 
 
 class _EqualizedTwin:
-    """The model, and its cross-layer equalized copy made on first request (equalization.py)."""
+    """The model, and its cross-layer equalized copy made on first request (equalization.py) on the first attempt's
+    calibration samples."""
 
     def __init__(self, model, samples: np.ndarray, per_channel: bool):
         self._model, self._samples, self._per_channel = model, samples, per_channel
@@ -525,8 +526,8 @@ class _EqualizedTwin:
         if self._twin is None:
             from sepconv.convert.equalization import equalize
 
-            self._twin = equalize(self._model, np.asarray(self._samples[:DIAGNOSIS_SAMPLES], np.float32),
-                                  per_channel=self._per_channel)
+            # the ranges of the samples the converter calibrates on: those set its per-tensor int8 ranges
+            self._twin = equalize(self._model, np.asarray(self._samples, np.float32), per_channel=self._per_channel)
         return self._twin[1].to_dict()
 
     def model(self, setting: Setting):
