@@ -46,13 +46,6 @@ class EqualizationReport:
         return {"samples": self.samples, "per_channel": self.per_channel,
                 "layers": [asdict(layer) for layer in self.layers]}
 
-    def summary(self) -> str:
-        if not self.layers:
-            return "no separable layer to equalize"
-        worst = max(self.layers, key=lambda layer: layer.spread_before)
-        return (f"{len(self.layers)} separable layers equalized on {self.samples} images; widest channel spread "
-                f"{worst.path} {worst.spread_before:.1f}x -> {worst.spread_after:.1f}x")
-
 
 def balance_scales(activation_range: np.ndarray, weight_range: np.ndarray) -> np.ndarray:
     """s_j = sqrt(r_j / w_j), normalised to a geometric mean of 1; 1 where either range is 0."""

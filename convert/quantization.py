@@ -159,7 +159,15 @@ class QuantizationReport:
     def line(self) -> str:
         tried = "; ".join(f"{a.name}: {_agreement_text(a)}" for a in self.attempts)
         kept = "; ".join(f"{f.layer} ({f.op}, {f.reason}, {f.bytes:+,} bytes)" for f in self.float_layers)
-        return f"int8 attempts ({tried})" + (f"; kept in float: {kept}" if kept else "")
+        return (f"int8 attempts ({tried})" + (f"; kept in float: {kept}" if kept else "")
+                + (f"; {_equalization_text(self.equalization)}" if self.equalization else ""))
+
+
+def _equalization_text(report: dict) -> str:
+    """What equalization did: how many layers, and the widest spread of channel ranges before and after."""
+    widest = max(report["layers"], key=lambda layer: layer["spread_before"])
+    return (f"equalized {len(report['layers'])} separable layers on {report['samples']} images (widest channel range "
+            f"spread: {widest['path']} {widest['spread_before']:.1f}x -> {widest['spread_after']:.1f}x)")
 
 
 def _agreement_text(attempt: Attempt) -> str:

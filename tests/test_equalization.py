@@ -88,6 +88,7 @@ def test_int8_of_an_unbalanced_separable_layer_fails_and_equalization_repairs_it
                                                               ("cross-layer equalization", True)], report.line()
     assert report.attempts[report.chosen].agreement >= 0.98 and report.float_layers == ()
     assert report.to_dict()["equalization"]["layers"][0]["path"] == "sep"
+    assert "equalized 1 separable layers on 100 images (widest channel range spread: sep" in report.line()
 
 
 def test_equalization_can_be_turned_off(unbalanced):

@@ -207,3 +207,11 @@ def test_a_batchnorm_model_gets_a_frozen_batchnorm_pass_judged_on_validation(tmp
         before, frozen = [s for s in report.stages[:-1] if s.kept][-1], report.stages[-1]
         # the pass is kept exactly when the validation accuracy did not fall
         assert frozen.kept == (frozen.val_accuracy >= before.val_accuracy), (before, frozen)
+
+
+def test_the_frozen_batchnorm_pass_flag_maps_onto_finetune_options():
+    from sepconv.convert.cli import convert_options, convert_parser
+
+    off = convert_options(convert_parser().parse_args(["m.h5", "m.tflite", "--no-frozen-batchnorm-pass"]))
+    assert off.finetune.frozen_batchnorm_pass is False
+    assert convert_options(convert_parser().parse_args(["m.h5", "m.tflite"])).finetune.frozen_batchnorm_pass is True
