@@ -124,3 +124,20 @@ def test_per_tensor_equalization_folds_the_following_batchnorm_and_stays_exact()
     assert not report.per_channel and len(report.layers) == 1
     np.testing.assert_allclose(predict_keras(equalized, x)[0], predict_keras(model, x)[0], rtol=1e-4, atol=1e-4,
                                err_msg="per-tensor equalization changed the float outputs")
+
+
+def test_a_separable_layer_inside_a_nested_model_is_equalized_in_the_copy_only():
+    keras.utils.set_random_seed(4)
+    inner_in = keras.Input((8, 8, 3))
+    inner = keras.Model(inner_in, keras.layers.SeparableConv2D(6, 3, depth_multiplier=2, name="sep")(inner_in),
+                        name="inner")
+    image = keras.Input((8, 8, 3), name="image")
+    model = keras.Model(image, keras.layers.Dense(3)(keras.layers.Flatten()(inner(image))))
+    before = [w.copy() for w in model.get_weights()]
+    x = np.random.default_rng(4).normal(size=(10, 8, 8, 3)).astype(np.float32)
+    equalized, report = eq.equalize(model, x)
+    assert [layer.path for layer in report.layers] == ["inner/sep"]
+    for old, new in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(new, old, err_msg="the input model's (nested) weights were changed")
+    np.testing.assert_allclose(predict_keras(equalized, x)[0], predict_keras(model, x)[0], rtol=1e-4, atol=1e-5,
+                               err_msg="equalization inside a nested model changed the float outputs")
