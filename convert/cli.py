@@ -218,8 +218,9 @@ def convert_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def convert_options(args):
-    """The one mapping from convert-model's flags to ConvertOptions."""
+def convert_options(args, *, custom_objects: bool = True):
+    """The one mapping from convert-model's flags to ConvertOptions; custom_objects=False leaves --custom-objects'
+    modules unimported (the TensorFlow-free preflight)."""
     from sepconv.convert.data import DataOptions
     from sepconv.convert.finetuning import FinetuneOptions
     from sepconv.convert.loading import parse_custom_objects
@@ -259,7 +260,7 @@ def convert_options(args):
                                          max_float_layers=args.max_float_layers, equalize=args.equalize),
         overwrite=args.overwrite,
         safe_mode=not args.unsafe_allow_lambda,
-        custom_objects=parse_custom_objects(args.custom_objects) or None,
+        custom_objects=(parse_custom_objects(args.custom_objects) if custom_objects else None) or None,
         max_unpacked_bytes=args.max_unpacked_mb * (1 << 20) if args.max_unpacked_mb else None,
     )
 
@@ -281,6 +282,13 @@ def _convert(args) -> int:
     write_html_report(args, [(Path(args.input).name, json.loads(summary))], title=f"convert-model: {args.input}")
     if args.json != "-":
         print(recovery_tables(result) + artifact_table(result))
+    return 0
+
+
+def _preflight(args) -> int:
+    from sepconv.convert.pipeline import preflight
+
+    preflight(args.input, args.outputs, convert_options(args, custom_objects=False))
     return 0
 
 
@@ -347,6 +355,12 @@ def artifact_table(result) -> str:
                      _pct(check["agreement"]), _pct(artifact.verification["original_agreement"]),
                      "passed" if artifact.verification["passed"] else "FAILED"])
     headers = ["model", "format", "size", "smaller", "accuracy", "agrees w/ separated", "agrees w/ original", "check"]
+    budgets = [artifact.verification.get("budget") for artifact in result.artifacts]
+    if any(budgets):  # --max-accuracy-drop covers each artifact: its own drop on the validation data
+        headers.insert(-1, "budget (validation)")
+        rows[0].insert(-1, "")
+        for row, budget in zip(rows[1:], budgets):
+            row.insert(-1, f"{budget['drop']:+.2f} of {budget['max_drop']} points" if budget else "")
     data = result.data
     held = data.get("test_source") or data["source"]
     note = (f"verified on {data['heldout_samples']} held-out samples of {held}" if data["source"] else
@@ -363,6 +377,9 @@ def convert_main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = convert_parser().parse_args(argv)
     if not in_worker():  # the work runs in a child process (supervise.py: a native crash becomes one line)
+        status = run_command("convert-model", _one_line_errors(_preflight), args, _convert_outputs)
+        if status:  # a wrong path or flag: said at once, before the worker and TensorFlow start
+            return status
         first = Path(args.outputs[0])
         checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else first.with_name(first.name + ".checkpoints")
         return _supervised("convert-model", argv, checkpoints, json_target=args.json)
@@ -391,27 +408,36 @@ def demo_parser() -> argparse.ArgumentParser:
                         "and separated models, float32 and int8, TFLite and ONNX, 1 and 2 threads)")
     parser.add_argument("--bench-time", type=float, default=1.0, help="seconds of timed runs per case in the speed "
                         "table (default: %(default)s)")
-    parser.add_argument("--json", action="store_true", help="print one JSON summary instead of tables")
+    parser.add_argument("--json", nargs="?", const="-", metavar="FILE",
+                        help="the summary (every figure of the tables, and more) " + JSON_HELP + "; to stdout it "
+                             "replaces the tables, to a FILE it comes beside them")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --json FILE (the demo's own "
+                        "files in --out are always replaced)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     version_flag(parser)
     return parser
+
+
+def _demo_outputs(args) -> None:
+    check_output_file("--json", args.json, protected=[args.out / "digits_tutorial.h5"], overwrite=args.overwrite)
 
 
 def _demo(args) -> int:
     from sepconv.convert import DEFAULT_ENERGY, demo, separate
 
     started = time.perf_counter()
+    quiet = args.json == "-"  # the JSON summary goes to stdout instead of the tables
     model_path = args.out / "digits_tutorial.h5"
     trained = args.retrain or not model_path.exists()
-    if not args.json:
+    if not quiet:
         print(f"{'training' if trained else 'loading'} the demo model {model_path} ...", flush=True)
     model = demo.demo_model(model_path, epochs=args.epochs, seed=args.seed, retrain=args.retrain,
-                            verbose=0 if args.json else 2)
+                            verbose=0 if quiet else 2)
     split = demo.digits(seed=args.seed)
     baseline = demo.accuracy(model, split.x_test, split.y_test)
     summary = {"model": str(model_path), "test_images": int(len(split.y_test)), "original": {
         "params": model.count_params(), "test_accuracy": baseline}, "separations": []}
-    if not args.json:
+    if not quiet:
         print(f"original: {model.count_params():,} parameters, test accuracy {baseline:.2%} "
               f"on {len(split.y_test)} held-out digits\n")
     for label, options in (("K=1 on every Conv2D", {"rank": 1}),
@@ -421,7 +447,7 @@ def _demo(args) -> int:
         summary["separations"].append({"label": label, "options": options, "test_accuracy": score,
                                        "report": report.to_dict()})
         (args.out / f"report_{'k1' if options else 'default'}.json").write_text(report.to_json(indent=2))
-        if not args.json:
+        if not quiet:
             print(f"== {label} (no fine-tuning)\n{report}\n"
                   f"test accuracy: {score:.2%} (original {baseline:.2%})\n")
     summary["conversion"] = _demo_conversion(args, model_path, split)
@@ -430,8 +456,8 @@ def _demo(args) -> int:
     summary["report"] = _demo_report(args, summary)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     if args.json:
-        print(json.dumps(summary, indent=2, default=str))
-    else:
+        write_output(args.json, json.dumps(summary, indent=2, default=str))
+    if not quiet:
         print(f"reports, artifacts and manifests are in {args.out}/ ({summary['seconds']} s)")
     return 0
 
@@ -445,7 +471,7 @@ def _demo_report(args, summary: dict) -> str:
                            title="sepconv demo: the tutorial network on digits")
     path = args.out / "report.html"
     renderer.write_report(page, path, args.out / "report", overwrite=True)
-    if not args.json:
+    if args.json != "-":
         print(f"== report: {path} (charts as PNG in {args.out / 'report'}/)")
     return str(path)
 
@@ -458,17 +484,17 @@ def _demo_conversion(args, model_path: Path, split) -> dict:
 
     train, test = demo.save_split(split, args.out)
     outputs = [args.out / "digits_int8.tflite", args.out / "digits_int8.onnx"]
-    if not args.json:
+    if args.json != "-":
         print(f"== convert-model {model_path} {' '.join(map(str, outputs))} --data {train} --test-data {test} "
               f"--overwrite")
 
     def progress(stage, message):
-        if not args.json:
+        if args.json != "-":
             print(f"  {stage}: {message}", flush=True)
 
     result = convert_model(model_path, outputs, data=str(train), test_data=str(test), overwrite=True,
                            progress=progress)
-    if not args.json:
+    if args.json != "-":
         print(recovery_tables(result) + artifact_table(result) + "\n")
     return result.to_dict()
 
@@ -480,12 +506,12 @@ def _demo_speed(args, model_path: Path) -> dict:
     from sepconv.deploy.cli import cases_table
 
     train, test = args.out / "digits_train.npz", args.out / "digits_test.npz"
-    if not args.json:
+    if args.json != "-":
         print("== speed: original and separated (K=1, refined), float32 and int8, TFLite and ONNX (bench-model)")
     paths = demo.speed_artifacts(model_path, args.out / "speed", train, test)
     report = benchmark(paths, threads=(1, 2), inputs=str(test), min_seconds=args.bench_time, min_runs=50,
-                       progress=None if args.json else lambda message: print(f"  {message}", flush=True)).to_dict()
-    if not args.json:
+                       progress=None if args.json == "-" else lambda message: print(f"  {message}", flush=True)).to_dict()
+    if args.json != "-":
         print(cases_table(report) + "\n")
     return report
 
@@ -494,9 +520,9 @@ def demo_main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = demo_parser().parse_args(argv)
     if not in_worker():
-        return _supervised("sepconv-demo", argv)
+        return _supervised("sepconv-demo", argv, json_target=args.json)
     die_with_parent()
-    return run("sepconv-demo", _demo, args)
+    return run("sepconv-demo", _demo, args, outputs=_demo_outputs)
 
 
 def report_parser() -> argparse.ArgumentParser:
@@ -555,9 +581,9 @@ def _supervised(prog: str, argv: list[str], checkpoints: Path | None = None, jso
         if json_target:
             from types import SimpleNamespace
 
-            from sepconv.deploy.cli import _json_failure
+            from sepconv.deploy.cli import json_failure
 
-            _json_failure(SimpleNamespace(json=json_target), prog, "NativeCrash", crash, EXIT_CRASH, True)
+            json_failure(SimpleNamespace(json=json_target), prog, "NativeCrash", crash, EXIT_CRASH, True)
     return status
 
 

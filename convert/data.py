@@ -69,12 +69,18 @@ def load_data(source, input_shape, options: DataOptions = DataOptions()) -> Data
         raise DataError(f"--data needs a model with one image input of fixed size (H, W, C); this model's input is "
                         f"{tuple(input_shape)}; pass arrays through the Python API instead")
     _check_normalisation(options, shape[-1])
+    check_source(path)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # overflows are counted by _check_finite
+        return _check_finite(_from_folder(path, shape, options) if path.is_dir() else _from_npz(path, shape, options))
+
+
+def check_source(source) -> None:
+    """Raise DataError unless `source` names an existing .npz file or folder (checked before any work)."""
+    path = Path(source)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory; pass an .npz file or a folder of images")
     if not path.is_dir() and path.suffix.lower() != ".npz":
         raise DataError(f"{path}: unrecognized data file; pass an .npz with arrays 'x' (and 'y') or a folder of images")
-    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # overflows are counted by _check_finite
-        return _check_finite(_from_folder(path, shape, options) if path.is_dir() else _from_npz(path, shape, options))
 
 
 def _check_normalisation(options: DataOptions, channels: int) -> None:

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sepconv.convert.errors import DiskFullError, InvalidOptionError
+from sepconv.convert.errors import CheckpointError, DiskFullError, InvalidOptionError
 from sepconv.convert.files import disk_full
 
 STRATEGIES = ("auto", "default", "mirrored")
@@ -150,10 +150,9 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
                                          restore_best_weights=True)]
     if options.checkpoint_dir:
         backup = Path(options.checkpoint_dir)
-        if backup.exists() and not options.resume:
-            import shutil
-
-            shutil.rmtree(backup)
+        if backup.exists() and any(backup.iterdir()) and not options.resume:
+            raise CheckpointError(f"{backup} holds checkpoints of an earlier run: pass resume=True to continue it, "
+                                  f"or delete the folder to start over")
         own.append(_atomic_backup_class()(str(backup), save_freq="epoch", delete_checkpoint=True))
     start = model.get_weights()
     initial = trainer.evaluate(x_val, t_val, batch_size=options.batch_size, verbose=0, return_dict=True)
@@ -221,7 +220,7 @@ def _disk_full_while_checkpointing(folder):
                             f"kept") from None
 
 
-def _require_space(folder: Path, model) -> None:
+def require_space(folder: Path, model) -> None:
     """Refuse a checkpoint the disk cannot hold before HDF5 starts writing it: HDF5 does not recover from a full
     disk in the middle of a file (a stream of errors, then a crash at exit). The estimate is generous (twice the
     model's and optimizer's variables, plus 1 MiB); a disk filled by someone else during the write is not covered."""
@@ -243,7 +242,7 @@ def _atomic_backup_class():
 
     class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
         def _save_model(self):
-            _require_space(Path(self.backup_dir), self.model)
+            require_space(Path(self.backup_dir), self.model)
             final = self._weights_path, self._training_metadata_path
             partial = (final[0].removesuffix(".weights.h5") + ".partial.weights.h5", final[1] + ".partial")
             self._weights_path, self._training_metadata_path = partial

@@ -52,7 +52,7 @@ def load(path, *, custom_objects: dict | None = None, safe_mode: bool = True, ma
     Raises a `ModelLoadError` subclass naming the problem and its fix.
     """
     path = Path(path)
-    kind = _file_kind(path)
+    kind = file_kind(path)
     if max_unpacked_bytes is not None and (not isinstance(max_unpacked_bytes, int) or max_unpacked_bytes < 1):
         raise InvalidOptionError(f"Unrecognized max_unpacked_bytes={max_unpacked_bytes!r}. Use a whole number >= 1")
     limit = max_unpacked_bytes or unpacked_limit(path.stat().st_size)
@@ -63,8 +63,9 @@ def load(path, *, custom_objects: dict | None = None, safe_mode: bool = True, ma
     return _keras_load(path, kind, custom_objects, safe_mode)
 
 
-def _file_kind(path: Path) -> str:
-    """'keras' (zip archive) or 'h5' (HDF5), judged by content; every other case raises."""
+def file_kind(path: Path) -> str:
+    """'keras' (zip archive) or 'h5' (HDF5), judged by content; every other case raises (TensorFlow-free: the CLI
+    checks the model file with it before its worker starts)."""
     if not path.exists():
         raise ModelNotFoundError(f"{path}: no such file or directory; check the path")
     if path.is_dir():

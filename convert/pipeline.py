@@ -23,7 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import numpy as np
 
@@ -36,7 +36,7 @@ from sepconv.convert.tflite_export import NEEDS_DATA, TFLITE_MODES, TFLiteOption
 from sepconv.convert.files import disk_full, sha256
 from sepconv.convert.policy import SeparationOptions
 from sepconv.convert.quantization import Calibration, QuantizationOptions
-from sepconv.convert.verification import Tolerance
+from sepconv.convert.verification import Tolerance, within_budget
 
 FORMATS = {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras"}
 QUANTIZE_CHOICES = ("auto",) + TFLITE_MODES
@@ -145,9 +145,18 @@ class ConvertOptions:
         described = asdict(self)
         described.pop("custom_objects")
         described["separation"] = self.separation.describe()
-        described["finetune"] = asdict(self.finetune)
+        described["finetune"] = {key: value for key, value in asdict(self.finetune).items()
+                                  if key not in ("epochs", "checkpoint_dir", "resume")}  # the run's own fields decide
         described["plan"] = self.plan()
         return described
+
+
+class HeldOut(NamedTuple):
+    """The two held-out sets an artifact meets: validation (the accuracy budget's verdict; None without data) and
+    test (verification and scores, never a choice)."""
+
+    validation: object
+    test: object
 
 
 @dataclass(frozen=True)
@@ -200,14 +209,30 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
         raise InvalidOptionError(f"Pass options=ConvertOptions(...) or keyword options, not both (got {sorted(kwargs)})")
     say = progress or (lambda stage, message: None)
     source = Path(source)
-    targets = _check_outputs(source, outputs, options)
-    plan = options.plan()
-    _check_modes(targets, plan, options)
+    targets, plan = preflight(source, outputs, options)
     recovery_options = _recovery_options(options, plan, targets)
     locked = targets + ([Path(recovery_options.checkpoint_dir)] if recovery_options.epochs else [])
     with _locked(locked), _trusted(options.safe_mode):
         _check_outputs(source, targets, options)  # again, under the lock: a run that finished meanwhile wrote them
         return _convert(source, targets, plan, options, recovery_options, say)
+
+
+def preflight(source, outputs, options: ConvertOptions) -> tuple[list[Path], dict]:
+    """(targets, plan): every check that needs neither TensorFlow nor the model's contents, before any work: the
+    outputs, the options together, the model file's kind, the data paths. convert_model starts with it; the CLI runs it
+    before it starts its worker, so that a wrong path or flag costs no TensorFlow start-up."""
+    from sepconv.convert.data import check_source
+    from sepconv.convert.loading import file_kind
+
+    source = Path(source)
+    targets = _check_outputs(source, outputs, options)
+    plan = options.plan()
+    _check_modes(targets, plan, options)
+    file_kind(source)
+    for data in (options.data, options.validation_data, options.test_data):
+        if data:
+            check_source(data)
+    return targets, plan
 
 
 def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOptions, recovery_options,
@@ -243,7 +268,7 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     try:
         calibration = calibration if calibration is None else Calibration(calibration, train.x, validation.x)
         artifacts = _export_all(exported, model if report else None, targets, plan["quantize"], calibration,
-                                heldout, data_info, options, source, report, recovery, timer, say)
+                                HeldOut(validation, heldout), data_info, options, source, report, recovery, timer, say)
     except SepconvError as error:
         if recovery and recovery.finetune and not isinstance(error, BudgetError):
             kept = type(error)(f"{error} (the fine-tuned weights are kept in {recovery_options.checkpoint_dir}: "
@@ -339,24 +364,25 @@ def _lock(path: Path) -> tuple[Path, int]:
         os.close(fd)  # the run that held it removed it while we waited for it: lock the new one
 
 
-def _export_all(exported, original, targets, quantize, calibration, heldout, data_info, options, source, report,
+def _export_all(exported, original, targets, quantize, calibration, held, data_info, options, source, report,
                 recovery, timer, say) -> tuple[Artifact, ...]:
     """Stage every artifact in a temporary file, verify it, then commit them all (or none)."""
     staged = []
     try:
         for target in targets:
             with timer(f"export {target.name}"):
-                item = _stage(exported, original, target, quantize, calibration, heldout, data_info, options, source,
+                item = _stage(exported, original, target, quantize, calibration, held, data_info, options, source,
                               report, recovery, say)
                 if _falls_back(item, options):
-                    item = _fall_back(item, exported, original, calibration, heldout, data_info, options, source,
+                    item = _fall_back(item, exported, original, calibration, held, data_info, options, source,
                                       report, recovery, say)
                 staged.append(item)
         failed = [s for s in staged if not s["verification"].passed]
         if failed:
+            over = any(s["verification"].budget is not None and not s["verification"].budget.held for s in failed)
             error = VerificationError("; ".join(_failure_line(s) for s in failed) + " - nothing was written; try "
-                                      "another --quantize mode, more representative --data, or a lower "
-                                      "--min-agreement")
+                                      "another --quantize mode, more representative --data, " + (
+                                          "or a larger --max-accuracy-drop" if over else "or a lower --min-agreement"))
             error.details = {"quantization": {str(s["target"]): s["quantization"].to_dict() for s in failed
                                               if s.get("quantization") is not None}}
             raise error
@@ -379,14 +405,14 @@ def _falls_back(item: dict, options: ConvertOptions) -> bool:
 def _fall_back(item: dict, *stage_args) -> dict:
     """Replace a failed int8 artifact of --quantize auto by the first AUTO_FALLBACKS mode that verifies, said aloud
     and recorded in the manifest; an explicit --quantize int8 fails instead. Returns the last one tried."""
-    exported, original, calibration, heldout, data_info, options, source, report, recovery, say = stage_args
+    exported, original, calibration, held, data_info, options, source, report, recovery, say = stage_args
     reasons = []
     for mode in AUTO_FALLBACKS[item["format"]]:
         _discard(item)
         reasons.append(f"{item['quantize']}: " + "; ".join(item["verification"].failures()))
         say("export", f"{item['target']}: {item['quantize']} failed verification ({reasons[-1]}); --quantize auto "
                       f"tries {mode} instead (pass --quantize int8 to insist on int8)")
-        item = _stage(exported, original, item["target"], mode, calibration, heldout, data_info, options, source,
+        item = _stage(exported, original, item["target"], mode, calibration, held, data_info, options, source,
                       report, recovery, say, fallback={"from": "int8", "reason": " | ".join(reasons)})
         if item["verification"].passed:
             break
@@ -588,7 +614,7 @@ def _labelled_data(source, model, data_options):
     return data
 
 
-def _stage(model, original, target: Path, quantize: str, calibration, heldout, data_info, options: ConvertOptions,
+def _stage(model, original, target: Path, quantize: str, calibration, held, data_info, options: ConvertOptions,
            source: Path, report, recovery, say, fallback: dict | None = None) -> dict:
     """Export to a temporary file beside `target`, verify it, write its manifest to another temporary file.
     fallback: why this mode replaces the one --quantize auto chose first (kept in the manifest)."""
@@ -599,7 +625,7 @@ def _stage(model, original, target: Path, quantize: str, calibration, heldout, d
     item = {"target": target, "tmp": tmp, "tmp_manifest": None, "format": fmt, "quantize": mode, "fallback": fallback}
     try:
         with _disk_full_as("writing", target):
-            return _export_and_verify(item, model, original, calibration, heldout, data_info, options, source,
+            return _export_and_verify(item, model, original, calibration, held, data_info, options, source,
                                       report, recovery, say)
     except BaseException:
         _discard(item)
@@ -613,12 +639,13 @@ def _discard(item: dict) -> None:
             Path(path).unlink(missing_ok=True)
 
 
-def _export_and_verify(item: dict, model, original, calibration, heldout, data_info, options: ConvertOptions,
+def _export_and_verify(item: dict, model, original, calibration, held, data_info, options: ConvertOptions,
                        source: Path, report, recovery, say) -> dict:
     from sepconv.convert.manifest import build_manifest, manifest_json
     from sepconv.convert.verification import verify, verify_keras
 
     target, tmp, fmt, mode = item["target"], item["tmp"], item["format"], item["quantize"]
+    heldout = held.test
     started = time.perf_counter()
     inputs = "held-out samples" if data_info["source"] else "synthetic inputs"
     runtime = None
@@ -655,6 +682,8 @@ def _export_and_verify(item: dict, model, original, calibration, heldout, data_i
         verification = verify(model, runtime, heldout.x, heldout.y, quantized=mode != "none", quantize=mode,
                               tolerance=options.tolerance, layout=options.layout if fmt == "onnx" else "nhwc",
                               inputs=inputs, original=original, synthetic=not data_info["source"])
+        verification = within_budget(verification, runtime, original, held.validation, recovery,
+                                     layout=options.layout if fmt == "onnx" else "nhwc")
     verification = _named(verification, target)
     manifest = build_manifest(Path(tmp), final_path=target, fmt=fmt, quantize=mode, runtime=runtime,
                               layout=options.layout if fmt == "onnx" else "nhwc",
@@ -669,7 +698,7 @@ def _export_and_verify(item: dict, model, original, calibration, heldout, data_i
     item.update(verification=verification, manifest=manifest)
     status = "passed" if verification.passed else "FAILED"
     say("export", f"{target} ({fmt}, {mode}): {manifest['bytes']:,} bytes, verification {status}: "
-                  f"{'; '.join(c.criterion for c in verification.outputs)} ({time.perf_counter() - started:.1f} s)")
+                  f"{'; '.join(_criteria(verification))} ({time.perf_counter() - started:.1f} s)")
     return item
 
 
@@ -688,6 +717,11 @@ def _own_temporary_folder():
 
 def _samples(calibration):
     return None if calibration is None else calibration.samples
+
+
+def _criteria(verification) -> list[str]:
+    budget = [verification.budget.criterion()] if verification.budget is not None else []
+    return [c.criterion for c in verification.outputs] + budget
 
 
 def _named(verification, target: Path):

@@ -311,9 +311,9 @@ def _finetune(context: Context, *, frozen: bool = False):
         reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
         raise CheckpointError(f"--resume: the checkpoint in {folder} cannot be loaded ({reason}); it was cut off "
                               f"when the run was killed: delete the folder to start over") from None
-    from sepconv.convert.finetuning import _require_space
+    from sepconv.convert.finetuning import require_space
 
-    _require_space(folder, context.model)  # HDF5 does not recover from a disk filling under it
+    require_space(folder, context.model)  # HDF5 does not recover from a disk filling under it
     partial = weights.with_name(weights.name + ".partial.weights.h5")
     context.model.save_weights(partial)
     partial.replace(weights)

@@ -70,12 +70,19 @@ def crash_line(signum: signal.Signals, stage: str, checkpoints: Path | None, one
             f"written; {resume}{switch}, and report it with --debug output")
 
 
+_reported = [None]
+
+
 def report_stage(stage: str) -> None:
-    """In the child: remember the stage that is running, for the parent's crash message."""
+    """In the child: remember the stage that is running, for the parent's crash message. Written only when it
+    changes, and atomically (a crash between truncating and writing the file would leave it empty)."""
     path = os.environ.get(STATUS)
-    if path:
+    if path and stage != _reported[0]:
         try:
-            Path(path).write_text(stage)
+            tmp = Path(f"{path}.partial")
+            tmp.write_text(stage)
+            os.replace(tmp, path)
+            _reported[0] = stage
         except OSError:
             pass
 

@@ -9,7 +9,7 @@ outputs are judged by cosine similarity too, and the criterion says so.
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
@@ -53,6 +53,32 @@ class OutputCheck:
 
 
 @dataclass(frozen=True)
+class BudgetCheck:
+    """The accuracy budget (--max-accuracy-drop) applied to what ships: the artifact's drop against the original model
+    on the validation data, quantization included (the recovery checked the Keras model only)."""
+
+    metric: str  # accuracy, or agreement with the original without labels
+    original: float  # the original model's score on the validation data
+    artifact: float  # the artifact's
+    drop: float  # points
+    max_drop: float
+    samples: int
+
+    @property
+    def held(self) -> bool:
+        return self.drop <= self.max_drop + 1e-9
+
+    def criterion(self) -> str:
+        return (f"validation {self.metric} drop {self.drop:.2f} {'<=' if self.held else '>'} {self.max_drop} points "
+                f"(budget)")
+
+    def failure(self) -> str:
+        return (f"the artifact lost {self.drop:.2f} points of {self.metric} on {self.samples} validation samples "
+                f"({self.original:.2%} -> {self.artifact:.2%}), over the budget of {self.max_drop} "
+                f"(--max-accuracy-drop; quantization counts)")
+
+
+@dataclass(frozen=True)
 class Verification:
     artifact: str
     quantize: str
@@ -61,22 +87,45 @@ class Verification:
     outputs: tuple[OutputCheck, ...]
     original_agreement: float | None = None  # top-1 agreement with the model before separation
     original_accuracy: float | None = None
+    budget: BudgetCheck | None = None  # with --max-accuracy-drop: the artifact's own drop on the validation data
 
     @property
     def passed(self) -> bool:
-        return all(check.passed for check in self.outputs)
+        return all(check.passed for check in self.outputs) and (self.budget is None or self.budget.held)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "passed": self.passed}
+        budget = None if self.budget is None else {**asdict(self.budget), "held": self.budget.held}
+        return {**asdict(self), "budget": budget, "passed": self.passed}
 
     def failures(self) -> list[str]:
-        return [f"output {c.name}: {c.criterion}" for c in self.outputs if not c.passed]
+        failed = [f"output {c.name}: {c.criterion}" for c in self.outputs if not c.passed]
+        return failed + ([self.budget.failure()] if self.budget is not None and not self.budget.held else [])
 
     def raise_for_failure(self) -> None:
         if not self.passed:
             raise VerificationError(f"{self.artifact} ({self.quantize}) failed verification on {self.samples} "
                                     f"{self.inputs}: {'; '.join(self.failures())}; try another --quantize mode, "
                                     f"more representative --data, or lower --min-agreement")
+
+
+def within_budget(verification: Verification, runtime, original, validation, recovery, *,
+                  layout: str = "nhwc") -> Verification:
+    """`verification` with the accuracy budget checked on the artifact itself (BudgetCheck): a run with
+    --max-accuracy-drop whose artifact loses more than the budget on the validation data fails verification like any
+    other criterion. Unchanged when the run had no budget (recovery.budget None) or no validation data."""
+    budget = recovery.budget if recovery is not None else None
+    if not budget or validation is None:
+        return verification
+    predicted = np.argmax(run_artifact(runtime, validation.x, layout=layout)[0], axis=-1)
+    if validation.y is not None:
+        metric, before = "accuracy", recovery.stages[0].val_accuracy
+        after = float(np.mean(predicted == validation.y))
+    else:
+        metric, before = "agreement", 1.0
+        after = float(np.mean(predicted == np.argmax(predict_keras(original, validation.x)[0], axis=-1)))
+    check = BudgetCheck(metric=metric, original=before, artifact=after, drop=round(100.0 * (before - after), 4),
+                        max_drop=budget["max_drop"], samples=len(validation.x))
+    return replace(verification, budget=check)
 
 
 def predict_keras(model, x: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:

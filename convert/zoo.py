@@ -4,6 +4,8 @@ The demo's VGG-style network is the friendliest case for separation. Users bring
 strided 1x1 projection shortcuts, MobileNet-style stems with ReLU6, legacy tf.keras `.h5` files, nested
 `keras.applications` backbones and preprocessing layers inside the model. Each zoo entry is one of those, trained
 on the digits training split (1,347 images) and saved the way a user would have it, with its data as .npz files:
+train.npz (what it was trained on), and the digits' 450 test images halved into validation.npz (for a run's
+choices) and test.npz (scores only), as a careful user keeps them:
 
 | name           | what it stands for                                              | file    | input        |
 | tutorial       | the tutorial's VGG-style network (the demo model)               | .h5     | 32x32x3      |
@@ -35,10 +37,11 @@ EPOCHS = 15
 class ZooEntry:
     name: str
     model: Path  # the saved model, as a user would pass it to convert-model
-    train: Path  # digits_train-like .npz (x, y) in the model's input format
-    test: Path  # the held-out .npz (x, y)
+    train: Path  # digits_train-like .npz (x, y) in the model's input format: what the model was trained on
+    test: Path  # held-out .npz (x, y): half of the digits' test split, for scoring only
     accuracy: float  # the trained model's top-1 accuracy on `test`
     params: int
+    validation: Path | None = None  # the other half: images the model never saw, for every choice a run makes
 
 
 def resnet_bn(input_shape=demo.INPUT_SHAPE, classes: int = demo.CLASSES, width: int = 16):
@@ -190,18 +193,39 @@ def entry(name: str, folder, *, epochs: int | None = None, verbose: int = 0) -> 
     folder = Path(folder) / name
     folder.mkdir(parents=True, exist_ok=True)
     model_path, info_path = folder / f"{name}{suffix}", folder / "info.json"
-    train, test = folder / "train.npz", folder / "test.npz"
-    if not (model_path.exists() and info_path.exists() and train.exists() and test.exists()):
+    train, validation, test = folder / "train.npz", folder / "validation.npz", folder / "test.npz"
+    if not (model_path.exists() and train.exists()):
         split = digits_as(kind)
         np.savez(train, x=split.x_train, y=split.y_train)
-        np.savez(test, x=split.x_test, y=split.y_test)
         _train_and_save(builder, split, train, model_path, epochs, verbose)
+        info_path.unlink(missing_ok=True)
+    if not (info_path.exists() and validation.exists() and test.exists()):
+        split = digits_as(kind)
+        (x_val, y_val), (x_test, y_test) = held_out(split.x_test, split.y_test)
+        np.savez(validation, x=x_val, y=y_val)
+        np.savez(test, x=x_test, y=y_test)
         model = _load(model_path)
-        info = {"accuracy": demo.accuracy(model, split.x_test.astype(np.float32), split.y_test),
+        info = {"accuracy": demo.accuracy(model, x_test.astype(np.float32), y_test),
                 "params": int(model.count_params())}
         info_path.write_text(json.dumps(info))
-    info = json.loads(info_path.read_text())
-    return ZooEntry(name, model_path, train, test, info["accuracy"], info["params"])
+    return saved(name, folder.parent)
+
+
+def saved(name: str, folder) -> ZooEntry:
+    """The zoo entry `entry(name, folder)` made, read back without TensorFlow."""
+    folder = Path(folder) / name
+    info = json.loads((folder / "info.json").read_text())
+    return ZooEntry(name, folder / f"{name}{ZOO[name][1]}", folder / "train.npz", folder / "test.npz",
+                    info["accuracy"], info["params"], folder / "validation.npz")
+
+
+def held_out(x: np.ndarray, y: np.ndarray):
+    """The digits' test split (450 images the zoo never trains on) halved, stratified by class with a fixed seed:
+    ((x, y) validation, (x, y) test). A run chooses with the first and is scored on the second."""
+    from sklearn.model_selection import train_test_split
+
+    x_val, x_test, y_val, y_test = train_test_split(x, y, test_size=0.5, random_state=0, stratify=y)
+    return (x_val, y_val), (x_test, y_test)
 
 
 def _load(path: Path):

@@ -84,18 +84,18 @@ def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
             raise
         status = getattr(error, "exit_status", EXIT_ERROR)
         print(f"{prog}: {'error: ' if status == EXIT_ERROR else ''}{error}", file=sys.stderr)
-        _json_failure(args, prog, type(error).__name__, str(error), status, checked, getattr(error, "details", None))
+        json_failure(args, prog, type(error).__name__, str(error), status, checked, getattr(error, "details", None))
         return status
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
-        _json_failure(args, prog, "KeyboardInterrupt", "interrupted", EXIT_INTERRUPTED, checked)
+        json_failure(args, prog, "KeyboardInterrupt", "interrupted", EXIT_INTERRUPTED, checked)
         return EXIT_INTERRUPTED
     except BrokenPipeError:  # stdout closed early (`bench-model ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
         return EXIT_ERROR
 
 
-def _json_failure(args, prog: str, kind: str, message: str, status: int, checked: bool, details=None) -> None:
+def json_failure(args, prog: str, kind: str, message: str, status: int, checked: bool, details=None) -> None:
     """With --json, a failure is JSON too: to stdout, or to the JSON file if its path passed the checks; `details`
     (an error's machine-readable extras, e.g. the int8 diagnosis table) go in error.details."""
     from sepconv.deploy.errors import SepconvError

@@ -1,13 +1,15 @@
 """convert-model on the model zoo (convert/zoo.py), as a user runs it: one subprocess per model and mode.
 
 Modes (every run writes an int8 TFLite artifact, or fails with one line and writes nothing):
-- default:  `convert-model MODEL out.tflite --data train.npz --test-data test.npz` (budget 1 point, refine,
-            BatchNorm recalibration, fine-tuning, int8: every default with data);
+- default:  `convert-model MODEL out.tflite --data train.npz --validation-data validation.npz --test-data test.npz`
+            (budget 1 point, refine, BatchNorm recalibration, fine-tuning, int8: every default with data);
 - k1-labels: the same with `--rank 1` (every separable layer at K=1, fine-tuned with labels);
-- k1-distill: `--rank 1` with the training images only (no labels: distillation from the original);
+- k1-distill: `--rank 1` with the training and validation images only (no labels: distillation from the original,
+            choices by agreement with it);
 - nodata:   `convert-model MODEL out.tflite` (no data: energy 0.9, dynamic-range int8, synthetic verification).
-The artifact's accuracy is measured here, with LiteRT, on the test digits that no run chose with (the runs' own
-validation data is a part of train.npz). Peak memory is the run's maximum resident set (wait4), seconds wall-clock;
+The artifact's accuracy is measured here, with LiteRT, on the test digits that no run chose with; every choice
+(the budget's sensitivity, early stopping, stages kept, int8 repair) is made on validation digits that the model was
+not trained on either (zoo.py: the digits' test split, halved). Peak memory is the run's maximum resident set (wait4), seconds wall-clock;
 this process never imports TensorFlow (the zoo is trained in a child), since Linux passes a parent's peak on to the
 children it starts.
 
@@ -72,10 +74,7 @@ def trained(name: str, folder: Path):
 
     code = "import sys; from sepconv.convert import zoo; zoo.entry(sys.argv[1], sys.argv[2])"
     subprocess.run([sys.executable, "-c", code, name, str(folder)], check=True)
-    info = json.loads((folder / name / "info.json").read_text())
-    model = folder / name / f"{name}{zoo.ZOO[name][1]}"
-    return zoo.ZooEntry(name, model, folder / name / "train.npz", folder / name / "test.npz", info["accuracy"],
-                        info["params"])
+    return zoo.saved(name, folder)
 
 
 def run(entry, mode: str, folder: Path) -> dict:
@@ -88,11 +87,12 @@ def run(entry, mode: str, folder: Path) -> dict:
     shutil.rmtree(out.with_name(out.name + ".checkpoints"), ignore_errors=True)  # kept by a run that failed
     args = [str(entry.model), str(out)]
     if mode != "nodata":
-        train = entry.train
-        if mode == "k1-distill":
-            train = folder / "train_unlabelled.npz"
+        train, validation = entry.train, entry.validation
+        if mode == "k1-distill":  # no labels at all: distillation, and choices by agreement with the original
+            train, validation = folder / "train_unlabelled.npz", folder / "validation_unlabelled.npz"
             np.savez(train, x=np.load(entry.train)["x"])
-        args += ["--data", str(train), "--test-data", str(entry.test)]
+            np.savez(validation, x=np.load(entry.validation)["x"])
+        args += ["--data", str(train), "--validation-data", str(validation), "--test-data", str(entry.test)]
     if mode.startswith("k1"):
         args += ["--rank", "1"]
     convert = Path(sys.executable).parent / "convert-model"
@@ -129,7 +129,7 @@ def scored(entry, artifact: Path) -> dict:
     float_layers = [f["layer"] for f in (manifest.get("quantization") or {}).get("float_layers", [])]
     return {"int8_accuracy": float(np.mean(predicted == test["y"])), "bytes": manifest["bytes"],
             "fallback": (manifest.get("quantize_fallback") or {}).get("reason"), "float_layers": float_layers,
-            "keras_test_drop": budget.get("test_drop"),
+            "keras_test_drop": budget.get("test_drop"), "artifact_budget": manifest["verification"].get("budget"),
             "quantize": manifest["quantize"], "params_after": totals.get("model_params_after", entry.params),
             "macs_before": totals.get("macs_before"), "macs_after": totals.get("macs_after"),
             "separated": totals.get("separated", 0), "conv_layers": totals.get("layers", 0),
@@ -163,10 +163,11 @@ def table(rows) -> str:
                       f"{r['params_before']:,} -> {r['params_after']:,}" if ok else f"{r['params_before']:,}", macs,
                       f"{r['original_accuracy']:.2%}", f"{r['int8_accuracy']:.2%}" if ok else "",
                       f"{drop:+.2f}" if ok else "",
-                      f"{r['keras_test_drop']:+.2f}" if ok and r.get("keras_test_drop") is not None else "", stages or ("" if ok else (r["error"] or "")[:90]),
+                      f"{r['keras_test_drop']:+.2f}" if ok and r.get("keras_test_drop") is not None else "",
+                      f"{r['artifact_budget']['drop']:+.2f}" if ok and r.get("artifact_budget") else "", stages or ("" if ok else (r["error"] or "")[:90]),
                       r["seconds"], f"{r['peak_rss_mib']:,.0f}"])
     return tabulate(lines, headers=["model", "mode", "exit", "artifact", "parameters", "conv MACs", "original", "artifact (test)",
-                                    "drop", "budget: Keras drop (test)", "stages (kept / rejected) or error", "seconds", "peak MiB"],
+                                    "drop", "budget: Keras drop (test)", "budget: artifact drop (validation)", "stages (kept / rejected) or error", "seconds", "peak MiB"],
                     tablefmt="github", disable_numparse=True)
 
 

@@ -25,15 +25,25 @@ def digits():
 
 @pytest.fixture(scope="session")
 def trained_demo(tmp_path_factory, digits):
-    """The tutorial network trained briefly on digits, saved as .h5, with the test split as an .npz.
+    """The tutorial network trained briefly on digits, saved as .h5, with the test split as an .npz (read only).
 
-    Four epochs reach ~95% test accuracy: enough for int8 agreement to mean something, fast enough for a test.
+    Four epochs reach ~95% test accuracy: enough for int8 agreement to mean something, fast enough for a test. Trained
+    once per run: pytest-xdist's workers share one folder of this run, under a lock (the first trains, the other loads).
     """
+    import fcntl
+    import os
+
     from sepconv.convert import demo
 
-    folder = tmp_path_factory.mktemp("demo")
-    model = demo.demo_model(folder / "digits.h5", epochs=4, seed=0)
-    np.savez(folder / "digits_test.npz", x=digits.x_test, y=digits.y_test)
+    base = tmp_path_factory.getbasetemp()
+    folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained-demo"
+    folder.mkdir(exist_ok=True)
+    with open(folder / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        model = demo.demo_model(folder / "digits.h5", epochs=4, seed=0)  # trains, or loads what the other saved
+        if not (folder / "digits_test.npz").exists():
+            np.savez(folder / "digits_test.partial.npz", x=digits.x_test, y=digits.y_test)
+            (folder / "digits_test.partial.npz").replace(folder / "digits_test.npz")
     return {"model": model, "h5": folder / "digits.h5", "npz": folder / "digits_test.npz", "folder": folder}
 
 

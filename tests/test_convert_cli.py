@@ -298,6 +298,30 @@ def test_debug_shows_the_traceback(tmp_path):
     assert done.returncode != 0 and "Traceback" in done.stderr and "ModelNotFoundError" in done.stderr
 
 
+@pytest.mark.parametrize("case", ["missing model", "corrupt model", "missing data", "existing output",
+                                  "flags that conflict"])
+def test_wrong_paths_and_flags_are_refused_before_tensorflow_starts(tmp_path, case):
+    """The checks that need no model contents run in the parent, before its worker: one line, no TensorFlow."""
+    (tmp_path / "bad.h5").write_bytes(b"not an hdf5 file")
+    (tmp_path / "ok.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    (tmp_path / "taken.tflite").write_bytes(b"mine")
+    argv, phrase = {
+        "missing model": (["nope.h5", "o.tflite"], "nope.h5: no such file or directory"),
+        "corrupt model": (["bad.h5", "o.tflite"], "the file is damaged or truncated"),
+        "missing data": (["ok.h5", "o.tflite", "--data", "nope.npz"], "nope.npz: no such file or directory"),
+        "existing output": (["ok.h5", "taken.tflite"], "taken.tflite: exists; pass --overwrite"),
+        "flags that conflict": (["ok.h5", "o.tflite", "--epochs", "3"], "--epochs fine-tunes on your images; pass "
+                                                                          "--data"),
+    }[case]
+    probe = ("import os, sys; from sepconv.convert import cli; os.chdir(sys.argv[1]); status = cli.convert_main("
+             "sys.argv[2:]); print(status, sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras'}))")
+    done = subprocess.run([sys.executable, "-c", probe, str(tmp_path), *argv], capture_output=True, text=True,
+                          timeout=120)
+    assert done.stdout.strip() == "1 []", (done.stdout, done.stderr[-2000:])
+    assert done.stderr.count("\n") == 1 and phrase in done.stderr, done.stderr
+    assert (tmp_path / "taken.tflite").read_bytes() == b"mine" and not (tmp_path / "o.tflite").exists()
+
+
 def test_help_is_instant_and_needs_no_tensorflow():
     probe = ("import sys; from sepconv.convert import cli; cli.convert_parser().format_help(); "
              "print(sorted(m for m in sys.modules if m.split('.')[0] in ('tensorflow', 'keras')))")

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -17,23 +18,27 @@ def run(*args, timeout=600):
 
 
 @pytest.mark.slow
-def test_demo_trains_separates_and_reports(tmp_path):
-    done = run("--out", str(tmp_path), "--epochs", "4", "--json", "--bench-time", "0.1")
+def test_demo_separates_converts_benchmarks_and_reports(tmp_path, trained_demo):
+    """The demo end to end, once: tables on stdout and the JSON summary in a file (--json FILE). Its model is the
+    session's trained_demo (demo.demo_model, 4 epochs, seed 0), copied in as the demo's
+    cache, so the run takes the "loading" path; the training itself is demo.demo_model, which trained_demo runs."""
+    shutil.copy(trained_demo["h5"], tmp_path / "digits_tutorial.h5")
+    done = run("--out", str(tmp_path), "--json", str(tmp_path / "summary.json"), "--bench-time", "0.1")
     assert done.returncode == 0, done.stderr[-3000:]
-    summary = json.loads(done.stdout)
+    summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["original"]["params"] == 1_186_378
     k1, default = summary["separations"]
     assert k1["report"]["totals"]["model_params_after"] == 174_821
     assert all(row["rank"] == 1 for row in k1["report"]["layers"])
     assert 0.0 <= k1["test_accuracy"] <= 1.0
     assert summary["original"]["test_accuracy"] > 0.5, "four epochs on digits must learn something"
-    assert (tmp_path / "digits_tutorial.h5").exists()
     assert json.loads((tmp_path / "report_k1.json").read_text())["totals"]["separated"] == 6
     conversion = summary["conversion"]
     assert [Path(a["path"]).name for a in conversion["artifacts"]] == ["digits_int8.tflite", "digits_int8.onnx"]
     assert all(a["verification"]["passed"] for a in conversion["artifacts"])
     assert conversion["plan"]["max_accuracy_drop"] == 1.0 and conversion["quantize"] == "int8"
     assert conversion["recovery"]["budget"]["held"] and conversion["recovery"]["budget"]["measured_drop"] <= 1.0
+    assert all(a["verification"]["budget"]["held"] for a in conversion["artifacts"]), "the budget covers what ships"
     assert (tmp_path / "digits_int8.tflite.json").exists()
     speed = summary["speed"]["cases"]
     assert [(c["model"], c["threads"]) for c in speed[:2]] == [("original_fp32.tflite", 1), ("original_fp32.tflite", 2)]
@@ -43,12 +48,20 @@ def test_demo_trains_separates_and_reports(tmp_path):
     for chart in ("convert1_sensitivity", "convert1_stages", "latency", "speedup", "tradeoff_size"):
         assert f'<figure id="{chart}">' in page and (tmp_path / "report" / f"{chart}.png").stat().st_size > 1000
 
-    again = run("--out", str(tmp_path), "--bench-time", "0.1")  # reuses the cached model and prints tables
-    assert again.returncode == 0, again.stderr[-3000:]
-    assert "loading the demo model" in again.stdout
-    assert "block3_conv2" in again.stdout and "test accuracy" in again.stdout
-    assert "K chosen" in again.stdout and "fine-tuned" in again.stdout and "digits_int8.onnx" in again.stdout
-    assert "separated_k1_int8.tflite" in again.stdout and "speed-up" in again.stdout
+    shown = done.stdout  # the tables, beside the JSON file
+    assert "loading the demo model" in shown
+    assert "block3_conv2" in shown and "test accuracy" in shown
+    assert "K chosen" in shown and "fine-tuned" in shown and "digits_int8.onnx" in shown
+    assert "separated_k1_int8.tflite" in shown and "speed-up" in shown
+    assert f"{summary['original']['test_accuracy']:.2%}" in shown, "the tables and the JSON tell the same figures"
+
+
+def test_demo_json_file_is_checked_before_any_work(tmp_path):
+    (tmp_path / "taken.json").write_text("{}")
+    done = run("--out", str(tmp_path / "out"), "--json", str(tmp_path / "taken.json"))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert "--json" in done.stderr and "exists; pass --overwrite" in done.stderr, done.stderr
+    assert (tmp_path / "taken.json").read_text() == "{}" and not (tmp_path / "out").exists()
 
 
 def test_demo_help_is_instant_and_imports_no_tensorflow():

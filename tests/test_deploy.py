@@ -399,7 +399,7 @@ def test_emulated_raspberry_pi(tmp_path, small_artifacts, trained_demo):
     sys.path.insert(0, str(ROOT / "scripts"))
     import pi_emulator
 
-    folder = ROOT / "build" / "pi-emulator"
+    folder = tmp_path / "pi-emulator"  # not the working tree's build/
     started = subprocess.run([sys.executable, str(ROOT / "scripts/pi_emulator.py"), "start", "--json", "--dir",
                               str(folder)], capture_output=True, text=True, timeout=1200)
     assert started.returncode == 0, f"the emulated Pi did not start: {started.stderr[-2000:]}"

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from sepconv.convert import demo, separate
-from sepconv.convert.errors import InvalidOptionError
+from sepconv.convert.errors import CheckpointError, InvalidOptionError
 from sepconv.convert.finetuning import FinetuneOptions, finetune
 from sepconv.convert.verification import predict_keras
 
@@ -68,6 +68,10 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
         finetune(student, teacher, x, y, epochs=4, patience=4, verbose=0, checkpoint_dir=str(backup),
                  callbacks=[Interrupt(after_epoch=1)])
     assert backup.exists() and any(backup.iterdir()), "finished epochs must be saved"
+    saved = sorted(path.name for path in backup.rglob("*"))
+    with pytest.raises(CheckpointError, match="holds checkpoints of an earlier run: pass resume=True"):
+        finetune(student, teacher, x, y, epochs=4, patience=4, verbose=0, checkpoint_dir=str(backup))
+    assert sorted(path.name for path in backup.rglob("*")) == saved, "without resume, the checkpoints are kept"
     seen = FirstEpoch()
     result = finetune(student, teacher, x, y, epochs=4, patience=4, verbose=0, checkpoint_dir=str(backup),
                       resume=True, callbacks=[seen])

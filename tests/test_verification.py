@@ -1,3 +1,5 @@
+import json
+
 import numpy as np
 import pytest
 
@@ -59,3 +61,52 @@ def test_non_finite_outputs_never_pass(quantized):
     artifact_only = _check("out", LOGITS, inf, None, quantized, Tolerance(min_agreement=0.5))
     assert not artifact_only.passed and artifact_only.criterion == ("the artifact outputs 1 non-finite values (NaN or "
                                                                     "infinity) of 2,000")
+
+
+def _outlier_model(path):
+    """A classifier whose int8 export loses most of its answers: one channel of `wide` spans ~500x the others, so a
+    per-tensor int8 activation flattens the channels the head reads (the head ignores the outlier channel)."""
+    import keras
+
+    keras.utils.set_random_seed(0)
+    image = keras.Input((8, 8, 3))
+    x = keras.layers.Conv2D(8, 1, name="wide")(keras.layers.Conv2D(8, 3, name="c1")(image))
+    model = keras.Model(image, keras.layers.Dense(4, activation="softmax", name="head")(keras.layers.Flatten()(x)))
+    kernel, bias = model.get_layer("wide").get_weights()
+    kernel[..., 0] *= 500.0
+    model.get_layer("wide").set_weights([kernel, bias])
+    kernel, bias = model.get_layer("head").get_weights()
+    kernel[0::8] = 0.0
+    model.get_layer("head").set_weights([kernel, bias])
+    model.save(path)
+    return path
+
+
+@pytest.mark.parametrize("quantize", ["int8", "auto"])
+def test_the_accuracy_budget_covers_the_artifact(tmp_path, quantize):
+    """--max-accuracy-drop holds for what ships: an artifact that passes the (here lowered) agreement bar but loses
+    more than the budget on the validation data fails verification; int8 as requested fails with one reason and
+    writes nothing, auto falls back (dynamic is over the budget too here, float16 holds it)."""
+    from sepconv.convert import ConvertOptions, convert_model
+    from sepconv.convert.quantization import QuantizationOptions
+
+    source = _outlier_model(tmp_path / "outlier.keras")
+    np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).random((300, 8, 8, 3)).astype(np.float32))
+    options = ConvertOptions(data=str(tmp_path / "data.npz"), epochs=0, quantize=quantize, max_accuracy_drop=1.0,
+                             tolerance=Tolerance(min_agreement=0.05), quantization=QuantizationOptions(repair=False))
+    target = tmp_path / "m.tflite"
+    if quantize == "int8":
+        with pytest.raises(VerificationError, match=r"over the budget of 1.0 \(--max-accuracy-drop; quantization "
+                                                    r"counts\).* or a larger --max-accuracy-drop") as raised:
+            convert_model(source, [target], options=options)
+        assert "top-1 agreement" not in str(raised.value).split("failed verification: ")[1].split(";")[0], \
+            "the agreement bar passes here: only the budget may fail the artifact"
+        assert not target.exists() and not target.with_name("m.tflite.json").exists()
+        return
+    artifact = convert_model(source, [target], options=options).artifacts[0]
+    assert artifact.quantize == "float16", artifact.quantize_fallback
+    reasons = artifact.quantize_fallback["reason"].split(" | ")
+    assert [r.split(":")[0] for r in reasons] == ["int8", "dynamic"] and "over the budget" in reasons[1], reasons
+    budget = artifact.verification["budget"]
+    assert budget["held"] and budget["drop"] <= 1.0 and budget["samples"] == 45, budget
+    assert budget == json.loads(target.with_name("m.tflite.json").read_text())["verification"]["budget"]

@@ -74,8 +74,10 @@ def test_zoo_entry_trains_once_and_is_cached(tmp_path):
     again = zoo.entry("rescaling", tmp_path, epochs=2)
     assert again == first and first.model.stat().st_mtime_ns == stamp, "the second call reuses the saved model"
     assert first.accuracy > 0.2, f"two epochs already beat chance (10%) twice over: {first.accuracy:.2%}"
-    test = np.load(first.test)
-    assert test["x"].dtype == np.uint8, "this model's data is 0..255 pixels"
+    test, validation = np.load(first.test), np.load(first.validation)
+    assert test["x"].dtype == validation["x"].dtype == np.uint8, "this model's data is 0..255 pixels"
+    assert len(test["y"]) == len(validation["y"]) == 225, "the digits' 450 test images, halved"
+    assert zoo.saved("rescaling", tmp_path) == first, "read back without TensorFlow, the same entry"
 
 
 def test_layers_already_separable_count_in_the_mac_totals():
@@ -86,3 +88,16 @@ def test_layers_already_separable_count_in_the_mac_totals():
     assert rows["b1_dw"].macs_before == rows["b1_dw"].macs_after == 16 * 16 * 3 * 3 * 16, "16x16 outputs, 16 channels"
     assert report.totals["macs_before"] == sum(row.macs_before for row in report.rows)
     assert report.totals["macs_after"] < report.totals["macs_before"]
+
+
+def test_held_out_halves_are_disjoint_stratified_and_fixed():
+    """The zoo's validation and test sets: the digits' 450 test images halved, every class in both, the same split
+    every time (a run chooses with one half and is scored on the other)."""
+    split = zoo.digits_as("unit32")
+    (x_val, y_val), (x_test, y_test) = zoo.held_out(split.x_test, split.y_test)
+    assert (len(y_val), len(y_test)) == (225, 225)
+    assert set(np.unique(y_val)) == set(np.unique(y_test)) == set(range(10))
+    flat = {row.tobytes() for row in x_val.reshape(len(x_val), -1)}
+    assert not flat & {row.tobytes() for row in x_test.reshape(len(x_test), -1)}, "no image in both halves"
+    again = zoo.held_out(split.x_test, split.y_test)
+    np.testing.assert_array_equal(again[0][1], y_val, err_msg="the split must not change between runs")
