@@ -155,7 +155,7 @@ def convert_parser() -> argparse.ArgumentParser:
                        "accuracy/agreement (default: 10 with --data; 0 turns fine-tuning off)")
     group.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
     group.add_argument("--learning-rate", type=_positive_float,
-                       help="Adam's peak rate, cosine-decayed (default: 3e-4 after --refine, else 1e-3)")
+                       help="Adam's peak rate, cosine-decayed (default: 1e-3)")
     group.add_argument("--label-weight", type=_share, default=0.5,
                        help="share of the label loss; the rest is distillation (default: %(default)s)")
     group.add_argument("--temperature", type=_positive_float, default=4.0,
@@ -165,6 +165,9 @@ def convert_parser() -> argparse.ArgumentParser:
                             "(default: %(default)s, off)")
     group.add_argument("--patience", type=_positive, default=3, help="epochs without improvement before stopping "
                        "(default: %(default)s)")
+    group.add_argument("--frozen-batchnorm-pass", action=argparse.BooleanOptionalAction, default=True,
+                       help="after fine-tuning a model with BatchNorm, fine-tune again with BatchNorm frozen (moving "
+                            "statistics), kept only if validation improves (default: on)")
     group.add_argument("--strategy", choices=("auto", "default", "mirrored"), default="auto",
                        help="tf.distribute: mirrored over all visible devices, auto when there are several "
                             "(default: %(default)s)")
@@ -188,8 +191,11 @@ def convert_parser() -> argparse.ArgumentParser:
                        help="int8: report each layer's quantization error, output range and scale on the calibration "
                             "images (in the manifest and --json), even when the artifact verifies")
     group.add_argument("--repair", action=argparse.BooleanOptionalAction, default=True,
-                       help="int8 that disagrees with the Keras model: try better calibration, then keep the worst "
-                            "layers in float (default: on)")
+                       help="int8 that disagrees with the Keras model: try cross-layer equalization, better "
+                            "calibration, then keep the worst layers in float (default: on)")
+    group.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=True,
+                       help="int8 repair: first rescale each separable layer's depthwise channels and pointwise "
+                            "rows against each other (the same float model, balanced for int8) (default: on)")
     group.add_argument("--max-float-layers", type=_count, default=2, metavar="N",
                        help="int8 repair keeps at most N layers in float (default: %(default)s)")
     group = parser.add_argument_group("verification and output")
@@ -234,7 +240,7 @@ def convert_options(args, *, custom_objects: bool = True):
         finetune=FinetuneOptions(batch_size=args.batch_size, learning_rate=args.learning_rate,
                                  label_weight=args.label_weight, temperature=args.temperature,
                                  feature_weight=args.feature_distillation, patience=args.patience,
-                                 strategy=args.strategy),
+                                 strategy=args.strategy, frozen_batchnorm_pass=args.frozen_batchnorm_pass),
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
         data=args.data,
@@ -251,7 +257,7 @@ def convert_options(args, *, custom_objects: bool = True):
         layout=args.layout,
         tolerance=Tolerance(min_agreement=args.min_agreement),
         quantization=QuantizationOptions(repair=args.repair, explain=args.explain_quantization,
-                                         max_float_layers=args.max_float_layers),
+                                         max_float_layers=args.max_float_layers, equalize=args.equalize),
         overwrite=args.overwrite,
         safe_mode=not args.unsafe_allow_lambda,
         custom_objects=(parse_custom_objects(args.custom_objects) if custom_objects else None) or None,

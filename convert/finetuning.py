@@ -27,7 +27,6 @@ from sepconv.convert.files import disk_full
 
 STRATEGIES = ("auto", "default", "mirrored")
 DEFAULT_LEARNING_RATE = 1e-3
-REFINED_LEARNING_RATE = 3e-4  # measured on the digits demo: 1e-3 knocks a refined K=1 model off its start
 
 
 @dataclass(frozen=True)
@@ -39,7 +38,10 @@ class FinetuneOptions:
     from the last one). strategy: auto (mirrored when several devices are visible), default, or mirrored.
     feature_weight: weight of feature distillation, which matches each layer named in `feature_layers` (default:
     every layer that is a SeparableConv2D in the student and a Conv2D in the teacher) to the teacher's same-named
-    layer output (relative squared error, averaged over layers); 0 turns it off."""
+    layer output (relative squared error, averaged over layers); 0 turns it off. freeze_batchnorm: BatchNormalization
+    layers frozen (inference mode) during training. frozen_batchnorm_pass: read by convert-model's recovery
+    (recovery.py): after fine-tuning a model with BatchNorm, a second pass with freeze_batchnorm, kept only if
+    validation improves."""
 
     epochs: int = 10
     batch_size: int = 32
@@ -54,6 +56,8 @@ class FinetuneOptions:
     seed: int = 0
     feature_weight: float = 0.0
     feature_layers: tuple[str, ...] | None = None
+    freeze_batchnorm: bool = False
+    frozen_batchnorm_pass: bool = True
 
     def __post_init__(self):
         checks = [
@@ -133,7 +137,7 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
     keras.utils.set_random_seed(options.seed)
     features = _feature_layers(student, teacher, options) if options.feature_weight > 0 else ()
     with strategy.scope():
-        model = _trainable_copy(student)
+        model = _trainable_copy(student, freeze_batchnorm=options.freeze_batchnorm)
         trainer = _feature_trainer(model, _trainable_copy(teacher), features, options.feature_weight) if features \
             else model
         steps = int(np.ceil(len(x_train) / options.batch_size)) * options.epochs
@@ -308,12 +312,20 @@ def _strategy(choice: str):
     return tf.distribute.get_strategy(), "default"
 
 
-def _trainable_copy(model):
-    """The student rebuilt in the current strategy's scope, with its weights (variables must live there)."""
+def _trainable_copy(model, freeze_batchnorm: bool = False):
+    """The student rebuilt in the current strategy's scope, with its weights (variables must live there); with
+    freeze_batchnorm, its BatchNormalization layers frozen (Keras then runs them in inference mode: their moving
+    statistics, not each batch's, normalise during training, and neither they nor gamma/beta change)."""
     import keras
+
+    from sepconv.convert.separation import leaf_layers
 
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
+    if freeze_batchnorm:
+        for _, layer in leaf_layers(copy):
+            if isinstance(layer, keras.layers.BatchNormalization):
+                layer.trainable = False
     return copy
 
 

@@ -10,9 +10,11 @@ the float output's range and the int8 scale. The error "starts" at the first lay
 error exceeds RELATIVE_ERROR_ALARM.
 
 Repair (`export_int8`), when the artifact at the requested settings does not agree with the Keras model on the
-validation images, tries in order, each measured: more and shuffled calibration samples (and per-channel weights if
-they were per-tensor; percentile then entropy calibration for ONNX), then the worst 1..max_float_layers layers kept
-in float (TFLite `denylisted_nodes`, ONNX `nodes_to_exclude`), and stops at the first that agrees. Choices use the
+validation images, tries in order, each measured: cross-layer equalization of the separable layers (equalization.py:
+the same float function, weights and activations balanced for int8; kept for the later attempts only if it agreed
+better than the first), more and shuffled calibration samples (and per-channel weights if they were per-tensor;
+percentile then entropy calibration for ONNX), then the worst 1..max_float_layers layers kept in float (TFLite
+`denylisted_nodes`, ONNX `nodes_to_exclude`), and stops at the first that agrees. Choices use the
 validation images; the pipeline's verification on the test images judges the result, as for any artifact.
 """
 
@@ -36,11 +38,13 @@ DIAGNOSIS_SAMPLES = 100  # calibration images the debuggers run (the artifact is
 class QuantizationOptions:
     """repair: try better calibration, then float layers, when int8 disagrees with the Keras model.
     explain: diagnose even when the first attempt passes (CLI --explain-quantization).
+    equalize: try cross-layer equalization of separable layers first (equalization.py).
     max_float_layers: at most this many layers kept in float by the repair.
     calibration_samples: samples (a seeded shuffle of the training images) of the better-calibration attempt."""
 
     repair: bool = True
     explain: bool = False
+    equalize: bool = True
     max_float_layers: int = 2
     calibration_samples: int = 1000
 
@@ -123,6 +127,7 @@ class Attempt:
     agreement: float | None  # top-1 agreement with the Keras model on the validation images
     cosine: float
     passed: bool
+    equalized: bool = False
 
 
 @dataclass(frozen=True)
@@ -139,6 +144,7 @@ class QuantizationReport:
     chosen: int | None  # index into attempts, None if none passed
     float_layers: tuple[FloatLayer, ...] = ()
     diagnosis: Diagnosis | None = None
+    equalization: dict | None = None  # EqualizationReport.to_dict() when an attempt equalized
 
     @property
     def passed(self) -> bool:
@@ -147,12 +153,21 @@ class QuantizationReport:
     def to_dict(self) -> dict:
         return {"passed": self.passed, "chosen": self.chosen, "attempts": [asdict(a) for a in self.attempts],
                 "float_layers": [asdict(f) for f in self.float_layers],
-                "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None}
+                "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None,
+                "equalization": self.equalization}
 
     def line(self) -> str:
         tried = "; ".join(f"{a.name}: {_agreement_text(a)}" for a in self.attempts)
         kept = "; ".join(f"{f.layer} ({f.op}, {f.reason}, {f.bytes:+,} bytes)" for f in self.float_layers)
-        return f"int8 attempts ({tried})" + (f"; kept in float: {kept}" if kept else "")
+        return (f"int8 attempts ({tried})" + (f"; kept in float: {kept}" if kept else "")
+                + (f"; {_equalization_text(self.equalization)}" if self.equalization else ""))
+
+
+def _equalization_text(report: dict) -> str:
+    """What equalization did: how many layers, and the widest spread of channel ranges before and after."""
+    widest = max(report["layers"], key=lambda layer: layer["spread_before"])
+    return (f"equalized {len(report['layers'])} separable layers on {report['samples']} images (widest channel range "
+            f"spread: {widest['path']} {widest['spread_before']:.1f}x -> {widest['spread_after']:.1f}x)")
 
 
 def _agreement_text(attempt: Attempt) -> str:
@@ -163,7 +178,8 @@ def _agreement_text(attempt: Attempt) -> str:
 
 @dataclass(frozen=True)
 class Setting:
-    """One way to quantize: calibration images, method (ONNX), per-channel, layers kept in float."""
+    """One way to quantize: calibration images, method (ONNX), per-channel, layers kept in float, whether the
+    separable layers are equalized first."""
 
     name: str
     samples: np.ndarray = field(repr=False)
@@ -171,16 +187,20 @@ class Setting:
     per_channel: bool = True
     method: str = "minmax"
     float_layers: tuple[str, ...] = ()
+    equalized: bool = False
 
 
 def export_int8(model, fmt: str, calibration: Calibration, *, export: Callable[[Setting], bytes],
                 judge: Callable[[bytes, np.ndarray], tuple[float | None, float, bool]],
                 diagnose: Callable[[Setting], Diagnosis], per_channel: bool,
-                options: QuantizationOptions = QuantizationOptions()) -> tuple[bytes, QuantizationReport]:
+                options: QuantizationOptions = QuantizationOptions(),
+                equalization: Callable[[], dict | None] | None = None) -> tuple[bytes, QuantizationReport]:
     """The int8 artifact of the first setting that agrees with the Keras model on the validation images.
 
     export(setting) -> artifact bytes; judge(artifact, x) -> (agreement, cosine, passed); diagnose(setting) ->
-    Diagnosis. Without validation images (or with repair off) the first setting is the only one tried.
+    Diagnosis; equalization() -> the EqualizationReport (as a dict) of the equalized model that settings with
+    `equalized` export, or None when the model has no separable layer to equalize (then no equalized attempt is made).
+    Without validation images (or with repair off) the first setting is the only one tried.
     """
     first = Setting("as requested", calibration.samples, f"{len(calibration.samples)} samples", per_channel)
     attempts, artifacts = [], []
@@ -190,23 +210,31 @@ def export_int8(model, fmt: str, calibration: Calibration, *, export: Callable[[
         x = calibration.validation if calibration.validation is not None else calibration.samples
         agreement, cosine, passed = judge(data, x)
         attempts.append(Attempt(setting.name, setting.calibration, setting.float_layers, len(data), agreement,
-                                cosine, passed))
+                                cosine, passed, setting.equalized))
         artifacts.append(data)
         return passed
 
     passed = attempt(first)
     can_repair = options.repair and calibration.validation is not None
     diagnosis = diagnose(first) if (options.explain or not passed) else None
-    best = first
+    best, equalized = first, None
     if not passed and can_repair:
         tried = [first]
-        for setting in _calibration_settings(fmt, calibration, per_channel, options):
+        equalized = equalization() if options.equalize and equalization is not None else None
+        if equalized is not None and equalized["layers"]:
+            tried.append(replace(first, name="cross-layer equalization", equalized=True))
+            passed = attempt(tried[-1])
+            best = tried[-1] if passed else first
+        # equalization stays on for the later attempts only if it agreed better than the first attempt
+        keep = len(tried) > 1 and _score(attempts[1]) > _score(attempts[0])
+        for setting in () if passed else _calibration_settings(fmt, calibration, per_channel, options):
+            setting = replace(setting, equalized=keep)
             tried.append(setting)
             if attempt(setting):
                 best, passed = setting, True
                 break
         if not passed and options.max_float_layers:
-            # layers are kept in float on top of the calibration that agreed best
+            # layers are kept in float on top of the attempt that agreed best
             base = max(zip(tried, attempts), key=lambda pair: _score(pair[1]))[0]
             ranking = diagnose(base) if base is not first else diagnosis
             for count in range(1, options.max_float_layers + 1):
@@ -217,7 +245,8 @@ def export_int8(model, fmt: str, calibration: Calibration, *, export: Callable[[
                     break
     chosen = len(attempts) - 1 if passed else None
     floats = _float_layers(best, diagnosis, attempts, artifacts) if passed else ()
-    report = QuantizationReport(tuple(attempts), chosen, floats, diagnosis)
+    report = QuantizationReport(tuple(attempts), chosen, floats, diagnosis,
+                                equalized if any(a.equalized for a in attempts) else None)
     return artifacts[chosen if passed else 0], report
 
 
@@ -241,7 +270,8 @@ def _float_layers(best: Setting, diagnosis: Diagnosis | None, attempts, artifact
         return ()
     rows = {row.layer: row for row in diagnosis.layers}
     # the cost: this artifact vs the same calibration with every layer quantized (the previous float-free attempt)
-    reference = next(a for a in reversed(attempts) if not a.float_layers and a.calibration == best.calibration)
+    reference = next(a for a in reversed(attempts) if not a.float_layers and a.calibration == best.calibration
+                     and a.equalized == best.equalized)
     extra = attempts[-1].bytes - reference.bytes
     share = extra // len(best.float_layers)
     return tuple(FloatLayer(name, rows[name].op, f"relative int8 error {rows[name].severity:.0%} (rank "
@@ -457,23 +487,62 @@ def _qdq_scales(graph) -> dict[str, float]:
 def quantize_verified(model, fmt: str, calibration: Calibration, *, tolerance, io_type: str = "float32",
                       per_channel: bool = True, opset: int = 17, layout: str = "nhwc",
                       options: QuantizationOptions = QuantizationOptions()) -> tuple[bytes, QuantizationReport]:
-    """The int8 TFLite or ONNX artifact of `model` (export_int8 with the converters' exporters and debuggers)."""
+    """The int8 artifact of `model` (export_int8 with the converters' exporters and debuggers); a setting with
+    `equalized` quantizes the model's cross-layer equalized twin (made once, on the calibration samples)."""
     from sepconv.convert.trace import input_names
 
+    twin = _EqualizedTwin(model, calibration.samples, per_channel)
     if fmt == "tflite":
-        export = lambda setting: tflite_int8(model, setting, io_type)  # noqa: E731
-        diagnose = lambda setting: diagnose_tflite(model, setting, io_type)  # noqa: E731
+        export = lambda setting: tflite_int8(twin.model(setting), setting, io_type)  # noqa: E731
+        diagnose = lambda setting: diagnose_tflite(twin.model(setting), setting, io_type)  # noqa: E731
         run_layout = "nhwc"
     else:
         from sepconv.convert.onnx_export import OnnxOptions, export_onnx
 
-        float_model = export_onnx(model, options=OnnxOptions(quantize="none", opset=opset, layout=layout))
+        floats = {}
+
+        def float_model(setting):
+            if setting.equalized not in floats:
+                floats[setting.equalized] = export_onnx(twin.model(setting), options=OnnxOptions(
+                    quantize="none", opset=opset, layout=layout))
+            return floats[setting.equalized]
+
         name = input_names(model)[0]
-        export = lambda setting: onnx_int8(float_model, setting, name, layout)  # noqa: E731
-        diagnose = lambda setting: diagnose_onnx(float_model, setting, name, layout)  # noqa: E731
+        export = lambda setting: onnx_int8(float_model(setting), setting, name, layout)  # noqa: E731
+        diagnose = lambda setting: diagnose_onnx(float_model(setting), setting, name, layout)  # noqa: E731
         run_layout = layout
     return export_int8(model, fmt, calibration, export=export, judge=_judge(model, fmt, tolerance, run_layout),
-                       diagnose=diagnose, per_channel=per_channel, options=options)
+                       diagnose=diagnose, per_channel=per_channel, options=options, equalization=twin.report)
+
+
+class _EqualizedTwin:
+    """The model, and its cross-layer equalized copy made on first request (equalization.py) on the first attempt's
+    calibration samples."""
+
+    def __init__(self, model, samples: np.ndarray, per_channel: bool):
+        self._model, self._samples, self._per_channel = model, samples, per_channel
+        self._twin = None
+
+    def report(self) -> dict | None:
+        """The equalization's report, or None when the model has no separable layer."""
+        import keras
+
+        from sepconv.convert.separation import leaf_layers
+
+        if not any(isinstance(layer, keras.layers.SeparableConv2D) for _, layer in leaf_layers(self._model)):
+            return None
+        if self._twin is None:
+            from sepconv.convert.equalization import equalize
+
+            # the ranges of the samples the converter calibrates on: those set its per-tensor int8 ranges
+            self._twin = equalize(self._model, np.asarray(self._samples, np.float32), per_channel=self._per_channel)
+        return self._twin[1].to_dict()
+
+    def model(self, setting: Setting):
+        if not setting.equalized:
+            return self._model
+        self.report()
+        return self._twin[0]
 
 
 def _judge(model, fmt: str, tolerance, layout: str):

@@ -124,3 +124,22 @@ def test_finetuning_recovers_trained_digits_at_k1(trained_demo, digits):
     finetune(student, original, digits.x_train, digits.y_train, epochs=3, verbose=0)
     after = demo.accuracy(student, digits.x_test, digits.y_test)
     assert after > before + 0.3, f"K=1 test accuracy {before:.2%} -> {after:.2%} after 3 epochs"
+
+
+def test_frozen_batchnorm_keeps_its_statistics_while_the_rest_trains():
+    """freeze_batchnorm: BatchNorm runs on its moving statistics during training, which stay as they were (as do gamma
+    and beta); the convolutions train. Without it, the moving statistics move."""
+    teacher, x, y = teacher_and_data(n=128)
+    keras.utils.set_random_seed(3)
+    x_in = keras.Input((12, 12, 3))
+    h = keras.layers.BatchNormalization(name="bn")(keras.layers.Conv2D(8, 3, name="c1")(x_in))
+    student = keras.Model(x_in, keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(
+        keras.layers.ReLU()(h))))
+    for freeze in (True, False):
+        trained = keras.models.clone_model(student)
+        trained.set_weights(student.get_weights())
+        finetune(trained, teacher, x, y, epochs=2, verbose=0, patience=2, learning_rate=0.01, freeze_batchnorm=freeze)
+        bn_same = [np.array_equal(a, b) for a, b in zip(trained.get_layer("bn").get_weights(),
+                                                         student.get_layer("bn").get_weights())]
+        assert not np.array_equal(trained.get_layer("c1").get_weights()[0], student.get_layer("c1").get_weights()[0])
+        assert all(bn_same) if freeze else not all(bn_same), (freeze, bn_same)

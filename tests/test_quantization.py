@@ -138,7 +138,7 @@ def test_cli_flags_map_onto_quantization_options():
     from sepconv.convert.cli import convert_options, convert_parser
 
     args = convert_parser().parse_args(["m.h5", "m.tflite", "--explain-quantization", "--no-repair",
-                                        "--max-float-layers", "1"])
+                                        "--max-float-layers", "1", "--no-equalize"])
     assert convert_options(args).quantization == q.QuantizationOptions(repair=False, explain=True,
-                                                                        max_float_layers=1)
+                                                                        max_float_layers=1, equalize=False)
     assert convert_options(convert_parser().parse_args(["m.h5", "m.tflite"])).quantization == q.QuantizationOptions()

@@ -185,3 +185,33 @@ def test_model_stages_score_the_same_as_predictions():
     assert stage.agreement == 1.0
     assert stage.accuracy == pytest.approx(float(np.mean(np.argmax(predict_keras(teacher, x)[0], 1) == y)))
     assert agreement(teacher, teacher, x) == 1.0
+
+
+@pytest.mark.parametrize("frozen_pass", [True, False], ids=["frozen-pass", "no-frozen-pass"])
+def test_a_batchnorm_model_gets_a_frozen_batchnorm_pass_judged_on_validation(tmp_path, frozen_pass):
+    from sepconv.convert.data import Dataset
+    from sepconv.convert.finetuning import FinetuneOptions
+    from sepconv.convert.policy import SeparationOptions
+    from sepconv.convert.recovery import RecoveryOptions, recover
+
+    model, images = bn_model()
+    y = np.argmax(predict_keras(model, images)[0], 1)
+    data = [Dataset(images[i::3], y[i::3], "test") for i in range(3)]
+    options = RecoveryOptions(epochs=1, checkpoint_dir=str(tmp_path / "ckpt"),
+                              finetune=FinetuneOptions(frozen_batchnorm_pass=frozen_pass))
+    _, _, report = recover(model, data[0], data[0].x, data[1], data[2], SeparationOptions(rank=1), options)
+    names = [stage.name for stage in report.stages]
+    assert names == ["original", "separated", "fine-tuned"] + ["fine-tuned, BatchNorm frozen"] * frozen_pass, names
+    assert (report.finetune_frozen is not None) == frozen_pass
+    if frozen_pass:
+        before, frozen = [s for s in report.stages[:-1] if s.kept][-1], report.stages[-1]
+        # the pass is kept exactly when the validation accuracy did not fall
+        assert frozen.kept == (frozen.val_accuracy >= before.val_accuracy), (before, frozen)
+
+
+def test_the_frozen_batchnorm_pass_flag_maps_onto_finetune_options():
+    from sepconv.convert.cli import convert_options, convert_parser
+
+    off = convert_options(convert_parser().parse_args(["m.h5", "m.tflite", "--no-frozen-batchnorm-pass"]))
+    assert off.finetune.frozen_batchnorm_pass is False
+    assert convert_options(convert_parser().parse_args(["m.h5", "m.tflite"])).finetune.frozen_batchnorm_pass is True
