@@ -1,0 +1,119 @@
+"""The latency-aware choice of K per layer (convert/latency.py) on synthetic sensitivities and latency tables."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from sepconv.convert.budget import KEEP, Candidate, LayerSensitivity
+from sepconv.convert.errors import InvalidOptionError
+from sepconv.convert.latency import (LatencyTarget, LatencyTargetError, choose_for_latency, predict_ms)
+
+
+def layer(path, drops, params):
+    """K=1, 2, ... with these drops and parameter counts, then KEEP (drop 0, params[-1])."""
+    candidates = [Candidate(k + 1, p, 0.0, d) for k, (d, p) in enumerate(zip(drops, params[:-1]))]
+    return LayerSensitivity(path, len(drops), tuple(candidates) + (Candidate(KEEP, params[-1], 0.0, 0.0),))
+
+
+def row(keep, *ks):
+    return {"keep": keep, **{str(k + 1): ms for k, ms in enumerate(ks)}}
+
+
+def total_drop(layers, ranks):
+    return sum(max(0.0, s.candidate(ranks.get(s.path, KEEP)).drop) for s in layers)
+
+
+def test_a_separation_slower_than_keeping_is_never_chosen():
+    layers = (layer("fast", [0.0, 0.0], [10, 20, 100]), layer("slow", [0.0, 0.0], [10, 20, 100]))
+    table = {"fast": row(0.030, 0.010, 0.020), "slow": row(0.030, 0.045, 0.031)}
+    choice = choose_for_latency(layers, table, max_drop=50.0, original_ms=0.2)
+    assert choice.ranks == {"fast": 1}, "the slow layer is slower separated at every K: kept, though it is free"
+    slow = choice.layers[1]
+    assert slow.rank == KEEP and slow.slower == (1, 2) and slow.fastest_rank == KEEP
+    assert choice.predicted_ms == pytest.approx(0.2 - 0.020), "the original's latency plus the separated layer's change"
+    assert choice.predicted_delta_ms == pytest.approx(-0.020)
+
+
+def test_the_fastest_plan_within_the_accuracy_budget():
+    # a: K=1 is fastest but costs 0.8 points; b: K=1 costs 0.5; both at K=1 is over a 1-point budget
+    layers = (layer("a", [0.8, 0.1], [10, 20, 100]), layer("b", [0.5, 0.0], [10, 20, 100]))
+    table = {"a": row(1.0, 0.2, 0.5), "b": row(1.0, 0.6, 0.7)}
+    choice = choose_for_latency(layers, table, max_drop=1.0, original_ms=3.0)
+    assert choice.ranks == {"a": 1, "b": 2}, "a's K=1 saves 0.3 ms more than a's K=2; b's K=2 is free"
+    assert choice.predicted_drop == pytest.approx(0.8) and choice.predicted_ms == pytest.approx(3.0 - 0.8 - 0.3)
+    assert choose_for_latency(layers, table, max_drop=0.0, original_ms=3.0).ranks == {"b": 2}, \
+        "no budget: only the free separation"
+    assert choose_for_latency(layers, table, max_drop=2.0).ranks == {"a": 1, "b": 1}
+
+
+def test_ties_in_latency_go_to_the_smaller_layer():
+    layers = (layer("a", [0.0, 0.0], [10, 20, 100]),)
+    choice = choose_for_latency(layers, {"a": row(1.0, 0.5, 0.5)}, max_drop=1.0)
+    assert choice.ranks == {"a": 1}
+
+
+def test_a_target_takes_the_least_accuracy_loss_that_meets_it():
+    layers = (layer("a", [0.8, 0.1], [10, 20, 100]), layer("b", [0.5, 0.0], [10, 20, 100]))
+    table = {"a": row(1.0, 0.2, 0.5), "b": row(1.0, 0.6, 0.7)}
+    choice = choose_for_latency(layers, table, max_drop=1.0, original_ms=3.0, target=LatencyTarget(ms=2.3))
+    assert choice.ranks == {"a": 2, "b": 2}, "2.2 ms at 0.1 points meets 2.3 ms; the fastest plan (1.9) loses 0.8"
+    assert choice.predicted_drop == pytest.approx(0.1) and choice.predicted_ms == pytest.approx(2.2)
+    assert choice.target_ms == 2.3
+    speedup = choose_for_latency(layers, table, max_drop=1.0, original_ms=3.0, target=LatencyTarget(speedup=3.0 / 2.3))
+    assert speedup.ranks == choice.ranks and speedup.target_ms == pytest.approx(2.3)
+    with pytest.raises(LatencyTargetError, match=r"no plan within --max-accuracy-drop 1.0 is predicted to reach 1.5 ms: "
+                                                 r"the fastest is 1.9 ms \(the original: 3 ms\); raise"):
+        choose_for_latency(layers, table, max_drop=1.0, original_ms=3.0, target=LatencyTarget(ms=1.5))
+
+
+def test_bad_tables_and_targets_are_refused():
+    layers = (layer("a", [0.0], [10, 100]),)
+    with pytest.raises(InvalidOptionError, match=r"no 'keep' latency for \['a'\]"):
+        choose_for_latency(layers, {"a": {"1": 0.1}}, max_drop=1.0)
+    with pytest.raises(InvalidOptionError, match="needs the original model's measured latency"):
+        choose_for_latency(layers, {"a": row(1.0, 0.5)}, max_drop=1.0, target=LatencyTarget(speedup=2.0))
+    with pytest.raises(InvalidOptionError, match="give one of them"):
+        LatencyTarget(ms=1.0, speedup=2.0)
+    with pytest.raises(InvalidOptionError, match=r"Unrecognized target speed-up -1"):
+        LatencyTarget(speedup=-1)
+
+
+def test_predict_ms_adds_each_layers_change():
+    table = {"a": row(1.0, 0.2), "b": row(0.5, 0.7)}
+    assert predict_ms(table, {"a": 1, "b": KEEP}, 4.0) == pytest.approx(3.2)
+    assert predict_ms(table, {"a": 1, "b": 1}, 4.0) == pytest.approx(3.4)
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_choice_is_the_best_of_every_plan(seed):
+    """Against brute force over every plan of random 4-layer problems: the choice is within the budget, never
+    slower than keeping a layer, and as fast (no target) or as accurate then as fast (target) as the best plan."""
+    rng = np.random.default_rng(seed)
+    layers, table = [], {}
+    for index in range(4):
+        drops = np.round(rng.uniform(-0.2, 1.0, size=3), 3).tolist()
+        layers.append(layer(f"l{index}", drops, [10, 20, 40, 100]))
+        table[f"l{index}"] = row(*np.round(rng.uniform(0.01, 1.0, size=4), 4).tolist())
+    max_drop = float(np.round(rng.uniform(0.0, 2.0), 3))
+    plans = []
+    for combo in itertools.product(*[[c.rank for c in s.candidates] for s in layers]):
+        ranks = dict(zip(table, combo))
+        if total_drop(layers, ranks) <= max_drop + 1e-9:
+            plans.append((predict_ms(table, ranks, 5.0), total_drop(layers, ranks)))
+    choice = choose_for_latency(layers, table, max_drop, original_ms=5.0)
+    assert total_drop(layers, choice.ranks) <= max_drop + 1e-9
+    for chosen in choice.layers:
+        assert chosen.rank == KEEP or chosen.ms <= chosen.keep_ms, f"{chosen.path}: slower than keeping it"
+    assert choice.predicted_ms == pytest.approx(min(ms for ms, _ in plans))
+    target = float(np.round(rng.uniform(4.0, 5.0), 3))
+    reachable = [(drop, ms) for ms, drop in plans if ms <= target + 1e-9]
+    if not reachable:
+        with pytest.raises(LatencyTargetError):
+            choose_for_latency(layers, table, max_drop, original_ms=5.0, target=LatencyTarget(ms=target))
+        return
+    targeted = choose_for_latency(layers, table, max_drop, original_ms=5.0, target=LatencyTarget(ms=target))
+    least = min(drop for drop, _ in reachable)
+    assert targeted.predicted_ms <= target + 1e-9
+    assert targeted.predicted_drop == pytest.approx(least, abs=1e-9)
+    assert targeted.predicted_ms == pytest.approx(min(ms for drop, ms in reachable if drop <= least + 1e-9))
