@@ -1,6 +1,7 @@
 """The latency-aware choice of K per layer (convert/latency.py) on synthetic sensitivities and latency tables."""
 
 import itertools
+import json
 
 import numpy as np
 import pytest
@@ -117,3 +118,92 @@ def test_the_choice_is_the_best_of_every_plan(seed):
     assert targeted.predicted_ms <= target + 1e-9
     assert targeted.predicted_drop == pytest.approx(least, abs=1e-9)
     assert targeted.predicted_ms == pytest.approx(min(ms for drop, ms in reachable if drop <= least + 1e-9))
+
+
+# ------------------------------------------------------------------ the table, measured (tiny models, short timing)
+
+@pytest.fixture(scope="module")
+def tiny():
+    from test_finetuning import teacher_and_data
+
+    teacher, x, y = teacher_and_data(n=64)
+    return teacher, x, y
+
+
+def test_single_layer_models_are_the_layer_as_it_will_run(tiny):
+    import keras
+
+    from sepconv.convert.latency_table import single_layer_model
+    from sepconv.convert.verification import predict_keras
+
+    teacher, x, _ = tiny
+    layer_c2 = teacher.get_layer("c2")
+    inputs = predict_keras(keras.Model(teacher.inputs, layer_c2.input), x[:8])[0]
+    kept = single_layer_model(layer_c2, KEEP)
+    np.testing.assert_allclose(predict_keras(kept, inputs)[0], predict_keras(keras.Model(
+        layer_c2.input, layer_c2.output), inputs)[0], rtol=1e-5, atol=1e-5,
+        err_msg="the kept single-layer model computes what the layer does (float32, same weights)")
+    separated = single_layer_model(layer_c2, 1)
+    assert [type(l).__name__ for l in separated.layers[1:]] == ["SeparableConv2D"]
+    assert separated.layers[1].depth_multiplier == 1 and separated.layers[1].strides == (2, 2)
+    assert single_layer_model(teacher.get_layer("c1"), 9) is None, "3 -> 16 channels at K=9 is not smaller: kept"
+
+
+def test_measure_table_times_every_candidate_once_then_reads_the_cache(tiny, tmp_path):
+    from sepconv.convert.latency_table import LatencyOptions, _Cache, measure_table
+    from sepconv.convert.tflite_export import TFLiteOptions
+    from sepconv.deploy.timing import TimingOptions
+
+    teacher, _, _ = tiny
+    layers = (layer("c1", [0.0, 0.0], [10, 20, 100]), layer("c2", [0.0], [10, 100]))
+    options = LatencyOptions(timing=TimingOptions(min_seconds=0.02, min_runs=5), cache_dir=str(tmp_path),
+                             export=TFLiteOptions(quantize="none"))
+    first = measure_table(teacher, layers, options)
+    assert first["measured"] == 6 and first["cached"] == 0, "the original, c1 at K=1, 2 and kept, c2 at K=1 and kept"
+    assert set(first["layers"]) == {"c1", "c2"} and set(first["layers"]["c1"]) == {"1", "2", "keep"}
+    assert set(first["layers"]["c2"]) == {"1", "keep"}
+    assert all(ms > 0 for row in first["layers"].values() for ms in row.values()) and first["original_ms"] > 0
+    assert first["where"] == "local" and first["runtime"].startswith("ai-edge-litert ")
+    assert first["raw_keep_sum_ms"] == pytest.approx(first["layers"]["c1"]["keep"] + first["layers"]["c2"]["keep"])
+    second = measure_table(teacher, layers, options)
+    assert second["measured"] == 0 and second["cached"] == 6
+    assert second["layers"] == first["layers"] and second["original_ms"] == first["original_ms"]
+    cache_files = list(tmp_path.glob("*.json"))
+    assert len(cache_files) == 1, "one file per device"
+    cache = _Cache(options, {"where": "local", "device": second["device"], "xnnpack": True})
+    spec = json.dumps({"x": 1})
+    cache.put(spec, 1, "ai-edge-litert 2.3.0", 0.5, "x")
+    assert cache.get(spec, 1, "ai-edge-litert 2.3.0") == 0.5
+    assert cache.get(spec, 1, "ai-edge-litert 9.9.9") is None, "another runtime version is another measurement"
+    assert cache.get(spec, 1, None) is None, "a device without its runtime has nothing cached"
+
+
+def test_convert_model_chooses_for_latency_and_reports_prediction_and_measurement(tiny, tmp_path):
+    from sepconv.convert.cli import recovery_tables
+    from sepconv.convert.latency_table import LatencyOptions
+    from sepconv.convert.pipeline import convert_model
+    from sepconv.deploy.timing import TimingOptions
+
+    teacher, x, y = tiny
+    teacher.save(tmp_path / "m.keras")
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    options = LatencyOptions(target=LatencyTarget(speedup=0.5), timing=TimingOptions(min_seconds=0.02, min_runs=5),
+                             cache_dir=str(tmp_path / "cache"))
+    result = convert_model(tmp_path / "m.keras", [tmp_path / "m.tflite"], data=str(tmp_path / "d.npz"), epochs=0,
+                           quantize="none", max_accuracy_drop=50.0, refine=False, recalibrate_bn=False,
+                           latency=options)
+    budget = result.recovery["budget"]
+    latency = budget["latency"]
+    assert latency["table"]["format"] == "tflite" and latency["table"]["quantize"] == "none"
+    assert budget["ranks"] == latency["choice"]["ranks"], "the separation follows the latency choice"
+    assert latency["choice"]["target_ms"] == pytest.approx(2 * latency["table"]["original_ms"])
+    for row in latency["choice"]["layers"]:
+        assert row["rank"] == KEEP or row["ms"] <= row["keep_ms"], f"{row['path']} separated though slower"
+    measured = result.artifacts[0].latency
+    assert measured["measured_ms"] > 0 and measured["comparable"]
+    assert measured["predicted_ms"] == pytest.approx(latency["choice"]["predicted_ms"], rel=1e-3)
+    manifest = json.loads((tmp_path / "m.tflite.json").read_text())
+    assert manifest["latency"] == measured and manifest["recovery"]["budget"]["latency"]["choice"]["ranks"] == \
+        budget["ranks"]
+    text = recovery_tables(result)
+    assert "us chosen" in text and "whole model predicted" in text and "m.tflite: measured" in text
