@@ -119,6 +119,12 @@ class ConvertOptions:
                                                     or self.max_unpacked_bytes < 1):
             raise InvalidOptionError(f"Unrecognized max_unpacked_bytes={self.max_unpacked_bytes!r}. Use a whole "
                                      f"number >= 1")
+        if self.latency is not None:
+            from sepconv.convert.latency_table import LatencyOptions
+
+            if not isinstance(self.latency, LatencyOptions):
+                raise InvalidOptionError(f"Unrecognized latency={self.latency!r}. Use LatencyOptions(...) from "
+                                         f"sepconv.convert.latency_table, or None")
         if self.max_accuracy_drop is not None:
             from sepconv.convert.budget import BudgetOptions
 
