@@ -5,7 +5,7 @@ model - an input of the layer's input shape, the layer as it is or as `separate`
 as the run exports (format, quantization, I/O type) and timed with bench-model's harness (sepconv.deploy.timing) at the
 run's thread count and XNNPACK setting, on this machine or on a device over deploy-model's SSH connection. The whole
 original model, exported the same way, is timed in the same interleaved run: a plan's predicted latency is the
-original's plus each separated layer's change (latency.predict_ms), and a target speed-up is against it.
+table's sum for it scaled to the original's (latency.predict_ms), and a target speed-up is against the original.
 
 Latency depends on a layer's shapes, configuration and the quantization mode, not on its weights: the single-layer
 models are calibrated on random inputs, and measurements are cached per device and runtime version (a JSON file per

@@ -14,7 +14,7 @@ accuracy budget's own measurement), then per quantization mode:
 Reported per plan: conv MACs and their ratio to the original's, predicted (table) and measured p50, the prediction's
 error, the speed-up against the original, speed-up / MAC ratio, predicted drop and test accuracy.
 
-usage: scripts/bench-latency [--quantize int8,none] [--max-drop 1.0] [--target-speedup X] [--where HOST
+usage: scripts/bench-latency [--model build/zoo/NAME] [--quantize int8,none] [--max-drop 1.0] [--target-speedup X] [--where HOST
        --ssh-config FILE --wheels DIR] [--threads 1] [--min-time 2] [--out build/latency]   Prints Markdown.
 """
 
@@ -37,6 +37,8 @@ NOISE = 0.03  # "never slower": within 3% of the faster of the two other plans (
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("build/latency"))
+    parser.add_argument("--model", type=Path, help="a bench-zoo folder (NAME/NAME.keras, train/validation/test.npz) "
+                        "instead of the digits demo, e.g. build/zoo/resnet_bn")
     parser.add_argument("--quantize", default="int8,none", help="TFLite modes, comma-separated")
     parser.add_argument("--max-drop", type=float, default=1.0)
     parser.add_argument("--target-speedup", type=float)
@@ -50,14 +52,29 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     say = lambda stage, message: print(f"  {stage}: {message}", file=sys.stderr, flush=True)  # noqa: E731
-    model, data = demo_model_and_data()
-    plan = sensitivity(model, data, args.max_drop, say)
-    results = {"cpu": lscpu(), "where": args.where or "local", "max_drop": args.max_drop, "modes": {}}
+    model, data = model_and_data(args.model)
+    plan = sensitivity(model, data, args.max_drop, say, args.out / "sensitivity.json")
+    results = {"cpu": lscpu(), "where": args.where or "local", "max_drop": args.max_drop, "modes": {},
+               "model": str(args.model or "digits demo")}
     for mode in args.quantize.split(","):
         results["modes"][mode] = run_mode(model, data, plan, mode, args, say)
     (args.out / "latency.json").write_text(json.dumps(results, indent=2, default=str))
     print(markdown(results))
     return 0
+
+
+def model_and_data(folder: Path | None):
+    """The digits demo model and split, or a bench-zoo folder's model (NAME/NAME.keras) and its train / validation /
+    test .npz."""
+    if folder is None:
+        return demo_model_and_data()
+    from sepconv.convert.loading import load
+
+    model = load(folder / f"{folder.name}.keras")
+    split = {name: np.load(folder / f"{name}.npz") for name in ("train", "validation", "test")}
+    return model, {"x_train": split["train"]["x"], "x_val": split["validation"]["x"],
+                   "y_val": split["validation"]["y"], "x_test": split["test"]["x"], "y_test": split["test"]["y"],
+                   "x_calibration": split["train"]["x"][:200]}
 
 
 def demo_model_and_data():
@@ -74,16 +91,26 @@ def demo_model_and_data():
                    "x_test": split.x_test, "y_test": split.y_test, "x_calibration": split.x_train[train][:200]}
 
 
-def sensitivity(model, data, max_drop, say):
-    from sepconv.convert.budget import BudgetOptions, plan_budget
+def sensitivity(model, data, max_drop, say, saved: Path):
+    """budget.plan_budget on the validation digits, kept in `saved` (the slow part: reused by the next run)."""
+    from sepconv.convert.budget import BudgetOptions, BudgetPlan, Candidate, LayerSensitivity, plan_budget
 
-    return plan_budget(model, data["x_val"], data["y_val"], data["x_calibration"], BudgetOptions(max_drop=max_drop),
+    if saved.exists() and json.loads(saved.read_text())["max_drop"] == max_drop:
+        found = json.loads(saved.read_text())
+        layers = tuple(LayerSensitivity(layer["path"], layer["full_rank"], tuple(
+            Candidate(**c) for c in layer["candidates"])) for layer in found["layers"])
+        say("sensitivity", f"reused {saved}")
+        return BudgetPlan(**dict(found, layers=layers))
+    plan = plan_budget(model, data["x_val"], data["y_val"], data["x_calibration"], BudgetOptions(max_drop=max_drop),
                        progress=say)
+    saved.write_text(json.dumps(plan.to_dict(), indent=1))
+    return plan
 
 
 def run_mode(model, data, plan, mode, args, say) -> dict:
     from sepconv.convert.budget import KEEP, choose
-    from sepconv.convert.latency import LatencyTarget, choose_for_latency, predict_ms
+    from sepconv.convert.latency import (LatencyTarget, LatencyTargetError, choose_for_latency, predict_ms,
+                                         rank_key)
     from sepconv.convert.latency_table import LatencyOptions, measure_table
     from sepconv.convert.tflite_export import TFLiteOptions
     from sepconv.deploy.remote import DeployOptions
@@ -99,10 +126,14 @@ def run_mode(model, data, plan, mode, args, say) -> dict:
              "by accuracy alone": choose(plan.layers, plan.max_drop)[0],
              "all K=1": {layer.path: 1 for layer in plan.layers},
              "latency-aware": fastest.ranks}
+    unreachable = None
     if args.target_speedup:
-        target = LatencyTarget(speedup=args.target_speedup)
-        plans[f"latency-aware, target {args.target_speedup}x"] = choose_for_latency(
-            plan.layers, table["layers"], plan.max_drop, original_ms=table["original_ms"], target=target).ranks
+        try:
+            plans[f"latency-aware, target {args.target_speedup}x"] = choose_for_latency(
+                plan.layers, table["layers"], plan.max_drop, original_ms=table["original_ms"],
+                target=LatencyTarget(speedup=args.target_speedup)).ranks
+        except LatencyTargetError as error:
+            unreachable = str(error)
     folder = args.out / mode
     folder.mkdir(exist_ok=True)
     built = {name: build(model, ranks, plan, mode, folder / f"{index}.tflite", data)
@@ -116,7 +147,9 @@ def run_mode(model, data, plan, mode, args, say) -> dict:
         item = built[name]
         measured = timing.p50_ms[str(item["path"])]
         predicted = predict_ms(table["layers"], ranks, table["original_ms"])
+        table_sum = sum(row[rank_key(ranks.get(path, KEEP))] for path, row in table["layers"].items())
         rows.append({"plan": name, "ranks": ranks, "macs": item["macs"], "measured_ms": measured,
+                     "table_sum_ms": table_sum, "sum_error": (measured - table_sum) / measured,
                      "predicted_ms": predicted, "error": (measured - predicted) / measured,
                      "speedup": original_ms / measured,
                      "predicted_drop": sum(max(0.0, layer.candidate(ranks.get(layer.path, KEEP)).drop)
@@ -126,9 +159,9 @@ def run_mode(model, data, plan, mode, args, say) -> dict:
     for row in rows:
         row["mac_ratio"] = macs / row["macs"]
         row["speedup_per_mac_ratio"] = row["speedup"] / row["mac_ratio"]
-    best = {path: min(v for v in row.values()) for path, row in table["layers"].items()}
-    possible = table["original_ms"] / (table["original_ms"] + sum(best[p] - table["layers"][p]["keep"] for p in best))
-    return {"table": table, "timing": asdict(timing), "rows": rows, "possible_speedup": possible}
+    possible = table["raw_keep_sum_ms"] / sum(min(row.values()) for row in table["layers"].values())
+    return {"table": table, "timing": asdict(timing), "rows": rows, "possible_speedup": possible,
+            "target_speedup": args.target_speedup, "unreachable": unreachable}
 
 
 def build(model, ranks, plan, mode, path: Path, data) -> dict:
@@ -164,10 +197,12 @@ def markdown(results: dict) -> str:
                    f" {table['runtime']}, {table['threads']} thread(s), XNNPACK {'on' if table['xnnpack'] else 'off'})"
                    f"\n")
         body = [[r["plan"], _ranks(r["ranks"], table), f"{r['macs'] / 1e6:,.1f}M", f"{r['mac_ratio']:.2f}x",
-                 f"{r['predicted_ms']:.4f}", f"{r['measured_ms']:.4f}", f"{r['error']:+.1%}", f"{r['speedup']:.2f}x",
+                 f"{r['table_sum_ms']:.4f} ({r['sum_error']:+.0%})", f"{r['predicted_ms']:.4f}",
+                 f"{r['measured_ms']:.4f}", f"{r['error']:+.1%}", f"{r['speedup']:.2f}x",
                  f"{r['speedup_per_mac_ratio']:.0%}", f"{r['predicted_drop']:.2f}", f"{r['accuracy']:.2%}"]
                 for r in rows]
-        out.append(tabulate(body, headers=["plan", "K per layer", "conv MACs", "MAC ratio", "predicted ms",
+        out.append(tabulate(body, headers=["plan", "K per layer", "conv MACs", "MAC ratio", "table sum ms (error)",
+                                           "predicted ms (scaled)",
                                            "measured ms", "error", "speed-up", "speed-up / MAC ratio",
                                            "predicted drop", "test accuracy"], tablefmt="github",
                             disable_numparse=True))
@@ -175,7 +210,9 @@ def markdown(results: dict) -> str:
                    f"the table's best possible speed-up (every layer at its fastest option, accuracy aside): "
                    f"{result['possible_speedup']:.2f}x; table: {table['measured']} timed, {table['cached']} cached, "
                    f"{table['seconds']} s; raw sum of kept layers {table['raw_keep_sum_ms']:.4f} ms against the "
-                   f"original's {table['original_ms']:.4f} ms\n")
+                   f"original's {table['original_ms']:.4f} ms"
+                   + (f"; --target-speedup {result['target_speedup']}: {result['unreachable']}" if result["unreachable"]
+                      else "") + "\n")
         out.append(tabulate([[path] + [f"{row[k] * 1000:.1f}" for k in sorted(row, key=_order)]
                              for path, row in table["layers"].items()],
                             headers=["layer (us)"] + [f"K={k}" if k != "keep" else "kept"
@@ -183,7 +220,7 @@ def markdown(results: dict) -> str:
                                                                       key=_order)],
                             tablefmt="github", disable_numparse=True))
         out.append("")
-    out.append(f"CPU: {results['cpu']}")
+    out.append(f"model: {results['model']}; budget {results['max_drop']} points; CPU: {results['cpu']}")
     return "\n".join(out)
 
 

@@ -28,22 +28,23 @@ def total_drop(layers, ranks):
 def test_a_separation_slower_than_keeping_is_never_chosen():
     layers = (layer("fast", [0.0, 0.0], [10, 20, 100]), layer("slow", [0.0, 0.0], [10, 20, 100]))
     table = {"fast": row(0.030, 0.010, 0.020), "slow": row(0.030, 0.045, 0.031)}
-    choice = choose_for_latency(layers, table, max_drop=50.0, original_ms=0.2)
+    choice = choose_for_latency(layers, table, max_drop=50.0, original_ms=0.12)
     assert choice.ranks == {"fast": 1}, "the slow layer is slower separated at every K: kept, though it is free"
     slow = choice.layers[1]
     assert slow.rank == KEEP and slow.slower == (1, 2) and slow.fastest_rank == KEEP
-    assert choice.predicted_ms == pytest.approx(0.2 - 0.020), "the original's latency plus the separated layer's change"
-    assert choice.predicted_delta_ms == pytest.approx(-0.020)
+    assert choice.table_sum_ms == pytest.approx(0.040) and choice.predicted_delta_ms == pytest.approx(-0.020)
+    assert choice.predicted_ms == pytest.approx(0.080), "the table's sum for the plan, scaled as keeping both is to the " \
+                                                        "original (0.06 -> 0.12 ms)"
 
 
 def test_the_fastest_plan_within_the_accuracy_budget():
     # a: K=1 is fastest but costs 0.8 points; b: K=1 costs 0.5; both at K=1 is over a 1-point budget
     layers = (layer("a", [0.8, 0.1], [10, 20, 100]), layer("b", [0.5, 0.0], [10, 20, 100]))
     table = {"a": row(1.0, 0.2, 0.5), "b": row(1.0, 0.6, 0.7)}
-    choice = choose_for_latency(layers, table, max_drop=1.0, original_ms=3.0)
+    choice = choose_for_latency(layers, table, max_drop=1.0, original_ms=2.0)
     assert choice.ranks == {"a": 1, "b": 2}, "a's K=1 saves 0.3 ms more than a's K=2; b's K=2 is free"
-    assert choice.predicted_drop == pytest.approx(0.8) and choice.predicted_ms == pytest.approx(3.0 - 0.8 - 0.3)
-    assert choose_for_latency(layers, table, max_drop=0.0, original_ms=3.0).ranks == {"b": 2}, \
+    assert choice.predicted_drop == pytest.approx(0.8) and choice.predicted_ms == pytest.approx(2.0 - 0.8 - 0.3)
+    assert choose_for_latency(layers, table, max_drop=0.0, original_ms=2.0).ranks == {"b": 2}, \
         "no budget: only the free separation"
     assert choose_for_latency(layers, table, max_drop=2.0).ranks == {"a": 1, "b": 1}
 
@@ -57,15 +58,18 @@ def test_ties_in_latency_go_to_the_smaller_layer():
 def test_a_target_takes_the_least_accuracy_loss_that_meets_it():
     layers = (layer("a", [0.8, 0.1], [10, 20, 100]), layer("b", [0.5, 0.0], [10, 20, 100]))
     table = {"a": row(1.0, 0.2, 0.5), "b": row(1.0, 0.6, 0.7)}
-    choice = choose_for_latency(layers, table, max_drop=1.0, original_ms=3.0, target=LatencyTarget(ms=2.3))
-    assert choice.ranks == {"a": 2, "b": 2}, "2.2 ms at 0.1 points meets 2.3 ms; the fastest plan (1.9) loses 0.8"
-    assert choice.predicted_drop == pytest.approx(0.1) and choice.predicted_ms == pytest.approx(2.2)
-    assert choice.target_ms == 2.3
-    speedup = choose_for_latency(layers, table, max_drop=1.0, original_ms=3.0, target=LatencyTarget(speedup=3.0 / 2.3))
-    assert speedup.ranks == choice.ranks and speedup.target_ms == pytest.approx(2.3)
-    with pytest.raises(LatencyTargetError, match=r"no plan within --max-accuracy-drop 1.0 is predicted to reach 1.5 ms: "
-                                                 r"the fastest is 1.9 ms \(the original: 3 ms\); raise"):
-        choose_for_latency(layers, table, max_drop=1.0, original_ms=3.0, target=LatencyTarget(ms=1.5))
+    choice = choose_for_latency(layers, table, max_drop=1.0, original_ms=2.0, target=LatencyTarget(ms=1.3))
+    assert choice.ranks == {"a": 2, "b": 2}, "1.2 ms at 0.1 points meets 1.3 ms; the fastest plan (0.9) loses 0.8"
+    assert choice.predicted_drop == pytest.approx(0.1) and choice.predicted_ms == pytest.approx(1.2)
+    assert choice.target_ms == 1.3
+    speedup = choose_for_latency(layers, table, max_drop=1.0, original_ms=2.0, target=LatencyTarget(speedup=2.0 / 1.3))
+    assert speedup.ranks == choice.ranks and speedup.target_ms == pytest.approx(1.3)
+    doubled = choose_for_latency(layers, table, max_drop=1.0, original_ms=4.0, target=LatencyTarget(speedup=2.0 / 1.3))
+    assert doubled.ranks == choice.ranks and doubled.predicted_ms == pytest.approx(2.4), \
+        "a speed-up target does not depend on the scale between the table and the whole model"
+    with pytest.raises(LatencyTargetError, match=r"no plan within --max-accuracy-drop 1.0 is predicted to reach 0.8 ms: "
+                                                 r"the fastest is 0.9 ms \(the original: 2 ms\); raise"):
+        choose_for_latency(layers, table, max_drop=1.0, original_ms=2.0, target=LatencyTarget(ms=0.8))
 
 
 def test_bad_tables_and_targets_are_refused():
@@ -80,10 +84,11 @@ def test_bad_tables_and_targets_are_refused():
         LatencyTarget(speedup=-1)
 
 
-def test_predict_ms_adds_each_layers_change():
+def test_predict_ms_scales_the_tables_sum_to_the_original():
     table = {"a": row(1.0, 0.2), "b": row(0.5, 0.7)}
-    assert predict_ms(table, {"a": 1, "b": KEEP}, 4.0) == pytest.approx(3.2)
-    assert predict_ms(table, {"a": 1, "b": 1}, 4.0) == pytest.approx(3.4)
+    assert predict_ms(table, {}, 3.0) == pytest.approx(3.0), "keeping every layer is the original"
+    assert predict_ms(table, {"a": 1, "b": KEEP}, 3.0) == pytest.approx(2 * (0.2 + 0.5))
+    assert predict_ms(table, {"a": 1, "b": 1}, 3.0) == pytest.approx(2 * (0.2 + 0.7))
 
 
 @pytest.mark.parametrize("seed", range(40))
@@ -207,3 +212,16 @@ def test_convert_model_chooses_for_latency_and_reports_prediction_and_measuremen
         budget["ranks"]
     text = recovery_tables(result)
     assert "us chosen" in text and "whole model predicted" in text and "m.tflite: measured" in text
+
+
+def test_timing_says_where_and_with_what_it_measures():
+    from sepconv.deploy.errors import InvalidOptionError as DeployOptionError
+    from sepconv.deploy.timing import TimingOptions, identify
+
+    here = identify(None, ".tflite", TimingOptions(xnnpack=False))
+    assert here["where"] == "local" and here["runtime"].startswith("ai-edge-litert ") and here["xnnpack"] is False
+    assert here["device"]["machine"] and here["device"]["emulated"] is False
+    with pytest.raises(DeployOptionError, match=r"Unrecognized artifact extension '.pt'"):
+        identify(None, ".pt")
+    with pytest.raises(DeployOptionError, match=r"Unrecognized threads=0"):
+        TimingOptions(threads=0)
