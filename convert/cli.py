@@ -163,7 +163,7 @@ def convert_parser() -> argparse.ArgumentParser:
                        help="'local' (this machine, the default with a target) or a host as deploy-model takes it "
                             "(alias, user@host[:port]); without a target: the fastest plan within the budget. A "
                             "separation slower than keeping its layer is never chosen")
-    group.add_argument("--latency-threads", type=_positive, default=1, help="threads the latency is measured at "
+    group.add_argument("--latency-threads", type=_positive, default=1, metavar="N", help="threads the latency is measured at "
                        "(default: %(default)s)")
     group.add_argument("--latency-xnnpack", action=argparse.BooleanOptionalAction,
                        help="LiteRT's XNNPACK delegate while timing (default: on, off on an emulated device)")
@@ -171,10 +171,10 @@ def convert_parser() -> argparse.ArgumentParser:
                        help="seconds of timed runs per single-layer model (default: %(default)s)")
     group.add_argument("--latency-cache", metavar="DIR", help="where measurements are kept (default: "
                        "~/.cache/sepconv/latency)")
-    group.add_argument("--ssh-config", help="with --latency-on HOST: an ssh_config file instead of ~/.ssh/config")
-    group.add_argument("--identity", help="with --latency-on HOST: a private key file for ssh")
-    group.add_argument("--wheels", help="with --latency-on HOST: a local folder of wheels for an offline device")
-    group.add_argument("--remote-dir", default=".sepconv", help="with --latency-on HOST: the one folder sepconv uses "
+    group.add_argument("--ssh-config", metavar="FILE", help="with --latency-on HOST: an ssh_config file instead of ~/.ssh/config")
+    group.add_argument("--identity", metavar="FILE", help="with --latency-on HOST: a private key file for ssh")
+    group.add_argument("--wheels", metavar="DIR", help="with --latency-on HOST: a local folder of wheels for an offline device")
+    group.add_argument("--remote-dir", default=".sepconv", metavar="DIR", help="with --latency-on HOST: the one folder sepconv uses "
                        "on the device (default: %(default)s)")
     group = parser.add_argument_group("fine-tuning (needs --data; labels are used when the data has them, "
                                       "else distillation from the original)")

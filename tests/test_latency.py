@@ -225,3 +225,14 @@ def test_timing_says_where_and_with_what_it_measures():
         identify(None, ".pt")
     with pytest.raises(DeployOptionError, match=r"Unrecognized threads=0"):
         TimingOptions(threads=0)
+
+
+def test_the_device_side_of_timing_needs_no_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfor name in ('tensorflow', 'keras', 'tf_keras'):\n    sys.modules[name] = None\n"
+            "from sepconv.deploy.timing import identify, time_artifacts\n"
+            "print(identify(None, '.tflite')['runtime'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("ai-edge-litert "), done.stderr[-2000:]
