@@ -457,6 +457,9 @@ def _plan_line(plan: dict, options: ConvertOptions) -> str:
         steps = ["no separation"]
     elif plan["max_accuracy_drop"] is not None:
         steps = [f"rank per layer for --max-accuracy-drop {plan['max_accuracy_drop']}"]
+        if options.latency is not None:
+            steps[0] += (f" and latency measured on {options.latency.where or 'this machine'}"
+                         + (f" (target {options.latency.target.describe()})" if options.latency.target.given else ""))
     else:
         steps = [f"separation {_policy_text(options.separation)}"]
     steps += ["refine" if plan["refine"] else "no refine",

@@ -399,6 +399,8 @@ def _open_state(folder: Path | None, options: RecoveryOptions, source_sha256: st
         return {}
     key = {"source_sha256": source_sha256, "separation": separation.describe(),
            "budget": asdict(options.budget) if options.budget else None}
+    if options.latency is not None:  # a plan chosen for latency resumes only with the same target and device
+        key["latency"] = options.latency.describe()
     key = json.loads(json.dumps(key, default=list))
     if not options.resume:
         if folder.exists():

@@ -1,7 +1,9 @@
-"""The latency-aware choice of K per layer (convert/latency.py) on synthetic sensitivities and latency tables."""
+"""The latency-aware choice of K per layer (convert/latency.py) on synthetic sensitivities and latency tables; the
+table measured on tiny models (convert/latency_table.py, deploy/timing.py) and convert_model's use of it."""
 
 import itertools
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -236,3 +238,34 @@ def test_the_device_side_of_timing_needs_no_tensorflow():
             "print(identify(None, '.tflite')['runtime'])\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("ai-edge-litert "), done.stderr[-2000:]
+
+
+def test_measured_latency_goes_into_each_staged_manifest(tmp_path, monkeypatch):
+    """record_measured: the pipeline's staged artifacts of the table's format get `latency` in their manifest (and its
+    temporary file); an artifact whose mode is not the one the table timed is marked not comparable."""
+    from sepconv.convert import latency_table
+    from sepconv.convert.latency_table import LatencyOptions, record_measured
+    from sepconv.convert.tflite_export import TFLiteOptions
+
+    staged = []
+    for name, mode in (("a", "int8"), ("b", "dynamic")):
+        (tmp_path / f"{name}.partial.tflite").write_bytes(b"x")
+        staged.append({"target": tmp_path / f"{name}.tflite", "tmp": str(tmp_path / f"{name}.partial.tflite"),
+                       "tmp_manifest": str(tmp_path / f"{name}.json.partial"), "quantize": mode, "manifest": {}})
+    staged.append({"target": tmp_path / "c.onnx", "tmp": str(tmp_path / "c.partial.onnx"), "quantize": "int8",
+                   "tmp_manifest": str(tmp_path / "c.json.partial"), "manifest": {}})
+    timed = {}
+
+    def fake_check(paths, latency, options, progress=None):
+        timed["paths"] = [str(p) for p in paths]
+        return {str(p): {"measured_ms": 0.5, "predicted_ms": 0.4, "error": 0.2, "where": "local"} for p in paths}
+
+    monkeypatch.setattr(latency_table, "check_artifacts", fake_check)
+    lines = []
+    record_measured(staged, {"table": {"original_ms": 2.0}}, LatencyOptions(export=TFLiteOptions(quantize="int8")),
+                    lambda stage, message: lines.append(message))
+    assert timed["paths"] == [staged[0]["tmp"], staged[1]["tmp"]], "only the format the table timed"
+    first, second = (json.loads(Path(item["tmp_manifest"]).read_text())["latency"] for item in staged[:2])
+    assert first["speedup"] == 4.0 and first["comparable"] and first["original_ms"] == 2.0
+    assert not second["comparable"] and "NOT comparable: the table timed int8, this artifact is dynamic" in lines[1]
+    assert "latency" not in staged[2]["manifest"]
