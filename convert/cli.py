@@ -371,6 +371,8 @@ def latency_table(latency: dict | None, artifacts=()) -> str:
     measured; empty when K was not chosen for latency."""
     from tabulate import tabulate
 
+    from sepconv.deploy.timing import describe_xnnpack
+
     if not latency:
         return ""
     table, choice = latency["table"], latency["choice"]
@@ -385,8 +387,8 @@ def latency_table(latency: dict | None, artifacts=()) -> str:
                     + ["us chosen", "slower than kept (never chosen)"], tablefmt="simple", disable_numparse=True)
     device = table["device"]
     text += (f"\nlatency: each layer alone, p50 on {table['where']} ({device.get('pi_model') or device.get('cpu')}, "
-             f"{table['runtime']}, {table['format']} {table['quantize']}, {table['threads']} thread(s), XNNPACK "
-             f"{'on' if table['xnnpack'] else 'off'}; {table['measured']} timed, {table['cached']} cached); whole "
+             f"{table['runtime']}, {table['format']} {table['quantize']}, {table['threads']} thread(s), "
+             f"{describe_xnnpack(table['xnnpack'])}; {table['measured']} timed, {table['cached']} cached); whole "
              f"model predicted {choice['predicted_ms']:.4f} ms against the original's {table['original_ms']:.4f} ms "
              f"({table['original_ms'] / choice['predicted_ms']:.2f}x)")
     if choice["target_ms"] is not None:

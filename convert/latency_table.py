@@ -31,7 +31,7 @@ from sepconv.convert.errors import InvalidOptionError
 from sepconv.convert.latency import LatencyTarget, choose_for_latency, rank_key
 from sepconv.convert.onnx_export import OnnxOptions
 from sepconv.convert.tflite_export import TFLiteOptions
-from sepconv.deploy.timing import TimingOptions
+from sepconv.deploy.timing import TimingOptions, describe_xnnpack
 
 CALIBRATION_SAMPLES = 8  # random inputs that calibrate a single-layer int8 model: its ranges do not change its speed
 ORIGINAL = "(the original model)"
@@ -192,7 +192,7 @@ def record_measured(staged: list[dict], latency: dict, options: LatencyOptions, 
 def _where(table: dict) -> str:
     device = table["device"]
     return (f"{table['where']} ({device.get('pi_model') or device.get('cpu')}, {table['runtime']}, "
-            f"{table['threads']} thread(s), XNNPACK {'on' if table['xnnpack'] else 'off'}; "
+            f"{table['threads']} thread(s), {describe_xnnpack(table['xnnpack'])}; "
             f"{table['measured']} timed, {table['cached']} cached)")
 
 

@@ -45,7 +45,7 @@ class Timing:
     where: str  # "local" or the host's label
     device: dict  # cpu, machine, cores, pi_model, emulated
     runtime: str  # e.g. "ai-edge-litert 2.3.0", as the timed cases report it
-    xnnpack: bool
+    xnnpack: bool | None  # LiteRT's XNNPACK delegate; None for ONNX Runtime
     p50_ms: dict  # {path: p50 in ms}
     seconds: float
 
@@ -63,7 +63,7 @@ def identify(where: str | None, suffix: str, options: TimingOptions = TimingOpti
         version = package_version(package)
         return {"where": LOCAL, "device": dict(device, emulated=False),
                 "runtime": f"{package} {version}" if version else None,
-                "xnnpack": True if options.xnnpack is None else options.xnnpack}
+                "xnnpack": _tflite_only(suffix, True if options.xnnpack is None else options.xnnpack)}
     target = parse_target(where)
     with Connection(target, options.deploy.ssh) as conn:
         found = probe(conn, options.deploy)
@@ -72,7 +72,7 @@ def identify(where: str | None, suffix: str, options: TimingOptions = TimingOpti
     version = done.stdout.decode(errors="replace").strip() if done.returncode == 0 else ""
     device = {key: found.get(key) for key in ("cpu", "machine", "cores", "pi_model", "emulated")}
     return {"where": target.label, "device": device, "runtime": f"{package} {version}" if version else None,
-            "xnnpack": device_xnnpack(found, _deploy_options(options))}
+            "xnnpack": _tflite_only(suffix, device_xnnpack(found, _deploy_options(options)))}
 
 
 _VERSION = "import sys, importlib.metadata as m\ntry:\n    print(m.version(sys.argv[1]))\nexcept Exception:\n    pass\n"
@@ -90,7 +90,7 @@ def time_artifacts(paths, where: str | None, options: TimingOptions = TimingOpti
                            min_runs=options.min_runs, warmup_seconds=options.warmup_seconds, warmup_runs=3,
                            xnnpack=xnnpack, progress=say).to_dict()
         device = identify(None, paths[0].suffix, options)["device"]
-        return _timing(LOCAL, device, xnnpack, paths, report)
+        return _timing(LOCAL, device, _tflite_only(paths[0].suffix, xnnpack), paths, report)
     from sepconv.deploy.remote import deploy
 
     result = deploy([where], paths, _deploy_options(options), progress=lambda host, message: say(f"{host}: {message}"))
@@ -99,8 +99,18 @@ def time_artifacts(paths, where: str | None, options: TimingOptions = TimingOpti
         raise host_report
     found = host_report.device
     device = {key: found.get(key) for key in ("cpu", "machine", "cores", "pi_model", "emulated")}
-    xnnpack = device_xnnpack(found, _deploy_options(options))
+    xnnpack = _tflite_only(paths[0].suffix, device_xnnpack(found, _deploy_options(options)))
     return _timing(host_report.host, device, xnnpack, paths, host_report.benchmark)
+
+
+def describe_xnnpack(xnnpack: bool | None) -> str:
+    """How a Timing's (or identify's) `xnnpack` reads in a line."""
+    return "ONNX Runtime" if xnnpack is None else f"XNNPACK {'on' if xnnpack else 'off'}"
+
+
+def _tflite_only(suffix: str, xnnpack: bool) -> bool | None:
+    """XNNPACK is LiteRT's delegate: None for ONNX Runtime artifacts."""
+    return xnnpack if suffix.lower() == ".tflite" else None
 
 
 def _deploy_options(options: TimingOptions) -> DeployOptions:
@@ -109,7 +119,7 @@ def _deploy_options(options: TimingOptions) -> DeployOptions:
     return replace(options.deploy, threads=(options.threads,), xnnpack=options.xnnpack, bench_args=stop)
 
 
-def _timing(where: str, device: dict, xnnpack: bool, paths: list[Path], report: dict) -> Timing:
+def _timing(where: str, device: dict, xnnpack: bool | None, paths: list[Path], report: dict) -> Timing:
     cases = report.get("cases") or []
     if len(cases) != len(paths):
         raise RemoteRuntimeError(f"{where}: the benchmark timed {len(cases)} of {len(paths)} artifacts; "

@@ -193,12 +193,14 @@ def build(model, ranks, plan, mode, path: Path, data) -> dict:
 def markdown(results: dict) -> str:
     from tabulate import tabulate
 
+    from sepconv.deploy.timing import describe_xnnpack
+
     out = []
     for mode, result in results["modes"].items():
         table, rows = result["table"], result["rows"]
         verdict = _verdict(rows)
         out.append(f"### {mode}: on {table['where']} ({table['device'].get('pi_model') or table['device'].get('cpu')},"
-                   f" {table['runtime']}, {table['threads']} thread(s), XNNPACK {'on' if table['xnnpack'] else 'off'})"
+                   f" {table['runtime']}, {table['threads']} thread(s), {describe_xnnpack(table['xnnpack'])})"
                    f"\n")
         body = [[r["plan"], _ranks(r["ranks"], table), f"{r['macs'] / 1e6:,.1f}M", f"{r['mac_ratio']:.2f}x",
                  f"{r['table_sum_ms']:.4f} ({r['sum_error']:+.0%})", f"{r['predicted_ms']:.4f}",

@@ -223,6 +223,8 @@ def test_timing_says_where_and_with_what_it_measures():
     here = identify(None, ".tflite", TimingOptions(xnnpack=False))
     assert here["where"] == "local" and here["runtime"].startswith("ai-edge-litert ") and here["xnnpack"] is False
     assert here["device"]["machine"] and here["device"]["emulated"] is False
+    onnx = identify(None, ".onnx")
+    assert onnx["runtime"].startswith("onnxruntime ") and onnx["xnnpack"] is None, "XNNPACK is LiteRT's alone"
     with pytest.raises(DeployOptionError, match=r"Unrecognized artifact extension '.pt'"):
         identify(None, ".pt")
     with pytest.raises(DeployOptionError, match=r"Unrecognized threads=0"):
