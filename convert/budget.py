@@ -73,6 +73,7 @@ class BudgetPlan:
     params_before: int  # of the separable layers
     params_after: int
     seconds: float
+    latency: dict | None = None  # the latency table and choice when K was chosen for speed on a target (latency.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -113,7 +114,7 @@ def plan_budget(model, x_eval: np.ndarray, y_eval: np.ndarray | None, x_calibrat
     return BudgetPlan(metric="accuracy" if y_eval is not None else "agreement", baseline=baseline,
                       max_drop=float(options.max_drop), samples=len(x_eval), layers=layers, ranks=ranks,
                       predicted_drop=predicted, params_before=sum(p for _, _, p in paths),
-                      params_after=_params(layers, ranks), seconds=round(time.perf_counter() - started, 1))
+                      params_after=plan_params(layers, ranks), seconds=round(time.perf_counter() - started, 1))
 
 
 def choose(layers, max_drop: float) -> tuple[dict, float]:
@@ -154,7 +155,8 @@ def _fill_back(layers, chosen: dict, max_drop: float, predicted) -> None:
             chosen[layer.path] = now
 
 
-def _params(layers, ranks: dict) -> int:
+def plan_params(layers, ranks: dict) -> int:
+    """The separable layers' parameters under a plan (ranks: K per path; absent layers kept)."""
     return sum(layer.candidate(ranks.get(layer.path, KEEP)).params for layer in layers)
 
 

@@ -149,6 +149,33 @@ def convert_parser() -> argparse.ArgumentParser:
     group.add_argument("--recalibrate-bn", action=argparse.BooleanOptionalAction,
                        help="re-estimate BatchNorm statistics of the separated model on the calibration images "
                             "(default: on with --data)")
+    group = parser.add_argument_group(
+        "latency on the target", "with the accuracy budget, choose each layer's K (or keep it) from latency measured "
+        "where the model will run: a single-layer model per layer and K, exported as the first .tflite / .onnx output "
+        "is and timed here or on a device (deploy-model's SSH); cached per device and runtime version")
+    target = group.add_mutually_exclusive_group()
+    target.add_argument("--target-latency", type=_positive_float, metavar="MS",
+                        help="the whole model's p50 latency to reach (ms): the plan that loses the least accuracy "
+                             "among those predicted to reach it within --max-accuracy-drop")
+    target.add_argument("--target-speedup", type=_positive_float, metavar="X",
+                        help="the same, as a speed-up against the original exported the same way")
+    group.add_argument("--latency-on", metavar="WHERE",
+                       help="'local' (this machine, the default with a target) or a host as deploy-model takes it "
+                            "(alias, user@host[:port]); without a target: the fastest plan within the budget. A "
+                            "separation slower than keeping its layer is never chosen")
+    group.add_argument("--latency-threads", type=_positive, default=1, metavar="N", help="threads the latency is measured at "
+                       "(default: %(default)s)")
+    group.add_argument("--latency-xnnpack", action=argparse.BooleanOptionalAction,
+                       help="LiteRT's XNNPACK delegate while timing (default: on, off on an emulated device)")
+    group.add_argument("--latency-time", type=_positive_float, default=0.3, metavar="S",
+                       help="seconds of timed runs per single-layer model (default: %(default)s)")
+    group.add_argument("--latency-cache", metavar="DIR", help="where measurements are kept (default: "
+                       "~/.cache/sepconv/latency)")
+    group.add_argument("--ssh-config", metavar="FILE", help="with --latency-on HOST: an ssh_config file instead of ~/.ssh/config")
+    group.add_argument("--identity", metavar="FILE", help="with --latency-on HOST: a private key file for ssh")
+    group.add_argument("--wheels", metavar="DIR", help="with --latency-on HOST: a local folder of wheels for an offline device")
+    group.add_argument("--remote-dir", default=".sepconv", metavar="DIR", help="with --latency-on HOST: the one folder sepconv uses "
+                       "on the device (default: %(default)s)")
     group = parser.add_argument_group("fine-tuning (needs --data; labels are used when the data has them, "
                                       "else distillation from the original)")
     group.add_argument("--epochs", type=_count, help="at most this many epochs, early stopping on validation "
@@ -262,7 +289,27 @@ def convert_options(args, *, custom_objects: bool = True):
         safe_mode=not args.unsafe_allow_lambda,
         custom_objects=(parse_custom_objects(args.custom_objects) if custom_objects else None) or None,
         max_unpacked_bytes=args.max_unpacked_mb * (1 << 20) if args.max_unpacked_mb else None,
+        latency=latency_options(args),
     )
+
+
+def latency_options(args):
+    """--target-latency / --target-speedup / --latency-on and their companions as LatencyOptions, or None."""
+    if args.target_latency is None and args.target_speedup is None and args.latency_on is None:
+        return None
+    from sepconv.convert.latency import LatencyTarget
+    from sepconv.convert.latency_table import LatencyOptions
+    from sepconv.deploy.remote import DeployOptions
+    from sepconv.deploy.ssh import SshOptions
+    from sepconv.deploy.timing import TimingOptions
+
+    where = None if args.latency_on in (None, "local") else args.latency_on
+    device = DeployOptions(remote_dir=args.remote_dir, wheels=args.wheels,
+                           ssh=SshOptions(config=args.ssh_config, identity=args.identity))
+    return LatencyOptions(target=LatencyTarget(ms=args.target_latency, speedup=args.target_speedup), where=where,
+                          timing=TimingOptions(threads=args.latency_threads, xnnpack=args.latency_xnnpack,
+                                               min_seconds=args.latency_time, deploy=device),
+                          cache_dir=args.latency_cache)
 
 
 def _convert(args) -> int:
@@ -319,6 +366,7 @@ def recovery_tables(result) -> str:
                  f"{budget['predicted_drop']:.2f}, measured after recovery {budget['measured_drop']:.2f} "
                  f"(validation): {'held' if budget['held'] else 'NOT held'}; on the test data "
                  f"{budget['test_drop']:.2f}\n\n")
+        text += latency_table(budget.get("latency"), result.artifacts)
     rows = [[stage["name"], "kept" if stage["kept"] else "REJECTED", f"{stage['params']:,}",
              _pct(stage["val_accuracy"] if stage["val_accuracy"] is not None else stage["val_agreement"]),
              _pct(stage["accuracy"]), _pct(stage["agreement"]), f"{stage['seconds']:.1f}"]
@@ -330,6 +378,44 @@ def recovery_tables(result) -> str:
     text += (f"\na stage is kept only if the validation {metric} (on {recovery['validation_samples']} samples) does "
              f"not fall; test figures on {recovery['samples']} samples only report (Keras models)")
     return text + (f"\nrejected: {'; '.join(rejected)}" if rejected else "") + "\n\n"
+
+
+def latency_table(latency: dict | None, artifacts=()) -> str:
+    """Per layer: the latency of each option where it was measured, the choice, and the whole model predicted and
+    measured; empty when K was not chosen for latency."""
+    from tabulate import tabulate
+
+    from sepconv.deploy.timing import describe_xnnpack
+
+    if not latency:
+        return ""
+    table, choice = latency["table"], latency["choice"]
+    keys = sorted({k for row in table["layers"].values() for k in row if k != "keep"}, key=int)
+    rows = []
+    for layer in choice["layers"]:
+        row = table["layers"][layer["path"]]
+        rows.append([layer["path"], layer["rank"] or "kept", latency["budget_ranks"].get(layer["path"], "kept"),
+                     f"{row['keep'] * 1000:.1f}"] + [f"{row[k] * 1000:.1f}" if k in row else "" for k in keys]
+                    + [f"{layer['ms'] * 1000:.1f}", ", ".join(f"K={k}" for k in layer["slower"])])
+    text = tabulate(rows, headers=["layer", "K chosen", "K for accuracy alone", "us kept"] + [f"us K={k}" for k in keys]
+                    + ["us chosen", "slower than kept (never chosen)"], tablefmt="simple", disable_numparse=True)
+    device = table["device"]
+    text += (f"\nlatency: each layer alone, p50 on {table['where']} ({device.get('pi_model') or device.get('cpu')}, "
+             f"{table['runtime']}, {table['format']} {table['quantize']}, {table['threads']} thread(s), "
+             f"{describe_xnnpack(table['xnnpack'])}; {table['measured']} timed, {table['cached']} cached); whole "
+             f"model predicted {choice['predicted_ms']:.4f} ms against the original's {table['original_ms']:.4f} ms "
+             f"({table['original_ms'] / choice['predicted_ms']:.2f}x)")
+    if choice["target_ms"] is not None:
+        text += f"; target {choice['target_ms']:.4f} ms"
+    for artifact in artifacts:
+        measured = artifact.latency
+        if measured:
+            text += (f"\n{Path(artifact.path).name}: measured "
+                     f"{measured['measured_ms']:.4f} ms, predicted {measured['predicted_ms']:.4f} ms (error "
+                     f"{measured['error']:+.1%}), {measured['speedup']:.2f}x faster than the original"
+                     + ("" if measured["comparable"] else f" (NOT comparable: the table timed {table['quantize']}, "
+                                                          f"this artifact is {measured['quantize']})"))
+    return text + "\n\n"
 
 
 def _drop(layer: dict, rank: int) -> str:

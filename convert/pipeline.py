@@ -66,6 +66,9 @@ class ConvertOptions:
     that data from its own file instead (say when --data is the set the model was trained on).
     calibration_samples: training samples that calibrate int8, refinement and BatchNorm statistics.
     quantization: int8 diagnosis and repair (quantization.py): explain, repair, max_float_layers.
+    latency: latency_table.LatencyOptions: with the accuracy budget, each layer's K chosen from latency measured on
+    this machine or a device (target latency / speed-up, threads, XNNPACK); its export options follow the first
+    .tflite / .onnx output. None: K from accuracy and parameters alone.
     """
 
     quantize: str = "auto"
@@ -96,6 +99,7 @@ class ConvertOptions:
     safe_mode: bool = True
     custom_objects: dict | None = None
     max_unpacked_bytes: int | None = None
+    latency: object | None = None
 
     def __post_init__(self):
         if self.quantize not in QUANTIZE_CHOICES:
@@ -115,6 +119,12 @@ class ConvertOptions:
                                                     or self.max_unpacked_bytes < 1):
             raise InvalidOptionError(f"Unrecognized max_unpacked_bytes={self.max_unpacked_bytes!r}. Use a whole "
                                      f"number >= 1")
+        if self.latency is not None:
+            from sepconv.convert.latency_table import LatencyOptions
+
+            if not isinstance(self.latency, LatencyOptions):
+                raise InvalidOptionError(f"Unrecognized latency={self.latency!r}. Use LatencyOptions(...) from "
+                                         f"sepconv.convert.latency_table, or None")
         if self.max_accuracy_drop is not None:
             from sepconv.convert.budget import BudgetOptions
 
@@ -170,6 +180,7 @@ class Artifact:
     verification: dict
     quantize_fallback: dict | None = None  # {from, reason}: --quantize auto's first choice failed verification
     quantization: dict | None = None  # the int8 repair's attempts and layers kept in float (quantization.py)
+    latency: dict | None = None  # measured where the latency table was, against its prediction (latency_table.py)
 
 
 @dataclass(frozen=True)
@@ -386,6 +397,10 @@ def _export_all(exported, original, targets, quantize, calibration, held, data_i
             error.details = {"quantization": {str(s["target"]): s["quantization"].to_dict() for s in failed
                                               if s.get("quantization") is not None}}
             raise error
+        if options.latency is not None and recovery is not None and (recovery.budget or {}).get("latency"):
+            from sepconv.convert.latency_table import record_measured
+
+            record_measured(staged, recovery.budget["latency"], _latency_options(options, quantize, targets), say)
         return tuple(_commit(s) for s in staged)
     finally:
         for item in staged:
@@ -432,7 +447,19 @@ def _recovery_options(options: ConvertOptions, plan: dict, targets: list[Path]):
     return RecoveryOptions(refine=plan["refine"], recalibrate_bn=plan["recalibrate_bn"], epochs=plan["epochs"],
                            finetune=options.finetune,
                            budget=None if budget is None else BudgetOptions(max_drop=budget, refine=plan["refine"]),
-                           checkpoint_dir=folder, resume=options.resume)
+                           checkpoint_dir=folder, resume=options.resume,
+                           latency=_latency_options(options, plan["quantize"], targets))
+
+
+def _latency_options(options: ConvertOptions, quantize: str, targets: list[Path]):
+    """options.latency with the export options of the first .tflite / .onnx output (what its table must time)."""
+    if options.latency is None:
+        return None
+    from sepconv.convert.latency_table import for_export
+
+    return for_export(options.latency, [FORMATS[t.suffix.lower()] for t in targets], quantize,
+                      io_type=options.io_type, per_channel=options.per_channel, opset=options.opset,
+                      layout=options.layout, allow_flex=options.allow_flex)
 
 
 def _quantize_reason(options: ConvertOptions, plan: dict) -> str:
@@ -447,6 +474,9 @@ def _plan_line(plan: dict, options: ConvertOptions) -> str:
         steps = ["no separation"]
     elif plan["max_accuracy_drop"] is not None:
         steps = [f"rank per layer for --max-accuracy-drop {plan['max_accuracy_drop']}"]
+        if options.latency is not None:
+            steps[0] += (f" and latency measured on {options.latency.where or 'this machine'}"
+                         + (f" (target {options.latency.target.describe()})" if options.latency.target.given else ""))
     else:
         steps = [f"separation {_policy_text(options.separation)}"]
     steps += ["refine" if plan["refine"] else "no refine",
@@ -535,6 +565,10 @@ def _check_modes(targets: list[Path], plan: dict, options: ConvertOptions) -> No
             v is not None for v in (options.separation.rank, options.separation.energy, options.separation.ranks)):
         raise InvalidOptionError("--max-accuracy-drop chooses the rank of each layer; drop --rank / --energy, or "
                                  "drop --max-accuracy-drop to use them")
+    if options.latency is not None and (plan["max_accuracy_drop"] is None or not options.separate):
+        raise InvalidOptionError("--target-latency / --target-speedup / --latency-on choose each layer's K with the "
+                                 "accuracy budget; pass --data (and --max-accuracy-drop, not --rank / --energy / "
+                                 "--no-separate)")
     if options.resume and not plan["epochs"]:
         raise InvalidOptionError("--resume continues an interrupted fine-tuning; it needs --epochs >= 1 and --data")
     if quantize in NEEDS_DATA and not options.data:
@@ -751,7 +785,7 @@ def _commit(item: dict) -> Artifact:
     return Artifact(path=str(target), format=item["format"], quantize=item["quantize"], bytes=manifest["bytes"],
                     sha256=manifest["sha256"], manifest=str(manifest_path(target)),
                     verification=manifest["verification"], quantize_fallback=item["fallback"],
-                    quantization=manifest.get("quantization"))
+                    quantization=manifest.get("quantization"), latency=manifest.get("latency"))
 
 
 class _Timer:

@@ -50,6 +50,7 @@ class RecoveryOptions:
     budget: BudgetOptions | None = None
     checkpoint_dir: str | None = None
     resume: bool = False
+    latency: object | None = None  # latency_table.LatencyOptions: the budget's K chosen for speed on a target
 
     def __post_init__(self):
         if not isinstance(self.epochs, int) or self.epochs < 0:
@@ -143,7 +144,7 @@ def recover(original, train, calibration: np.ndarray | None, validation, test, s
     stages = [scorer.stage("original", original, 0.0)]
     plan = state.get("plan")
     if options.budget is not None and plan is None:
-        plan = _plan(original, validation, calibration, options.budget, separation, say)
+        plan = _plan(original, validation, calibration, options.budget, separation, say, options.latency)
     if plan is not None:  # every measured layer gets its K; 0 (KEEP) leaves it as it is
         ranks = {layer["path"]: plan["ranks"].get(layer["path"], 0) for layer in plan["layers"]}
         separation = replace(separation, rank=None, energy=None, ranks=ranks, include=tuple(ranks))
@@ -235,7 +236,7 @@ def _separation_line(report) -> str:
             f"smaller)")
 
 
-def _plan(original, validation, calibration, budget: BudgetOptions, separation, say) -> dict:
+def _plan(original, validation, calibration, budget: BudgetOptions, separation, say, latency=None) -> dict:
     from sepconv.convert.budget import plan_budget
 
     say("budget", f"measuring each layer's sensitivity on {len(validation)} validation samples for a budget of "
@@ -245,6 +246,10 @@ def _plan(original, validation, calibration, budget: BudgetOptions, separation, 
     say("budget", f"chosen: {plan.ranks or 'no layer'} (predicted drop {plan.predicted_drop:.2f} points before "
                   f"fine-tuning; separable layers' parameters {plan.params_before:,} -> {plan.params_after:,}, "
                   f"{plan.seconds} s)")
+    if latency is not None:
+        from sepconv.convert.latency_table import plan_for_latency
+
+        plan = plan_for_latency(original, plan, latency, progress=say)
     return plan.to_dict()
 
 
@@ -411,6 +416,8 @@ def _open_state(folder: Path | None, options: RecoveryOptions, source_sha256: st
         return {}
     key = {"source_sha256": source_sha256, "separation": separation.describe(),
            "budget": asdict(options.budget) if options.budget else None}
+    if options.latency is not None:  # a plan chosen for latency resumes only with the same target and device
+        key["latency"] = options.latency.describe()
     key = json.loads(json.dumps(key, default=list))
     if not options.resume:
         if folder.exists():

@@ -160,6 +160,9 @@ BAD_INPUTS = {
                             "--max-accuracy-drop measures"),
     "resume without checkpoints": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data", save_npz(t / "d.npz", x=np.random.default_rng(0).random(
         (24, 12, 12, 3), dtype=np.float32)), "--resume", "--rank", "1"], "no checkpoints in"),
+    "latency target without a budget": (lambda t, h5: [h5, t / "out" / "m.tflite", "--rank", "1", "--data", save_npz(
+        t / "d.npz", x=with_value(0.5)), "--target-speedup", "2"], "--target-latency / --target-speedup / --latency-on "
+                                                                   "choose each layer's K with the accuracy budget"),
     "resume without training": (lambda t, h5: [h5, t / "out" / "m.tflite", "--resume"], "--resume continues"),
     "NaN in data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--rank", "1", "--data", save_npz(
         t / "nan.npz", x=with_value(np.nan))], "nan.npz: 1 non-finite values (NaN or infinity) in 1 of 24 samples"),

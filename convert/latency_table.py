@@ -1,0 +1,308 @@
+"""Per-layer latency tables measured where the model will run (the table that convert/latency.py chooses with).
+
+For each layer the accuracy budget measured and each of its candidates (every K, and keeping it), a single-layer
+model - an input of the layer's input shape, the layer as it is or as `separate` rewrites it at that K - is exported
+as the run exports (format, quantization, I/O type) and timed with bench-model's harness (sepconv.deploy.timing) at the
+run's thread count and XNNPACK setting, on this machine or on a device over deploy-model's SSH connection. The whole
+original model, exported the same way, is timed in the same interleaved run: a plan's predicted latency is the
+table's sum for it scaled to the original's (latency.predict_ms), and a target speed-up is against the original.
+
+Latency depends on a layer's shapes, configuration and the quantization mode, not on its weights: the single-layer
+models are calibrated on random inputs, and measurements are cached per device and runtime version (a JSON file per
+device under `cache_dir`, default ~/.cache/sepconv/latency), keyed by the layer's configuration and input shape, K,
+the export options, threads and XNNPACK; a second run on the same model and device times nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from sepconv.convert.budget import KEEP
+from sepconv.convert.errors import InvalidOptionError
+from sepconv.convert.latency import LatencyTarget, choose_for_latency, rank_key
+from sepconv.convert.onnx_export import OnnxOptions
+from sepconv.convert.tflite_export import TFLiteOptions
+from sepconv.deploy.timing import TimingOptions, describe_xnnpack
+
+CALIBRATION_SAMPLES = 8  # random inputs that calibrate a single-layer int8 model: its ranges do not change its speed
+ORIGINAL = "(the original model)"
+
+
+@dataclass(frozen=True)
+class LatencyOptions:
+    """target: a latency or speed-up the plan must reach (none: the fastest plan within the accuracy budget).
+    where: None for this machine, or an SSH target as deploy-model takes it. timing: threads, XNNPACK, how long each
+    case is timed, the SSH / device set-up. export: how the run exports (TFLiteOptions or OnnxOptions; the pipeline
+    sets it from its first artifact). cache_dir: where measurements are kept (None: ~/.cache/sepconv/latency)."""
+
+    target: LatencyTarget = field(default_factory=LatencyTarget)
+    where: str | None = None
+    timing: TimingOptions = field(default_factory=TimingOptions)
+    export: TFLiteOptions | OnnxOptions = field(default_factory=lambda: TFLiteOptions(quantize="int8"))
+    cache_dir: str | None = None
+
+    def __post_init__(self):
+        if not isinstance(self.export, (TFLiteOptions, OnnxOptions)):
+            raise InvalidOptionError(f"Unrecognized export={self.export!r}. Use TFLiteOptions(...) or OnnxOptions(...)")
+        if self.where is not None and (not isinstance(self.where, str) or not self.where.strip()):
+            raise InvalidOptionError(f"Unrecognized where={self.where!r}. Use None (this machine) or a host such as "
+                                     f"pi@raspberrypi.local")
+
+    @property
+    def suffix(self) -> str:
+        return ".tflite" if isinstance(self.export, TFLiteOptions) else ".onnx"
+
+    def describe(self) -> dict:
+        return {"target": asdict(self.target), "where": self.where or "local", "threads": self.timing.threads,
+                "xnnpack": self.timing.xnnpack, "format": self.suffix[1:], "export": asdict(self.export)}
+
+
+def measure_table(model, layers, options: LatencyOptions, *, progress=None) -> dict:
+    """The latency table of `layers` (budget.LayerSensitivity: each layer's path and candidate K) of `model`:
+    {layers: {path: {"keep": ms, "1": ms, ...}}, original_ms, raw_keep_sum_ms, where, device, runtime, threads,
+    xnnpack, format, quantize, measured, cached, seconds}."""
+    from sepconv.deploy.timing import identify, time_artifacts
+
+    say = progress or (lambda stage, message: None)
+    started = time.perf_counter()
+    leaves = _leaves(model)
+    identity = identify(options.where, options.suffix, options.timing)
+    cache = _Cache(options, identity)
+    wanted = [(ORIGINAL, KEEP)] + [(layer.path, c.rank) for layer in layers for c in layer.candidates]
+    specs = {path: _spec(leaves[path]) if path != ORIGINAL else _model_spec(model) for path, _ in wanted}
+    found = {item: cache.get(specs[item[0]], item[1], identity["runtime"]) for item in wanted}
+    missing = [item for item, ms in found.items() if ms is None]
+    if missing:
+        say("latency", f"timing {len(missing)} single-layer models ({len(wanted) - len(missing)} cached) "
+                       f"{'on ' + identity['where'] if options.where else 'on this machine'}, "
+                       f"{options.timing.threads} thread(s), {options.export.quantize} {options.suffix[1:]}")
+        with tempfile.TemporaryDirectory(prefix="sepconv-latency-") as folder:
+            paths = [_export(_candidate(model, leaves, path, rank), f"{path}_{rank_key(rank)}", Path(folder), number,
+                             options) for number, (path, rank) in enumerate(missing)]
+            timing = time_artifacts(paths, options.where, options.timing,
+                                    progress=lambda message: say("latency", message))
+        identity = dict(identity, runtime=timing.runtime, xnnpack=timing.xnnpack, device=timing.device)
+        for item, path in zip(missing, paths):
+            found[item] = timing.p50_ms[str(path)]
+            cache.put(specs[item[0]], item[1], identity["runtime"], found[item], item[0])
+        cache.save(identity)
+    table = {}
+    for (path, rank), ms in found.items():
+        if path != ORIGINAL:
+            table.setdefault(path, {})[rank_key(rank)] = round(ms, 5)
+    return {"layers": table, "original_ms": round(found[(ORIGINAL, KEEP)], 5),
+            "raw_keep_sum_ms": round(sum(row["keep"] for row in table.values()), 5),
+            "where": identity["where"], "device": identity["device"], "runtime": identity["runtime"],
+            "threads": options.timing.threads, "xnnpack": identity["xnnpack"], "format": options.suffix[1:],
+            "quantize": options.export.quantize, "measured": len(missing), "cached": len(wanted) - len(missing),
+            "seconds": round(time.perf_counter() - started, 1)}
+
+
+def plan_for_latency(model, plan, options: LatencyOptions, *, progress=None):
+    """The accuracy budget's plan (budget.BudgetPlan) with each layer's K chosen again for speed on the target: the
+    table measured (or read from the cache), then latency.choose_for_latency; the table and the choice are kept in the
+    plan's `latency`."""
+    from dataclasses import replace
+
+    from sepconv.convert.budget import plan_params
+
+    say = progress or (lambda stage, message: None)
+    table = measure_table(model, plan.layers, options, progress=say)
+    choice = choose_for_latency(plan.layers, table["layers"], plan.max_drop, original_ms=table["original_ms"],
+                                target=options.target)
+    slower = {row.path: list(row.slower) for row in choice.layers if row.slower}
+    say("latency", f"chosen for speed on {_where(table)}: {choice.ranks or 'no layer'}; predicted "
+                   f"{choice.predicted_ms:.4f} ms against the original's {table['original_ms']:.4f} ms "
+                   f"({table['original_ms'] / choice.predicted_ms:.2f}x), drop {choice.predicted_drop:.2f} points"
+                   + (f"; target {options.target.describe()}: {choice.target_ms:.4f} ms" if options.target.given
+                      else "") + (f"; never chosen, slower than keeping the layer: {slower}" if slower else ""))
+    latency = {"options": options.describe(), "table": table, "choice": choice.to_dict(),
+               "budget_ranks": plan.ranks}
+    return replace(plan, ranks=choice.ranks, predicted_drop=choice.predicted_drop,
+                   params_after=plan_params(plan.layers, choice.ranks), latency=latency)
+
+
+def check_artifacts(paths, latency: dict, options: LatencyOptions, *, progress=None) -> dict:
+    """Time the written artifacts (of the table's format) where the table was measured and compare with the plan's
+    prediction: {path: {measured_ms, predicted_ms, error}} (error: (measured - predicted) / measured)."""
+    from sepconv.deploy.timing import time_artifacts
+
+    paths = [Path(p) for p in paths if Path(p).suffix.lower() == options.suffix]
+    if not paths:
+        return {}
+    timing = time_artifacts(paths, options.where, options.timing,
+                            progress=lambda message: (progress or (lambda s, m: None))("latency", message))
+    predicted = latency["choice"]["predicted_ms"]
+    return {str(path): {"measured_ms": round(ms, 5), "predicted_ms": round(predicted, 5),
+                        "error": round((ms - predicted) / ms, 4), "where": timing.where, "runtime": timing.runtime,
+                        "threads": options.timing.threads, "xnnpack": timing.xnnpack}
+            for path, ms in ((path, timing.p50_ms[str(path)]) for path in paths)}
+
+
+def for_export(options: LatencyOptions, formats: list[str], quantize: str, *, io_type: str = "float32",
+               per_channel: bool = True, opset: int | None = None, layout: str = "nhwc",
+               allow_flex: bool = False) -> LatencyOptions:
+    """`options` timing what the run exports: the first of its .tflite / .onnx outputs, in `quantize` mode."""
+    from dataclasses import replace
+
+    from sepconv.convert.tflite_export import NEEDS_DATA
+
+    fmt = next((f for f in formats if f in ("tflite", "onnx")), None)
+    if fmt is None:
+        raise InvalidOptionError("latency is measured on a .tflite or .onnx artifact; name one among the outputs")
+    if fmt == "tflite":
+        export = TFLiteOptions(quantize=quantize, io_type=io_type if quantize in NEEDS_DATA else "float32",
+                               per_channel=per_channel, allow_flex=allow_flex)
+    else:
+        export = OnnxOptions(quantize=quantize, layout=layout, per_channel=per_channel,
+                             **({"opset": opset} if opset is not None else {}))
+    return replace(options, export=export)
+
+
+def record_measured(staged: list[dict], latency: dict, options: LatencyOptions, say) -> None:
+    """Time the pipeline's staged artifacts (before they are committed) where the table was measured, and add the
+    figures to each one's manifest (`latency`) and to its temporary manifest file."""
+    from sepconv.convert.manifest import manifest_json
+
+    items = [item for item in staged if Path(item["tmp"]).suffix.lower() == options.suffix]
+    measured = check_artifacts([item["tmp"] for item in items], latency, options, progress=say)
+    original = latency["table"]["original_ms"]
+    for item in items:
+        figures = dict(measured[str(Path(item["tmp"]))], original_ms=original, quantize=item["quantize"],
+                       comparable=item["quantize"] == options.export.quantize)
+        figures["speedup"] = round(original / figures["measured_ms"], 3)
+        item["manifest"]["latency"] = figures
+        Path(item["tmp_manifest"]).write_text(manifest_json(item["manifest"]))
+        caveat = "" if figures["comparable"] else (f" - NOT comparable: the table timed {options.export.quantize}, "
+                                                   f"this artifact is {item['quantize']}")
+        say("latency", f"{item['target']}: {figures['measured_ms']:.4f} ms measured on {figures['where']}, "
+                       f"{figures['predicted_ms']:.4f} predicted (error {figures['error']:+.1%}); the original "
+                       f"{original:.4f} ms: {figures['speedup']:.2f}x faster{caveat}")
+
+
+def _where(table: dict) -> str:
+    device = table["device"]
+    return (f"{table['where']} ({device.get('pi_model') or device.get('cpu')}, {table['runtime']}, "
+            f"{table['threads']} thread(s), {describe_xnnpack(table['xnnpack'])}; "
+            f"{table['measured']} timed, {table['cached']} cached)")
+
+
+def single_layer_model(layer, rank: int = KEEP):
+    """An input of `layer`'s input shape and a copy of the layer (with its weights), separated at K = `rank` unless it
+    is KEEP; None when separation at that K would not rewrite the layer."""
+    import keras
+
+    from sepconv.convert.policy import SeparationOptions
+    from sepconv.convert.separation import separate_with
+
+    inputs = keras.Input(tuple(layer.input.shape[1:]), name="input")
+    copy = layer.__class__.from_config(layer.get_config())
+    model = keras.Model(inputs, copy(inputs))
+    copy.set_weights(layer.get_weights())
+    if rank == KEEP:
+        return model
+    separated, report = separate_with(model, SeparationOptions(rank=rank, include=(layer.name,)))
+    return separated if report.separated else None
+
+
+def _export(model, name: str, folder: Path, number: int, options: LatencyOptions) -> Path:
+    """`model` exported as the run exports, calibrated (int8) on random inputs."""
+    shape = tuple(model.inputs[0].shape[1:])
+    samples = np.random.default_rng(number).standard_normal((CALIBRATION_SAMPLES, *shape)).astype(np.float32)
+    path = folder / f"{number:04d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}{options.suffix}"
+    if isinstance(options.export, TFLiteOptions):
+        from sepconv.convert.tflite_export import export_tflite
+
+        export_tflite(model, path, representative_data=samples, options=options.export)
+    else:
+        from sepconv.convert.onnx_export import export_onnx
+
+        export_onnx(model, path, representative_data=samples, options=options.export)
+    return path
+
+
+def _candidate(model, leaves: dict, path: str, rank: int):
+    """The Keras model to time for one table entry: the whole model, or a single-layer one."""
+    if path == ORIGINAL:
+        return model
+    single = single_layer_model(leaves[path], rank)
+    if single is None:
+        raise InvalidOptionError(f"{path}: separation at K={rank} does not rewrite this layer; it cannot be a "
+                                 f"candidate")
+    return single
+
+
+def _leaves(model) -> dict:
+    from sepconv.convert.separation import leaf_layers
+
+    return dict(leaf_layers(model))
+
+
+def _spec(layer) -> str:
+    config = dict(layer.get_config())
+    config.pop("name", None)
+    return json.dumps({"class": type(layer).__name__, "config": config,
+                       "input": [int(d) if d is not None else None for d in layer.input.shape[1:]]},
+                      sort_keys=True, default=str)
+
+
+def _model_spec(model) -> str:
+    return json.dumps({"model": json.loads(model.to_json())}, sort_keys=True, default=str)
+
+
+class _Cache:
+    """Measurements of one device (a JSON file per device): {key: {ms, what, measured_at}}. A key covers what the
+    latency depends on: the layer (or model) spec, K, the export options, threads, XNNPACK and the runtime version."""
+
+    def __init__(self, options: LatencyOptions, identity: dict):
+        folder = Path(options.cache_dir) if options.cache_dir else _default_cache()
+        device = json.dumps([identity["where"], identity["device"].get("cpu"), identity["device"].get("machine"),
+                             identity["device"].get("pi_model")])
+        self.path = folder / f"{_digest(device)[:20]}.json"
+        self.common = {"export": type(options.export).__name__, "options": asdict(options.export),
+                       "threads": options.timing.threads, "xnnpack": identity["xnnpack"]}
+        try:
+            self.entries = json.loads(self.path.read_text()).get("entries", {})
+        except (OSError, ValueError, AttributeError):
+            self.entries = {}  # none yet, or unreadable: measured again and rewritten
+
+    def key(self, spec: str, rank: int, runtime: str | None) -> str:
+        return _digest(json.dumps(dict(self.common, spec=spec, rank=rank, runtime=runtime), sort_keys=True))
+
+    def get(self, spec: str, rank: int, runtime: str | None) -> float | None:
+        if runtime is None:  # a device without the runtime yet: nothing of it can be cached
+            return None
+        entry = self.entries.get(self.key(spec, rank, runtime))
+        return None if entry is None else float(entry["ms"])
+
+    def put(self, spec: str, rank: int, runtime: str, ms: float, what: str) -> None:
+        self.entries[self.key(spec, rank, runtime)] = {"ms": ms, "what": f"{what} {rank_key(rank)}",
+                                                       "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
+                                                                                    time.gmtime())}
+
+    def save(self, identity: dict) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
+            partial.write_text(json.dumps({"device": identity, "entries": self.entries}, indent=1, default=str))
+            partial.replace(self.path)
+        except OSError:
+            pass  # a cache that cannot be written only costs the next run its timing
+
+
+def _default_cache() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base) / "sepconv" / "latency"
+
+
+def _digest(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()

@@ -1,0 +1,273 @@
+"""The latency-aware choice of K per layer (convert/latency.py) on synthetic sensitivities and latency tables; the
+table measured on tiny models (convert/latency_table.py, deploy/timing.py) and convert_model's use of it."""
+
+import itertools
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from sepconv.convert.budget import KEEP, Candidate, LayerSensitivity
+from sepconv.convert.errors import InvalidOptionError
+from sepconv.convert.latency import (LatencyTarget, LatencyTargetError, choose_for_latency, predict_ms)
+
+
+def layer(path, drops, params):
+    """K=1, 2, ... with these drops and parameter counts, then KEEP (drop 0, params[-1])."""
+    candidates = [Candidate(k + 1, p, 0.0, d) for k, (d, p) in enumerate(zip(drops, params[:-1]))]
+    return LayerSensitivity(path, len(drops), tuple(candidates) + (Candidate(KEEP, params[-1], 0.0, 0.0),))
+
+
+def row(keep, *ks):
+    return {"keep": keep, **{str(k + 1): ms for k, ms in enumerate(ks)}}
+
+
+def total_drop(layers, ranks):
+    return sum(max(0.0, s.candidate(ranks.get(s.path, KEEP)).drop) for s in layers)
+
+
+def test_a_separation_slower_than_keeping_is_never_chosen():
+    layers = (layer("fast", [0.0, 0.0], [10, 20, 100]), layer("slow", [0.0, 0.0], [10, 20, 100]))
+    table = {"fast": row(0.030, 0.010, 0.020), "slow": row(0.030, 0.045, 0.031)}
+    choice = choose_for_latency(layers, table, max_drop=50.0, original_ms=0.12)
+    assert choice.ranks == {"fast": 1}, "the slow layer is slower separated at every K: kept, though it is free"
+    slow = choice.layers[1]
+    assert slow.rank == KEEP and slow.slower == (1, 2) and slow.fastest_rank == KEEP
+    assert choice.table_sum_ms == pytest.approx(0.040) and choice.predicted_delta_ms == pytest.approx(-0.020)
+    assert choice.predicted_ms == pytest.approx(0.080), "the table's sum for the plan, scaled as keeping both is to the " \
+                                                        "original (0.06 -> 0.12 ms)"
+
+
+def test_the_fastest_plan_within_the_accuracy_budget():
+    # a: K=1 is fastest but costs 0.8 points; b: K=1 costs 0.5; both at K=1 is over a 1-point budget
+    layers = (layer("a", [0.8, 0.1], [10, 20, 100]), layer("b", [0.5, 0.0], [10, 20, 100]))
+    table = {"a": row(1.0, 0.2, 0.5), "b": row(1.0, 0.6, 0.7)}
+    choice = choose_for_latency(layers, table, max_drop=1.0, original_ms=2.0)
+    assert choice.ranks == {"a": 1, "b": 2}, "a's K=1 saves 0.3 ms more than a's K=2; b's K=2 is free"
+    assert choice.predicted_drop == pytest.approx(0.8) and choice.predicted_ms == pytest.approx(2.0 - 0.8 - 0.3)
+    assert choose_for_latency(layers, table, max_drop=0.0, original_ms=2.0).ranks == {"b": 2}, \
+        "no budget: only the free separation"
+    assert choose_for_latency(layers, table, max_drop=2.0).ranks == {"a": 1, "b": 1}
+
+
+def test_ties_in_latency_go_to_the_smaller_layer():
+    layers = (layer("a", [0.0, 0.0], [10, 20, 100]),)
+    choice = choose_for_latency(layers, {"a": row(1.0, 0.5, 0.5)}, max_drop=1.0)
+    assert choice.ranks == {"a": 1}
+
+
+def test_a_target_takes_the_least_accuracy_loss_that_meets_it():
+    layers = (layer("a", [0.8, 0.1], [10, 20, 100]), layer("b", [0.5, 0.0], [10, 20, 100]))
+    table = {"a": row(1.0, 0.2, 0.5), "b": row(1.0, 0.6, 0.7)}
+    choice = choose_for_latency(layers, table, max_drop=1.0, original_ms=2.0, target=LatencyTarget(ms=1.3))
+    assert choice.ranks == {"a": 2, "b": 2}, "1.2 ms at 0.1 points meets 1.3 ms; the fastest plan (0.9) loses 0.8"
+    assert choice.predicted_drop == pytest.approx(0.1) and choice.predicted_ms == pytest.approx(1.2)
+    assert choice.target_ms == 1.3
+    speedup = choose_for_latency(layers, table, max_drop=1.0, original_ms=2.0, target=LatencyTarget(speedup=2.0 / 1.3))
+    assert speedup.ranks == choice.ranks and speedup.target_ms == pytest.approx(1.3)
+    doubled = choose_for_latency(layers, table, max_drop=1.0, original_ms=4.0, target=LatencyTarget(speedup=2.0 / 1.3))
+    assert doubled.ranks == choice.ranks and doubled.predicted_ms == pytest.approx(2.4), \
+        "a speed-up target does not depend on the scale between the table and the whole model"
+    with pytest.raises(LatencyTargetError, match=r"no plan within --max-accuracy-drop 1.0 is predicted to reach 0.8 ms: "
+                                                 r"the fastest is 0.9 ms \(the original: 2 ms\); raise"):
+        choose_for_latency(layers, table, max_drop=1.0, original_ms=2.0, target=LatencyTarget(ms=0.8))
+
+
+def test_bad_tables_and_targets_are_refused():
+    layers = (layer("a", [0.0], [10, 100]),)
+    with pytest.raises(InvalidOptionError, match=r"no 'keep' latency for \['a'\]"):
+        choose_for_latency(layers, {"a": {"1": 0.1}}, max_drop=1.0)
+    with pytest.raises(InvalidOptionError, match="needs the original model's measured latency"):
+        choose_for_latency(layers, {"a": row(1.0, 0.5)}, max_drop=1.0, target=LatencyTarget(speedup=2.0))
+    with pytest.raises(InvalidOptionError, match="give one of them"):
+        LatencyTarget(ms=1.0, speedup=2.0)
+    with pytest.raises(InvalidOptionError, match=r"Unrecognized target speed-up -1"):
+        LatencyTarget(speedup=-1)
+
+
+def test_predict_ms_scales_the_tables_sum_to_the_original():
+    table = {"a": row(1.0, 0.2), "b": row(0.5, 0.7)}
+    assert predict_ms(table, {}, 3.0) == pytest.approx(3.0), "keeping every layer is the original"
+    assert predict_ms(table, {"a": 1, "b": KEEP}, 3.0) == pytest.approx(2 * (0.2 + 0.5))
+    assert predict_ms(table, {"a": 1, "b": 1}, 3.0) == pytest.approx(2 * (0.2 + 0.7))
+
+
+@pytest.mark.parametrize("seed", range(40))
+def test_the_choice_is_the_best_of_every_plan(seed):
+    """Against brute force over every plan of random 4-layer problems: the choice is within the budget, never
+    slower than keeping a layer, and as fast (no target) or as accurate then as fast (target) as the best plan."""
+    rng = np.random.default_rng(seed)
+    layers, table = [], {}
+    for index in range(4):
+        drops = np.round(rng.uniform(-0.2, 1.0, size=3), 3).tolist()
+        layers.append(layer(f"l{index}", drops, [10, 20, 40, 100]))
+        table[f"l{index}"] = row(*np.round(rng.uniform(0.01, 1.0, size=4), 4).tolist())
+    max_drop = float(np.round(rng.uniform(0.0, 2.0), 3))
+    plans = []
+    for combo in itertools.product(*[[c.rank for c in s.candidates] for s in layers]):
+        ranks = dict(zip(table, combo))
+        if total_drop(layers, ranks) <= max_drop + 1e-9:
+            plans.append((predict_ms(table, ranks, 5.0), total_drop(layers, ranks)))
+    choice = choose_for_latency(layers, table, max_drop, original_ms=5.0)
+    assert total_drop(layers, choice.ranks) <= max_drop + 1e-9
+    for chosen in choice.layers:
+        assert chosen.rank == KEEP or chosen.ms <= chosen.keep_ms, f"{chosen.path}: slower than keeping it"
+    assert choice.predicted_ms == pytest.approx(min(ms for ms, _ in plans))
+    target = float(np.round(rng.uniform(4.0, 5.0), 3))
+    reachable = [(drop, ms) for ms, drop in plans if ms <= target + 1e-9]
+    if not reachable:
+        with pytest.raises(LatencyTargetError):
+            choose_for_latency(layers, table, max_drop, original_ms=5.0, target=LatencyTarget(ms=target))
+        return
+    targeted = choose_for_latency(layers, table, max_drop, original_ms=5.0, target=LatencyTarget(ms=target))
+    least = min(drop for drop, _ in reachable)
+    assert targeted.predicted_ms <= target + 1e-9
+    assert targeted.predicted_drop == pytest.approx(least, abs=1e-9)
+    assert targeted.predicted_ms == pytest.approx(min(ms for drop, ms in reachable if drop <= least + 1e-9))
+
+
+# ------------------------------------------------------------------ the table, measured (tiny models, short timing)
+
+@pytest.fixture(scope="module")
+def tiny():
+    from test_finetuning import teacher_and_data
+
+    teacher, x, y = teacher_and_data(n=64)
+    return teacher, x, y
+
+
+def test_single_layer_models_are_the_layer_as_it_will_run(tiny):
+    import keras
+
+    from sepconv.convert.latency_table import single_layer_model
+    from sepconv.convert.verification import predict_keras
+
+    teacher, x, _ = tiny
+    layer_c2 = teacher.get_layer("c2")
+    inputs = predict_keras(keras.Model(teacher.inputs, layer_c2.input), x[:8])[0]
+    kept = single_layer_model(layer_c2, KEEP)
+    np.testing.assert_allclose(predict_keras(kept, inputs)[0], predict_keras(keras.Model(
+        layer_c2.input, layer_c2.output), inputs)[0], rtol=1e-5, atol=1e-5,
+        err_msg="the kept single-layer model computes what the layer does (float32, same weights)")
+    separated = single_layer_model(layer_c2, 1)
+    assert [type(l).__name__ for l in separated.layers[1:]] == ["SeparableConv2D"]
+    assert separated.layers[1].depth_multiplier == 1 and separated.layers[1].strides == (2, 2)
+    assert single_layer_model(teacher.get_layer("c1"), 9) is None, "3 -> 16 channels at K=9 is not smaller: kept"
+
+
+def test_measure_table_times_every_candidate_once_then_reads_the_cache(tiny, tmp_path):
+    from sepconv.convert.latency_table import LatencyOptions, _Cache, measure_table
+    from sepconv.convert.tflite_export import TFLiteOptions
+    from sepconv.deploy.timing import TimingOptions
+
+    teacher, _, _ = tiny
+    layers = (layer("c1", [0.0, 0.0], [10, 20, 100]), layer("c2", [0.0], [10, 100]))
+    options = LatencyOptions(timing=TimingOptions(min_seconds=0.02, min_runs=5), cache_dir=str(tmp_path),
+                             export=TFLiteOptions(quantize="none"))
+    first = measure_table(teacher, layers, options)
+    assert first["measured"] == 6 and first["cached"] == 0, "the original, c1 at K=1, 2 and kept, c2 at K=1 and kept"
+    assert set(first["layers"]) == {"c1", "c2"} and set(first["layers"]["c1"]) == {"1", "2", "keep"}
+    assert set(first["layers"]["c2"]) == {"1", "keep"}
+    assert all(ms > 0 for row in first["layers"].values() for ms in row.values()) and first["original_ms"] > 0
+    assert first["where"] == "local" and first["runtime"].startswith("ai-edge-litert ")
+    assert first["raw_keep_sum_ms"] == pytest.approx(first["layers"]["c1"]["keep"] + first["layers"]["c2"]["keep"])
+    second = measure_table(teacher, layers, options)
+    assert second["measured"] == 0 and second["cached"] == 6
+    assert second["layers"] == first["layers"] and second["original_ms"] == first["original_ms"]
+    cache_files = list(tmp_path.glob("*.json"))
+    assert len(cache_files) == 1, "one file per device"
+    cache = _Cache(options, {"where": "local", "device": second["device"], "xnnpack": True})
+    spec = json.dumps({"x": 1})
+    cache.put(spec, 1, "ai-edge-litert 2.3.0", 0.5, "x")
+    assert cache.get(spec, 1, "ai-edge-litert 2.3.0") == 0.5
+    assert cache.get(spec, 1, "ai-edge-litert 9.9.9") is None, "another runtime version is another measurement"
+    assert cache.get(spec, 1, None) is None, "a device without its runtime has nothing cached"
+
+
+def test_convert_model_chooses_for_latency_and_reports_prediction_and_measurement(tiny, tmp_path):
+    from sepconv.convert.cli import recovery_tables
+    from sepconv.convert.latency_table import LatencyOptions
+    from sepconv.convert.pipeline import convert_model
+    from sepconv.deploy.timing import TimingOptions
+
+    teacher, x, y = tiny
+    teacher.save(tmp_path / "m.keras")
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    options = LatencyOptions(target=LatencyTarget(speedup=0.5), timing=TimingOptions(min_seconds=0.02, min_runs=5),
+                             cache_dir=str(tmp_path / "cache"))
+    result = convert_model(tmp_path / "m.keras", [tmp_path / "m.tflite"], data=str(tmp_path / "d.npz"), epochs=0,
+                           quantize="none", max_accuracy_drop=50.0, refine=False, recalibrate_bn=False,
+                           latency=options)
+    budget = result.recovery["budget"]
+    latency = budget["latency"]
+    assert latency["table"]["format"] == "tflite" and latency["table"]["quantize"] == "none"
+    assert budget["ranks"] == latency["choice"]["ranks"], "the separation follows the latency choice"
+    assert latency["choice"]["target_ms"] == pytest.approx(2 * latency["table"]["original_ms"])
+    for row in latency["choice"]["layers"]:
+        assert row["rank"] == KEEP or row["ms"] <= row["keep_ms"], f"{row['path']} separated though slower"
+    measured = result.artifacts[0].latency
+    assert measured["measured_ms"] > 0 and measured["comparable"]
+    assert measured["predicted_ms"] == pytest.approx(latency["choice"]["predicted_ms"], rel=1e-3)
+    manifest = json.loads((tmp_path / "m.tflite.json").read_text())
+    assert manifest["latency"] == measured and manifest["recovery"]["budget"]["latency"]["choice"]["ranks"] == \
+        budget["ranks"]
+    text = recovery_tables(result)
+    assert "us chosen" in text and "whole model predicted" in text and "m.tflite: measured" in text
+
+
+def test_timing_says_where_and_with_what_it_measures():
+    from sepconv.deploy.errors import InvalidOptionError as DeployOptionError
+    from sepconv.deploy.timing import TimingOptions, identify
+
+    here = identify(None, ".tflite", TimingOptions(xnnpack=False))
+    assert here["where"] == "local" and here["runtime"].startswith("ai-edge-litert ") and here["xnnpack"] is False
+    assert here["device"]["machine"] and here["device"]["emulated"] is False
+    onnx = identify(None, ".onnx")
+    assert onnx["runtime"].startswith("onnxruntime ") and onnx["xnnpack"] is None, "XNNPACK is LiteRT's alone"
+    with pytest.raises(DeployOptionError, match=r"Unrecognized artifact extension '.pt'"):
+        identify(None, ".pt")
+    with pytest.raises(DeployOptionError, match=r"Unrecognized threads=0"):
+        TimingOptions(threads=0)
+
+
+def test_the_device_side_of_timing_needs_no_tensorflow():
+    import subprocess
+    import sys
+
+    code = ("import sys\nfor name in ('tensorflow', 'keras', 'tf_keras'):\n    sys.modules[name] = None\n"
+            "from sepconv.deploy.timing import identify, time_artifacts\n"
+            "print(identify(None, '.tflite')['runtime'])\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.startswith("ai-edge-litert "), done.stderr[-2000:]
+
+
+def test_measured_latency_goes_into_each_staged_manifest(tmp_path, monkeypatch):
+    """record_measured: the pipeline's staged artifacts of the table's format get `latency` in their manifest (and its
+    temporary file); an artifact whose mode is not the one the table timed is marked not comparable."""
+    from sepconv.convert import latency_table
+    from sepconv.convert.latency_table import LatencyOptions, record_measured
+    from sepconv.convert.tflite_export import TFLiteOptions
+
+    staged = []
+    for name, mode in (("a", "int8"), ("b", "dynamic")):
+        (tmp_path / f"{name}.partial.tflite").write_bytes(b"x")
+        staged.append({"target": tmp_path / f"{name}.tflite", "tmp": str(tmp_path / f"{name}.partial.tflite"),
+                       "tmp_manifest": str(tmp_path / f"{name}.json.partial"), "quantize": mode, "manifest": {}})
+    staged.append({"target": tmp_path / "c.onnx", "tmp": str(tmp_path / "c.partial.onnx"), "quantize": "int8",
+                   "tmp_manifest": str(tmp_path / "c.json.partial"), "manifest": {}})
+    timed = {}
+
+    def fake_check(paths, latency, options, progress=None):
+        timed["paths"] = [str(p) for p in paths]
+        return {str(p): {"measured_ms": 0.5, "predicted_ms": 0.4, "error": 0.2, "where": "local"} for p in paths}
+
+    monkeypatch.setattr(latency_table, "check_artifacts", fake_check)
+    lines = []
+    record_measured(staged, {"table": {"original_ms": 2.0}}, LatencyOptions(export=TFLiteOptions(quantize="int8")),
+                    lambda stage, message: lines.append(message))
+    assert timed["paths"] == [staged[0]["tmp"], staged[1]["tmp"]], "only the format the table timed"
+    first, second = (json.loads(Path(item["tmp_manifest"]).read_text())["latency"] for item in staged[:2])
+    assert first["speedup"] == 4.0 and first["comparable"] and first["original_ms"] == 2.0
+    assert not second["comparable"] and "NOT comparable: the table timed int8, this artifact is dynamic" in lines[1]
+    assert "latency" not in staged[2]["manifest"]
