@@ -1,13 +1,13 @@
 """int8 before and after repair (convert/quantization.py) on the zoo's BatchNorm nets forced to K=1 (issue 11).
 
-For each model and recovery: `convert-model MODEL k1.keras --rank 1 --quantize none --data train.npz --test-data
-test.npz` once (separation, refinement, BatchNorm recalibration, fine-tuning: cached in OUT/MODEL/int8/). Recovery
-"after" is convert-model's default; "before" adds `--learning-rate 3e-4 --no-frozen-batchnorm-pass`, what it did
+For each model and recovery: `convert-model MODEL k1.keras --rank 1 --quantize none --data train.npz
+--validation-data validation.npz --test-data test.npz` once (separation, refinement, BatchNorm recalibration,
+fine-tuning: cached in OUT/MODEL/int8/). Recovery "after" is convert-model's default; "before" adds `--learning-rate 3e-4 --no-frozen-batchnorm-pass`, what it did
 before the fine-tuning changes of issue 11. Then the int8 TFLite and ONNX artifacts of that Keras model with each
 repair setting: "off" (the first attempt, as convert-model exported before issue 11), "no-cle" (calibration and float
 layers only), "on" (cross-layer equalization first, the default), each scored on the test digits: top-1 agreement
-with the K=1 Keras model, accuracy, size, layers kept in float. The pipeline's split is reused (calibration: 200
-training samples; repair judged on the validation samples; the test samples only score).
+with the K=1 Keras model, accuracy, size, layers kept in float. Calibration: 200 training samples; the repair is
+judged on the zoo's validation digits (half of the digits' test split, never trained on); the other half only scores.
 
 usage: scripts/bench-int8 [--models resnet_bn,mini_xception] [--formats tflite,onnx] [--recovery after]
                           [--repair off,on] [--out build/zoo]   (writes OUT/bench-int8.json, prints a Markdown table)
@@ -58,22 +58,23 @@ def separated(name: str, recovery: str, out: Path):
     if not k1.exists():
         convert = Path(sys.executable).parent / "convert-model"
         subprocess.run([str(convert), str(entry.model), str(k1), "--rank", "1", "--quantize", "none", "--data",
-                        str(entry.train), "--test-data", str(entry.test), "--quiet", "--json", str(k1) + ".run.json"]
+                        str(entry.train), "--validation-data", str(entry.validation), "--test-data", str(entry.test),
+                        "--quiet", "--json", str(k1) + ".run.json"]
                        + RECOVERY_FLAGS[recovery], check=True, stdout=subprocess.DEVNULL)
     return entry, k1
 
 
 def measure(name: str, fmt: str, recovery: str, repair: str, out: Path) -> dict:
     from sepconv.convert import quantization as q
-    from sepconv.convert.data import load_data, split
+    from sepconv.convert.data import load_data
     from sepconv.convert.loading import load
     from sepconv.convert.verification import Tolerance, verify
     from sepconv.deploy import open_runtime
 
     entry, k1 = separated(name, recovery, out)
     model = load(k1)
-    train, validation = split(load_data(entry.train, model.input_shape), heldout=0.2, seed=1)  # as the pipeline
-    test = load_data(entry.test, model.input_shape)
+    train = load_data(entry.train, model.input_shape)  # as the pipeline with --validation-data
+    validation, test = (load_data(path, model.input_shape) for path in (entry.validation, entry.test))
     calibration = q.Calibration(train.x[:200], train.x, validation.x)
     artifact, report = q.quantize_verified(model, fmt, calibration, tolerance=Tolerance(),
                                            options=q.QuantizationOptions(**REPAIRS[repair]))
