@@ -34,6 +34,7 @@ from sepconv.convert.finetuning import FinetuneOptions
 from sepconv.convert.onnx_export import DEFAULT_OPSET, ONNX_MODES, OnnxOptions
 from sepconv.convert.tflite_export import NEEDS_DATA, TFLITE_MODES, TFLiteOptions
 from sepconv.convert.files import disk_full, sha256
+from sepconv.convert.memory import release_memory
 from sepconv.convert.policy import SeparationOptions
 from sepconv.convert.quantization import Calibration, QuantizationOptions
 from sepconv.convert.verification import Tolerance
@@ -257,7 +258,8 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     with timer("load"):
         model = load(source, custom_objects=options.custom_objects, safe_mode=options.safe_mode,
                      max_unpacked_bytes=options.max_unpacked_bytes)
-    say("load", f"{source} ({model.count_params():,} parameters)")
+    params = model.count_params()
+    say("load", f"{source} ({params:,} parameters)")
     _check_input_size(model)
     with timer("data"):
         train, calibration, validation, heldout, data_info = _data(model, options)
@@ -281,6 +283,8 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
         if not report.separated:
             warnings.append(_nothing_separated(report))
             say("warning", warnings[-1])
+        del model  # only its outputs on the test inputs are needed from here on (reference.values)
+    release_memory()
     try:
         calibration = calibration if calibration is None else Calibration(calibration, train.x, validation.x)
         artifacts = _export_all(exported, reference if report else None, targets, plan["quantize"], calibration,
@@ -295,7 +299,7 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     from sepconv.convert.recovery import remove_checkpoints
 
     remove_checkpoints(recovery_options)
-    return ConvertResult(source={"path": str(source), "sha256": source_sha256, "params": model.count_params()},
+    return ConvertResult(source={"path": str(source), "sha256": source_sha256, "params": params},
                          quantize=plan["quantize"], quantize_reason=_quantize_reason(options, plan),
                          data=data_info, separation=report.to_dict() if report else None,
                          recovery=recovery.to_dict() if recovery else None, plan=plan, artifacts=artifacts,
@@ -387,8 +391,6 @@ def _export_all(exported, original, targets, quantize, calibration, heldout, dat
     from sepconv.convert.verification import Outputs
 
     expected = Outputs(exported, heldout.x)  # every artifact is compared with the same outputs: computed once
-    if original is not None and original.model is exported:
-        expected = original
     staged = []
     try:
         for target in targets:
@@ -399,6 +401,7 @@ def _export_all(exported, original, targets, quantize, calibration, heldout, dat
                     item = _fall_back(item, exported, original, expected, calibration, heldout, data_info, options,
                                       source, report, recovery, say)
                 staged.append(item)
+            release_memory()
         failed = [s for s in staged if not s["verification"].passed]
         if failed:
             error = VerificationError("; ".join(_failure_line(s) for s in failed) + " - nothing was written; try "

@@ -174,6 +174,7 @@ class Outputs:
     def values(self) -> list[np.ndarray]:
         if self._values is None:
             self._values = predict_keras(self.model, self.x)
+            self.model = None  # not kept alive for its outputs' sake
         return self._values
 
 

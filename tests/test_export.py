@@ -221,3 +221,30 @@ def test_a_silent_step_gets_a_progress_line_every_so_often():
     count = len(lines)
     time.sleep(0.5)
     assert len(lines) == count, "no line once the run is over"
+
+
+def test_one_frozen_graph_serves_every_export_until_a_weight_changes(tmp_path):
+    """Tracing and freezing a large model is a conversion's fixed cost: both exporters and every int8 attempt share
+    one frozen function, and a changed weight (fine-tuning, a user's assign) makes a new one."""
+    import gc
+    import weakref
+
+    from sepconv.convert import trace
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="conv"),
+                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    first = trace.frozen_function(model)
+    assert trace.frozen_function(model) is first
+    model.get_layer("conv").kernel.assign(np.zeros((3, 3, 3, 4), np.float32))
+    changed = trace.frozen_function(model)
+    assert changed is not first
+    path = tmp_path / "changed.tflite"
+    export_tflite(model, path)
+    x = np.ones((2, 8, 8, 3), np.float32)
+    np.testing.assert_allclose(open_runtime(str(path)).run([x])[0], keras.ops.convert_to_numpy(model(x)), rtol=1e-5,
+                               atol=1e-6, err_msg="an export after a weight changed must hold the new weights")
+    alive = weakref.ref(model)
+    del first, changed, model
+    gc.collect()
+    gc.collect()
+    assert alive() is None, "the cache must not keep a model alive"
