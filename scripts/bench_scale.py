@@ -255,11 +255,24 @@ def tables(rows) -> str:
                                        "separation alone (s)"], tablefmt="github", disable_numparse=True))
         for run in (r for r in RUNS if r in mine and mine[r].get("stages")):
             stages = [[s["stage"], f"{s['seconds']:.1f}", f"{s['peak_mib']:,}", s["message"][:70]]
-                      for s in mine[run]["stages"]]
+                      for s in _per_layer_lines_merged(mine[run]["stages"])]
             out.append(f"{name} {run}: per progress line (`{mine[run]['command']}`)\n\n" + tabulate(
                 stages, headers=["stage", "seconds", "peak MiB", "line (abridged)"], tablefmt="github",
                 disable_numparse=True))
     return "\n\n".join(out)
+
+
+def _per_layer_lines_merged(stages: list[dict]) -> list[dict]:
+    """Consecutive "[i/n] layer" lines of one stage (refinement, BatchNorm recalibration) as one row."""
+    merged = []
+    for stage in stages:
+        last = merged[-1] if merged else None
+        if last and stage["message"].startswith("[") and last["stage"] == stage["stage"] and last.get("layers"):
+            last.update(seconds=last["seconds"] + stage["seconds"], peak_mib=max(last["peak_mib"], stage["peak_mib"]),
+                        layers=last["layers"] + 1, message=f"{last['layers'] + 1} per-layer lines")
+        else:
+            merged.append(dict(stage, layers=1 if stage["message"].startswith("[") else 0))
+    return merged
 
 
 def cpu() -> str:
