@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sepconv.convert.errors import ExportError, InvalidOptionError
+from sepconv.convert.memory import release_memory
 from sepconv.convert.trace import frozen_function, input_names, layers_in_scopes
 from sepconv.deploy.files import first_line
 from sepconv.deploy.quiet import captured_output
@@ -100,6 +101,8 @@ def _tf2onnx(model, path: Path, options: OnnxOptions) -> None:
     for old, new in [*zip(tf_inputs, names), *zip(tf_outputs, _output_names(model, len(tf_outputs)))]:
         _rename(proto.graph, old, new)
     path.write_bytes(proto.SerializeToString())
+    del proto
+    release_memory()  # tf2onnx's copies of the graph, before ONNX Runtime's quantizer and verification add theirs
 
 
 def _output_names(model, count: int) -> list[str]:

@@ -34,6 +34,7 @@ from sepconv.convert.finetuning import FinetuneOptions
 from sepconv.convert.onnx_export import DEFAULT_OPSET, ONNX_MODES, OnnxOptions
 from sepconv.convert.tflite_export import NEEDS_DATA, TFLITE_MODES, TFLiteOptions
 from sepconv.convert.files import disk_full, sha256
+from sepconv.convert.memory import release_memory
 from sepconv.convert.policy import SeparationOptions
 from sepconv.convert.quantization import Calibration, QuantizationOptions
 from sepconv.convert.verification import Tolerance, within_budget
@@ -163,10 +164,12 @@ class ConvertOptions:
 
 class HeldOut(NamedTuple):
     """The two held-out sets an artifact meets: validation (the accuracy budget's verdict; None without data) and
-    test (verification and scores, never a choice)."""
+    test (verification and scores, never a choice); original_top1: the original model's top-1 class on each
+    validation sample (what an unlabelled budget counts agreement with; None when not needed)."""
 
     validation: object
     test: object
+    original_top1: np.ndarray | None = None
 
 
 @dataclass(frozen=True)
@@ -218,12 +221,11 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
         options = ConvertOptions(**kwargs)
     elif kwargs:
         raise InvalidOptionError(f"Pass options=ConvertOptions(...) or keyword options, not both (got {sorted(kwargs)})")
-    say = progress or (lambda stage, message: None)
     source = Path(source)
     targets, plan = preflight(source, outputs, options)
     recovery_options = _recovery_options(options, plan, targets)
     locked = targets + ([Path(recovery_options.checkpoint_dir)] if recovery_options.epochs else [])
-    with _locked(locked), _trusted(options.safe_mode):
+    with _locked(locked), _trusted(options.safe_mode), _heartbeat(progress) as say:
         _check_outputs(source, targets, options)  # again, under the lock: a run that finished meanwhile wrote them
         return _convert(source, targets, plan, options, recovery_options, say)
 
@@ -246,6 +248,45 @@ def preflight(source, outputs, options: ConvertOptions) -> tuple[list[Path], dic
     return targets, plan
 
 
+HEARTBEAT_SECONDS = 30
+
+
+@contextlib.contextmanager
+def _heartbeat(progress: Progress | None, every: float = HEARTBEAT_SECONDS):
+    """`progress`, plus a line from a watcher thread whenever no line came for `every` seconds: a large model's
+    converter call or forward pass can run for minutes, and a silent minute looks like a hang."""
+    if progress is None:
+        yield lambda stage, message: None
+        return
+    import threading
+
+    lock, done = threading.Lock(), threading.Event()
+    last = {"stage": "start", "at": time.monotonic(), "quiet_since": time.monotonic()}
+
+    def say(stage: str, message: str) -> None:
+        with lock:
+            last.update(stage=stage, at=time.monotonic(), quiet_since=time.monotonic())
+        progress(stage, message)
+
+    def watch():
+        while not done.wait(min(1.0, every)):
+            with lock:
+                now = time.monotonic()
+                if now - last["at"] < every:
+                    continue
+                last["at"] = now
+                stage, quiet = last["stage"], now - last["quiet_since"]
+            progress(stage, f"still working ({quiet:.0f} s since the last step began or ended)")
+
+    watcher = threading.Thread(target=watch, name="sepconv-heartbeat", daemon=True)
+    watcher.start()
+    try:
+        yield say
+    finally:
+        done.set()
+        watcher.join()
+
+
 def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOptions, recovery_options,
              say: Progress) -> ConvertResult:
     timer = _Timer()
@@ -255,7 +296,8 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     with timer("load"):
         model = load(source, custom_objects=options.custom_objects, safe_mode=options.safe_mode,
                      max_unpacked_bytes=options.max_unpacked_bytes)
-    say("load", f"{source} ({model.count_params():,} parameters)")
+    params = model.count_params()
+    say("load", f"{source} ({params:,} parameters)")
     _check_input_size(model)
     with timer("data"):
         train, calibration, validation, heldout, data_info = _data(model, options)
@@ -263,8 +305,11 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     say("plan", _plan_line(plan, options))
     source_sha256 = sha256(source)
 
+    from sepconv.convert.verification import Outputs
+
     report = recovery = None
     exported = model
+    reference = Outputs(model, heldout.x)  # the original's outputs on the test inputs: computed once, used throughout
     warnings = []
     if options.separate:
         from sepconv.convert.recovery import recover
@@ -272,14 +317,19 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
         with timer("separate and recover"), _disk_full_as("writing checkpoints in", recovery_options.checkpoint_dir):
             exported, report, recovery = recover(model, train, calibration, validation, heldout,
                                                  options.separation, recovery_options, source_sha256=source_sha256,
-                                                 progress=say)
+                                                 progress=say, reference=reference)
         if not report.separated:
             warnings.append(_nothing_separated(report))
             say("warning", warnings[-1])
+        held = HeldOut(validation, heldout, _original_top1(model, validation, recovery))
+        del model  # only its outputs on the test inputs are needed from here on (reference.values)
+    else:
+        held = HeldOut(validation, heldout)
+    release_memory()
     try:
         calibration = calibration if calibration is None else Calibration(calibration, train.x, validation.x)
-        artifacts = _export_all(exported, model if report else None, targets, plan["quantize"], calibration,
-                                HeldOut(validation, heldout), data_info, options, source, report, recovery, timer, say)
+        artifacts = _export_all(exported, reference if report else None, targets, plan["quantize"], calibration,
+                                held, data_info, options, source, report, recovery, timer, say)
     except SepconvError as error:
         if recovery and recovery.finetune and not isinstance(error, BudgetError):
             kept = type(error)(f"{error} (the fine-tuned weights are kept in {recovery_options.checkpoint_dir}: "
@@ -290,11 +340,21 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     from sepconv.convert.recovery import remove_checkpoints
 
     remove_checkpoints(recovery_options)
-    return ConvertResult(source={"path": str(source), "sha256": source_sha256, "params": model.count_params()},
+    return ConvertResult(source={"path": str(source), "sha256": source_sha256, "params": params},
                          quantize=plan["quantize"], quantize_reason=_quantize_reason(options, plan),
                          data=data_info, separation=report.to_dict() if report else None,
                          recovery=recovery.to_dict() if recovery else None, plan=plan, artifacts=artifacts,
                          seconds=timer.seconds, warnings=tuple(warnings))
+
+
+def _original_top1(model, validation, recovery) -> np.ndarray | None:
+    """The original's top-1 classes on the validation data, kept for the artifacts' budget check when the data has no
+    labels (agreement with the original is then the metric); None when no budget will be checked."""
+    if recovery is None or not recovery.budget or validation is None or validation.y is not None:
+        return None
+    from sepconv.convert.verification import predict_keras
+
+    return np.argmax(predict_keras(model, validation.x)[0], axis=-1)
 
 
 def _nothing_separated(report) -> str:
@@ -377,17 +437,22 @@ def _lock(path: Path) -> tuple[Path, int]:
 
 def _export_all(exported, original, targets, quantize, calibration, held, data_info, options, source, report,
                 recovery, timer, say) -> tuple[Artifact, ...]:
-    """Stage every artifact in a temporary file, verify it, then commit them all (or none)."""
+    """Stage every artifact in a temporary file, verify it, then commit them all (or none). original: Outputs of the
+    model before separation on the test inputs (None without separation)."""
+    from sepconv.convert.verification import Outputs
+
+    expected = Outputs(exported, held.test.x)  # every artifact is compared with the same outputs: computed once
     staged = []
     try:
         for target in targets:
             with timer(f"export {target.name}"):
-                item = _stage(exported, original, target, quantize, calibration, held, data_info, options, source,
-                              report, recovery, say)
+                item = _stage(exported, original, expected, target, quantize, calibration, held, data_info,
+                              options, source, report, recovery, say)
                 if _falls_back(item, options):
-                    item = _fall_back(item, exported, original, calibration, held, data_info, options, source,
-                                      report, recovery, say)
+                    item = _fall_back(item, exported, original, expected, calibration, held, data_info, options,
+                                      source, report, recovery, say)
                 staged.append(item)
+            release_memory()
         failed = [s for s in staged if not s["verification"].passed]
         if failed:
             over = any(s["verification"].budget is not None and not s["verification"].budget.held for s in failed)
@@ -420,15 +485,15 @@ def _falls_back(item: dict, options: ConvertOptions) -> bool:
 def _fall_back(item: dict, *stage_args) -> dict:
     """Replace a failed int8 artifact of --quantize auto by the first AUTO_FALLBACKS mode that verifies, said aloud
     and recorded in the manifest; an explicit --quantize int8 fails instead. Returns the last one tried."""
-    exported, original, calibration, held, data_info, options, source, report, recovery, say = stage_args
+    exported, original, expected, calibration, held, data_info, options, source, report, recovery, say = stage_args
     reasons = []
     for mode in AUTO_FALLBACKS[item["format"]]:
         _discard(item)
         reasons.append(f"{item['quantize']}: " + "; ".join(item["verification"].failures()))
         say("export", f"{item['target']}: {item['quantize']} failed verification ({reasons[-1]}); --quantize auto "
                       f"tries {mode} instead (pass --quantize int8 to insist on int8)")
-        item = _stage(exported, original, item["target"], mode, calibration, held, data_info, options, source,
-                      report, recovery, say, fallback={"from": "int8", "reason": " | ".join(reasons)})
+        item = _stage(exported, original, expected, item["target"], mode, calibration, held, data_info, options,
+                      source, report, recovery, say, fallback={"from": "int8", "reason": " | ".join(reasons)})
         if item["verification"].passed:
             break
     return item
@@ -648,9 +713,10 @@ def _labelled_data(source, model, data_options):
     return data
 
 
-def _stage(model, original, target: Path, quantize: str, calibration, held, data_info, options: ConvertOptions,
-           source: Path, report, recovery, say, fallback: dict | None = None) -> dict:
+def _stage(model, original, expected, target: Path, quantize: str, calibration, held, data_info,
+           options: ConvertOptions, source: Path, report, recovery, say, fallback: dict | None = None) -> dict:
     """Export to a temporary file beside `target`, verify it, write its manifest to another temporary file.
+    original / expected: Outputs of the original / of `model` on the test inputs.
     fallback: why this mode replaces the one --quantize auto chose first (kept in the manifest)."""
     fmt = FORMATS[target.suffix.lower()]
     mode = "none" if fmt == "keras" else quantize
@@ -659,8 +725,8 @@ def _stage(model, original, target: Path, quantize: str, calibration, held, data
     item = {"target": target, "tmp": tmp, "tmp_manifest": None, "format": fmt, "quantize": mode, "fallback": fallback}
     try:
         with _disk_full_as("writing", target):
-            return _export_and_verify(item, model, original, calibration, held, data_info, options, source,
-                                      report, recovery, say)
+            return _export_and_verify(item, model, original, expected, calibration, held, data_info, options,
+                                      source, report, recovery, say)
     except BaseException:
         _discard(item)
         raise
@@ -673,8 +739,8 @@ def _discard(item: dict) -> None:
             Path(path).unlink(missing_ok=True)
 
 
-def _export_and_verify(item: dict, model, original, calibration, held, data_info, options: ConvertOptions,
-                       source: Path, report, recovery, say) -> dict:
+def _export_and_verify(item: dict, model, original, expected, calibration, held, data_info,
+                       options: ConvertOptions, source: Path, report, recovery, say) -> dict:
     from sepconv.convert.manifest import build_manifest, manifest_json
     from sepconv.convert.verification import verify, verify_keras
 
@@ -683,11 +749,13 @@ def _export_and_verify(item: dict, model, original, calibration, held, data_info
     started = time.perf_counter()
     inputs = "held-out samples" if data_info["source"] else "synthetic inputs"
     runtime = None
+    calibrated = f", calibrated on {len(calibration.samples)} samples" if mode in NEEDS_DATA else ""
+    say("export", f"{target}: converting ({fmt}, {mode}{calibrated})")
     if fmt == "keras":
         with _own_temporary_folder():
             model.save(tmp)
         verification = verify_keras(model, tmp, heldout.x, heldout.y, tolerance=options.tolerance, inputs=inputs,
-                                    original=original, safe_mode=options.safe_mode)
+                                    original=original, safe_mode=options.safe_mode, expected=expected.values)
     else:
         from sepconv.deploy.runtime import open_runtime
 
@@ -712,11 +780,14 @@ def _export_and_verify(item: dict, model, original, calibration, held, data_info
             Path(tmp).write_bytes(export_onnx(model, representative_data=_samples(calibration),
                                               options=OnnxOptions(
                 quantize=mode, opset=options.opset, layout=options.layout, per_channel=options.per_channel)))
+        say("verify", f"{target}: {Path(tmp).stat().st_size:,} bytes in {time.perf_counter() - started:.1f} s; "
+                      f"verifying on {len(heldout.x)} {inputs}")
         runtime = open_runtime(tmp)
         verification = verify(model, runtime, heldout.x, heldout.y, quantized=mode != "none", quantize=mode,
                               tolerance=options.tolerance, layout=options.layout if fmt == "onnx" else "nhwc",
-                              inputs=inputs, original=original, synthetic=not data_info["source"])
-        verification = within_budget(verification, runtime, original, held.validation, recovery,
+                              inputs=inputs, original=original, synthetic=not data_info["source"],
+                              expected=expected.values)
+        verification = within_budget(verification, runtime, held, recovery,
                                      layout=options.layout if fmt == "onnx" else "nhwc")
     verification = _named(verification, target)
     manifest = build_manifest(Path(tmp), final_path=target, fmt=fmt, quantize=mode, runtime=runtime,

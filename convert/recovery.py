@@ -130,17 +130,18 @@ class Step:
 
 
 def recover(original, train, calibration: np.ndarray | None, validation, test, separation: SeparationOptions,
-            options: RecoveryOptions, *, source_sha256: str = "", progress: Progress | None = None):
+            options: RecoveryOptions, *, source_sha256: str = "", progress: Progress | None = None, reference=None):
     """(separated model, SeparationReport, RecoveryReport): see the module doc. `train`, `validation` and `test` are
     Datasets (x, y or None): the first trains (`calibration`, a part of it, feeds refinement, BatchNorm statistics and
     the budget search's refinement), the second chooses (sensitivity, early stopping, which stages are kept), the
-    third only scores. Without data `validation` is None: nothing is chosen, only the separation runs."""
+    third only scores. Without data `validation` is None: nothing is chosen, only the separation runs.
+    reference: verification.Outputs of `original` on the test inputs, shared with the caller's verification."""
     from sepconv.convert.separation import separate_with
 
     say = progress or (lambda stage, message: None)
     folder = Path(options.checkpoint_dir) if options.epochs else None
     state = _open_state(folder, options, source_sha256, separation)
-    scorer = _Scorer(original, validation, test)
+    scorer = _Scorer(original, validation, test, reference)
     stages = [scorer.stage("original", original, 0.0)]
     plan = state.get("plan")
     if options.budget is not None and plan is None:
@@ -154,7 +155,8 @@ def recover(original, train, calibration: np.ndarray | None, validation, test, s
     separated, report = separate_with(original, separation)
     check = None
     if validation is None and separation.rank is None and separation.energy is None and separation.ranks is None:
-        separated, report, check = _data_free_guard(original, separated, report, separation, test.x, say)
+        separated, report, check = _data_free_guard(original, separated, report, separation, test.x,
+                                                    scorer.original_outputs["test"][0], say)
     stages.append(scorer.stage("separated", separated, time.perf_counter() - started))
     say("separate", _separation_line(report))
     context = Context(original, separated, report, train, calibration, validation, options, folder, state, say)
@@ -177,14 +179,15 @@ def recover(original, train, calibration: np.ndarray | None, validation, test, s
         finetune_frozen=details.get("fine-tuned, BatchNorm frozen"))
 
 
-def _data_free_guard(original, separated, report, separation, x, say):
+def _data_free_guard(original, separated, report, separation, x, reference, say):
     """The default separation without data, kept only while the separated model's outputs on the synthetic inputs keep
-    their direction (MIN_SYNTHETIC_COSINE); else retried keeping more of each kernel (GUARD_ENERGIES)."""
+    their direction (MIN_SYNTHETIC_COSINE); else retried keeping more of each kernel (GUARD_ENERGIES). reference: the
+    original's first output on `x`."""
     from sepconv.convert.policy import DEFAULT_ENERGY
     from sepconv.convert.separation import separate_with
     from sepconv.convert.verification import mean_cosine, predict_keras
 
-    reference = predict_keras(original, x)[0].astype(np.float64)
+    reference = reference.astype(np.float64)
     tried = []
     for energy in (DEFAULT_ENERGY,) + GUARD_ENERGIES:
         if energy != DEFAULT_ENERGY:
@@ -269,13 +272,15 @@ def _finetune_summary(result) -> str:
 def _refine(context: Context):
     from sepconv.convert.refinement import refine
 
-    return refine(context.original, context.model, context.calibration, context.report)
+    return refine(context.original, context.model, context.calibration, context.report,
+                  progress=lambda message: context.say("refine", message))
 
 
 def _recalibrate(context: Context):
     from sepconv.convert.refinement import recalibrate_batchnorm
 
-    return recalibrate_batchnorm(context.model, context.calibration)
+    return recalibrate_batchnorm(context.model, context.calibration,
+                                 progress=lambda message: context.say("batchnorm", message))
 
 
 def _has_batchnorm(context: Context, always: bool = False) -> bool:
@@ -379,12 +384,17 @@ class _Scorer:
     """Scores Keras models against the labels and the original's predictions on the validation data (which decides)
     and on the test data (which only reports)."""
 
-    def __init__(self, original, validation, test):
+    def __init__(self, original, validation, test, reference=None):
+        """reference: verification.Outputs of the original on the test inputs, if the caller has them."""
         from sepconv.convert.verification import predict_keras
 
         self._sets = {"test": test, "validation": validation}
-        self._reference = {role: np.argmax(predict_keras(original, data.x)[0], axis=-1)
-                           for role, data in self._sets.items() if data is not None}
+        outputs = {role: predict_keras(original, data.x) for role, data in self._sets.items()
+                   if data is not None and not (role == "test" and reference is not None)}
+        if reference is not None:
+            outputs["test"] = reference.values
+        self._original, self.original_outputs = original, outputs
+        self._reference = {role: np.argmax(values[0], axis=-1) for role, values in outputs.items()}
         self.samples = len(test.x)
         self.validation_samples = len(validation.x) if validation is not None else 0
         self.validates = validation is not None
@@ -405,7 +415,10 @@ class _Scorer:
         from sepconv.convert.verification import predict_keras
 
         data = self._sets[role]
-        predicted = np.argmax(predict_keras(model, data.x)[0], axis=-1)
+        if model is self._original:  # the original's predictions are the reference: no second forward pass
+            predicted = self._reference[role]
+        else:
+            predicted = np.argmax(predict_keras(model, data.x)[0], axis=-1)
         accuracy = float(np.mean(predicted == data.y)) if data.y is not None else None
         return accuracy, float(np.mean(predicted == self._reference[role]))
 

@@ -35,23 +35,26 @@ class RefinementReport:
         return {"samples": self.samples, "layers": [asdict(layer) for layer in self.layers]}
 
 
-def refine(original, separated, x: np.ndarray, report, *, ridge: float = 1e-6, seed: int = 0) -> RefinementReport:
+def refine(original, separated, x: np.ndarray, report, *, ridge: float = 1e-6, seed: int = 0,
+           progress=None) -> RefinementReport:
     """Refit, in place, the pointwise kernel and bias of every separated layer of `separated` (see module doc).
 
     original / separated: the model before and after `separate`; report: its SeparationReport; x: calibration
     images shaped like the model's input. Layers inside nested models or shared by several calls are skipped
-    (reported), as their inputs are not one tensor of the top-level graph.
+    (reported), as their inputs are not one tensor of the top-level graph. progress(message): a line per layer.
     """
     if len(x) == 0:
         raise InvalidOptionError("refine needs calibration images (x is empty)")
     rng = np.random.default_rng(seed)
     done = []
-    for row in report.separated:
+    for number, row in enumerate(report.separated, 1):
         if not called_once(separated, row.path):
             done.append(LayerRefinement(row.path, 0, float("nan"), float("nan"),
                                         "skipped: shared by several calls"))
-            continue
-        done.append(_refine_layer(original, separated, row.path, x, ridge, rng))
+        else:
+            done.append(_refine_layer(original, separated, row.path, x, ridge, rng))
+        if progress:
+            progress(f"[{number}/{len(report.separated)}] {row.path}: {done[-1].status}")
     return RefinementReport(layers=tuple(done), samples=len(x))
 
 
@@ -88,10 +91,13 @@ def _calls(model, layer) -> list:
     return [node for nodes in _graph(model)._nodes_by_depth.values() for node in nodes if node.operation is layer]
 
 
-def layer_input(model, path: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
+def layer_input(model, path: str, x: np.ndarray, batch: int | None = None) -> np.ndarray:
     """What the layer at `path` receives when `model` is fed `x` (inference mode), through nested models: the input
-    of each nested model on the path is computed in its parent's graph, then fed to the nested model's own graph."""
+    of each nested model on the path is computed in its parent's graph, then fed to the nested model's own graph.
+    batch: samples per forward pass (default: what keeps the probe within verification.ACTIVATION_BUDGET)."""
     import keras
+
+    from sepconv.convert.verification import batch_size_for
 
     head, _, rest = path.partition("/")
     layer = model.get_layer(head)
@@ -100,8 +106,9 @@ def layer_input(model, path: str, x: np.ndarray, batch: int = 64) -> np.ndarray:
         raise InvalidOptionError(f"{path}: is called {len(calls)} times or takes several inputs; only layers and "
                                  f"nested models called once on one input can be probed")
     probe = keras.Model(_graph(model).inputs, calls[0].input_tensors[0])
-    value = np.concatenate([keras.ops.convert_to_numpy(probe(x[i:i + batch], training=False))
-                            for i in range(0, len(x), batch)])
+    step = batch or batch_size_for(probe)
+    value = np.concatenate([keras.ops.convert_to_numpy(probe(x[i:i + step], training=False))
+                            for i in range(0, len(x), step)])
     return layer_input(layer, rest, value, batch) if rest else value
 
 
@@ -151,7 +158,7 @@ class BatchNormRecalibration:
     variance_ratio: float  # mean new moving variance / mean old moving variance
 
 
-def recalibrate_batchnorm(model, x: np.ndarray) -> tuple[BatchNormRecalibration, ...]:
+def recalibrate_batchnorm(model, x: np.ndarray, progress=None) -> tuple[BatchNormRecalibration, ...]:
     """Re-estimate, in place, the moving mean and variance of `model`'s BatchNormalization layers on `x`, nested
     models included.
 
@@ -159,6 +166,7 @@ def recalibrate_batchnorm(model, x: np.ndarray) -> tuple[BatchNormRecalibration,
     are set, in graph order, to the mean and variance of its actual inputs (earlier layers already re-estimated), the
     way pruning and NAS tools recalibrate BatchNorm. The learned scale and offset are left as they are. Whether that
     helps is for the caller to measure (recovery.py keeps it only when the validation score does not fall).
+    progress(message): a line per layer.
     """
     import keras
 
@@ -167,9 +175,9 @@ def recalibrate_batchnorm(model, x: np.ndarray) -> tuple[BatchNormRecalibration,
     if len(x) == 0:
         raise InvalidOptionError("BatchNorm recalibration needs images (x is empty)")
     done = []
-    for path, layer in leaf_layers(model):
-        if not isinstance(layer, keras.layers.BatchNormalization) or not called_once(model, path):
-            continue
+    layers = [(path, layer) for path, layer in leaf_layers(model)
+              if isinstance(layer, keras.layers.BatchNormalization) and called_once(model, path)]
+    for number, (path, layer) in enumerate(layers, 1):
         inputs = layer_input(model, path, x).astype(np.float64)
         axis = layer.axis if layer.axis >= 0 else inputs.ndim + layer.axis
         reduce = tuple(i for i in range(inputs.ndim) if i != axis)
@@ -180,4 +188,6 @@ def recalibrate_batchnorm(model, x: np.ndarray) -> tuple[BatchNormRecalibration,
         scale = float(np.sqrt(max(np.mean(old_variance), 1e-12)))
         done.append(BatchNormRecalibration(path, float(np.linalg.norm(mean - old_mean) / scale / np.sqrt(len(mean))),
                                            float(np.mean(variance) / max(np.mean(old_variance), 1e-12))))
+        if progress:
+            progress(f"[{number}/{len(layers)}] {path}")
     return tuple(done)

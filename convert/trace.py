@@ -7,14 +7,27 @@ constants, never unfed inputs. The batch dimension is left dynamic; inputs keep 
 from __future__ import annotations
 
 import re
+import weakref
+import zlib
 
 
 def input_names(model) -> list[str]:
     return [tensor._keras_history.operation.name for tensor in model.inputs]
 
 
+_FROZEN = weakref.WeakKeyDictionary()  # model -> (fingerprint of its weights, frozen function)
+
+
 def frozen_function(model):
-    """A ConcreteFunction computing `model(inputs, training=False)` with every variable folded into a constant."""
+    """A ConcreteFunction computing `model(inputs, training=False)` with every variable folded into a constant.
+
+    Every export of a run (TFLite and ONNX, each int8 attempt) translates this one graph: it is traced and frozen
+    once per model and kept while the model lives and its weights stay as they were (a checksum of every weight is
+    compared on each call; tracing and freezing a ResNet50 takes far longer than reading its weights)."""
+    fingerprint = _weights_fingerprint(model)
+    cached = _FROZEN.get(model)
+    if cached is not None and cached[0] == fingerprint:
+        return cached[1]
     import tensorflow as tf
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
@@ -24,7 +37,16 @@ def frozen_function(model):
     def forward(*inputs):
         return model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
 
-    return convert_variables_to_constants_v2(tf.function(forward, input_signature=specs).get_concrete_function())
+    frozen = convert_variables_to_constants_v2(tf.function(forward, input_signature=specs).get_concrete_function())
+    _FROZEN[model] = (fingerprint, frozen)
+    return frozen
+
+
+def _weights_fingerprint(model) -> tuple:
+    """(variable identities, a CRC-32 of each variable's bytes): changes when any weight is set or trained."""
+    import numpy as np
+
+    return tuple((id(v), zlib.crc32(np.ascontiguousarray(v.numpy()).view(np.uint8))) for v in model.weights)
 
 
 def layers_in_scopes(node_names, model) -> list[str]:

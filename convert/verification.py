@@ -108,11 +108,12 @@ class Verification:
                                     f"more representative --data, or lower --min-agreement")
 
 
-def within_budget(verification: Verification, runtime, original, validation, recovery, *,
-                  layout: str = "nhwc") -> Verification:
+def within_budget(verification: Verification, runtime, held, recovery, *, layout: str = "nhwc") -> Verification:
     """`verification` with the accuracy budget checked on the artifact itself (BudgetCheck): a run with
     --max-accuracy-drop whose artifact loses more than the budget on the validation data fails verification like any
-    other criterion. Unchanged when the run had no budget (recovery.budget None) or no validation data."""
+    other criterion. Unchanged when the run had no budget (recovery.budget None) or no validation data. held: the
+    pipeline's HeldOut (validation data; without labels, the original's top-1 classes on it)."""
+    validation = held.validation
     budget = recovery.budget if recovery is not None else None
     if not budget or validation is None:
         return verification
@@ -122,24 +123,65 @@ def within_budget(verification: Verification, runtime, original, validation, rec
         after = float(np.mean(predicted == validation.y))
     else:
         metric, before = "agreement", 1.0
-        after = float(np.mean(predicted == np.argmax(predict_keras(original, validation.x)[0], axis=-1)))
+        after = float(np.mean(predicted == held.original_top1))
     check = BudgetCheck(metric=metric, original=before, artifact=after, drop=round(100.0 * (before - after), 4),
                         max_drop=budget["max_drop"], samples=len(validation.x))
     return replace(verification, budget=check)
 
 
-def predict_keras(model, x: np.ndarray, batch_size: int = 64) -> list[np.ndarray]:
-    """The Keras model's outputs, as a list of float32 arrays, computed in batches without retracing noise."""
+MAX_BATCH = 64
+# Bytes of layer outputs one forward batch may hold. Keras runs a Functional model eagerly, layer by layer, and keeps
+# every layer's output until the call returns: ResNet50 at 224x224 holds 142 MiB per sample, so a batch of 64 took
+# 9 GiB (docs/benchmarks.md, scripts/bench-scale). Small models still run 64 samples at a time.
+ACTIVATION_BUDGET = 512 << 20
+
+
+def batch_size_for(model, limit: int = MAX_BATCH) -> int:
+    """The largest batch, up to `limit`, whose layer outputs fit ACTIVATION_BUDGET; `limit` when the model's layer
+    shapes are not all known (a free spatial size)."""
+    per_sample = activation_bytes(model)
+    return limit if not per_sample else max(1, min(limit, ACTIVATION_BUDGET // per_sample))
+
+
+def activation_bytes(model) -> int | None:
+    """Bytes of every layer output of one sample in a forward pass of a Functional or Sequential `model` (nested
+    models included); None when a shape besides the batch is unknown or the model is not a graph of layers."""
+    import math
+
+    import keras
+
+    graph = getattr(model, "_functional", None) if isinstance(model, keras.Sequential) else model
+    nodes_by_depth = getattr(graph, "_nodes_by_depth", None)
+    if not nodes_by_depth:
+        return None
+    total = 0
+    for nodes in nodes_by_depth.values():
+        for node in nodes:
+            for tensor in node.outputs:
+                if any(d is None for d in tensor.shape[1:]):
+                    return None
+                total += math.prod(tensor.shape[1:]) * np.dtype(tensor.dtype).itemsize
+            if isinstance(node.operation, keras.Model) and node.operation is not model:
+                inner = activation_bytes(node.operation)
+                if inner is None:
+                    return None
+                total += inner
+    return total
+
+
+def predict_keras(model, x: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
+    """The Keras model's outputs, as a list of float32 arrays, computed in batches without retracing noise (default
+    batch: `batch_size_for(model)`, so that a large model's forward pass stays within ACTIVATION_BUDGET)."""
     import keras
 
     def run(batch):
         result = model(batch, training=False)
         return [np.asarray(keras.ops.convert_to_numpy(r), np.float32) for r in keras.tree.flatten(result)]
 
-    return _batched(run, x, batch_size)
+    return _batched(run, x, batch_size or batch_size_for(model))
 
 
-def run_artifact(runtime, x: np.ndarray, *, layout: str = "nhwc", batch_size: int = 64) -> list[np.ndarray]:
+def run_artifact(runtime, x: np.ndarray, *, layout: str = "nhwc", batch_size: int = MAX_BATCH) -> list[np.ndarray]:
     if layout == "nchw":
         x = np.transpose(x, (0, 3, 1, 2))
     return _batched(lambda batch: runtime.run([batch]), x, batch_size)
@@ -153,19 +195,37 @@ def _batched(run, x: np.ndarray, batch_size: int) -> list[np.ndarray]:
 
 def verify(model, artifact, x: np.ndarray, y: np.ndarray | None = None, *, quantized: bool, quantize: str = "none",
            tolerance: Tolerance = Tolerance(), layout: str = "nhwc", inputs: str = "held-out samples",
-           original=None, synthetic: bool = False) -> Verification:
+           original=None, synthetic: bool = False, expected: list[np.ndarray] | None = None) -> Verification:
     """Compare `artifact` (a path, or an opened sepconv.deploy Runtime) with `model` on inputs `x` (and labels `y`).
 
-    original: the model before separation, if any; its top-1 agreement with the artifact is reported too.
-    synthetic: `x` is made-up input (no data): quantized classifiers are judged by cosine similarity (module doc).
+    original: the model before separation, if any (or `Outputs` of it on `x`); its top-1 agreement with the artifact
+    is reported too. synthetic: `x` is made-up input (no data): quantized classifiers are judged by cosine similarity
+    (module doc). expected: `predict_keras(model, x)` when the caller has it already (several artifacts of one model).
     """
     from sepconv.deploy.runtime import Runtime, open_runtime
 
     runtime = artifact if isinstance(artifact, Runtime) else open_runtime(artifact)
-    return _compare(predict_keras(model, x), run_artifact(runtime, x, layout=layout),
+    batch = batch_size_for(model)  # the artifact holds what the Keras model holds, give or take its arena planning
+    return _compare(predict_keras(model, x, batch) if expected is None else expected,
+                    run_artifact(runtime, x, layout=layout, batch_size=batch),
                     [spec.name for spec in runtime.outputs], x, y, quantized=quantized, quantize=quantize,
                     tolerance=tolerance, inputs=inputs, original=original, synthetic=synthetic,
                     artifact=str(artifact if not isinstance(artifact, Runtime) else "artifact"))
+
+
+class Outputs:
+    """A Keras model's outputs on inputs `x`, computed on first use and then kept: the pipeline verifies every
+    artifact against the same model on the same inputs, and a large model's forward pass is its slowest step."""
+
+    def __init__(self, model, x: np.ndarray):
+        self.model, self.x, self._values = model, x, None
+
+    @property
+    def values(self) -> list[np.ndarray]:
+        if self._values is None:
+            self._values = predict_keras(self.model, self.x)
+            self.model = None  # not kept alive for its outputs' sake
+        return self._values
 
 
 def _compare(expected, actual, names, x, y, *, quantized: bool, quantize: str, tolerance: Tolerance, inputs: str,
@@ -177,7 +237,7 @@ def _compare(expected, actual, names, x, y, *, quantized: bool, quantize: str, t
                                                                                                 actual))
     original_agreement = original_accuracy = None
     if original is not None and _is_classifier(actual[0]):
-        reference = predict_keras(original, x)[0]
+        reference = (original.values if isinstance(original, Outputs) else predict_keras(original, x))[0]
         original_agreement, original_accuracy = _agreement(reference, actual[0]), _accuracy(reference, y)
     return Verification(artifact=artifact, quantize=quantize, samples=len(x), inputs=inputs, outputs=checks,
                         original_agreement=original_agreement, original_accuracy=original_accuracy)
@@ -243,13 +303,15 @@ def _non_finite(expected: np.ndarray, actual: np.ndarray) -> str:
 
 
 def verify_keras(model, path, x: np.ndarray, y: np.ndarray | None = None, *, tolerance: Tolerance = Tolerance(),
-                 inputs: str = "held-out samples", original=None, safe_mode: bool = True) -> Verification:
+                 inputs: str = "held-out samples", original=None, safe_mode: bool = True,
+                 expected: list[np.ndarray] | None = None) -> Verification:
     """A saved .keras file, loaded back through sepconv's loader, must compute what `model` computes.
 
-    safe_mode=False only when the model was loaded that way (its Lambda layers are trusted)."""
+    safe_mode=False only when the model was loaded that way (its Lambda layers are trusted). original and expected:
+    as for `verify`."""
     from sepconv.convert.loading import load
 
     reloaded = load(path, safe_mode=safe_mode)
-    return _compare(predict_keras(model, x), predict_keras(reloaded, x), [t.name for t in reloaded.outputs], x, y,
+    return _compare(predict_keras(model, x) if expected is None else expected, predict_keras(reloaded, x), [t.name for t in reloaded.outputs], x, y,
                     quantized=False, quantize="none", tolerance=tolerance, inputs=inputs, original=original,
                     artifact=str(path))

@@ -184,3 +184,67 @@ def test_onnx_untranslatable_ops_are_named():
     y = keras.layers.Lambda(keras.ops.erfinv, name="inverse_erf")(keras.layers.Conv2D(4, 3)(x_in))
     with pytest.raises(ExportError, match=r"no ONNX translation.*Erfinv.*inverse_erf"):
         export_onnx(keras.Model(x_in, y))
+
+
+def test_artifacts_are_verified_against_one_forward_pass_of_each_model(tmp_path, monkeypatch):
+    """A large model's Keras forward passes over the test inputs are the slowest part of its conversion (issue 13):
+    the original's outputs are computed once (they score every stage and every artifact), the separated model's once
+    for the stage table and once for all the artifacts, however many there are."""
+    from models import functional_branches
+
+    from sepconv.convert import convert_model, verification
+
+    functional_branches().save(tmp_path / "m.keras")
+    calls = []
+    real = verification.predict_keras
+    monkeypatch.setattr(verification, "predict_keras",
+                        lambda model, x, batch_size=None: (calls.append(model), real(model, x, batch_size))[1])
+    result = convert_model(tmp_path / "m.keras", [tmp_path / "m.tflite", tmp_path / "m.onnx"], rank=1,
+                           quantize="none")
+    assert all(artifact.verification["passed"] for artifact in result.artifacts)
+    assert len(calls) == 3 and calls[1] is calls[2] and calls[0] is not calls[1], [m.name for m in calls]
+    assert all(a.verification["original_agreement"] is not None for a in result.artifacts)
+
+
+def test_a_silent_step_gets_a_progress_line_every_so_often():
+    import time
+
+    from sepconv.convert.pipeline import _heartbeat
+
+    lines = []
+    with _heartbeat(lambda stage, message: lines.append((stage, message)), every=0.3) as say:
+        say("export", "m.tflite: converting (tflite, int8)")
+        time.sleep(1.6)
+    assert lines[0] == ("export", "m.tflite: converting (tflite, int8)")
+    assert len(lines) >= 2 and all(stage == "export" and message.startswith("still working (")
+                                   for stage, message in lines[1:]), lines
+    count = len(lines)
+    time.sleep(0.5)
+    assert len(lines) == count, "no line once the run is over"
+
+
+def test_one_frozen_graph_serves_every_export_until_a_weight_changes(tmp_path):
+    """Tracing and freezing a large model is a conversion's fixed cost: both exporters and every int8 attempt share
+    one frozen function, and a changed weight (fine-tuning, a user's assign) makes a new one."""
+    import gc
+    import weakref
+
+    from sepconv.convert import trace
+
+    model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="conv"),
+                              keras.layers.Flatten(), keras.layers.Dense(2)])
+    first = trace.frozen_function(model)
+    assert trace.frozen_function(model) is first
+    model.get_layer("conv").kernel.assign(np.zeros((3, 3, 3, 4), np.float32))
+    changed = trace.frozen_function(model)
+    assert changed is not first
+    path = tmp_path / "changed.tflite"
+    export_tflite(model, path)
+    x = np.ones((2, 8, 8, 3), np.float32)
+    np.testing.assert_allclose(open_runtime(str(path)).run([x])[0], keras.ops.convert_to_numpy(model(x)), rtol=1e-5,
+                               atol=1e-6, err_msg="an export after a weight changed must hold the new weights")
+    alive = weakref.ref(model)
+    del first, changed, model
+    gc.collect()
+    gc.collect()
+    assert alive() is None, "the cache must not keep a model alive"

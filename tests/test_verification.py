@@ -110,3 +110,43 @@ def test_the_accuracy_budget_covers_the_artifact(tmp_path, quantize):
     budget = artifact.verification["budget"]
     assert budget["held"] and budget["drop"] <= 1.0 and budget["samples"] == 45, budget
     assert budget == json.loads(target.with_name("m.tflite.json").read_text())["verification"]["budget"]
+
+
+def test_activation_bytes_counts_every_layer_output_nested_models_included():
+    from models import functional_branches, nested
+
+    from sepconv.convert.verification import activation_bytes
+
+    # functional_branches, per sample: input 16x16x4; stem, res_a, res_bn, shortcut, add, relu 16x16x8 each; left
+    # 16x16x6; right 16x16x10; concat 16x16x16; tail and flat 7x7x12; logits 3 (float32)
+    branches = 16 * 16 * 4 + 6 * 16 * 16 * 8 + 16 * 16 * (6 + 10 + 16) + 2 * 7 * 7 * 12 + 3
+    assert activation_bytes(functional_branches()) == 4 * branches
+    # nested: input 16x16x3; top_conv, mid's output and, inside mid, its input, mid_conv, deep's output and deep's
+    # input and deep_conv: 8x8x6 each; inner_seq's output, seq_conv, seq_bn and flatten 8x8x7, its input 8x8x6
+    outer = 16 * 16 * 3 + 7 * 8 * 8 * 6 + 4 * 8 * 8 * 7 + 8 * 8 * 6
+    assert activation_bytes(nested()) == 4 * outer
+
+
+def test_forward_batches_stay_within_the_activation_budget(monkeypatch):
+    import keras
+    from models import functional_branches
+
+    from sepconv.convert import verification
+
+    model = functional_branches()
+    x = RNG.random((10, 16, 16, 4), dtype=np.float32)
+    assert verification.batch_size_for(model) == verification.MAX_BATCH, "a small model keeps batches of 64"
+    monkeypatch.setattr(verification, "ACTIVATION_BUDGET", 3 * verification.activation_bytes(model) + 1)
+    assert verification.batch_size_for(model) == 3
+    seen = []
+    original_call = keras.Model.__call__
+    monkeypatch.setattr(keras.Model, "__call__", lambda self, batch, **kw: (seen.append(len(batch)),
+                                                                            original_call(self, batch, **kw))[1])
+    bounded = verification.predict_keras(model, x)
+    assert seen == [3, 3, 3, 1]
+    np.testing.assert_allclose(bounded[0], verification.predict_keras(model, x, batch_size=64)[0], rtol=1e-5,
+                               atol=1e-6, err_msg="the batch size must not change the outputs")
+    monkeypatch.setattr(verification, "ACTIVATION_BUDGET", 1)
+    assert verification.batch_size_for(model) == 1, "never less than one sample"
+    free = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(2, 3)])
+    assert verification.activation_bytes(free) is None and verification.batch_size_for(free) == 64
