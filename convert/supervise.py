@@ -23,6 +23,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sepconv.deploy.files import write_atomic
+
 WORKER = "SEPCONV_WORKER"  # set in the child: do the work here
 STATUS = "SEPCONV_STATUS"  # a file where the child writes the stage it is in
 ONEDNN = "TF_ENABLE_ONEDNN_OPTS"
@@ -79,9 +81,7 @@ def report_stage(stage: str) -> None:
     path = os.environ.get(STATUS)
     if path and stage != _reported[0]:
         try:
-            tmp = Path(f"{path}.partial")
-            tmp.write_text(stage)
-            os.replace(tmp, path)
+            write_atomic(path, stage)
             _reported[0] = stage
         except OSError:
             pass
