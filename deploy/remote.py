@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import signal
 import tempfile
 import time
 import urllib.parse
@@ -323,15 +324,31 @@ def run_benchmark(conn: Connection, remote_paths: list[str], options: DeployOpti
     done = conn.run(argv, check=False, timeout=options.timeout, watch=True,
                     on_stderr=lambda line: say(conn.target.label, f"device: {line.split('] ', 1)[-1]}"))
     if done.returncode != 0:
-        status = f"signal {-done.returncode}" if done.returncode < 0 or done.returncode > 128 else \
-            f"status {done.returncode}"
-        raise RemoteRuntimeError(f"{conn.target.label}: the benchmark failed on the device ({status}): "
-                                 f"{_tail(done.stderr, 2)}")
+        raise _benchmark_failure(conn, done)
     try:
         return json.loads(done.stdout.decode())
     except json.JSONDecodeError:
         raise RemoteRuntimeError(f"{conn.target.label}: the benchmark's report was not JSON: "
                                  f"{_tail(done.stdout, 1)}") from None
+
+
+def _benchmark_failure(conn: Connection, done) -> RemoteError:
+    """The error for a benchmark that ended with a non-zero status. Killed by a signal, it may be the connection that
+    went (sshd stopped, the device went away: its session's processes are killed with it) or the device that killed
+    it (the out-of-memory killer): the connection is checked before the device is blamed."""
+    label = conn.target.label
+    code = -done.returncode if done.returncode < 0 else done.returncode - 128
+    if code <= 0:
+        return RemoteRuntimeError(f"{label}: the benchmark failed on the device (status {done.returncode}): "
+                                  f"{_tail(done.stderr, 2)}")
+    try:
+        conn.check()
+    except RemoteError as lost:
+        return lost
+    name = signal.Signals(code).name if code in signal.valid_signals() else f"signal {code}"
+    hint = " (the out-of-memory killer does this: check `dmesg` on the device)" if name == "SIGKILL" else ""
+    return RemoteRuntimeError(f"{label}: the benchmark was killed on the device by {name}{hint}: "
+                              f"{_tail(done.stderr, 2)}")
 
 
 def prediction_mismatches(local: dict, device: dict) -> list[dict]:

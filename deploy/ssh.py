@@ -182,6 +182,11 @@ class Connection:
                               f"{done.returncode}: {_last_line(done.stderr)}")
         return done
 
+    def check(self) -> None:
+        """Raise the one-line error `run` gives (unreachable, closed, host key ...) if the device cannot be reached
+        now; used to tell a lost connection from a program that died on the device."""
+        self.run(["true"], timeout=self.options.connect_timeout + 10)
+
     def _execute(self, ssh: list[str], data: bytes | None, timeout: float | None, on_stderr):
         """ssh with its standard input held open until it ends (the remote watchdog's lifeline) or fed `data`."""
         hold = os.pipe() if data is None else None

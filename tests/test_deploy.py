@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from sepconv.deploy.remote import DeployOptions, bench_command, device_xnnpack, prediction_mismatches, upload
+from sepconv.deploy.errors import HostUnreachableError, RemoteRuntimeError
+from sepconv.deploy.remote import (DeployOptions, bench_command, device_xnnpack, prediction_mismatches, run_benchmark,
+                                   upload)
 from sepconv.deploy.ssh import Connection, parse_target
 from helpers import save_npz, write_file
 from sshd import ALIAS, LoopbackSshd, processes_mentioning, wait_until_none_mention
@@ -195,6 +197,35 @@ def test_full_disk_leaves_nothing_half_written(deployed, sshd, tmp_path):
         assert not partial_files(target) and not list(target.iterdir())
     finally:
         subprocess.run(["umount", str(target)], check=True)
+
+
+class _KilledBenchmark:
+    """A connection whose benchmark ends with status 137 (SIGKILL, as the watchdog reports it); `check` raises
+    `lost` (the connection went) or passes (the device killed it)."""
+
+    target = parse_target("pi@device")
+
+    def __init__(self, lost=None):
+        self.lost = lost
+
+    def run(self, argv, **kwargs):
+        return subprocess.CompletedProcess(argv, 137, b"", b"")
+
+    def check(self):
+        if self.lost:
+            raise self.lost
+
+
+def test_a_killed_benchmark_is_blamed_on_the_connection_only_when_it_went():
+    """Both orders of `sshd gone mid-run`: the session's benchmark may be killed before ssh notices. The old code
+    said "failed on the device (signal -137)" when the benchmark died first."""
+    lost = HostUnreachableError("pi@device: unreachable (Connection refused); check that the device is on")
+    with pytest.raises(HostUnreachableError) as gone:
+        run_benchmark(_KilledBenchmark(lost), ["m.tflite"], DeployOptions(), lambda *a: None)
+    assert gone.value is lost
+    with pytest.raises(RemoteRuntimeError, match=r"^pi@device: the benchmark was killed on the device by SIGKILL "
+                                                 r"\(the out-of-memory killer"):
+        run_benchmark(_KilledBenchmark(), ["m.tflite"], DeployOptions(), lambda *a: None)
 
 
 def test_server_gone_mid_run(small_artifacts, tmp_path):
