@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from sepconv.convert.errors import InvalidOptionError
+from sepconv.deploy.scores import hit_rate, top1
 
 KEEP = 0  # the "rank" of a layer left as it is
 DEFAULT_CANDIDATES = (1, 2, 4)
@@ -164,13 +165,13 @@ def _scorer(model, x_eval, y_eval):
     """(the original's score, a function scoring a model) in percent: accuracy with labels, else agreement."""
     from sepconv.convert.verification import predict_keras
 
-    reference = np.argmax(predict_keras(model, x_eval)[0], axis=-1)
+    reference = top1(predict_keras(model, x_eval)[0])
     truth = np.asarray(y_eval) if y_eval is not None else reference
 
     def score(candidate) -> float:
-        return 100.0 * float(np.mean(np.argmax(predict_keras(candidate, x_eval)[0], axis=-1) == truth))
+        return 100.0 * hit_rate(top1(predict_keras(candidate, x_eval)[0]), truth)
 
-    return 100.0 * float(np.mean(reference == truth)), score
+    return 100.0 * hit_rate(reference, truth), score
 
 
 def _separable_layers(model, separation) -> list[tuple[str, int, int]]:

@@ -16,6 +16,7 @@ import numpy as np
 from sepconv.convert.errors import DataError, InvalidOptionError
 from sepconv.deploy.files import first_line
 from sepconv.deploy.preprocess import AUTO, SCALES  # one definition for both sides
+from sepconv.deploy.scores import class_labels
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SEED = 0  # of every shuffle and sample here: the same files give the same data
@@ -226,10 +227,7 @@ def _normalise(x: np.ndarray, options: DataOptions, *, scale: bool) -> np.ndarra
 def _labels(y, count: int, path: Path):
     if y is None:
         return None
-    y = np.asarray(y)
-    if y.ndim == 2 and y.shape[1] > 1:
-        y = np.argmax(y, axis=1)  # one-hot
-    y = y.reshape(-1)
+    y = class_labels(y)
     if len(y) != count or not np.issubdtype(y.dtype, np.integer) or (len(y) and y.min() < 0):
         raise DataError(f"{path}: 'y' must hold {count} non-negative integer class labels (or one-hot rows); got "
                         f"dtype {y.dtype} and {len(y)} values")

@@ -11,6 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sepconv.deploy.scores import top1
+
 INPUT_SHAPE = (32, 32, 3)
 CLASSES = 10
 TUTORIAL_FILTERS = (64, 128, 256)
@@ -100,7 +102,7 @@ def accuracy(model, x: np.ndarray, y: np.ndarray, batch_size: int = 256) -> floa
     hits = 0
     for start in range(0, len(x), batch_size):
         probs = keras.ops.convert_to_numpy(model(x[start:start + batch_size], training=False))
-        hits += int(np.sum(np.argmax(probs, axis=-1) == y[start:start + batch_size]))
+        hits += int(np.sum(top1(probs) == y[start:start + batch_size]))
     return hits / len(x)
 
 

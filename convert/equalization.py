@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from sepconv.convert.errors import InvalidOptionError
+from sepconv.convert.keras_compat import readers_of
 
 
 @dataclass(frozen=True)
@@ -123,7 +124,7 @@ def _folded_batchnorm_scale(model, path: str) -> np.ndarray | None:
     from sepconv.convert.refinement import layer_at
 
     layer = layer_at(model, path)
-    readers = [node.operation for node in layer._outbound_nodes]
+    readers = readers_of(layer)
     if len(readers) != 1 or not isinstance(readers[0], keras.layers.BatchNormalization):
         return None
     bn = readers[0]

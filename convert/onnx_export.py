@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from sepconv.convert.errors import ExportError, InvalidOptionError
+from sepconv.convert.keras_compat import producer_name
 from sepconv.convert.memory import release_memory
 from sepconv.convert.trace import frozen_function, input_names, layers_in_scopes
 from sepconv.deploy.files import first_line
@@ -107,7 +108,7 @@ def _tf2onnx(model, path: Path, options: OnnxOptions) -> None:
 
 def _output_names(model, count: int) -> list[str]:
     """The Keras output layers' names (unique), else output_0, output_1, ..."""
-    names = [tensor._keras_history.operation.name for tensor in model.outputs]
+    names = [producer_name(tensor) for tensor in model.outputs]
     if len(names) != count or len(set(names)) != count:
         return [f"output_{i}" for i in range(count)]
     return names

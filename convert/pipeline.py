@@ -34,10 +34,12 @@ from sepconv.convert.finetuning import FinetuneOptions
 from sepconv.convert.onnx_export import DEFAULT_OPSET, ONNX_MODES, OnnxOptions
 from sepconv.convert.tflite_export import NEEDS_DATA, TFLITE_MODES, TFLiteOptions
 from sepconv.convert.files import disk_full, sha256
+from sepconv.convert.keras_compat import unsafe_deserialization
 from sepconv.convert.memory import release_memory
 from sepconv.convert.policy import SeparationOptions
 from sepconv.convert.quantization import Calibration, QuantizationOptions
 from sepconv.convert.verification import Tolerance, within_budget
+from sepconv.deploy.scores import top1
 
 FORMATS = {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras"}
 QUANTIZE_CHOICES = ("auto",) + TFLITE_MODES
@@ -354,7 +356,7 @@ def _original_top1(model, validation, recovery) -> np.ndarray | None:
         return None
     from sepconv.convert.verification import predict_keras
 
-    return np.argmax(predict_keras(model, validation.x)[0], axis=-1)
+    return top1(predict_keras(model, validation.x)[0])
 
 
 def _nothing_separated(report) -> str:
@@ -393,9 +395,7 @@ def _trusted(safe_mode: bool):
     if safe_mode:
         yield
         return
-    from keras.src.saving.serialization_lib import SafeModeScope
-
-    with SafeModeScope(safe_mode=False):
+    with unsafe_deserialization():
         yield
 
 

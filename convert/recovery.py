@@ -27,6 +27,7 @@ from sepconv.convert.budget import BudgetOptions
 from sepconv.convert.errors import BudgetError, CheckpointError, InterruptedRunError, InvalidOptionError
 from sepconv.convert.finetuning import FinetuneOptions
 from sepconv.convert.policy import SeparationOptions
+from sepconv.deploy.scores import hit_rate, top1
 
 STATE = "state.json"
 # Without data, nothing measures accuracy; the separated float model's outputs must then keep their direction on the
@@ -394,7 +395,7 @@ class _Scorer:
         if reference is not None:
             outputs["test"] = reference.values
         self._original, self.original_outputs = original, outputs
-        self._reference = {role: np.argmax(values[0], axis=-1) for role, values in outputs.items()}
+        self._reference = {role: top1(values[0]) for role, values in outputs.items()}
         self.samples = len(test.x)
         self.validation_samples = len(validation.x) if validation is not None else 0
         self.validates = validation is not None
@@ -418,9 +419,9 @@ class _Scorer:
         if model is self._original:  # the original's predictions are the reference: no second forward pass
             predicted = self._reference[role]
         else:
-            predicted = np.argmax(predict_keras(model, data.x)[0], axis=-1)
-        accuracy = float(np.mean(predicted == data.y)) if data.y is not None else None
-        return accuracy, float(np.mean(predicted == self._reference[role]))
+            predicted = top1(predict_keras(model, data.x)[0])
+        accuracy = hit_rate(predicted, data.y) if data.y is not None else None
+        return accuracy, hit_rate(predicted, self._reference[role])
 
 
 def _open_state(folder: Path | None, options: RecoveryOptions, source_sha256: str, separation) -> dict:

@@ -13,6 +13,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from sepconv.convert.errors import InvalidOptionError
+from sepconv.convert.keras_compat import graph_nodes, graph_of
 
 MAX_ROWS = 200_000  # output positions per layer used in the least-squares fit (a random subset beyond that)
 
@@ -78,17 +79,9 @@ def called_once(model, path: str) -> bool:
     return True
 
 
-def _graph(model):
-    """The Functional graph of `model` (a Sequential keeps one inside; its layers' own node lists also hold nodes of
-    earlier builds, so they cannot be trusted)."""
-    import keras
-
-    return model._functional if isinstance(model, keras.Sequential) else model
-
-
 def _calls(model, layer) -> list:
     """The nodes of `model`'s graph where `layer` is called."""
-    return [node for nodes in _graph(model)._nodes_by_depth.values() for node in nodes if node.operation is layer]
+    return [node for node in graph_nodes(model) or () if node.operation is layer]
 
 
 def layer_input(model, path: str, x: np.ndarray, batch: int | None = None) -> np.ndarray:
@@ -105,7 +98,7 @@ def layer_input(model, path: str, x: np.ndarray, batch: int | None = None) -> np
     if len(calls) != 1 or len(calls[0].input_tensors) != 1:
         raise InvalidOptionError(f"{path}: is called {len(calls)} times or takes several inputs; only layers and "
                                  f"nested models called once on one input can be probed")
-    probe = keras.Model(_graph(model).inputs, calls[0].input_tensors[0])
+    probe = keras.Model(graph_of(model).inputs, calls[0].input_tensors[0])
     step = batch or batch_size_for(probe)
     value = np.concatenate([keras.ops.convert_to_numpy(probe(x[i:i + step], training=False))
                             for i in range(0, len(x), step)])

@@ -15,6 +15,7 @@ import keras
 import numpy as np
 
 from sepconv.convert import svd
+from sepconv.convert.keras_compat import calls_of
 from sepconv.convert.policy import RankPolicy
 from sepconv.convert.report import KEPT, SEPARATED, UNSUPPORTED, LayerRow
 
@@ -153,7 +154,7 @@ def _separable_macs(layer) -> int | None:
 def output_pixels(layer: keras.layers.Layer, data_format: str) -> int | None:
     """Output spatial positions per sample, summed over every call of the layer; None if any size is unknown."""
     total = 0
-    for node in layer._inbound_nodes:
+    for node in calls_of(layer):
         shape = node.outputs[0].shape
         spatial = shape[2:] if data_format == "channels_first" else shape[1:-1]
         if any(dim is None for dim in spatial):

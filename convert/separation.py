@@ -9,9 +9,9 @@ ones for everything else. The input model is only read.
 from __future__ import annotations
 
 import keras
-from keras.src.models.functional import Functional
 
 from sepconv.convert.errors import InvalidOptionError, UnsupportedModelError
+from sepconv.convert.keras_compat import is_graph_model, producer_name, sublayers
 from sepconv.convert.policy import DEFAULT_ENERGY, SeparationOptions  # noqa: F401  (re-exported)
 from sepconv.convert.report import SeparationReport
 from sepconv.convert.rewrites import CONV_LIKE, Plan, plan_layer, unsupported_row
@@ -68,7 +68,7 @@ def _named_inputs(model: keras.Model):
         return None  # clone_model keeps a Sequential's input layer name itself
 
     def fresh(tensor):
-        return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=tensor._keras_history.operation.name)
+        return keras.Input(batch_shape=tensor.shape, dtype=tensor.dtype, name=producer_name(tensor))
 
     return keras.tree.map_structure(fresh, model.input)
 
@@ -77,7 +77,7 @@ def _require_graph_model(model) -> None:
     if not isinstance(model, keras.Model):
         raise InvalidOptionError(f"Expected a keras.Model, got {type(model).__name__}; load one with "
                                  f"sepconv.convert.load(path)")
-    if not isinstance(model, (Functional, keras.Sequential)):
+    if not is_graph_model(model):
         raise UnsupportedModelError(
             f"Model {model.name!r} is a subclassed model ({type(model).__name__}): its layers are wired in Python "
             f"code, so sepconv cannot rewrite them. Rebuild it as a Functional or Sequential model")
@@ -100,23 +100,19 @@ def leaf_layers(model: keras.Model, prefix: str = ""):
     models ("backbone/block_1_conv")."""
     for layer in model.layers:
         path = prefix + layer.name
-        if _is_graph_model(layer):
+        if is_graph_model(layer):
             yield from leaf_layers(layer, prefix=path + "/")
         else:
             yield path, layer
 
 
-def _is_graph_model(layer) -> bool:
-    return isinstance(layer, (Functional, keras.Sequential))
-
-
 def _has_sublayers(layer) -> bool:
-    return any(True for _ in layer._flatten_layers(include_self=False))
+    return bool(sublayers(layer))
 
 
 def _opaque_plan(layer, path: str) -> Plan | None:
     """A layer with sublayers wired in Python code: report any convolutions hidden inside, all in one row."""
-    inner = [sub.name for sub in layer._flatten_layers(include_self=False) if isinstance(sub, CONV_LIKE)]
+    inner = [sub.name for sub in sublayers(layer) if isinstance(sub, CONV_LIKE)]
     if not inner:
         return None
     reason = (f"{len(inner)} convolution(s) inside {type(layer).__name__} ({', '.join(inner)}) are wired in Python "

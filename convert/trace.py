@@ -10,9 +10,11 @@ import re
 import weakref
 import zlib
 
+from sepconv.convert.keras_compat import freeze, producer_name, sublayers
+
 
 def input_names(model) -> list[str]:
-    return [tensor._keras_history.operation.name for tensor in model.inputs]
+    return [producer_name(tensor) for tensor in model.inputs]
 
 
 _FROZEN = weakref.WeakKeyDictionary()  # model -> (fingerprint of its weights, frozen function)
@@ -29,7 +31,6 @@ def frozen_function(model):
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
     import tensorflow as tf
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     specs = tuple(tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=name)
                   for t, name in zip(model.inputs, input_names(model)))
@@ -37,7 +38,7 @@ def frozen_function(model):
     def forward(*inputs):
         return model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
 
-    frozen = convert_variables_to_constants_v2(tf.function(forward, input_signature=specs).get_concrete_function())
+    frozen = freeze(tf.function(forward, input_signature=specs).get_concrete_function())
     _FROZEN[model] = (fingerprint, frozen)
     return frozen
 
@@ -52,4 +53,4 @@ def _weights_fingerprint(model) -> tuple:
 def layers_in_scopes(node_names, model) -> list[str]:
     """The model's layers named by a scope of these graph node names ('model_1/conv_2/Conv2D' -> conv)."""
     scopes = {re.sub(r"_\d+$", "", part) for name in node_names for part in name.split("/")}
-    return sorted({layer.name for layer in model._flatten_layers(include_self=False) if layer.name in scopes})
+    return sorted({layer.name for layer in sublayers(model) if layer.name in scopes})

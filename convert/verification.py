@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from sepconv.convert.errors import InvalidOptionError, VerificationError
+from sepconv.convert.keras_compat import graph_nodes
+from sepconv.deploy.scores import hit_rate, top1
 
 
 @dataclass(frozen=True)
@@ -117,13 +119,13 @@ def within_budget(verification: Verification, runtime, held, recovery, *, layout
     budget = recovery.budget if recovery is not None else None
     if not budget or validation is None:
         return verification
-    predicted = np.argmax(run_artifact(runtime, validation.x, layout=layout)[0], axis=-1)
+    predicted = top1(run_artifact(runtime, validation.x, layout=layout)[0])
     if validation.y is not None:
         metric, before = "accuracy", recovery.stages[0].val_accuracy
-        after = float(np.mean(predicted == validation.y))
+        after = hit_rate(predicted, validation.y)
     else:
         metric, before = "agreement", 1.0
-        after = float(np.mean(predicted == held.original_top1))
+        after = hit_rate(predicted, held.original_top1)
     check = BudgetCheck(metric=metric, original=before, artifact=after, drop=round(100.0 * (before - after), 4),
                         max_drop=budget["max_drop"], samples=len(validation.x))
     return replace(verification, budget=check)
@@ -150,22 +152,20 @@ def activation_bytes(model) -> int | None:
 
     import keras
 
-    graph = getattr(model, "_functional", None) if isinstance(model, keras.Sequential) else model
-    nodes_by_depth = getattr(graph, "_nodes_by_depth", None)
-    if not nodes_by_depth:
+    nodes = graph_nodes(model)
+    if not nodes:
         return None
     total = 0
-    for nodes in nodes_by_depth.values():
-        for node in nodes:
-            for tensor in node.outputs:
-                if any(d is None for d in tensor.shape[1:]):
-                    return None
-                total += math.prod(tensor.shape[1:]) * np.dtype(tensor.dtype).itemsize
-            if isinstance(node.operation, keras.Model) and node.operation is not model:
-                inner = activation_bytes(node.operation)
-                if inner is None:
-                    return None
-                total += inner
+    for node in nodes:
+        for tensor in node.outputs:
+            if any(d is None for d in tensor.shape[1:]):
+                return None
+            total += math.prod(tensor.shape[1:]) * np.dtype(tensor.dtype).itemsize
+        if isinstance(node.operation, keras.Model) and node.operation is not model:
+            inner = activation_bytes(node.operation)
+            if inner is None:
+                return None
+            total += inner
     return total
 
 
@@ -248,13 +248,13 @@ def _is_classifier(output: np.ndarray) -> bool:
 
 
 def _agreement(a: np.ndarray, b: np.ndarray) -> float:
-    return float(np.mean(np.argmax(a, axis=1) == np.argmax(b, axis=1)))
+    return hit_rate(top1(a), top1(b))
 
 
 def _accuracy(output: np.ndarray, y) -> float | None:
     if y is None or not _is_classifier(output):
         return None
-    return float(np.mean(np.argmax(output, axis=1) == y))
+    return hit_rate(top1(output), y)
 
 
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:

@@ -27,6 +27,7 @@ from sepconv.deploy.errors import ArtifactError, InputDataError, InvalidOptionEr
 from sepconv.deploy.files import sha256
 from sepconv.deploy.runtime import import_runtime, open_runtime
 from sepconv.deploy.preprocess import check_scale, from_pixels, preprocessing_for
+from sepconv.deploy.scores import class_labels, hit_rate, top1
 from sepconv.deploy.stats import summarize
 
 SCHEMA_VERSION = 1
@@ -251,7 +252,7 @@ def _load_inputs(source):
         raise InputDataError(f"{path}: no array 'x' (found {sorted(arrays)}); save inputs as x (and labels as y)")
     y = arrays.get("y")
     if y is not None and y.ndim == 2:
-        y = np.argmax(y, axis=1)
+        y = class_labels(y)
     if y is not None and len(y) != len(arrays["x"]):
         raise InputDataError(f"{path}: y has {len(y)} labels for {len(arrays['x'])} inputs; give one label per input")
     return {"x": arrays["x"], "y": y, "source": str(path)}
@@ -292,10 +293,9 @@ def _accuracy(runtime, data, batch: int, preprocessing: dict) -> dict:
     x, y = data["x"], data["y"]
     predictions = []
     for start in range(0, len(x), max(batch, 64)):
-        predictions.append(np.argmax(runtime.run([from_pixels(x[start:start + max(batch, 64)], preprocessing)])[0],
-                                     axis=-1))
+        predictions.append(top1(runtime.run([from_pixels(x[start:start + max(batch, 64)], preprocessing)])[0]))
     predicted = np.concatenate(predictions).astype(np.int64)
-    return {"top1": float(np.mean(predicted == y)), "samples": int(len(y)), "source": data["source"],
+    return {"top1": hit_rate(predicted, y), "samples": int(len(y)), "source": data["source"],
             "predictions_sha256": hashlib.sha256(predicted.tobytes()).hexdigest()}
 
 

@@ -1,0 +1,71 @@
+"""Every use of Keras' and TensorFlow's private API, in one place.
+
+Keras 3 has no public way to walk a model's graph (which node calls which layer, a tensor's producer, the layers
+nested anywhere inside a layer), to lift safe mode for a block of code, or to fold a function's variables into
+constants; sepconv needs all of these. When a Keras or TensorFlow release moves one, this is the file to mend:
+tests/test_keras_compat.py exercises each function on the installed versions. Keras and TensorFlow are imported
+inside the functions, so importing this module costs nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+
+def graph_of(model):
+    """The Functional graph of `model`: itself, or the one a Sequential keeps inside (a Sequential's layers' own node
+    lists also hold nodes of earlier builds, so they cannot be trusted); None for a subclassed model."""
+    import keras
+
+    graph = getattr(model, "_functional", None) if isinstance(model, keras.Sequential) else model
+    return graph if getattr(graph, "_nodes_by_depth", None) is not None else None
+
+
+def graph_nodes(model) -> list | None:
+    """Every node (one call of a layer) of `model`'s graph, deepest first; None when it is not a graph of layers."""
+    graph = graph_of(model)
+    return None if graph is None else [node for nodes in graph._nodes_by_depth.values() for node in nodes]
+
+
+def calls_of(layer) -> list:
+    """The nodes where `layer` is called, in every graph it is part of."""
+    return list(layer._inbound_nodes)
+
+
+def readers_of(layer) -> list:
+    """The layers (operations) that read `layer`'s outputs."""
+    return [node.operation for node in layer._outbound_nodes]
+
+
+def producer_name(tensor) -> str:
+    """The name of the layer (or input layer) whose call produced a symbolic Keras tensor."""
+    return tensor._keras_history.operation.name
+
+
+def sublayers(layer) -> list:
+    """Every layer nested inside `layer`, at any depth, not `layer` itself."""
+    return list(layer._flatten_layers(include_self=False))
+
+
+def is_graph_model(layer) -> bool:
+    """A Functional or Sequential model: one whose layers and wiring Keras records as a graph."""
+    import keras
+    from keras.src.models.functional import Functional
+
+    return isinstance(layer, (Functional, keras.Sequential))
+
+
+@contextlib.contextmanager
+def unsafe_deserialization():
+    """Keras deserialization with safe mode off inside the block (a Lambda layer the user trusted may be rebuilt)."""
+    from keras.src.saving.serialization_lib import SafeModeScope
+
+    with SafeModeScope(safe_mode=False):
+        yield
+
+
+def freeze(concrete_function):
+    """`concrete_function` with every variable it reads folded into a constant."""
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
+
+    return convert_variables_to_constants_v2(concrete_function)

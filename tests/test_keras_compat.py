@@ -1,0 +1,68 @@
+"""Each private Keras/TensorFlow API sepconv uses (sepconv.convert.keras_compat), on the installed versions: a Keras
+or TensorFlow release that moves one fails here, by name, rather than deep inside a conversion."""
+
+import keras
+import numpy as np
+import pytest
+
+from sepconv.convert import keras_compat
+
+
+def _functional():
+    inputs = keras.Input((8, 8, 3), name="pixels")
+    conv = keras.layers.Conv2D(4, 3, name="conv")(inputs)
+    norm = keras.layers.BatchNormalization(name="norm")(conv)
+    inner = keras.Sequential([keras.Input((6, 6, 4)), keras.layers.Conv2D(2, 1, name="inner_conv")], name="inner")
+    return keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="pool")(inner(norm)), name="outer")
+
+
+class _Subclassed(keras.Model):
+    def __init__(self):
+        super().__init__()
+        self.dense = keras.layers.Dense(2)
+
+    def call(self, x):
+        return self.dense(x)
+
+
+def test_the_graph_walk():
+    model = _functional()
+    nodes = keras_compat.graph_nodes(model)
+    assert {node.operation.name for node in nodes} == {"pixels", "conv", "norm", "inner", "pool"}
+    sequential = model.get_layer("inner")
+    assert keras_compat.graph_of(sequential) is not None, "a Sequential's graph is the Functional it keeps inside"
+    assert {node.operation.name for node in keras_compat.graph_nodes(sequential)} == {"input_layer", "inner_conv"}
+    assert keras_compat.graph_of(_Subclassed()) is None and keras_compat.graph_nodes(_Subclassed()) is None
+    assert len(keras_compat.calls_of(model.get_layer("conv"))) == 1
+    assert [layer.name for layer in keras_compat.readers_of(model.get_layer("conv"))] == ["norm"]
+    assert keras_compat.producer_name(model.inputs[0]) == "pixels"
+    assert keras_compat.producer_name(model.outputs[0]) == "pool"
+    assert {layer.name for layer in keras_compat.sublayers(model)} >= {"conv", "norm", "inner", "inner_conv", "pool"}
+    assert keras_compat.is_graph_model(model) and keras_compat.is_graph_model(sequential)
+    assert not keras_compat.is_graph_model(model.get_layer("conv")) and not keras_compat.is_graph_model(_Subclassed())
+
+
+def test_unsafe_deserialization_lifts_safe_mode_inside_the_block_only(tmp_path):
+    inputs = keras.Input((3,))
+    model = keras.Model(inputs, keras.layers.Lambda(lambda x: x * 2.0)(inputs))
+    path = tmp_path / "lambda.keras"
+    model.save(path)
+    with pytest.raises(ValueError, match="(?i)lambda"):
+        keras.models.load_model(path)  # safe mode refuses to rebuild the Lambda's Python code
+    with keras_compat.unsafe_deserialization():
+        loaded = keras.models.load_model(path)
+    np.testing.assert_allclose(loaded(np.ones((1, 3), np.float32)), [[2.0, 2.0, 2.0]], err_msg="the Lambda rebuilt")
+    with pytest.raises(ValueError, match="(?i)lambda"):
+        keras.models.load_model(path)
+
+
+def test_freeze_folds_variables_into_constants():
+    import tensorflow as tf
+
+    variable = tf.Variable([[1.0, 2.0], [3.0, 4.0]])
+    frozen = keras_compat.freeze(tf.function(lambda x: tf.matmul(x, variable),
+                                             input_signature=[tf.TensorSpec((None, 2))]).get_concrete_function())
+    ops = {node.op for node in frozen.graph.as_graph_def().node}
+    assert "ReadVariableOp" not in ops and "Const" in ops, ops
+    variable.assign([[0.0, 0.0], [0.0, 0.0]])  # the frozen function keeps the values it was given
+    np.testing.assert_allclose(frozen(tf.constant([[1.0, 1.0]]))[0], [[4.0, 6.0]], err_msg="the folded weights")
