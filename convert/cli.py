@@ -91,7 +91,9 @@ def _floats(text: str) -> tuple:
 
 
 def convert_parser() -> argparse.ArgumentParser:
+    from sepconv.convert.onnx_export import LAYOUTS, ONNX_MODES
     from sepconv.convert.pipeline import QUANTIZE_CHOICES
+    from sepconv.convert.targets import OnnxOutputOptions, TFLiteOutputOptions, extensions_text, io_types
 
     parser = Parser(
         prog="convert-model",
@@ -104,7 +106,8 @@ def convert_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("input", help="the trained Keras model (.keras or .h5, Keras 3 or Keras 2)")
     parser.add_argument("outputs", nargs="+", metavar="output",
-                        help="artifacts to write; the format follows the extension: .tflite, .onnx, .keras")
+                        help=f"artifacts to write; the format follows the extension: "
+                             f"{extensions_text().replace(' or ', ', ')}")
     group = parser.add_argument_group("data (calibration and verification)")
     group.add_argument("--data", help="an .npz with x (and y), or a folder of images (in class sub-folders for labels)")
     group.add_argument("--scale", choices=("auto", "unit", "symmetric", "raw"), default="auto",
@@ -203,16 +206,17 @@ def convert_parser() -> argparse.ArgumentParser:
     group.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     group = parser.add_argument_group("export")
     group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
-                       help="auto: int8 with --data, dynamic without (default: %(default)s); ONNX takes none, "
-                            "dynamic, int8")
-    group.add_argument("--io-type", choices=("float32", "int8", "uint8", "int16"), default="float32",
+                       help=f"auto: int8 with --data, dynamic without (default: %(default)s); ONNX takes "
+                            f"{', '.join(ONNX_MODES)}")
+    tflite, onnx = TFLiteOutputOptions(), OnnxOutputOptions()  # the flags' defaults are the options' own
+    group.add_argument("--io-type", choices=io_types(), default=tflite.io_type,
                        help="input/output tensor type of int8 (float32, int8, uint8) or int16x8 (float32, int16) "
                             "TFLite models (default: %(default)s)")
     group.add_argument("--per-tensor", action="store_true", help="per-tensor weight quantization (default: per-channel)")
     group.add_argument("--allow-flex", action="store_true",
                        help="let TFLite embed TensorFlow (Flex) ops; the plain LiteRT runtime of a Pi cannot run them")
-    group.add_argument("--opset", type=int, default=17, help="ONNX opset, 13..18 (default: %(default)s)")
-    group.add_argument("--layout", choices=("nhwc", "nchw"), default="nhwc", help="ONNX input layout "
+    group.add_argument("--opset", type=int, default=onnx.opset, help="ONNX opset, 13..18 (default: %(default)s)")
+    group.add_argument("--layout", choices=LAYOUTS, default=onnx.layout, help="ONNX input layout "
                        "(default: %(default)s, as in Keras)")
     group.add_argument("--explain-quantization", action="store_true",
                        help="int8: report each layer's quantization error, output range and scale on the calibration "
@@ -254,6 +258,7 @@ def convert_options(args, *, custom_objects: bool = True):
     from sepconv.convert.pipeline import ConvertOptions
     from sepconv.convert.policy import SeparationOptions
     from sepconv.convert.quantization import QuantizationOptions
+    from sepconv.convert.targets import OnnxOutputOptions, TFLiteOutputOptions
     from sepconv.convert.verification import Tolerance
 
     return ConvertOptions(
@@ -277,11 +282,8 @@ def convert_options(args, *, custom_objects: bool = True):
         validation_fraction=args.validation_fraction,
         data_options=DataOptions(scale=args.scale, mean=args.mean, std=args.std, max_samples=args.max_samples),
         calibration_samples=args.calibration_samples,
-        io_type=args.io_type,
-        per_channel=not args.per_tensor,
-        allow_flex=args.allow_flex,
-        opset=args.opset,
-        layout=args.layout,
+        targets=(TFLiteOutputOptions(io_type=args.io_type, per_channel=not args.per_tensor, allow_flex=args.allow_flex),
+                 OnnxOutputOptions(opset=args.opset, layout=args.layout, per_channel=not args.per_tensor)),
         tolerance=Tolerance(min_agreement=args.min_agreement),
         quantization=QuantizationOptions(repair=args.repair, explain=args.explain_quantization,
                                          max_float_layers=args.max_float_layers, equalize=args.equalize),

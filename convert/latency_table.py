@@ -30,6 +30,7 @@ from sepconv.convert.budget import KEEP
 from sepconv.convert.errors import InvalidOptionError
 from sepconv.convert.latency import LatencyTarget, choose_for_latency, rank_key
 from sepconv.convert.onnx_export import OnnxOptions
+from sepconv.convert.targets import registered_targets, target_of_exporter
 from sepconv.convert.tflite_export import TFLiteOptions
 from sepconv.deploy.timing import TimingOptions, describe_xnnpack
 
@@ -51,15 +52,22 @@ class LatencyOptions:
     cache_dir: str | None = None
 
     def __post_init__(self):
-        if not isinstance(self.export, (TFLiteOptions, OnnxOptions)):
-            raise InvalidOptionError(f"Unrecognized export={self.export!r}. Use TFLiteOptions(...) or OnnxOptions(...)")
+        if not _timed(target_of_exporter(self.export)):
+            allowed = " or ".join(f"{t.exporter_class.__name__}(...)" for t in registered_targets().values()
+                                  if _timed(t))
+            raise InvalidOptionError(f"Unrecognized export={self.export!r}. Use {allowed}")
         if self.where is not None and (not isinstance(self.where, str) or not self.where.strip()):
             raise InvalidOptionError(f"Unrecognized where={self.where!r}. Use None (this machine) or a host such as "
                                      f"pi@raspberrypi.local")
 
     @property
+    def export_target(self):
+        """The registered target (targets.py) whose exporter `export` configures."""
+        return target_of_exporter(self.export)
+
+    @property
     def suffix(self) -> str:
-        return ".tflite" if isinstance(self.export, TFLiteOptions) else ".onnx"
+        return self.export_target.extension
 
     def describe(self) -> dict:
         return {"target": asdict(self.target), "where": self.where or "local", "threads": self.timing.threads,
@@ -148,24 +156,22 @@ def check_artifacts(paths, latency: dict, options: LatencyOptions, *, progress=N
             for path, ms in ((path, timing.p50_ms[str(path)]) for path in paths)}
 
 
-def for_export(options: LatencyOptions, formats: list[str], quantize: str, *, io_type: str = "float32",
-               per_channel: bool = True, opset: int | None = None, layout: str = "nhwc",
-               allow_flex: bool = False) -> LatencyOptions:
-    """`options` timing what the run exports: the first of its .tflite / .onnx outputs, in `quantize` mode."""
+def for_export(options: LatencyOptions, outputs: list, quantize: str) -> LatencyOptions:
+    """`options` timing what the run exports: the first of its outputs that a runtime times, in `quantize` mode.
+    outputs: (targets.Target, its options) per output, in order."""
     from dataclasses import replace
 
-    from sepconv.convert.tflite_export import NEEDS_DATA
+    timed = next(((target, given) for target, given in outputs if _timed(target)), None)
+    if timed is None:
+        names = " or ".join(t.extension for t in registered_targets().values() if _timed(t))
+        raise InvalidOptionError(f"latency is measured on a {names} artifact; name one among the outputs")
+    target, given = timed
+    return replace(options, export=target.export_options(given, quantize))
 
-    fmt = next((f for f in formats if f in ("tflite", "onnx")), None)
-    if fmt is None:
-        raise InvalidOptionError("latency is measured on a .tflite or .onnx artifact; name one among the outputs")
-    if fmt == "tflite":
-        export = TFLiteOptions(quantize=quantize, io_type=io_type if quantize in NEEDS_DATA else "float32",
-                               per_channel=per_channel, allow_flex=allow_flex)
-    else:
-        export = OnnxOptions(quantize=quantize, layout=layout, per_channel=per_channel,
-                             **({"opset": opset} if opset is not None else {}))
-    return replace(options, export=export)
+
+def _timed(target) -> bool:
+    """A target whose artifacts bench-model's harness times (sepconv.deploy's runtimes), with its own options."""
+    return target is not None and target.runtime
 
 
 def record_measured(staged: list[dict], latency: dict, options: LatencyOptions, say) -> None:
@@ -219,14 +225,7 @@ def _export(model, name: str, folder: Path, number: int, options: LatencyOptions
     shape = tuple(model.inputs[0].shape[1:])
     samples = np.random.default_rng(number).standard_normal((CALIBRATION_SAMPLES, *shape)).astype(np.float32)
     path = folder / f"{number:04d}_{re.sub(r'[^A-Za-z0-9_.-]', '_', name)}{options.suffix}"
-    if isinstance(options.export, TFLiteOptions):
-        from sepconv.convert.tflite_export import export_tflite
-
-        export_tflite(model, path, representative_data=samples, options=options.export)
-    else:
-        from sepconv.convert.onnx_export import export_onnx
-
-        export_onnx(model, path, representative_data=samples, options=options.export)
+    options.export_target.export(model, path, options.export, samples)
     return path
 
 

@@ -29,8 +29,9 @@ def library_versions() -> dict[str, str | None]:
 def build_manifest(artifact: Path, *, final_path: Path, fmt: str, quantize: str, source: dict, runtime=None,
                    layout: str = "nhwc", separation=None, recovery=None, verification=None,
                    options: dict | None = None, preprocessing: dict | None = None,
-                   quantize_fallback: dict | None = None, quantization=None) -> dict:
-    """`artifact` is the file as written (maybe still a temporary); `final_path` the name it will have."""
+                   quantize_fallback: dict | None = None, quantization=None, extras: dict | None = None) -> dict:
+    """`artifact` is the file as written (maybe still a temporary); `final_path` the name it will have; `extras`:
+    what the artifact's target adds (targets.Target.manifest_extras, e.g. ONNX's opset), over the defaults here."""
     manifest = {
         "manifest_version": MANIFEST_VERSION,
         "artifact": final_path.name,
@@ -45,7 +46,7 @@ def build_manifest(artifact: Path, *, final_path: Path, fmt: str, quantize: str,
         "inputs": [spec.to_dict() for spec in runtime.inputs] if runtime else None,
         "outputs": [spec.to_dict() for spec in runtime.outputs] if runtime else None,
         "ops": runtime.op_histogram() if runtime else None,
-        "opset": _onnx_opset(artifact) if fmt == "onnx" else None,
+        "opset": None,
         "libraries": library_versions(),
         "platform": {"python": platform.python_version(), "machine": platform.machine(), "system": platform.system()},
         "options": options or {},
@@ -55,15 +56,10 @@ def build_manifest(artifact: Path, *, final_path: Path, fmt: str, quantize: str,
         "verification": verification.to_dict() if verification is not None else None,
         "quantization": quantization.to_dict() if quantization is not None else None,
     }
+    manifest.update(extras or {})
     return manifest
 
 
 def manifest_json(manifest: dict) -> str:
     return json.dumps(manifest, indent=2, default=str) + "\n"
 
-
-def _onnx_opset(path: Path) -> int | None:
-    import onnx
-
-    model = onnx.load(str(path), load_external_data=False)
-    return next((entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx")), None)

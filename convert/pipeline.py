@@ -18,7 +18,6 @@ import contextlib
 import fcntl
 import math
 import os
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -31,18 +30,18 @@ from sepconv.convert.data import DataOptions, check_labels, load_data, split
 from sepconv.convert.errors import (BudgetError, DiskFullError, InvalidOptionError, OutputBusyError, OutputPathError,
                                     SepconvError, UnsupportedModelError, VerificationError)
 from sepconv.convert.finetuning import FinetuneOptions
-from sepconv.convert.onnx_export import DEFAULT_OPSET, ONNX_MODES, OnnxOptions
-from sepconv.convert.tflite_export import NEEDS_DATA, TFLITE_MODES, TFLiteOptions
+from sepconv.convert.tflite_export import NEEDS_DATA
 from sepconv.convert.files import disk_full, sha256
 from sepconv.convert.keras_compat import unsafe_deserialization
 from sepconv.convert.memory import release_memory
 from sepconv.convert.policy import SeparationOptions
 from sepconv.convert.quantization import Calibration, QuantizationOptions
+from sepconv.convert.targets import (check_target_options, extensions_text, given_options, quantize_modes,
+                                     registered_targets, target_for)
 from sepconv.convert.verification import Tolerance, within_budget
 from sepconv.deploy.scores import top1
 
-FORMATS = {".tflite": "tflite", ".onnx": "onnx", ".keras": "keras"}
-QUANTIZE_CHOICES = ("auto",) + TFLITE_MODES
+QUANTIZE_CHOICES = ("auto",) + quantize_modes()
 SYNTHETIC_SAMPLES = 64
 MIN_SAMPLES = 20  # a run with data needs some samples to train on, some to validate with and some to test on
 DEFAULT_MAX_DROP = 1.0  # points of accuracy the budget mode may lose, the default with data
@@ -68,6 +67,9 @@ class ConvertOptions:
     choice (the budget's sensitivity, early stopping, keeping or rejecting each recovery stage); validation_data:
     that data from its own file instead (say when --data is the set the model was trained on).
     calibration_samples: training samples that calibrate int8, refinement and BatchNorm statistics.
+    targets: the outputs' options per target (targets.py), at most one each, e.g.
+    (TFLiteOutputOptions(io_type='int8'), OnnxOutputOptions(opset=13, layout='nchw')); a target not named takes its
+    defaults; `quantize` sets every output's mode.
     quantization: int8 diagnosis and repair (quantization.py): explain, repair, max_float_layers.
     latency: latency_table.LatencyOptions: with the accuracy budget, each layer's K chosen from latency measured on
     this machine or a device (target latency / speed-up, threads, XNNPACK); its export options follow the first
@@ -91,11 +93,7 @@ class ConvertOptions:
     validation_fraction: float = 0.2
     data_options: DataOptions = field(default_factory=DataOptions)
     calibration_samples: int = 200
-    io_type: str = "float32"
-    per_channel: bool = True
-    allow_flex: bool = False
-    opset: int = DEFAULT_OPSET
-    layout: str = "nhwc"
+    targets: tuple = ()
     tolerance: Tolerance = field(default_factory=Tolerance)
     quantization: QuantizationOptions = field(default_factory=QuantizationOptions)
     overwrite: bool = False
@@ -118,6 +116,7 @@ class ConvertOptions:
         if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 0):
             raise InvalidOptionError(f"Unrecognized epochs={self.epochs!r}. Use a whole number >= 0 (0: no "
                                      f"fine-tuning)")
+        check_target_options(self.targets)
         if self.max_unpacked_bytes is not None and (not isinstance(self.max_unpacked_bytes, int)
                                                     or self.max_unpacked_bytes < 1):
             raise InvalidOptionError(f"Unrecognized max_unpacked_bytes={self.max_unpacked_bytes!r}. Use a whole "
@@ -154,8 +153,18 @@ class ConvertOptions:
             return self.quantize
         return "int8" if self.data else "dynamic"
 
+    def target_options(self, target):
+        """The options of `target` (a targets.Target) for this run: those in `targets`, else its defaults."""
+        return given_options(self.targets, target)
+
     def describe(self) -> dict:
-        described = asdict(self)
+        described = {}
+        for key, value in asdict(self).items():
+            if key != "targets":
+                described[key] = value
+                continue
+            for target in registered_targets().values():  # flat, as the manifest has always listed them
+                described.update(target.describe(self.target_options(target)))
         described.pop("custom_objects")
         described["separation"] = self.separation.describe()
         described["finetune"] = {key: value for key, value in asdict(self.finetune).items()
@@ -472,22 +481,18 @@ def _export_all(exported, original, targets, quantize, calibration, held, data_i
             _discard(item)
 
 
-# What --quantize auto tries after a full-int8 artifact fails verification, in order, per format: int8 weights with
-# float activations, then (TFLite) float16 weights; every artifact is verified as usual.
-AUTO_FALLBACKS = {"tflite": ("dynamic", "float16"), "onnx": ("dynamic",)}
-
-
 def _falls_back(item: dict, options: ConvertOptions) -> bool:
     """--quantize auto chose int8 (data given) and the int8 artifact failed verification."""
     return options.quantize == "auto" and item["quantize"] == "int8" and not item["verification"].passed
 
 
 def _fall_back(item: dict, *stage_args) -> dict:
-    """Replace a failed int8 artifact of --quantize auto by the first AUTO_FALLBACKS mode that verifies, said aloud
-    and recorded in the manifest; an explicit --quantize int8 fails instead. Returns the last one tried."""
+    """Replace a failed int8 artifact of --quantize auto by the first of its target's auto_fallbacks modes that
+    verifies (each verified as usual), said aloud and recorded in the manifest; an explicit --quantize int8 fails
+    instead. Returns the last one tried."""
     exported, original, expected, calibration, held, data_info, options, source, report, recovery, say = stage_args
     reasons = []
-    for mode in AUTO_FALLBACKS[item["format"]]:
+    for mode in target_for(item["target"]).auto_fallbacks:
         _discard(item)
         reasons.append(f"{item['quantize']}: " + "; ".join(item["verification"].failures()))
         say("export", f"{item['target']}: {item['quantize']} failed verification ({reasons[-1]}); --quantize auto "
@@ -522,9 +527,8 @@ def _latency_options(options: ConvertOptions, quantize: str, targets: list[Path]
         return None
     from sepconv.convert.latency_table import for_export
 
-    return for_export(options.latency, [FORMATS[t.suffix.lower()] for t in targets], quantize,
-                      io_type=options.io_type, per_channel=options.per_channel, opset=options.opset,
-                      layout=options.layout, allow_flex=options.allow_flex)
+    units = [target_for(t) for t in targets]
+    return for_export(options.latency, [(unit, options.target_options(unit)) for unit in units], quantize)
 
 
 def _quantize_reason(options: ConvertOptions, plan: dict) -> str:
@@ -571,12 +575,13 @@ def _check_outputs(source: Path, outputs, options: ConvertOptions) -> list[Path]
         outputs = [outputs]
     targets = [Path(o) for o in outputs]
     if not targets:
-        raise OutputPathError("No output given; name at least one .tflite, .onnx or .keras file")
+        raise OutputPathError(f"No output given; name at least one {extensions_text()} file")
     problems = []
     seen = set()
     for target in targets:
-        if target.suffix.lower() not in FORMATS:
-            problems.append(f"{target}: unknown extension {target.suffix!r}, use one of {sorted(FORMATS)}")
+        if target_for(target) is None:
+            problems.append(f"{target}: unknown extension {target.suffix!r}, use one of "
+                            f"{sorted(registered_targets())}")
         elif target.resolve() in seen:
             problems.append(f"{target}: named twice")
         elif source.exists() and target.exists() and target.resolve() == source.resolve():
@@ -639,17 +644,9 @@ def _check_modes(targets: list[Path], plan: dict, options: ConvertOptions) -> No
     if quantize in NEEDS_DATA and not options.data:
         raise InvalidOptionError(f"--quantize {quantize} calibrates activations on representative data; pass --data "
                                  f"(an .npz or a folder of images) or use --quantize dynamic")
-    for target in targets:
-        fmt = FORMATS[target.suffix.lower()]
-        if fmt == "onnx":
-            if quantize not in ONNX_MODES:
-                raise InvalidOptionError(f"--quantize {quantize} is not available for ONNX ({target}); supported "
-                                         f"modes are: {list(ONNX_MODES)}")
-            OnnxOptions(quantize=quantize, opset=options.opset, layout=options.layout,
-                        per_channel=options.per_channel)
-        elif fmt == "tflite":
-            TFLiteOptions(quantize=quantize, io_type=options.io_type, per_channel=options.per_channel,
-                          allow_flex=options.allow_flex)
+    for path in targets:
+        target = target_for(path)
+        target.check(options.target_options(target), quantize, path)
 
 
 def _data(model, options: ConvertOptions):
@@ -718,11 +715,12 @@ def _stage(model, original, expected, target: Path, quantize: str, calibration, 
     """Export to a temporary file beside `target`, verify it, write its manifest to another temporary file.
     original / expected: Outputs of the original / of `model` on the test inputs.
     fallback: why this mode replaces the one --quantize auto chose first (kept in the manifest)."""
-    fmt = FORMATS[target.suffix.lower()]
-    mode = "none" if fmt == "keras" else quantize
+    unit = target_for(target)
+    mode = unit.mode(quantize)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{target.suffix}", dir=target.parent)
     os.close(fd)
-    item = {"target": target, "tmp": tmp, "tmp_manifest": None, "format": fmt, "quantize": mode, "fallback": fallback}
+    item = {"target": target, "tmp": tmp, "tmp_manifest": None, "format": unit.name, "quantize": mode,
+            "fallback": fallback}
     try:
         with _disk_full_as("writing", target):
             return _export_and_verify(item, model, original, expected, calibration, held, data_info, options,
@@ -745,15 +743,17 @@ def _export_and_verify(item: dict, model, original, expected, calibration, held,
     from sepconv.convert.verification import verify, verify_keras
 
     target, tmp, fmt, mode = item["target"], item["tmp"], item["format"], item["quantize"]
+    unit = target_for(target)
+    export = unit.export_options(options.target_options(unit), mode)
+    layout = unit.layout(export)
     heldout = held.test
     started = time.perf_counter()
     inputs = "held-out samples" if data_info["source"] else "synthetic inputs"
     runtime = None
     calibrated = f", calibrated on {len(calibration.samples)} samples" if mode in NEEDS_DATA else ""
     say("export", f"{target}: converting ({fmt}, {mode}{calibrated})")
-    if fmt == "keras":
-        with _own_temporary_folder():
-            model.save(tmp)
+    if not unit.runtime:
+        unit.export(model, Path(tmp), export, _samples(calibration))
         verification = verify_keras(model, tmp, heldout.x, heldout.y, tolerance=options.tolerance, inputs=inputs,
                                     original=original, safe_mode=options.safe_mode, expected=expected.values)
     else:
@@ -762,41 +762,27 @@ def _export_and_verify(item: dict, model, original, expected, calibration, held,
         if mode == "int8":
             from sepconv.convert.quantization import quantize_verified
 
-            data, item["quantization"] = quantize_verified(
-                model, fmt, calibration, tolerance=options.tolerance, io_type=options.io_type,
-                per_channel=options.per_channel, opset=options.opset, layout=options.layout,
-                options=options.quantization)
+            data, item["quantization"] = quantize_verified(model, fmt, calibration, tolerance=options.tolerance,
+                                                           export=export, options=options.quantization)
             Path(tmp).write_bytes(data)
             say("quantize", f"{target}: {item['quantization'].line()}")
-        elif fmt == "tflite":
-            from sepconv.convert.tflite_export import export_tflite
-
-            Path(tmp).write_bytes(export_tflite(model, representative_data=_samples(calibration), options=TFLiteOptions(
-                quantize=mode, io_type=options.io_type if mode in NEEDS_DATA else "float32",
-                per_channel=options.per_channel, allow_flex=options.allow_flex)))
         else:
-            from sepconv.convert.onnx_export import export_onnx
-
-            Path(tmp).write_bytes(export_onnx(model, representative_data=_samples(calibration),
-                                              options=OnnxOptions(
-                quantize=mode, opset=options.opset, layout=options.layout, per_channel=options.per_channel)))
+            unit.export(model, Path(tmp), export, _samples(calibration))
         say("verify", f"{target}: {Path(tmp).stat().st_size:,} bytes in {time.perf_counter() - started:.1f} s; "
                       f"verifying on {len(heldout.x)} {inputs}")
         runtime = open_runtime(tmp)
         verification = verify(model, runtime, heldout.x, heldout.y, quantized=mode != "none", quantize=mode,
-                              tolerance=options.tolerance, layout=options.layout if fmt == "onnx" else "nhwc",
-                              inputs=inputs, original=original, synthetic=not data_info["source"],
-                              expected=expected.values)
-        verification = within_budget(verification, runtime, held, recovery,
-                                     layout=options.layout if fmt == "onnx" else "nhwc")
+                              tolerance=options.tolerance, layout=layout, inputs=inputs, original=original,
+                              synthetic=not data_info["source"], expected=expected.values)
+        verification = within_budget(verification, runtime, held, recovery, layout=layout)
     verification = _named(verification, target)
-    manifest = build_manifest(Path(tmp), final_path=target, fmt=fmt, quantize=mode, runtime=runtime,
-                              layout=options.layout if fmt == "onnx" else "nhwc",
+    manifest = build_manifest(Path(tmp), final_path=target, fmt=fmt, quantize=mode, runtime=runtime, layout=layout,
                               source={"path": str(source), "sha256": sha256(source)},
                               separation=report.to_dict() if report else None,
                               recovery=recovery.to_dict() if recovery else None, verification=verification,
                               options=options.describe(), preprocessing=data_info["preprocessing"],
-                              quantize_fallback=item["fallback"], quantization=item.get("quantization"))
+                              quantize_fallback=item["fallback"], quantization=item.get("quantization"),
+                              extras=unit.manifest_extras(Path(tmp)))
     fd, item["tmp_manifest"] = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
     with _disk_full_as("writing the manifest of", target), os.fdopen(fd, "w") as file:
         file.write(manifest_json(manifest))
@@ -805,19 +791,6 @@ def _export_and_verify(item: dict, model, original, expected, calibration, held,
     say("export", f"{target} ({fmt}, {mode}): {manifest['bytes']:,} bytes, verification {status}: "
                   f"{'; '.join(_criteria(verification))} ({time.perf_counter() - started:.1f} s)")
     return item
-
-
-@contextlib.contextmanager
-def _own_temporary_folder():
-    """Keras' .keras save works in tempfile.mkdtemp() folders that a failed write (a full disk) leaves behind; give
-    it a folder of ours for the duration and remove it whatever happens."""
-    folder = tempfile.mkdtemp(prefix="sepconv-save-")
-    previous, tempfile.tempdir = tempfile.tempdir, folder
-    try:
-        yield
-    finally:
-        tempfile.tempdir = previous
-        shutil.rmtree(folder, ignore_errors=True)
 
 
 def _samples(calibration):

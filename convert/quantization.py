@@ -30,7 +30,6 @@ import numpy as np
 from sepconv.convert.errors import InvalidOptionError
 
 RELATIVE_ERROR_ALARM = 0.25  # an op whose output error is a quarter of its signal's spread is where trouble starts
-ONNX_CALIBRATIONS = ("minmax", "percentile", "entropy")
 DIAGNOSIS_SAMPLES = 100  # calibration images the debuggers run (the artifact is calibrated on all of them)
 
 
@@ -190,7 +189,7 @@ class Setting:
     equalized: bool = False
 
 
-def export_int8(model, fmt: str, calibration: Calibration, *, export: Callable[[Setting], bytes],
+def export_int8(model, target, calibration: Calibration, *, export: Callable[[Setting], bytes],
                 judge: Callable[[bytes, np.ndarray], tuple[float | None, float, bool]],
                 diagnose: Callable[[Setting], Diagnosis], per_channel: bool,
                 options: QuantizationOptions = QuantizationOptions(),
@@ -227,7 +226,7 @@ def export_int8(model, fmt: str, calibration: Calibration, *, export: Callable[[
             best = tried[-1] if passed else first
         # equalization stays on for the later attempts only if it agreed better than the first attempt
         keep = len(tried) > 1 and _score(attempts[1]) > _score(attempts[0])
-        for setting in () if passed else _calibration_settings(fmt, calibration, per_channel, options):
+        for setting in () if passed else _calibration_settings(target, calibration, per_channel, options):
             setting = replace(setting, equalized=keep)
             tried.append(setting)
             if attempt(setting):
@@ -250,15 +249,14 @@ def export_int8(model, fmt: str, calibration: Calibration, *, export: Callable[[
     return artifacts[chosen if passed else 0], report
 
 
-def _calibration_settings(fmt: str, calibration: Calibration, per_channel: bool, options: QuantizationOptions):
+def _calibration_settings(target, calibration: Calibration, per_channel: bool, options: QuantizationOptions):
     pool = calibration.pool if calibration.pool is not None else calibration.samples
     count = min(options.calibration_samples, len(pool))
     samples = pool[np.random.default_rng(0).permutation(len(pool))[:count]]
     text = f"{count} shuffled samples"
     yield Setting(f"calibration on {text}" + ("" if per_channel else ", per-channel"), samples, text, True)
-    if fmt == "onnx":
-        for method in ONNX_CALIBRATIONS[1:]:
-            yield Setting(f"{method} calibration on {text}", samples, f"{text}, {method}", True, method)
+    for method in target.calibration_methods[1:]:  # the first is minmax, as above
+        yield Setting(f"{method} calibration on {text}", samples, f"{text}, {method}", True, method)
 
 
 def _score(attempt: Attempt) -> float:
@@ -484,35 +482,21 @@ def _qdq_scales(graph) -> dict[str, float]:
 # --- the pipeline's entry point ------------------------------------------------------------------------------------
 
 
-def quantize_verified(model, fmt: str, calibration: Calibration, *, tolerance, io_type: str = "float32",
-                      per_channel: bool = True, opset: int = 17, layout: str = "nhwc",
+def quantize_verified(model, fmt: str, calibration: Calibration, *, tolerance, export=None,
                       options: QuantizationOptions = QuantizationOptions()) -> tuple[bytes, QuantizationReport]:
-    """The int8 artifact of `model` (export_int8 with the converters' exporters and debuggers); a setting with
-    `equalized` quantizes the model's cross-layer equalized twin (made once, on the calibration samples)."""
-    from sepconv.convert.trace import input_names
+    """The int8 artifact of `model` in format `fmt` (a registered target's name: 'tflite', 'onnx') with its export
+    options `export` (TFLiteOptions / OnnxOptions; None: their defaults): export_int8 with the target's exporter and
+    debugger. A setting with `equalized` quantizes the model's cross-layer equalized twin (made once, on the
+    calibration samples)."""
+    from sepconv.convert.targets import target_named
 
-    twin = _EqualizedTwin(model, calibration.samples, per_channel)
-    if fmt == "tflite":
-        export = lambda setting: tflite_int8(twin.model(setting), setting, io_type)  # noqa: E731
-        diagnose = lambda setting: diagnose_tflite(twin.model(setting), setting, io_type)  # noqa: E731
-        run_layout = "nhwc"
-    else:
-        from sepconv.convert.onnx_export import OnnxOptions, export_onnx
-
-        floats = {}
-
-        def float_model(setting):
-            if setting.equalized not in floats:
-                floats[setting.equalized] = export_onnx(twin.model(setting), options=OnnxOptions(
-                    quantize="none", opset=opset, layout=layout))
-            return floats[setting.equalized]
-
-        name = input_names(model)[0]
-        export = lambda setting: onnx_int8(float_model(setting), setting, name, layout)  # noqa: E731
-        diagnose = lambda setting: diagnose_onnx(float_model(setting), setting, name, layout)  # noqa: E731
-        run_layout = layout
-    return export_int8(model, fmt, calibration, export=export, judge=_judge(model, fmt, tolerance, run_layout),
-                       diagnose=diagnose, per_channel=per_channel, options=options, equalization=twin.report)
+    target = target_named(fmt)
+    export = replace(export or target.exporter_class(), quantize="int8")
+    twin = _EqualizedTwin(model, calibration.samples, export.per_channel)
+    exporter, diagnose = target.int8_tools(model, twin.model, export)
+    return export_int8(model, target, calibration, export=exporter,
+                       judge=_judge(model, target, tolerance, target.layout(export)), diagnose=diagnose,
+                       per_channel=export.per_channel, options=options, equalization=twin.report)
 
 
 class _EqualizedTwin:
@@ -545,14 +529,14 @@ class _EqualizedTwin:
         return self._twin[0]
 
 
-def _judge(model, fmt: str, tolerance, layout: str):
+def _judge(model, target, tolerance, layout: str):
     """(agreement, cosine, passed) of an artifact against the Keras model on images x, as verification judges it."""
     from sepconv.convert.verification import verify
     from sepconv.deploy.runtime import open_runtime
 
     def judge(data: bytes, x: np.ndarray):
         with tempfile.TemporaryDirectory(prefix="sepconv-judge-") as tmp:
-            path = Path(tmp) / f"attempt.{fmt}"
+            path = Path(tmp) / f"attempt{target.extension}"
             path.write_bytes(data)
             checked = verify(model, open_runtime(str(path)), x, quantized=True, quantize="int8", tolerance=tolerance,
                              layout=layout)
