@@ -48,7 +48,7 @@ _EXPORTS = {
     "finetune": "sepconv.convert.finetuning",
     "FinetuneOptions": "sepconv.convert.finetuning",
     "convert_model": "sepconv.convert.pipeline",
-    "ConvertOptions": "sepconv.convert.pipeline",
+    "ConvertOptions": "sepconv.convert.options",
     "ConvertResult": "sepconv.convert.pipeline",
     "errors": "sepconv.convert.errors",
 }

@@ -91,9 +91,20 @@ def _floats(text: str) -> tuple:
 
 
 def convert_parser() -> argparse.ArgumentParser:
+    from sepconv.convert.data import AUTO, SCALES, DataOptions
+    from sepconv.convert.finetuning import DEFAULT_LEARNING_RATE, STRATEGIES, FinetuneOptions
     from sepconv.convert.onnx_export import LAYOUTS, ONNX_MODES
-    from sepconv.convert.pipeline import QUANTIZE_CHOICES
+    from sepconv.convert.options import DEFAULT_EPOCHS, DEFAULT_MAX_DROP, QUANTIZE_CHOICES, ConvertOptions
+    from sepconv.convert.policy import DEFAULT_ENERGY
+    from sepconv.convert.quantization import QuantizationOptions
     from sepconv.convert.targets import OnnxOutputOptions, TFLiteOutputOptions, extensions_text, io_types
+    from sepconv.convert.verification import Tolerance
+    from sepconv.deploy.remote import DEFAULT_REMOTE_DIR
+    from sepconv.deploy.timing import TimingOptions
+
+    # every flag's default (and choices) is its option's own: one source of truth
+    run, data, fit, timing = ConvertOptions(), DataOptions(), FinetuneOptions(), TimingOptions()
+    quantization, tolerance = QuantizationOptions(), Tolerance()
 
     parser = Parser(
         prog="convert-model",
@@ -110,7 +121,7 @@ def convert_parser() -> argparse.ArgumentParser:
                              f"{extensions_text().replace(' or ', ', ')}")
     group = parser.add_argument_group("data (calibration and verification)")
     group.add_argument("--data", help="an .npz with x (and y), or a folder of images (in class sub-folders for labels)")
-    group.add_argument("--scale", choices=("auto", "unit", "symmetric", "raw"), default="auto",
+    group.add_argument("--scale", choices=(AUTO, *SCALES), default=data.scale,
                        help="map 0..255 pixels to [0, 1], [-1, 1] or leave them; auto: leave them when the model "
                             "has its own Rescaling layer at the input, else [0, 1] (default: %(default)s); float .npz "
                             "arrays are taken as preprocessed")
@@ -122,17 +133,18 @@ def convert_parser() -> argparse.ArgumentParser:
     group.add_argument("--validation-data", help="validation data (same forms as --data) that makes every choice, "
                        "instead of --validation-fraction of --data: pass it when --data is the set the model was "
                        "trained on, whose scores are inflated")
-    group.add_argument("--heldout-fraction", type=_open_fraction, default=0.25,
+    group.add_argument("--heldout-fraction", type=_open_fraction, default=run.heldout_fraction,
                        help="share of --data held out as test data when there is no --test-data (default: "
                             "%(default)s)")
-    group.add_argument("--validation-fraction", type=_open_fraction, default=0.2,
+    group.add_argument("--validation-fraction", type=_open_fraction, default=run.validation_fraction,
                        help="share of the rest set aside as validation data, which makes every choice: the rank "
                             "per layer, early stopping, keeping or rejecting each recovery stage (default: "
                             "%(default)s)")
-    group.add_argument("--calibration-samples", type=_positive, default=200,
+    group.add_argument("--calibration-samples", type=_positive, default=run.calibration_samples,
                        help="training samples that calibrate int8, refinement and BatchNorm (default: %(default)s)")
     group = parser.add_argument_group(
-        "separation", "with --data the default is --max-accuracy-drop 1.0; without, --energy 0.9 (no training)")
+        "separation", f"with --data the default is --max-accuracy-drop {DEFAULT_MAX_DROP}; without, --energy "
+                     f"{DEFAULT_ENERGY} (no training)")
     policy = group.add_mutually_exclusive_group()
     policy.add_argument("--max-accuracy-drop", type=_points, metavar="POINTS",
                         help="choose K per layer so that at most this many points of accuracy (agreement with the "
@@ -166,46 +178,46 @@ def convert_parser() -> argparse.ArgumentParser:
                        help="'local' (this machine, the default with a target) or a host as deploy-model takes it "
                             "(alias, user@host[:port]); without a target: the fastest plan within the budget. A "
                             "separation slower than keeping its layer is never chosen")
-    group.add_argument("--latency-threads", type=_positive, default=1, metavar="N", help="threads the latency is measured at "
+    group.add_argument("--latency-threads", type=_positive, default=timing.threads, metavar="N", help="threads the latency is measured at "
                        "(default: %(default)s)")
     group.add_argument("--latency-xnnpack", action=argparse.BooleanOptionalAction,
                        help="LiteRT's XNNPACK delegate while timing (default: on, off on an emulated device)")
-    group.add_argument("--latency-time", type=_positive_float, default=0.3, metavar="S",
+    group.add_argument("--latency-time", type=_positive_float, default=timing.min_seconds, metavar="S",
                        help="seconds of timed runs per single-layer model (default: %(default)s)")
     group.add_argument("--latency-cache", metavar="DIR", help="where measurements are kept (default: "
                        "~/.cache/sepconv/latency)")
     group.add_argument("--ssh-config", metavar="FILE", help="with --latency-on HOST: an ssh_config file instead of ~/.ssh/config")
     group.add_argument("--identity", metavar="FILE", help="with --latency-on HOST: a private key file for ssh")
     group.add_argument("--wheels", metavar="DIR", help="with --latency-on HOST: a local folder of wheels for an offline device")
-    group.add_argument("--remote-dir", default=".sepconv", metavar="DIR", help="with --latency-on HOST: the one folder sepconv uses "
+    group.add_argument("--remote-dir", default=DEFAULT_REMOTE_DIR, metavar="DIR", help="with --latency-on HOST: the one folder sepconv uses "
                        "on the device (default: %(default)s)")
     group = parser.add_argument_group("fine-tuning (needs --data; labels are used when the data has them, "
                                       "else distillation from the original)")
     group.add_argument("--epochs", type=_count, help="at most this many epochs, early stopping on validation "
-                       "accuracy/agreement (default: 10 with --data; 0 turns fine-tuning off)")
-    group.add_argument("--batch-size", type=_positive, default=32, help="(default: %(default)s)")
+                       f"accuracy/agreement (default: {DEFAULT_EPOCHS} with --data; 0 turns fine-tuning off)")
+    group.add_argument("--batch-size", type=_positive, default=fit.batch_size, help="(default: %(default)s)")
     group.add_argument("--learning-rate", type=_positive_float,
-                       help="Adam's peak rate, cosine-decayed (default: 1e-3)")
-    group.add_argument("--label-weight", type=_share, default=0.5,
+                       help=f"Adam's peak rate, cosine-decayed (default: {DEFAULT_LEARNING_RATE:g})")
+    group.add_argument("--label-weight", type=_share, default=fit.label_weight,
                        help="share of the label loss; the rest is distillation (default: %(default)s)")
-    group.add_argument("--temperature", type=_positive_float, default=4.0,
+    group.add_argument("--temperature", type=_positive_float, default=fit.temperature,
                        help="distillation temperature (default: %(default)s)")
-    group.add_argument("--feature-distillation", type=_weight, default=0.0, metavar="WEIGHT",
+    group.add_argument("--feature-distillation", type=_weight, default=fit.feature_weight, metavar="WEIGHT",
                        help="also match each separated layer's output to the original's, with this weight "
                             "(default: %(default)s, off)")
-    group.add_argument("--patience", type=_positive, default=3, help="epochs without improvement before stopping "
+    group.add_argument("--patience", type=_positive, default=fit.patience, help="epochs without improvement before stopping "
                        "(default: %(default)s)")
-    group.add_argument("--frozen-batchnorm-pass", action=argparse.BooleanOptionalAction, default=True,
+    group.add_argument("--frozen-batchnorm-pass", action=argparse.BooleanOptionalAction, default=fit.frozen_batchnorm_pass,
                        help="after fine-tuning a model with BatchNorm, fine-tune again with BatchNorm frozen (moving "
                             "statistics), kept only if validation improves (default: on)")
-    group.add_argument("--strategy", choices=("auto", "default", "mirrored"), default="auto",
+    group.add_argument("--strategy", choices=STRATEGIES, default=fit.strategy,
                        help="tf.distribute: mirrored over all visible devices, auto when there are several "
                             "(default: %(default)s)")
     group.add_argument("--checkpoint-dir", help="per-epoch checkpoints (default: the first output + .checkpoints); "
                        "removed once the artifacts are written")
     group.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
     group = parser.add_argument_group("export")
-    group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="auto",
+    group.add_argument("--quantize", choices=QUANTIZE_CHOICES, default=run.quantize,
                        help=f"auto: int8 with --data, dynamic without (default: %(default)s); ONNX takes "
                             f"{', '.join(ONNX_MODES)}")
     tflite, onnx = TFLiteOutputOptions(), OnnxOutputOptions()  # the flags' defaults are the options' own
@@ -221,16 +233,16 @@ def convert_parser() -> argparse.ArgumentParser:
     group.add_argument("--explain-quantization", action="store_true",
                        help="int8: report each layer's quantization error, output range and scale on the calibration "
                             "images (in the manifest and --json), even when the artifact verifies")
-    group.add_argument("--repair", action=argparse.BooleanOptionalAction, default=True,
+    group.add_argument("--repair", action=argparse.BooleanOptionalAction, default=quantization.repair,
                        help="int8 that disagrees with the Keras model: try cross-layer equalization, better "
                             "calibration, then keep the worst layers in float (default: on)")
-    group.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=True,
+    group.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=quantization.equalize,
                        help="int8 repair: first rescale each separable layer's depthwise channels and pointwise "
                             "rows against each other (the same float model, balanced for int8) (default: on)")
-    group.add_argument("--max-float-layers", type=_count, default=2, metavar="N",
+    group.add_argument("--max-float-layers", type=_count, default=quantization.max_float_layers, metavar="N",
                        help="int8 repair keeps at most N layers in float (default: %(default)s)")
     group = parser.add_argument_group("verification and output")
-    group.add_argument("--min-agreement", type=_fraction, default=0.98,
+    group.add_argument("--min-agreement", type=_fraction, default=tolerance.min_agreement,
                        help="top-1 agreement a quantized artifact must reach (default: %(default)s)")
     group.add_argument("--overwrite", action="store_true", help="replace existing output files")
     group.add_argument("--custom-objects", action="append", default=[], metavar="MODULE[:NAME]",
@@ -255,7 +267,7 @@ def convert_options(args, *, custom_objects: bool = True):
     from sepconv.convert.data import DataOptions
     from sepconv.convert.finetuning import FinetuneOptions
     from sepconv.convert.loading import parse_custom_objects
-    from sepconv.convert.pipeline import ConvertOptions
+    from sepconv.convert.options import ConvertOptions
     from sepconv.convert.policy import SeparationOptions
     from sepconv.convert.quantization import QuantizationOptions
     from sepconv.convert.targets import OnnxOutputOptions, TFLiteOutputOptions

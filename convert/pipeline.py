@@ -15,162 +15,33 @@ a hint that data unlocks the real savings. `ConvertOptions.plan()` says which ch
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 
-from sepconv.convert.data import DataOptions, check_labels, load_data, split
-from sepconv.convert.errors import (BudgetError, DiskFullError, InvalidOptionError, OutputBusyError, OutputPathError,
-                                    SepconvError, UnsupportedModelError, VerificationError)
-from sepconv.convert.finetuning import FinetuneOptions
-from sepconv.convert.tflite_export import NEEDS_DATA
+from sepconv.convert.errors import (BudgetError, DiskFullError, InvalidOptionError, SepconvError,
+                                    UnsupportedModelError, VerificationError)
 from sepconv.convert.files import disk_full, sha256
 from sepconv.convert.keras_compat import unsafe_deserialization
 from sepconv.convert.memory import release_memory
+from sepconv.convert.options import (ConvertOptions, check_modes, latency_options, plan_line, quantize_reason,
+                                     recovery_options)
+from sepconv.convert.outputs import check_outputs, locked
 from sepconv.convert.policy import SeparationOptions
-from sepconv.convert.quantization import Calibration, QuantizationOptions
-from sepconv.convert.targets import (check_target_options, extensions_text, given_options, quantize_modes,
-                                     registered_targets, target_for)
-from sepconv.convert.verification import Tolerance, within_budget
+from sepconv.convert.quantization import Calibration
+from sepconv.convert.run_data import datasets
+from sepconv.convert.targets import target_for
+from sepconv.convert.tflite_export import NEEDS_DATA
+from sepconv.convert.verification import within_budget
 from sepconv.deploy.scores import top1
 
-QUANTIZE_CHOICES = ("auto",) + quantize_modes()
-SYNTHETIC_SAMPLES = 64
-MIN_SAMPLES = 20  # a run with data needs some samples to train on, some to validate with and some to test on
-DEFAULT_MAX_DROP = 1.0  # points of accuracy the budget mode may lose, the default with data
-DEFAULT_EPOCHS = 10
-CHECKPOINTS_SUFFIX = ".checkpoints"
 MAX_INPUT_ELEMENTS = 1 << 25  # values per input sample (e.g. 3344 x 3344 x 3): 128 MiB of float32 each
-
-
-@dataclass(frozen=True)
-class ConvertOptions:
-    """Everything `convert_model` can be told; validated on construction. The CLI maps its flags onto these fields.
-
-    quantize: 'auto' (int8 with data, dynamic without) or a mode of export_tflite / export_onnx.
-    separation: SeparationOptions (rank, energy, include, exclude); separate=False exports the model as it is.
-    max_accuracy_drop: points of accuracy (agreement without labels) the separated model may lose; K is then chosen
-    per layer (budget.py). None: 1.0 with data when separation gives no rank / energy, off otherwise.
-    refine / recalibrate_bn: least-squares refit of separated layers / BatchNorm statistics re-estimated on the
-    calibration images (None: on with data). epochs: fine-tuning epochs (None: 10 with data; 0: none); finetune:
-    its other options. checkpoint_dir: fine-tuning checkpoints (default: first output + ".checkpoints"); resume:
-    continue an interrupted run from them.
-    data: an .npz or image folder; test_data: held-out data for scoring and verification, never used to choose
-    (default: heldout_fraction of data). validation_fraction: the share of the remaining data set aside for every
-    choice (the budget's sensitivity, early stopping, keeping or rejecting each recovery stage); validation_data:
-    that data from its own file instead (say when --data is the set the model was trained on).
-    calibration_samples: training samples that calibrate int8, refinement and BatchNorm statistics.
-    targets: the outputs' options per target (targets.py), at most one each, e.g.
-    (TFLiteOutputOptions(io_type='int8'), OnnxOutputOptions(opset=13, layout='nchw')); a target not named takes its
-    defaults; `quantize` sets every output's mode.
-    quantization: int8 diagnosis and repair (quantization.py): explain, repair, max_float_layers.
-    latency: latency_table.LatencyOptions: with the accuracy budget, each layer's K chosen from latency measured on
-    this machine or a device (target latency / speed-up, threads, XNNPACK); its export options follow the first
-    .tflite / .onnx output. None: K from accuracy and parameters alone.
-    """
-
-    quantize: str = "auto"
-    separate: bool = True
-    separation: SeparationOptions = field(default_factory=SeparationOptions)
-    max_accuracy_drop: float | None = None
-    refine: bool | None = None
-    recalibrate_bn: bool | None = None
-    epochs: int | None = None
-    finetune: FinetuneOptions = field(default_factory=FinetuneOptions)
-    checkpoint_dir: str | None = None
-    resume: bool = False
-    data: str | None = None
-    test_data: str | None = None
-    validation_data: str | None = None
-    heldout_fraction: float = 0.25
-    validation_fraction: float = 0.2
-    data_options: DataOptions = field(default_factory=DataOptions)
-    calibration_samples: int = 200
-    targets: tuple = ()
-    tolerance: Tolerance = field(default_factory=Tolerance)
-    quantization: QuantizationOptions = field(default_factory=QuantizationOptions)
-    overwrite: bool = False
-    safe_mode: bool = True
-    custom_objects: dict | None = None
-    max_unpacked_bytes: int | None = None
-    latency: object | None = None
-
-    def __post_init__(self):
-        if self.quantize not in QUANTIZE_CHOICES:
-            raise InvalidOptionError(f"Unrecognized quantize={self.quantize!r}. Supported modes are: "
-                                     f"{list(QUANTIZE_CHOICES)}")
-        if not isinstance(self.calibration_samples, int) or self.calibration_samples < 1:
-            raise InvalidOptionError(f"Unrecognized calibration_samples={self.calibration_samples!r}. Use a whole "
-                                     f"number >= 1")
-        for name, example in (("heldout_fraction", 0.25), ("validation_fraction", 0.2)):
-            value = getattr(self, name)
-            if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < 1:
-                raise InvalidOptionError(f"Unrecognized {name}={value!r}. Use a fraction in (0, 1), e.g. {example}")
-        if self.epochs is not None and (not isinstance(self.epochs, int) or self.epochs < 0):
-            raise InvalidOptionError(f"Unrecognized epochs={self.epochs!r}. Use a whole number >= 0 (0: no "
-                                     f"fine-tuning)")
-        check_target_options(self.targets)
-        if self.max_unpacked_bytes is not None and (not isinstance(self.max_unpacked_bytes, int)
-                                                    or self.max_unpacked_bytes < 1):
-            raise InvalidOptionError(f"Unrecognized max_unpacked_bytes={self.max_unpacked_bytes!r}. Use a whole "
-                                     f"number >= 1")
-        if self.latency is not None:
-            from sepconv.convert.latency_table import LatencyOptions
-
-            if not isinstance(self.latency, LatencyOptions):
-                raise InvalidOptionError(f"Unrecognized latency={self.latency!r}. Use LatencyOptions(...) from "
-                                         f"sepconv.convert.latency_table, or None")
-        if self.max_accuracy_drop is not None:
-            from sepconv.convert.budget import BudgetOptions
-
-            BudgetOptions(max_drop=self.max_accuracy_drop)
-
-    def plan(self) -> dict:
-        """The effective choices, with a note of which were defaults (printed by the CLI, kept in the manifest)."""
-        data = self.data is not None
-        fixed = any(v is not None for v in (self.separation.rank, self.separation.energy, self.separation.ranks))
-        budget = self.max_accuracy_drop
-        if budget is None and data and self.separate and not fixed:
-            budget = DEFAULT_MAX_DROP
-        epochs = self.epochs if self.epochs is not None else (DEFAULT_EPOCHS if data and self.separate else 0)
-        chosen = {"max_accuracy_drop": budget, "refine": _default(self.refine, data and self.separate),
-                  "recalibrate_bn": _default(self.recalibrate_bn, data and self.separate), "epochs": epochs,
-                  "quantize": self.resolved_quantize()}
-        defaults = [name for name, given in (("max_accuracy_drop", self.max_accuracy_drop), ("refine", self.refine),
-                                             ("recalibrate_bn", self.recalibrate_bn), ("epochs", self.epochs))
-                    if given is None and not (name == "max_accuracy_drop" and budget is None)]
-        defaults += ["quantize"] if self.quantize == "auto" else []
-        return dict(chosen, defaults=defaults)
-    def resolved_quantize(self) -> str:
-        if self.quantize != "auto":
-            return self.quantize
-        return "int8" if self.data else "dynamic"
-
-    def target_options(self, target):
-        """The options of `target` (a targets.Target) for this run: those in `targets`, else its defaults."""
-        return given_options(self.targets, target)
-
-    def describe(self) -> dict:
-        described = {}
-        for key, value in asdict(self).items():
-            if key != "targets":
-                described[key] = value
-                continue
-            for target in registered_targets().values():  # flat, as the manifest has always listed them
-                described.update(target.describe(self.target_options(target)))
-        described.pop("custom_objects")
-        described["separation"] = self.separation.describe()
-        described["finetune"] = {key: value for key, value in asdict(self.finetune).items()
-                                  if key not in ("epochs", "checkpoint_dir", "resume")}  # the run's own fields decide
-        described["plan"] = self.plan()
-        return described
 
 
 class HeldOut(NamedTuple):
@@ -234,11 +105,11 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
         raise InvalidOptionError(f"Pass options=ConvertOptions(...) or keyword options, not both (got {sorted(kwargs)})")
     source = Path(source)
     targets, plan = preflight(source, outputs, options)
-    recovery_options = _recovery_options(options, plan, targets)
-    locked = targets + ([Path(recovery_options.checkpoint_dir)] if recovery_options.epochs else [])
-    with _locked(locked), _trusted(options.safe_mode), _heartbeat(progress) as say:
-        _check_outputs(source, targets, options)  # again, under the lock: a run that finished meanwhile wrote them
-        return _convert(source, targets, plan, options, recovery_options, say)
+    recovery = recovery_options(options, plan, targets)
+    written = targets + ([Path(recovery.checkpoint_dir)] if recovery.epochs else [])
+    with locked(written), _trusted(options.safe_mode), _heartbeat(progress) as say:
+        check_outputs(source, targets, options)  # again, under the lock: a run that finished meanwhile wrote them
+        return _convert(source, targets, plan, options, recovery, say)
 
 
 def preflight(source, outputs, options: ConvertOptions) -> tuple[list[Path], dict]:
@@ -249,9 +120,9 @@ def preflight(source, outputs, options: ConvertOptions) -> tuple[list[Path], dic
     from sepconv.convert.loading import file_kind
 
     source = Path(source)
-    targets = _check_outputs(source, outputs, options)
+    targets = check_outputs(source, outputs, options)
     plan = options.plan()
-    _check_modes(targets, plan, options)
+    check_modes(targets, plan, options)
     file_kind(source)
     for data in (options.data, options.validation_data, options.test_data):
         if data:
@@ -311,9 +182,9 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     say("load", f"{source} ({params:,} parameters)")
     _check_input_size(model)
     with timer("data"):
-        train, calibration, validation, heldout, data_info = _data(model, options)
+        train, calibration, validation, heldout, data_info = datasets(model, options)
     say("data", data_info["description"])
-    say("plan", _plan_line(plan, options))
+    say("plan", plan_line(plan, options))
     source_sha256 = sha256(source)
 
     from sepconv.convert.verification import Outputs
@@ -352,7 +223,7 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
 
     remove_checkpoints(recovery_options)
     return ConvertResult(source={"path": str(source), "sha256": source_sha256, "params": params},
-                         quantize=plan["quantize"], quantize_reason=_quantize_reason(options, plan),
+                         quantize=plan["quantize"], quantize_reason=quantize_reason(options, plan),
                          data=data_info, separation=report.to_dict() if report else None,
                          recovery=recovery.to_dict() if recovery else None, plan=plan, artifacts=artifacts,
                          seconds=timer.seconds, warnings=tuple(warnings))
@@ -408,42 +279,6 @@ def _trusted(safe_mode: bool):
         yield
 
 
-@contextlib.contextmanager
-def _locked(paths: list[Path]):
-    """An exclusive lock per output and per checkpoint folder for the whole run: a second run writing any of them
-    fails at once instead of overwriting the first one's files. Each lock is a `.NAME.lock` file beside the path,
-    held with flock and removed at the end (a killed run leaves it, unlocked: the next run takes it over)."""
-    held = []
-    try:
-        for path in sorted({p.absolute() for p in paths}):
-            if path.parent.is_dir():  # a checkpoint folder under a folder not made yet: nobody can be writing it
-                held.append(_lock(path))
-        yield
-    finally:
-        for lock, fd in reversed(held):
-            lock.unlink(missing_ok=True)  # while still holding it, so that nobody takes a lock on a removed file
-            os.close(fd)
-
-
-def _lock(path: Path) -> tuple[Path, int]:
-    lock = path.with_name(f".{path.name}.lock")
-    while True:
-        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            os.close(fd)
-            raise OutputBusyError(f"another convert-model run is writing {path} (it holds {lock}): wait for it to "
-                                  f"finish or choose another output") from None
-        try:
-            current = os.stat(lock).st_ino == os.fstat(fd).st_ino
-        except FileNotFoundError:
-            current = False
-        if current:
-            return lock, fd
-        os.close(fd)  # the run that held it removed it while we waited for it: lock the new one
-
-
 def _export_all(exported, original, targets, quantize, calibration, held, data_info, options, source, report,
                 recovery, timer, say) -> tuple[Artifact, ...]:
     """Stage every artifact in a temporary file, verify it, then commit them all (or none). original: Outputs of the
@@ -474,7 +309,7 @@ def _export_all(exported, original, targets, quantize, calibration, held, data_i
         if options.latency is not None and recovery is not None and (recovery.budget or {}).get("latency"):
             from sepconv.convert.latency_table import record_measured
 
-            record_measured(staged, recovery.budget["latency"], _latency_options(options, quantize, targets), say)
+            record_measured(staged, recovery.budget["latency"], latency_options(options, quantize, targets), say)
         return tuple(_commit(s) for s in staged)
     finally:
         for item in staged:
@@ -502,212 +337,6 @@ def _fall_back(item: dict, *stage_args) -> dict:
         if item["verification"].passed:
             break
     return item
-
-
-def _default(value, default: bool) -> bool:
-    return default if value is None else bool(value)
-
-
-def _recovery_options(options: ConvertOptions, plan: dict, targets: list[Path]):
-    from sepconv.convert.budget import BudgetOptions
-    from sepconv.convert.recovery import RecoveryOptions
-
-    budget = plan["max_accuracy_drop"]
-    folder = options.checkpoint_dir or str(targets[0].with_name(targets[0].name + CHECKPOINTS_SUFFIX))
-    return RecoveryOptions(refine=plan["refine"], recalibrate_bn=plan["recalibrate_bn"], epochs=plan["epochs"],
-                           finetune=options.finetune,
-                           budget=None if budget is None else BudgetOptions(max_drop=budget, refine=plan["refine"]),
-                           checkpoint_dir=folder, resume=options.resume,
-                           latency=_latency_options(options, plan["quantize"], targets))
-
-
-def _latency_options(options: ConvertOptions, quantize: str, targets: list[Path]):
-    """options.latency with the export options of the first .tflite / .onnx output (what its table must time)."""
-    if options.latency is None:
-        return None
-    from sepconv.convert.latency_table import for_export
-
-    units = [target_for(t) for t in targets]
-    return for_export(options.latency, [(unit, options.target_options(unit)) for unit in units], quantize)
-
-
-def _quantize_reason(options: ConvertOptions, plan: dict) -> str:
-    if options.quantize != "auto":
-        return f"quantize={plan['quantize']}"
-    return f"quantize=auto -> {plan['quantize']} ({'data given' if options.data else 'no data given'})"
-
-
-def _plan_line(plan: dict, options: ConvertOptions) -> str:
-    """One line: what will happen, which choices were defaults, and the hint when there is no data."""
-    if not options.separate:
-        steps = ["no separation"]
-    elif plan["max_accuracy_drop"] is not None:
-        steps = [f"rank per layer for --max-accuracy-drop {plan['max_accuracy_drop']}"]
-        if options.latency is not None:
-            steps[0] += (f" and latency measured on {options.latency.where or 'this machine'}"
-                         + (f" (target {options.latency.target.describe()})" if options.latency.target.given else ""))
-    else:
-        steps = [f"separation {_policy_text(options.separation)}"]
-    steps += ["refine" if plan["refine"] else "no refine",
-              "BatchNorm recalibration" if plan["recalibrate_bn"] else "no BatchNorm recalibration",
-              f"fine-tune up to {plan['epochs']} epochs" if plan["epochs"] else "no fine-tuning",
-              f"quantize {plan['quantize']}"]
-    line = ", ".join(steps)
-    if plan["defaults"]:
-        line += f" (defaults {'with' if options.data else 'without'} --data: {', '.join(plan['defaults'])})"
-    if not options.data and options.separate:
-        conservative = options.separation.rank is None and options.separation.energy is None
-        line += ("; hint: " + ("without data this conservative separation is checked only by its outputs' similarity "
-                               "on synthetic inputs - " if conservative
-                               else "") + "pass --data (your images) to choose the rank for an accuracy budget, "
-                 "fine-tune and quantize to int8, where the real savings are")
-    return line
-
-
-def _policy_text(separation: SeparationOptions) -> str:
-    policy = separation.policy
-    return f"K={policy.rank}" if policy.rank is not None else f"energy={policy.energy}"
-
-
-def _check_outputs(source: Path, outputs, options: ConvertOptions) -> list[Path]:
-    """Every output problem at once, before any work: extension, duplicate, existing file, folder."""
-    if isinstance(outputs, (str, os.PathLike)):
-        outputs = [outputs]
-    targets = [Path(o) for o in outputs]
-    if not targets:
-        raise OutputPathError(f"No output given; name at least one {extensions_text()} file")
-    problems = []
-    seen = set()
-    for target in targets:
-        if target_for(target) is None:
-            problems.append(f"{target}: unknown extension {target.suffix!r}, use one of "
-                            f"{sorted(registered_targets())}")
-        elif target.resolve() in seen:
-            problems.append(f"{target}: named twice")
-        elif source.exists() and target.exists() and target.resolve() == source.resolve():
-            problems.append(f"{target}: is the input model; choose another output name")
-        elif target.is_dir():
-            problems.append(f"{target}: is a directory")
-        elif target.exists() and not options.overwrite:
-            problems.append(f"{target}: exists; pass --overwrite (overwrite=True) to replace it")
-        elif not target.parent.resolve().is_dir():
-            problems.append(f"{target}: folder {target.parent} does not exist; create it first")
-        elif not _writable(target.parent):
-            problems.append(f"{target}: folder {target.parent} is not writable")
-        seen.add(target.resolve())
-    if problems:
-        raise OutputPathError("; ".join(problems))
-    return targets
-
-
-def _writable(folder: Path) -> bool:
-    """Try it: os.access says yes to root even on a read-only file system."""
-    try:
-        with tempfile.TemporaryFile(dir=folder):
-            return True
-    except OSError:
-        return False
-
-
-def _check_modes(targets: list[Path], plan: dict, options: ConvertOptions) -> None:
-    quantize = plan["quantize"]
-    # (wanted, flag, what it does, whether it works on separated layers only)
-    needs_data = [(plan["refine"], "--refine", "refits separated layers on calibration images", True),
-                  (plan["recalibrate_bn"], "--recalibrate-bn", "re-estimates BatchNorm statistics on calibration "
-                                                               "images", True),
-                  (plan["epochs"], "--epochs", "fine-tunes on your images", True),
-                  (plan["max_accuracy_drop"] is not None, "--max-accuracy-drop", "measures accuracy on validation "
-                                                                                 "images", True),
-                  (options.test_data, "--test-data", "scores a model trained or calibrated on --data", False),
-                  (options.validation_data, "--validation-data", "chooses what is done with --data", False)]
-    for wanted, flag, what, separated_only in needs_data:
-        if wanted and not options.data:
-            raise InvalidOptionError(f"{flag} {what}; pass --data (an .npz or a folder of images)")
-        if wanted and not options.separate and separated_only:
-            raise InvalidOptionError(f"{flag} works on separated layers; it cannot be combined with --no-separate")
-    ignored = [flag for flag, value in (("--rank", options.separation.rank), ("--energy", options.separation.energy),
-                                        ("--include", options.separation.include),
-                                        ("--exclude", options.separation.exclude)) if value]
-    if ignored and not options.separate:
-        raise InvalidOptionError(f"{' / '.join(ignored)} choose what to separate; they cannot be combined with "
-                                 f"--no-separate (drop one or the other)")
-    if options.max_accuracy_drop is not None and any(
-            v is not None for v in (options.separation.rank, options.separation.energy, options.separation.ranks)):
-        raise InvalidOptionError("--max-accuracy-drop chooses the rank of each layer; drop --rank / --energy, or "
-                                 "drop --max-accuracy-drop to use them")
-    if options.latency is not None and (plan["max_accuracy_drop"] is None or not options.separate):
-        raise InvalidOptionError("--target-latency / --target-speedup / --latency-on choose each layer's K with the "
-                                 "accuracy budget; pass --data (and --max-accuracy-drop, not --rank / --energy / "
-                                 "--no-separate)")
-    if options.resume and not plan["epochs"]:
-        raise InvalidOptionError("--resume continues an interrupted fine-tuning; it needs --epochs >= 1 and --data")
-    if quantize in NEEDS_DATA and not options.data:
-        raise InvalidOptionError(f"--quantize {quantize} calibrates activations on representative data; pass --data "
-                                 f"(an .npz or a folder of images) or use --quantize dynamic")
-    for path in targets:
-        target = target_for(path)
-        target.check(options.target_options(target), quantize, path)
-
-
-def _data(model, options: ConvertOptions):
-    """(train, calibration inputs, validation, test, description) for the run; without data: (None, None, None,
-    synthetic test inputs, description). The three roles never share a sample (module recovery.py says who uses what).
-    """
-    from sepconv.convert.data import Dataset, resolve_scale
-
-    if len(model.inputs) != 1:
-        raise UnsupportedModelError(f"convert-model handles single-input models; this one has {len(model.inputs)} "
-                                    f"inputs: use export_tflite / export_onnx from the Python API")
-    data_options, scale_note = resolve_scale(model, options.data_options)
-    preprocessing = {"scale": data_options.scale, "mean": data_options.mean, "std": data_options.std,
-                     "reason": scale_note}
-    if options.data:
-        data = _labelled_data(options.data, model, data_options)
-        if options.test_data:
-            rest, test = data, _labelled_data(options.test_data, model, data_options)
-        else:
-            rest, test = split(data, heldout=options.heldout_fraction)
-        if options.validation_data:
-            train = rest.take(np.random.default_rng(1).permutation(len(rest)))  # all of it, shuffled
-            validation = _labelled_data(options.validation_data, model, data_options)
-        else:
-            train, validation = split(rest, heldout=options.validation_fraction, seed=1)
-        calibration = train.take(np.arange(min(options.calibration_samples, len(train))))
-        labels = "labelled" if data.y is not None else "unlabelled"
-        held = f"{len(test)} from {test.source}" if options.test_data else f"{len(test)} held out"
-        info = {"source": data.source, "test_source": test.source if options.test_data else None,
-                "validation_source": validation.source if options.validation_data else None,
-                "samples": len(data), "labelled": data.y is not None, "scale": data_options.scale,
-                "preprocessing": preprocessing,
-                "train_samples": len(train), "calibration_samples": len(calibration),
-                "validation_samples": len(validation), "heldout_samples": len(test),
-                "heldout_labelled": test.y is not None,
-                "description": f"{len(data)} {labels} samples from {data.source} ({scale_note}): {len(train)} to train "
-                               f"on (a random {len(calibration)} of them also calibrate), {len(validation)} to "
-                               f"validate (every choice), {held} to test (scoring and verification only)"}
-        return train, calibration.x, validation, test, info
-    shape = tuple(model.inputs[0].shape)
-    if any(d is None for d in shape[1:]):
-        raise UnsupportedModelError(f"The model's input {shape} has a free size besides the batch; pass --data so "
-                                    f"that sepconv knows what to feed it")
-    x = np.random.default_rng(0).random((SYNTHETIC_SAMPLES, *shape[1:]), dtype=np.float32)
-    info = {"source": None, "test_source": None, "samples": SYNTHETIC_SAMPLES, "labelled": False, "scale": None,
-            "preprocessing": preprocessing,
-            "train_samples": 0, "calibration_samples": 0, "validation_samples": 0,
-            "heldout_samples": SYNTHETIC_SAMPLES, "heldout_labelled": False,
-            "description": f"no --data: verifying on {SYNTHETIC_SAMPLES} synthetic uniform [0, 1) inputs, judged by "
-                           f"output similarity (pass --data for accuracy and a top-1 agreement check)"}
-    return None, None, None, Dataset(x, None, "synthetic uniform [0, 1) inputs"), info
-
-
-def _labelled_data(source, model, data_options):
-    """A data set read for `model`, its labels checked against the model's classes, and usable for a run."""
-    from sepconv.convert.data import check_usable
-
-    data = load_data(source, model.input_shape, data_options)
-    check_labels(data, int(model.outputs[0].shape[-1]))
-    check_usable(data, MIN_SAMPLES)
-    return data
 
 
 def _stage(model, original, expected, target: Path, quantize: str, calibration, held, data_info,

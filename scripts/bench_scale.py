@@ -143,7 +143,7 @@ def _model_and_calibration(name: str, folder: Path):
     import keras
 
     from sepconv.convert.cli import convert_options, convert_parser
-    from sepconv.convert.pipeline import _data
+    from sepconv.convert.run_data import datasets as _data
 
     started = time.perf_counter()
     model = keras.saving.load_model(folder / f"{name}.keras")

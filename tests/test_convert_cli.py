@@ -497,8 +497,8 @@ def test_a_checkpoint_folder_in_use_is_refused(tmp_path, small_h5):
     out, shared = tmp_path / "out", tmp_path / "shared.checkpoints"
     out.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys; from pathlib import Path; "
-                               "from sepconv.convert.pipeline import _locked\n"
-                               f"with _locked([Path({str(shared)!r})]):\n    print('held', flush=True); sys.stdin.read()"],
+                               "from sepconv.convert.outputs import locked\n"
+                               f"with locked([Path({str(shared)!r})]):\n    print('held', flush=True); sys.stdin.read()"],
                               stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline().strip() == "held"

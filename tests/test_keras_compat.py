@@ -12,7 +12,8 @@ def _functional():
     inputs = keras.Input((8, 8, 3), name="pixels")
     conv = keras.layers.Conv2D(4, 3, name="conv")(inputs)
     norm = keras.layers.BatchNormalization(name="norm")(conv)
-    inner = keras.Sequential([keras.Input((6, 6, 4)), keras.layers.Conv2D(2, 1, name="inner_conv")], name="inner")
+    inner = keras.Sequential([keras.Input((6, 6, 4), name="inner_input"), keras.layers.Conv2D(2, 1, name="inner_conv")],
+                             name="inner")
     return keras.Model(inputs, keras.layers.GlobalAveragePooling2D(name="pool")(inner(norm)), name="outer")
 
 
@@ -31,7 +32,7 @@ def test_the_graph_walk():
     assert {node.operation.name for node in nodes} == {"pixels", "conv", "norm", "inner", "pool"}
     sequential = model.get_layer("inner")
     assert keras_compat.graph_of(sequential) is not None, "a Sequential's graph is the Functional it keeps inside"
-    assert {node.operation.name for node in keras_compat.graph_nodes(sequential)} == {"input_layer", "inner_conv"}
+    assert {node.operation.name for node in keras_compat.graph_nodes(sequential)} == {"inner_input", "inner_conv"}
     assert keras_compat.graph_of(_Subclassed()) is None and keras_compat.graph_nodes(_Subclassed()) is None
     assert len(keras_compat.calls_of(model.get_layer("conv"))) == 1
     assert [layer.name for layer in keras_compat.readers_of(model.get_layer("conv"))] == ["norm"]
