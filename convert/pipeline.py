@@ -192,6 +192,7 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     report = recovery = None
     exported = model
     reference = Outputs(model, heldout.x)  # the original's outputs on the test inputs: computed once, used throughout
+    validation_reference = Outputs(model, validation.x) if validation is not None else None  # the same, validation
     warnings = []
     if options.separate:
         from sepconv.convert.recovery import recover
@@ -199,11 +200,12 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
         with timer("separate and recover"), _disk_full_as("writing checkpoints in", recovery_options.checkpoint_dir):
             exported, report, recovery = recover(model, train, calibration, validation, heldout,
                                                  options.separation, recovery_options, source_sha256=source_sha256,
-                                                 progress=say, reference=reference)
+                                                 progress=say, reference=reference,
+                                                 validation_reference=validation_reference)
         if not report.separated:
             warnings.append(_nothing_separated(report))
             say("warning", warnings[-1])
-        held = HeldOut(validation, heldout, _original_top1(model, validation, recovery))
+        held = HeldOut(validation, heldout, _original_top1(validation_reference, validation, recovery))
         del model  # only its outputs on the test inputs are needed from here on (reference.values)
     else:
         held = HeldOut(validation, heldout)
@@ -229,14 +231,13 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
                          seconds=timer.seconds, warnings=tuple(warnings))
 
 
-def _original_top1(model, validation, recovery) -> np.ndarray | None:
-    """The original's top-1 classes on the validation data, kept for the artifacts' budget check when the data has no
-    labels (agreement with the original is then the metric); None when no budget will be checked."""
+def _original_top1(validation_reference, validation, recovery) -> np.ndarray | None:
+    """The original's top-1 classes on the validation data (from the outputs recovery scored with), kept for the
+    artifacts' budget check when the data has no labels (agreement with the original is then the metric); None when
+    no budget will be checked."""
     if recovery is None or not recovery.budget or validation is None or validation.y is not None:
         return None
-    from sepconv.convert.verification import predict_keras
-
-    return top1(predict_keras(model, validation.x)[0])
+    return top1(validation_reference.values[0])
 
 
 def _nothing_separated(report) -> str:

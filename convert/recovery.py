@@ -131,18 +131,20 @@ class Step:
 
 
 def recover(original, train, calibration: np.ndarray | None, validation, test, separation: SeparationOptions,
-            options: RecoveryOptions, *, source_sha256: str = "", progress: Progress | None = None, reference=None):
+            options: RecoveryOptions, *, source_sha256: str = "", progress: Progress | None = None, reference=None,
+            validation_reference=None):
     """(separated model, SeparationReport, RecoveryReport): see the module doc. `train`, `validation` and `test` are
     Datasets (x, y or None): the first trains (`calibration`, a part of it, feeds refinement, BatchNorm statistics and
     the budget search's refinement), the second chooses (sensitivity, early stopping, which stages are kept), the
     third only scores. Without data `validation` is None: nothing is chosen, only the separation runs.
-    reference: verification.Outputs of `original` on the test inputs, shared with the caller's verification."""
+    reference / validation_reference: verification.Outputs of `original` on the test / validation inputs, shared
+    with the caller (verification, the artifacts' budget check), so that the original runs once on each."""
     from sepconv.convert.separation import separate_with
 
     say = progress or (lambda stage, message: None)
     folder = Path(options.checkpoint_dir) if options.epochs else None
     state = _open_state(folder, options, source_sha256, separation)
-    scorer = _Scorer(original, validation, test, reference)
+    scorer = _Scorer(original, validation, test, {"test": reference, "validation": validation_reference})
     stages = [scorer.stage("original", original, 0.0)]
     plan = state.get("plan")
     if options.budget is not None and plan is None:
@@ -284,14 +286,18 @@ def _recalibrate(context: Context):
                                  progress=lambda message: context.say("batchnorm", message))
 
 
-def _has_batchnorm(context: Context, always: bool = False) -> bool:
-    """The model has BatchNorm layers (and, unless `always`, their recalibration was asked for)."""
+def _has_batchnorm(context: Context) -> bool:
+    """The separated model has BatchNorm layers (nested models included)."""
     import keras
 
     from sepconv.convert.separation import leaf_layers
 
-    return (always or context.options.recalibrate_bn) and any(
-        isinstance(layer, keras.layers.BatchNormalization) for _, layer in leaf_layers(context.model))
+    return any(isinstance(layer, keras.layers.BatchNormalization) for _, layer in leaf_layers(context.model))
+
+
+def _recalibrate_applies(context: Context) -> bool:
+    """BatchNorm recalibration was asked for and the model has BatchNorm layers to recalibrate."""
+    return bool(context.options.recalibrate_bn) and _has_batchnorm(context)
 
 
 def _finetune(context: Context, *, frozen: bool = False):
@@ -339,12 +345,12 @@ def _finetune_frozen_applies(context: Context) -> bool:
     moving averages so much that training at them never helps at inference (mini_xception at K=1: 84% -> 89% on
     validation with them, 97% frozen); where they agree it costs a few epochs (early stopping) and changes nothing."""
     return bool(context.options.finetune.frozen_batchnorm_pass and context.state.get("finetune") is not None
-                and _has_batchnorm(context, always=True))
+                and _has_batchnorm(context))
 
 
 STEPS = (
     Step("refined", "refine", lambda c: bool(c.options.refine and c.report.separated), _refine, _refine_summary),
-    Step("batchnorm recalibrated", "batchnorm", _has_batchnorm, _recalibrate,
+    Step("batchnorm recalibrated", "batchnorm", _recalibrate_applies, _recalibrate,
          lambda result: f"{len(result)} BatchNorm layers re-estimated; "),
     Step("fine-tuned", "finetune", lambda c: bool(c.options.epochs and c.report.separated), _finetune, _finetune_summary),
     Step("fine-tuned, BatchNorm frozen", "finetune-bn", _finetune_frozen_applies,
@@ -385,15 +391,14 @@ class _Scorer:
     """Scores Keras models against the labels and the original's predictions on the validation data (which decides)
     and on the test data (which only reports)."""
 
-    def __init__(self, original, validation, test, reference=None):
-        """reference: verification.Outputs of the original on the test inputs, if the caller has them."""
+    def __init__(self, original, validation, test, references=None):
+        """references: {role: verification.Outputs of the original on that role's inputs}, those the caller has."""
         from sepconv.convert.verification import predict_keras
 
+        given = references or {}
         self._sets = {"test": test, "validation": validation}
-        outputs = {role: predict_keras(original, data.x) for role, data in self._sets.items()
-                   if data is not None and not (role == "test" and reference is not None)}
-        if reference is not None:
-            outputs["test"] = reference.values
+        outputs = {role: given[role].values if given.get(role) is not None else predict_keras(original, data.x)
+                   for role, data in self._sets.items() if data is not None}
         self._original, self.original_outputs = original, outputs
         self._reference = {role: top1(values[0]) for role, values in outputs.items()}
         self.samples = len(test.x)

@@ -1,5 +1,7 @@
 """Accuracy budget, BatchNorm recalibration, feature distillation and the recovery stages of convert_model."""
 
+from pathlib import Path
+
 import keras
 import numpy as np
 import pytest
@@ -8,7 +10,7 @@ from sepconv.convert import convert_model, separate
 from sepconv.convert.budget import KEEP, BudgetOptions, Candidate, LayerSensitivity, choose, plan_budget
 from sepconv.convert.errors import BudgetError, CheckpointError, InvalidOptionError
 from sepconv.convert.finetuning import finetune
-from sepconv.convert.recovery import _check_budget, _Scorer
+from sepconv.convert.recovery import STEPS, _check_budget, _Scorer
 from sepconv.convert.refinement import layer_input as _layer_input, recalibrate_batchnorm
 from sepconv.convert.verification import predict_keras
 from test_finetuning import agreement, teacher_and_data
@@ -18,6 +20,25 @@ def layer(path, drops, params):
     """A synthetic sensitivity: K=1, 2, ... with these drops and parameter counts, then KEEP."""
     candidates = [Candidate(k + 1, p, 0.0, d) for k, (d, p) in enumerate(zip(drops, params[:-1]))]
     return LayerSensitivity(path, len(drops), tuple(candidates) + (Candidate(KEEP, params[-1], 0.0, 0.0),))
+
+
+# Each recovery stage's own test: the file and the test that show what the stage does. A new Step in STEPS needs its
+# line here (test_every_recovery_stage_has_a_test_case), as a new rewrite needs a model in tests/models.py.
+STAGE_CASES = {
+    "refined": ("test_refinement.py", "test_refinement_reduces_every_layer_error"),
+    "batchnorm recalibrated": ("test_recovery.py", "test_batchnorm_statistics_are_re_estimated_in_graph_order"),
+    "fine-tuned": ("test_finetuning.py", "test_finetuning_improves_agreement"),
+    "fine-tuned, BatchNorm frozen": ("test_recovery.py",
+                                     "test_a_batchnorm_model_gets_a_frozen_batchnorm_pass_judged_on_validation"),
+}
+
+
+def test_every_recovery_stage_has_a_test_case():
+    missing = [step.name for step in STEPS if step.name not in STAGE_CASES]
+    assert not missing, f"recovery stages with no test case in STAGE_CASES: {missing}"
+    assert len({step.name for step in STEPS}) == len(STEPS), "stage names are the report's keys: one each"
+    for name, (file, test) in STAGE_CASES.items():
+        assert f"\ndef {test}(" in (Path(__file__).parent / file).read_text(), f"{name}: no {test} in tests/{file}"
 
 
 def test_choose_spends_the_budget_where_it_buys_most():
@@ -61,6 +82,26 @@ def test_budget_check_fails_loudly():
                                           r"accuracy on 48 validation samples.*nothing was written"):
         _check_budget(plan, stages, scorer)
     assert _check_budget(dict(plan, max_drop=100.0), stages, scorer)["held"] is True
+
+
+def test_the_scorer_takes_the_originals_outputs_it_is_handed():
+    """The pipeline hands the original's outputs on the test and validation inputs to recovery (and keeps them for the
+    artifacts' budget check), so the original runs once on each: the scorer must judge against those, not its own."""
+    teacher, x, y = teacher_and_data(n=64)
+
+    class Given:  # what verification.Outputs offers: the outputs, already computed
+        def __init__(self, x):
+            self.values = [np.roll(np.asarray(teacher(x)), 1, axis=1)]  # every class moved one on: no agreement
+
+    copy = keras.models.clone_model(teacher)
+    copy.set_weights(teacher.get_weights())
+    validation, test = _Data(x[:48], y[:48]), _Data(x[48:], y[48:])
+    own = _Scorer(teacher, validation, test).stage("copy", copy, 0.0)
+    handed = _Scorer(teacher, validation, test, {"test": Given(test.x), "validation": Given(validation.x)})
+    stage = handed.stage("copy", copy, 0.0)
+    assert own.agreement == 1.0 and own.val_agreement == 1.0, "the same model agrees with itself"
+    assert stage.agreement == 0.0 and stage.val_agreement == 0.0, "agreement is counted against the outputs handed over"
+    assert stage.accuracy == own.accuracy, "accuracy still counts against the labels"
 
 
 class _Data:
