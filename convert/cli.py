@@ -589,17 +589,16 @@ def _demo_speed(args, model_path: Path) -> dict:
     """The speed table: bench-model's harness on the eight demo artifacts at 1 and 2 threads, with test accuracy."""
     from sepconv.convert import demo
     from sepconv.deploy.bench import benchmark
-    from sepconv.deploy.cli import cases_table
 
     train, test = args.out / "digits_train.npz", args.out / "digits_test.npz"
     if args.json != "-":
         print("== speed: original and separated (K=1, refined), float32 and int8, TFLite and ONNX (bench-model)")
     paths = demo.speed_artifacts(model_path, args.out / "speed", train, test)
     report = benchmark(paths, threads=(1, 2), inputs=str(test), min_seconds=args.bench_time, min_runs=50,
-                       progress=None if args.json == "-" else lambda message: print(f"  {message}", flush=True)).to_dict()
+                       progress=None if args.json == "-" else lambda message: print(f"  {message}", flush=True))
     if args.json != "-":
-        print(cases_table(report) + "\n")
-    return report
+        print(report.table() + "\n")
+    return report.to_dict()
 
 
 def demo_main(argv=None) -> int:
