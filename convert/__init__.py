@@ -46,7 +46,7 @@ _EXPORTS = {
     "FinetuneOptions": "sepconv.convert.finetuning",
     "convert_model": "sepconv.convert.pipeline",
     "ConvertOptions": "sepconv.convert.pipeline",
-    "ConvertResult": "sepconv.convert.pipeline",
+    "ConvertResult": "sepconv.convert.results",
     "errors": "sepconv.convert.errors",
 }
 

@@ -97,6 +97,52 @@ class RecoveryReport:
         """The last kept stage: the model that is exported."""
         return [stage for stage in self.stages if stage.kept][-1]
 
+    def table(self) -> str:
+        """The budget's per-layer table (budget mode), then each stage's scores and verdict."""
+        return "\n\n".join(part for part in (self.budget_table(), self.stages_table()) if part)
+
+    def budget_table(self) -> str:
+        """Per layer: the K chosen and the points lost at each K when only that layer is separated (validation), then
+        the budget predicted and measured; empty without a budget."""
+        from tabulate import tabulate
+
+        budget = self.budget
+        if not budget:
+            return ""
+        ranks = sorted({c["rank"] for layer in budget["layers"] for c in layer["candidates"] if c["rank"]})
+        rows = [[layer["path"], budget["ranks"].get(layer["path"], "kept")] + [_drop_cell(layer, k) for k in ranks]
+                for layer in budget["layers"]]
+        return (tabulate(rows, headers=["layer", "K chosen"] + [f"drop K={k}" for k in ranks], tablefmt="simple",
+                         disable_numparse=True)
+                + f"\nsensitivity: points of {budget['metric']} lost when only that layer is separated (on "
+                  f"{budget['samples']} validation samples); budget {budget['max_drop']}, predicted "
+                  f"{budget['predicted_drop']:.2f}, measured after recovery {budget['measured_drop']:.2f} "
+                  f"(validation): {'held' if budget['held'] else 'NOT held'}; on the test data "
+                  f"{budget['test_drop']:.2f}")
+
+    def stages_table(self) -> str:
+        """Each stage: kept or rejected, parameters, the validation score that decided, the test scores that only
+        report; then what was rejected and why."""
+        from tabulate import tabulate
+
+        from sepconv.convert.results import percent
+
+        rows = [[stage.name, "kept" if stage.kept else "REJECTED", f"{stage.params:,}",
+                 percent(stage.val_accuracy if stage.val_accuracy is not None else stage.val_agreement),
+                 percent(stage.accuracy), percent(stage.agreement), f"{stage.seconds:.1f}"] for stage in self.stages]
+        metric = "accuracy" if any(stage.val_accuracy is not None for stage in self.stages) else "agreement"
+        text = tabulate(rows, headers=["stage", "verdict", "params", f"val {metric}", "test accuracy",
+                                       "agrees w/ original", "seconds"], tablefmt="simple", disable_numparse=True)
+        rejected = [f"{stage.name} ({stage.note})" for stage in self.stages if not stage.kept]
+        text += (f"\na stage is kept only if the validation {metric} (on {self.validation_samples} samples) does not "
+                 f"fall; test figures on {self.samples} samples only report (Keras models)")
+        return text + (f"\nrejected: {'; '.join(rejected)}" if rejected else "")
+
+
+def _drop_cell(layer: dict, rank: int) -> str:
+    found = [c for c in layer["candidates"] if c["rank"] == rank]
+    return f"{found[0]['drop']:+.2f}" if found else ""
+
 
 Progress = Callable[[str, str], None]
 

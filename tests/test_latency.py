@@ -186,7 +186,6 @@ def test_measure_table_times_every_candidate_once_then_reads_the_cache(tiny, tmp
 
 
 def test_convert_model_chooses_for_latency_and_reports_prediction_and_measurement(tiny, tmp_path):
-    from sepconv.convert.cli import recovery_tables
     from sepconv.convert.latency_table import LatencyOptions
     from sepconv.convert.pipeline import convert_model
     from sepconv.deploy.timing import TimingOptions
@@ -199,7 +198,7 @@ def test_convert_model_chooses_for_latency_and_reports_prediction_and_measuremen
     result = convert_model(tmp_path / "m.keras", [tmp_path / "m.tflite"], data=str(tmp_path / "d.npz"), epochs=0,
                            quantize="none", max_accuracy_drop=50.0, refine=False, recalibrate_bn=False,
                            latency=options)
-    budget = result.recovery["budget"]
+    budget = result.recovery.budget
     latency = budget["latency"]
     assert latency["table"]["format"] == "tflite" and latency["table"]["quantize"] == "none"
     assert budget["ranks"] == latency["choice"]["ranks"], "the separation follows the latency choice"
@@ -212,7 +211,7 @@ def test_convert_model_chooses_for_latency_and_reports_prediction_and_measuremen
     manifest = json.loads((tmp_path / "m.tflite.json").read_text())
     assert manifest["latency"] == measured and manifest["recovery"]["budget"]["latency"]["choice"]["ranks"] == \
         budget["ranks"]
-    text = recovery_tables(result)
+    text = result.table()
     assert "us chosen" in text and "whole model predicted" in text and "m.tflite: measured" in text
 
 

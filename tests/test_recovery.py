@@ -159,17 +159,17 @@ def test_convert_model_budget_stages_and_checkpoints(tmp_path):
                            quantize="none", max_accuracy_drop=15.0, epochs=4,
                            progress=lambda stage, message: lines.append((stage, message)))
     recovery = result.recovery
-    assert [s["name"] for s in recovery["stages"]] == ["original", "separated", "refined", "fine-tuned"], \
+    assert [s.name for s in recovery.stages] == ["original", "separated", "refined", "fine-tuned"], \
         "no BatchNorm in this model: no recalibration stage"
-    assert recovery["budget"]["ranks"], "a 15-point budget separates something"
-    assert recovery["budget"]["held"] and recovery["budget"]["measured_drop"] <= 15.0
-    assert recovery["samples"] == 256 and recovery["validation_samples"] == 154 and result.data["train_samples"] == 614
-    assert recovery["budget"]["samples"] == 154, "the sensitivity is measured on the validation data, not the test data"
-    original, final = recovery["stages"][0], recovery["stages"][-1]
-    assert final["accuracy"] > recovery["stages"][1]["accuracy"], f"recovery must beat the raw separation: {recovery}"
-    assert original["accuracy"] - final["accuracy"] <= 0.15 + 1e-9
-    assert final["params"] < original["params"]
-    assert result.plan["defaults"] == ["refine", "recalibrate_bn"], "quantize was given"
+    assert recovery.budget["ranks"], "a 15-point budget separates something"
+    assert recovery.budget["held"] and recovery.budget["measured_drop"] <= 15.0
+    assert recovery.samples == 256 and recovery.validation_samples == 154 and result.data.train_samples == 614
+    assert recovery.budget["samples"] == 154, "the sensitivity is measured on the validation data, not the test data"
+    original, final = recovery.stages[0], recovery.stages[-1]
+    assert final.accuracy > recovery.stages[1].accuracy, f"recovery must beat the raw separation: {recovery}"
+    assert original.accuracy - final.accuracy <= 0.15 + 1e-9
+    assert final.params < original.params
+    assert result.plan.defaults == ("refine", "recalibrate_bn"), "quantize was given"
     assert any(stage == "finetune" and message.startswith("epoch 1/4") for stage, message in lines)
     assert not (tmp_path / "m.tflite.checkpoints").exists(), "checkpoints go once the artifacts are written"
     (tmp_path / "m.tflite.checkpoints").mkdir()
