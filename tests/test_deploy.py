@@ -428,6 +428,22 @@ def test_bench_flags_come_from_bench_options():
         ("--threads=1,2", "--providers=A,B")
 
 
+def test_latency_timing_on_a_device_uses_the_same_flags_and_reads_the_typed_report():
+    from sepconv.deploy.bench import BenchOptions
+    from sepconv.deploy.cli import bench_options, bench_parser
+    from sepconv.deploy.errors import RemoteRuntimeError
+    from sepconv.deploy.timing import TimingOptions, _deploy_options, _timing
+
+    options = _deploy_options(TimingOptions(threads=2, min_seconds=0.3, min_runs=30, warmup_seconds=0.05))
+    assert options.threads == (2,) and options.bench_args[-1] == "--quiet"
+    assert bench_options(bench_parser().parse_args(["m.tflite", *options.bench_args])) == BenchOptions(
+        min_runs=30, min_seconds=0.3, warmup_runs=3, warmup_seconds=0.05)
+    timing = _timing("pi", {"machine": "aarch64"}, True, [Path("m.tflite")], bench_report(0.5, "d" * 64))
+    assert timing.p50_ms == {"m.tflite": 1.0} and timing.runtime == "ai-edge-litert 1" and timing.seconds == 0.1
+    with pytest.raises(RemoteRuntimeError, match="the benchmark timed 1 of 2 artifacts"):
+        _timing("pi", {}, True, [Path("a.tflite"), Path("b.tflite")], bench_report(0.5, "d" * 64))
+
+
 @pytest.mark.parametrize("args, phrase", [
     (["sepconv-test", "model.pt"], "unrecognized artifact extension '.pt'"),
     (["sepconv-test", "missing.tflite"], "no such file"),
