@@ -151,14 +151,6 @@ class BenchReport:
 
         return cls(**{**known(cls, report), "cases": tuple(Case(**known(Case, case)) for case in report["cases"])})
 
-    def case(self, model: str, threads: int) -> Case:
-        """The case of artifact `model` (its file name) at `threads` threads."""
-        for case in self.cases:
-            if (case.model, case.threads) == (model, threads):
-                return case
-        raise KeyError(f"No case {model!r} at {threads} thread(s); cases: "
-                       f"{[(c.model, c.threads) for c in self.cases]}")
-
     def table(self, *, markdown: bool = False, mismatches=()) -> str:
         """The readable table (per case p50 [95% CI], p90, mean +- std, runs, speed-up, size, accuracy), then a line
         on the machine; a case in `mismatches` ((model, threads) pairs) is flagged DIFFERS FROM LOCAL."""

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
-from sepconv.deploy.bench import BenchReport
+from sepconv.deploy.bench import SCHEMA_VERSION, BenchReport
 from sepconv.deploy.errors import (ArtifactError, InvalidOptionError, RemoteError, RemoteInstallError,
                                    RemoteRuntimeError, SepconvError, UnsupportedDeviceError)
 from sepconv.deploy.files import sha256
@@ -352,10 +352,16 @@ def run_benchmark(conn: Connection, remote_paths: list[str], options: DeployOpti
         raise RemoteRuntimeError(f"{conn.target.label}: the benchmark failed on the device ({status}): "
                                  f"{_tail(done.stderr, 2)}")
     try:
-        return BenchReport.from_dict(json.loads(done.stdout.decode()))
-    except (json.JSONDecodeError, KeyError, TypeError):
+        report = json.loads(done.stdout.decode())
+    except json.JSONDecodeError:
         raise RemoteRuntimeError(f"{conn.target.label}: the benchmark's report was not JSON: "
                                  f"{_tail(done.stdout, 1)}") from None
+    try:
+        return BenchReport.from_dict(report)
+    except (AttributeError, KeyError, TypeError) as error:
+        raise RemoteRuntimeError(f"{conn.target.label}: the benchmark's report is not bench-model's (schema "
+                                 f"{SCHEMA_VERSION}): {error!r}; reinstall the device's runtime (delete its "
+                                 f"{options.remote_dir}/venv)") from None
 
 
 def prediction_mismatches(local: BenchReport, device: BenchReport) -> list[dict]:

@@ -395,6 +395,30 @@ def test_host_results_carry_a_report_or_an_error():
     assert bad.to_dict() == {"host": "gone", "error": {"type": "HostUnreachableError", "message": "gone: unreachable"}}
 
 
+def test_the_devices_report_is_read_back_typed_or_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from sepconv.deploy.errors import RemoteRuntimeError
+    from sepconv.deploy.remote import run_benchmark
+
+    class Device:
+        target = SimpleNamespace(label="pi")
+
+        def __init__(self, stdout: bytes):
+            self.stdout = stdout
+
+        def run(self, argv, **kwargs):
+            return SimpleNamespace(returncode=0, stdout=self.stdout, stderr=b"")
+
+    report = bench_report(0.5, "e" * 64)
+    back = run_benchmark(Device(report.to_json().encode()), ["m.tflite"], DeployOptions(), lambda *a: None)
+    assert back == report and back.cases[0].latency_ms["p50"] == 1.0
+    with pytest.raises(RemoteRuntimeError, match="pi: the benchmark's report was not JSON: oops"):
+        run_benchmark(Device(b"oops"), ["m.tflite"], DeployOptions(), lambda *a: None)
+    with pytest.raises(RemoteRuntimeError, match=r"pi: the benchmark's report is not bench-model's \(schema 1\)"):
+        run_benchmark(Device(b'{"schema": 1}'), ["m.tflite"], DeployOptions(), lambda *a: None)
+
+
 def test_deploy_returns_a_result_per_host(tmp_path, small_artifacts):
     from sepconv.deploy import deploy
     from sepconv.deploy.ssh import SshOptions
