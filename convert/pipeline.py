@@ -432,10 +432,10 @@ def _export_all(exported, original, targets, quantize, calibration, held, data_i
             error.details = {"quantization": {str(s["target"]): s["quantization"].to_dict() for s in failed
                                               if s.get("quantization") is not None}}
             raise error
-        if options.latency is not None and recovery is not None and (recovery.budget or {}).get("latency"):
+        if options.latency is not None and recovery is not None and recovery.budget and recovery.budget.plan.latency:
             from sepconv.convert.latency_table import record_measured
 
-            record_measured(staged, recovery.budget["latency"], _latency_options(options, quantize, targets), say)
+            record_measured(staged, recovery.budget.plan.latency, _latency_options(options, quantize, targets), say)
         return tuple(_commit(s) for s in staged)
     finally:
         for item in staged:

@@ -122,7 +122,7 @@ class ConvertResult:
         parts = []
         if self.recovery is not None:
             if self.recovery.budget:
-                parts += [self.recovery.budget_table(), latency_text(self.recovery.budget.get("latency"),
+                parts += [self.recovery.budget_table(), latency_text(self.recovery.budget.plan.latency,
                                                                      self.artifacts)]
             parts.append(self.recovery.stages_table())
         return "\n\n".join(part for part in [*parts, self.artifact_table()] if part)

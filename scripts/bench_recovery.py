@@ -97,8 +97,8 @@ def budget_row(args, split, baseline):
     int8_accuracy = float(np.mean(np.argmax(probs, 1) == split.y_test))
     recovery = result.recovery
     final = recovery.final
-    return {"ranks": recovery.budget["ranks"], "predicted_drop": recovery.budget["predicted_drop"],
-            "measured_drop": recovery.budget["measured_drop"], "held": recovery.budget["held"],
+    return {"ranks": recovery.budget.plan.ranks, "predicted_drop": recovery.budget.plan.predicted_drop,
+            "measured_drop": recovery.budget.measured_drop, "held": recovery.budget.held,
             "params_before": recovery.stages[0].params, "params_after": final.params,
             "stages": recovery.to_dict()["stages"], "keras_accuracy": final.accuracy,
             "int8_accuracy": int8_accuracy, "int8_bytes": result.artifacts[0].bytes,

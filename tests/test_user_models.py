@@ -53,14 +53,14 @@ def test_test_data_scores_but_never_chooses(tmp_path, labelled):
                                      data=str(labelled / "train.npz"), test_data=str(test_data), quantize="none",
                                      max_accuracy_drop=20.0, epochs=2))
     a, b = (r.recovery for r in results)
-    assert a.budget["samples"] == a.validation_samples == 90 and a.samples == 150
+    assert a.budget.plan.samples == a.validation_samples == 90 and a.samples == 150
     assert results[0].data.train_samples == 360 and results[0].data.validation_samples == 90
-    assert a.budget["ranks"] == b.budget["ranks"] and a.budget["layers"] == b.budget["layers"], \
+    assert a.budget.plan.ranks == b.budget.plan.ranks and a.budget.plan.layers == b.budget.plan.layers, \
         "the rank per layer must not depend on the test data"
     assert [(s.name, s.kept, s.val_accuracy) for s in a.stages] == \
         [(s.name, s.kept, s.val_accuracy) for s in b.stages], "nor which stages are kept"
     assert a.stages[0].accuracy != b.stages[0].accuracy, "the test figures come from the test data"
-    assert "measured_drop" in a.budget and "test_drop" in a.budget
+    assert a.budget.measured_on == "90 validation samples" and a.budget.test_samples == 150
 
 
 def _harmful(context):
@@ -129,11 +129,11 @@ def test_nested_backbone_is_budgeted_refined_and_recalibrated(tmp_path):
     result = convert_model(tmp_path / "transfer.keras", [tmp_path / "t.tflite"], data=str(tmp_path / "data.npz"),
                            quantize="none", max_accuracy_drop=50.0, epochs=0)
     recovery = result.recovery
-    measured = [layer["path"] for layer in recovery.budget["layers"]]
+    measured = [layer.path for layer in recovery.budget.plan.layers]
     assert measured == ["backbone/stem", "backbone/a", "backbone/b"], measured
-    assert recovery.budget["ranks"], "a 50-point budget separates layers of the nested backbone"
+    assert recovery.budget.plan.ranks, "a 50-point budget separates layers of the nested backbone"
     refined = [layer for layer in recovery.refinement["layers"] if layer["status"] == "refined"]
-    assert {layer["path"] for layer in refined} == set(recovery.budget["ranks"]), recovery.refinement
+    assert {layer["path"] for layer in refined} == set(recovery.budget.plan.ranks), recovery.refinement
     recalibrated = [b["path"] for b in recovery.batchnorm]
     assert recalibrated[0] == "backbone/stem_bn" and sorted(recalibrated) == [
         "backbone/a_bn", "backbone/b_bn", "backbone/proj_bn", "backbone/stem_bn"], "every BatchNorm, in graph order"
@@ -408,7 +408,7 @@ def test_validation_data_from_its_own_file(tmp_path, labelled):
                            quantize="none", max_accuracy_drop=20.0, epochs=1)
     assert result.data.train_samples == 450 and result.data.validation_samples == 60
     assert result.data.validation_source == str(tmp_path / "val.npz")
-    assert result.recovery.budget["samples"] == 60 and result.recovery.samples == 90
+    assert result.recovery.budget.plan.samples == 60 and result.recovery.samples == 90
     refused = run(labelled / "teacher.keras", tmp_path / "n.tflite", "--validation-data", tmp_path / "val.npz")
     assert refused.returncode == 1 and "--validation-data chooses what is done with --data; pass --data" in \
         refused.stderr.strip().splitlines()[-1]
