@@ -49,7 +49,7 @@ _EXPORTS = {
     "FinetuneOptions": "sepconv.convert.finetuning",
     "convert_model": "sepconv.convert.pipeline",
     "ConvertOptions": "sepconv.convert.options",
-    "ConvertResult": "sepconv.convert.pipeline",
+    "ConvertResult": "sepconv.convert.results",
     "errors": "sepconv.convert.errors",
 }
 

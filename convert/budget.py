@@ -79,6 +79,53 @@ class BudgetPlan:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, plan: dict) -> BudgetPlan:
+        """A plan as `to_dict()` wrote it (the state.json a resumed run reads)."""
+        layers = tuple(LayerSensitivity(path=layer["path"], full_rank=layer["full_rank"],
+                                        candidates=tuple(Candidate(**c) for c in layer["candidates"]))
+                       for layer in plan["layers"])
+        return cls(**{**plan, "layers": layers})
+
+
+@dataclass(frozen=True)
+class BudgetResult:
+    """The budget after recovery: the plan, and what the exported (last kept) model lost. The validation figure
+    decides (held); the test figure is reported beside it, never used to decide. `to_dict()`: the plan's keys and
+    these (the manifest's and --json's recovery.budget)."""
+
+    plan: BudgetPlan
+    measured_drop: float  # points of the plan's metric on the validation data
+    measured_on: str
+    test_drop: float  # points on the test data
+    test_samples: int
+    held: bool
+    params_ratio: float  # the original's parameters / the exported model's
+
+    def to_dict(self) -> dict:
+        return {**self.plan.to_dict(), **{key: value for key, value in asdict(self).items() if key != "plan"}}
+
+    def table(self) -> str:
+        """Per layer: the K chosen and the points lost at each K when only that layer is separated (validation), then
+        the budget predicted and measured."""
+        from tabulate import tabulate
+
+        plan = self.plan
+        ranks = sorted({c.rank for layer in plan.layers for c in layer.candidates if c.rank})
+        rows = [[layer.path, plan.ranks.get(layer.path, "kept")] + [_drop_cell(layer, k) for k in ranks]
+                for layer in plan.layers]
+        return (tabulate(rows, headers=["layer", "K chosen"] + [f"drop K={k}" for k in ranks], tablefmt="simple",
+                         disable_numparse=True)
+                + f"\nsensitivity: points of {plan.metric} lost when only that layer is separated (on {plan.samples} "
+                  f"validation samples); budget {plan.max_drop}, predicted {plan.predicted_drop:.2f}, measured after "
+                  f"recovery {self.measured_drop:.2f} (validation): {'held' if self.held else 'NOT held'}; on the "
+                  f"test data {self.test_drop:.2f}")
+
+
+def _drop_cell(layer: LayerSensitivity, rank: int) -> str:
+    found = [c for c in layer.candidates if c.rank == rank]
+    return f"{found[0].drop:+.2f}" if found else ""
+
 
 Progress = Callable[[str, str], None]
 

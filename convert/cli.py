@@ -342,7 +342,7 @@ def _convert(args) -> int:
         write_output(args.json, summary)
     write_html_report(args, [(Path(args.input).name, json.loads(summary))], title=f"convert-model: {args.input}")
     if args.json != "-":
-        print(recovery_tables(result) + artifact_table(result))
+        print(result.table())
     return 0
 
 
@@ -358,119 +358,6 @@ def _convert_outputs(args) -> None:
     protected = [args.input, args.data, args.test_data, args.validation_data, *args.outputs, *(f"{o}.json" for o in args.outputs)]
     check_output_file("--json", args.json, protected=protected, overwrite=args.overwrite)
     check_report_outputs(args, protected=[*protected, args.json])
-
-
-def recovery_tables(result) -> str:
-    """Per-layer sensitivity and chosen K (budget mode), then accuracy after each stage; empty without separation."""
-    from tabulate import tabulate
-
-    recovery = result.recovery
-    if not recovery:
-        return ""
-    text = ""
-    budget = recovery["budget"]
-    if budget:
-        ranks = sorted({c["rank"] for layer in budget["layers"] for c in layer["candidates"] if c["rank"]})
-        rows = [[layer["path"], budget["ranks"].get(layer["path"], "kept")] +
-                [_drop(layer, k) for k in ranks] for layer in budget["layers"]]
-        text += tabulate(rows, headers=["layer", "K chosen"] + [f"drop K={k}" for k in ranks], tablefmt="simple",
-                         disable_numparse=True)
-        text += (f"\nsensitivity: points of {budget['metric']} lost when only that layer is separated "
-                 f"(on {budget['samples']} validation samples); budget {budget['max_drop']}, predicted "
-                 f"{budget['predicted_drop']:.2f}, measured after recovery {budget['measured_drop']:.2f} "
-                 f"(validation): {'held' if budget['held'] else 'NOT held'}; on the test data "
-                 f"{budget['test_drop']:.2f}\n\n")
-        text += latency_table(budget.get("latency"), result.artifacts)
-    rows = [[stage["name"], "kept" if stage["kept"] else "REJECTED", f"{stage['params']:,}",
-             _pct(stage["val_accuracy"] if stage["val_accuracy"] is not None else stage["val_agreement"]),
-             _pct(stage["accuracy"]), _pct(stage["agreement"]), f"{stage['seconds']:.1f}"]
-            for stage in recovery["stages"]]
-    metric = "accuracy" if any(stage["val_accuracy"] is not None for stage in recovery["stages"]) else "agreement"
-    text += tabulate(rows, headers=["stage", "verdict", "params", f"val {metric}", "test accuracy",
-                                    "agrees w/ original", "seconds"], tablefmt="simple", disable_numparse=True)
-    rejected = [f"{stage['name']} ({stage['note']})" for stage in recovery["stages"] if not stage["kept"]]
-    text += (f"\na stage is kept only if the validation {metric} (on {recovery['validation_samples']} samples) does "
-             f"not fall; test figures on {recovery['samples']} samples only report (Keras models)")
-    return text + (f"\nrejected: {'; '.join(rejected)}" if rejected else "") + "\n\n"
-
-
-def latency_table(latency: dict | None, artifacts=()) -> str:
-    """Per layer: the latency of each option where it was measured, the choice, and the whole model predicted and
-    measured; empty when K was not chosen for latency."""
-    from tabulate import tabulate
-
-    from sepconv.deploy.timing import describe_xnnpack
-
-    if not latency:
-        return ""
-    table, choice = latency["table"], latency["choice"]
-    keys = sorted({k for row in table["layers"].values() for k in row if k != "keep"}, key=int)
-    rows = []
-    for layer in choice["layers"]:
-        row = table["layers"][layer["path"]]
-        rows.append([layer["path"], layer["rank"] or "kept", latency["budget_ranks"].get(layer["path"], "kept"),
-                     f"{row['keep'] * 1000:.1f}"] + [f"{row[k] * 1000:.1f}" if k in row else "" for k in keys]
-                    + [f"{layer['ms'] * 1000:.1f}", ", ".join(f"K={k}" for k in layer["slower"])])
-    text = tabulate(rows, headers=["layer", "K chosen", "K for accuracy alone", "us kept"] + [f"us K={k}" for k in keys]
-                    + ["us chosen", "slower than kept (never chosen)"], tablefmt="simple", disable_numparse=True)
-    device = table["device"]
-    text += (f"\nlatency: each layer alone, p50 on {table['where']} ({device.get('pi_model') or device.get('cpu')}, "
-             f"{table['runtime']}, {table['format']} {table['quantize']}, {table['threads']} thread(s), "
-             f"{describe_xnnpack(table['xnnpack'])}; {table['measured']} timed, {table['cached']} cached); whole "
-             f"model predicted {choice['predicted_ms']:.4f} ms against the original's {table['original_ms']:.4f} ms "
-             f"({table['original_ms'] / choice['predicted_ms']:.2f}x)")
-    if choice["target_ms"] is not None:
-        text += f"; target {choice['target_ms']:.4f} ms"
-    for artifact in artifacts:
-        measured = artifact.latency
-        if measured:
-            text += (f"\n{Path(artifact.path).name}: measured "
-                     f"{measured['measured_ms']:.4f} ms, predicted {measured['predicted_ms']:.4f} ms (error "
-                     f"{measured['error']:+.1%}), {measured['speedup']:.2f}x faster than the original"
-                     + ("" if measured["comparable"] else f" (NOT comparable: the table timed {table['quantize']}, "
-                                                          f"this artifact is {measured['quantize']})"))
-    return text + "\n\n"
-
-
-def _drop(layer: dict, rank: int) -> str:
-    found = [c for c in layer["candidates"] if c["rank"] == rank]
-    return f"{found[0]['drop']:+.2f}" if found else ""
-
-
-def artifact_table(result) -> str:
-    """The original next to each artifact: size, accuracy, agreement, verdict."""
-    from tabulate import tabulate
-
-    rows = []
-    source_bytes = os.path.getsize(result.source["path"])
-    first = result.artifacts[0].verification if result.artifacts else {}
-    rows.append(["original " + Path(result.source["path"]).name, "keras", f"{source_bytes / 1024:,.0f} KiB", "1.00x",
-                 _pct(first.get("original_accuracy")), "", "", ""])
-    for artifact in result.artifacts:
-        check = artifact.verification["outputs"][0]
-        mode = f"{artifact.format} {artifact.quantize}" + (
-            f" ({artifact.quantize_fallback['from']} failed)" if artifact.quantize_fallback else "")
-        rows.append([Path(artifact.path).name, mode, f"{artifact.bytes / 1024:,.0f} KiB",
-                     f"{source_bytes / artifact.bytes:.2f}x", _pct(check["accuracy"]),
-                     _pct(check["agreement"]), _pct(artifact.verification["original_agreement"]),
-                     "passed" if artifact.verification["passed"] else "FAILED"])
-    headers = ["model", "format", "size", "smaller", "accuracy", "agrees w/ separated", "agrees w/ original", "check"]
-    budgets = [artifact.verification.get("budget") for artifact in result.artifacts]
-    if any(budgets):  # --max-accuracy-drop covers each artifact: its own drop on the validation data
-        headers.insert(-1, "budget (validation)")
-        rows[0].insert(-1, "")
-        for row, budget in zip(rows[1:], budgets):
-            row.insert(-1, f"{budget['drop']:+.2f} of {budget['max_drop']} points" if budget else "")
-    data = result.data
-    held = data.get("test_source") or data["source"]
-    note = (f"verified on {data['heldout_samples']} held-out samples of {held}" if data["source"] else
-            f"verified on {data['heldout_samples']} synthetic inputs (no --data)")
-    return tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True) + f"\n{note}; manifests beside " \
-        "each artifact (.json)"
-
-
-def _pct(value) -> str:
-    return "" if value is None else f"{value:.2%}"
 
 
 def convert_main(argv=None) -> int:
@@ -595,7 +482,7 @@ def _demo_conversion(args, model_path: Path, split) -> dict:
     result = convert_model(model_path, outputs, data=str(train), test_data=str(test), overwrite=True,
                            progress=progress)
     if args.json != "-":
-        print(recovery_tables(result) + artifact_table(result) + "\n")
+        print(result.table() + "\n")
     return result.to_dict()
 
 
@@ -603,17 +490,16 @@ def _demo_speed(args, model_path: Path) -> dict:
     """The speed table: bench-model's harness on the eight demo artifacts at 1 and 2 threads, with test accuracy."""
     from sepconv.convert import demo
     from sepconv.deploy.bench import benchmark
-    from sepconv.deploy.cli import cases_table
 
     train, test = args.out / "digits_train.npz", args.out / "digits_test.npz"
     if args.json != "-":
         print("== speed: original and separated (K=1, refined), float32 and int8, TFLite and ONNX (bench-model)")
     paths = demo.speed_artifacts(model_path, args.out / "speed", train, test)
     report = benchmark(paths, threads=(1, 2), inputs=str(test), min_seconds=args.bench_time, min_runs=50,
-                       progress=None if args.json == "-" else lambda message: print(f"  {message}", flush=True)).to_dict()
+                       progress=None if args.json == "-" else lambda message: print(f"  {message}", flush=True))
     if args.json != "-":
-        print(cases_table(report) + "\n")
-    return report
+        print(report.table() + "\n")
+    return report.to_dict()
 
 
 def demo_main(argv=None) -> int:

@@ -19,7 +19,6 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -35,6 +34,7 @@ from sepconv.convert.options import (ConvertOptions, check_modes, latency_option
 from sepconv.convert.outputs import check_outputs, locked
 from sepconv.convert.policy import SeparationOptions
 from sepconv.convert.quantization import Calibration
+from sepconv.convert.results import Artifact, ConvertResult, DataInfo, Plan, Source
 from sepconv.convert.run_data import datasets
 from sepconv.convert.targets import target_for
 from sepconv.convert.tflite_export import NEEDS_DATA
@@ -52,37 +52,6 @@ class HeldOut(NamedTuple):
     validation: object
     test: object
     original_top1: np.ndarray | None = None
-
-
-@dataclass(frozen=True)
-class Artifact:
-    path: str
-    format: str
-    quantize: str
-    bytes: int
-    sha256: str
-    manifest: str
-    verification: dict
-    quantize_fallback: dict | None = None  # {from, reason}: --quantize auto's first choice failed verification
-    quantization: dict | None = None  # the int8 repair's attempts and layers kept in float (quantization.py)
-    latency: dict | None = None  # measured where the latency table was, against its prediction (latency_table.py)
-
-
-@dataclass(frozen=True)
-class ConvertResult:
-    source: dict
-    quantize: str
-    quantize_reason: str
-    data: dict
-    separation: dict | None
-    recovery: dict | None  # per-stage accuracy, budget, BatchNorm, fine-tuning (recovery.RecoveryReport)
-    plan: dict  # the effective choices and which of them were defaults
-    artifacts: tuple[Artifact, ...]
-    seconds: dict
-    warnings: tuple[str, ...] = ()  # e.g. nothing was separated; the CLI prints them even with --quiet
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
 
 Progress = Callable[[str, str], None]
@@ -224,11 +193,11 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     from sepconv.convert.recovery import remove_checkpoints
 
     remove_checkpoints(recovery_options)
-    return ConvertResult(source={"path": str(source), "sha256": source_sha256, "params": params},
+    return ConvertResult(source=Source(path=str(source), sha256=source_sha256, params=params),
                          quantize=plan["quantize"], quantize_reason=quantize_reason(options, plan),
-                         data=data_info, separation=report.to_dict() if report else None,
-                         recovery=recovery.to_dict() if recovery else None, plan=plan, artifacts=artifacts,
-                         seconds=timer.seconds, warnings=tuple(warnings))
+                         data=DataInfo(**{"validation_source": None, **data_info}), separation=report,
+                         recovery=recovery, plan=Plan(**{**plan, "defaults": tuple(plan["defaults"])}),
+                         artifacts=artifacts, seconds=timer.seconds, warnings=tuple(warnings))
 
 
 def _original_top1(validation_reference, validation, recovery) -> np.ndarray | None:
@@ -307,10 +276,10 @@ def _export_all(exported, original, targets, quantize, calibration, held, data_i
             error.details = {"quantization": {str(s["target"]): s["quantization"].to_dict() for s in failed
                                               if s.get("quantization") is not None}}
             raise error
-        if options.latency is not None and recovery is not None and (recovery.budget or {}).get("latency"):
+        if options.latency is not None and recovery is not None and recovery.budget and recovery.budget.plan.latency:
             from sepconv.convert.latency_table import record_measured
 
-            record_measured(staged, recovery.budget["latency"], latency_options(options, quantize, targets), say)
+            record_measured(staged, recovery.budget.plan.latency, latency_options(options, quantize, targets), say)
         return tuple(_commit(s) for s in staged)
     finally:
         for item in staged:
@@ -458,8 +427,8 @@ def _commit(item: dict) -> Artifact:
     manifest = item["manifest"]
     return Artifact(path=str(target), format=item["format"], quantize=item["quantize"], bytes=manifest["bytes"],
                     sha256=manifest["sha256"], manifest=str(manifest_path(target)),
-                    verification=manifest["verification"], quantize_fallback=item["fallback"],
-                    quantization=manifest.get("quantization"), latency=manifest.get("latency"))
+                    verification=item["verification"], quantize_fallback=item["fallback"],
+                    quantization=item.get("quantization"), latency=manifest.get("latency"))
 
 
 class _Timer:

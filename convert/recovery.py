@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from sepconv.convert.budget import BudgetOptions
+from sepconv.convert.budget import BudgetOptions, BudgetPlan, BudgetResult
 from sepconv.convert.errors import BudgetError, CheckpointError, InterruptedRunError, InvalidOptionError
 from sepconv.convert.finetuning import FinetuneOptions
 from sepconv.convert.policy import SeparationOptions
@@ -82,7 +82,7 @@ class RecoveryReport:
     samples: int  # test samples every stage was scored on (reporting only)
     validation_samples: int  # validation samples that chose: sensitivity, early stopping, stage acceptance
     stages: tuple[Stage, ...]
-    budget: dict | None  # the plan (sensitivity per layer and K), measured drop, whether it held
+    budget: BudgetResult | None  # the plan (sensitivity per layer and K), measured drop, whether it held
     refinement: dict | None
     batchnorm: list | None
     finetune: dict | None
@@ -91,12 +91,39 @@ class RecoveryReport:
     finetune_frozen: dict | None = None  # the retry with BatchNorm frozen, when fine-tuning could not beat its start
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        return {**asdict(self), "budget": self.budget.to_dict() if self.budget is not None else None}
 
     @property
     def final(self) -> Stage:
         """The last kept stage: the model that is exported."""
         return [stage for stage in self.stages if stage.kept][-1]
+
+    def table(self) -> str:
+        """The budget's per-layer table (budget mode), then each stage's scores and verdict."""
+        return "\n\n".join(part for part in (self.budget_table(), self.stages_table()) if part)
+
+    def budget_table(self) -> str:
+        """The budget's per-layer sensitivity and chosen K, predicted and measured (BudgetResult.table); empty without
+        a budget."""
+        return self.budget.table() if self.budget is not None else ""
+
+    def stages_table(self) -> str:
+        """Each stage: kept or rejected, parameters, the validation score that decided, the test scores that only
+        report; then what was rejected and why."""
+        from tabulate import tabulate
+
+        from sepconv.convert.results import percent
+
+        rows = [[stage.name, "kept" if stage.kept else "REJECTED", f"{stage.params:,}",
+                 percent(stage.val_accuracy if stage.val_accuracy is not None else stage.val_agreement),
+                 percent(stage.accuracy), percent(stage.agreement), f"{stage.seconds:.1f}"] for stage in self.stages]
+        metric = "accuracy" if any(stage.val_accuracy is not None for stage in self.stages) else "agreement"
+        text = tabulate(rows, headers=["stage", "verdict", "params", f"val {metric}", "test accuracy",
+                                       "agrees w/ original", "seconds"], tablefmt="simple", disable_numparse=True)
+        rejected = [f"{stage.name} ({stage.note})" for stage in self.stages if not stage.kept]
+        text += (f"\na stage is kept only if the validation {metric} (on {self.validation_samples} samples) does not "
+                 f"fall; test figures on {self.samples} samples only report (Keras models)")
+        return text + (f"\nrejected: {'; '.join(rejected)}" if rejected else "")
 
 
 Progress = Callable[[str, str], None]
@@ -146,13 +173,13 @@ def recover(original, train, calibration: np.ndarray | None, validation, test, s
     state = _open_state(folder, options, source_sha256, separation)
     scorer = _Scorer(original, validation, test, {"test": reference, "validation": validation_reference})
     stages = [scorer.stage("original", original, 0.0)]
-    plan = state.get("plan")
+    plan = BudgetPlan.from_dict(state["plan"]) if state.get("plan") is not None else None
     if options.budget is not None and plan is None:
         plan = _plan(original, validation, calibration, options.budget, separation, say, options.latency)
     if plan is not None:  # every measured layer gets its K; 0 (KEEP) leaves it as it is
-        ranks = {layer["path"]: plan["ranks"].get(layer["path"], 0) for layer in plan["layers"]}
+        ranks = {layer.path: plan.ranks.get(layer.path, 0) for layer in plan.layers}
         separation = replace(separation, rank=None, energy=None, ranks=ranks, include=tuple(ranks))
-    _save_state(folder, state, plan=plan, source_sha256=source_sha256)
+    _save_state(folder, state, plan=plan.to_dict() if plan is not None else None, source_sha256=source_sha256)
 
     started = time.perf_counter()
     separated, report = separate_with(original, separation)
@@ -242,7 +269,7 @@ def _separation_line(report) -> str:
             f"smaller)")
 
 
-def _plan(original, validation, calibration, budget: BudgetOptions, separation, say, latency=None) -> dict:
+def _plan(original, validation, calibration, budget: BudgetOptions, separation, say, latency=None) -> BudgetPlan:
     from sepconv.convert.budget import plan_budget
 
     say("budget", f"measuring each layer's sensitivity on {len(validation)} validation samples for a budget of "
@@ -256,7 +283,7 @@ def _plan(original, validation, calibration, budget: BudgetOptions, separation, 
         from sepconv.convert.latency_table import plan_for_latency
 
         plan = plan_for_latency(original, plan, latency, progress=say)
-    return plan.to_dict()
+    return plan
 
 
 def _refine_summary(result) -> str:
@@ -358,7 +385,7 @@ STEPS = (
 )
 
 
-def _check_budget(plan: dict, stages, scorer) -> dict:
+def _check_budget(plan: BudgetPlan, stages, scorer) -> BudgetResult:
     """The budget holds when the exported (last kept) model's validation score is within it; the test figure is
     reported beside it, never used to decide."""
     final = [stage for stage in stages if stage.kept][-1]
@@ -368,16 +395,17 @@ def _check_budget(plan: dict, stages, scorer) -> dict:
     drop = 100.0 * drop
     test_metric = "accuracy" if scorer.labelled else "agreement"
     test_drop = 100.0 * (getattr(first, test_metric) - getattr(final, test_metric))
-    held = drop <= plan["max_drop"] + 1e-9
-    result = dict(plan, measured_drop=round(drop, 4), measured_on=f"{scorer.validation_samples} validation samples",
-                  test_drop=round(test_drop, 4), test_samples=scorer.samples, held=held,
-                  params_ratio=round(first.params / max(1, final.params), 3))
+    held = drop <= plan.max_drop + 1e-9
+    result = BudgetResult(plan=plan, measured_drop=round(drop, 4),
+                          measured_on=f"{scorer.validation_samples} validation samples", test_drop=round(test_drop, 4),
+                          test_samples=scorer.samples, held=held,
+                          params_ratio=round(first.params / max(1, final.params), 3))
     if not held:
         raise BudgetError(
             f"the budget did not hold: the {final.name} model lost {drop:.2f} points of {metric} on "
             f"{scorer.validation_samples} validation samples ({scorer.value(first):.2%} -> {scorer.value(final):.2%}; "
-            f"budget {plan['max_drop']}, predicted {plan['predicted_drop']:.2f} before fine-tuning; ranks "
-            f"{plan['ranks']}); nothing was written: raise --max-accuracy-drop, fine-tune longer (--epochs) or pass "
+            f"budget {plan.max_drop}, predicted {plan.predicted_drop:.2f} before fine-tuning; ranks "
+            f"{plan.ranks}); nothing was written: raise --max-accuracy-drop, fine-tune longer (--epochs) or pass "
             f"more --data")
     return result
 

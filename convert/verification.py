@@ -117,7 +117,7 @@ def within_budget(verification: Verification, runtime, held, recovery, *, layout
     pipeline's HeldOut (validation data; without labels, the original's top-1 classes on it)."""
     validation = held.validation
     budget = recovery.budget if recovery is not None else None
-    if not budget or validation is None:
+    if budget is None or validation is None:
         return verification
     predicted = top1(run_artifact(runtime, validation.x, layout=layout)[0])
     if validation.y is not None:
@@ -127,7 +127,7 @@ def within_budget(verification: Verification, runtime, held, recovery, *, layout
         metric, before = "agreement", 1.0
         after = hit_rate(predicted, held.original_top1)
     check = BudgetCheck(metric=metric, original=before, artifact=after, drop=round(100.0 * (before - after), 4),
-                        max_drop=budget["max_drop"], samples=len(validation.x))
+                        max_drop=budget.plan.max_drop, samples=len(validation.x))
     return replace(verification, budget=check)
 
 

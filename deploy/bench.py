@@ -17,7 +17,7 @@ import gc
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Callable
 
@@ -31,6 +31,11 @@ from sepconv.deploy.scores import class_labels, hit_rate, top1
 from sepconv.deploy.stats import summarize
 
 SCHEMA_VERSION = 1
+HEADERS = ["model", "format", "threads", "size", "p50 ms", "p50 95% CI", "p90 ms", "mean ± std ms", "runs", "speed-up",
+           "accuracy"]  # the terminal table's columns (Case.row)
+CSV_COLUMNS = ("host", "model", "format", "threads", "bytes", "count", "mean_ms", "std_ms", "min_ms", "p50_ms",
+               "ci95_low_ms", "ci95_high_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "inferences_per_second",
+               "speedup", "load_ms", "first_ms", "accuracy", "error")  # --csv's columns (Case.csv_row)
 
 
 @dataclass(frozen=True)
@@ -97,21 +102,69 @@ class Case:
     runs_per_round: int = 0  # timed runs of this case in each interleaved round
     rounds: int = 0  # interleaved rounds this case took part in
 
+    def row(self, flag: str = "") -> list:
+        """Its row of the table (HEADERS); `flag` follows the accuracy."""
+        lat = self.latency_ms
+        accuracy = self.accuracy["top1"] if self.accuracy else None
+        return [self.model, self.format, self.threads, f"{self.artifact['bytes'] / 1024:,.0f} KiB", f"{lat['p50']:.3f}",
+                f"{lat['ci95_p50'][0]:.3f}-{lat['ci95_p50'][1]:.3f}", f"{lat['p90']:.3f}",
+                f"{lat['mean']:.3f} ± {lat['std']:.3f}", lat["count"], f"{self.speedup:.2f}x",
+                ("" if accuracy is None else f"{accuracy:.2%}") + flag]
 
-@dataclass
-class BenchReport:
-    schema: int
-    context: dict
-    options: dict
-    cases: list
-    peak_rss_bytes: int | None
-    seconds: float
+    def csv_row(self, host: str) -> list:
+        """Its --csv row (CSV_COLUMNS) for `host`."""
+        lat = self.latency_ms
+        return [host, self.model, self.format, self.threads, self.artifact["bytes"], lat["count"], lat["mean"],
+                lat["std"], lat["min"], lat["p50"], lat["ci95_p50"][0], lat["ci95_p50"][1], lat["p90"], lat["p95"],
+                lat["p99"], lat["max"], lat["inferences_per_second"], self.speedup, self.load_ms, self.first_ms,
+                (self.accuracy or {}).get("top1"), ""]
 
     def to_dict(self) -> dict:
         return asdict(self)
 
+
+@dataclass(frozen=True)
+class BenchReport:
+    """What `benchmark` measured: the machine (`context`), the options as run, one Case per artifact and thread count
+    (in the order measured: artifacts, then thread counts), the process's peak memory and the wall-clock time.
+    `to_dict()` is the JSON report of docs/bench.md (schema SCHEMA_VERSION); `from_dict` reads one back (a device's);
+    `table()` is bench-model's terminal table."""
+
+    schema: int
+    context: dict
+    options: dict
+    cases: tuple[Case, ...]
+    peak_rss_bytes: int | None
+    seconds: float
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "cases": [case.to_dict() for case in self.cases]}
+
     def to_json(self, **kwargs) -> str:
         return json.dumps(self.to_dict(), **kwargs)
+
+    @classmethod
+    def from_dict(cls, report: dict) -> BenchReport:
+        """A report as `to_dict()` (bench-model --json) wrote it, e.g. on a device."""
+        def known(kind, values: dict) -> dict:
+            names = {f.name for f in fields(kind)}
+            return {key: value for key, value in values.items() if key in names}
+
+        return cls(**{**known(cls, report), "cases": tuple(Case(**known(Case, case)) for case in report["cases"])})
+
+    def table(self, *, markdown: bool = False, mismatches=()) -> str:
+        """The readable table (per case p50 [95% CI], p90, mean +- std, runs, speed-up, size, accuracy), then a line
+        on the machine; a case in `mismatches` ((model, threads) pairs) is flagged DIFFERS FROM LOCAL."""
+        from tabulate import tabulate
+
+        table = tabulate(self.rows(mismatches), headers=HEADERS, tablefmt="github" if markdown else "simple",
+                         disable_numparse=True)
+        return table + "\n" + context_line(self.context)
+
+    def rows(self, mismatches=()) -> list[list]:
+        """The table's rows (HEADERS), one per case."""
+        return [case.row(" DIFFERS FROM LOCAL" if (case.model, case.threads) in mismatches else "")
+                for case in self.cases]
 
 
 Progress = Callable[[str], None]
@@ -149,8 +202,25 @@ def benchmark(paths, options: BenchOptions = BenchOptions(), *, progress: Progre
             case.accuracy = _accuracy(runner["runtime"], data, options.batch, runner["preprocessing"])
     _speedups(cases)
     return BenchReport(schema=SCHEMA_VERSION, context=dict(machine, before=before, after=context.thermal()),
-                       options=asdict(options), cases=[asdict(c) for c in cases],
+                       options=asdict(options), cases=tuple(cases),
                        peak_rss_bytes=_status("VmHWM"), seconds=round(time.perf_counter() - started, 2))
+
+
+def context_line(ctx: dict) -> str:
+    """The machine a report was measured on, in one line (a report's `context`)."""
+    parts = [f"{ctx.get('cpu') or ctx.get('machine')} ({ctx.get('machine')}, {ctx.get('cores')} cores)",
+             ctx.get("os"), f"Python {ctx.get('python')}",
+             ", ".join(f"{k} {v}" for k, v in ctx.get("libraries", {}).items() if k != "sepconv")]
+    if ctx.get("governor"):
+        parts.append(f"governor {ctx['governor']}")
+    if ctx.get("pi_model"):
+        parts.append(ctx["pi_model"])
+    after = ctx.get("after") or {}
+    if after.get("temperature_c") is not None:
+        parts.append(f"SoC {ctx['before'].get('temperature_c')} -> {after['temperature_c']} °C")
+    if after.get("throttled"):
+        parts.append(after["throttled"])
+    return "; ".join(p for p in parts if p) + "; speed-up: p50 of the first model / p50, at the same thread count"
 
 
 def _open_case(path: Path, threads: int, data, options: BenchOptions):

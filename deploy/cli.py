@@ -15,8 +15,12 @@ import os
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, NamedTuple
 
 from sepconv.deploy.files import write_atomic
+
+if TYPE_CHECKING:  # numpy and the runtimes load when a command runs, not for --help
+    from sepconv.deploy.bench import BenchReport
 
 EXIT_ERROR = 1  # a sepconv error (for deploy-model: every host failed, or nothing could start)
 EXIT_BAD_FLAG = 2
@@ -225,21 +229,69 @@ def progress_printer(args, started: float):
 
 # ---------------------------------------------------------------------------------------------------- bench-model
 
-def _stop_flags(parser) -> None:
-    """When a case's timed runs stop: the same flags, meaning and defaults in bench-model and deploy-model."""
-    parser.add_argument("--min-runs", type=positive, default=50, help="(default: %(default)s)")
-    parser.add_argument("--min-time", type=seconds, default=2.0, help="seconds of timed runs per case, at least "
-                        "(default: %(default)s)")
-    parser.add_argument("--max-time", type=seconds, default=60.0, help="seconds of timed runs per case, at most "
-                        "(default: %(default)s)")
+# bench-model's flags, one per BenchOptions field: (flag, argparse type, help). Defaults and choices are the
+# dataclass's (BenchOptions, preprocess.SCALES): bench-model and deploy-model add them with bench_flags, read them back
+# with bench_options, and deploy-model passes them on to the device's bench-model with bench_argv.
+BENCH_FLAGS = {
+    "threads": ("--threads", thread_list, "thread counts, e.g. 1,2,4"),
+    "batch": ("--batch", positive, "rows per inference where the model allows"),
+    "inputs": ("--input", None, "an .npz with x (inputs) and optionally y (labels: top-1 accuracy is reported); "
+                                "default: seeded random data of each input's shape and type"),
+    "scale": ("--scale", None, "map integer --input pixels to [0, 1], [-1, 1] or leave them; auto: as the manifest "
+                               "beside each artifact says (convert-model records it), else [0, 1]; float inputs are "
+                               "taken as preprocessed"),
+    "min_runs": ("--min-runs", positive, ""),  # when a case's timed runs stop: both met, or max_seconds
+    "min_seconds": ("--min-time", seconds, "seconds of timed runs per case, at least"),
+    "max_seconds": ("--max-time", seconds, "seconds of timed runs per case, at most"),
+    "warmup_runs": ("--warmup-runs", count, ""),
+    "warmup_seconds": ("--warmup-time", seconds, ""),
+    "round_seconds": ("--round-time", seconds, "timed seconds per case per interleaved round; each case's runs per "
+                                               "round follow from its warm-up latency"),
+    "block": ("--block", positive, "with --round-time 0: a fixed number of timed runs per case per round"),
+    "providers": ("--providers", lambda text: tuple(p for p in text.split(",") if p),
+                  "ONNX Runtime execution providers, comma-separated"),
+    "seed": ("--seed", int, "seed of the random inputs"),
+}
+UNITS = {"warmup_seconds": " s"}  # after the default in the help
 
 
-def _scale_flag(parser) -> None:
-    """How integer (0..255) --input pixels become each model's input: the same flag in bench-model and deploy-model."""
-    parser.add_argument("--scale", choices=("auto", "unit", "symmetric", "raw"), default="auto",
-                        help="map integer --input pixels to [0, 1], [-1, 1] or leave them; auto: as the manifest "
-                             "beside each artifact says (convert-model records it), else [0, 1]; float inputs are "
-                             "taken as preprocessed (default: %(default)s)")
+def bench_flags(parser, names, **helps) -> None:
+    """Add bench-model's flags for the BenchOptions fields `names`, in that order, with the dataclass's defaults
+    (and --scale's choices); `helps` replaces a flag's help text for this command (its default is still appended)."""
+    from dataclasses import fields
+
+    from sepconv.deploy.bench import BenchOptions
+    from sepconv.deploy.preprocess import AUTO, SCALES
+
+    defaults = {f.name: f.default for f in fields(BenchOptions)}
+    for name in names:
+        flag, kind, text = BENCH_FLAGS[name]
+        default = defaults[name]
+        shown = "" if default is None else f"(default: {_flag_text(default)}{UNITS.get(name, '')})"
+        extra = {"choices": (AUTO, *SCALES)} if name == "scale" else {
+            "metavar": flag[2:].upper().replace("-", "_"), **({"type": kind} if kind else {})}  # as if dest were flag's
+        parser.add_argument(flag, dest=name, default=default,
+                            help=" ".join(t for t in (helps.get(name, text), shown) if t) or None, **extra)
+
+
+def bench_options(args, **overrides):
+    """The BenchOptions of a parsed command line: every BENCH_FLAGS field its parser has (bench_flags), XNNPACK off
+    only when asked (--no-xnnpack), the rest the dataclass's defaults; `overrides` last."""
+    from sepconv.deploy.bench import BenchOptions
+
+    given = {name: getattr(args, name) for name in BENCH_FLAGS if hasattr(args, name)}
+    if hasattr(args, "xnnpack"):
+        given["xnnpack"] = args.xnnpack is not False  # deploy-model's None: as the device decides, on here
+    return BenchOptions(**{**given, **overrides})
+
+
+def bench_argv(options, names) -> tuple[str, ...]:
+    """bench-model's flags giving `options`' fields `names` (deploy-model's command line on the device)."""
+    return tuple(f"{BENCH_FLAGS[name][0]}={_flag_text(getattr(options, name))}" for name in names)
+
+
+def _flag_text(value) -> str:
+    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
 
 
 def _output_flags(parser):
@@ -263,23 +315,11 @@ def bench_parser() -> argparse.ArgumentParser:
         epilog="example: bench-model original.tflite small_int8.tflite small_int8.onnx --threads 1,2 --json out.json")
     parser.add_argument("models", nargs="+", metavar="artifact", help=".tflite or .onnx files; the first is the "
                         "baseline of the speed-up column")
-    parser.add_argument("--threads", type=thread_list, default=(1,), help="thread counts, e.g. 1,2,4 (default: 1)")
-    parser.add_argument("--batch", type=positive, default=1, help="rows per inference where the model allows "
-                        "(default: %(default)s)")
-    parser.add_argument("--input", help="an .npz with x (inputs) and optionally y (labels: top-1 accuracy is "
-                        "reported); default: seeded random data of each input's shape and type")
-    _scale_flag(parser)
-    _stop_flags(parser)
-    parser.add_argument("--warmup-runs", type=count, default=10, help="(default: %(default)s)")
-    parser.add_argument("--warmup-time", type=seconds, default=0.5, help="(default: %(default)s s)")
-    parser.add_argument("--round-time", type=seconds, default=0.05, help="timed seconds per case per interleaved "
-                        "round; each case's runs per round follow from its warm-up latency (default: %(default)s)")
-    parser.add_argument("--block", type=positive, default=10, help="with --round-time 0: a fixed number of timed "
-                        "runs per case per round (default: %(default)s)")
-    parser.add_argument("--no-xnnpack", action="store_true", help="LiteRT's built-in kernels without XNNPACK")
-    parser.add_argument("--providers", default="CPUExecutionProvider",
-                        help="ONNX Runtime execution providers, comma-separated (default: %(default)s)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the random inputs (default: %(default)s)")
+    bench_flags(parser, ("threads", "batch", "inputs", "scale", "min_runs", "min_seconds", "max_seconds",
+                         "warmup_runs", "warmup_seconds", "round_seconds", "block"))
+    parser.add_argument("--no-xnnpack", dest="xnnpack", action="store_false",
+                        help="LiteRT's built-in kernels without XNNPACK")
+    bench_flags(parser, ("providers", "seed"))
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE", help="the full report, with the raw samples, "
                         + JSON_HELP)
     parser.add_argument("--csv", metavar="FILE", help="one row per case as CSV ('-' for stdout; the same rules as "
@@ -288,18 +328,8 @@ def bench_parser() -> argparse.ArgumentParser:
     return _output_flags(parser)
 
 
-def bench_options(args):
-    from sepconv.deploy.bench import BenchOptions
-
-    return BenchOptions(threads=args.threads, warmup_runs=args.warmup_runs, warmup_seconds=args.warmup_time,
-                        min_runs=args.min_runs, min_seconds=args.min_time, max_seconds=args.max_time,
-                        block=args.block, round_seconds=args.round_time, batch=args.batch, inputs=args.input,
-                        scale=args.scale, xnnpack=not args.no_xnnpack,
-                        providers=tuple(p for p in args.providers.split(",") if p), seed=args.seed)
-
-
 def _bench_outputs(args) -> None:
-    protected = [*args.models, args.input]
+    protected = [*args.models, args.inputs]
     check_output_file("--json", args.json, protected=protected, overwrite=args.overwrite)
     check_output_file("--csv", args.csv, protected=[*protected, args.json], overwrite=args.overwrite)
     check_report_outputs(args, protected=[*protected, args.json, args.csv])
@@ -309,15 +339,16 @@ def _bench(args) -> int:
     from sepconv.deploy.bench import benchmark
 
     started = time.perf_counter()
-    report = benchmark(args.models, bench_options(args), progress=progress_printer(args, started)).to_dict()
+    report = benchmark(args.models, bench_options(args), progress=progress_printer(args, started))
     quiet_stdout = args.json == "-" or args.csv == "-"
     if args.json:
-        write_output(args.json, json.dumps(report, indent=2))
+        write_output(args.json, json.dumps(report.to_dict(), indent=2))
     if args.csv:
-        write_output(args.csv, cases_csv(report["cases"]))
-    write_html_report(args, [("local", report)], title="bench-model: " + ", ".join(Path(m).name for m in args.models))
+        write_output(args.csv, cases_csv(report.cases))
+    write_html_report(args, [("local", report.to_dict())],
+                      title="bench-model: " + ", ".join(Path(m).name for m in args.models))
     if not quiet_stdout:
-        print(cases_table(report, markdown=args.markdown))
+        print(report.table(markdown=args.markdown))
     return 0
 
 
@@ -337,74 +368,28 @@ def write_output(target: str, text: str) -> None:
                           f"left") from None
 
 
-CSV_COLUMNS = ("host", "model", "format", "threads", "bytes", "count", "mean_ms", "std_ms", "min_ms", "p50_ms",
-               "ci95_low_ms", "ci95_high_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "inferences_per_second",
-               "speedup", "load_ms", "first_ms", "accuracy", "error")
-
-
 def cases_csv(cases, host: str = "local") -> str:
+    """One row per Case (bench.CSV_COLUMNS), with a header row."""
+    from sepconv.deploy.bench import CSV_COLUMNS
+
     out = io.StringIO()
     writer = csv.writer(out)
     writer.writerow(CSV_COLUMNS)
     for case in cases:
-        writer.writerow(_csv_row(case, host))
+        writer.writerow(case.csv_row(host))
     return out.getvalue()
-
-
-def _csv_row(case: dict, host: str) -> list:
-    lat = case["latency_ms"]
-    return [host, case["model"], case["format"], case["threads"], case["artifact"]["bytes"], lat["count"],
-            lat["mean"], lat["std"], lat["min"], lat["p50"], lat["ci95_p50"][0], lat["ci95_p50"][1], lat["p90"],
-            lat["p95"], lat["p99"], lat["max"], lat["inferences_per_second"], case["speedup"], case["load_ms"],
-            case["first_ms"], (case["accuracy"] or {}).get("top1"), ""]
-
-
-HEADERS = ["model", "format", "threads", "size", "p50 ms", "p50 95% CI", "p90 ms", "mean ± std ms", "runs", "speed-up",
-           "accuracy"]
-
-
-def cases_table(report: dict, *, markdown: bool = False) -> str:
-    """The readable table: per case p50 [95% CI], p90, mean +- std, runs, speed-up, size, accuracy; then context."""
-    from tabulate import tabulate
-
-    table = tabulate(case_rows(report), headers=HEADERS, tablefmt="github" if markdown else "simple",
-                     disable_numparse=True)
-    return table + "\n" + context_line(report["context"])
-
-
-def case_rows(report: dict, mismatches=()) -> list[list]:
-    """The table's rows; a case in `mismatches` (model, threads) gets "DIFFERS FROM LOCAL" after its accuracy."""
-    rows = []
-    for case in report["cases"]:
-        lat = case["latency_ms"]
-        accuracy = case["accuracy"]["top1"] if case["accuracy"] else None
-        flag = " DIFFERS FROM LOCAL" if (case["model"], case["threads"]) in mismatches else ""
-        rows.append([case["model"], case["format"], case["threads"], f"{case['artifact']['bytes'] / 1024:,.0f} KiB",
-                     f"{lat['p50']:.3f}", f"{lat['ci95_p50'][0]:.3f}-{lat['ci95_p50'][1]:.3f}", f"{lat['p90']:.3f}",
-                     f"{lat['mean']:.3f} ± {lat['std']:.3f}", lat["count"], f"{case['speedup']:.2f}x",
-                     ("" if accuracy is None else f"{accuracy:.2%}") + flag])
-    return rows
-
-
-def context_line(ctx: dict) -> str:
-    parts = [f"{ctx.get('cpu') or ctx.get('machine')} ({ctx.get('machine')}, {ctx.get('cores')} cores)",
-             ctx.get("os"), f"Python {ctx.get('python')}",
-             ", ".join(f"{k} {v}" for k, v in ctx.get("libraries", {}).items() if k != "sepconv")]
-    if ctx.get("governor"):
-        parts.append(f"governor {ctx['governor']}")
-    if ctx.get("pi_model"):
-        parts.append(ctx["pi_model"])
-    after = ctx.get("after") or {}
-    if after.get("temperature_c") is not None:
-        parts.append(f"SoC {ctx['before'].get('temperature_c')} -> {after['temperature_c']} °C")
-    if after.get("throttled"):
-        parts.append(after["throttled"])
-    return "; ".join(p for p in parts if p) + "; speed-up: p50 of the first model / p50, at the same thread count"
 
 
 # --------------------------------------------------------------------------------------------------- deploy-model
 
+# the bench-model flags deploy-model has (the device's bench-model gets them, and --compare-local's run here)
+DEPLOY_BENCH_FLAGS = ("threads", "inputs", "scale", "min_runs", "min_seconds", "max_seconds")
+
+
 def deploy_parser() -> argparse.ArgumentParser:
+    from sepconv.deploy.remote import DeployOptions
+    from sepconv.deploy.ssh import SshOptions
+
     parser = Parser(
         prog="deploy-model",
         description="Benchmark artifacts on devices over SSH (a Raspberry Pi, a fleet of them): probe each device, set "
@@ -426,10 +411,8 @@ def deploy_parser() -> argparse.ArgumentParser:
                         "comma-separated for a fleet (benchmarked concurrently)")
     parser.add_argument("models", nargs="+", metavar="artifact", help=".tflite or .onnx files (their manifests "
                         "travel with them)")
-    parser.add_argument("--threads", type=thread_list, default=(1,), help="thread counts, e.g. 1,4 (default: 1)")
-    parser.add_argument("--input", help="an .npz with x (and y for accuracy) to benchmark on; copied to the device")
-    _scale_flag(parser)
-    _stop_flags(parser)
+    bench_flags(parser, DEPLOY_BENCH_FLAGS, threads="thread counts, e.g. 1,4",
+                inputs="an .npz with x (and y for accuracy) to benchmark on; copied to the device")
     xnnpack = parser.add_mutually_exclusive_group()
     xnnpack.add_argument("--no-xnnpack", dest="xnnpack", action="store_false", default=None,
                          help="LiteRT's built-in kernels without XNNPACK, on the devices (and here with "
@@ -438,15 +421,16 @@ def deploy_parser() -> argparse.ArgumentParser:
                          help="XNNPACK on even on an emulated device (default: on, except under emulation)")
     parser.add_argument("--compare-local", action="store_true", help="also benchmark here with the same options and "
                         "show it beside the devices")
-    parser.add_argument("--remote-dir", default=".sepconv", help="the one folder sepconv uses on the device, relative "
-                        "to the remote home or absolute (default: %(default)s)")
+    parser.add_argument("--remote-dir", default=DeployOptions.remote_dir, help="the one folder sepconv uses on the "
+                        "device, relative to the remote home or absolute (default: %(default)s)")
     parser.add_argument("--wheels", help="a local folder of wheels for the device (offline install with --no-index)")
     parser.add_argument("--index-url", help="another package index for the device's pip")
     parser.add_argument("--ssh-config", help="an ssh_config file instead of ~/.ssh/config")
     parser.add_argument("--identity", help="a private key file for ssh")
-    parser.add_argument("--connect-timeout", type=positive, default=15, help="(default: %(default)s s)")
-    parser.add_argument("--timeout", type=positive, default=1800, help="seconds for any remote step, installs "
-                        "included (default: %(default)s)")
+    parser.add_argument("--connect-timeout", type=positive, default=SshOptions.connect_timeout,
+                        help="(default: %(default)s s)")
+    parser.add_argument("--timeout", type=positive, default=DeployOptions.timeout, help="seconds for any remote "
+                        "step, installs included (default: %(default)s)")
     parser.add_argument("--reports", default="sepconv-reports", help="folder for one JSON report per host that "
                         "succeeded, created with a .gitignore so it never dirties a git checkout (default: "
                         "%(default)s)")
@@ -462,17 +446,17 @@ def deploy_options(args):
     from sepconv.deploy.remote import DeployOptions
     from sepconv.deploy.ssh import SshOptions
 
-    bench_args = ("--min-runs", str(args.min_runs), "--min-time", str(args.min_time), "--max-time", str(args.max_time),
-                  f"--scale={args.scale}")
-    return DeployOptions(threads=args.threads, remote_dir=args.remote_dir, wheels=args.wheels,
-                         index_url=args.index_url, inputs=args.input, bench_args=bench_args, timeout=args.timeout,
+    bench = bench_options(args)  # threads, inputs and XNNPACK are DeployOptions' own: the rest go as flags
+    bench_args = bench_argv(bench, [name for name in DEPLOY_BENCH_FLAGS if name not in ("threads", "inputs")])
+    return DeployOptions(threads=bench.threads, remote_dir=args.remote_dir, wheels=args.wheels,
+                         index_url=args.index_url, inputs=bench.inputs, bench_args=bench_args, timeout=args.timeout,
                          xnnpack=args.xnnpack,
                          ssh=SshOptions(connect_timeout=args.connect_timeout, config=args.ssh_config,
                                         identity=args.identity))
 
 
 def _deploy_outputs(args) -> None:
-    protected = [*args.models, args.input]
+    protected = [*args.models, args.inputs]
     check_output_file("--json", args.json, protected=protected, overwrite=args.overwrite)
     check_output_file("--csv", args.csv, protected=[*protected, args.json], overwrite=args.overwrite)
     check_output_folder("--reports", args.reports)
@@ -480,46 +464,62 @@ def _deploy_outputs(args) -> None:
 
 
 def _deploy(args) -> int:
-    from sepconv.deploy.errors import SepconvError
     from sepconv.deploy.remote import deploy, prediction_mismatches
 
     started = time.perf_counter()
     say = progress_printer(args, started)
-    options = deploy_options(args)
     hosts = [h for h in args.hosts.split(",") if h]
-    results = deploy(hosts, args.models, options, progress=lambda host, message: say(f"{host}: {message}"))
-    reports = {host: r.to_dict() for host, r in results.items() if not isinstance(r, SepconvError)}
-    failed = {host: r for host, r in results.items() if isinstance(r, SepconvError)}
+    results = deploy(hosts, args.models, deploy_options(args), progress=lambda host, message: say(f"{host}: {message}"))
+    benched = [Benched(r.host, r.report.benchmark, r.report.device) for r in results if r.ok]
+    failed = [r for r in results if not r.ok]
     warnings = []
     if args.compare_local:
         from sepconv.deploy.bench import benchmark
 
         say("local: benchmarking here with the same options")
-        local = benchmark(args.models, threads=args.threads, inputs=args.input, min_runs=args.min_runs,
-                          min_seconds=args.min_time, max_seconds=args.max_time,
-                          scale=args.scale, xnnpack=args.xnnpack is not False).to_dict()
-        for host, report in reports.items():
-            report["prediction_mismatch"] = prediction_mismatches(local, report["benchmark"])
-            warnings += [f"WARNING: {host}: {m['model']} at {m['threads']} thread(s) predicts other classes than "
-                         f"this machine on the same --input (top-1 {m['device_top1']:.2%} there, "
-                         f"{m['local_top1']:.2%} here): the device's figures are not the model's"
-                         for m in report["prediction_mismatch"]]
-        reports = {"local": {"host": "local", "benchmark": local}, **reports}
-    everything = _save_reports(args, reports, failed)
-    if reports:  # hosts side by side; failed hosts are listed with their error
-        write_html_report(args, [("deploy-model", everything)], title=f"deploy-model: {', '.join(results)}")
-    if reports and args.json != "-" and args.csv != "-":
-        print(deploy_table(reports, markdown=args.markdown) + "".join(f"\n{w}" for w in warnings))
+        local = benchmark(args.models, bench_options(args))
+        benched = [b._replace(mismatch=prediction_mismatches(local, b.benchmark)) for b in benched]
+        warnings = [f"WARNING: {b.host}: {m['model']} at {m['threads']} thread(s) predicts other classes than this "
+                    f"machine on the same --input (top-1 {m['device_top1']:.2%} there, {m['local_top1']:.2%} here): "
+                    f"the device's figures are not the model's" for b in benched for m in b.mismatch]
+        benched.insert(0, Benched("local", local))
+    everything = _save_reports(args, results, benched, failed)
+    if benched:  # hosts side by side; failed hosts are listed with their error
+        write_html_report(args, [("deploy-model", everything)],
+                          title=f"deploy-model: {', '.join(r.host for r in results)}")
+    if benched and args.json != "-" and args.csv != "-":
+        print(deploy_table(benched, markdown=args.markdown) + "".join(f"\n{w}" for w in warnings))
     for line in warnings:
         print(f"deploy-model: {line}", file=sys.stderr)
-    for error in failed.values():
-        print(f"deploy-model: error: {error}", file=sys.stderr)
+    for result in failed:
+        print(f"deploy-model: error: {result.error}", file=sys.stderr)
     if not failed:
         return 0
     return EXIT_SOME_HOSTS_FAILED if len(failed) < len(results) else EXIT_ERROR
 
 
-def _save_reports(args, reports: dict, failed: dict) -> dict:
+class Benched(NamedTuple):
+    """A row group of deploy-model's table: a host's (or, with --compare-local, this machine's) benchmark, the device
+    the probe found (None here) and, with --compare-local, the cases whose predictions differ from this machine's."""
+
+    host: str
+    benchmark: BenchReport
+    device: dict | None = None
+    mismatch: list | None = None
+
+
+def _save_reports(args, results, benched: list[Benched], failed: list) -> dict:
+    """Write one JSON per benchmarked host to --reports, and --json / --csv; returns the --json document: {host:
+    report} (this machine first with --compare-local, each device's with its prediction_mismatch), then each failed
+    host's {host, error}."""
+    from sepconv.deploy.bench import CSV_COLUMNS
+
+    reports = {r.host: r.to_dict() for r in results if r.ok}
+    for entry in benched:
+        if entry.device is None:
+            reports = {entry.host: {"host": entry.host, "benchmark": entry.benchmark.to_dict()}, **reports}
+        elif entry.mismatch is not None:
+            reports[entry.host]["prediction_mismatch"] = entry.mismatch
     if any(host != "local" for host in reports):
         folder = Path(args.reports)
         try:
@@ -534,37 +534,39 @@ def _save_reports(args, reports: dict, failed: dict) -> dict:
         for host, report in reports.items():
             safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in host)
             write_output(str(folder / f"{safe}-{stamp}.json"), json.dumps(report, indent=2))
-    everything = {**reports, **{host: {"host": host, "error": {"type": type(error).__name__, "message": str(error)}}
-                                for host, error in failed.items()}}
+    everything = {**reports, **{r.host: r.to_dict() for r in failed}}
+
     if args.json:
         write_output(args.json, json.dumps(everything, indent=2))
     if args.csv:
-        rows = "".join(cases_csv(r["benchmark"]["cases"], host).split("\n", 1)[1] for host, r in reports.items())
+        rows = "".join(cases_csv(entry.benchmark.cases, entry.host).split("\n", 1)[1] for entry in benched)
         errors = io.StringIO()
-        for host, error in failed.items():
-            csv.writer(errors).writerow([host, *[""] * (len(CSV_COLUMNS) - 2), str(error)])
+        for result in failed:
+            csv.writer(errors).writerow([result.host, *[""] * (len(CSV_COLUMNS) - 2), str(result.error)])
         write_output(args.csv, ",".join(CSV_COLUMNS) + "\n" + rows + errors.getvalue())
     return everything
 
 
-def deploy_table(reports: dict, *, markdown: bool = False) -> str:
+def deploy_table(benched: list[Benched], *, markdown: bool = False) -> str:
     """One table for all hosts (bench-model's columns with the host in front), then a line per host: the device and
     its context. Speed-ups are within each host (against its first artifact)."""
     from tabulate import tabulate
 
-    rows = [[host, *row] for host, report in reports.items()
-            for row in case_rows(report["benchmark"], {(m["model"], m["threads"])
-                                                       for m in report.get("prediction_mismatch") or ()})]
+    from sepconv.deploy.bench import HEADERS, context_line
+
+    rows = [[entry.host, *row] for entry in benched
+            for row in entry.benchmark.rows({(m["model"], m["threads"]) for m in entry.mismatch or ()})]
     table = tabulate(rows, headers=["host", *HEADERS], tablefmt="github" if markdown else "simple",
                      disable_numparse=True)
     lines = []
-    for host, report in reports.items():
-        device = report.get("device") or {}
-        name = host if host == "local" else f"{host} ({device.get('machine')}, {device.get('pi_model') or device.get('cpu')})"
+    for entry in benched:
+        device = entry.device or {}
+        name = entry.host if entry.device is None else \
+            f"{entry.host} ({device.get('machine')}, {device.get('pi_model') or device.get('cpu')})"
         notes = ["EMULATED: timings are meaningless"] if device.get("emulated") else []
-        if not report["benchmark"]["options"].get("xnnpack", True):
+        if not entry.benchmark.options.get("xnnpack", True):
             notes.append("XNNPACK off")
-        lines.append(f"{name}: {'; '.join([*notes, context_line(report['benchmark']['context'])])}")
+        lines.append(f"{name}: {'; '.join([*notes, context_line(entry.benchmark.context)])}")
     return table + "\n" + "\n".join(lines)
 
 

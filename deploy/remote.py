@@ -22,10 +22,11 @@ import signal
 import tempfile
 import time
 import urllib.parse
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from sepconv.deploy.bench import SCHEMA_VERSION, BenchReport
 from sepconv.deploy.errors import (ArtifactError, InvalidOptionError, RemoteError, RemoteInstallError,
                                    RemoteRuntimeError, SepconvError, UnsupportedDeviceError)
 from sepconv.deploy.files import sha256
@@ -112,20 +113,44 @@ class HostReport:
     device: dict  # what the probe found
     runtime: dict  # {"reused": bool, "packages": [...], "seconds": float}
     artifacts: list  # [{"local": path, "remote": path, "sha256": ..., "bytes": ..., "copied": bool}]
-    benchmark: dict  # bench-model's JSON report, as the device wrote it
+    benchmark: BenchReport  # bench-model's report from the device, each case named by its local file
     seconds: float
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The JSON report (docs/deploy.md): the device's bench-model report, each case with its `remote_path`."""
+        benchmark = self.benchmark.to_dict()
+        for case in benchmark["cases"]:
+            case["remote_path"] = case["path"]  # the device ran them under their hash names
+        return {"host": self.host, "device": self.device, "runtime": self.runtime, "artifacts": self.artifacts,
+                "benchmark": benchmark, "seconds": self.seconds}
+
+
+@dataclass(frozen=True)
+class HostResult:
+    """One host's outcome: its HostReport, or the error that stopped it (one host's failure does not stop the
+    others). `to_dict()` is its entry in deploy-model's --json: the report, or {host, error: {type, message}}."""
+
+    host: str  # the host as given (user@host:port, an alias)
+    report: HostReport | None = None
+    error: SepconvError | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None
+
+    def to_dict(self) -> dict:
+        if self.ok:
+            return self.report.to_dict()
+        return {"host": self.host, "error": {"type": type(self.error).__name__, "message": str(self.error)}}
 
 
 Progress = Callable[[str, str], None]
 
 
 def deploy(hosts, artifacts, options: DeployOptions = DeployOptions(), *, progress: Progress | None = None
-           ) -> dict[str, HostReport | SepconvError]:
-    """Deploy and benchmark `artifacts` on every host at once. Returns, per host spec, its HostReport or the error
-    that stopped it (one host's failure does not stop the others)."""
+           ) -> tuple[HostResult, ...]:
+    """Deploy and benchmark `artifacts` on every host at once. Returns a HostResult per host, in the order given:
+    its HostReport, or the SepconvError that stopped it (one host's failure does not stop the others)."""
     targets = [parse_target(h) for h in ([hosts] if isinstance(hosts, str) else hosts)]
     if not targets:
         raise InvalidOptionError("No host given; name at least one, e.g. pi@raspberrypi.local")
@@ -138,18 +163,18 @@ def deploy(hosts, artifacts, options: DeployOptions = DeployOptions(), *, progre
         connections = [Connection(t, options.ssh) for t in targets]
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:
             futures = {c.target.spec: pool.submit(_deploy_one, c, paths, wheel, options, say) for c in connections}
-            results = {}
+            results = []
             try:
                 for spec, future in futures.items():
                     try:
-                        results[spec] = future.result()
+                        results.append(HostResult(spec, report=future.result()))
                     except SepconvError as error:
-                        results[spec] = error
+                        results.append(HostResult(spec, error=error))
             except BaseException:  # Ctrl-C: stop every host's remote step now instead of waiting for it
                 for conn in connections:
                     conn.abort()
                 raise
-    return results
+    return tuple(results)
 
 
 def _check_artifacts(artifacts) -> list[Path]:
@@ -183,12 +208,11 @@ def _deploy_one(conn: Connection, paths: list[Path], wheel: Path, options: Deplo
         inputs = upload(conn, [Path(options.inputs)], options, say)[0]["remote"] if options.inputs else None
         report = run_benchmark(conn, [c["remote"] for c in copied], options, say, inputs=inputs,
                                xnnpack=device_xnnpack(device, options))
-    per_artifact = len(report.get("options", {}).get("threads") or options.threads)
-    for index, case in enumerate(report.get("cases", [])):  # the device ran them under their hash names, in order
-        case["remote_path"] = case["path"]
-        case["model"] = Path(copied[index // per_artifact]["local"]).name
-    return HostReport(host=target.label, device=device, runtime=runtime, artifacts=copied, benchmark=report,
-                      seconds=round(time.perf_counter() - started, 1))
+    per_artifact = len(report.options.get("threads") or options.threads)
+    cases = tuple(replace(case, model=Path(copied[index // per_artifact]["local"]).name)  # ran under hash names
+                  for index, case in enumerate(report.cases))
+    return HostReport(host=target.label, device=device, runtime=runtime, artifacts=copied,
+                      benchmark=replace(report, cases=cases), seconds=round(time.perf_counter() - started, 1))
 
 
 def device_xnnpack(device: dict, options: DeployOptions) -> bool:
@@ -316,8 +340,8 @@ def bench_command(remote_paths: list[str], options: DeployOptions, *, inputs: st
 
 
 def run_benchmark(conn: Connection, remote_paths: list[str], options: DeployOptions, say, *,
-                  inputs: str | None = None, xnnpack: bool = True) -> dict:
-    """Run bench-model on the device (its progress lines passed on as they come) and bring its JSON report back."""
+                  inputs: str | None = None, xnnpack: bool = True) -> BenchReport:
+    """Run bench-model on the device (its progress lines passed on as they come) and bring its report back."""
     say(conn.target.label, f"benchmarking {len(remote_paths)} artifact(s) at threads "
                            f"{','.join(map(str, options.threads))}{'' if xnnpack else ', XNNPACK off'}")
     argv = bench_command(remote_paths, options, inputs=inputs, xnnpack=xnnpack)
@@ -326,10 +350,16 @@ def run_benchmark(conn: Connection, remote_paths: list[str], options: DeployOpti
     if done.returncode != 0:
         raise _benchmark_failure(conn, done)
     try:
-        return json.loads(done.stdout.decode())
+        report = json.loads(done.stdout.decode())
     except json.JSONDecodeError:
         raise RemoteRuntimeError(f"{conn.target.label}: the benchmark's report was not JSON: "
                                  f"{_tail(done.stdout, 1)}") from None
+    try:
+        return BenchReport.from_dict(report)
+    except (AttributeError, KeyError, TypeError) as error:
+        raise RemoteRuntimeError(f"{conn.target.label}: the benchmark's report is not bench-model's (schema "
+                                 f"{SCHEMA_VERSION}): {error!r}; reinstall the device's runtime (delete its "
+                                 f"{options.remote_dir}/venv)") from None
 
 
 def _benchmark_failure(conn: Connection, done) -> RemoteError:
@@ -351,19 +381,19 @@ def _benchmark_failure(conn: Connection, done) -> RemoteError:
                               f"{_tail(done.stderr, 2)}")
 
 
-def prediction_mismatches(local: dict, device: dict) -> list[dict]:
+def prediction_mismatches(local: BenchReport, device: BenchReport) -> list[dict]:
     """Cases (same artifact and thread count) where the device's top-1 predictions on the same labelled --input differ
     from this machine's (bench-model reports: their `predictions_sha256`). Whatever the cause, the device's figures
     are not the model's."""
-    here = {(c["model"], c["threads"]): c for c in local.get("cases", [])}
+    here = {(c.model, c.threads): c for c in local.cases}
     found = []
-    for case in device.get("cases", []):
-        other = here.get((case["model"], case["threads"]))
-        if not other or not case.get("accuracy") or not other.get("accuracy"):
+    for case in device.cases:
+        other = here.get((case.model, case.threads))
+        if not other or not case.accuracy or not other.accuracy:
             continue
-        if case["accuracy"]["predictions_sha256"] != other["accuracy"]["predictions_sha256"]:
-            found.append({"model": case["model"], "threads": case["threads"], "device_top1": case["accuracy"]["top1"],
-                          "local_top1": other["accuracy"]["top1"]})
+        if case.accuracy["predictions_sha256"] != other.accuracy["predictions_sha256"]:
+            found.append({"model": case.model, "threads": case.threads, "device_top1": case.accuracy["top1"],
+                          "local_top1": other.accuracy["top1"]})
     return found
 
 

@@ -9,11 +9,10 @@ and its runtime version without timing anything: the key of a cache of such meas
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from sepconv.deploy.errors import InvalidOptionError, RemoteRuntimeError, SepconvError
+from sepconv.deploy.errors import InvalidOptionError, RemoteRuntimeError
 from sepconv.deploy.remote import RUNTIME_PACKAGES, DeployOptions, device_xnnpack, probe
 from sepconv.deploy.ssh import Connection, parse_target
 
@@ -88,15 +87,15 @@ def time_artifacts(paths, where: str | None, options: TimingOptions = TimingOpti
         xnnpack = True if options.xnnpack is None else options.xnnpack
         report = benchmark(paths, threads=(options.threads,), min_seconds=options.min_seconds,
                            min_runs=options.min_runs, warmup_seconds=options.warmup_seconds, warmup_runs=3,
-                           xnnpack=xnnpack, progress=say).to_dict()
+                           xnnpack=xnnpack, progress=say)
         device = identify(None, paths[0].suffix, options)["device"]
         return _timing(LOCAL, device, _tflite_only(paths[0].suffix, xnnpack), paths, report)
     from sepconv.deploy.remote import deploy
 
-    result = deploy([where], paths, _deploy_options(options), progress=lambda host, message: say(f"{host}: {message}"))
-    host_report = next(iter(result.values()))
-    if isinstance(host_report, SepconvError):
-        raise host_report
+    result, = deploy([where], paths, _deploy_options(options), progress=lambda host, message: say(f"{host}: {message}"))
+    if not result.ok:
+        raise result.error
+    host_report = result.report
     found = host_report.device
     device = {key: found.get(key) for key in ("cpu", "machine", "cores", "pi_model", "emulated")}
     xnnpack = _tflite_only(paths[0].suffix, device_xnnpack(found, _deploy_options(options)))
@@ -114,20 +113,24 @@ def _tflite_only(suffix: str, xnnpack: bool) -> bool | None:
 
 
 def _deploy_options(options: TimingOptions) -> DeployOptions:
-    stop = ("--min-runs", str(options.min_runs), "--min-time", str(options.min_seconds), "--warmup-runs", "3",
-            "--warmup-time", str(options.warmup_seconds), "--quiet")
-    return replace(options.deploy, threads=(options.threads,), xnnpack=options.xnnpack, bench_args=stop)
+    from sepconv.deploy.bench import BenchOptions
+    from sepconv.deploy.cli import bench_argv
+
+    stop = BenchOptions(min_runs=options.min_runs, min_seconds=options.min_seconds, warmup_runs=3,
+                        warmup_seconds=options.warmup_seconds)
+    flags = bench_argv(stop, ("min_runs", "min_seconds", "warmup_runs", "warmup_seconds")) + ("--quiet",)
+    return replace(options.deploy, threads=(options.threads,), xnnpack=options.xnnpack, bench_args=flags)
 
 
-def _timing(where: str, device: dict, xnnpack: bool | None, paths: list[Path], report: dict) -> Timing:
-    cases = report.get("cases") or []
-    if len(cases) != len(paths):
-        raise RemoteRuntimeError(f"{where}: the benchmark timed {len(cases)} of {len(paths)} artifacts; "
-                                 f"see its report: {json.dumps(report)[:200]}")
-    runtimes = {case["runtime"] for case in cases}
+def _timing(where: str, device: dict, xnnpack: bool | None, paths: list[Path], report) -> Timing:
+    """report: the bench.BenchReport of `paths`, one case each."""
+    if len(report.cases) != len(paths):
+        raise RemoteRuntimeError(f"{where}: the benchmark timed {len(report.cases)} of {len(paths)} artifacts; "
+                                 f"see its report: {report.to_json()[:200]}")
+    runtimes = {case.runtime for case in report.cases}
     return Timing(where=where, device=device, runtime=sorted(runtimes)[0], xnnpack=xnnpack,
-                  p50_ms={str(path): float(case["latency_ms"]["p50"]) for path, case in zip(paths, cases)},
-                  seconds=float(report.get("seconds") or 0.0))
+                  p50_ms={str(path): float(case.latency_ms["p50"]) for path, case in zip(paths, report.cases)},
+                  seconds=float(report.seconds or 0.0))
 
 
 def _package(suffix: str) -> str:

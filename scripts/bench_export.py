@@ -41,12 +41,12 @@ def main(argv=None) -> int:
                                          recalibrate_bn=False, epochs=0)
                 result = convert_model(model_path, [target], options=options)
                 artifact = result.artifacts[0]
-                check = artifact.verification["outputs"][0]
+                check = artifact.verification.outputs[0]
                 rows.append([f"K={args.rank}" if separate else "original", f"{fmt} {mode}",
                              f"{artifact.bytes / 1024:,.0f} KiB", f"{source_bytes / artifact.bytes:.2f}x",
-                             f"{check['accuracy']:.2%}", f"{check['agreement']:.2%}",
-                             f"{artifact.verification['original_agreement'] or check['agreement']:.2%}",
-                             f"{check['max_abs_diff']:.1e}"])
+                             f"{check.accuracy:.2%}", f"{check.agreement:.2%}",
+                             f"{artifact.verification.original_agreement or check.agreement:.2%}",
+                             f"{check.max_abs_diff:.1e}"])
     headers = ["model", "artifact", "size", "smaller than .h5", "accuracy", "agrees w/ its Keras model",
                "agrees w/ original", "max abs diff"]
     print(f"source: {model_path} ({source_bytes / 1024:,.0f} KiB, float32 weights); verification on "

@@ -55,7 +55,7 @@ def harness_p50(model: Path, threads: int, runs: int) -> float:
 
     report = benchmark([model], threads=(threads,), warmup_runs=50, warmup_seconds=0.2, min_runs=runs,
                        min_seconds=0.0, max_seconds=600.0, block=runs)
-    return report.cases[0]["latency_ms"]["p50"]
+    return report.cases[0].latency_ms["p50"]
 
 
 def bare_p50(model: Path, threads: int, runs: int) -> float:

@@ -96,11 +96,11 @@ def budget_row(args, split, baseline):
     probs = open_runtime(target).run([split.x_test])[0]
     int8_accuracy = float(np.mean(np.argmax(probs, 1) == split.y_test))
     recovery = result.recovery
-    final = [stage for stage in recovery["stages"] if stage["kept"]][-1]
-    return {"ranks": recovery["budget"]["ranks"], "predicted_drop": recovery["budget"]["predicted_drop"],
-            "measured_drop": recovery["budget"]["measured_drop"], "held": recovery["budget"]["held"],
-            "params_before": recovery["stages"][0]["params"], "params_after": final["params"],
-            "stages": recovery["stages"], "keras_accuracy": final["accuracy"],
+    final = recovery.final
+    return {"ranks": recovery.budget.plan.ranks, "predicted_drop": recovery.budget.plan.predicted_drop,
+            "measured_drop": recovery.budget.measured_drop, "held": recovery.budget.held,
+            "params_before": recovery.stages[0].params, "params_after": final.params,
+            "stages": recovery.to_dict()["stages"], "keras_accuracy": final.accuracy,
             "int8_accuracy": int8_accuracy, "int8_bytes": result.artifacts[0].bytes,
             "int8_drop_points": 100 * (baseline - int8_accuracy), "seconds": round(seconds, 1),
             "original_accuracy": demo.accuracy(demo.demo_model(args.demo / "digits_tutorial.h5"), split.x_test,

@@ -211,13 +211,13 @@ def convert(name: str, folder: Path, run: str) -> dict:
     result = convert_model(argv[0], outputs, options=options, progress=progress)
     stages.append({"stage": "write", "seconds": round(time.perf_counter() - last[0], 2), "peak_mib": _peak_mib(),
                    "message": ""})
-    separated = next(s for s in result.recovery["stages"] if s["name"] == "separated")
+    separated = next(s for s in result.recovery.stages if s.name == "separated")
     return {"seconds": round(time.perf_counter() - started, 2), "stages": stages, "pipeline_seconds": result.seconds,
-            "separation_seconds": separated["seconds"],  # separate_with alone, without scoring the separated model
+            "separation_seconds": separated.seconds,  # separate_with alone, without scoring the separated model
             "command": "convert-model MODEL.keras OUT.tflite OUT.onnx " + " ".join(RUNS[run]).replace(
                 "DATA", "data.npz") + (" (min_agreement=0)" if "DATA" in RUNS[run] else ""),
             "artifacts": [{"path": Path(a.path).name, "quantize": a.quantize, "bytes": a.bytes,
-                           "check": a.verification["outputs"][0]["criterion"]} for a in result.artifacts]}
+                           "check": a.verification.outputs[0].criterion} for a in result.artifacts]}
 
 
 def _reset_peak() -> None:

@@ -24,14 +24,13 @@ def main(argv=None) -> int:
     parser.add_argument("--min-time", type=float, default=2.0)
     args = parser.parse_args(argv)
     from sepconv.deploy.bench import benchmark
-    from sepconv.deploy.cli import cases_table
 
     artifacts, test = build(args.out)
     threads = tuple(int(t) for t in args.threads.split(","))
     report = benchmark(artifacts, threads=threads, inputs=str(test), min_seconds=args.min_time, min_runs=100,
-                       progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True)).to_dict()
-    (args.out / "speed.json").write_text(json.dumps(report, indent=2))
-    print(cases_table(report, markdown=True))
+                       progress=lambda message: print(f"  {message}", file=sys.stderr, flush=True))
+    (args.out / "speed.json").write_text(report.to_json(indent=2))
+    print(report.table(markdown=True))
     print()
     print(profile_table([args.out / "original_int8.onnx", args.out / "separated_k1_int8.onnx"], test))
     print()

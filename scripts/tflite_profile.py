@@ -76,15 +76,15 @@ def profile(model: Path, threads: int = 1, min_seconds: float = 1.0, progress=No
     with tempfile.TemporaryDirectory() as tmp:
         prefixes = prefix_models(model, Path(tmp))
         report = benchmark([path for _, path in prefixes], threads=(threads,), min_seconds=min_seconds,
-                           min_runs=200, warmup_seconds=0.2, progress=progress).to_dict()
-    p50 = [case["latency_ms"]["p50"] * 1000 for case in report["cases"]]
-    ci = [case["latency_ms"]["ci95_p50"] for case in report["cases"]]
+                           min_runs=200, warmup_seconds=0.2, progress=progress)
+    p50 = [case.latency_ms["p50"] * 1000 for case in report.cases]
+    ci = [case.latency_ms["ci95_p50"] for case in report.cases]
     for op, before, after, interval in zip(ops, p50, p50[1:], ci[1:]):
         op["us"] = after - before
         op["cumulative_us"] = after
         op["ci95_cumulative_us"] = [v * 1000 for v in interval]
     return {"model": str(model), "threads": threads, "empty_invoke_us": p50[0], "total_us": p50[-1], "ops": ops,
-            "context": report["context"]}
+            "context": report.context}
 
 
 def markdown(result: dict) -> str:

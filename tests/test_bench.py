@@ -149,15 +149,15 @@ def test_integer_input_is_scaled_as_the_manifest_says(tmp_path, small_artifacts)
     shutil.copy(small_artifacts["tflite"], artifact)
     fast = dict(min_runs=1, min_seconds=0.0, warmup_runs=0, warmup_seconds=0.0, inputs=str(tmp_path / "pixels.npz"))
     unit = benchmark([artifact], **fast).cases[0]
-    assert unit["accuracy"]["top1"] == 1.0, "0..255 pixels become [0, 1] without a manifest"
-    assert unit["artifact"]["input_preprocessing"]["scale"] == "unit"
+    assert unit.accuracy["top1"] == 1.0, "0..255 pixels become [0, 1] without a manifest"
+    assert unit.artifact["input_preprocessing"]["scale"] == "unit"
     for scale, feed in (("raw", pixels.astype(np.float32)), ("symmetric", pixels / 127.5 - 1.0)):
         (tmp_path / "float.tflite.json").write_text(json.dumps({"preprocessing": {"scale": scale}}))
         case = benchmark([artifact], **fast).cases[0]
-        assert case["artifact"]["input_preprocessing"] == {"scale": scale, "mean": None, "std": None,
+        assert case.artifact["input_preprocessing"] == {"scale": scale, "mean": None, "std": None,
                                                            "source": "manifest float.tflite.json"}
         expected = float(np.mean(np.argmax(np.asarray(model(feed.astype(np.float32), training=False)), 1) == labels))
-        assert case["accuracy"]["top1"] == pytest.approx(expected), f"{scale}: the model is fed what the manifest says"
+        assert case.accuracy["top1"] == pytest.approx(expected), f"{scale}: the model is fed what the manifest says"
     np.testing.assert_allclose(from_pixels(pixels, {"scale": "symmetric"}), pixels / 127.5 - 1.0, atol=1e-6,
                                err_msg="symmetric maps 0..255 to [-1, 1]")
     floats = pixels.astype(np.float32)

@@ -384,24 +384,119 @@ def test_emulated_device_runs_without_xnnpack_unless_asked():
     assert "--no-xnnpack" not in bench_command(["m.tflite"], DeployOptions(), xnnpack=True)
 
 
+def bench_report(top1, digest, *, model="m.tflite", threads=1):
+    """A one-case BenchReport as bench-model --json writes it, read back with BenchReport.from_dict."""
+    from sepconv.deploy.bench import BenchReport
+
+    case = {"model": model, "path": f"/x/{model}", "format": "tflite", "threads": threads,
+            "runtime": "ai-edge-litert 1", "artifact": {"bytes": 2048}, "load_ms": 1.0, "first_ms": 1.0, "warmup": {}, "memory": {},
+            "latency_ms": {"p50": 1.0, "ci95_p50": [0.9, 1.1], "p90": 1.2, "mean": 1.0, "std": 0.1, "count": 50},
+            "speedup": 1.0, "accuracy": {"top1": top1, "predictions_sha256": digest}}
+    return BenchReport.from_dict({"schema": 1, "cases": [case], "context": {"machine": "aarch64"},
+                                  "options": {"xnnpack": True}, "peak_rss_bytes": None, "seconds": 0.1})
+
+
 def test_differing_predictions_are_flagged_in_the_table():
-    from sepconv.deploy.cli import deploy_table
+    from sepconv.deploy.cli import Benched, deploy_table
 
-    def report(top1, digest):
-        case = {"model": "m.tflite", "format": "tflite", "threads": 1, "artifact": {"bytes": 2048},
-                "latency_ms": {"p50": 1.0, "ci95_p50": [0.9, 1.1], "p90": 1.2, "mean": 1.0, "std": 0.1, "count": 50},
-                "speedup": 1.0, "accuracy": {"top1": top1, "predictions_sha256": digest}}
-        return {"cases": [case], "context": {"machine": "aarch64"}, "options": {"xnnpack": True}}
-
-    local, device = report(0.9822, "a" * 64), report(0.1133, "b" * 64)
+    local, device = bench_report(0.9822, "a" * 64), bench_report(0.1133, "b" * 64)
     mismatch = prediction_mismatches(local, device)
     assert mismatch == [{"model": "m.tflite", "threads": 1, "device_top1": 0.1133, "local_top1": 0.9822}]
-    assert prediction_mismatches(local, report(0.9822, "a" * 64)) == []
-    table = deploy_table({"local": {"benchmark": local},
-                          "pi": {"benchmark": device, "device": {"emulated": True}, "prediction_mismatch": mismatch}})
+    assert prediction_mismatches(local, bench_report(0.9822, "a" * 64)) == []
+    table = deploy_table([Benched("local", local), Benched("pi", device, {"emulated": True}, mismatch)])
     pi_row = [line for line in table.splitlines() if line.startswith("pi ")][0]
     assert "11.33% DIFFERS FROM LOCAL" in pi_row
     assert "EMULATED: timings are meaningless" in table
+
+
+def test_host_results_carry_a_report_or_an_error():
+    """deploy() returns a HostResult per host: the report (its JSON naming each case's file on the device) or the
+    error, never an exception as a value in a dict."""
+    from sepconv.deploy.errors import HostUnreachableError
+    from sepconv.deploy.remote import HostReport, HostResult
+
+    device = bench_report(0.5, "c" * 64)
+    report = HostReport(host="pi", device={"machine": "aarch64"}, runtime={}, artifacts=[], benchmark=device,
+                        seconds=1.0)
+    good, bad = HostResult("pi", report=report), HostResult("gone", error=HostUnreachableError("gone: unreachable"))
+    assert good.ok and not bad.ok
+    case = good.to_dict()["benchmark"]["cases"][0]
+    assert case["remote_path"] == case["path"] == "/x/m.tflite" and case["latency_ms"]["p50"] == 1.0
+    assert json.loads(json.dumps(good.to_dict()))["benchmark"] == {**device.to_dict(), "cases": [case]}
+    assert bad.to_dict() == {"host": "gone", "error": {"type": "HostUnreachableError", "message": "gone: unreachable"}}
+
+
+def test_the_devices_report_is_read_back_typed_or_refused_in_one_line():
+    from types import SimpleNamespace
+
+    from sepconv.deploy.errors import RemoteRuntimeError
+    from sepconv.deploy.remote import run_benchmark
+
+    class Device:
+        target = SimpleNamespace(label="pi")
+
+        def __init__(self, stdout: bytes):
+            self.stdout = stdout
+
+        def run(self, argv, **kwargs):
+            return SimpleNamespace(returncode=0, stdout=self.stdout, stderr=b"")
+
+    report = bench_report(0.5, "e" * 64)
+    back = run_benchmark(Device(report.to_json().encode()), ["m.tflite"], DeployOptions(), lambda *a: None)
+    assert back == report and back.cases[0].latency_ms["p50"] == 1.0
+    with pytest.raises(RemoteRuntimeError, match="pi: the benchmark's report was not JSON: oops"):
+        run_benchmark(Device(b"oops"), ["m.tflite"], DeployOptions(), lambda *a: None)
+    with pytest.raises(RemoteRuntimeError, match=r"pi: the benchmark's report is not bench-model's \(schema 1\)"):
+        run_benchmark(Device(b'{"schema": 1}'), ["m.tflite"], DeployOptions(), lambda *a: None)
+
+
+def test_deploy_returns_a_result_per_host(tmp_path, small_artifacts):
+    from sepconv.deploy import deploy
+    from sepconv.deploy.ssh import SshOptions
+
+    server = LoopbackSshd(tmp_path / "never-started")
+    options = DeployOptions(ssh=SshOptions(config=str(server.client_config()), connect_timeout=3))
+    results = deploy([ALIAS], [small_artifacts["tflite"]], options)
+    assert [(r.host, r.ok, r.report) for r in results] == [(ALIAS, False, None)]
+    assert type(results[0].error).__name__ == "HostUnreachableError" and "unreachable" in str(results[0].error)
+
+
+def test_bench_flags_come_from_bench_options():
+    """bench-model's and deploy-model's flags have BenchOptions' defaults, map back onto it in one place, and reach
+    the device's bench-model as the same flags."""
+    from sepconv.deploy.bench import BenchOptions
+    from sepconv.deploy.cli import bench_argv, bench_options, bench_parser, deploy_options, deploy_parser
+
+    assert bench_options(bench_parser().parse_args(["m.tflite"])) == BenchOptions()
+    assert bench_options(deploy_parser().parse_args(["pi", "m.tflite"])) == BenchOptions()
+    given = ["--threads", "1,3", "--min-runs", "7", "--min-time", "0.5", "--max-time", "9", "--scale", "raw",
+             "--no-xnnpack"]
+    bench = bench_options(bench_parser().parse_args(["m.tflite", *given, "--providers", "A,B", "--block", "3"]))
+    assert bench == BenchOptions(threads=(1, 3), min_runs=7, min_seconds=0.5, max_seconds=9.0, scale="raw",
+                                 xnnpack=False, providers=("A", "B"), block=3)
+    deployed = deploy_options(deploy_parser().parse_args(["pi", "m.tflite", *given]))
+    assert deployed.threads == (1, 3) and deployed.xnnpack is False
+    assert deployed.bench_args == ("--scale=raw", "--min-runs=7", "--min-time=0.5", "--max-time=9.0")
+    on_device = bench_options(bench_parser().parse_args(["m.tflite", *deployed.bench_args]))
+    assert on_device == BenchOptions(min_runs=7, min_seconds=0.5, max_seconds=9.0, scale="raw")
+    assert bench_argv(BenchOptions(threads=(1, 2), providers=("A", "B")), ("threads", "providers")) == \
+        ("--threads=1,2", "--providers=A,B")
+
+
+def test_latency_timing_on_a_device_uses_the_same_flags_and_reads_the_typed_report():
+    from sepconv.deploy.bench import BenchOptions
+    from sepconv.deploy.cli import bench_options, bench_parser
+    from sepconv.deploy.errors import RemoteRuntimeError
+    from sepconv.deploy.timing import TimingOptions, _deploy_options, _timing
+
+    options = _deploy_options(TimingOptions(threads=2, min_seconds=0.3, min_runs=30, warmup_seconds=0.05))
+    assert options.threads == (2,) and options.bench_args[-1] == "--quiet"
+    assert bench_options(bench_parser().parse_args(["m.tflite", *options.bench_args])) == BenchOptions(
+        min_runs=30, min_seconds=0.3, warmup_runs=3, warmup_seconds=0.05)
+    timing = _timing("pi", {"machine": "aarch64"}, True, [Path("m.tflite")], bench_report(0.5, "d" * 64))
+    assert timing.p50_ms == {"m.tflite": 1.0} and timing.runtime == "ai-edge-litert 1" and timing.seconds == 0.1
+    with pytest.raises(RemoteRuntimeError, match="the benchmark timed 1 of 2 artifacts"):
+        _timing("pi", {}, True, [Path("a.tflite"), Path("b.tflite")], bench_report(0.5, "d" * 64))
 
 
 @pytest.mark.parametrize("args, phrase", [
@@ -469,8 +564,7 @@ def test_emulated_raspberry_pi(tmp_path, small_artifacts, trained_demo):
         on_pi = json.loads((tmp_path / "digits.json").read_text())["sepconv-pi"]["benchmark"]["cases"][0]
         here = benchmark([digits], inputs=str(trained_demo["npz"]), min_seconds=0.05, min_runs=5).cases[0]
         assert on_pi["accuracy"]["samples"] == 450
-        assert abs(on_pi["accuracy"]["top1"] - here["accuracy"]["top1"]) <= 2 / 450, (on_pi["accuracy"],
-                                                                                      here["accuracy"])
+        assert abs(on_pi["accuracy"]["top1"] - here.accuracy["top1"]) <= 2 / 450, (on_pi["accuracy"], here.accuracy)
         forced = run("sepconv-pi", digits, "--ssh-config", state["ssh_config"], "--wheels", state["wheels"],
                      "--input", trained_demo["npz"], "--xnnpack", "--compare-local", "--json", tmp_path / "forced.json",
                      "--reports", tmp_path, "--min-time", "0.1", "--min-runs", "5", timeout=1500)

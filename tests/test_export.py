@@ -201,9 +201,9 @@ def test_artifacts_are_verified_against_one_forward_pass_of_each_model(tmp_path,
                         lambda model, x, batch_size=None: (calls.append(model), real(model, x, batch_size))[1])
     result = convert_model(tmp_path / "m.keras", [tmp_path / "m.tflite", tmp_path / "m.onnx"], rank=1,
                            quantize="none")
-    assert all(artifact.verification["passed"] for artifact in result.artifacts)
+    assert all(artifact.verification.passed for artifact in result.artifacts)
     assert len(calls) == 3 and calls[1] is calls[2] and calls[0] is not calls[1], [m.name for m in calls]
-    assert all(a.verification["original_agreement"] is not None for a in result.artifacts)
+    assert all(a.verification.original_agreement is not None for a in result.artifacts)
 
 
 def test_a_silent_step_gets_a_progress_line_every_so_often():

@@ -186,7 +186,6 @@ def test_measure_table_times_every_candidate_once_then_reads_the_cache(tiny, tmp
 
 
 def test_convert_model_chooses_for_latency_and_reports_prediction_and_measurement(tiny, tmp_path):
-    from sepconv.convert.cli import recovery_tables
     from sepconv.convert.latency_table import LatencyOptions
     from sepconv.convert.pipeline import convert_model
     from sepconv.deploy.timing import TimingOptions
@@ -199,10 +198,10 @@ def test_convert_model_chooses_for_latency_and_reports_prediction_and_measuremen
     result = convert_model(tmp_path / "m.keras", [tmp_path / "m.tflite"], data=str(tmp_path / "d.npz"), epochs=0,
                            quantize="none", max_accuracy_drop=50.0, refine=False, recalibrate_bn=False,
                            latency=options)
-    budget = result.recovery["budget"]
-    latency = budget["latency"]
+    budget = result.recovery.budget.plan
+    latency = budget.latency
     assert latency["table"]["format"] == "tflite" and latency["table"]["quantize"] == "none"
-    assert budget["ranks"] == latency["choice"]["ranks"], "the separation follows the latency choice"
+    assert budget.ranks == latency["choice"]["ranks"], "the separation follows the latency choice"
     assert latency["choice"]["target_ms"] == pytest.approx(2 * latency["table"]["original_ms"])
     for row in latency["choice"]["layers"]:
         assert row["rank"] == KEEP or row["ms"] <= row["keep_ms"], f"{row['path']} separated though slower"
@@ -211,8 +210,8 @@ def test_convert_model_chooses_for_latency_and_reports_prediction_and_measuremen
     assert measured["predicted_ms"] == pytest.approx(latency["choice"]["predicted_ms"], rel=1e-3)
     manifest = json.loads((tmp_path / "m.tflite.json").read_text())
     assert manifest["latency"] == measured and manifest["recovery"]["budget"]["latency"]["choice"]["ranks"] == \
-        budget["ranks"]
-    text = recovery_tables(result)
+        budget.ranks
+    text = result.table()
     assert "us chosen" in text and "whole model predicted" in text and "m.tflite: measured" in text
 
 

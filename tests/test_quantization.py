@@ -116,7 +116,7 @@ def test_convert_model_repairs_and_records_float_layers(tmp_path, masked):
     manifest = json.loads((tmp_path / "ok.tflite.json").read_text())
     assert manifest["quantization"]["passed"]
     assert len(manifest["quantization"]["float_layers"]) == 1
-    assert result.artifacts[0].verification["passed"]
+    assert result.artifacts[0].verification.passed
 
 
 def test_explain_diagnoses_an_artifact_that_passes(masked):

@@ -1,5 +1,6 @@
 """Accuracy budget, BatchNorm recalibration, feature distillation and the recovery stages of convert_model."""
 
+from dataclasses import replace
 from pathlib import Path
 
 import keras
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 
 from sepconv.convert import convert_model, separate
-from sepconv.convert.budget import KEEP, BudgetOptions, Candidate, LayerSensitivity, choose, plan_budget
+from sepconv.convert.budget import KEEP, BudgetOptions, BudgetPlan, Candidate, LayerSensitivity, choose, plan_budget
 from sepconv.convert.errors import BudgetError, CheckpointError, InvalidOptionError
 from sepconv.convert.finetuning import finetune
 from sepconv.convert.recovery import STEPS, _check_budget, _Scorer
@@ -77,11 +78,28 @@ def test_budget_check_fails_loudly():
     teacher, x, y = teacher_and_data(n=64)
     scorer = _Scorer(teacher, _Data(x[:48], y[:48]), _Data(x[48:], y[48:]))
     stages = [scorer.stage("original", teacher, 0.0), scorer.stage("fine-tuned", _Constant(teacher), 0.0)]
-    plan = {"max_drop": 1.0, "predicted_drop": 0.2, "ranks": {"c1": 1}}
+    plan = BudgetPlan(metric="accuracy", baseline=1.0, max_drop=1.0, samples=48, layers=(), ranks={"c1": 1},
+                      predicted_drop=0.2, params_before=0, params_after=0, seconds=0.0)
     with pytest.raises(BudgetError, match=r"the budget did not hold: the fine-tuned model lost \d+\.\d\d points of "
                                           r"accuracy on 48 validation samples.*nothing was written"):
         _check_budget(plan, stages, scorer)
-    assert _check_budget(dict(plan, max_drop=100.0), stages, scorer)["held"] is True
+    held = _check_budget(replace(plan, max_drop=100.0), stages, scorer)
+    assert held.held is True and held.plan.max_drop == 100.0 and held.measured_on == "48 validation samples"
+    assert held.to_dict() == {**held.plan.to_dict(), "measured_drop": held.measured_drop,
+                              "measured_on": "48 validation samples", "test_drop": held.test_drop, "test_samples": 16,
+                              "held": True, "params_ratio": held.params_ratio}, "the manifest's recovery.budget"
+
+
+def test_a_budget_plan_survives_the_resume_state():
+    """A resumed run reads its plan back from state.json: the same BudgetPlan, layers and candidates typed."""
+    import json
+
+    candidates = (Candidate(rank=1, params=40, score=0.9, drop=2.5), Candidate(rank=KEEP, params=90, score=1.0, drop=0))
+    layer = LayerSensitivity(path="c1", full_rank=9, candidates=candidates)
+    plan = BudgetPlan(metric="agreement", baseline=1.0, max_drop=1.0, samples=30, layers=(layer,), ranks={"c1": 1},
+                      predicted_drop=0.5, params_before=90, params_after=40, seconds=0.1, latency={"choice": {}})
+    back = BudgetPlan.from_dict(json.loads(json.dumps(plan.to_dict())))
+    assert back == plan and back.layers[0].candidate(1).drop == 2.5
 
 
 def test_the_scorer_takes_the_originals_outputs_it_is_handed():
@@ -200,17 +218,17 @@ def test_convert_model_budget_stages_and_checkpoints(tmp_path):
                            quantize="none", max_accuracy_drop=15.0, epochs=4,
                            progress=lambda stage, message: lines.append((stage, message)))
     recovery = result.recovery
-    assert [s["name"] for s in recovery["stages"]] == ["original", "separated", "refined", "fine-tuned"], \
+    assert [s.name for s in recovery.stages] == ["original", "separated", "refined", "fine-tuned"], \
         "no BatchNorm in this model: no recalibration stage"
-    assert recovery["budget"]["ranks"], "a 15-point budget separates something"
-    assert recovery["budget"]["held"] and recovery["budget"]["measured_drop"] <= 15.0
-    assert recovery["samples"] == 256 and recovery["validation_samples"] == 154 and result.data["train_samples"] == 614
-    assert recovery["budget"]["samples"] == 154, "the sensitivity is measured on the validation data, not the test data"
-    original, final = recovery["stages"][0], recovery["stages"][-1]
-    assert final["accuracy"] > recovery["stages"][1]["accuracy"], f"recovery must beat the raw separation: {recovery}"
-    assert original["accuracy"] - final["accuracy"] <= 0.15 + 1e-9
-    assert final["params"] < original["params"]
-    assert result.plan["defaults"] == ["refine", "recalibrate_bn"], "quantize was given"
+    assert recovery.budget.plan.ranks, "a 15-point budget separates something"
+    assert recovery.budget.held and recovery.budget.measured_drop <= 15.0
+    assert recovery.samples == 256 and recovery.validation_samples == 154 and result.data.train_samples == 614
+    assert recovery.budget.plan.samples == 154, "the sensitivity is measured on the validation data, not the test data"
+    original, final = recovery.stages[0], recovery.stages[-1]
+    assert final.accuracy > recovery.stages[1].accuracy, f"recovery must beat the raw separation: {recovery}"
+    assert original.accuracy - final.accuracy <= 0.15 + 1e-9
+    assert final.params < original.params
+    assert result.plan.defaults == ("refine", "recalibrate_bn"), "quantize was given"
     assert any(stage == "finetune" and message.startswith("epoch 1/4") for stage, message in lines)
     assert not (tmp_path / "m.tflite.checkpoints").exists(), "checkpoints go once the artifacts are written"
     (tmp_path / "m.tflite.checkpoints").mkdir()

@@ -53,14 +53,14 @@ def test_test_data_scores_but_never_chooses(tmp_path, labelled):
                                      data=str(labelled / "train.npz"), test_data=str(test_data), quantize="none",
                                      max_accuracy_drop=20.0, epochs=2))
     a, b = (r.recovery for r in results)
-    assert a["budget"]["samples"] == a["validation_samples"] == 90 and a["samples"] == 150
-    assert results[0].data["train_samples"] == 360 and results[0].data["validation_samples"] == 90
-    assert a["budget"]["ranks"] == b["budget"]["ranks"] and a["budget"]["layers"] == b["budget"]["layers"], \
+    assert a.budget.plan.samples == a.validation_samples == 90 and a.samples == 150
+    assert results[0].data.train_samples == 360 and results[0].data.validation_samples == 90
+    assert a.budget.plan.ranks == b.budget.plan.ranks and a.budget.plan.layers == b.budget.plan.layers, \
         "the rank per layer must not depend on the test data"
-    assert [(s["name"], s["kept"], s["val_accuracy"]) for s in a["stages"]] == \
-        [(s["name"], s["kept"], s["val_accuracy"]) for s in b["stages"]], "nor which stages are kept"
-    assert a["stages"][0]["accuracy"] != b["stages"][0]["accuracy"], "the test figures come from the test data"
-    assert "measured_drop" in a["budget"] and "test_drop" in a["budget"]
+    assert [(s.name, s.kept, s.val_accuracy) for s in a.stages] == \
+        [(s.name, s.kept, s.val_accuracy) for s in b.stages], "nor which stages are kept"
+    assert a.stages[0].accuracy != b.stages[0].accuracy, "the test figures come from the test data"
+    assert a.budget.measured_on == "90 validation samples" and a.budget.test_samples == 150
 
 
 def _harmful(context):
@@ -77,16 +77,16 @@ def test_a_stage_that_hurts_is_rejected_and_undone(tmp_path, labelled, monkeypat
     lines = []
     result = convert_model(labelled / "teacher.keras", [tmp_path / "m.keras"], data=str(labelled / "train.npz"),
                            quantize="none", rank=1, epochs=0, progress=lambda stage, message: lines.append(message))
-    stages = {stage["name"]: stage for stage in result.recovery["stages"]}
-    assert stages["refined"]["kept"] is True
-    assert stages["zeroed"]["kept"] is False and stages["zeroed"]["note"].startswith("rejected: validation accuracy")
-    assert stages["zeroed"]["val_accuracy"] < stages["refined"]["val_accuracy"]
+    stages = {stage.name: stage for stage in result.recovery.stages}
+    assert stages["refined"].kept is True
+    assert stages["zeroed"].kept is False and stages["zeroed"].note.startswith("rejected: validation accuracy")
+    assert stages["zeroed"].val_accuracy < stages["refined"].val_accuracy
     assert any("rejected: validation accuracy" in line for line in lines), lines
     saved = keras.models.load_model(tmp_path / "m.keras")
     x = np.load(labelled / "train.npz")["x"][:32]
     assert np.any(saved.predict(x, verbose=0) != 0), "the exported model is the one before the rejected stage"
     check = result.artifacts[0].verification
-    assert check["passed"] and check["outputs"][0]["keras_accuracy"] == pytest.approx(stages["refined"]["accuracy"])
+    assert check.passed and check.outputs[0].keras_accuracy == pytest.approx(stages["refined"].accuracy)
 
 
 def bn_residual(seed=0):
@@ -129,15 +129,15 @@ def test_nested_backbone_is_budgeted_refined_and_recalibrated(tmp_path):
     result = convert_model(tmp_path / "transfer.keras", [tmp_path / "t.tflite"], data=str(tmp_path / "data.npz"),
                            quantize="none", max_accuracy_drop=50.0, epochs=0)
     recovery = result.recovery
-    measured = [layer["path"] for layer in recovery["budget"]["layers"]]
+    measured = [layer.path for layer in recovery.budget.plan.layers]
     assert measured == ["backbone/stem", "backbone/a", "backbone/b"], measured
-    assert recovery["budget"]["ranks"], "a 50-point budget separates layers of the nested backbone"
-    refined = [layer for layer in recovery["refinement"]["layers"] if layer["status"] == "refined"]
-    assert {layer["path"] for layer in refined} == set(recovery["budget"]["ranks"]), recovery["refinement"]
-    recalibrated = [b["path"] for b in recovery["batchnorm"]]
+    assert recovery.budget.plan.ranks, "a 50-point budget separates layers of the nested backbone"
+    refined = [layer for layer in recovery.refinement["layers"] if layer["status"] == "refined"]
+    assert {layer["path"] for layer in refined} == set(recovery.budget.plan.ranks), recovery.refinement
+    recalibrated = [b["path"] for b in recovery.batchnorm]
     assert recalibrated[0] == "backbone/stem_bn" and sorted(recalibrated) == [
         "backbone/a_bn", "backbone/b_bn", "backbone/proj_bn", "backbone/stem_bn"], "every BatchNorm, in graph order"
-    assert [s["name"] for s in recovery["stages"]] == ["original", "separated", "refined", "batchnorm recalibrated"]
+    assert [s.name for s in recovery.stages] == ["original", "separated", "refined", "batchnorm recalibrated"]
 
 
 def rescaling_model():
@@ -157,12 +157,12 @@ def test_a_model_that_rescales_itself_gets_raw_pixels(tmp_path):
     lines = []
     result = convert_model(tmp_path / "r.keras", [tmp_path / "r.tflite"], data=str(tmp_path / "pixels.npz"),
                            separate=False, quantize="none", progress=lambda stage, message: lines.append(message))
-    assert result.data["scale"] == "raw"
+    assert result.data.scale == "raw"
     manifest = json.loads((tmp_path / "r.tflite.json").read_text())
     assert manifest["preprocessing"]["scale"] == "raw", "bench-model and deploy-model read how to feed pixels here"
     assert any("scale auto -> raw: the model rescales its input itself in layer 'rescale'" in m for m in lines), lines
-    check = result.artifacts[0].verification["outputs"][0]
-    assert check["keras_accuracy"] == 1.0, "fed as the model expects, it agrees with its own labels"
+    check = result.artifacts[0].verification.outputs[0]
+    assert check.keras_accuracy == 1.0, "fed as the model expects, it agrees with its own labels"
     data = load_data(tmp_path / "pixels.npz", model.input_shape, DataOptions(scale="unit"))
     assert float(data.x.max()) <= 1.0, "an explicit --scale unit still scales"
 
@@ -351,12 +351,12 @@ def test_without_data_a_separation_that_changes_the_outputs_is_backed_off(tmp_pa
     lines = []
     result = convert_model(entry.model, [tmp_path / "bn.tflite"], quantize="none",
                            progress=lambda stage, message: lines.append(message))
-    check = result.recovery["synthetic_check"]
+    check = result.recovery.synthetic_check
     assert check["tried"][0]["energy"] == 0.9 and check["tried"][0]["cosine"] < 0.99, check
     assert check["passed"] and check["tried"][-1]["cosine"] >= 0.99, check
     assert any("kept more of each kernel" in line for line in lines), lines
     easy = convert_model(entry.model, [tmp_path / "easy.tflite"], quantize="none", rank=1)
-    assert easy.recovery["synthetic_check"] is None, "an explicit --rank is the user's choice: no guard"
+    assert easy.recovery.synthetic_check is None, "an explicit --rank is the user's choice: no guard"
 
 
 def near_tie_classifier(seed=0):
@@ -387,7 +387,7 @@ def test_quantize_auto_falls_back_when_int8_fails_verification(tmp_path):
                            quantization=QuantizationOptions(repair=False),
                            progress=lambda stage, message: lines.append(message))
     for artifact in result.artifacts:
-        assert artifact.quantize in ("dynamic", "float16") and artifact.verification["passed"], artifact
+        assert artifact.quantize in ("dynamic", "float16") and artifact.verification.passed, artifact
         assert artifact.quantize_fallback["from"] == "int8" and "top-1 agreement" in artifact.quantize_fallback["reason"]
         manifest = json.loads(Path(artifact.manifest).read_text())
         assert manifest["quantize"] == artifact.quantize and manifest["quantize_fallback"] == artifact.quantize_fallback
@@ -406,9 +406,9 @@ def test_validation_data_from_its_own_file(tmp_path, labelled):
     result = convert_model(labelled / "teacher.keras", [tmp_path / "m.tflite"], data=str(labelled / "train.npz"),
                            validation_data=str(tmp_path / "val.npz"), test_data=str(tmp_path / "test.npz"),
                            quantize="none", max_accuracy_drop=20.0, epochs=1)
-    assert result.data["train_samples"] == 450 and result.data["validation_samples"] == 60
-    assert result.data["validation_source"] == str(tmp_path / "val.npz")
-    assert result.recovery["budget"]["samples"] == 60 and result.recovery["samples"] == 90
+    assert result.data.train_samples == 450 and result.data.validation_samples == 60
+    assert result.data.validation_source == str(tmp_path / "val.npz")
+    assert result.recovery.budget.plan.samples == 60 and result.recovery.samples == 90
     refused = run(labelled / "teacher.keras", tmp_path / "n.tflite", "--validation-data", tmp_path / "val.npz")
     assert refused.returncode == 1 and "--validation-data chooses what is done with --data; pass --data" in \
         refused.stderr.strip().splitlines()[-1]

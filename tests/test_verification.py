@@ -107,9 +107,10 @@ def test_the_accuracy_budget_covers_the_artifact(tmp_path, quantize):
     assert artifact.quantize == "float16", artifact.quantize_fallback
     reasons = artifact.quantize_fallback["reason"].split(" | ")
     assert [r.split(":")[0] for r in reasons] == ["int8", "dynamic"] and "over the budget" in reasons[1], reasons
-    budget = artifact.verification["budget"]
-    assert budget["held"] and budget["drop"] <= 1.0 and budget["samples"] == 45, budget
-    assert budget == json.loads(target.with_name("m.tflite.json").read_text())["verification"]["budget"]
+    budget = artifact.verification.budget
+    assert budget.held and budget.drop <= 1.0 and budget.samples == 45, budget
+    assert artifact.verification.to_dict()["budget"] == \
+        json.loads(target.with_name("m.tflite.json").read_text())["verification"]["budget"]
 
 
 def test_activation_bytes_counts_every_layer_output_nested_models_included():

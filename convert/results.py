@@ -1,0 +1,201 @@
+"""What `convert_model` returns: a ConvertResult of typed parts, each with `to_dict()` (the JSON of `convert-model
+--json`, docs/convert.md) and, where the terminal shows it, `table()`.
+
+    result = convert_model("in.h5", ["out.tflite"], data="images/")
+    result.artifacts[0].verification.passed, result.recovery.final.accuracy, result.separation.totals["separated"]
+    print(result.table())            # what convert-model prints: budget, latency, stages, artifacts
+    json.dumps(result.to_dict())     # what convert-model --json writes
+
+The parts: Source (the input model), DataInfo (how the data was split into its three roles), Plan (the effective
+choices and which were defaults), separation.SeparationReport, recovery.RecoveryReport, an Artifact per output (its
+verification.Verification, quantization.QuantizationReport), the seconds per stage and the warnings.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from sepconv.convert.quantization import QuantizationReport
+    from sepconv.convert.recovery import RecoveryReport
+    from sepconv.convert.report import SeparationReport
+    from sepconv.convert.verification import Verification
+
+
+@dataclass(frozen=True)
+class Source:
+    path: str
+    sha256: str
+    params: int  # the original model's parameters
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The effective choices of a run (ConvertOptions.plan()) and which of them were defaults."""
+
+    max_accuracy_drop: float | None
+    refine: bool
+    recalibrate_bn: bool
+    epochs: int
+    quantize: str
+    defaults: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "defaults": list(self.defaults)}
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """The data of a run and its three roles: train (a part of it calibrates), validation (every choice), test
+    (scores and verification only); without data, the synthetic inputs verification ran on."""
+
+    source: str | None  # --data; None: synthetic inputs
+    test_source: str | None  # --test-data; None: held out from --data
+    validation_source: str | None  # --validation-data; None: held out from --data
+    samples: int
+    labelled: bool
+    scale: str | None
+    preprocessing: dict  # scale, mean, std and the reason (what the manifest records for the device)
+    train_samples: int
+    calibration_samples: int
+    validation_samples: int
+    heldout_samples: int
+    heldout_labelled: bool
+    description: str
+
+    def to_dict(self) -> dict:
+        fields = asdict(self)
+        if self.source is None:  # a run without data has no validation set: the key is absent from its JSON
+            del fields["validation_source"]
+        return fields
+
+
+@dataclass(frozen=True)
+class Artifact:
+    path: str
+    format: str
+    quantize: str
+    bytes: int
+    sha256: str
+    manifest: str
+    verification: Verification  # against the Keras model on the test inputs
+    quantize_fallback: dict | None = None  # {from, reason}: --quantize auto's first choice failed verification
+    quantization: QuantizationReport | None = None  # the int8 repair's attempts and layers kept in float
+    latency: dict | None = None  # measured where the latency table was, against its prediction (latency_table.py)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "verification": self.verification.to_dict(),
+                "quantization": self.quantization.to_dict() if self.quantization is not None else None}
+
+
+@dataclass(frozen=True)
+class ConvertResult:
+    source: Source
+    quantize: str
+    quantize_reason: str
+    data: DataInfo
+    separation: SeparationReport | None  # None with separate=False
+    recovery: RecoveryReport | None  # per-stage scores, budget, BatchNorm, fine-tuning; None with separate=False
+    plan: Plan
+    artifacts: tuple[Artifact, ...]
+    seconds: dict  # {stage: seconds}; stages are load, data, "separate and recover", "export NAME" per output
+    warnings: tuple[str, ...] = ()  # e.g. nothing was separated; the CLI prints them even with --quiet
+
+    def to_dict(self) -> dict:
+        """The JSON summary convert-model --json writes (docs/convert.md)."""
+        return {"source": self.source.to_dict(), "quantize": self.quantize, "quantize_reason": self.quantize_reason,
+                "data": self.data.to_dict(),
+                "separation": self.separation.to_dict() if self.separation is not None else None,
+                "recovery": self.recovery.to_dict() if self.recovery is not None else None,
+                "plan": self.plan.to_dict(), "artifacts": [a.to_dict() for a in self.artifacts],
+                "seconds": dict(self.seconds), "warnings": list(self.warnings)}
+
+    def table(self) -> str:
+        """What convert-model prints: per-layer sensitivity and K (budget mode), the latency table (when K was chosen
+        for latency), each recovery stage, then the original beside each artifact."""
+        parts = []
+        if self.recovery is not None:
+            if self.recovery.budget:
+                parts += [self.recovery.budget_table(), latency_text(self.recovery.budget.plan.latency,
+                                                                     self.artifacts)]
+            parts.append(self.recovery.stages_table())
+        return "\n\n".join(part for part in [*parts, self.artifact_table()] if part)
+
+    def artifact_table(self) -> str:
+        """The original next to each artifact: size, accuracy, agreement, budget, verdict."""
+        from tabulate import tabulate
+
+        source_bytes = os.path.getsize(self.source.path)
+        first = self.artifacts[0].verification if self.artifacts else None
+        rows = [["original " + Path(self.source.path).name, "keras", f"{source_bytes / 1024:,.0f} KiB", "1.00x",
+                 percent(first.original_accuracy if first else None), "", "", ""]]
+        for artifact in self.artifacts:
+            verification = artifact.verification
+            check = verification.outputs[0]
+            mode = f"{artifact.format} {artifact.quantize}" + (
+                f" ({artifact.quantize_fallback['from']} failed)" if artifact.quantize_fallback else "")
+            rows.append([Path(artifact.path).name, mode, f"{artifact.bytes / 1024:,.0f} KiB",
+                         f"{source_bytes / artifact.bytes:.2f}x", percent(check.accuracy), percent(check.agreement),
+                         percent(verification.original_agreement), "passed" if verification.passed else "FAILED"])
+        headers = ["model", "format", "size", "smaller", "accuracy", "agrees w/ separated", "agrees w/ original",
+                   "check"]
+        budgets = [artifact.verification.budget for artifact in self.artifacts]
+        if any(budgets):  # --max-accuracy-drop covers each artifact: its own drop on the validation data
+            headers.insert(-1, "budget (validation)")
+            rows[0].insert(-1, "")
+            for row, budget in zip(rows[1:], budgets):
+                row.insert(-1, f"{budget.drop:+.2f} of {budget.max_drop} points" if budget else "")
+        data = self.data
+        note = (f"verified on {data.heldout_samples} held-out samples of {data.test_source or data.source}"
+                if data.source else f"verified on {data.heldout_samples} synthetic inputs (no --data)")
+        return (tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
+                + f"\n{note}; manifests beside each artifact (.json)")
+
+
+def latency_text(latency: dict | None, artifacts=()) -> str:
+    """Per layer: the latency of each option where it was measured, the choice, and the whole model predicted and
+    measured (each artifact's `latency`); empty when K was not chosen for latency."""
+    from tabulate import tabulate
+
+    from sepconv.deploy.timing import describe_xnnpack
+
+    if not latency:
+        return ""
+    table, choice = latency["table"], latency["choice"]
+    keys = sorted({k for row in table["layers"].values() for k in row if k != "keep"}, key=int)
+    rows = []
+    for layer in choice["layers"]:
+        row = table["layers"][layer["path"]]
+        rows.append([layer["path"], layer["rank"] or "kept", latency["budget_ranks"].get(layer["path"], "kept"),
+                     f"{row['keep'] * 1000:.1f}"] + [f"{row[k] * 1000:.1f}" if k in row else "" for k in keys]
+                    + [f"{layer['ms'] * 1000:.1f}", ", ".join(f"K={k}" for k in layer["slower"])])
+    text = tabulate(rows, headers=["layer", "K chosen", "K for accuracy alone", "us kept"] + [f"us K={k}" for k in keys]
+                    + ["us chosen", "slower than kept (never chosen)"], tablefmt="simple", disable_numparse=True)
+    device = table["device"]
+    text += (f"\nlatency: each layer alone, p50 on {table['where']} ({device.get('pi_model') or device.get('cpu')}, "
+             f"{table['runtime']}, {table['format']} {table['quantize']}, {table['threads']} thread(s), "
+             f"{describe_xnnpack(table['xnnpack'])}; {table['measured']} timed, {table['cached']} cached); whole "
+             f"model predicted {choice['predicted_ms']:.4f} ms against the original's {table['original_ms']:.4f} ms "
+             f"({table['original_ms'] / choice['predicted_ms']:.2f}x)")
+    if choice["target_ms"] is not None:
+        text += f"; target {choice['target_ms']:.4f} ms"
+    for artifact in artifacts:
+        measured = artifact.latency
+        if measured:
+            text += (f"\n{Path(artifact.path).name}: measured "
+                     f"{measured['measured_ms']:.4f} ms, predicted {measured['predicted_ms']:.4f} ms (error "
+                     f"{measured['error']:+.1%}), {measured['speedup']:.2f}x faster than the original"
+                     + ("" if measured["comparable"] else f" (NOT comparable: the table timed {table['quantize']}, "
+                                                          f"this artifact is {measured['quantize']})"))
+    return text
+
+
+def percent(value) -> str:
+    """A share as a table cell: "" for None."""
+    return "" if value is None else f"{value:.2%}"
