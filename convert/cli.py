@@ -178,7 +178,8 @@ def convert_parser() -> argparse.ArgumentParser:
                        help="'local' (this machine, the default with a target) or a host as deploy-model takes it "
                             "(alias, user@host[:port]); without a target: the fastest plan within the budget. A "
                             "separation slower than keeping its layer is never chosen")
-    group.add_argument("--latency-threads", type=_positive, default=timing.threads, metavar="N", help="threads the latency is measured at "
+    group.add_argument("--latency-threads", type=_positive, default=timing.threads, metavar="N",
+                       help="threads the latency is measured at "
                        "(default: %(default)s)")
     group.add_argument("--latency-xnnpack", action=argparse.BooleanOptionalAction,
                        help="LiteRT's XNNPACK delegate while timing (default: on, off on an emulated device)")
@@ -186,10 +187,13 @@ def convert_parser() -> argparse.ArgumentParser:
                        help="seconds of timed runs per single-layer model (default: %(default)s)")
     group.add_argument("--latency-cache", metavar="DIR", help="where measurements are kept (default: "
                        "~/.cache/sepconv/latency)")
-    group.add_argument("--ssh-config", metavar="FILE", help="with --latency-on HOST: an ssh_config file instead of ~/.ssh/config")
+    group.add_argument("--ssh-config", metavar="FILE",
+                       help="with --latency-on HOST: an ssh_config file instead of ~/.ssh/config")
     group.add_argument("--identity", metavar="FILE", help="with --latency-on HOST: a private key file for ssh")
-    group.add_argument("--wheels", metavar="DIR", help="with --latency-on HOST: a local folder of wheels for an offline device")
-    group.add_argument("--remote-dir", default=DEFAULT_REMOTE_DIR, metavar="DIR", help="with --latency-on HOST: the one folder sepconv uses "
+    group.add_argument("--wheels", metavar="DIR",
+                       help="with --latency-on HOST: a local folder of wheels for an offline device")
+    group.add_argument("--remote-dir", default=DEFAULT_REMOTE_DIR, metavar="DIR",
+                       help="with --latency-on HOST: the one folder sepconv uses "
                        "on the device (default: %(default)s)")
     group = parser.add_argument_group("fine-tuning (needs --data; labels are used when the data has them, "
                                       "else distillation from the original)")
@@ -205,9 +209,11 @@ def convert_parser() -> argparse.ArgumentParser:
     group.add_argument("--feature-distillation", type=_weight, default=fit.feature_weight, metavar="WEIGHT",
                        help="also match each separated layer's output to the original's, with this weight "
                             "(default: %(default)s, off)")
-    group.add_argument("--patience", type=_positive, default=fit.patience, help="epochs without improvement before stopping "
+    group.add_argument("--patience", type=_positive, default=fit.patience,
+                       help="epochs without improvement before stopping "
                        "(default: %(default)s)")
-    group.add_argument("--frozen-batchnorm-pass", action=argparse.BooleanOptionalAction, default=fit.frozen_batchnorm_pass,
+    group.add_argument("--frozen-batchnorm-pass", action=argparse.BooleanOptionalAction,
+                       default=fit.frozen_batchnorm_pass,
                        help="after fine-tuning a model with BatchNorm, fine-tune again with BatchNorm frozen (moving "
                             "statistics), kept only if validation improves (default: on)")
     group.add_argument("--strategy", choices=STRATEGIES, default=fit.strategy,
@@ -410,96 +416,16 @@ def _demo_outputs(args) -> None:
 
 
 def _demo(args) -> int:
-    from sepconv.convert import DEFAULT_ENERGY, demo, separate
+    from sepconv.convert.demo import run_demo
 
-    started = time.perf_counter()
     quiet = args.json == "-"  # the JSON summary goes to stdout instead of the tables
-    model_path = args.out / "digits_tutorial.h5"
-    trained = args.retrain or not model_path.exists()
-    if not quiet:
-        print(f"{'training' if trained else 'loading'} the demo model {model_path} ...", flush=True)
-    model = demo.demo_model(model_path, epochs=args.epochs, seed=args.seed, retrain=args.retrain,
-                            verbose=0 if quiet else 2)
-    split = demo.digits(seed=args.seed)
-    baseline = demo.accuracy(model, split.x_test, split.y_test)
-    summary = {"model": str(model_path), "test_images": int(len(split.y_test)), "original": {
-        "params": model.count_params(), "test_accuracy": baseline}, "separations": []}
-    if not quiet:
-        print(f"original: {model.count_params():,} parameters, test accuracy {baseline:.2%} "
-              f"on {len(split.y_test)} held-out digits\n")
-    for label, options in (("K=1 on every Conv2D", {"rank": 1}),
-                           (f"default policy (energy={DEFAULT_ENERGY})", {})):
-        separated, report = separate(model, **options)
-        score = demo.accuracy(separated, split.x_test, split.y_test)
-        summary["separations"].append({"label": label, "options": options, "test_accuracy": score,
-                                       "report": report.to_dict()})
-        (args.out / f"report_{'k1' if options else 'default'}.json").write_text(report.to_json(indent=2))
-        if not quiet:
-            print(f"== {label} (no fine-tuning)\n{report}\n"
-                  f"test accuracy: {score:.2%} (original {baseline:.2%})\n")
-    summary["conversion"] = _demo_conversion(args, model_path, split)
-    if not args.no_bench:
-        summary["speed"] = _demo_speed(args, model_path)
-    summary["report"] = _demo_report(args, summary)
-    summary["seconds"] = round(time.perf_counter() - started, 1)
+    summary = run_demo(args.out, epochs=args.epochs, seed=args.seed, retrain=args.retrain, bench=not args.no_bench,
+                       bench_time=args.bench_time, say=None if quiet else lambda text: print(text, flush=True))
     if args.json:
         write_output(args.json, json.dumps(summary, indent=2, default=str))
     if not quiet:
         print(f"reports, artifacts and manifests are in {args.out}/ ({summary['seconds']} s)")
     return 0
-
-
-def _demo_report(args, summary: dict) -> str:
-    """The HTML report of the conversion and the speed table (report.html) and a PNG per chart (report/)."""
-    from sepconv.deploy.cli import html_renderer
-
-    renderer = html_renderer()
-    page = renderer.render(renderer.classify(json.loads(json.dumps(summary, default=str)), "demo"),
-                           title="sepconv demo: the tutorial network on digits")
-    path = args.out / "report.html"
-    renderer.write_report(page, path, args.out / "report", overwrite=True)
-    if args.json != "-":
-        print(f"== report: {path} (charts as PNG in {args.out / 'report'}/)")
-    return str(path)
-
-
-def _demo_conversion(args, model_path: Path, split) -> dict:
-    """convert-model on the demo with its defaults for data: a 1-point accuracy budget, refinement, fine-tuning, int8
-    TFLite and ONNX, scored and verified on the test digits."""
-    from sepconv.convert import demo
-    from sepconv.convert.pipeline import convert_model
-
-    train, test = demo.save_split(split, args.out)
-    outputs = [args.out / "digits_int8.tflite", args.out / "digits_int8.onnx"]
-    if args.json != "-":
-        print(f"== convert-model {model_path} {' '.join(map(str, outputs))} --data {train} --test-data {test} "
-              f"--overwrite")
-
-    def progress(stage, message):
-        if args.json != "-":
-            print(f"  {stage}: {message}", flush=True)
-
-    result = convert_model(model_path, outputs, data=str(train), test_data=str(test), overwrite=True,
-                           progress=progress)
-    if args.json != "-":
-        print(result.table() + "\n")
-    return result.to_dict()
-
-
-def _demo_speed(args, model_path: Path) -> dict:
-    """The speed table: bench-model's harness on the eight demo artifacts at 1 and 2 threads, with test accuracy."""
-    from sepconv.convert import demo
-    from sepconv.deploy.bench import benchmark
-
-    train, test = args.out / "digits_train.npz", args.out / "digits_test.npz"
-    if args.json != "-":
-        print("== speed: original and separated (K=1, refined), float32 and int8, TFLite and ONNX (bench-model)")
-    paths = demo.speed_artifacts(model_path, args.out / "speed", train, test)
-    report = benchmark(paths, threads=(1, 2), inputs=str(test), min_seconds=args.bench_time, min_runs=50,
-                       progress=None if args.json == "-" else lambda message: print(f"  {message}", flush=True))
-    if args.json != "-":
-        print(report.table() + "\n")
-    return report.to_dict()
 
 
 def demo_main(argv=None) -> int:

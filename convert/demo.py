@@ -6,8 +6,11 @@ a 4x4 block) and repeated over three channels, so that the network is the tutori
 
 from __future__ import annotations
 
+import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -155,3 +158,79 @@ def speed_artifacts(model_path: Path, folder: Path, train: Path, test: Path) -> 
                               overwrite=True, **separation)
             paths += targets
     return [p for suffix in (".tflite", ".onnx") for p in paths if p.suffix == suffix]
+
+
+def run_demo(out: Path, *, epochs: int = 15, seed: int = 0, retrain: bool = False, bench: bool = True,
+             bench_time: float = 1.0, say: Callable[[str], None] | None = None) -> dict:
+    """What sepconv-demo does, in `out`: train (or load) the demo model, separate it at K=1 and with the default
+    policy (reports in report_*.json), run convert_model with its defaults for data, time the speed artifacts with
+    bench-model's harness (unless `bench` is off), and write the HTML report. `say(text)` gets the tables and progress
+    lines as they come (None: silent). Returns the summary (what --json writes)."""
+    from sepconv.convert import DEFAULT_ENERGY, separate
+
+    verbose = 2 if say else 0  # Keras' epoch lines while the demo model trains
+    say = say or (lambda text: None)
+    started = time.perf_counter()
+    model_path = Path(out) / "digits_tutorial.h5"
+    say(f"{'training' if retrain or not model_path.exists() else 'loading'} the demo model {model_path} ...")
+    model = demo_model(model_path, epochs=epochs, seed=seed, retrain=retrain, verbose=verbose)
+    split = digits(seed=seed)
+    baseline = accuracy(model, split.x_test, split.y_test)
+    summary = {"model": str(model_path), "test_images": int(len(split.y_test)), "original": {
+        "params": model.count_params(), "test_accuracy": baseline}, "separations": []}
+    say(f"original: {model.count_params():,} parameters, test accuracy {baseline:.2%} on {len(split.y_test)} "
+        f"held-out digits\n")
+    for label, options in (("K=1 on every Conv2D", {"rank": 1}),
+                           (f"default policy (energy={DEFAULT_ENERGY})", {})):
+        separated, report = separate(model, **options)
+        score = accuracy(separated, split.x_test, split.y_test)
+        summary["separations"].append({"label": label, "options": options, "test_accuracy": score,
+                                       "report": report.to_dict()})
+        (Path(out) / f"report_{'k1' if options else 'default'}.json").write_text(report.to_json(indent=2))
+        say(f"== {label} (no fine-tuning)\n{report}\ntest accuracy: {score:.2%} (original {baseline:.2%})\n")
+    summary["conversion"] = _demo_conversion(Path(out), model_path, split, say)
+    if bench:
+        summary["speed"] = _demo_speed(Path(out), model_path, bench_time, say)
+    summary["report"] = _demo_report(Path(out), summary, say)
+    summary["seconds"] = round(time.perf_counter() - started, 1)
+    return summary
+
+
+def _demo_conversion(out: Path, model_path: Path, split: Split, say) -> dict:
+    """convert_model on the demo with its defaults for data: a 1-point accuracy budget, refinement, fine-tuning, int8
+    TFLite and ONNX, scored and verified on the test digits."""
+    from sepconv.convert.pipeline import convert_model
+
+    train, test = save_split(split, out)
+    outputs = [out / "digits_int8.tflite", out / "digits_int8.onnx"]
+    say(f"== convert-model {model_path} {' '.join(map(str, outputs))} --data {train} --test-data {test} --overwrite")
+    result = convert_model(model_path, outputs, data=str(train), test_data=str(test), overwrite=True,
+                           progress=lambda stage, message: say(f"  {stage}: {message}"))
+    say(result.table() + "\n")
+    return result.to_dict()
+
+
+def _demo_speed(out: Path, model_path: Path, bench_time: float, say) -> dict:
+    """The speed table: bench-model's harness on the eight demo artifacts at 1 and 2 threads, with test accuracy."""
+    from sepconv.deploy.bench import benchmark
+
+    train, test = out / "digits_train.npz", out / "digits_test.npz"
+    say("== speed: original and separated (K=1, refined), float32 and int8, TFLite and ONNX (bench-model)")
+    paths = speed_artifacts(model_path, out / "speed", train, test)
+    report = benchmark(paths, threads=(1, 2), inputs=str(test), min_seconds=bench_time, min_runs=50,
+                       progress=lambda message: say(f"  {message}"))
+    say(report.table() + "\n")
+    return report.to_dict()
+
+
+def _demo_report(out: Path, summary: dict, say) -> str:
+    """The HTML report of the conversion and the speed table (report.html) and a PNG per chart (report/)."""
+    from sepconv.deploy.cli import html_renderer
+
+    renderer = html_renderer()
+    page = renderer.render(renderer.classify(json.loads(json.dumps(summary, default=str)), "demo"),
+                           title="sepconv demo: the tutorial network on digits")
+    path = out / "report.html"
+    renderer.write_report(page, path, out / "report", overwrite=True)
+    say(f"== report: {path} (charts as PNG in {out / 'report'}/)")
+    return str(path)

@@ -1,5 +1,6 @@
-"""The outputs of a run: every problem with them found at once before any work, and a lock per output (and per
-checkpoint folder) held for the whole run, so that two runs never write the same file."""
+"""The outputs of a run: every problem with them found at once before any work, a lock per output (and per
+checkpoint folder) held for the whole run, so that two runs never write the same file, and a full disk while writing
+them named in one line."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import os
 import tempfile
 from pathlib import Path
 
-from sepconv.convert.errors import OutputBusyError, OutputPathError
+from sepconv.convert.errors import DiskFullError, OutputBusyError, OutputPathError, SepconvError
+from sepconv.convert.files import disk_full
 from sepconv.convert.targets import extensions_text, registered_targets, target_for
 
 @contextlib.contextmanager
@@ -87,3 +89,15 @@ def _writable(folder: Path) -> bool:
             return True
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def disk_full_as(doing: str, where):
+    """An OSError (or a converter's wrapping of one) saying the device is full becomes one DiskFullError line."""
+    try:
+        yield
+    except Exception as error:
+        if isinstance(error, SepconvError) or not disk_full(error):
+            raise
+        raise DiskFullError(f"No space left on device while {doing} {where}: free space or choose another "
+                            f"folder") from None

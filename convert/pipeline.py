@@ -16,29 +16,23 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable, NamedTuple
 
 import numpy as np
 
-from sepconv.convert.errors import (BudgetError, DiskFullError, InvalidOptionError, SepconvError,
-                                    UnsupportedModelError, VerificationError)
-from sepconv.convert.files import disk_full, sha256
+from sepconv.convert.errors import BudgetError, InvalidOptionError, SepconvError, UnsupportedModelError
+from sepconv.convert.files import sha256
 from sepconv.convert.keras_compat import unsafe_deserialization
 from sepconv.convert.memory import release_memory
-from sepconv.convert.options import (ConvertOptions, check_modes, latency_options, plan_line, quantize_reason,
-                                     recovery_options)
-from sepconv.convert.outputs import check_outputs, locked
+from sepconv.convert.options import ConvertOptions, check_modes, plan_line, quantize_reason, recovery_options
+from sepconv.convert.outputs import check_outputs, disk_full_as, locked
 from sepconv.convert.policy import SeparationOptions
 from sepconv.convert.quantization import Calibration
-from sepconv.convert.results import Artifact, ConvertResult, DataInfo, Plan, Source
+from sepconv.convert.results import ConvertResult, DataInfo, Plan, Source
 from sepconv.convert.run_data import datasets
-from sepconv.convert.targets import target_for
-from sepconv.convert.tflite_export import NEEDS_DATA
-from sepconv.convert.verification import within_budget
+from sepconv.convert.staging import ExportJob, export_all
 from sepconv.deploy.scores import top1
 
 MAX_INPUT_ELEMENTS = 1 << 25  # values per input sample (e.g. 3344 x 3344 x 3): 128 MiB of float32 each
@@ -166,7 +160,7 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     if options.separate:
         from sepconv.convert.recovery import recover
 
-        with timer("separate and recover"), _disk_full_as("writing checkpoints in", recovery_options.checkpoint_dir):
+        with timer("separate and recover"), disk_full_as("writing checkpoints in", recovery_options.checkpoint_dir):
             exported, report, recovery = recover(model, train, calibration, validation, heldout,
                                                  options.separation, recovery_options, source_sha256=source_sha256,
                                                  progress=say, reference=reference,
@@ -181,8 +175,11 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     release_memory()
     try:
         calibration = calibration if calibration is None else Calibration(calibration, train.x, validation.x)
-        artifacts = _export_all(exported, reference if report else None, targets, plan["quantize"], calibration,
-                                held, data_info, options, source, report, recovery, timer, say)
+        expected = Outputs(exported, heldout.x)  # every artifact is compared with the same outputs: computed once
+        job = ExportJob(model=exported, original=reference if report else None, expected=expected,
+                        calibration=calibration, held=held, data_info=data_info, options=options, source=source,
+                        report=report, recovery=recovery, say=say)
+        artifacts = export_all(job, targets, plan["quantize"], timer)
     except SepconvError as error:
         if recovery and recovery.finetune and not isinstance(error, BudgetError):
             kept = type(error)(f"{error} (the fine-tuned weights are kept in {recovery_options.checkpoint_dir}: "
@@ -227,18 +224,6 @@ def _check_input_size(model) -> None:
 
 
 @contextlib.contextmanager
-def _disk_full_as(doing: str, where):
-    """An OSError (or a converter's wrapping of one) saying the device is full becomes one DiskFullError line."""
-    try:
-        yield
-    except Exception as error:
-        if isinstance(error, SepconvError) or not disk_full(error):
-            raise
-        raise DiskFullError(f"No space left on device while {doing} {where}: free space or choose another "
-                            f"folder") from None
-
-
-@contextlib.contextmanager
 def _trusted(safe_mode: bool):
     """With safe_mode off (--unsafe-allow-lambda), every Keras deserialization of the run (cloning for separation
     and fine-tuning, reloading a .keras artifact) may rebuild the Lambda layers the user trusted."""
@@ -247,188 +232,6 @@ def _trusted(safe_mode: bool):
         return
     with unsafe_deserialization():
         yield
-
-
-def _export_all(exported, original, targets, quantize, calibration, held, data_info, options, source, report,
-                recovery, timer, say) -> tuple[Artifact, ...]:
-    """Stage every artifact in a temporary file, verify it, then commit them all (or none). original: Outputs of the
-    model before separation on the test inputs (None without separation)."""
-    from sepconv.convert.verification import Outputs
-
-    expected = Outputs(exported, held.test.x)  # every artifact is compared with the same outputs: computed once
-    staged = []
-    try:
-        for target in targets:
-            with timer(f"export {target.name}"):
-                item = _stage(exported, original, expected, target, quantize, calibration, held, data_info,
-                              options, source, report, recovery, say)
-                if _falls_back(item, options):
-                    item = _fall_back(item, exported, original, expected, calibration, held, data_info, options,
-                                      source, report, recovery, say)
-                staged.append(item)
-            release_memory()
-        failed = [s for s in staged if not s["verification"].passed]
-        if failed:
-            over = any(s["verification"].budget is not None and not s["verification"].budget.held for s in failed)
-            error = VerificationError("; ".join(_failure_line(s) for s in failed) + " - nothing was written; try "
-                                      "another --quantize mode, more representative --data, " + (
-                                          "or a larger --max-accuracy-drop" if over else "or a lower --min-agreement"))
-            error.details = {"quantization": {str(s["target"]): s["quantization"].to_dict() for s in failed
-                                              if s.get("quantization") is not None}}
-            raise error
-        if options.latency is not None and recovery is not None and recovery.budget and recovery.budget.plan.latency:
-            from sepconv.convert.latency_table import record_measured
-
-            record_measured(staged, recovery.budget.plan.latency, latency_options(options, quantize, targets), say)
-        return tuple(_commit(s) for s in staged)
-    finally:
-        for item in staged:
-            _discard(item)
-
-
-def _falls_back(item: dict, options: ConvertOptions) -> bool:
-    """--quantize auto chose int8 (data given) and the int8 artifact failed verification."""
-    return options.quantize == "auto" and item["quantize"] == "int8" and not item["verification"].passed
-
-
-def _fall_back(item: dict, *stage_args) -> dict:
-    """Replace a failed int8 artifact of --quantize auto by the first of its target's auto_fallbacks modes that
-    verifies (each verified as usual), said aloud and recorded in the manifest; an explicit --quantize int8 fails
-    instead. Returns the last one tried."""
-    exported, original, expected, calibration, held, data_info, options, source, report, recovery, say = stage_args
-    reasons = []
-    for mode in target_for(item["target"]).auto_fallbacks:
-        _discard(item)
-        reasons.append(f"{item['quantize']}: " + "; ".join(item["verification"].failures()))
-        say("export", f"{item['target']}: {item['quantize']} failed verification ({reasons[-1]}); --quantize auto "
-                      f"tries {mode} instead (pass --quantize int8 to insist on int8)")
-        item = _stage(exported, original, expected, item["target"], mode, calibration, held, data_info, options,
-                      source, report, recovery, say, fallback={"from": "int8", "reason": " | ".join(reasons)})
-        if item["verification"].passed:
-            break
-    return item
-
-
-def _stage(model, original, expected, target: Path, quantize: str, calibration, held, data_info,
-           options: ConvertOptions, source: Path, report, recovery, say, fallback: dict | None = None) -> dict:
-    """Export to a temporary file beside `target`, verify it, write its manifest to another temporary file.
-    original / expected: Outputs of the original / of `model` on the test inputs.
-    fallback: why this mode replaces the one --quantize auto chose first (kept in the manifest)."""
-    unit = target_for(target)
-    mode = unit.mode(quantize)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{target.suffix}", dir=target.parent)
-    os.close(fd)
-    item = {"target": target, "tmp": tmp, "tmp_manifest": None, "format": unit.name, "quantize": mode,
-            "fallback": fallback}
-    try:
-        with _disk_full_as("writing", target):
-            return _export_and_verify(item, model, original, expected, calibration, held, data_info, options,
-                                      source, report, recovery, say)
-    except BaseException:
-        _discard(item)
-        raise
-
-
-def _discard(item: dict) -> None:
-    """Remove a staged artifact's temporary files (nothing after _commit has renamed them)."""
-    for path in (item["tmp"], item["tmp_manifest"]):
-        if path is not None:
-            Path(path).unlink(missing_ok=True)
-
-
-def _export_and_verify(item: dict, model, original, expected, calibration, held, data_info,
-                       options: ConvertOptions, source: Path, report, recovery, say) -> dict:
-    from sepconv.convert.manifest import build_manifest, manifest_json
-    from sepconv.convert.verification import verify, verify_keras
-
-    target, tmp, fmt, mode = item["target"], item["tmp"], item["format"], item["quantize"]
-    unit = target_for(target)
-    export = unit.export_options(options.target_options(unit), mode)
-    layout = unit.layout(export)
-    heldout = held.test
-    started = time.perf_counter()
-    inputs = "held-out samples" if data_info["source"] else "synthetic inputs"
-    runtime = None
-    calibrated = f", calibrated on {len(calibration.samples)} samples" if mode in NEEDS_DATA else ""
-    say("export", f"{target}: converting ({fmt}, {mode}{calibrated})")
-    if not unit.runtime:
-        unit.export(model, Path(tmp), export, _samples(calibration))
-        verification = verify_keras(model, tmp, heldout.x, heldout.y, tolerance=options.tolerance, inputs=inputs,
-                                    original=original, safe_mode=options.safe_mode, expected=expected.values)
-    else:
-        from sepconv.deploy.runtime import open_runtime
-
-        if mode == "int8":
-            from sepconv.convert.quantization import quantize_verified
-
-            data, item["quantization"] = quantize_verified(model, fmt, calibration, tolerance=options.tolerance,
-                                                           export=export, options=options.quantization)
-            Path(tmp).write_bytes(data)
-            say("quantize", f"{target}: {item['quantization'].line()}")
-        else:
-            unit.export(model, Path(tmp), export, _samples(calibration))
-        say("verify", f"{target}: {Path(tmp).stat().st_size:,} bytes in {time.perf_counter() - started:.1f} s; "
-                      f"verifying on {len(heldout.x)} {inputs}")
-        runtime = open_runtime(tmp)
-        verification = verify(model, runtime, heldout.x, heldout.y, quantized=mode != "none", quantize=mode,
-                              tolerance=options.tolerance, layout=layout, inputs=inputs, original=original,
-                              synthetic=not data_info["source"], expected=expected.values)
-        verification = within_budget(verification, runtime, held, recovery, layout=layout)
-    verification = _named(verification, target)
-    manifest = build_manifest(Path(tmp), final_path=target, fmt=fmt, quantize=mode, runtime=runtime, layout=layout,
-                              source={"path": str(source), "sha256": sha256(source)},
-                              separation=report.to_dict() if report else None,
-                              recovery=recovery.to_dict() if recovery else None, verification=verification,
-                              options=options.describe(), preprocessing=data_info["preprocessing"],
-                              quantize_fallback=item["fallback"], quantization=item.get("quantization"),
-                              extras=unit.manifest_extras(Path(tmp)))
-    fd, item["tmp_manifest"] = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
-    with _disk_full_as("writing the manifest of", target), os.fdopen(fd, "w") as file:
-        file.write(manifest_json(manifest))
-    item.update(verification=verification, manifest=manifest)
-    status = "passed" if verification.passed else "FAILED"
-    say("export", f"{target} ({fmt}, {mode}): {manifest['bytes']:,} bytes, verification {status}: "
-                  f"{'; '.join(_criteria(verification))} ({time.perf_counter() - started:.1f} s)")
-    return item
-
-
-def _samples(calibration):
-    return None if calibration is None else calibration.samples
-
-
-def _criteria(verification) -> list[str]:
-    budget = [verification.budget.criterion()] if verification.budget is not None else []
-    return [c.criterion for c in verification.outputs] + budget
-
-
-def _named(verification, target: Path):
-    from dataclasses import replace
-
-    return replace(verification, artifact=str(target))
-
-
-def _failure_line(item: dict) -> str:
-    line = f"{item['target']} ({item['quantize']}) failed verification: {'; '.join(item['verification'].failures())}"
-    quantization = item.get("quantization")
-    if quantization is not None and quantization.diagnosis is not None:
-        line += f" after {quantization.line()}; {quantization.diagnosis.summary()} (full table: --json)"
-    return line
-
-
-def _commit(item: dict) -> Artifact:
-    from sepconv.convert.manifest import manifest_path
-
-    target = item["target"]
-    os.chmod(item["tmp"], 0o644)
-    os.chmod(item["tmp_manifest"], 0o644)
-    os.replace(item["tmp"], target)
-    os.replace(item["tmp_manifest"], manifest_path(target))
-    item["tmp"] = item["tmp_manifest"] = None
-    manifest = item["manifest"]
-    return Artifact(path=str(target), format=item["format"], quantize=item["quantize"], bytes=manifest["bytes"],
-                    sha256=manifest["sha256"], manifest=str(manifest_path(target)),
-                    verification=item["verification"], quantize_fallback=item["fallback"],
-                    quantization=item.get("quantization"), latency=manifest.get("latency"))
 
 
 class _Timer:

@@ -1,0 +1,217 @@
+"""Staging the artifacts of a run: each output exported to a temporary file beside its target, verified against the
+Keras model, its manifest written to another temporary file; --quantize auto's fallback when int8 fails; then every
+artifact renamed into place at once, or none (a failure leaves no partial file)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from sepconv.convert.errors import VerificationError
+from sepconv.convert.files import sha256
+from sepconv.convert.memory import release_memory
+from sepconv.convert.options import ConvertOptions, latency_options
+from sepconv.convert.outputs import disk_full_as
+from sepconv.convert.results import Artifact
+from sepconv.convert.targets import target_for
+from sepconv.convert.tflite_export import NEEDS_DATA
+from sepconv.convert.verification import within_budget
+
+
+@dataclass(frozen=True)
+class ExportJob:
+    """What every output of a run is exported from and verified against.
+
+    model: the Keras model to export (separated and recovered, or the original with --no-separate). original /
+    expected: verification.Outputs of the model before separation (None without separation) / of `model` on the test
+    inputs, computed once for every output. calibration: quantization.Calibration (None without data). held: the
+    pipeline's HeldOut (validation, test). data_info: the data's description (run_data.datasets). report / recovery:
+    the SeparationReport / RecoveryReport (None with --no-separate). say: progress(stage, message)."""
+
+    model: object
+    original: object
+    expected: object
+    calibration: object
+    held: object
+    data_info: dict
+    options: ConvertOptions
+    source: Path
+    report: object
+    recovery: object
+    say: Callable[[str, str], None]
+
+
+def export_all(job: ExportJob, targets: list[Path], quantize: str, timer) -> tuple[Artifact, ...]:
+    """Stage every artifact in a temporary file, verify it, then commit them all (or none)."""
+    options, recovery, say = job.options, job.recovery, job.say
+    staged = []
+    try:
+        for target in targets:
+            with timer(f"export {target.name}"):
+                item = _stage(job, target, quantize)
+                if _falls_back(item, options):
+                    item = _fall_back(job, item)
+                staged.append(item)
+            release_memory()
+        failed = [s for s in staged if not s["verification"].passed]
+        if failed:
+            over = any(s["verification"].budget is not None and not s["verification"].budget.held for s in failed)
+            error = VerificationError("; ".join(_failure_line(s) for s in failed) + " - nothing was written; try "
+                                      "another --quantize mode, more representative --data, " + (
+                                          "or a larger --max-accuracy-drop" if over else "or a lower --min-agreement"))
+            error.details = {"quantization": {str(s["target"]): s["quantization"].to_dict() for s in failed
+                                              if s.get("quantization") is not None}}
+            raise error
+        if options.latency is not None and recovery is not None and recovery.budget and recovery.budget.plan.latency:
+            from sepconv.convert.latency_table import record_measured
+
+            record_measured(staged, recovery.budget.plan.latency, latency_options(options, quantize, targets), say)
+        return tuple(_commit(s) for s in staged)
+    finally:
+        for item in staged:
+            _discard(item)
+
+
+def _falls_back(item: dict, options: ConvertOptions) -> bool:
+    """--quantize auto chose int8 (data given) and the int8 artifact failed verification."""
+    return options.quantize == "auto" and item["quantize"] == "int8" and not item["verification"].passed
+
+
+def _fall_back(job: ExportJob, item: dict) -> dict:
+    """Replace a failed int8 artifact of --quantize auto by the first of its target's auto_fallbacks modes that
+    verifies (each verified as usual), said aloud and recorded in the manifest; an explicit --quantize int8 fails
+    instead. Returns the last one tried."""
+    reasons = []
+    for mode in target_for(item["target"]).auto_fallbacks:
+        _discard(item)
+        reasons.append(f"{item['quantize']}: " + "; ".join(item["verification"].failures()))
+        job.say("export", f"{item['target']}: {item['quantize']} failed verification ({reasons[-1]}); --quantize "
+                          f"auto tries {mode} instead (pass --quantize int8 to insist on int8)")
+        item = _stage(job, item["target"], mode, fallback={"from": "int8", "reason": " | ".join(reasons)})
+        if item["verification"].passed:
+            break
+    return item
+
+
+def _stage(job: ExportJob, target: Path, quantize: str, fallback: dict | None = None) -> dict:
+    """Export to a temporary file beside `target`, verify it, write its manifest to another temporary file.
+    fallback: why this mode replaces the one --quantize auto chose first (kept in the manifest)."""
+    unit = target_for(target)
+    mode = unit.mode(quantize)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{target.suffix}", dir=target.parent)
+    os.close(fd)
+    item = {"target": target, "tmp": tmp, "tmp_manifest": None, "format": unit.name, "quantize": mode,
+            "fallback": fallback}
+    try:
+        with disk_full_as("writing", target):
+            return _export_and_verify(job, item)
+    except BaseException:
+        _discard(item)
+        raise
+
+
+def _discard(item: dict) -> None:
+    """Remove a staged artifact's temporary files (nothing after _commit has renamed them)."""
+    for path in (item["tmp"], item["tmp_manifest"]):
+        if path is not None:
+            Path(path).unlink(missing_ok=True)
+
+
+def _export_and_verify(job: ExportJob, item: dict) -> dict:
+    from sepconv.convert.manifest import build_manifest, manifest_json
+    from sepconv.convert.verification import verify, verify_keras
+
+    model, original, expected, calibration, held = job.model, job.original, job.expected, job.calibration, job.held
+    options, report, recovery, say = job.options, job.report, job.recovery, job.say
+    target, tmp, fmt, mode = item["target"], item["tmp"], item["format"], item["quantize"]
+    unit = target_for(target)
+    export = unit.export_options(options.target_options(unit), mode)
+    layout = unit.layout(export)
+    heldout = held.test
+    started = time.perf_counter()
+    inputs = "held-out samples" if job.data_info["source"] else "synthetic inputs"
+    runtime = None
+    calibrated = f", calibrated on {len(calibration.samples)} samples" if mode in NEEDS_DATA else ""
+    say("export", f"{target}: converting ({fmt}, {mode}{calibrated})")
+    if not unit.runtime:
+        unit.export(model, Path(tmp), export, _samples(calibration))
+        verification = verify_keras(model, tmp, heldout.x, heldout.y, tolerance=options.tolerance, inputs=inputs,
+                                    original=original, safe_mode=options.safe_mode, expected=expected.values)
+    else:
+        from sepconv.deploy.runtime import open_runtime
+
+        if mode == "int8":
+            from sepconv.convert.quantization import quantize_verified
+
+            data, item["quantization"] = quantize_verified(model, fmt, calibration, tolerance=options.tolerance,
+                                                           export=export, options=options.quantization)
+            Path(tmp).write_bytes(data)
+            say("quantize", f"{target}: {item['quantization'].line()}")
+        else:
+            unit.export(model, Path(tmp), export, _samples(calibration))
+        say("verify", f"{target}: {Path(tmp).stat().st_size:,} bytes in {time.perf_counter() - started:.1f} s; "
+                      f"verifying on {len(heldout.x)} {inputs}")
+        runtime = open_runtime(tmp)
+        verification = verify(model, runtime, heldout.x, heldout.y, quantized=mode != "none", quantize=mode,
+                              tolerance=options.tolerance, layout=layout, inputs=inputs, original=original,
+                              synthetic=not job.data_info["source"], expected=expected.values)
+        verification = within_budget(verification, runtime, held, recovery, layout=layout)
+    verification = _named(verification, target)
+    manifest = build_manifest(Path(tmp), final_path=target, fmt=fmt, quantize=mode, runtime=runtime, layout=layout,
+                              source={"path": str(job.source), "sha256": sha256(job.source)},
+                              separation=report.to_dict() if report else None,
+                              recovery=recovery.to_dict() if recovery else None, verification=verification,
+                              options=options.describe(), preprocessing=job.data_info["preprocessing"],
+                              quantize_fallback=item["fallback"], quantization=item.get("quantization"),
+                              extras=unit.manifest_extras(Path(tmp)))
+    fd, item["tmp_manifest"] = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
+    with disk_full_as("writing the manifest of", target), os.fdopen(fd, "w") as file:
+        file.write(manifest_json(manifest))
+    item.update(verification=verification, manifest=manifest)
+    status = "passed" if verification.passed else "FAILED"
+    say("export", f"{target} ({fmt}, {mode}): {manifest['bytes']:,} bytes, verification {status}: "
+                  f"{'; '.join(_criteria(verification))} ({time.perf_counter() - started:.1f} s)")
+    return item
+
+
+def _samples(calibration):
+    return None if calibration is None else calibration.samples
+
+
+def _criteria(verification) -> list[str]:
+    budget = [verification.budget.criterion()] if verification.budget is not None else []
+    return [c.criterion for c in verification.outputs] + budget
+
+
+def _named(verification, target: Path):
+    from dataclasses import replace
+
+    return replace(verification, artifact=str(target))
+
+
+def _failure_line(item: dict) -> str:
+    line = f"{item['target']} ({item['quantize']}) failed verification: {'; '.join(item['verification'].failures())}"
+    quantization = item.get("quantization")
+    if quantization is not None and quantization.diagnosis is not None:
+        line += f" after {quantization.line()}; {quantization.diagnosis.summary()} (full table: --json)"
+    return line
+
+
+def _commit(item: dict) -> Artifact:
+    from sepconv.convert.manifest import manifest_path
+
+    target = item["target"]
+    os.chmod(item["tmp"], 0o644)
+    os.chmod(item["tmp_manifest"], 0o644)
+    os.replace(item["tmp"], target)
+    os.replace(item["tmp_manifest"], manifest_path(target))
+    item["tmp"] = item["tmp_manifest"] = None
+    manifest = item["manifest"]
+    return Artifact(path=str(target), format=item["format"], quantize=item["quantize"], bytes=manifest["bytes"],
+                    sha256=manifest["sha256"], manifest=str(manifest_path(target)),
+                    verification=item["verification"], quantize_fallback=item["fallback"],
+                    quantization=item.get("quantization"), latency=manifest.get("latency"))
