@@ -10,8 +10,11 @@ For each keras.applications model (random weights, 224x224x3) and a small unlabe
   and "int8+recovery" (as "int8" with `--refine --recalibrate-bn`).
 Each case runs in its own child process: its peak is the child's maximum resident set (wait4), and each stage of a
 convert run gets its own peak too (the child resets the kernel's high-water mark, /proc/self/clear_refs, at every
-progress line, so a stage's peak is the most the process held while that stage ran). Stage seconds are the time
-between progress lines. The bare cases' seconds are the conversion call alone (not the import or the load).
+progress line, so a stage's peak is the most the process held while that stage ran; with any process it starts, the
+sum of their resident sets sampled every 50 ms, is counted too). Inside a progress line, each call of a converter
+(tflite_int8, tf2onnx), of ONNX Runtime's quantizer and of a verification gets a row for itself and one for the time
+before it. Stage seconds are the time between rows. The bare cases' seconds are the conversion call alone (not the
+import or the load).
 This process never imports TensorFlow.
 
 usage: scripts/bench-scale [--models ResNet50,MobileNetV2,EfficientNetB0] [--runs int8,nodata,int8+recovery]
@@ -194,23 +197,24 @@ def convert(name: str, folder: Path, run: str) -> dict:
     flags = [str(folder / "data.npz") if flag == "DATA" else flag for flag in RUNS[run]]
     argv = [str(folder / f"{name}.keras"), *map(str, outputs), *flags, "--overwrite"]
     stages = []
-    last = [time.perf_counter()]
-    _reset_peak()
+    last = [time.perf_counter(), "start"]
+    peaks = _TreePeak()
 
-    def progress(stage, message):
+    def progress(stage, message, step=None):
         now = time.perf_counter()
-        stages.append({"stage": stage, "seconds": round(now - last[0], 2), "peak_mib": _peak_mib(),
-                       "message": message[:160]})
-        print(f"  [{now - started:6.1f}s] {stage}: {message[:150]} ({stages[-1]['peak_mib']:,} MiB)",
-              file=sys.stderr, flush=True)
-        last[0] = now
-        _reset_peak()
+        own, tree = peaks.take()
+        stages.append({"stage": stage, "seconds": round(now - last[0], 2), "peak_mib": tree, "own_peak_mib": own,
+                       "message": message[:160], "step": step})
+        print(f"  [{now - started:6.1f}s] {stage}{' ' + step if step else ''}: {message[:150]} ({tree:,} MiB, "
+              f"this process {own:,})", file=sys.stderr, flush=True)
+        last[:] = now, stage
 
+    _instrument_steps(lambda step, message: progress(last[1], message, step))
     options = replace(convert_options(convert_parser().parse_args(argv)), tolerance=Tolerance(min_agreement=0.0))
     started = time.perf_counter()
     result = convert_model(argv[0], outputs, options=options, progress=progress)
-    stages.append({"stage": "write", "seconds": round(time.perf_counter() - last[0], 2), "peak_mib": _peak_mib(),
-                   "message": ""})
+    progress("write", "")
+    peaks.stop()
     separated = next(s for s in result.recovery["stages"] if s["name"] == "separated")
     return {"seconds": round(time.perf_counter() - started, 2), "stages": stages, "pipeline_seconds": result.seconds,
             "separation_seconds": separated["seconds"],  # separate_with alone, without scoring the separated model
@@ -218,6 +222,78 @@ def convert(name: str, folder: Path, run: str) -> dict:
                 "DATA", "data.npz") + (" (min_agreement=0)" if "DATA" in RUNS[run] else ""),
             "artifacts": [{"path": Path(a.path).name, "quantize": a.quantize, "bytes": a.bytes,
                            "check": a.verification["outputs"][0]["criterion"]} for a in result.artifacts]}
+
+
+# Steps inside a progress line that get their own row (stage "step"): the converters, ONNX Runtime's quantizer and
+# the verifications; each has a row for the time before it (message "...") and one for itself.
+STEPS = {"sepconv.convert.onnx_export": ["_tf2onnx", "quantize_static_qdq"],
+         "sepconv.convert.quantization": ["tflite_int8"], "sepconv.convert.verification": ["verify"]}
+
+
+def _instrument_steps(record) -> None:
+    import functools
+    import importlib
+
+    def wrapped(function, name):
+        @functools.wraps(function)
+        def step(*args, **kwargs):
+            record(f"({name})", "...")
+            try:
+                return function(*args, **kwargs)
+            finally:
+                record(name, "")
+        return step
+
+    for module_name, names in STEPS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            setattr(module, name, wrapped(getattr(module, name), name.strip("_")))
+
+
+class _TreePeak:
+    """The peak resident memory of this process alone (the kernel's high-water mark, reset at each take) and of this
+    process with its children (a child that convert-model starts, e.g. for tf2onnx): sampled every 50 ms, and never
+    less than this process's own high-water mark."""
+
+    def __init__(self):
+        import threading
+
+        self._tree, self._done = 0, threading.Event()
+        _reset_peak()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def take(self) -> tuple[int, int]:
+        own = _peak_mib()
+        tree, self._tree = max(self._tree, own), 0
+        _reset_peak()
+        return own, tree
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.05):
+            self._tree = max(self._tree, sum(_rss_mib(pid) for pid in _tree_pids(os.getpid())))
+
+
+def _tree_pids(pid: int) -> list[int]:
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            pids += [p for child in task.read_text().split() for p in _tree_pids(int(child))]
+        except OSError:
+            pass
+    return pids
+
+
+def _rss_mib(pid: int) -> int:
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (OSError, IndexError):
+        return 0
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20))
 
 
 def _reset_peak() -> None:
@@ -254,10 +330,11 @@ def tables(rows) -> str:
                        lines, headers=["case", "exit", "seconds", "rounds (s)", "peak MiB", "vs bare tflite + onnx",
                                        "separation alone (s)"], tablefmt="github", disable_numparse=True))
         for run in (r for r in RUNS if r in mine and mine[r].get("stages")):
-            stages = [[s["stage"], f"{s['seconds']:.1f}", f"{s['peak_mib']:,}", s["message"][:70]]
+            stages = [[s["stage"] + (f" {s['step']}" if s.get("step") else ""), f"{s['seconds']:.1f}",
+                       f"{s['peak_mib']:,}", f"{s['own_peak_mib']:,}" if "own_peak_mib" in s else "", s["message"][:70]]
                       for s in _per_layer_lines_merged(mine[run]["stages"])]
             out.append(f"{name} {run}: per progress line (`{mine[run]['command']}`)\n\n" + tabulate(
-                stages, headers=["stage", "seconds", "peak MiB", "line (abridged)"], tablefmt="github",
+                stages, headers=["stage", "seconds", "peak MiB", "this process", "line (abridged)"], tablefmt="github",
                 disable_numparse=True))
     return "\n\n".join(out)
 
@@ -269,6 +346,7 @@ def _per_layer_lines_merged(stages: list[dict]) -> list[dict]:
         last = merged[-1] if merged else None
         if last and stage["message"].startswith("[") and last["stage"] == stage["stage"] and last.get("layers"):
             last.update(seconds=last["seconds"] + stage["seconds"], peak_mib=max(last["peak_mib"], stage["peak_mib"]),
+                        own_peak_mib=max(last.get("own_peak_mib", 0), stage.get("own_peak_mib", 0)),
                         layers=last["layers"] + 1, message=f"{last['layers'] + 1} per-layer lines")
         else:
             merged.append(dict(stage, layers=1 if stage["message"].startswith("[") else 0))
