@@ -49,18 +49,19 @@ def refine(original, separated, x: np.ndarray, report, *, ridge: float = 1e-6, s
     rng = np.random.default_rng(seed)
     paths = [row.path for row in report.separated]
     once = [path for path in paths if called_once(separated, path)]
-    # both models run once, layer by layer, side by side: each layer's inputs reach the fit when the layers before it
-    # (refined ones included) have run
-    fed = zip(layer_inputs(original, x, once), layer_inputs(separated, x, once))
     done = {}
-    for number, path in enumerate(paths, 1):
+    for path in paths:
         if path not in once:
             done[path] = LayerRefinement(path, 0, float("nan"), float("nan"), "skipped: shared by several calls")
-        else:
-            (_, original_input), (_, separated_input) = next(fed)
-            done[path] = _refine_layer(original, separated, path, original_input, separated_input, ridge, rng)
+            if progress:
+                progress(f"[{len(done)}/{len(paths)}] {path}: {done[path].status}")
+    # both models run once, layer by layer, side by side (the same graph, so the same order): each layer is refit
+    # when the layers before it, refined ones included, have run
+    for (path, original_input), (_, separated_input) in zip(layer_inputs(original, x, once),
+                                                             layer_inputs(separated, x, once)):
+        done[path] = _refine_layer(original, separated, path, original_input, separated_input, ridge, rng)
         if progress:
-            progress(f"[{number}/{len(paths)}] {path}: {done[path].status}")
+            progress(f"[{len(done)}/{len(paths)}] {path}: {done[path].status}")
     return RefinementReport(layers=tuple(done[path] for path in paths), samples=len(x))
 
 
@@ -124,12 +125,13 @@ def layer_inputs(model, x: np.ndarray, paths: list[str]):
     only when the caller asks for the next one, so weights the caller set meanwhile are used from there on.
 
     One forward pass for every layer where `layer_input` makes one per layer, whose cost grows with the square of the
-    depth (5 minutes of ResNet50's refinement and BatchNorm recalibration, docs/benchmarks.md). Each graph operation
-    runs on all of `x` at once; a value is dropped when its last consumer has run."""
+    depth (ResNet50's refinement and BatchNorm recalibration took 6 minutes, docs/benchmarks.md). Each graph
+    operation runs on all of `x` at once; a value is dropped when its last consumer has run. The generator, once its
+    last layer is yielded, runs the rest of the model when asked for more."""
     import keras
 
-    value = yield from _walk(model, [keras.ops.convert_to_tensor(np.asarray(x))], set(paths), "")
-    del value
+    if paths:
+        yield from _walk(model, [keras.ops.convert_to_tensor(np.asarray(x))], set(paths), "")
 
 
 def _walk(model, inputs: list, paths: set, prefix: str):
@@ -151,7 +153,7 @@ def _walk(model, inputs: list, paths: set, prefix: str):
                 yield path, keras.ops.convert_to_numpy(args[0])
             inner = {p for p in paths if p.startswith(path + "/")}
             if inner:  # a nested model called once: walk its own graph
-                outputs = yield from _walk(operation, keras.tree.flatten((args, kwargs)), inner, path + "/")
+                outputs = yield from _walk(operation, keras.tree.flatten(args), inner, path + "/")
             else:
                 if "training" in getattr(operation, "_call_context_args", ()):
                     kwargs["training"] = False
@@ -230,11 +232,10 @@ def recalibrate_batchnorm(model, x: np.ndarray, progress=None) -> tuple[BatchNor
     if len(x) == 0:
         raise InvalidOptionError("BatchNorm recalibration needs images (x is empty)")
     done = []
-    layers = [(path, layer) for path, layer in leaf_layers(model)
-              if isinstance(layer, keras.layers.BatchNormalization) and called_once(model, path)]
-    fed = layer_inputs(model, x, [path for path, _ in layers])
-    for number, (path, layer) in enumerate(layers, 1):
-        inputs = next(fed)[1].astype(np.float64)
+    layers = {path: layer for path, layer in leaf_layers(model)
+              if isinstance(layer, keras.layers.BatchNormalization) and called_once(model, path)}
+    for number, (path, inputs) in enumerate(layer_inputs(model, x, list(layers)), 1):
+        layer, inputs = layers[path], inputs.astype(np.float64)
         axis = layer.axis if layer.axis >= 0 else inputs.ndim + layer.axis
         reduce = tuple(i for i in range(inputs.ndim) if i != axis)
         mean, variance = inputs.mean(axis=reduce), inputs.var(axis=reduce)
