@@ -9,6 +9,7 @@ model's activations. This is the idea of DAC (Li et al., WACV 2019) and of Netwo
 from __future__ import annotations
 
 import collections
+import itertools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -126,12 +127,13 @@ def layer_inputs(model, x: np.ndarray, paths: list[str]):
 
     One forward pass for every layer where `layer_input` makes one per layer, whose cost grows with the square of the
     depth (ResNet50's refinement and BatchNorm recalibration took 6 minutes, docs/benchmarks.md). Each graph
-    operation runs on all of `x` at once; a value is dropped when its last consumer has run. The generator, once its
-    last layer is yielded, runs the rest of the model when asked for more."""
+    operation runs on all of `x` at once; a value is dropped when its last consumer has run; the walk ends with the
+    last of `paths`."""
     import keras
 
-    if paths:
-        yield from _walk(model, [keras.ops.convert_to_tensor(np.asarray(x))], set(paths), "")
+    if paths:  # the walk stops at the last of them: what follows it is not needed
+        yield from itertools.islice(_walk(model, [keras.ops.convert_to_tensor(np.asarray(x))], set(paths), ""),
+                                    len(set(paths)))
 
 
 def _walk(model, inputs: list, paths: set, prefix: str):
