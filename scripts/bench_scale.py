@@ -20,6 +20,8 @@ This process never imports TensorFlow.
 usage: scripts/bench-scale [--models ResNet50,MobileNetV2,EfficientNetB0] [--runs int8,nodata,int8+recovery]
                            [--samples 48] [--out build/scale]     (writes OUT/bench-scale.json, prints tables)
        scripts/bench-scale --table                              (the tables of OUT/bench-scale.json)
+       scripts/bench-scale --passes [--models ...]              (refinement and BatchNorm recalibration: layer by layer
+                                                                 against a probe per layer, side by side)
 """
 
 import argparse
@@ -54,6 +56,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-bare", dest="bare", action="store_false", help="skip the bare conversions")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every case, interleaved; the tables take "
                         "each case's fastest round (a shared machine's load only ever adds time)")
+    parser.add_argument("--passes", action="store_true", help="only time refinement and BatchNorm recalibration run "
+                        "layer by layer (as convert-model does) against a probe per layer (as before), side by side")
     parser.add_argument("--out", type=Path, default=Path("build/scale"))
     parser.add_argument("--table", action="store_true", help="only print the tables of OUT/bench-scale.json")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -66,6 +70,8 @@ def main(argv=None) -> int:
         print(f"{saved['cpu']}\n\n{tables(saved['rows'])}")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.passes:
+        return passes_table(args)
     saved = json.loads(report.read_text()) if report.exists() else {"rows": []}
     cases = args.runs.split(",") + (["bare-tflite", "bare-onnx"] if args.bare else [])
     rows = [r for r in saved["rows"] if not (r["model"] in args.models.split(",") and r["case"] in cases)]
@@ -113,7 +119,8 @@ def case(argv: list[str]) -> dict:
 
 def child(argv: list[str]) -> int:
     what, name, folder = argv[0], argv[1], Path(argv[2])
-    result = {"make": make, "bare-tflite": bare_tflite, "bare-onnx": bare_onnx, "convert": convert}[what](
+    result = {"make": make, "bare-tflite": bare_tflite, "bare-onnx": bare_onnx, "convert": convert,
+              "passes": passes}[what](
         name, folder, *argv[3:])
     print(json.dumps(result), flush=True)
     return 0
@@ -294,6 +301,55 @@ def _rss_mib(pid: int) -> int:
     except (OSError, IndexError):
         return 0
     return round(pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20))
+
+
+def passes(name: str, folder: Path) -> dict:
+    """Refinement then BatchNorm recalibration of the model separated at rank 2 (convert-model --rank 2) on its
+    calibration images, twice, on two copies: layer by layer (refinement.layer_inputs, what convert-model runs) and
+    with a probe from the model's input per layer (refinement.layer_input, what it ran before); seconds of each
+    (after an untimed warm-up on 2 images) and the largest difference between the two copies' weights, relative to
+    the largest weight of its array."""
+    import numpy as np
+
+    from sepconv.convert import refinement, separate
+
+    model, calibration, _ = _model_and_calibration(name, folder)
+    walk = refinement.layer_inputs
+    probe = lambda model, x, paths: ((path, refinement.layer_input(model, path, x)) for path in paths)  # noqa: E731
+    separated, report = separate(model, rank=2)  # warm-up (TensorFlow's first calls of each op), not timed
+    refinement.refine(model, separated, calibration[:2], report)
+    refinement.recalibrate_batchnorm(separated, calibration[:2])
+    seconds, copies = {}, {}
+    for how, inputs in (("layer by layer", walk), ("a probe per layer", probe)):
+        separated, report = separate(model, rank=2)
+        refinement.layer_inputs = inputs
+        started = time.perf_counter()
+        refinement.refine(model, separated, calibration, report)
+        middle = time.perf_counter()
+        refinement.recalibrate_batchnorm(separated, calibration)
+        seconds[how] = {"refine": round(middle - started, 1), "batchnorm": round(time.perf_counter() - middle, 1)}
+        copies[how] = separated.get_weights()
+    refinement.layer_inputs = walk
+    difference = max(float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+                     for a, b in zip(*copies.values()))
+    return {"seconds": seconds, "samples": len(calibration), "max_relative_weight_difference": difference}
+
+
+def passes_table(args) -> int:
+    from tabulate import tabulate
+
+    lines = []
+    for name in args.models.split(","):
+        folder = args.out / name
+        case(["make", name, str(folder), str(args.samples)])
+        result = case(["passes", name, str(folder)])
+        for how, seconds in result["seconds"].items():
+            lines.append([name, how, seconds["refine"], seconds["batchnorm"], result["samples"],
+                          f"{result['max_relative_weight_difference']:.1e}"])
+        print(lines[-2], lines[-1], flush=True)
+    print(f"\n{cpu()}\n\n" + tabulate(lines, headers=["model", "layer inputs", "refine (s)", "batchnorm (s)", "images",
+                                                      "max weight difference"], tablefmt="github"))
+    return 0
 
 
 def _reset_peak() -> None:
