@@ -85,7 +85,7 @@ def equalize(model, x: np.ndarray, *, per_channel: bool = True):
 depthwise channel has nothing to balance and is left out."""
     import keras
 
-    from sepconv.convert.refinement import called_once, layer_input
+    from sepconv.convert.refinement import called_once, layer_inputs
     from sepconv.convert.separation import leaf_layers
 
     if len(x) == 0:
@@ -93,11 +93,12 @@ depthwise channel has nothing to balance and is left out."""
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     done = []
-    for path, layer in list(leaf_layers(copy)):
-        if not (isinstance(layer, keras.layers.SeparableConv2D) and layer.data_format == "channels_last"
-                and int(np.prod(layer.depthwise_kernel.shape[2:])) > 1 and called_once(copy, path)):
-            continue
-        inner = keras.ops.depthwise_conv(layer_input(copy, path, x), layer.depthwise_kernel, strides=layer.strides,
+    layers = {path: layer for path, layer in leaf_layers(copy)
+              if isinstance(layer, keras.layers.SeparableConv2D) and layer.data_format == "channels_last"
+              and int(np.prod(layer.depthwise_kernel.shape[2:])) > 1 and called_once(copy, path)}
+    for path, inputs in layer_inputs(copy, x, list(layers)):  # the copy runs once, each layer after its equalization
+        layer = layers[path]
+        inner = keras.ops.depthwise_conv(inputs, layer.depthwise_kernel, strides=layer.strides,
                                          padding=layer.padding, dilation_rate=layer.dilation_rate)
         inner = np.asarray(keras.ops.convert_to_numpy(inner), np.float64)
         ranges = np.max(np.abs(inner.reshape(-1, inner.shape[-1])), axis=0)

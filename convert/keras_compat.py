@@ -22,9 +22,24 @@ def graph_of(model):
 
 
 def graph_nodes(model) -> list | None:
-    """Every node (one call of a layer) of `model`'s graph, deepest first; None when it is not a graph of layers."""
+    """Every node (one call of a layer) of `model`'s graph in an order that runs it (deepest first: inputs first,
+    outputs last); None when it is not a graph of layers."""
     graph = graph_of(model)
-    return None if graph is None else [node for nodes in graph._nodes_by_depth.values() for node in nodes]
+    if graph is None:
+        return None
+    by_depth = graph._nodes_by_depth
+    return [node for depth in sorted(by_depth, reverse=True) for node in by_depth[depth]]
+
+
+def call_arguments(node, values: dict) -> tuple[list, dict]:
+    """(args, kwargs) of the layer call `node` records, each symbolic tensor replaced by `values[id(tensor)]`."""
+    return node.arguments.fill_in(values)
+
+
+def takes_training(operation) -> bool:
+    """Keras hands `operation`'s call its `training` context argument (Keras layers and models; not a bare keras.ops
+    operation in a Functional graph)."""
+    return "training" in getattr(operation, "_call_context_args", ())
 
 
 def calls_of(layer) -> list:

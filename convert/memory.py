@@ -1,6 +1,13 @@
-"""Memory between stages: a large model's conversion is a sequence of stages whose peaks must not stack."""
+"""Memory between and within stages: a large model's conversion is a sequence of stages whose peaks must not stack."""
 
 from __future__ import annotations
+
+import contextlib
+import gc
+import threading
+from pathlib import Path
+
+MIB = 1 << 20
 
 
 def release_memory() -> None:
@@ -8,10 +15,49 @@ def release_memory() -> None:
     Converters free large buffers that glibc keeps for reuse, so the next stage's peak would stack on them (0.9 GiB
     after ResNet50's TFLite conversion, docs/benchmarks.md). A no-op where malloc_trim does not exist."""
     import ctypes
-    import gc
 
     gc.collect()
     try:
         ctypes.CDLL(None).malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (macOS, musl): nothing to trim
         pass
+
+
+@contextlib.contextmanager
+def collecting_cycles(growth_mib: int = 256, every: float = 0.1):
+    """Collect Python's cyclic garbage whenever the process's resident memory has grown by `growth_mib` since the last
+    collection, for the duration of the block (a thread watching /proc/self/statm every `every` seconds).
+
+    tf2onnx deep-copies its whole graph, constants included, before each of its ONNX optimizers and drops the old
+    copy, whose nodes and graph refer to each other: only the cycle collector frees them, and its thresholds count
+    objects, not bytes, so ResNet50's copies piled up to 3.3 GiB before one ran (docs/benchmarks.md). Where
+    /proc/self/statm does not exist (not Linux) the block runs as it is."""
+    statm = Path("/proc/self/statm")
+    if not statm.exists():
+        yield
+        return
+    import os
+
+    page = os.sysconf("SC_PAGE_SIZE")
+
+    def resident() -> int:
+        return int(statm.read_text().split()[1]) * page
+
+    done = threading.Event()
+
+    def watch():
+        base = resident()
+        while not done.wait(every):
+            now = resident()
+            if now > base + growth_mib * MIB:
+                gc.collect()
+                base = resident()
+            base = min(base, now)
+
+    watcher = threading.Thread(target=watch, name="sepconv-collect-cycles", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        done.set()
+        watcher.join()

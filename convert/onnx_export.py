@@ -16,7 +16,7 @@ import numpy as np
 
 from sepconv.convert.errors import ExportError, InvalidOptionError
 from sepconv.convert.keras_compat import producer_name
-from sepconv.convert.memory import release_memory
+from sepconv.convert.memory import collecting_cycles, release_memory
 from sepconv.convert.trace import frozen_function, input_names, layers_in_scopes
 from sepconv.deploy.files import first_line
 from sepconv.deploy.quiet import captured_output
@@ -85,7 +85,7 @@ def _tf2onnx(model, path: Path, options: OnnxOptions) -> None:
 
     names = input_names(model)
     try:
-        with captured_output():
+        with captured_output(), collecting_cycles():
             import tf2onnx
 
             frozen = frozen_function(model)

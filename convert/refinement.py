@@ -8,12 +8,14 @@ model's activations. This is the idea of DAC (Li et al., WACV 2019) and of Netwo
 
 from __future__ import annotations
 
+import collections
+import itertools
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from sepconv.convert.errors import InvalidOptionError
-from sepconv.convert.keras_compat import graph_nodes, graph_of
+from sepconv.convert.keras_compat import call_arguments, graph_nodes, graph_of, takes_training
 
 MAX_ROWS = 200_000  # output positions per layer used in the least-squares fit (a random subset beyond that)
 
@@ -47,16 +49,22 @@ def refine(original, separated, x: np.ndarray, report, *, ridge: float = 1e-6, s
     if len(x) == 0:
         raise InvalidOptionError("refine needs calibration images (x is empty)")
     rng = np.random.default_rng(seed)
-    done = []
-    for number, row in enumerate(report.separated, 1):
-        if not called_once(separated, row.path):
-            done.append(LayerRefinement(row.path, 0, float("nan"), float("nan"),
-                                        "skipped: shared by several calls"))
-        else:
-            done.append(_refine_layer(original, separated, row.path, x, ridge, rng))
+    paths = [row.path for row in report.separated]
+    once = [path for path in paths if called_once(separated, path)]
+    done = {}
+    for path in paths:
+        if path not in once:
+            done[path] = LayerRefinement(path, 0, float("nan"), float("nan"), "skipped: shared by several calls")
+            if progress:
+                progress(f"[{len(done)}/{len(paths)}] {path}: {done[path].status}")
+    # both models run once, layer by layer, side by side (the same graph, so the same order): each layer is refit
+    # when the layers before it, refined ones included, have run
+    for (path, original_input), (_, separated_input) in zip(layer_inputs(original, x, once),
+                                                             layer_inputs(separated, x, once)):
+        done[path] = _refine_layer(original, separated, path, original_input, separated_input, ridge, rng)
         if progress:
-            progress(f"[{number}/{len(report.separated)}] {row.path}: {done[-1].status}")
-    return RefinementReport(layers=tuple(done), samples=len(x))
+            progress(f"[{len(done)}/{len(paths)}] {path}: {done[path].status}")
+    return RefinementReport(layers=tuple(done[path] for path in paths), samples=len(x))
 
 
 def layer_at(model, path: str):
@@ -105,14 +113,62 @@ def layer_input(model, path: str, x: np.ndarray, batch: int | None = None) -> np
     return layer_input(layer, rest, value, batch) if rest else value
 
 
-def _refine_layer(original, separated, name: str, x, ridge: float, rng) -> LayerRefinement:
+def layer_inputs(model, x: np.ndarray, paths: list[str]):
+    """Yield (path, what the layer at `path` receives when `model` is fed `x`), for each of `paths` (layers called
+    once, as `called_once` says), in graph order: the model runs once, layer by layer, and each of these layers runs
+    only when the caller asks for the next one, so weights the caller set meanwhile are used from there on.
+
+    One forward pass for every layer where `layer_input` makes one per layer, whose cost grows with the square of the
+    depth (ResNet50's refinement and BatchNorm recalibration took 6 minutes, docs/benchmarks.md). Each graph
+    operation runs on all of `x` at once; a value is dropped when its last consumer has run; the walk ends with the
+    last of `paths`."""
+    import keras
+
+    if paths:  # the walk stops at the last of them: what follows it is not needed
+        yield from itertools.islice(_walk(model, [keras.ops.convert_to_tensor(np.asarray(x))], set(paths), ""),
+                                    len(set(paths)))
+
+
+def _walk(model, inputs: list, paths: set, prefix: str):
+    """Run `model`'s graph on `inputs`, yielding the inputs of its layers in `paths`; return its outputs."""
+    import keras
+
+    graph = graph_of(model)
+    values = {id(tensor): value for tensor, value in zip(graph.inputs, inputs)}
+    nodes = [node for node in graph_nodes(model) if node.operation is not None and not node.is_input]
+    users = collections.Counter(id(t) for node in nodes for t in node.input_tensors)
+    users.update(id(t) for t in graph.outputs)
+    for node in nodes:
+        operation, path = node.operation, prefix + node.operation.name
+        args, kwargs = call_arguments(node, values)
+        if path in paths:
+            yield path, keras.ops.convert_to_numpy(args[0])
+        inner = {p for p in paths if p.startswith(path + "/")}
+        if inner:  # a nested model called once: walk its own graph
+            outputs = yield from _walk(operation, keras.tree.flatten(args), inner, path + "/")
+        else:
+            if takes_training(operation):
+                kwargs["training"] = False
+            outputs = keras.tree.flatten(operation(*args, **kwargs))
+        for tensor, value in zip(node.outputs, outputs):
+            values[id(tensor)] = value
+        for tensor in node.input_tensors:
+            users[id(tensor)] -= 1
+            if not users[id(tensor)]:
+                values.pop(id(tensor), None)
+    return [values[id(tensor)] for tensor in graph.outputs]
+
+
+def _refine_layer(original, separated, name: str, original_input: np.ndarray, separated_input: np.ndarray,
+                  ridge: float, rng) -> LayerRefinement:
+    """Refit the layer at `name` of `separated` from what it and the original's Conv2D receive."""
     import keras
 
     conv, sep = layer_at(original, name), layer_at(separated, name)
     options = dict(strides=conv.strides, padding=conv.padding, data_format=conv.data_format,
                    dilation_rate=conv.dilation_rate)
-    target = keras.ops.conv(layer_input(original, name, x), conv.kernel, **options)
-    features = keras.ops.depthwise_conv(layer_input(separated, name, x), sep.depthwise_kernel, **options)
+    target = keras.ops.conv(original_input, conv.kernel, **options)
+    features = keras.ops.depthwise_conv(separated_input, sep.depthwise_kernel, **options)
     target, features = (np.asarray(keras.ops.convert_to_numpy(t), np.float64) for t in (target, features))
     if conv.data_format == "channels_first":
         target, features = np.moveaxis(target, 1, -1), np.moveaxis(features, 1, -1)
@@ -168,10 +224,10 @@ def recalibrate_batchnorm(model, x: np.ndarray, progress=None) -> tuple[BatchNor
     if len(x) == 0:
         raise InvalidOptionError("BatchNorm recalibration needs images (x is empty)")
     done = []
-    layers = [(path, layer) for path, layer in leaf_layers(model)
-              if isinstance(layer, keras.layers.BatchNormalization) and called_once(model, path)]
-    for number, (path, layer) in enumerate(layers, 1):
-        inputs = layer_input(model, path, x).astype(np.float64)
+    layers = {path: layer for path, layer in leaf_layers(model)
+              if isinstance(layer, keras.layers.BatchNormalization) and called_once(model, path)}
+    for number, (path, inputs) in enumerate(layer_inputs(model, x, list(layers)), 1):
+        layer, inputs = layers[path], inputs.astype(np.float64)
         axis = layer.axis if layer.axis >= 0 else inputs.ndim + layer.axis
         reduce = tuple(i for i in range(inputs.ndim) if i != axis)
         mean, variance = inputs.mean(axis=reduce), inputs.var(axis=reduce)

@@ -10,13 +10,18 @@ For each keras.applications model (random weights, 224x224x3) and a small unlabe
   and "int8+recovery" (as "int8" with `--refine --recalibrate-bn`).
 Each case runs in its own child process: its peak is the child's maximum resident set (wait4), and each stage of a
 convert run gets its own peak too (the child resets the kernel's high-water mark, /proc/self/clear_refs, at every
-progress line, so a stage's peak is the most the process held while that stage ran). Stage seconds are the time
-between progress lines. The bare cases' seconds are the conversion call alone (not the import or the load).
+progress line, so a stage's peak is the most the process held while that stage ran; with any process it starts, the
+sum of their resident sets sampled every 50 ms, is counted too). Inside a progress line, each call of a converter
+(tflite_int8, tf2onnx), of ONNX Runtime's quantizer and of a verification gets a row for itself and one for the time
+before it. Stage seconds are the time between rows. The bare cases' seconds are the conversion call alone (not the
+import or the load).
 This process never imports TensorFlow.
 
 usage: scripts/bench-scale [--models ResNet50,MobileNetV2,EfficientNetB0] [--runs int8,nodata,int8+recovery]
                            [--samples 48] [--out build/scale]     (writes OUT/bench-scale.json, prints tables)
        scripts/bench-scale --table                              (the tables of OUT/bench-scale.json)
+       scripts/bench-scale --passes [--models ...]              (refinement and BatchNorm recalibration: layer by layer
+                                                                 against a probe per layer, side by side)
 """
 
 import argparse
@@ -51,6 +56,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-bare", dest="bare", action="store_false", help="skip the bare conversions")
     parser.add_argument("--repeat", type=int, default=1, help="rounds of every case, interleaved; the tables take "
                         "each case's fastest round (a shared machine's load only ever adds time)")
+    parser.add_argument("--passes", action="store_true", help="only time refinement and BatchNorm recalibration run "
+                        "layer by layer (as convert-model does) against a probe per layer (as before), side by side")
     parser.add_argument("--out", type=Path, default=Path("build/scale"))
     parser.add_argument("--table", action="store_true", help="only print the tables of OUT/bench-scale.json")
     parser.add_argument("--child", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
@@ -63,6 +70,8 @@ def main(argv=None) -> int:
         print(f"{saved['cpu']}\n\n{tables(saved['rows'])}")
         return 0
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.passes:
+        return passes_table(args)
     saved = json.loads(report.read_text()) if report.exists() else {"rows": []}
     cases = args.runs.split(",") + (["bare-tflite", "bare-onnx"] if args.bare else [])
     rows = [r for r in saved["rows"] if not (r["model"] in args.models.split(",") and r["case"] in cases)]
@@ -110,7 +119,8 @@ def case(argv: list[str]) -> dict:
 
 def child(argv: list[str]) -> int:
     what, name, folder = argv[0], argv[1], Path(argv[2])
-    result = {"make": make, "bare-tflite": bare_tflite, "bare-onnx": bare_onnx, "convert": convert}[what](
+    result = {"make": make, "bare-tflite": bare_tflite, "bare-onnx": bare_onnx, "convert": convert,
+              "passes": passes}[what](
         name, folder, *argv[3:])
     print(json.dumps(result), flush=True)
     return 0
@@ -194,23 +204,24 @@ def convert(name: str, folder: Path, run: str) -> dict:
     flags = [str(folder / "data.npz") if flag == "DATA" else flag for flag in RUNS[run]]
     argv = [str(folder / f"{name}.keras"), *map(str, outputs), *flags, "--overwrite"]
     stages = []
-    last = [time.perf_counter()]
-    _reset_peak()
+    last = [time.perf_counter(), "start"]
+    peaks = _TreePeak()
 
-    def progress(stage, message):
+    def progress(stage, message, step=None):
         now = time.perf_counter()
-        stages.append({"stage": stage, "seconds": round(now - last[0], 2), "peak_mib": _peak_mib(),
-                       "message": message[:160]})
-        print(f"  [{now - started:6.1f}s] {stage}: {message[:150]} ({stages[-1]['peak_mib']:,} MiB)",
-              file=sys.stderr, flush=True)
-        last[0] = now
-        _reset_peak()
+        own, tree = peaks.take()
+        stages.append({"stage": stage, "seconds": round(now - last[0], 2), "peak_mib": tree, "own_peak_mib": own,
+                       "message": message[:160], "step": step})
+        print(f"  [{now - started:6.1f}s] {stage}{' ' + step if step else ''}: {message[:150]} ({tree:,} MiB, "
+              f"this process {own:,})", file=sys.stderr, flush=True)
+        last[:] = now, stage
 
+    _instrument_steps(lambda step, message: progress(last[1], message, step))
     options = replace(convert_options(convert_parser().parse_args(argv)), tolerance=Tolerance(min_agreement=0.0))
     started = time.perf_counter()
     result = convert_model(argv[0], outputs, options=options, progress=progress)
-    stages.append({"stage": "write", "seconds": round(time.perf_counter() - last[0], 2), "peak_mib": _peak_mib(),
-                   "message": ""})
+    progress("write", "")
+    peaks.stop()
     separated = next(s for s in result.recovery.stages if s.name == "separated")
     return {"seconds": round(time.perf_counter() - started, 2), "stages": stages, "pipeline_seconds": result.seconds,
             "separation_seconds": separated.seconds,  # separate_with alone, without scoring the separated model
@@ -218,6 +229,127 @@ def convert(name: str, folder: Path, run: str) -> dict:
                 "DATA", "data.npz") + (" (min_agreement=0)" if "DATA" in RUNS[run] else ""),
             "artifacts": [{"path": Path(a.path).name, "quantize": a.quantize, "bytes": a.bytes,
                            "check": a.verification.outputs[0].criterion} for a in result.artifacts]}
+
+
+# Steps inside a progress line that get their own row (stage "step"): the converters, ONNX Runtime's quantizer and
+# the verifications; each has a row for the time before it (message "...") and one for itself.
+STEPS = {"sepconv.convert.onnx_export": ["_tf2onnx", "quantize_static_qdq"],
+         "sepconv.convert.quantization": ["tflite_int8"], "sepconv.convert.verification": ["verify"]}
+
+
+def _instrument_steps(record) -> None:
+    import functools
+    import importlib
+
+    def wrapped(function, name):
+        @functools.wraps(function)
+        def step(*args, **kwargs):
+            record(f"({name})", "...")
+            try:
+                return function(*args, **kwargs)
+            finally:
+                record(name, "")
+        return step
+
+    for module_name, names in STEPS.items():
+        module = importlib.import_module(module_name)
+        for name in names:
+            setattr(module, name, wrapped(getattr(module, name), name.strip("_")))
+
+
+class _TreePeak:
+    """The peak resident memory of this process alone (the kernel's high-water mark, reset at each take) and of this
+    process with its children (a child that convert-model starts, e.g. for tf2onnx): sampled every 50 ms, and never
+    less than this process's own high-water mark."""
+
+    def __init__(self):
+        import threading
+
+        self._tree, self._done = 0, threading.Event()
+        _reset_peak()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread.start()
+
+    def take(self) -> tuple[int, int]:
+        own = _peak_mib()
+        tree, self._tree = max(self._tree, own), 0
+        _reset_peak()
+        return own, tree
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._done.wait(0.05):
+            self._tree = max(self._tree, sum(_rss_mib(pid) for pid in _tree_pids(os.getpid())))
+
+
+def _tree_pids(pid: int) -> list[int]:
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").glob("*/children"):
+        try:
+            pids += [p for child in task.read_text().split() for p in _tree_pids(int(child))]
+        except OSError:
+            pass
+    return pids
+
+
+def _rss_mib(pid: int) -> int:
+    try:
+        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
+    except (OSError, IndexError):
+        return 0
+    return round(pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20))
+
+
+def passes(name: str, folder: Path) -> dict:
+    """Refinement then BatchNorm recalibration of the model separated at rank 2 (convert-model --rank 2) on its
+    calibration images, twice, on two copies: layer by layer (refinement.layer_inputs, what convert-model runs) and
+    with a probe from the model's input per layer (refinement.layer_input, what it ran before); seconds of each
+    (after an untimed warm-up on 2 images) and the largest difference between the two copies' weights, relative to
+    the largest weight of its array."""
+    import numpy as np
+
+    from sepconv.convert import refinement, separate
+
+    model, calibration, _ = _model_and_calibration(name, folder)
+    walk = refinement.layer_inputs
+    probe = lambda model, x, paths: ((path, refinement.layer_input(model, path, x)) for path in paths)  # noqa: E731
+    separated, report = separate(model, rank=2)  # warm-up (TensorFlow's first calls of each op), not timed
+    refinement.refine(model, separated, calibration[:2], report)
+    refinement.recalibrate_batchnorm(separated, calibration[:2])
+    seconds, copies = {}, {}
+    for how, inputs in (("layer by layer", walk), ("a probe per layer", probe)):
+        separated, report = separate(model, rank=2)
+        refinement.layer_inputs = inputs
+        started = time.perf_counter()
+        refinement.refine(model, separated, calibration, report)
+        middle = time.perf_counter()
+        refinement.recalibrate_batchnorm(separated, calibration)
+        seconds[how] = {"refine": round(middle - started, 1), "batchnorm": round(time.perf_counter() - middle, 1)}
+        copies[how] = separated.get_weights()
+    refinement.layer_inputs = walk
+    difference = max(float(np.max(np.abs(a - b)) / max(float(np.max(np.abs(b))), 1e-30))
+                     for a, b in zip(*copies.values()))
+    return {"seconds": seconds, "samples": len(calibration), "max_relative_weight_difference": difference}
+
+
+def passes_table(args) -> int:
+    from tabulate import tabulate
+
+    lines = []
+    for name in args.models.split(","):
+        folder = args.out / name
+        case(["make", name, str(folder), str(args.samples)])
+        result = case(["passes", name, str(folder)])
+        for how, seconds in result["seconds"].items():
+            lines.append([name, how, seconds["refine"], seconds["batchnorm"], result["samples"],
+                          f"{result['max_relative_weight_difference']:.1e}"])
+        print(lines[-2], lines[-1], flush=True)
+    print(f"\n{cpu()}\n\n" + tabulate(lines, headers=["model", "layer inputs", "refine (s)", "batchnorm (s)", "images",
+                                                      "max weight difference"], tablefmt="github"))
+    return 0
 
 
 def _reset_peak() -> None:
@@ -254,10 +386,11 @@ def tables(rows) -> str:
                        lines, headers=["case", "exit", "seconds", "rounds (s)", "peak MiB", "vs bare tflite + onnx",
                                        "separation alone (s)"], tablefmt="github", disable_numparse=True))
         for run in (r for r in RUNS if r in mine and mine[r].get("stages")):
-            stages = [[s["stage"], f"{s['seconds']:.1f}", f"{s['peak_mib']:,}", s["message"][:70]]
+            stages = [[s["stage"] + (f" {s['step']}" if s.get("step") else ""), f"{s['seconds']:.1f}",
+                       f"{s['peak_mib']:,}", f"{s['own_peak_mib']:,}" if "own_peak_mib" in s else "", s["message"][:70]]
                       for s in _per_layer_lines_merged(mine[run]["stages"])]
             out.append(f"{name} {run}: per progress line (`{mine[run]['command']}`)\n\n" + tabulate(
-                stages, headers=["stage", "seconds", "peak MiB", "line (abridged)"], tablefmt="github",
+                stages, headers=["stage", "seconds", "peak MiB", "this process", "line (abridged)"], tablefmt="github",
                 disable_numparse=True))
     return "\n\n".join(out)
 
@@ -269,6 +402,7 @@ def _per_layer_lines_merged(stages: list[dict]) -> list[dict]:
         last = merged[-1] if merged else None
         if last and stage["message"].startswith("[") and last["stage"] == stage["stage"] and last.get("layers"):
             last.update(seconds=last["seconds"] + stage["seconds"], peak_mib=max(last["peak_mib"], stage["peak_mib"]),
+                        own_peak_mib=max(last.get("own_peak_mib", 0), stage.get("own_peak_mib", 0)),
                         layers=last["layers"] + 1, message=f"{last['layers'] + 1} per-layer lines")
         else:
             merged.append(dict(stage, layers=1 if stage["message"].startswith("[") else 0))

@@ -141,3 +141,24 @@ def test_a_separable_layer_inside_a_nested_model_is_equalized_in_the_copy_only()
         np.testing.assert_array_equal(new, old, err_msg="the input model's (nested) weights were changed")
     np.testing.assert_allclose(predict_keras(equalized, x)[0], predict_keras(model, x)[0], rtol=1e-4, atol=1e-5,
                                err_msg="equalization inside a nested model changed the float outputs")
+
+
+@pytest.mark.parametrize("case", ["functional_branches", "nested"])
+def test_equalization_in_one_pass_matches_a_probe_per_layer(case, monkeypatch):
+    """equalize runs the copy once, layer by layer (refinement.layer_inputs); it used to probe each separable layer's
+    input from the model's input (refinement.layer_input), which grows with the square of the depth."""
+    from models import CASES
+
+    from sepconv.convert import refinement, separate
+
+    separated, _ = separate(CASES[case](), rank=2)
+    x = np.random.default_rng(0).uniform(0, 1, (16, *separated.input_shape[1:])).astype(np.float32)
+    walked, walked_report = eq.equalize(separated, x)
+    monkeypatch.setattr(refinement, "layer_inputs", lambda model, x, paths: (
+        (path, refinement.layer_input(model, path, x)) for path in paths))  # each probed when asked for
+    probed, probed_report = eq.equalize(separated, x)
+    assert [row.path for row in walked_report.layers] == [row.path for row in probed_report.layers]
+    assert len(walked_report.layers) > 1, walked_report
+    for variable, mine, theirs in zip(walked.weights, walked.get_weights(), probed.get_weights()):
+        np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5,
+                                   err_msg=f"{case} equalized: {variable.path}, one pass vs a probe per layer")

@@ -41,6 +41,15 @@ def test_the_graph_walk():
     assert {layer.name for layer in keras_compat.sublayers(model)} >= {"conv", "norm", "inner", "inner_conv", "pool"}
     assert keras_compat.is_graph_model(model) and keras_compat.is_graph_model(sequential)
     assert not keras_compat.is_graph_model(model.get_layer("conv")) and not keras_compat.is_graph_model(_Subclassed())
+    order = [node.operation.name for node in nodes]
+    assert order.index("pixels") < order.index("conv") < order.index("norm") < order.index("inner") < \
+        order.index("pool"), f"graph_nodes runs the graph in order: {order}"
+    conv_call = next(node for node in nodes if node.operation.name == "conv")
+    value = np.ones((1, 8, 8, 3), np.float32)
+    args, kwargs = keras_compat.call_arguments(conv_call, {id(model.inputs[0]): value})
+    assert args[0] is value and kwargs == {}, "the call's symbolic input replaced by the value given for it"
+    assert keras_compat.takes_training(model.get_layer("norm")) and keras_compat.takes_training(sequential)
+    assert not keras_compat.takes_training(keras.ops.add), "a bare operation has no training argument"
 
 
 def test_unsafe_deserialization_lifts_safe_mode_inside_the_block_only(tmp_path):

@@ -78,3 +78,60 @@ def test_refinement_recovers_the_trained_digits_model(trained_demo, digits):
     assert all(layer.error_after < layer.error_before for layer in result.layers)
     assert refined > unrefined + 0.2, f"K=1 accuracy {unrefined:.2%} -> {refined:.2%} after refinement"
     assert refined >= baseline - 0.05, f"refined K=1 {refined:.2%} vs original {baseline:.2%}"
+
+
+# Refinement and BatchNorm recalibration run each model once, layer by layer (refinement.layer_inputs); before, they
+# probed every layer's input from the model's input (refinement.layer_input), which grows with the square of the
+# depth. The results must be those of the probes, up to float32 rounding (the probes ran other batch sizes).
+ONE_PASS_RTOL, ONE_PASS_ATOL = 1e-4, 1e-5
+ONE_PASS_CASES = ["sequential_options", "functional_branches", "nested", "channels_first"]
+
+
+def _assert_same_weights(walked, probed, what: str):
+    for variable, mine, theirs in zip(walked.weights, walked.get_weights(), probed.get_weights()):
+        np.testing.assert_allclose(mine, theirs, rtol=ONE_PASS_RTOL, atol=ONE_PASS_ATOL,
+                                   err_msg=f"{what}: {variable.path}, one pass vs a probe per layer")
+
+
+@pytest.mark.parametrize("case", ONE_PASS_CASES)
+def test_refinement_in_one_pass_matches_a_probe_per_layer(case):
+    from sepconv.convert.refinement import _refine_layer, layer_input
+
+    original = CASES[case]()
+    x = _inputs(original, n=16)
+    walked, report = separate(original, rank=1)
+    probed, _ = separate(original, rank=1)
+    result = refine(original, walked, x, report)
+    rng = np.random.default_rng(0)  # refine's default seed
+    for mine, row in zip(result.layers, report.separated):  # every layer of these models is called once
+        theirs = _refine_layer(original, probed, row.path, layer_input(original, row.path, x),
+                               layer_input(probed, row.path, x), 1e-6, rng)
+        assert mine.status == theirs.status == "refined", (mine, theirs)
+        np.testing.assert_allclose([mine.error_before, mine.error_after], [theirs.error_before, theirs.error_after],
+                                   rtol=ONE_PASS_RTOL, err_msg=f"{case} {row.path}: layer errors")
+    _assert_same_weights(walked, probed, f"{case} refined")
+
+
+@pytest.mark.parametrize("case", [c for c in ONE_PASS_CASES if c != "channels_first"])  # the others have BatchNorm
+def test_batchnorm_recalibration_in_one_pass_matches_a_probe_per_layer(case):
+    import keras
+
+    from sepconv.convert.refinement import called_once, layer_input, recalibrate_batchnorm
+    from sepconv.convert.separation import leaf_layers
+
+    original = CASES[case]()
+    x = _inputs(original, n=16)
+    walked, _ = separate(original, rank=1)
+    probed, _ = separate(original, rank=1)
+    done = recalibrate_batchnorm(walked, x)
+    paths = []
+    for path, layer in leaf_layers(probed):
+        if isinstance(layer, keras.layers.BatchNormalization) and called_once(probed, path):
+            inputs = layer_input(probed, path, x).astype(np.float64)  # earlier BatchNorm layers already re-estimated
+            axis = layer.axis if layer.axis >= 0 else inputs.ndim + layer.axis
+            reduce = tuple(i for i in range(inputs.ndim) if i != axis)
+            layer.moving_mean.assign(inputs.mean(axis=reduce).astype(np.float32))
+            layer.moving_variance.assign(inputs.var(axis=reduce).astype(np.float32))
+            paths.append(path)
+    assert [d.path for d in done] == paths and paths, paths
+    _assert_same_weights(walked, probed, f"{case} recalibrated")
