@@ -20,6 +20,7 @@ from pathlib import Path
 
 from sepconv.convert import charts
 from sepconv.convert.errors import ReportInputError
+from sepconv.convert.results import percent
 from sepconv.deploy.errors import OutputError
 from sepconv.deploy.files import write_atomic
 
@@ -200,10 +201,6 @@ def _cell(value) -> str:
     return str(value)
 
 
-def _pct(value) -> str:
-    return "" if value is None else f"{100 * value:.2f}%"
-
-
 def _convert_section(label: str, run: dict, made: list) -> str:
     source = run.get("source") or {}
     plan = run.get("plan") or {}
@@ -220,8 +217,8 @@ def _artifact_table(run: dict) -> str:
         check = artifact["verification"]
         output = (check.get("outputs") or [{}])[0]
         rows.append([Path(artifact["path"]).name, f"{artifact['format']} {artifact['quantize']}",
-                     f"{artifact['bytes'] / 1024:,.1f} KiB", _pct(output.get("accuracy")),
-                     _pct(output.get("agreement")), _pct(check.get("original_agreement")),
+                     f"{artifact['bytes'] / 1024:,.1f} KiB", percent(output.get("accuracy")),
+                     percent(output.get("agreement")), percent(check.get("original_agreement")),
                      "passed" if check.get("passed") else "FAILED", output.get("criterion", ""),
                      ", ".join(_float_layers(artifact)) or "none"])
     return _table(["artifact", "format", "size", "accuracy", "agrees w/ separated", "agrees w/ original", "check",
@@ -247,7 +244,7 @@ def _bench_section(runs: Runs, made: list) -> str:
                          f"{case['artifact']['bytes'] / 1024:,.0f} KiB", f"{lat['p50']:.3f}",
                          f"{lat['ci95_p50'][0]:.3f}-{lat['ci95_p50'][1]:.3f}", f"{lat['p90']:.3f}", lat["count"],
                          f"{case['speedup']:.2f}x" if case.get("speedup") else "",
-                         _pct((case.get("accuracy") or {}).get("top1"))])
+                         percent((case.get("accuracy") or {}).get("top1"))])
     table = _table(["host / run", "model", "format", "threads", "size", "p50 ms", "p50 95% CI", "p90 ms", "runs",
                     "speed-up", "accuracy"], rows)
     parts = [*map(_figure, made), "<h3>Cases</h3>", table, "<h3>Devices</h3>", _context_table(runs)]
