@@ -23,6 +23,17 @@ def release_memory() -> None:
         pass
 
 
+def resident_bytes(pid: int | str = "self") -> int | None:
+    """A process's resident memory now (/proc/PID/statm), in bytes; None where it cannot be read (no such process,
+    not Linux)."""
+    import os
+
+    try:
+        return int(Path(f"/proc/{pid}/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 @contextlib.contextmanager
 def collecting_cycles(growth_mib: int = 256, every: float = 0.1):
     """Collect Python's cyclic garbage whenever the process's resident memory has grown by `growth_mib` since the last
@@ -32,26 +43,18 @@ def collecting_cycles(growth_mib: int = 256, every: float = 0.1):
     copy, whose nodes and graph refer to each other: only the cycle collector frees them, and its thresholds count
     objects, not bytes, so ResNet50's copies piled up to 3.3 GiB before one ran (docs/benchmarks.md). Where
     /proc/self/statm does not exist (not Linux) the block runs as it is."""
-    statm = Path("/proc/self/statm")
-    if not statm.exists():
+    if resident_bytes() is None:
         yield
         return
-    import os
-
-    page = os.sysconf("SC_PAGE_SIZE")
-
-    def resident() -> int:
-        return int(statm.read_text().split()[1]) * page
-
     done = threading.Event()
 
     def watch():
-        base = resident()
+        base = resident_bytes()
         while not done.wait(every):
-            now = resident()
+            now = resident_bytes()
             if now > base + growth_mib * MIB:
                 gc.collect()
-                base = resident()
+                base = resident_bytes()
             base = min(base, now)
 
     watcher = threading.Thread(target=watch, name="sepconv-collect-cycles", daemon=True)

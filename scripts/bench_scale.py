@@ -296,11 +296,9 @@ def _tree_pids(pid: int) -> list[int]:
 
 
 def _rss_mib(pid: int) -> int:
-    try:
-        pages = int(Path(f"/proc/{pid}/statm").read_text().split()[1])
-    except (OSError, IndexError):
-        return 0
-    return round(pages * os.sysconf("SC_PAGE_SIZE") / (1 << 20))
+    from sepconv.convert.memory import resident_bytes
+
+    return round((resident_bytes(pid) or 0) / (1 << 20))
 
 
 def passes(name: str, folder: Path) -> dict:

@@ -1,6 +1,7 @@
 """convert/memory.py: cyclic garbage is collected while a converter runs, when the cycle collector would not run."""
 
 import gc
+import os
 import sys
 import time
 import weakref
@@ -53,3 +54,11 @@ def test_cycles_are_collected_when_memory_grows(watched):
     finally:
         gc.enable()
         gc.collect()
+
+
+def test_resident_bytes_reads_a_process_or_says_none():
+    from sepconv.convert.memory import resident_bytes
+
+    mine = resident_bytes()
+    assert mine is not None and mine > 1 << 20 and resident_bytes(os.getpid()) > 1 << 20
+    assert resident_bytes(2 ** 22 + 1) is None, "no such process: None, not an error"
