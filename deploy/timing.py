@@ -17,6 +17,7 @@ from sepconv.deploy.remote import RUNTIME_PACKAGES, DeployOptions, device_xnnpac
 from sepconv.deploy.ssh import Connection, parse_target
 
 LOCAL = "local"
+DEVICE_KEYS = ("cpu", "machine", "cores", "pi_model", "emulated")  # what a Timing says of the device
 
 
 @dataclass(frozen=True)
@@ -57,10 +58,8 @@ def identify(where: str | None, suffix: str, options: TimingOptions = TimingOpti
         from sepconv.deploy.context import system
         from sepconv.deploy.runtime import package_version
 
-        machine = system()
-        device = {key: machine.get(key) for key in ("cpu", "machine", "cores", "pi_model")}
         version = package_version(package)
-        return {"where": LOCAL, "device": dict(device, emulated=False),
+        return {"where": LOCAL, "device": _device(dict(system(), emulated=False)),
                 "runtime": f"{package} {version}" if version else None,
                 "xnnpack": _tflite_only(suffix, True if options.xnnpack is None else options.xnnpack)}
     target = parse_target(where)
@@ -69,8 +68,7 @@ def identify(where: str | None, suffix: str, options: TimingOptions = TimingOpti
         done = conn.run([f"{options.deploy.remote_dir}/venv/bin/python", "-c", _VERSION, package], check=False,
                         timeout=60)
     version = done.stdout.decode(errors="replace").strip() if done.returncode == 0 else ""
-    device = {key: found.get(key) for key in ("cpu", "machine", "cores", "pi_model", "emulated")}
-    return {"where": target.label, "device": device, "runtime": f"{package} {version}" if version else None,
+    return {"where": target.label, "device": _device(found), "runtime": f"{package} {version}" if version else None,
             "xnnpack": _tflite_only(suffix, device_xnnpack(found, _deploy_options(options)))}
 
 
@@ -92,19 +90,23 @@ def time_artifacts(paths, where: str | None, options: TimingOptions = TimingOpti
         return _timing(LOCAL, device, _tflite_only(paths[0].suffix, xnnpack), paths, report)
     from sepconv.deploy.remote import deploy
 
-    result, = deploy([where], paths, _deploy_options(options), progress=lambda host, message: say(f"{host}: {message}"))
+    deploy_options = _deploy_options(options)
+    result, = deploy([where], paths, deploy_options, progress=lambda host, message: say(f"{host}: {message}"))
     if not result.ok:
         raise result.error
     host_report = result.report
-    found = host_report.device
-    device = {key: found.get(key) for key in ("cpu", "machine", "cores", "pi_model", "emulated")}
-    xnnpack = _tflite_only(paths[0].suffix, device_xnnpack(found, _deploy_options(options)))
-    return _timing(host_report.host, device, xnnpack, paths, host_report.benchmark)
+    xnnpack = _tflite_only(paths[0].suffix, device_xnnpack(host_report.device, deploy_options))
+    return _timing(host_report.host, _device(host_report.device), xnnpack, paths, host_report.benchmark)
 
 
 def describe_xnnpack(xnnpack: bool | None) -> str:
     """How a Timing's (or identify's) `xnnpack` reads in a line."""
     return "ONNX Runtime" if xnnpack is None else f"XNNPACK {'on' if xnnpack else 'off'}"
+
+
+def _device(found: dict) -> dict:
+    """The device as a Timing records it (DEVICE_KEYS), from this machine's context.system() or a device's probe."""
+    return {key: found.get(key) for key in DEVICE_KEYS}
 
 
 def _tflite_only(suffix: str, xnnpack: bool) -> bool | None:
