@@ -177,7 +177,8 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
         calibration = calibration if calibration is None else Calibration(calibration, train.x, validation.x)
         expected = Outputs(exported, heldout.x)  # every artifact is compared with the same outputs: computed once
         job = ExportJob(model=exported, original=reference if report else None, expected=expected,
-                        calibration=calibration, held=held, data_info=data_info, options=options, source=source,
+                        calibration=calibration, held=held, data_info=data_info, options=options,
+                        source={"path": str(source), "sha256": source_sha256},
                         report=report, recovery=recovery, say=say)
         artifacts = export_all(job, targets, plan["quantize"], timer)
     except SepconvError as error:

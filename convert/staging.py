@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Callable
 
 from sepconv.convert.errors import VerificationError
-from sepconv.convert.files import sha256
 from sepconv.convert.memory import release_memory
 from sepconv.convert.options import ConvertOptions, latency_options
 from sepconv.convert.outputs import disk_full_as
@@ -39,7 +38,7 @@ class ExportJob:
     held: object
     data_info: dict
     options: ConvertOptions
-    source: Path
+    source: dict  # the input model as the manifest records it: {"path", "sha256"} (hashed once per run)
     report: object
     recovery: object
     say: Callable[[str, str], None]
@@ -162,7 +161,7 @@ def _export_and_verify(job: ExportJob, item: dict) -> dict:
         verification = within_budget(verification, runtime, held, recovery, layout=layout)
     verification = _named(verification, target)
     manifest = build_manifest(Path(tmp), final_path=target, fmt=fmt, quantize=mode, runtime=runtime, layout=layout,
-                              source={"path": str(job.source), "sha256": sha256(job.source)},
+                              source=job.source,
                               separation=report.to_dict() if report else None,
                               recovery=recovery.to_dict() if recovery else None, verification=verification,
                               options=options.describe(), preprocessing=job.data_info["preprocessing"],
