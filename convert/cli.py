@@ -14,9 +14,11 @@ import time
 from pathlib import Path
 
 from sepconv.convert.supervise import die_with_parent, in_worker, report_stage, supervise
-from sepconv.deploy.cli import JSON_HELP, Parser, checked as _checked, check_output_file, count as _count
-from sepconv.deploy.cli import positive as _positive, report_flags, run as run_command, version_flag, write_output
-from sepconv.deploy.cli import REPORT_DIR_HELP, check_report_outputs, write_html_report
+from sepconv.deploy import report
+from sepconv.deploy.clikit import (JSON_HELP, REPORT_DIR_HELP, Parser, check_output_file, check_report_outputs,
+                                   json_failure, report_flags, run as run_command, version_flag, write_html_report,
+                                   write_output)
+from sepconv.deploy.flags import checked as _checked, count as _count, positive as _positive
 
 
 def _quiet_tensorflow(debug: bool) -> None:
@@ -42,7 +44,7 @@ def _quiet_tensorflow(debug: bool) -> None:
 
 
 def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
-    """Import TensorFlow quietly, then run `body(args)` as every sepconv command does (sepconv.deploy.cli.run): a
+    """Import TensorFlow quietly, then run `body(args)` as every sepconv command does (sepconv.deploy.clikit.run): a
     sepconv error is one line on stderr and its exit status (a traceback with --debug)."""
     _quiet_tensorflow(args.debug)
     if not args.debug:  # Keras 3 warns on every call of a legacy (Keras 2) model saved with a list input; harmless
@@ -92,13 +94,13 @@ def _floats(text: str) -> tuple:
 
 def convert_parser() -> argparse.ArgumentParser:
     from sepconv.convert.data import AUTO, SCALES, DataOptions
-    from sepconv.convert.finetuning import DEFAULT_LEARNING_RATE, STRATEGIES, FinetuneOptions
-    from sepconv.convert.onnx_export import LAYOUTS, ONNX_MODES
+    from sepconv.convert.recovery.finetuning import DEFAULT_LEARNING_RATE, STRATEGIES, FinetuneOptions
+    from sepconv.convert.export.onnx import LAYOUTS, ONNX_MODES
     from sepconv.convert.options import DEFAULT_EPOCHS, DEFAULT_MAX_DROP, QUANTIZE_CHOICES, ConvertOptions
-    from sepconv.convert.policy import DEFAULT_ENERGY
-    from sepconv.convert.quantization import QuantizationOptions
-    from sepconv.convert.targets import OnnxOutputOptions, TFLiteOutputOptions, extensions_text, io_types
-    from sepconv.convert.verification import Tolerance
+    from sepconv.convert.separation.policy import DEFAULT_ENERGY
+    from sepconv.convert.export.quantization import QuantizationOptions
+    from sepconv.convert.export.targets import OnnxOutputOptions, TFLiteOutputOptions, extensions_text, io_types
+    from sepconv.convert.export.verification import Tolerance
     from sepconv.deploy.remote import DEFAULT_REMOTE_DIR
     from sepconv.deploy.timing import TimingOptions
 
@@ -271,13 +273,13 @@ def convert_options(args, *, custom_objects: bool = True):
     """The one mapping from convert-model's flags to ConvertOptions; custom_objects=False leaves --custom-objects'
     modules unimported (the TensorFlow-free preflight)."""
     from sepconv.convert.data import DataOptions
-    from sepconv.convert.finetuning import FinetuneOptions
+    from sepconv.convert.recovery.finetuning import FinetuneOptions
     from sepconv.convert.loading import parse_custom_objects
     from sepconv.convert.options import ConvertOptions
-    from sepconv.convert.policy import SeparationOptions
-    from sepconv.convert.quantization import QuantizationOptions
-    from sepconv.convert.targets import OnnxOutputOptions, TFLiteOutputOptions
-    from sepconv.convert.verification import Tolerance
+    from sepconv.convert.separation.policy import SeparationOptions
+    from sepconv.convert.export.quantization import QuantizationOptions
+    from sepconv.convert.export.targets import OnnxOutputOptions, TFLiteOutputOptions
+    from sepconv.convert.export.verification import Tolerance
 
     return ConvertOptions(
         quantize=args.quantize,
@@ -317,8 +319,8 @@ def latency_options(args):
     """--target-latency / --target-speedup / --latency-on and their companions as LatencyOptions, or None."""
     if args.target_latency is None and args.target_speedup is None and args.latency_on is None:
         return None
-    from sepconv.convert.latency import LatencyTarget
-    from sepconv.convert.latency_table import LatencyOptions
+    from sepconv.convert.recovery.latency_choice import LatencyTarget
+    from sepconv.convert.recovery.latency_table import LatencyOptions
     from sepconv.deploy.remote import DeployOptions
     from sepconv.deploy.ssh import SshOptions
     from sepconv.deploy.timing import TimingOptions
@@ -416,7 +418,7 @@ def _demo_outputs(args) -> None:
 
 
 def _demo(args) -> int:
-    from sepconv.convert.demo import run_demo
+    from sepconv.convert.demo.digits import run_demo
 
     quiet = args.json == "-"  # the JSON summary goes to stdout instead of the tables
     summary = run_demo(args.out, epochs=args.epochs, seed=args.seed, retrain=args.retrain, bench=not args.no_bench,
@@ -461,9 +463,7 @@ def report_parser() -> argparse.ArgumentParser:
 
 
 def _report(args) -> int:
-    from sepconv.deploy.cli import html_renderer
-
-    renderer = html_renderer()
+    renderer = report.renderer()
     runs = renderer.load_runs(args.inputs)
     renderer.write_report(renderer.render(runs, title=args.title), args.output, args.report_dir,
                           overwrite=args.overwrite)
@@ -492,8 +492,6 @@ def _supervised(prog: str, argv: list[str], checkpoints: Path | None = None, jso
         print(f"{prog}: error: {crash}", file=sys.stderr)
         if json_target:
             from types import SimpleNamespace
-
-            from sepconv.deploy.cli import json_failure
 
             json_failure(SimpleNamespace(json=json_target), prog, "NativeCrash", crash, EXIT_CRASH, True)
     return status

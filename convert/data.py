@@ -257,7 +257,7 @@ def _input_rescaling(model) -> str | None:
     """The path of a Rescaling layer met before any layer with weights, walking the model in graph order."""
     import keras
 
-    from sepconv.convert.separation import leaf_layers
+    from sepconv.convert.graph import leaf_layers
 
     for path, layer in leaf_layers(model):
         if isinstance(layer, keras.layers.Rescaling):

@@ -4,7 +4,8 @@ Library code raises these; only the command-line layer turns them into a message
 classes live in `sepconv.deploy.errors`, which the device side shares without TensorFlow.
 """
 
-from sepconv.deploy.errors import ArtifactError, InvalidOptionError, RuntimeMissingError, SepconvError
+from sepconv.deploy.errors import (ArtifactError, InvalidOptionError, ReportInputError, RuntimeMissingError,
+                                   SepconvError)
 
 __all__ = [
     "ArtifactError", "BudgetError", "CheckpointError", "CorruptModelFileError", "DataError", "DiskFullError",
@@ -83,11 +84,6 @@ class OutputBusyError(OutputPathError):
 class DiskFullError(SepconvError):
     """No space left on the device while writing an artifact, a manifest or a checkpoint; nothing half-written is
     left. Deliberately not an OSError: callers that turn OSErrors into other messages must let it through."""
-
-
-class ReportInputError(SepconvError):
-    """A JSON file given to the HTML report that is missing, unreadable, not JSON, a failure report, or of a kind the
-    report does not know."""
 
 
 class VerificationError(SepconvError):

@@ -9,12 +9,12 @@ from pathlib import Path
 
 from sepconv.convert.data import DataOptions
 from sepconv.convert.errors import InvalidOptionError
-from sepconv.convert.finetuning import FinetuneOptions
-from sepconv.convert.policy import SeparationOptions
-from sepconv.convert.quantization import QuantizationOptions
-from sepconv.convert.targets import check_target_options, given_options, quantize_modes, registered_targets, target_for
-from sepconv.convert.tflite_export import NEEDS_DATA
-from sepconv.convert.verification import Tolerance
+from sepconv.convert.recovery.finetuning import FinetuneOptions
+from sepconv.convert.separation.policy import SeparationOptions
+from sepconv.convert.export.quantization import QuantizationOptions
+from sepconv.convert.export.targets import check_target_options, given_options, quantize_modes, registered_targets, target_for
+from sepconv.convert.export.tflite import NEEDS_DATA
+from sepconv.convert.export.verification import Tolerance
 
 QUANTIZE_CHOICES = ("auto",) + quantize_modes()
 MIN_SAMPLES = 20  # a run with data needs some samples to train on, some to validate with and some to test on
@@ -95,13 +95,13 @@ class ConvertOptions:
             raise InvalidOptionError(f"Unrecognized max_unpacked_bytes={self.max_unpacked_bytes!r}. Use a whole "
                                      f"number >= 1")
         if self.latency is not None:
-            from sepconv.convert.latency_table import LatencyOptions
+            from sepconv.convert.recovery.latency_table import LatencyOptions
 
             if not isinstance(self.latency, LatencyOptions):
                 raise InvalidOptionError(f"Unrecognized latency={self.latency!r}. Use LatencyOptions(...) from "
-                                         f"sepconv.convert.latency_table, or None")
+                                         f"sepconv.convert.recovery.latency_table, or None")
         if self.max_accuracy_drop is not None:
-            from sepconv.convert.budget import BudgetOptions
+            from sepconv.convert.recovery.budget import BudgetOptions
 
             BudgetOptions(max_drop=self.max_accuracy_drop)
 
@@ -152,8 +152,8 @@ def _default(value, default: bool) -> bool:
 
 
 def recovery_options(options: ConvertOptions, plan: dict, targets: list[Path]):
-    from sepconv.convert.budget import BudgetOptions
-    from sepconv.convert.recovery import RecoveryOptions
+    from sepconv.convert.recovery.budget import BudgetOptions
+    from sepconv.convert.recovery.steps import RecoveryOptions
 
     budget = plan["max_accuracy_drop"]
     folder = options.checkpoint_dir or str(targets[0].with_name(targets[0].name + CHECKPOINTS_SUFFIX))
@@ -168,7 +168,7 @@ def latency_options(options: ConvertOptions, quantize: str, targets: list[Path])
     """options.latency with the export options of the first .tflite / .onnx output (what its table must time)."""
     if options.latency is None:
         return None
-    from sepconv.convert.latency_table import for_export
+    from sepconv.convert.recovery.latency_table import for_export
 
     units = [target_for(t) for t in targets]
     return for_export(options.latency, [(unit, options.target_options(unit)) for unit in units], quantize)

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from sepconv.convert.errors import DiskFullError, OutputBusyError, OutputPathError, SepconvError
 from sepconv.convert.files import disk_full
-from sepconv.convert.targets import extensions_text, registered_targets, target_for
+from sepconv.convert.export.targets import extensions_text, registered_targets, target_for
 
 @contextlib.contextmanager
 def locked(paths: list[Path]):

@@ -28,8 +28,8 @@ from sepconv.convert.keras_compat import unsafe_deserialization
 from sepconv.convert.memory import release_memory
 from sepconv.convert.options import ConvertOptions, check_modes, plan_line, quantize_reason, recovery_options
 from sepconv.convert.outputs import check_outputs, disk_full_as, locked
-from sepconv.convert.policy import SeparationOptions
-from sepconv.convert.quantization import Calibration
+from sepconv.convert.separation.policy import SeparationOptions
+from sepconv.convert.export.quantization import Calibration
 from sepconv.convert.results import ConvertResult, DataInfo, Plan, Source
 from sepconv.convert.run_data import datasets
 from sepconv.convert.staging import ExportJob, export_all
@@ -150,7 +150,7 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     say("plan", plan_line(plan, options))
     source_sha256 = sha256(source)
 
-    from sepconv.convert.verification import Outputs
+    from sepconv.convert.export.verification import Outputs
 
     report = recovery = None
     exported = model
@@ -158,7 +158,7 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     validation_reference = Outputs(model, validation.x) if validation is not None else None  # the same, validation
     warnings = []
     if options.separate:
-        from sepconv.convert.recovery import recover
+        from sepconv.convert.recovery.steps import recover
 
         with timer("separate and recover"), disk_full_as("writing checkpoints in", recovery_options.checkpoint_dir):
             exported, report, recovery = recover(model, train, calibration, validation, heldout,
@@ -188,7 +188,7 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
             kept.details = getattr(error, "details", None)
             raise kept from error
         raise
-    from sepconv.convert.recovery import remove_checkpoints
+    from sepconv.convert.recovery.steps import remove_checkpoints
 
     remove_checkpoints(recovery_options)
     return ConvertResult(source=Source(path=str(source), sha256=source_sha256, params=params),

@@ -18,11 +18,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sepconv.deploy.scores import percent
+
 if TYPE_CHECKING:
-    from sepconv.convert.quantization import QuantizationReport
-    from sepconv.convert.recovery import RecoveryReport
-    from sepconv.convert.report import SeparationReport
-    from sepconv.convert.verification import Verification
+    from sepconv.convert.export.quantization import QuantizationReport
+    from sepconv.convert.recovery.steps import RecoveryReport
+    from sepconv.convert.separation.report import SeparationReport
+    from sepconv.convert.export.verification import Verification
 
 
 @dataclass(frozen=True)
@@ -196,6 +198,3 @@ def latency_text(latency: dict | None, artifacts=()) -> str:
     return text
 
 
-def percent(value) -> str:
-    """A share as a table cell: "" for None."""
-    return "" if value is None else f"{value:.2%}"

@@ -16,9 +16,9 @@ from sepconv.convert.memory import release_memory
 from sepconv.convert.options import ConvertOptions, latency_options
 from sepconv.convert.outputs import disk_full_as
 from sepconv.convert.results import Artifact
-from sepconv.convert.targets import target_for
-from sepconv.convert.tflite_export import NEEDS_DATA
-from sepconv.convert.verification import within_budget
+from sepconv.convert.export.targets import target_for
+from sepconv.convert.export.tflite import NEEDS_DATA
+from sepconv.convert.export.verification import within_budget
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ def export_all(job: ExportJob, targets: list[Path], quantize: str, timer) -> tup
                                               if s.get("quantization") is not None}}
             raise error
         if options.latency is not None and recovery is not None and recovery.budget and recovery.budget.plan.latency:
-            from sepconv.convert.latency_table import record_measured
+            from sepconv.convert.recovery.latency_table import record_measured
 
             record_measured(staged, recovery.budget.plan.latency, latency_options(options, quantize, targets), say)
         return tuple(_commit(s) for s in staged)
@@ -121,8 +121,8 @@ def _discard(item: dict) -> None:
 
 
 def _export_and_verify(job: ExportJob, item: dict) -> dict:
-    from sepconv.convert.manifest import build_manifest, manifest_json
-    from sepconv.convert.verification import verify, verify_keras
+    from sepconv.convert.export.manifest import build_manifest, manifest_json
+    from sepconv.convert.export.verification import verify, verify_keras
 
     model, original, expected, calibration, held = job.model, job.original, job.expected, job.calibration, job.held
     options, report, recovery, say = job.options, job.report, job.recovery, job.say
@@ -144,9 +144,9 @@ def _export_and_verify(job: ExportJob, item: dict) -> dict:
         from sepconv.deploy.runtime import open_runtime
 
         if mode == "int8":
-            from sepconv.convert.quantization import quantize_verified
+            from sepconv.convert.export.quantization import quantize_verified
 
-            data, item["quantization"] = quantize_verified(model, fmt, calibration, tolerance=options.tolerance,
+            data, item["quantization"] = quantize_verified(model, unit, calibration, tolerance=options.tolerance,
                                                            export=export, options=options.quantization)
             Path(tmp).write_bytes(data)
             say("quantize", f"{target}: {item['quantization'].line()}")
@@ -201,7 +201,7 @@ def _failure_line(item: dict) -> str:
 
 
 def _commit(item: dict) -> Artifact:
-    from sepconv.convert.manifest import manifest_path
+    from sepconv.convert.export.manifest import manifest_path
 
     target = item["target"]
     os.chmod(item["tmp"], 0o644)

@@ -1,4 +1,5 @@
-"""The device side's commands, `bench-model` and `deploy-model`, and the argument helpers both sides' CLIs share.
+"""The device side's commands, `bench-model` and `deploy-model` (the kit both sides' commands share is clikit.py,
+bench-model's flags are flags.py).
 
 Each command parses its flags, calls one API function (`benchmark`, `deploy`) and prints; nothing else. Nothing
 here imports TensorFlow: these commands run on a Raspberry Pi.
@@ -7,292 +8,23 @@ here imports TensorFlow: these commands run on a Raspberry Pi.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import csv
 import io
 import json
-import os
 import sys
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from sepconv.deploy.files import write_atomic
+from sepconv.deploy.clikit import (EXIT_ERROR, EXIT_SOME_HOSTS_FAILED, JSON_HELP, Parser, check_output_file,
+                                   check_output_folder, check_report_outputs, progress_printer, report_flags, run,
+                                   version_flag, write_html_report, write_output)
+from sepconv.deploy.flags import DEPLOY_BENCH_FLAGS, bench_argv, bench_flags, bench_options, positive
 
 if TYPE_CHECKING:  # numpy and the runtimes load when a command runs, not for --help
     from sepconv.deploy.bench import BenchReport
 
-EXIT_ERROR = 1  # a sepconv error (for deploy-model: every host failed, or nothing could start)
-EXIT_BAD_FLAG = 2
-EXIT_SOME_HOSTS_FAILED = 3  # deploy-model: some hosts failed, the others' results are reported
-EXIT_INTERRUPTED = 130
-# A report never replaces a model or data file (`bench-model a.tflite --json b.tflite` once overwrote b.tflite).
-NOT_A_REPORT = (".tflite", ".onnx", ".npz", ".h5", ".keras", ".pb", ".whl")
-JSON_HELP = ("as JSON to FILE, or to stdout with '-' or no FILE (a failure too: {\"error\": {...}}); FILE must not "
-             "exist unless --overwrite, and is never a model or data file")
-
-
-class Parser(argparse.ArgumentParser):
-    """argparse, with a bad flag reported in one line (and exit status 2) instead of usage + error."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-
-
-def checked(convert, valid, kind: str, allowed: str):
-    """An argparse type: convert the text, check the value, or say which values are allowed."""
-
-    def parse(text: str):
-        try:
-            value = convert(text)
-        except ValueError:
-            value = None
-        if value is None or not valid(value):
-            raise argparse.ArgumentTypeError(f"invalid {kind} {text!r}: use {allowed}")
-        return value
-
-    return parse
-
-
-positive = checked(int, lambda v: v >= 1, "count", "a whole number >= 1")
-count = checked(int, lambda v: v >= 0, "count", "a whole number >= 0")
-seconds = checked(float, lambda v: v >= 0, "number of seconds", "seconds >= 0, e.g. 2.5")
-thread_list = checked(lambda t: tuple(int(v) for v in t.split(",")), lambda v: all(t >= 1 for t in v),
-                      "thread list", "comma-separated whole numbers >= 1, e.g. 1,2,4")
-
-
-def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version as installed
-
-    try:
-        return installed("sepconv")
-    except PackageNotFoundError:
-        return "unknown"
-
-
-def version_flag(parser) -> None:
-    parser.add_argument("--version", action="version", version=f"%(prog)s (sepconv) {version()}")
-
-
-def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
-    """Check the output paths (`outputs(args)`, before any work), then run `body(args)`; a sepconv error becomes one
-    line on stderr and its exit status (a traceback with --debug), and with --json a JSON {"error": ...} as well."""
-    from sepconv.deploy.errors import SepconvError
-
-    checked = False
-    try:
-        if outputs:
-            outputs(args)
-        checked = True
-        return body(args) or 0
-    except SepconvError as error:
-        if args.debug:
-            raise
-        status = getattr(error, "exit_status", EXIT_ERROR)
-        print(f"{prog}: {'error: ' if status == EXIT_ERROR else ''}{error}", file=sys.stderr)
-        json_failure(args, prog, type(error).__name__, str(error), status, checked, getattr(error, "details", None))
-        return status
-    except KeyboardInterrupt:
-        print(f"{prog}: interrupted", file=sys.stderr)
-        json_failure(args, prog, "KeyboardInterrupt", "interrupted", EXIT_INTERRUPTED, checked)
-        return EXIT_INTERRUPTED
-    except BrokenPipeError:  # stdout closed early (`bench-model ... | head`): stop quietly, as Unix tools do
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
-        return EXIT_ERROR
-
-
-def json_failure(args, prog: str, kind: str, message: str, status: int, checked: bool, details=None) -> None:
-    """With --json, a failure is JSON too: to stdout, or to the JSON file if its path passed the checks; `details`
-    (an error's machine-readable extras, e.g. the int8 diagnosis table) go in error.details."""
-    from sepconv.deploy.errors import SepconvError
-
-    target = "-" if getattr(args, "json", None) is True else getattr(args, "json", None)
-    if not target or (target != "-" and not checked):
-        return
-    error = {"type": kind, "message": message, **({"details": details} if details else {})}
-    text = json.dumps({"error": error, "exit_status": status, "tool": prog}, indent=2, default=str)
-    with contextlib.suppress(SepconvError):  # the file cannot be written either: the line on stderr says enough
-        write_output(target, text)
-
-
-def check_output_file(flag: str, target, *, protected=(), overwrite: bool = False) -> None:
-    """Refuse, before any work, an output path that cannot or must not be written: its folder missing or not
-    writable, a directory, a model or data file, a file this run reads, or an existing file without --overwrite."""
-    from sepconv.deploy.errors import OutputError
-
-    if target in (None, "-", True):
-        return
-    path = Path(target)
-    if path.suffix.lower() in NOT_A_REPORT:
-        suffix = {"--json": ".json", "--csv": ".csv"}.get(flag, ".html")
-        raise OutputError(f"{flag} {target}: a report would replace a {path.suffix} file; name the report "
-                          f"e.g. {path.with_suffix(suffix).name}")
-    for other in protected:
-        if other is not None and _same_file(path, Path(other)):
-            raise OutputError(f"{flag} {target}: is also an input of this run; name another file for the report")
-    if path.is_dir():
-        raise OutputError(f"{flag} {target}: is a directory; name a file in it, e.g. {path / 'report.json'}")
-    folder = path.parent
-    if not folder.is_dir():
-        raise OutputError(f"{flag} {target}: the folder {folder} does not exist; create it or name another")
-    if not os.access(folder, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {target}: the folder {folder} is not writable; name another")
-    if path.exists() and not overwrite:
-        raise OutputError(f"{flag} {target}: exists; pass --overwrite to replace it, or name another file")
-
-
-def check_output_folder(flag: str, target) -> None:
-    """A folder that will be created (with its parents) at the end: refuse now what cannot be."""
-    from sepconv.deploy.errors import OutputError
-
-    path = Path(target)
-    if path.exists() and not path.is_dir():
-        raise OutputError(f"{flag} {target}: is a file, not a folder; name a folder")
-    existing = path
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise OutputError(f"{flag} {target}: {existing} is not a folder; name another")
-    if not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"{flag} {target}: {existing} is not writable; name another folder")
-
-
-REPORT_HELP = ("an HTML report with charts to FILE (one self-contained page: inline SVG, no script, opens without a "
-               "network); needs the plotting extra: pip install 'sepconv[report]'")
-REPORT_DIR_HELP = ("a PNG of each chart in DIR (created if missing; existing PNGs of the same name are replaced only "
-                   "with --overwrite)")
-
-
-def report_flags(parser) -> None:
-    """--report FILE and --report-dir DIR: the same flags in convert-model, bench-model and deploy-model."""
-    parser.add_argument("--report", metavar="FILE", help=REPORT_HELP)
-    parser.add_argument("--report-dir", metavar="DIR", help=REPORT_DIR_HELP)
-
-
-def check_report_outputs(args, *, protected=(), flag: str = "--report", target=None) -> None:
-    """Before any work: the report's paths can be written and the plotting extra is installed."""
-    from sepconv.deploy.errors import OutputError
-
-    target = getattr(args, "report", None) if target is None else target
-    if target == "-":
-        raise OutputError(f"{flag} -: the HTML report goes to a file; name one, e.g. report.html")
-    check_output_file(flag, target, protected=protected, overwrite=args.overwrite)
-    if args.report_dir:
-        check_output_folder("--report-dir", args.report_dir)
-    if target or args.report_dir:
-        html_renderer()
-
-
-def html_renderer():
-    """sepconv.convert.html_report, imported now (lazily: never at import time), or the install hint in one line.
-
-    It needs matplotlib, not TensorFlow; a device's sepconv-deploy wheel has neither, so the report is drawn on the
-    workstation, from the JSON the device wrote, with sepconv-report."""
-    from sepconv.deploy.errors import RuntimeMissingError
-
-    try:
-        from sepconv.convert import charts, html_report
-    except ImportError:
-        raise RuntimeMissingError("The HTML report needs the workstation side of sepconv with matplotlib: "
-                                  "pip install 'sepconv[report]'") from None
-    charts.require_matplotlib()
-    return html_report
-
-
-def write_html_report(args, documents, *, title: str, target=None) -> None:
-    """Draw the report of `documents` ([(label, JSON dict)]) to --report (or `target`) and --report-dir, if asked."""
-    target = getattr(args, "report", None) if target is None else target
-    if not (target or args.report_dir):
-        return
-    renderer = html_renderer()
-    runs = renderer.Runs()
-    for label, document in documents:
-        runs.add(renderer.classify(document, label))
-    page = renderer.render(runs, title=title)
-    renderer.write_report(page, target, args.report_dir, overwrite=args.overwrite)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    try:
-        return a.exists() and b.exists() and os.path.samefile(a, b) or a.resolve() == b.resolve()
-    except OSError:
-        return False
-
-
-def progress_printer(args, started: float):
-    def say(message: str) -> None:
-        if not args.quiet:
-            print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
-
-    return say
-
-
 # ---------------------------------------------------------------------------------------------------- bench-model
-
-# bench-model's flags, one per BenchOptions field: (flag, argparse type, help). Defaults and choices are the
-# dataclass's (BenchOptions, preprocess.SCALES): bench-model and deploy-model add them with bench_flags, read them back
-# with bench_options, and deploy-model passes them on to the device's bench-model with bench_argv.
-BENCH_FLAGS = {
-    "threads": ("--threads", thread_list, "thread counts, e.g. 1,2,4"),
-    "batch": ("--batch", positive, "rows per inference where the model allows"),
-    "inputs": ("--input", None, "an .npz with x (inputs) and optionally y (labels: top-1 accuracy is reported); "
-                                "default: seeded random data of each input's shape and type"),
-    "scale": ("--scale", None, "map integer --input pixels to [0, 1], [-1, 1] or leave them; auto: as the manifest "
-                               "beside each artifact says (convert-model records it), else [0, 1]; float inputs are "
-                               "taken as preprocessed"),
-    "min_runs": ("--min-runs", positive, ""),  # when a case's timed runs stop: both met, or max_seconds
-    "min_seconds": ("--min-time", seconds, "seconds of timed runs per case, at least"),
-    "max_seconds": ("--max-time", seconds, "seconds of timed runs per case, at most"),
-    "warmup_runs": ("--warmup-runs", count, ""),
-    "warmup_seconds": ("--warmup-time", seconds, ""),
-    "round_seconds": ("--round-time", seconds, "timed seconds per case per interleaved round; each case's runs per "
-                                               "round follow from its warm-up latency"),
-    "block": ("--block", positive, "with --round-time 0: a fixed number of timed runs per case per round"),
-    "providers": ("--providers", lambda text: tuple(p for p in text.split(",") if p),
-                  "ONNX Runtime execution providers, comma-separated"),
-    "seed": ("--seed", int, "seed of the random inputs"),
-}
-UNITS = {"warmup_seconds": " s"}  # after the default in the help
-
-
-def bench_flags(parser, names, **helps) -> None:
-    """Add bench-model's flags for the BenchOptions fields `names`, in that order, with the dataclass's defaults
-    (and --scale's choices); `helps` replaces a flag's help text for this command (its default is still appended)."""
-    from dataclasses import fields
-
-    from sepconv.deploy.bench import BenchOptions
-    from sepconv.deploy.preprocess import AUTO, SCALES
-
-    defaults = {f.name: f.default for f in fields(BenchOptions)}
-    for name in names:
-        flag, kind, text = BENCH_FLAGS[name]
-        default = defaults[name]
-        shown = "" if default is None else f"(default: {_flag_text(default)}{UNITS.get(name, '')})"
-        extra = {"choices": (AUTO, *SCALES)} if name == "scale" else {
-            "metavar": flag[2:].upper().replace("-", "_"), **({"type": kind} if kind else {})}  # as if dest were flag's
-        parser.add_argument(flag, dest=name, default=default,
-                            help=" ".join(t for t in (helps.get(name, text), shown) if t) or None, **extra)
-
-
-def bench_options(args, **overrides):
-    """The BenchOptions of a parsed command line: every BENCH_FLAGS field its parser has (bench_flags), XNNPACK off
-    only when asked (--no-xnnpack), the rest the dataclass's defaults; `overrides` last."""
-    from sepconv.deploy.bench import BenchOptions
-
-    given = {name: getattr(args, name) for name in BENCH_FLAGS if hasattr(args, name)}
-    if hasattr(args, "xnnpack"):
-        given["xnnpack"] = args.xnnpack is not False  # deploy-model's None: as the device decides, on here
-    return BenchOptions(**{**given, **overrides})
-
-
-def bench_argv(options, names) -> tuple[str, ...]:
-    """bench-model's flags giving `options`' fields `names` (deploy-model's command line on the device)."""
-    return tuple(f"{BENCH_FLAGS[name][0]}={_flag_text(getattr(options, name))}" for name in names)
-
-
-def _flag_text(value) -> str:
-    return ",".join(map(str, value)) if isinstance(value, tuple) else str(value)
-
 
 def _output_flags(parser):
     """The last flags of both commands' parsers; returns the parser."""
@@ -352,22 +84,6 @@ def _bench(args) -> int:
     return 0
 
 
-def write_output(target: str, text: str) -> None:
-    """`text` to stdout ('-') or whole to a file (a temporary name renamed at the end); a failed write (disk full)
-    is one OutputError and leaves neither the temporary file nor a half-written one."""
-    from sepconv.deploy.errors import OutputError
-
-    if target == "-":
-        print(text)
-        return
-    path = Path(target)
-    try:
-        write_atomic(path, text + ("" if text.endswith("\n") else "\n"), sync=True)
-    except OSError as error:
-        raise OutputError(f"{path}: could not be written ({error.strerror or error}); nothing half-written was "
-                          f"left") from None
-
-
 def cases_csv(cases, host: str = "local") -> str:
     """One row per Case (bench.CSV_COLUMNS), with a header row."""
     from sepconv.deploy.bench import CSV_COLUMNS
@@ -381,10 +97,6 @@ def cases_csv(cases, host: str = "local") -> str:
 
 
 # --------------------------------------------------------------------------------------------------- deploy-model
-
-# the bench-model flags deploy-model has (the device's bench-model gets them, and --compare-local's run here)
-DEPLOY_BENCH_FLAGS = ("threads", "inputs", "scale", "min_runs", "min_seconds", "max_seconds")
-
 
 def deploy_parser() -> argparse.ArgumentParser:
     from sepconv.deploy.remote import DeployOptions

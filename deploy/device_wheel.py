@@ -29,7 +29,8 @@ def version() -> str:
 def build(folder: Path) -> Path:
     """Write the wheel into `folder` and return its path (same content -> same bytes, so its hash names it)."""
     package = Path(sepconv.deploy.__file__).parent
-    files = {f"sepconv/deploy/{path.name}": path.read_bytes() for path in sorted(package.glob("*.py"))}
+    files = {f"sepconv/deploy/{path.relative_to(package).as_posix()}": path.read_bytes()
+             for path in sorted(package.rglob("*.py"))}  # the report/ subpackage too (its matplotlib is optional)
     dist_info = f"{NAME}-{version()}.dist-info"
     metadata = "".join([f"Metadata-Version: 2.1\nName: sepconv-deploy\nVersion: {version()}\n",
                         "Summary: sepconv's device side: run and benchmark .tflite / .onnx artifacts\n",

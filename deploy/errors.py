@@ -56,3 +56,8 @@ class InputDataError(SepconvError):
 class OutputError(SepconvError):
     """A report or output path that cannot be written: a missing folder, a directory, not writable, an input of the run,
     an existing file without --overwrite, or a write that failed (disk full); nothing half-written is left."""
+
+
+class ReportInputError(SepconvError):
+    """A JSON file given to the HTML report that is missing, unreadable, not JSON, a failure report, or of a kind the
+    report does not know."""

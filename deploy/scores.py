@@ -21,3 +21,8 @@ def class_labels(y) -> np.ndarray:
 def hit_rate(predicted, truth) -> float:
     """The share (0..1) of samples whose class in `predicted` equals the one in `truth`."""
     return float(np.mean(np.asarray(predicted) == np.asarray(truth)))
+
+
+def percent(value) -> str:
+    """A share as a table cell: "" for None."""
+    return "" if value is None else f"{value:.2%}"

@@ -1,5 +1,5 @@
 """Time a set of artifacts where a model will run, and say where that was: what convert-model's per-layer latency
-tables are measured with (sepconv.convert.latency_table), with no TensorFlow.
+tables are measured with (sepconv.convert.recovery.latency_table), with no TensorFlow.
 
 `where` is None for this machine (bench-model's harness, in this process) or an SSH target as deploy-model takes it
 (the same connection, runtime set-up and copy by content hash; the device runs bench-model). Either way every artifact
@@ -116,7 +116,7 @@ def _tflite_only(suffix: str, xnnpack: bool) -> bool | None:
 
 def _deploy_options(options: TimingOptions) -> DeployOptions:
     from sepconv.deploy.bench import BenchOptions
-    from sepconv.deploy.cli import bench_argv
+    from sepconv.deploy.flags import bench_argv
 
     stop = BenchOptions(min_runs=options.min_runs, min_seconds=options.min_seconds, warmup_runs=3,
                         warmup_seconds=options.warmup_seconds)

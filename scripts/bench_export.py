@@ -21,9 +21,9 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from tabulate import tabulate
 
-    from sepconv.convert import demo
+    from sepconv.convert.demo import digits as demo
     from sepconv.convert.pipeline import ConvertOptions, convert_model
-    from sepconv.convert.policy import SeparationOptions
+    from sepconv.convert.separation.policy import SeparationOptions
 
     model_path = args.out / "digits_tutorial.h5"
     demo.demo_model(model_path, verbose=2)

@@ -88,7 +88,8 @@ def litert_benchmark_p50(model: Path, threads: int, runs: int) -> float:
 
 
 def default_models() -> list[Path]:
-    from sepconv.convert import convert_model, demo
+    from sepconv.convert import convert_model
+    from sepconv.convert.demo import digits as demo
 
     folder = Path("build/speed")
     folder.mkdir(parents=True, exist_ok=True)

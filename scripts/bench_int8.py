@@ -20,7 +20,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 
 
 def main(argv=None) -> int:
@@ -49,7 +48,7 @@ REPAIRS = {"off": dict(repair=False), "no-cle": dict(equalize=False), "on": dict
 
 
 def separated(name: str, recovery: str, out: Path):
-    from sepconv.convert import zoo
+    from sepconv.convert.demo import zoo
 
     entry = zoo.entry(name, out)
     folder = out / name / "int8"
@@ -65,10 +64,11 @@ def separated(name: str, recovery: str, out: Path):
 
 
 def measure(name: str, fmt: str, recovery: str, repair: str, out: Path) -> dict:
-    from sepconv.convert import quantization as q
+    from sepconv.convert.export import quantization as q
+    from sepconv.convert.export.targets import target_named
     from sepconv.convert.data import load_data
     from sepconv.convert.loading import load
-    from sepconv.convert.verification import Tolerance, verify
+    from sepconv.convert.export.verification import Tolerance, verify
     from sepconv.deploy import open_runtime
 
     entry, k1 = separated(name, recovery, out)
@@ -76,7 +76,7 @@ def measure(name: str, fmt: str, recovery: str, repair: str, out: Path) -> dict:
     train = load_data(entry.train, model.input_shape)  # as the pipeline with --validation-data
     validation, test = (load_data(path, model.input_shape) for path in (entry.validation, entry.test))
     calibration = q.Calibration(train.x[:200], train.x, validation.x)
-    artifact, report = q.quantize_verified(model, fmt, calibration, tolerance=Tolerance(),
+    artifact, report = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance(),
                                            options=q.QuantizationOptions(**REPAIRS[repair]))
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / f"int8.{fmt}"

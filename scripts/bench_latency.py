@@ -83,7 +83,7 @@ def model_and_data(folder: Path | None):
 
 
 def demo_model_and_data():
-    from sepconv.convert import demo
+    from sepconv.convert.demo import digits as demo
 
     path = Path("build/demo/digits_tutorial.h5")
     model = demo.demo_model(path, verbose=2)
@@ -98,7 +98,7 @@ def demo_model_and_data():
 
 def sensitivity(model, data, max_drop, say, saved: Path):
     """budget.plan_budget on the validation digits, kept in `saved` (the slow part: reused by the next run)."""
-    from sepconv.convert.budget import BudgetOptions, BudgetPlan, Candidate, LayerSensitivity, plan_budget
+    from sepconv.convert.recovery.budget import BudgetOptions, BudgetPlan, Candidate, LayerSensitivity, plan_budget
 
     if saved.exists() and json.loads(saved.read_text())["max_drop"] == max_drop:
         found = json.loads(saved.read_text())
@@ -113,11 +113,11 @@ def sensitivity(model, data, max_drop, say, saved: Path):
 
 
 def run_mode(model, data, plan, mode, args, say) -> dict:
-    from sepconv.convert.budget import KEEP, choose
-    from sepconv.convert.latency import (LatencyTarget, LatencyTargetError, choose_for_latency, predict_ms,
+    from sepconv.convert.recovery.budget import KEEP, choose
+    from sepconv.convert.recovery.latency_choice import (LatencyTarget, LatencyTargetError, choose_for_latency, predict_ms,
                                          rank_key)
-    from sepconv.convert.latency_table import LatencyOptions, measure_table
-    from sepconv.convert.tflite_export import TFLiteOptions
+    from sepconv.convert.recovery.latency_table import LatencyOptions, measure_table
+    from sepconv.convert.export.tflite import TFLiteOptions
     from sepconv.deploy.remote import DeployOptions
     from sepconv.deploy.ssh import SshOptions
     from sepconv.deploy.timing import TimingOptions, time_artifacts
@@ -172,10 +172,10 @@ def run_mode(model, data, plan, mode, args, say) -> dict:
 
 def build(model, ranks, plan, mode, path: Path, data) -> dict:
     """The plan separated (SVD start, refined), exported in `mode`, its conv MACs and LiteRT test accuracy."""
-    from sepconv.convert.policy import SeparationOptions
-    from sepconv.convert.refinement import refine
-    from sepconv.convert.separation import separate_with
-    from sepconv.convert.tflite_export import TFLiteOptions, export_tflite
+    from sepconv.convert.separation.policy import SeparationOptions
+    from sepconv.convert.recovery.refinement import refine
+    from sepconv.convert.separation.walk import separate_with
+    from sepconv.convert.export.tflite import TFLiteOptions, export_tflite
     from sepconv.deploy.runtime import open_runtime
 
     paths = tuple(layer.path for layer in plan.layers)

@@ -22,7 +22,7 @@ from bench_zoo import cpu  # noqa: E402
 
 
 def main(argv=None) -> int:
-    from sepconv.convert import zoo
+    from sepconv.convert.demo import zoo
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=2)

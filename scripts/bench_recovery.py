@@ -28,7 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--demo", type=Path, default=Path("build/demo"), help="where the demo model is cached")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
-    from sepconv.convert import demo
+    from sepconv.convert.demo import digits as demo
 
     split = demo.digits()
     model = demo.demo_model(args.demo / "digits_tutorial.h5", verbose=2)
@@ -53,8 +53,10 @@ def timed_finetune(student, teacher, split, labels: bool, learning_rate: float):
 def tutorial_rows(model, split, baseline):
     import keras
 
-    from sepconv.convert import demo, refine, separate
-    from sepconv.convert.finetuning import DEFAULT_LEARNING_RATE, REFINED_LEARNING_RATE
+    from sepconv.convert import refine, separate
+
+    from sepconv.convert.demo import digits as demo
+    from sepconv.convert.recovery.finetuning import DEFAULT_LEARNING_RATE, REFINED_LEARNING_RATE
 
     rows = []
     for start in ("SVD", "SVD + refine", "random"):
@@ -82,7 +84,9 @@ def tutorial_rows(model, split, baseline):
 def budget_row(args, split, baseline):
     import numpy as np
 
-    from sepconv.convert import convert_model, demo
+    from sepconv.convert import convert_model
+
+    from sepconv.convert.demo import digits as demo
     from sepconv.deploy import open_runtime
 
     np.savez(args.out / "digits_train.npz", x=split.x_train, y=split.y_train)
@@ -110,9 +114,11 @@ def budget_row(args, split, baseline):
 def batchnorm_rows(split):
     import keras
 
-    from sepconv.convert import demo, refine, separate
-    from sepconv.convert.finetuning import DEFAULT_LEARNING_RATE, REFINED_LEARNING_RATE
-    from sepconv.convert.refinement import recalibrate_batchnorm
+    from sepconv.convert import refine, separate
+
+    from sepconv.convert.demo import digits as demo
+    from sepconv.convert.recovery.finetuning import DEFAULT_LEARNING_RATE, REFINED_LEARNING_RATE
+    from sepconv.convert.recovery.refinement import recalibrate_batchnorm
 
     keras.utils.set_random_seed(0)
     model = demo.residual_network()

@@ -197,7 +197,7 @@ def convert(name: str, folder: Path, run: str) -> dict:
 
     from sepconv.convert.cli import convert_options, convert_parser
     from sepconv.convert.pipeline import convert_model
-    from sepconv.convert.verification import Tolerance
+    from sepconv.convert.export.verification import Tolerance
 
     import_tensorflow()  # as the bare cases do before their clock starts: the import is not the conversion
     outputs = [folder / f"{run}.tflite", folder / f"{run}.onnx"]
@@ -233,8 +233,8 @@ def convert(name: str, folder: Path, run: str) -> dict:
 
 # Steps inside a progress line that get their own row (stage "step"): the converters, ONNX Runtime's quantizer and
 # the verifications; each has a row for the time before it (message "...") and one for itself.
-STEPS = {"sepconv.convert.onnx_export": ["_tf2onnx", "quantize_static_qdq"],
-         "sepconv.convert.quantization": ["tflite_int8"], "sepconv.convert.verification": ["verify"]}
+STEPS = {"sepconv.convert.export.onnx": ["_tf2onnx", "quantize_static_qdq"],
+         "sepconv.convert.export.quantization": ["tflite_int8"], "sepconv.convert.export.verification": ["verify"]}
 
 
 def _instrument_steps(record) -> None:
@@ -309,7 +309,9 @@ def passes(name: str, folder: Path) -> dict:
     the largest weight of its array."""
     import numpy as np
 
-    from sepconv.convert import refinement, separate
+    from sepconv.convert import separate
+
+    from sepconv.convert.recovery import refinement
 
     model, calibration, _ = _model_and_calibration(name, folder)
     walk = refinement.layer_inputs

@@ -20,8 +20,10 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     from tabulate import tabulate
 
-    from sepconv.convert import demo, separate
-    from sepconv.convert.refinement import refine
+    from sepconv.convert import separate
+
+    from sepconv.convert.demo import digits as demo
+    from sepconv.convert.recovery.refinement import refine
 
     model = demo.demo_model(args.out / "digits_tutorial.h5", verbose=2)
     split = demo.digits()

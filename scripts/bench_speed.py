@@ -50,7 +50,7 @@ def tflite_profile_table(model: Path, save: Path) -> str:
 
 def build(folder: Path):
     """The eight artifacts (cached; demo.speed_artifacts, the ones scripts/demo's speed table uses)."""
-    from sepconv.convert import demo
+    from sepconv.convert.demo import digits as demo
 
     model = Path("build/demo/digits_tutorial.h5")
     demo.demo_model(model, verbose=2)

@@ -31,7 +31,7 @@ MODES = ("default", "k1-labels", "k1-distill", "nodata")
 
 
 def main(argv=None) -> int:
-    from sepconv.convert import zoo
+    from sepconv.convert.demo import zoo
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(zoo.ZOO), help="comma-separated zoo names (default: all)")
@@ -70,9 +70,9 @@ def main(argv=None) -> int:
 
 def trained(name: str, folder: Path):
     """zoo.entry(name, folder), trained (once) in a child process so that this one stays small."""
-    from sepconv.convert import zoo
+    from sepconv.convert.demo import zoo
 
-    code = "import sys; from sepconv.convert import zoo; zoo.entry(sys.argv[1], sys.argv[2])"
+    code = "import sys; from sepconv.convert.demo import zoo; zoo.entry(sys.argv[1], sys.argv[2])"
     subprocess.run([sys.executable, "-c", code, name, str(folder)], check=True)
     return zoo.saved(name, folder)
 

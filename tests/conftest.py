@@ -18,7 +18,7 @@ def _float32_policy():
 
 @pytest.fixture(scope="session")
 def digits():
-    from sepconv.convert import demo
+    from sepconv.convert.demo import digits as demo
 
     return demo.digits()
 
@@ -33,7 +33,7 @@ def trained_demo(tmp_path_factory, digits):
     import fcntl
     import os
 
-    from sepconv.convert import demo
+    from sepconv.convert.demo import digits as demo
 
     base = tmp_path_factory.getbasetemp()
     folder = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "trained-demo"
@@ -53,8 +53,8 @@ def small_artifacts(tmp_path_factory):
     import keras
 
     from sepconv.convert import separate
-    from sepconv.convert.onnx_export import export_onnx
-    from sepconv.convert.tflite_export import export_tflite
+    from sepconv.convert.export.onnx import export_onnx
+    from sepconv.convert.export.tflite import export_tflite
 
     keras.utils.set_random_seed(0)
     x_in = keras.Input((12, 12, 3), name="pixels")

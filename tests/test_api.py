@@ -28,10 +28,10 @@ def test_no_submodule_shadows_a_public_function():
 
 def convert_result(tmp_path, *, data: bool):
     """A ConvertResult made of typed parts, as convert_model returns it (no model is converted)."""
-    from sepconv.convert.recovery import RecoveryReport, Stage
-    from sepconv.convert.report import LayerRow, SeparationReport
+    from sepconv.convert.recovery.steps import RecoveryReport, Stage
+    from sepconv.convert.separation.report import LayerRow, SeparationReport
     from sepconv.convert.results import Artifact, ConvertResult, DataInfo, Plan, Source
-    from sepconv.convert.verification import BudgetCheck, OutputCheck, Verification
+    from sepconv.convert.export.verification import BudgetCheck, OutputCheck, Verification
 
     source = tmp_path / "m.h5"
     source.write_bytes(b"\0" * 4096)

@@ -465,7 +465,8 @@ def test_bench_flags_come_from_bench_options():
     """bench-model's and deploy-model's flags have BenchOptions' defaults, map back onto it in one place, and reach
     the device's bench-model as the same flags."""
     from sepconv.deploy.bench import BenchOptions
-    from sepconv.deploy.cli import bench_argv, bench_options, bench_parser, deploy_options, deploy_parser
+    from sepconv.deploy.cli import bench_parser, deploy_options, deploy_parser
+    from sepconv.deploy.flags import bench_argv, bench_options
 
     assert bench_options(bench_parser().parse_args(["m.tflite"])) == BenchOptions()
     assert bench_options(deploy_parser().parse_args(["pi", "m.tflite"])) == BenchOptions()
@@ -485,7 +486,8 @@ def test_bench_flags_come_from_bench_options():
 
 def test_latency_timing_on_a_device_uses_the_same_flags_and_reads_the_typed_report():
     from sepconv.deploy.bench import BenchOptions
-    from sepconv.deploy.cli import bench_options, bench_parser
+    from sepconv.deploy.cli import bench_parser
+    from sepconv.deploy.flags import bench_options
     from sepconv.deploy.errors import RemoteRuntimeError
     from sepconv.deploy.timing import TimingOptions, _deploy_options, _timing
 

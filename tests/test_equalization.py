@@ -7,11 +7,13 @@ import keras
 import numpy as np
 import pytest
 
-from sepconv.convert import equalization as eq
-from sepconv.convert import quantization as q
+from sepconv.convert.export import equalization as eq
+from sepconv.convert.export import quantization as q
 from sepconv.convert.errors import InvalidOptionError
-from sepconv.convert.svd import reconstruct
-from sepconv.convert.verification import Tolerance, predict_keras
+from sepconv.convert.separation.svd import reconstruct
+from sepconv.convert.export.targets import target_named
+from sepconv.convert.export.verification import Tolerance
+from sepconv.convert.graph import predict_keras
 
 # depthwise output channel 0 made 1000x wider than the rest, pointwise row 0 1000x smaller: the same function, but the
 # per-tensor int8 step between depthwise and pointwise (set by channel 0) is wider than the other channels' spread
@@ -79,10 +81,10 @@ def test_equalize_keeps_the_function_and_evens_the_channels(unbalanced):
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_int8_of_an_unbalanced_separable_layer_fails_and_equalization_repairs_it(unbalanced, fmt):
     model, calibration = unbalanced
-    without = q.quantize_verified(model, fmt, calibration, tolerance=Tolerance(),
+    without = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance(),
                                   options=q.QuantizationOptions(repair=False))[1]
     assert not without.passed and without.attempts[0].agreement < 0.9, without.line()
-    report = q.quantize_verified(model, fmt, calibration, tolerance=Tolerance())[1]
+    report = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance())[1]
     assert report.passed, report.line()
     assert [(a.name, a.equalized) for a in report.attempts] == [("as requested", False),
                                                               ("cross-layer equalization", True)], report.line()
@@ -93,7 +95,7 @@ def test_int8_of_an_unbalanced_separable_layer_fails_and_equalization_repairs_it
 
 def test_equalization_can_be_turned_off(unbalanced):
     model, calibration = unbalanced
-    report = q.quantize_verified(model, "tflite", calibration, tolerance=Tolerance(),
+    report = q.quantize_verified(model, target_named("tflite"), calibration, tolerance=Tolerance(),
                                  options=q.QuantizationOptions(equalize=False, max_float_layers=0))[1]
     assert not any(a.equalized for a in report.attempts) and report.equalization is None, report.line()
 
@@ -145,17 +147,19 @@ def test_a_separable_layer_inside_a_nested_model_is_equalized_in_the_copy_only()
 
 @pytest.mark.parametrize("case", ["functional_branches", "nested"])
 def test_equalization_in_one_pass_matches_a_probe_per_layer(case, monkeypatch):
-    """equalize runs the copy once, layer by layer (refinement.layer_inputs); it used to probe each separable layer's
-    input from the model's input (refinement.layer_input), which grows with the square of the depth."""
+    """equalize runs the copy once, layer by layer (graph.layer_inputs); it used to probe each separable layer's
+    input from the model's input (graph.layer_input), which grows with the square of the depth."""
     from models import CASES
 
-    from sepconv.convert import refinement, separate
+    from sepconv.convert import separate
+
+    from sepconv.convert import graph
 
     separated, _ = separate(CASES[case](), rank=2)
     x = np.random.default_rng(0).uniform(0, 1, (16, *separated.input_shape[1:])).astype(np.float32)
     walked, walked_report = eq.equalize(separated, x)
-    monkeypatch.setattr(refinement, "layer_inputs", lambda model, x, paths: (
-        (path, refinement.layer_input(model, path, x)) for path in paths))  # each probed when asked for
+    monkeypatch.setattr(eq, "layer_inputs", lambda model, x, paths: (
+        (path, graph.layer_input(model, path, x)) for path in paths))  # each probed when asked for
     probed, probed_report = eq.equalize(separated, x)
     assert [row.path for row in walked_report.layers] == [row.path for row in probed_report.layers]
     assert len(walked_report.layers) > 1, walked_report

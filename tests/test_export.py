@@ -10,9 +10,10 @@ from models import CASES
 
 from sepconv.convert import separate
 from sepconv.convert.errors import ExportError, FlexOpsError, InvalidOptionError
-from sepconv.convert.onnx_export import ONNX_MODES, export_onnx
-from sepconv.convert.tflite_export import TFLITE_MODES, export_tflite
-from sepconv.convert.verification import predict_keras, verify
+from sepconv.convert.export.onnx import ONNX_MODES, export_onnx
+from sepconv.convert.export.tflite import TFLITE_MODES, export_tflite
+from sepconv.convert.export.verification import verify
+from sepconv.convert.graph import predict_keras
 from sepconv.deploy import open_runtime
 
 # How close each mode must stay to the Keras model on random-weight models fed inputs like their calibration data.
@@ -192,7 +193,9 @@ def test_artifacts_are_verified_against_one_forward_pass_of_each_model(tmp_path,
     for the stage table and once for all the artifacts, however many there are."""
     from models import functional_branches
 
-    from sepconv.convert import convert_model, verification
+    from sepconv.convert import convert_model
+
+    from sepconv.convert.export import verification
 
     functional_branches().save(tmp_path / "m.keras")
     calls = []
@@ -229,7 +232,7 @@ def test_one_frozen_graph_serves_every_export_until_a_weight_changes(tmp_path):
     import gc
     import weakref
 
-    from sepconv.convert import trace
+    from sepconv.convert.export import trace
 
     model = keras.Sequential([keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="conv"),
                               keras.layers.Flatten(), keras.layers.Dense(2)])

@@ -14,8 +14,8 @@ from test_export import _check_artifact, _export
 
 from sepconv.convert import separate
 from sepconv.convert.errors import ExportError
-from sepconv.convert.onnx_export import ONNX_MODES
-from sepconv.convert.tflite_export import TFLITE_MODES
+from sepconv.convert.export.onnx import ONNX_MODES
+from sepconv.convert.export.tflite import TFLITE_MODES
 
 ALL_MODE_FAMILIES = {"mobilenet_v2", "efficientnet"}
 

@@ -6,10 +6,12 @@ import keras
 import numpy as np
 import pytest
 
-from sepconv.convert import demo, separate
+from sepconv.convert import separate
+
+from sepconv.convert.demo import digits as demo
 from sepconv.convert.errors import CheckpointError, InvalidOptionError
-from sepconv.convert.finetuning import FinetuneOptions, finetune
-from sepconv.convert.verification import predict_keras
+from sepconv.convert.recovery.finetuning import FinetuneOptions, finetune
+from sepconv.convert.graph import predict_keras
 
 
 def teacher_and_data(seed=0, n=384):
@@ -91,7 +93,7 @@ def test_two_logical_devices_train_mirrored(tmp_path):
         sys.path.insert(0, sys.argv[1])
         from test_finetuning import agreement, teacher_and_data
         from sepconv.convert import separate
-        from sepconv.convert.finetuning import finetune
+        from sepconv.convert.recovery.finetuning import finetune
         teacher, x, y = teacher_and_data()
         student, _ = separate(teacher, rank=1)
         before = agreement(student, teacher, x)

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from sepconv.convert.budget import KEEP, Candidate, LayerSensitivity
+from sepconv.convert.recovery.budget import KEEP, Candidate, LayerSensitivity
 from sepconv.convert.errors import InvalidOptionError
-from sepconv.convert.latency import (LatencyTarget, LatencyTargetError, choose_for_latency, predict_ms)
+from sepconv.convert.recovery.latency_choice import (LatencyTarget, LatencyTargetError, choose_for_latency, predict_ms)
 
 
 def layer(path, drops, params):
@@ -140,8 +140,8 @@ def tiny():
 def test_single_layer_models_are_the_layer_as_it_will_run(tiny):
     import keras
 
-    from sepconv.convert.latency_table import single_layer_model
-    from sepconv.convert.verification import predict_keras
+    from sepconv.convert.recovery.latency_table import single_layer_model
+    from sepconv.convert.graph import predict_keras
 
     teacher, x, _ = tiny
     layer_c2 = teacher.get_layer("c2")
@@ -157,8 +157,8 @@ def test_single_layer_models_are_the_layer_as_it_will_run(tiny):
 
 
 def test_measure_table_times_every_candidate_once_then_reads_the_cache(tiny, tmp_path):
-    from sepconv.convert.latency_table import LatencyOptions, _Cache, measure_table
-    from sepconv.convert.tflite_export import TFLiteOptions
+    from sepconv.convert.recovery.latency_table import LatencyOptions, _Cache, measure_table
+    from sepconv.convert.export.tflite import TFLiteOptions
     from sepconv.deploy.timing import TimingOptions
 
     teacher, _, _ = tiny
@@ -186,7 +186,7 @@ def test_measure_table_times_every_candidate_once_then_reads_the_cache(tiny, tmp
 
 
 def test_convert_model_chooses_for_latency_and_reports_prediction_and_measurement(tiny, tmp_path):
-    from sepconv.convert.latency_table import LatencyOptions
+    from sepconv.convert.recovery.latency_table import LatencyOptions
     from sepconv.convert.pipeline import convert_model
     from sepconv.deploy.timing import TimingOptions
 
@@ -244,9 +244,9 @@ def test_the_device_side_of_timing_needs_no_tensorflow():
 def test_measured_latency_goes_into_each_staged_manifest(tmp_path, monkeypatch):
     """record_measured: the pipeline's staged artifacts of the table's format get `latency` in their manifest (and its
     temporary file); an artifact whose mode is not the one the table timed is marked not comparable."""
-    from sepconv.convert import latency_table
-    from sepconv.convert.latency_table import LatencyOptions, record_measured
-    from sepconv.convert.tflite_export import TFLiteOptions
+    from sepconv.convert.recovery import latency_table
+    from sepconv.convert.recovery.latency_table import LatencyOptions, record_measured
+    from sepconv.convert.export.tflite import TFLiteOptions
 
     staged = []
     for name, mode in (("a", "int8"), ("b", "dynamic")):

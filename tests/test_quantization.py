@@ -6,9 +6,10 @@ import keras
 import numpy as np
 import pytest
 
-from sepconv.convert import quantization as q
+from sepconv.convert.export import quantization as q
 from sepconv.convert.errors import InvalidOptionError, VerificationError
-from sepconv.convert.verification import Tolerance
+from sepconv.convert.export.targets import target_named
+from sepconv.convert.export.verification import Tolerance
 
 
 def _masked_class_model(seed=0):
@@ -41,11 +42,11 @@ def masked():
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_int8_that_fails_as_requested_is_repaired_with_one_float_layer(masked, fmt):
     model, calibration = masked
-    without = q.quantize_verified(model, fmt, calibration, tolerance=Tolerance(),
+    without = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance(),
                                   options=q.QuantizationOptions(repair=False))[1]
     assert not without.passed and len(without.attempts) == 1
     assert without.attempts[0].agreement < 0.98, without.attempts[0]  # fails verification as it is
-    artifact, report = q.quantize_verified(model, fmt, calibration, tolerance=Tolerance())
+    artifact, report = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance())
     assert report.passed, report.line()
     chosen = report.attempts[report.chosen]
     assert chosen.agreement >= 0.98 and len(chosen.float_layers) == 1, report.line()
@@ -80,7 +81,7 @@ def test_tflite_diagnosis_names_the_masked_logits_and_their_range(masked):
 
 def test_onnx_diagnosis_has_local_and_accumulated_errors(masked):
     model, calibration = masked
-    from sepconv.convert.onnx_export import OnnxOptions, export_onnx
+    from sepconv.convert.export.onnx import OnnxOptions, export_onnx
 
     float_model = export_onnx(model, options=OnnxOptions())
     diagnosis = q.diagnose_onnx(float_model, q.Setting("x", calibration.samples, "100"), "image")
@@ -125,9 +126,9 @@ def test_explain_diagnoses_an_artifact_that_passes(masked):
     image = keras.Input((8, 8, 1), name="image")
     x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, activation="relu", name="conv")(image))
     model = keras.Model(image, keras.layers.Dense(10, name="logits")(x))
-    plain = q.quantize_verified(model, "tflite", calibration, tolerance=Tolerance(min_agreement=0.9))[1]
+    plain = q.quantize_verified(model, target_named("tflite"), calibration, tolerance=Tolerance(min_agreement=0.9))[1]
     assert plain.passed and plain.diagnosis is None and len(plain.attempts) == 1
-    explained = q.quantize_verified(model, "tflite", calibration, tolerance=Tolerance(min_agreement=0.9),
+    explained = q.quantize_verified(model, target_named("tflite"), calibration, tolerance=Tolerance(min_agreement=0.9),
                                     options=q.QuantizationOptions(explain=True))[1]
     assert explained.passed and len(explained.attempts) == 1 and explained.float_layers == ()
     assert {row.op for row in explained.diagnosis.layers} >= {"CONV_2D", "FULLY_CONNECTED"}

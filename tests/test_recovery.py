@@ -8,12 +8,13 @@ import numpy as np
 import pytest
 
 from sepconv.convert import convert_model, separate
-from sepconv.convert.budget import KEEP, BudgetOptions, BudgetPlan, Candidate, LayerSensitivity, choose, plan_budget
+from sepconv.convert.recovery.budget import KEEP, BudgetOptions, BudgetPlan, Candidate, LayerSensitivity, choose, plan_budget
 from sepconv.convert.errors import BudgetError, CheckpointError, InvalidOptionError
-from sepconv.convert.finetuning import finetune
-from sepconv.convert.recovery import STEPS, _check_budget, _Scorer
-from sepconv.convert.refinement import layer_input as _layer_input, recalibrate_batchnorm
-from sepconv.convert.verification import predict_keras
+from sepconv.convert.recovery.finetuning import finetune
+from sepconv.convert.recovery.steps import STEPS, _check_budget, _Scorer
+from sepconv.convert.recovery.refinement import recalibrate_batchnorm
+from sepconv.convert.graph import layer_input as _layer_input
+from sepconv.convert.graph import predict_keras
 from test_finetuning import agreement, teacher_and_data
 
 
@@ -249,9 +250,9 @@ def test_model_stages_score_the_same_as_predictions():
 @pytest.mark.parametrize("frozen_pass", [True, False], ids=["frozen-pass", "no-frozen-pass"])
 def test_a_batchnorm_model_gets_a_frozen_batchnorm_pass_judged_on_validation(tmp_path, frozen_pass):
     from sepconv.convert.data import Dataset
-    from sepconv.convert.finetuning import FinetuneOptions
-    from sepconv.convert.policy import SeparationOptions
-    from sepconv.convert.recovery import RecoveryOptions, recover
+    from sepconv.convert.recovery.finetuning import FinetuneOptions
+    from sepconv.convert.separation.policy import SeparationOptions
+    from sepconv.convert.recovery.steps import RecoveryOptions, recover
 
     model, images = bn_model()
     y = np.argmax(predict_keras(model, images)[0], 1)

@@ -2,9 +2,11 @@ import numpy as np
 import pytest
 from models import CASES
 
-from sepconv.convert import demo, separate
+from sepconv.convert import separate
+
+from sepconv.convert.demo import digits as demo
 from sepconv.convert.errors import InvalidOptionError
-from sepconv.convert.refinement import refine
+from sepconv.convert.recovery.refinement import refine
 
 
 def _inputs(model, n=64, seed=0):
@@ -39,7 +41,7 @@ def test_layers_inside_nested_models_are_refined():
 def test_layer_input_reaches_through_nested_models():
     import keras
 
-    from sepconv.convert.refinement import layer_at, layer_input
+    from sepconv.convert.graph import layer_at, layer_input
 
     model = CASES["nested"]()
     x = _inputs(model, n=8)
@@ -95,7 +97,8 @@ def _assert_same_weights(walked, probed, what: str):
 
 @pytest.mark.parametrize("case", ONE_PASS_CASES)
 def test_refinement_in_one_pass_matches_a_probe_per_layer(case):
-    from sepconv.convert.refinement import _refine_layer, layer_input
+    from sepconv.convert.recovery.refinement import _refine_layer
+    from sepconv.convert.graph import layer_input
 
     original = CASES[case]()
     x = _inputs(original, n=16)
@@ -116,8 +119,9 @@ def test_refinement_in_one_pass_matches_a_probe_per_layer(case):
 def test_batchnorm_recalibration_in_one_pass_matches_a_probe_per_layer(case):
     import keras
 
-    from sepconv.convert.refinement import called_once, layer_input, recalibrate_batchnorm
-    from sepconv.convert.separation import leaf_layers
+    from sepconv.convert.recovery.refinement import recalibrate_batchnorm
+    from sepconv.convert.graph import called_once, layer_input
+    from sepconv.convert.graph import leaf_layers
 
     original = CASES[case]()
     x = _inputs(original, n=16)

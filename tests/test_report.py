@@ -101,8 +101,8 @@ def test_bench_model_report_and_pngs(benched):
 
 
 def test_renderer_on_saved_json(benched):
-    from sepconv.convert import charts
-    from sepconv.convert.html_report import load_runs, render
+    from sepconv.deploy.report import charts
+    from sepconv.deploy.report.html import load_runs, render
 
     runs = load_runs([benched / "convert.json", benched / "bench.json"])
     page = render(runs, title="two runs")
@@ -123,7 +123,7 @@ def test_renderer_on_saved_json(benched):
 
 def test_layers_kept_in_float_are_listed_when_the_json_has_them(converted):
     """An int8 artifact whose repair kept layers in float (issue 11) names them in the artifact table."""
-    from sepconv.convert.html_report import classify, render
+    from sepconv.deploy.report.html import classify, render
 
     summary = json.loads((converted / "convert.json").read_text())
     assert "<td>none</td>" in render(classify(summary)).html, "nothing recorded: none"
@@ -134,7 +134,7 @@ def test_layers_kept_in_float_are_listed_when_the_json_has_them(converted):
 
 def test_hosts_side_by_side_and_a_failed_host(benched):
     """deploy-model's --json shape ({host: report}), built from the real bench report, with one failed host."""
-    from sepconv.convert.html_report import classify, render
+    from sepconv.deploy.report.html import classify, render
 
     bench = json.loads((benched / "bench.json").read_text())
     fleet = {"pi-a": {"host": "pi-a", "device": {"machine": "aarch64", "pi_model": "Raspberry Pi 5"}, "benchmark": bench},
@@ -201,7 +201,7 @@ def test_unwritable_folder(benched, tmp_path):
 
 def test_failed_write_leaves_nothing(benched, tmp_path, monkeypatch):
     """A write that fails half-way (disk full) raises OutputError and leaves neither the file nor a temporary one."""
-    from sepconv.convert import html_report
+    from sepconv.deploy.report import html as html_report
     from sepconv.deploy import files
     from sepconv.deploy.errors import OutputError
 
@@ -243,7 +243,7 @@ def test_report_without_matplotlib_fails_first_in_one_line(benched, tmp_path):
 
 def test_device_side_imports_neither_matplotlib_nor_tensorflow():
     probe = ("import sys, sepconv.deploy, sepconv.deploy.cli as cli; cli.bench_parser().format_help(); "
-             "cli.deploy_parser().format_help(); import sepconv.convert.html_report; "
+             "cli.deploy_parser().format_help(); import sepconv.deploy.report.html; "
              "print(sorted(m for m in ('matplotlib', 'tensorflow') if m in sys.modules))")
     done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stdout.strip() == "[]", done.stdout + done.stderr

@@ -7,9 +7,11 @@ from helpers import (assert_same_outputs, assert_snapshot_equal, count_layers, l
                      snapshot)
 from models import CASES
 
-from sepconv.convert import SeparationOptions, separate, svd
+from sepconv.convert import SeparationOptions, separate
+
+from sepconv.convert.separation import svd
 from sepconv.convert.errors import InvalidOptionError, UnsupportedModelError
-from sepconv.convert.rewrites import registered_rewrites
+from sepconv.convert.separation.rewrites import registered_rewrites
 
 L = keras.layers
 # float16 compute keeps ~3 significant digits; the contract for mixed precision is float16's, not float32's.

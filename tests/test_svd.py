@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from sepconv.convert import svd
+from sepconv.convert.separation import svd
 
 
 def conv2d_valid(x, kernel):

@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 
 from sepconv.convert.errors import InvalidOptionError, OutputPathError
-from sepconv.convert.targets import (KerasOutputOptions, OnnxOutputOptions, TFLiteOutputOptions, registered_targets,
+from sepconv.convert.export.targets import (KerasOutputOptions, OnnxOutputOptions, TFLiteOutputOptions, registered_targets,
                                      target_for, target_named)
-from sepconv.convert.verification import predict_keras
+from sepconv.convert.graph import predict_keras
 
 FLOAT_RTOL = 1e-4  # float32 artifacts: relative max error, the contract of verification
 
@@ -160,8 +160,8 @@ def test_cli_flags_map_onto_target_options_and_default_to_them():
 
 
 def test_latency_times_the_first_output_a_runtime_runs():
-    from sepconv.convert.latency_table import LatencyOptions, for_export
-    from sepconv.convert.onnx_export import OnnxOptions
+    from sepconv.convert.recovery.latency_table import LatencyOptions, for_export
+    from sepconv.convert.export.onnx import OnnxOptions
 
     keras_target, onnx_target = target_for("m.keras"), target_for("m.onnx")
     chosen = for_export(LatencyOptions(), [(keras_target, KerasOutputOptions()),

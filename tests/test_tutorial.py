@@ -4,7 +4,9 @@ import keras
 import pytest
 from helpers import count_layers
 
-from sepconv.convert import demo, separate
+from sepconv.convert import separate
+
+from sepconv.convert.demo import digits as demo
 
 
 def test_single_layer_counts():

@@ -14,7 +14,6 @@ import pytest
 
 from sepconv.convert import convert_model
 from sepconv.convert.data import DataOptions, load_data
-from sepconv.convert.errors import DataError
 from test_finetuning import teacher_and_data
 
 HERE = Path(__file__).parent
@@ -70,7 +69,7 @@ def _harmful(context):
 
 
 def test_a_stage_that_hurts_is_rejected_and_undone(tmp_path, labelled, monkeypatch):
-    from sepconv.convert import recovery
+    from sepconv.convert.recovery import steps as recovery
 
     harmful = recovery.Step("zeroed", "zero", lambda context: True, _harmful)
     monkeypatch.setattr(recovery, "STEPS", recovery.STEPS[:1] + (harmful,))
@@ -198,7 +197,7 @@ def test_data_too_small_or_constant_fails_early(tmp_path, labelled, case):
 
 
 def test_synthetic_inputs_judge_quantized_classifiers_by_similarity(labelled):
-    from sepconv.convert.verification import _check
+    from sepconv.convert.export.verification import _check
 
     rng = np.random.default_rng(0)
     expected = np.full((64, 3), 1 / 3) + rng.normal(0, 1e-3, (64, 3))  # noise inputs: near-ties everywhere
@@ -214,7 +213,7 @@ def test_synthetic_inputs_judge_quantized_classifiers_by_similarity(labelled):
 
 
 def _tolerance():
-    from sepconv.convert.verification import Tolerance
+    from sepconv.convert.export.verification import Tolerance
 
     return Tolerance()
 
@@ -316,8 +315,9 @@ def test_ctrl_c_reaches_the_worker(tmp_path, labelled):
 def test_a_sequential_loaded_from_h5_is_refined_layer_by_layer(tmp_path):
     """Keras' .h5 loader builds a Sequential several times, leaving its layers with stale call records (11 for the
     first layer of the tutorial net): each layer is still found once in the model's own graph."""
-    from sepconv.convert import demo, load, refine, separate
-    from sepconv.convert.refinement import called_once
+    from sepconv.convert import load, refine, separate
+    from sepconv.convert.demo import digits as demo
+    from sepconv.convert.graph import called_once
 
     demo.tutorial_network(filters=(4, 8, 8)).save(tmp_path / "seq.h5")
     model = load(tmp_path / "seq.h5")
@@ -345,7 +345,7 @@ def test_without_data_a_separation_that_changes_the_outputs_is_backed_off(tmp_pa
     """No data: the default energy 0.9 is kept only if the separated model's outputs keep their direction on the
     synthetic inputs. The zoo's ResNet-style BatchNorm net (3 epochs here) loses it at 0.9 (cosine 0.97; trained 15
     epochs, 0.57 and 19 points of test accuracy): more of each kernel is kept, or none is cut."""
-    from sepconv.convert import zoo
+    from sepconv.convert.demo import zoo
 
     entry = zoo.entry("resnet_bn", tmp_path / "zoo", epochs=3)
     lines = []
@@ -375,7 +375,7 @@ def test_quantize_auto_falls_back_when_int8_fails_verification(tmp_path):
     model.save(tmp_path / "m.keras")
     x = np.random.default_rng(0).random((240, 8, 8, 3), dtype=np.float32)
     np.savez(tmp_path / "d.npz", x=x, y=np.argmax(model.predict(x, verbose=0), axis=1))
-    from sepconv.convert.quantization import QuantizationOptions
+    from sepconv.convert.export.quantization import QuantizationOptions
 
     repaired = convert_model(tmp_path / "m.keras", [tmp_path / "r.tflite"], data=str(tmp_path / "d.npz"),
                              separate=False)

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 
 from sepconv.convert.errors import InvalidOptionError, VerificationError
-from sepconv.convert.verification import OutputCheck, Tolerance, Verification, _check
+from sepconv.convert.export.verification import OutputCheck, Tolerance, Verification, _check
 
 RNG = np.random.default_rng(0)
 LOGITS = RNG.normal(size=(200, 10))
@@ -88,7 +88,7 @@ def test_the_accuracy_budget_covers_the_artifact(tmp_path, quantize):
     more than the budget on the validation data fails verification; int8 as requested fails with one reason and
     writes nothing, auto falls back (dynamic is over the budget too here, float16 holds it)."""
     from sepconv.convert import ConvertOptions, convert_model
-    from sepconv.convert.quantization import QuantizationOptions
+    from sepconv.convert.export.quantization import QuantizationOptions
 
     source = _outlier_model(tmp_path / "outlier.keras")
     np.savez(tmp_path / "data.npz", x=np.random.default_rng(0).random((300, 8, 8, 3)).astype(np.float32))
@@ -116,7 +116,7 @@ def test_the_accuracy_budget_covers_the_artifact(tmp_path, quantize):
 def test_activation_bytes_counts_every_layer_output_nested_models_included():
     from models import functional_branches, nested
 
-    from sepconv.convert.verification import activation_bytes
+    from sepconv.convert.graph import activation_bytes
 
     # functional_branches, per sample: input 16x16x4; stem, res_a, res_bn, shortcut, add, relu 16x16x8 each; left
     # 16x16x6; right 16x16x10; concat 16x16x16; tail and flat 7x7x12; logits 3 (float32)
@@ -132,22 +132,22 @@ def test_forward_batches_stay_within_the_activation_budget(monkeypatch):
     import keras
     from models import functional_branches
 
-    from sepconv.convert import verification
+    from sepconv.convert import graph
 
     model = functional_branches()
     x = RNG.random((10, 16, 16, 4), dtype=np.float32)
-    assert verification.batch_size_for(model) == verification.MAX_BATCH, "a small model keeps batches of 64"
-    monkeypatch.setattr(verification, "ACTIVATION_BUDGET", 3 * verification.activation_bytes(model) + 1)
-    assert verification.batch_size_for(model) == 3
+    assert graph.batch_size_for(model) == graph.MAX_BATCH, "a small model keeps batches of 64"
+    monkeypatch.setattr(graph, "ACTIVATION_BUDGET", 3 * graph.activation_bytes(model) + 1)
+    assert graph.batch_size_for(model) == 3
     seen = []
     original_call = keras.Model.__call__
     monkeypatch.setattr(keras.Model, "__call__", lambda self, batch, **kw: (seen.append(len(batch)),
                                                                             original_call(self, batch, **kw))[1])
-    bounded = verification.predict_keras(model, x)
+    bounded = graph.predict_keras(model, x)
     assert seen == [3, 3, 3, 1]
-    np.testing.assert_allclose(bounded[0], verification.predict_keras(model, x, batch_size=64)[0], rtol=1e-5,
+    np.testing.assert_allclose(bounded[0], graph.predict_keras(model, x, batch_size=64)[0], rtol=1e-5,
                                atol=1e-6, err_msg="the batch size must not change the outputs")
-    monkeypatch.setattr(verification, "ACTIVATION_BUDGET", 1)
-    assert verification.batch_size_for(model) == 1, "never less than one sample"
+    monkeypatch.setattr(graph, "ACTIVATION_BUDGET", 1)
+    assert graph.batch_size_for(model) == 1, "never less than one sample"
     free = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(2, 3)])
-    assert verification.activation_bytes(free) is None and verification.batch_size_for(free) == 64
+    assert graph.activation_bytes(free) is None and graph.batch_size_for(free) == 64

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from helpers import assert_same_outputs, count_layers
-from sepconv.convert import separate, zoo
+from sepconv.convert import separate
+from sepconv.convert.demo import zoo
 from sepconv.convert.loading import load
 
 

@@ -284,8 +284,8 @@ def tflite_converter(model, setting: Setting, io_type: str = "float32"):
     """The TFLite converter for `setting`; float ops are allowed when some layers stay in float."""
     import tensorflow as tf
 
-    from sepconv.convert.tflite_export import TFLiteOptions, _converter
-    from sepconv.convert.trace import frozen_function
+    from sepconv.convert.export.tflite import TFLiteOptions, _converter
+    from sepconv.convert.export.trace import frozen_function
     from sepconv.deploy.quiet import captured_output
 
     with captured_output():
@@ -300,7 +300,7 @@ def tflite_converter(model, setting: Setting, io_type: str = "float32"):
 def tflite_int8(model, setting: Setting, io_type: str = "float32") -> bytes:
     """The int8 flatbuffer for `setting`, its float layers left out of quantization by the debugger's denylist."""
     if not setting.float_layers:
-        from sepconv.convert.tflite_export import export_tflite
+        from sepconv.convert.export.tflite import export_tflite
 
         return export_tflite(model, representative_data=setting.samples, quantize="int8", io_type=io_type,
                              per_channel=setting.per_channel)
@@ -372,7 +372,7 @@ def diagnose_tflite(model, setting: Setting, io_type: str = "float32") -> Diagno
 
 def onnx_int8(float_model: bytes, setting: Setting, input_name: str, layout: str = "nhwc") -> bytes:
     """Static QDQ int8 of the float ONNX model for `setting` (ONNX Runtime's quantizer, `nodes_to_exclude`)."""
-    from sepconv.convert.onnx_export import quantize_static_qdq
+    from sepconv.convert.export.onnx import quantize_static_qdq
     from sepconv.deploy.quiet import captured_output
 
     with tempfile.TemporaryDirectory(prefix="sepconv-int8-") as tmp:
@@ -396,7 +396,7 @@ def diagnose_onnx(float_model: bytes, setting: Setting, input_name: str, layout:
     import onnx
     from onnxruntime.quantization import qdq_loss_debug as debug
 
-    from sepconv.convert.onnx_export import reader
+    from sepconv.convert.export.onnx import reader
     from sepconv.deploy.quiet import captured_output
 
     samples = _nchw(setting.samples[:DIAGNOSIS_SAMPLES], layout)
@@ -482,15 +482,13 @@ def _qdq_scales(graph) -> dict[str, float]:
 # --- the pipeline's entry point ------------------------------------------------------------------------------------
 
 
-def quantize_verified(model, fmt: str, calibration: Calibration, *, tolerance, export=None,
+def quantize_verified(model, target, calibration: Calibration, *, tolerance, export=None,
                       options: QuantizationOptions = QuantizationOptions()) -> tuple[bytes, QuantizationReport]:
-    """The int8 artifact of `model` in format `fmt` (a registered target's name: 'tflite', 'onnx') with its export
-    options `export` (TFLiteOptions / OnnxOptions; None: their defaults): export_int8 with the target's exporter and
-    debugger. A setting with `equalized` quantizes the model's cross-layer equalized twin (made once, on the
-    calibration samples)."""
-    from sepconv.convert.targets import target_named
-
-    target = target_named(fmt)
+    """The int8 artifact of `model` for `target` (a registered targets.Target with int8 among its modes, e.g.
+    target_named('tflite')) with its export options `export` (TFLiteOptions / OnnxOptions; None: their defaults):
+    export_int8 with the target's exporter and debugger. A setting with `equalized` quantizes the model's cross-layer
+    equalized twin (made once, on the calibration samples). The caller looks the target up: the registry builds on
+    this module, not the reverse."""
     export = replace(export or target.exporter_class(), quantize="int8")
     twin = _EqualizedTwin(model, calibration.samples, export.per_channel)
     exporter, diagnose = target.int8_tools(model, twin.model, export)
@@ -511,12 +509,12 @@ class _EqualizedTwin:
         """The equalization's report, or None when the model has no separable layer."""
         import keras
 
-        from sepconv.convert.separation import leaf_layers
+        from sepconv.convert.graph import leaf_layers
 
         if not any(isinstance(layer, keras.layers.SeparableConv2D) for _, layer in leaf_layers(self._model)):
             return None
         if self._twin is None:
-            from sepconv.convert.equalization import equalize
+            from sepconv.convert.export.equalization import equalize
 
             # the ranges of the samples the converter calibrates on: those set its per-tensor int8 ranges
             self._twin = equalize(self._model, np.asarray(self._samples, np.float32), per_channel=self._per_channel)
@@ -531,7 +529,7 @@ class _EqualizedTwin:
 
 def _judge(model, target, tolerance, layout: str):
     """(agreement, cosine, passed) of an artifact against the Keras model on images x, as verification judges it."""
-    from sepconv.convert.verification import verify
+    from sepconv.convert.export.verification import verify
     from sepconv.deploy.runtime import open_runtime
 
     def judge(data: bytes, x: np.ndarray):

@@ -139,7 +139,7 @@ def plan_budget(model, x_eval: np.ndarray, y_eval: np.ndarray | None, x_calibrat
     """
     import time
 
-    from sepconv.convert.policy import SeparationOptions
+    from sepconv.convert.separation.policy import SeparationOptions
 
     if options.refine and (x_calibration is None or len(x_calibration) == 0):
         raise InvalidOptionError("the budget search refines candidates on calibration images; pass some or refine=False")
@@ -210,7 +210,7 @@ def plan_params(layers, ranks: dict) -> int:
 
 def _scorer(model, x_eval, y_eval):
     """(the original's score, a function scoring a model) in percent: accuracy with labels, else agreement."""
-    from sepconv.convert.verification import predict_keras
+    from sepconv.convert.graph import predict_keras
 
     reference = top1(predict_keras(model, x_eval)[0])
     truth = np.asarray(y_eval) if y_eval is not None else reference
@@ -223,8 +223,8 @@ def _scorer(model, x_eval, y_eval):
 
 def _separable_layers(model, separation) -> list[tuple[str, int, int]]:
     """(path, exact K, parameters) of the layers separation would rewrite at K=1, nested models included."""
-    from sepconv.convert.refinement import called_once
-    from sepconv.convert.separation import separate_with
+    from sepconv.convert.graph import called_once
+    from sepconv.convert.separation.walk import separate_with
 
     _, report = separate_with(model, replace(separation, rank=1, energy=None, ranks=None))
     return [(row.path, row.full_rank, row.params_before) for row in report.separated if called_once(model, row.path)]
@@ -232,8 +232,8 @@ def _separable_layers(model, separation) -> list[tuple[str, int, int]]:
 
 def _sensitivity(model, path: str, full_rank: int, params: int, score, baseline: float, x_calibration,
                  options: BudgetOptions, separation) -> LayerSensitivity:
-    from sepconv.convert.refinement import refine
-    from sepconv.convert.separation import separate_with
+    from sepconv.convert.recovery.refinement import refine
+    from sepconv.convert.separation.walk import separate_with
 
     candidates = []
     for rank in sorted({k for k in options.candidates if k < full_rank} | {full_rank}):

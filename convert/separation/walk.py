@@ -11,10 +11,11 @@ from __future__ import annotations
 import keras
 
 from sepconv.convert.errors import InvalidOptionError, UnsupportedModelError
+from sepconv.convert.graph import leaf_layers
 from sepconv.convert.keras_compat import is_graph_model, producer_name, sublayers
-from sepconv.convert.policy import DEFAULT_ENERGY, SeparationOptions  # noqa: F401  (re-exported)
-from sepconv.convert.report import SeparationReport
-from sepconv.convert.rewrites import CONV_LIKE, Plan, plan_layer, unsupported_row
+from sepconv.convert.separation.policy import DEFAULT_ENERGY, SeparationOptions  # noqa: F401  (re-exported)
+from sepconv.convert.separation.report import SeparationReport
+from sepconv.convert.separation.rewrites import CONV_LIKE, Plan, plan_layer, unsupported_row
 from sepconv.deploy.files import first_line
 
 def separate(model: keras.Model, *, rank=None, energy=None, include=None, exclude=None,
@@ -93,17 +94,6 @@ def _plan(model: keras.Model, options: SeparationOptions) -> dict[int, Plan]:
         if plan is not None:
             plans[id(layer)] = plan
     return plans
-
-
-def leaf_layers(model: keras.Model, prefix: str = ""):
-    """(path, layer) for every layer below `model` in graph order, descending into nested Functional/Sequential
-    models ("backbone/block_1_conv")."""
-    for layer in model.layers:
-        path = prefix + layer.name
-        if is_graph_model(layer):
-            yield from leaf_layers(layer, prefix=path + "/")
-        else:
-            yield path, layer
 
 
 def _has_sublayers(layer) -> bool:

@@ -1,6 +1,6 @@
 """The HTML report: one self-contained page of charts and tables from the tools' JSON.
 
-    from sepconv.convert.html_report import load_runs, render, write_report
+    from sepconv.deploy.report.html import load_runs, render, write_report
     runs = load_runs(["convert.json", "bench.json", "fleet.json"])   # kinds recognised, several side by side
     page = render(runs)                                               # charts drawn once: SVG inline, PNG kept
     write_report(page, "report.html", png_dir="charts/")             # written whole, or not at all
@@ -18,11 +18,10 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from sepconv.convert import charts
-from sepconv.convert.errors import ReportInputError
-from sepconv.convert.results import percent
-from sepconv.deploy.errors import OutputError
+from sepconv.deploy.errors import OutputError, ReportInputError
 from sepconv.deploy.files import write_atomic
+from sepconv.deploy.report import charts
+from sepconv.deploy.scores import percent
 
 KINDS = ("convert-model's --json summary, bench-model's --json report, deploy-model's --json report or a "
          "per-host file of its sepconv-reports/, or sepconv-demo's --json summary")

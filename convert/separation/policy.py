@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import fnmatch
 from dataclasses import dataclass
 
 from sepconv.convert.errors import InvalidOptionError
@@ -79,9 +80,7 @@ class SeparationOptions:
         return {"rank": policy.rank, "energy": policy.energy, "include": self.include, "exclude": self.exclude,
                 "only_if_smaller": self.only_if_smaller, "ranks": self.ranks}
 
-    def context(self, path: str):
-        from sepconv.convert.rewrites import Context
-
+    def context(self, path: str) -> Context:
         policy = self.policy
         own = (self.ranks or {}).get(path, (self.ranks or {}).get(path.rsplit("/", 1)[-1]))
         if own is not None:
@@ -101,3 +100,24 @@ def _patterns(value, name: str) -> tuple[str, ...] | None:
     return value
 
 
+@dataclass(frozen=True)
+class Context:
+    """What a rewrite knows besides the layer: where it is and what the user asked for."""
+
+    path: str
+    policy: RankPolicy
+    include: tuple[str, ...] | None
+    exclude: tuple[str, ...]
+    only_if_smaller: bool
+
+    def user_skip_reason(self, name: str) -> str | None:
+        """Why the user's include/exclude patterns leave this layer alone, or None."""
+        candidates = (name, self.path)
+        for pattern in self.exclude:
+            if any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
+                return f"excluded by pattern {pattern!r}"
+        if self.include is not None and not any(
+            fnmatch.fnmatchcase(c, pattern) for c in candidates for pattern in self.include
+        ):
+            return f"not matched by include patterns {list(self.include)}"
+        return None

@@ -24,6 +24,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from sepconv.convert.errors import InvalidOptionError
+from sepconv.convert.graph import called_once, layer_at, layer_inputs, leaf_layers
 from sepconv.convert.keras_compat import readers_of
 
 
@@ -85,8 +86,6 @@ def equalize(model, x: np.ndarray, *, per_channel: bool = True):
 depthwise channel has nothing to balance and is left out."""
     import keras
 
-    from sepconv.convert.refinement import called_once, layer_inputs
-    from sepconv.convert.separation import leaf_layers
 
     if len(x) == 0:
         raise InvalidOptionError("equalization needs calibration images (x is empty)")
@@ -122,7 +121,6 @@ def _folded_batchnorm_scale(model, path: str) -> np.ndarray | None:
     """gamma / sqrt(var + eps) of the BatchNormalization that alone reads the layer at `path`'s output, if any."""
     import keras
 
-    from sepconv.convert.refinement import layer_at
 
     layer = layer_at(model, path)
     readers = readers_of(layer)

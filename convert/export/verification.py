@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 
 from sepconv.convert.errors import InvalidOptionError, VerificationError
-from sepconv.convert.keras_compat import graph_nodes
+from sepconv.convert.graph import MAX_BATCH, batch_size_for, batched, predict_keras
 from sepconv.deploy.scores import hit_rate, top1
 
 
@@ -131,66 +131,10 @@ def within_budget(verification: Verification, runtime, held, recovery, *, layout
     return replace(verification, budget=check)
 
 
-MAX_BATCH = 64
-# Bytes of layer outputs one forward batch may hold. Keras runs a Functional model eagerly, layer by layer, and keeps
-# every layer's output until the call returns: ResNet50 at 224x224 holds 142 MiB per sample, so a batch of 64 took
-# 9 GiB (docs/benchmarks.md, scripts/bench-scale). Small models still run 64 samples at a time.
-ACTIVATION_BUDGET = 512 << 20
-
-
-def batch_size_for(model, limit: int = MAX_BATCH) -> int:
-    """The largest batch, up to `limit`, whose layer outputs fit ACTIVATION_BUDGET; `limit` when the model's layer
-    shapes are not all known (a free spatial size)."""
-    per_sample = activation_bytes(model)
-    return limit if not per_sample else max(1, min(limit, ACTIVATION_BUDGET // per_sample))
-
-
-def activation_bytes(model) -> int | None:
-    """Bytes of every layer output of one sample in a forward pass of a Functional or Sequential `model` (nested
-    models included); None when a shape besides the batch is unknown or the model is not a graph of layers."""
-    import math
-
-    import keras
-
-    nodes = graph_nodes(model)
-    if not nodes:
-        return None
-    total = 0
-    for node in nodes:
-        for tensor in node.outputs:
-            if any(d is None for d in tensor.shape[1:]):
-                return None
-            total += math.prod(tensor.shape[1:]) * np.dtype(tensor.dtype).itemsize
-        if isinstance(node.operation, keras.Model) and node.operation is not model:
-            inner = activation_bytes(node.operation)
-            if inner is None:
-                return None
-            total += inner
-    return total
-
-
-def predict_keras(model, x: np.ndarray, batch_size: int | None = None) -> list[np.ndarray]:
-    """The Keras model's outputs, as a list of float32 arrays, computed in batches without retracing noise (default
-    batch: `batch_size_for(model)`, so that a large model's forward pass stays within ACTIVATION_BUDGET)."""
-    import keras
-
-    def run(batch):
-        result = model(batch, training=False)
-        return [np.asarray(keras.ops.convert_to_numpy(r), np.float32) for r in keras.tree.flatten(result)]
-
-    return _batched(run, x, batch_size or batch_size_for(model))
-
-
 def run_artifact(runtime, x: np.ndarray, *, layout: str = "nhwc", batch_size: int = MAX_BATCH) -> list[np.ndarray]:
     if layout == "nchw":
         x = np.transpose(x, (0, 3, 1, 2))
-    return _batched(lambda batch: runtime.run([batch]), x, batch_size)
-
-
-def _batched(run, x: np.ndarray, batch_size: int) -> list[np.ndarray]:
-    """`run` (batch -> list of output arrays) over `x` in batches, each output concatenated."""
-    chunks = [run(x[start:start + batch_size]) for start in range(0, len(x), batch_size)]
-    return [np.concatenate([chunk[k] for chunk in chunks]) for k in range(len(chunks[0]))]
+    return batched(lambda batch: runtime.run([batch]), x, batch_size)
 
 
 def verify(model, artifact, x: np.ndarray, y: np.ndarray | None = None, *, quantized: bool, quantize: str = "none",

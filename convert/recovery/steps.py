@@ -23,10 +23,10 @@ from typing import Callable
 
 import numpy as np
 
-from sepconv.convert.budget import BudgetOptions, BudgetPlan, BudgetResult
+from sepconv.convert.recovery.budget import BudgetOptions, BudgetPlan, BudgetResult
 from sepconv.convert.errors import BudgetError, CheckpointError, InterruptedRunError, InvalidOptionError
-from sepconv.convert.finetuning import FinetuneOptions
-from sepconv.convert.policy import SeparationOptions
+from sepconv.convert.recovery.finetuning import FinetuneOptions
+from sepconv.convert.separation.policy import SeparationOptions
 from sepconv.deploy.scores import hit_rate, top1
 
 STATE = "state.json"
@@ -112,7 +112,7 @@ class RecoveryReport:
         report; then what was rejected and why."""
         from tabulate import tabulate
 
-        from sepconv.convert.results import percent
+        from sepconv.deploy.scores import percent
 
         rows = [[stage.name, "kept" if stage.kept else "REJECTED", f"{stage.params:,}",
                  percent(stage.val_accuracy if stage.val_accuracy is not None else stage.val_agreement),
@@ -166,7 +166,7 @@ def recover(original, train, calibration: np.ndarray | None, validation, test, s
     third only scores. Without data `validation` is None: nothing is chosen, only the separation runs.
     reference / validation_reference: verification.Outputs of `original` on the test / validation inputs, shared
     with the caller (verification, the artifacts' budget check), so that the original runs once on each."""
-    from sepconv.convert.separation import separate_with
+    from sepconv.convert.separation.walk import separate_with
 
     say = progress or (lambda stage, message: None)
     folder = Path(options.checkpoint_dir) if options.epochs else None
@@ -213,9 +213,10 @@ def _data_free_guard(original, separated, report, separation, x, reference, say)
     """The default separation without data, kept only while the separated model's outputs on the synthetic inputs keep
     their direction (MIN_SYNTHETIC_COSINE); else retried keeping more of each kernel (GUARD_ENERGIES). reference: the
     original's first output on `x`."""
-    from sepconv.convert.policy import DEFAULT_ENERGY
-    from sepconv.convert.separation import separate_with
-    from sepconv.convert.verification import mean_cosine, predict_keras
+    from sepconv.convert.separation.policy import DEFAULT_ENERGY
+    from sepconv.convert.separation.walk import separate_with
+    from sepconv.convert.export.verification import mean_cosine
+    from sepconv.convert.graph import predict_keras
 
     reference = reference.astype(np.float64)
     tried = []
@@ -270,7 +271,7 @@ def _separation_line(report) -> str:
 
 
 def _plan(original, validation, calibration, budget: BudgetOptions, separation, say, latency=None) -> BudgetPlan:
-    from sepconv.convert.budget import plan_budget
+    from sepconv.convert.recovery.budget import plan_budget
 
     say("budget", f"measuring each layer's sensitivity on {len(validation)} validation samples for a budget of "
                   f"{budget.max_drop} points of {'accuracy' if validation.y is not None else 'agreement'}")
@@ -280,7 +281,7 @@ def _plan(original, validation, calibration, budget: BudgetOptions, separation, 
                   f"fine-tuning; separable layers' parameters {plan.params_before:,} -> {plan.params_after:,}, "
                   f"{plan.seconds} s)")
     if latency is not None:
-        from sepconv.convert.latency_table import plan_for_latency
+        from sepconv.convert.recovery.latency_table import plan_for_latency
 
         plan = plan_for_latency(original, plan, latency, progress=say)
     return plan
@@ -300,14 +301,14 @@ def _finetune_summary(result) -> str:
 
 
 def _refine(context: Context):
-    from sepconv.convert.refinement import refine
+    from sepconv.convert.recovery.refinement import refine
 
     return refine(context.original, context.model, context.calibration, context.report,
                   progress=lambda message: context.say("refine", message))
 
 
 def _recalibrate(context: Context):
-    from sepconv.convert.refinement import recalibrate_batchnorm
+    from sepconv.convert.recovery.refinement import recalibrate_batchnorm
 
     return recalibrate_batchnorm(context.model, context.calibration,
                                  progress=lambda message: context.say("batchnorm", message))
@@ -317,7 +318,7 @@ def _has_batchnorm(context: Context) -> bool:
     """The separated model has BatchNorm layers (nested models included)."""
     import keras
 
-    from sepconv.convert.separation import leaf_layers
+    from sepconv.convert.graph import leaf_layers
 
     return any(isinstance(layer, keras.layers.BatchNormalization) for _, layer in leaf_layers(context.model))
 
@@ -328,7 +329,7 @@ def _recalibrate_applies(context: Context) -> bool:
 
 
 def _finetune(context: Context, *, frozen: bool = False):
-    from sepconv.convert.finetuning import DEFAULT_LEARNING_RATE, finetune
+    from sepconv.convert.recovery.finetuning import DEFAULT_LEARNING_RATE, finetune
 
     options, folder, train, say = context.options, context.folder, context.train, context.say
     key, label = ("finetune_frozen", "finetune-bn") if frozen else ("finetune", "finetune")
@@ -355,7 +356,7 @@ def _finetune(context: Context, *, frozen: bool = False):
         reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
         raise CheckpointError(f"--resume: the checkpoint in {folder} cannot be loaded ({reason}); it was cut off "
                               f"when the run was killed: delete the folder to start over") from None
-    from sepconv.convert.finetuning import require_space
+    from sepconv.convert.recovery.finetuning import require_space
 
     require_space(folder, context.model)  # HDF5 does not recover from a disk filling under it
     partial = weights.with_name(weights.name + ".partial.weights.h5")
@@ -421,7 +422,7 @@ class _Scorer:
 
     def __init__(self, original, validation, test, references=None):
         """references: {role: verification.Outputs of the original on that role's inputs}, those the caller has."""
-        from sepconv.convert.verification import predict_keras
+        from sepconv.convert.graph import predict_keras
 
         given = references or {}
         self._sets = {"test": test, "validation": validation}
@@ -446,7 +447,7 @@ class _Scorer:
                      val_agreement=validation[1], params=int(model.count_params()), seconds=round(seconds, 2))
 
     def _score(self, role: str, model) -> tuple[float | None, float]:
-        from sepconv.convert.verification import predict_keras
+        from sepconv.convert.graph import predict_keras
 
         data = self._sets[role]
         if model is self._original:  # the original's predictions are the reference: no second forward pass

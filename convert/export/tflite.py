@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sepconv.convert.errors import ExportError, FlexOpsError, InvalidOptionError
-from sepconv.convert.trace import frozen_function, layers_in_scopes
+from sepconv.convert.export.trace import frozen_function, layers_in_scopes
 from sepconv.deploy.files import first_line
 from sepconv.deploy.quiet import captured_output
 

@@ -14,6 +14,7 @@ from typing import Callable
 
 import numpy as np
 
+from sepconv.deploy import report
 from sepconv.deploy.scores import top1
 
 INPUT_SHAPE = (32, 32, 3)
@@ -225,9 +226,7 @@ def _demo_speed(out: Path, model_path: Path, bench_time: float, say) -> dict:
 
 def _demo_report(out: Path, summary: dict, say) -> str:
     """The HTML report of the conversion and the speed table (report.html) and a PNG per chart (report/)."""
-    from sepconv.deploy.cli import html_renderer
-
-    renderer = html_renderer()
+    renderer = report.renderer()
     page = renderer.render(renderer.classify(json.loads(json.dumps(summary, default=str)), "demo"),
                            title="sepconv demo: the tutorial network on digits")
     path = out / "report.html"

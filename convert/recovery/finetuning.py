@@ -287,7 +287,7 @@ def _epoch_log_class():
 
 def _targets(teacher, x, y, classes: int) -> np.ndarray:
     """Per sample: the teacher's probabilities, the one-hot label (zeros without labels)."""
-    from sepconv.convert.verification import predict_keras
+    from sepconv.convert.graph import predict_keras
 
     soft = predict_keras(teacher, x)[0].astype(np.float32)
     if soft.shape[-1] != classes or soft.ndim != 2:
@@ -318,7 +318,7 @@ def _trainable_copy(model, freeze_batchnorm: bool = False):
     statistics, not each batch's, normalise during training, and neither they nor gamma/beta change)."""
     import keras
 
-    from sepconv.convert.separation import leaf_layers
+    from sepconv.convert.graph import leaf_layers
 
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())

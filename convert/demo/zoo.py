@@ -28,7 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sepconv.convert import demo
+from sepconv.convert.demo import digits as demo
 
 EPOCHS = 15
 

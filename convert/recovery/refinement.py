@@ -8,14 +8,12 @@ model's activations. This is the idea of DAC (Li et al., WACV 2019) and of Netwo
 
 from __future__ import annotations
 
-import collections
-import itertools
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
 from sepconv.convert.errors import InvalidOptionError
-from sepconv.convert.keras_compat import call_arguments, graph_nodes, graph_of, takes_training
+from sepconv.convert.graph import called_once, layer_at, layer_inputs, leaf_layers
 
 MAX_ROWS = 200_000  # output positions per layer used in the least-squares fit (a random subset beyond that)
 
@@ -65,98 +63,6 @@ def refine(original, separated, x: np.ndarray, report, *, ridge: float = 1e-6, s
         if progress:
             progress(f"[{len(done)}/{len(paths)}] {path}: {done[path].status}")
     return RefinementReport(layers=tuple(done[path] for path in paths), samples=len(x))
-
-
-def layer_at(model, path: str):
-    """The layer at `path` ("backbone/block_1_conv": names of nested models, then the layer's)."""
-    layer = model
-    for name in path.split("/"):
-        layer = layer.get_layer(name)
-    return layer
-
-
-def called_once(model, path: str) -> bool:
-    """True when the layer at `path` and every nested model on the way to it are called exactly once in their parent's
-    graph, so that its input is one tensor."""
-    parent = model
-    for name in path.split("/"):
-        layer = parent.get_layer(name)
-        if len(_calls(parent, layer)) != 1:
-            return False
-        parent = layer
-    return True
-
-
-def _calls(model, layer) -> list:
-    """The nodes of `model`'s graph where `layer` is called."""
-    return [node for node in graph_nodes(model) or () if node.operation is layer]
-
-
-def layer_input(model, path: str, x: np.ndarray, batch: int | None = None) -> np.ndarray:
-    """What the layer at `path` receives when `model` is fed `x` (inference mode), through nested models: the input
-    of each nested model on the path is computed in its parent's graph, then fed to the nested model's own graph.
-    batch: samples per forward pass (default: what keeps the probe within verification.ACTIVATION_BUDGET)."""
-    import keras
-
-    from sepconv.convert.verification import batch_size_for
-
-    head, _, rest = path.partition("/")
-    layer = model.get_layer(head)
-    calls = _calls(model, layer)
-    if len(calls) != 1 or len(calls[0].input_tensors) != 1:
-        raise InvalidOptionError(f"{path}: is called {len(calls)} times or takes several inputs; only layers and "
-                                 f"nested models called once on one input can be probed")
-    probe = keras.Model(graph_of(model).inputs, calls[0].input_tensors[0])
-    step = batch or batch_size_for(probe)
-    value = np.concatenate([keras.ops.convert_to_numpy(probe(x[i:i + step], training=False))
-                            for i in range(0, len(x), step)])
-    return layer_input(layer, rest, value, batch) if rest else value
-
-
-def layer_inputs(model, x: np.ndarray, paths: list[str]):
-    """Yield (path, what the layer at `path` receives when `model` is fed `x`), for each of `paths` (layers called
-    once, as `called_once` says), in graph order: the model runs once, layer by layer, and each of these layers runs
-    only when the caller asks for the next one, so weights the caller set meanwhile are used from there on.
-
-    One forward pass for every layer where `layer_input` makes one per layer, whose cost grows with the square of the
-    depth (ResNet50's refinement and BatchNorm recalibration took 6 minutes, docs/benchmarks.md). Each graph
-    operation runs on all of `x` at once; a value is dropped when its last consumer has run; the walk ends with the
-    last of `paths`."""
-    import keras
-
-    if paths:  # the walk stops at the last of them: what follows it is not needed
-        yield from itertools.islice(_walk(model, [keras.ops.convert_to_tensor(np.asarray(x))], set(paths), ""),
-                                    len(set(paths)))
-
-
-def _walk(model, inputs: list, paths: set, prefix: str):
-    """Run `model`'s graph on `inputs`, yielding the inputs of its layers in `paths`; return its outputs."""
-    import keras
-
-    graph = graph_of(model)
-    values = {id(tensor): value for tensor, value in zip(graph.inputs, inputs)}
-    nodes = [node for node in graph_nodes(model) if node.operation is not None and not node.is_input]
-    users = collections.Counter(id(t) for node in nodes for t in node.input_tensors)
-    users.update(id(t) for t in graph.outputs)
-    for node in nodes:
-        operation, path = node.operation, prefix + node.operation.name
-        args, kwargs = call_arguments(node, values)
-        if path in paths:
-            yield path, keras.ops.convert_to_numpy(args[0])
-        inner = {p for p in paths if p.startswith(path + "/")}
-        if inner:  # a nested model called once: walk its own graph
-            outputs = yield from _walk(operation, keras.tree.flatten(args), inner, path + "/")
-        else:
-            if takes_training(operation):
-                kwargs["training"] = False
-            outputs = keras.tree.flatten(operation(*args, **kwargs))
-        for tensor, value in zip(node.outputs, outputs):
-            values[id(tensor)] = value
-        for tensor in node.input_tensors:
-            users[id(tensor)] -= 1
-            if not users[id(tensor)]:
-                values.pop(id(tensor), None)
-    return [values[id(tensor)] for tensor in graph.outputs]
 
 
 def _refine_layer(original, separated, name: str, original_input: np.ndarray, separated_input: np.ndarray,
@@ -219,7 +125,6 @@ def recalibrate_batchnorm(model, x: np.ndarray, progress=None) -> tuple[BatchNor
     """
     import keras
 
-    from sepconv.convert.separation import leaf_layers
 
     if len(x) == 0:
         raise InvalidOptionError("BatchNorm recalibration needs images (x is empty)")

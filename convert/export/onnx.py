@@ -17,7 +17,7 @@ import numpy as np
 from sepconv.convert.errors import ExportError, InvalidOptionError
 from sepconv.convert.keras_compat import producer_name
 from sepconv.convert.memory import collecting_cycles, release_memory
-from sepconv.convert.trace import frozen_function, input_names, layers_in_scopes
+from sepconv.convert.export.trace import frozen_function, input_names, layers_in_scopes
 from sepconv.deploy.files import first_line
 from sepconv.deploy.quiet import captured_output
 

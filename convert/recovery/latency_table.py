@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sepconv.convert.budget import KEEP
+from sepconv.convert.recovery.budget import KEEP
 from sepconv.convert.errors import InvalidOptionError
-from sepconv.convert.latency import LatencyTarget, choose_for_latency, rank_key
-from sepconv.convert.onnx_export import OnnxOptions
-from sepconv.convert.targets import registered_targets, target_of_exporter
-from sepconv.convert.tflite_export import TFLiteOptions
+from sepconv.convert.recovery.latency_choice import LatencyTarget, choose_for_latency, rank_key
+from sepconv.convert.export.onnx import OnnxOptions
+from sepconv.convert.export.targets import registered_targets, target_of_exporter
+from sepconv.convert.export.tflite import TFLiteOptions
 from sepconv.deploy.timing import TimingOptions, describe_xnnpack
 
 CALIBRATION_SAMPLES = 8  # random inputs that calibrate a single-layer int8 model: its ranges do not change its speed
@@ -121,7 +121,7 @@ def plan_for_latency(model, plan, options: LatencyOptions, *, progress=None):
     plan's `latency`."""
     from dataclasses import replace
 
-    from sepconv.convert.budget import plan_params
+    from sepconv.convert.recovery.budget import plan_params
 
     say = progress or (lambda stage, message: None)
     table = measure_table(model, plan.layers, options, progress=say)
@@ -177,7 +177,7 @@ def _timed(target) -> bool:
 def record_measured(staged: list[dict], latency: dict, options: LatencyOptions, say) -> None:
     """Time the pipeline's staged artifacts (before they are committed) where the table was measured, and add the
     figures to each one's manifest (`latency`) and to its temporary manifest file."""
-    from sepconv.convert.manifest import manifest_json
+    from sepconv.convert.export.manifest import manifest_json
 
     items = [item for item in staged if Path(item["tmp"]).suffix.lower() == options.suffix]
     measured = check_artifacts([item["tmp"] for item in items], latency, options, progress=say)
@@ -207,8 +207,8 @@ def single_layer_model(layer, rank: int = KEEP):
     is KEEP; None when separation at that K would not rewrite the layer."""
     import keras
 
-    from sepconv.convert.policy import SeparationOptions
-    from sepconv.convert.separation import separate_with
+    from sepconv.convert.separation.policy import SeparationOptions
+    from sepconv.convert.separation.walk import separate_with
 
     inputs = keras.Input(tuple(layer.input.shape[1:]), name="input")
     copy = layer.__class__.from_config(layer.get_config())
@@ -241,7 +241,7 @@ def _candidate(model, leaves: dict, path: str, rank: int):
 
 
 def _leaves(model) -> dict:
-    from sepconv.convert.separation import leaf_layers
+    from sepconv.convert.graph import leaf_layers
 
     return dict(leaf_layers(model))
 

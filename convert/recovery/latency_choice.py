@@ -28,7 +28,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sepconv.convert.budget import KEEP
+from sepconv.convert.recovery.budget import KEEP
 from sepconv.convert.errors import BudgetError, InvalidOptionError
 
 DROP_STEP = 1e-3  # points of accuracy: the resolution of the choice (a validation sample of 1,000 is 0.1 point)

@@ -7,17 +7,16 @@ is one new registered function; the walk in `separation.py` does not change.
 
 from __future__ import annotations
 
-import fnmatch
 from dataclasses import dataclass
 from typing import Callable
 
 import keras
 import numpy as np
 
-from sepconv.convert import svd
+from sepconv.convert.separation import svd
 from sepconv.convert.keras_compat import calls_of
-from sepconv.convert.policy import RankPolicy
-from sepconv.convert.report import KEPT, SEPARATED, UNSUPPORTED, LayerRow
+from sepconv.convert.separation.policy import Context
+from sepconv.convert.separation.report import KEPT, SEPARATED, UNSUPPORTED, LayerRow
 
 # Convolution-like layers: a row in the report whether or not a rewrite is registered for their class.
 CONV_LIKE = (
@@ -30,29 +29,6 @@ ALREADY_SEPARABLE = (
     keras.layers.DepthwiseConv1D, keras.layers.DepthwiseConv2D,
     keras.layers.SeparableConv1D, keras.layers.SeparableConv2D,
 )
-
-
-@dataclass(frozen=True)
-class Context:
-    """What a rewrite knows besides the layer: where it is and what the user asked for."""
-
-    path: str
-    policy: RankPolicy
-    include: tuple[str, ...] | None
-    exclude: tuple[str, ...]
-    only_if_smaller: bool
-
-    def user_skip_reason(self, name: str) -> str | None:
-        """Why the user's include/exclude patterns leave this layer alone, or None."""
-        candidates = (name, self.path)
-        for pattern in self.exclude:
-            if any(fnmatch.fnmatchcase(c, pattern) for c in candidates):
-                return f"excluded by pattern {pattern!r}"
-        if self.include is not None and not any(
-            fnmatch.fnmatchcase(c, pattern) for c in candidates for pattern in self.include
-        ):
-            return f"not matched by include patterns {list(self.include)}"
-        return None
 
 
 @dataclass(frozen=True)
