@@ -57,10 +57,8 @@ def _calls(model, layer) -> list:
 def layer_input(model, path: str, x: np.ndarray, batch: int | None = None) -> np.ndarray:
     """What the layer at `path` receives when `model` is fed `x` (inference mode), through nested models: the input
     of each nested model on the path is computed in its parent's graph, then fed to the nested model's own graph.
-    batch: samples per forward pass (default: what keeps the probe within verification.ACTIVATION_BUDGET)."""
+    batch: samples per forward pass (default: what keeps the probe within ACTIVATION_BUDGET)."""
     import keras
-
-    from sepconv.convert.graph import batch_size_for
 
     head, _, rest = path.partition("/")
     layer = model.get_layer(head)

@@ -22,11 +22,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
+from sepconv.deploy import context
 from sepconv.deploy.errors import ArtifactError, InputDataError, InvalidOptionError
 from sepconv.deploy.files import sha256
-from sepconv.deploy.runtime import import_runtime, open_runtime
 from sepconv.deploy.preprocess import check_scale, from_pixels, preprocessing_for
+from sepconv.deploy.runtime import import_runtime, open_runtime
 from sepconv.deploy.scores import class_labels, hit_rate, top1
 from sepconv.deploy.stats import summarize
 
@@ -173,8 +173,6 @@ Progress = Callable[[str], None]
 def benchmark(paths, options: BenchOptions = BenchOptions(), *, progress: Progress | None = None,
               **kwargs) -> BenchReport:
     """Measure every artifact in `paths` at every thread count of `options` (see the module doc)."""
-    from sepconv.deploy import context
-
     if kwargs:
         options = BenchOptions(**{**asdict(options), **kwargs})
     say = progress or (lambda message: None)

@@ -13,7 +13,7 @@ import io
 import zipfile
 from pathlib import Path
 
-import sepconv.deploy
+from sepconv.deploy.runtime import package_version
 
 NAME = "sepconv_deploy"
 REQUIRES = ("numpy>=1.23", "tabulate>=0.9")
@@ -21,14 +21,12 @@ ENTRY_POINTS = "[console_scripts]\nbench-model = sepconv.deploy.cli:bench_main\n
 
 
 def version() -> str:
-    from sepconv.deploy.runtime import package_version
-
     return package_version("sepconv") or "0.0.0"
 
 
 def build(folder: Path) -> Path:
     """Write the wheel into `folder` and return its path (same content -> same bytes, so its hash names it)."""
-    package = Path(sepconv.deploy.__file__).parent
+    package = Path(__file__).parent  # sepconv/deploy, as installed
     files = {f"sepconv/deploy/{path.relative_to(package).as_posix()}": path.read_bytes()
              for path in sorted(package.rglob("*.py"))}  # the report/ subpackage too (its matplotlib is optional)
     dist_info = f"{NAME}-{version()}.dist-info"

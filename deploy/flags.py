@@ -6,6 +6,9 @@ from __future__ import annotations
 
 import argparse
 
+from sepconv.deploy.bench import BenchOptions
+from sepconv.deploy.preprocess import AUTO, SCALES
+
 
 def checked(convert, valid, kind: str, allowed: str):
     """An argparse type: convert the text, check the value, or say which values are allowed."""
@@ -68,8 +71,6 @@ def bench_flags(parser, names, **helps) -> None:
     (and --scale's choices); `helps` replaces a flag's help text for this command (its default is still appended)."""
     from dataclasses import fields
 
-    from sepconv.deploy.bench import BenchOptions
-    from sepconv.deploy.preprocess import AUTO, SCALES
 
     defaults = {f.name: f.default for f in fields(BenchOptions)}
     for name in names:
@@ -85,8 +86,6 @@ def bench_flags(parser, names, **helps) -> None:
 def bench_options(args, **overrides):
     """The BenchOptions of a parsed command line: every BENCH_FLAGS field its parser has (bench_flags), XNNPACK off
     only when asked (--no-xnnpack), the rest the dataclass's defaults; `overrides` last."""
-    from sepconv.deploy.bench import BenchOptions
-
     given = {name: getattr(args, name) for name in BENCH_FLAGS if hasattr(args, name)}
     if hasattr(args, "xnnpack"):
         given["xnnpack"] = args.xnnpack is not False  # deploy-model's None: as the device decides, on here

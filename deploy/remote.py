@@ -27,8 +27,16 @@ from pathlib import Path
 from typing import Callable
 
 from sepconv.deploy.bench import SCHEMA_VERSION, BenchReport
-from sepconv.deploy.errors import (ArtifactError, InvalidOptionError, RemoteError, RemoteInstallError,
-                                   RemoteRuntimeError, SepconvError, UnsupportedDeviceError)
+from sepconv.deploy.device_wheel import build
+from sepconv.deploy.errors import (
+    ArtifactError,
+    InvalidOptionError,
+    RemoteError,
+    RemoteInstallError,
+    RemoteRuntimeError,
+    SepconvError,
+    UnsupportedDeviceError,
+)
 from sepconv.deploy.files import sha256
 from sepconv.deploy.ssh import Connection, SshOptions, parse_target
 
@@ -157,8 +165,6 @@ def deploy(hosts, artifacts, options: DeployOptions = DeployOptions(), *, progre
     paths = _check_artifacts(artifacts)
     say = progress or (lambda host, message: None)
     with tempfile.TemporaryDirectory(prefix="sepconv-deploy-") as tmp:
-        from sepconv.deploy.device_wheel import build
-
         wheel = build(Path(tmp))
         connections = [Connection(t, options.ssh) for t in targets]
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:

@@ -12,8 +12,18 @@ from __future__ import annotations
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
+from sepconv.deploy.bench import BenchOptions, benchmark
+from sepconv.deploy.context import system
 from sepconv.deploy.errors import InvalidOptionError, RemoteRuntimeError
-from sepconv.deploy.remote import RUNTIME_PACKAGES, DeployOptions, device_xnnpack, probe
+from sepconv.deploy.flags import bench_argv
+from sepconv.deploy.remote import (
+    RUNTIME_PACKAGES,
+    DeployOptions,
+    deploy,
+    device_xnnpack,
+    probe,
+)
+from sepconv.deploy.runtime import package_version
 from sepconv.deploy.ssh import Connection, parse_target
 
 LOCAL = "local"
@@ -55,9 +65,6 @@ def identify(where: str | None, suffix: str, options: TimingOptions = TimingOpti
     no runtime installed yet, xnnpack} for artifacts with this `suffix` (".tflite" or ".onnx")."""
     package = _package(suffix)
     if where is None:
-        from sepconv.deploy.context import system
-        from sepconv.deploy.runtime import package_version
-
         version = package_version(package)
         return {"where": LOCAL, "device": _device(dict(system(), emulated=False)),
                 "runtime": f"{package} {version}" if version else None,
@@ -80,15 +87,12 @@ def time_artifacts(paths, where: str | None, options: TimingOptions = TimingOpti
     paths = [Path(p) for p in paths]
     say = progress or (lambda message: None)
     if where is None:
-        from sepconv.deploy.bench import benchmark
-
         xnnpack = True if options.xnnpack is None else options.xnnpack
         report = benchmark(paths, threads=(options.threads,), min_seconds=options.min_seconds,
                            min_runs=options.min_runs, warmup_seconds=options.warmup_seconds, warmup_runs=3,
                            xnnpack=xnnpack, progress=say)
         device = identify(None, paths[0].suffix, options)["device"]
         return _timing(LOCAL, device, _tflite_only(paths[0].suffix, xnnpack), paths, report)
-    from sepconv.deploy.remote import deploy
 
     deploy_options = _deploy_options(options)
     result, = deploy([where], paths, deploy_options, progress=lambda host, message: say(f"{host}: {message}"))
@@ -115,9 +119,6 @@ def _tflite_only(suffix: str, xnnpack: bool) -> bool | None:
 
 
 def _deploy_options(options: TimingOptions) -> DeployOptions:
-    from sepconv.deploy.bench import BenchOptions
-    from sepconv.deploy.flags import bench_argv
-
     stop = BenchOptions(min_runs=options.min_runs, min_seconds=options.min_seconds, warmup_runs=3,
                         warmup_seconds=options.warmup_seconds)
     flags = bench_argv(stop, ("min_runs", "min_seconds", "warmup_runs", "warmup_seconds")) + ("--quiet",)

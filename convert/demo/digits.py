@@ -13,8 +13,11 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
+from sepconv.convert import DEFAULT_ENERGY, separate
+from sepconv.convert.loading import load
+from sepconv.convert.pipeline import convert_model
 from sepconv.deploy import report
+from sepconv.deploy.bench import benchmark
 from sepconv.deploy.scores import top1
 
 INPUT_SHAPE = (32, 32, 3)
@@ -121,8 +124,6 @@ def save_split(split: Split, folder: Path) -> tuple[Path, Path]:
 
 def demo_model(path: Path, *, epochs: int = 15, seed: int = 0, retrain: bool = False, verbose: int = 0):
     """The trained demo model saved at `path` (.h5): trained and saved on first use, reused after."""
-    from sepconv.convert.loading import load
-
     path = Path(path)
     if path.exists() and not retrain:
         return load(path)
@@ -146,8 +147,6 @@ def speed_artifacts(model_path: Path, folder: Path, train: Path, test: Path) -> 
     """The speed table's eight artifacts, converted once and cached in `folder`: the original (no separation) and the
     separated model (K = 1, refined by least squares, no fine-tuning), float32 and int8, TFLite and ONNX; TFLite
     first."""
-    from sepconv.convert.pipeline import convert_model
-
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
@@ -167,8 +166,6 @@ def run_demo(out: Path, *, epochs: int = 15, seed: int = 0, retrain: bool = Fals
     policy (reports in report_*.json), run convert_model with its defaults for data, time the speed artifacts with
     bench-model's harness (unless `bench` is off), and write the HTML report. `say(text)` gets the tables and progress
     lines as they come (None: silent). Returns the summary (what --json writes)."""
-    from sepconv.convert import DEFAULT_ENERGY, separate
-
     verbose = 2 if say else 0  # Keras' epoch lines while the demo model trains
     say = say or (lambda text: None)
     started = time.perf_counter()
@@ -200,8 +197,6 @@ def run_demo(out: Path, *, epochs: int = 15, seed: int = 0, retrain: bool = Fals
 def _demo_conversion(out: Path, model_path: Path, split: Split, say) -> dict:
     """convert_model on the demo with its defaults for data: a 1-point accuracy budget, refinement, fine-tuning, int8
     TFLite and ONNX, scored and verified on the test digits."""
-    from sepconv.convert.pipeline import convert_model
-
     train, test = save_split(split, out)
     outputs = [out / "digits_int8.tflite", out / "digits_int8.onnx"]
     say(f"== convert-model {model_path} {' '.join(map(str, outputs))} --data {train} --test-data {test} --overwrite")
@@ -213,8 +208,6 @@ def _demo_conversion(out: Path, model_path: Path, split: Split, say) -> dict:
 
 def _demo_speed(out: Path, model_path: Path, bench_time: float, say) -> dict:
     """The speed table: bench-model's harness on the eight demo artifacts at 1 and 2 threads, with test accuracy."""
-    from sepconv.deploy.bench import benchmark
-
     train, test = out / "digits_train.npz", out / "digits_test.npz"
     say("== speed: original and separated (K=1, refined), float32 and int8, TFLite and ONNX (bench-model)")
     paths = speed_artifacts(model_path, out / "speed", train, test)

@@ -27,8 +27,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from sepconv.convert.demo import digits as demo
+from sepconv.convert.loading import load
+from sepconv.convert.supervise import safe_environment
 
 EPOCHS = 15
 
@@ -229,15 +230,12 @@ def held_out(x: np.ndarray, y: np.ndarray):
 
 
 def _load(path: Path):
-    from sepconv.convert.loading import load
-
     return load(path)
 
 
 def _train_and_save(builder, split: demo.Split, train_npz: Path, path: Path, epochs: int, verbose: int) -> None:
     tmp = path.with_name(path.name + ".partial" + path.suffix)
     if builder is None:  # mini-Xception: written by tf.keras in a child process
-        from sepconv.convert.supervise import safe_environment
 
         done = subprocess.run([sys.executable, "-c", _MINI_XCEPTION, str(tmp), str(train_npz), str(epochs)],
                               capture_output=True, text=True, env=safe_environment())  # oneDNN crashes it here

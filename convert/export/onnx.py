@@ -13,11 +13,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-
 from sepconv.convert.errors import ExportError, InvalidOptionError
+from sepconv.convert.export.trace import frozen_function, input_names, layers_in_scopes
+from sepconv.convert.files import write_atomic
 from sepconv.convert.keras_compat import producer_name
 from sepconv.convert.memory import collecting_cycles, release_memory
-from sepconv.convert.export.trace import frozen_function, input_names, layers_in_scopes
 from sepconv.deploy.files import first_line
 from sepconv.deploy.quiet import captured_output
 
@@ -69,8 +69,6 @@ def export_onnx(model, path=None, *, representative_data: np.ndarray | None = No
             _quantize(float_path, result, options, representative_data, model)
         data = result.read_bytes()
     if path is not None:
-        from sepconv.convert.files import write_atomic
-
         write_atomic(path, data)
     return data
 
@@ -175,7 +173,12 @@ def quantize_static_qdq(source: Path, target: Path, samples: np.ndarray, input_n
                         method: str = "minmax", nodes_to_exclude=()) -> None:
     """ONNX Runtime's static QDQ int8 of `source`, calibrated on `samples` (already in the model's layout) with
     `method`; `nodes_to_exclude` stay in float."""
-    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization import (
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_static,
+    )
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,

@@ -26,8 +26,15 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
-
 from sepconv.convert.errors import InvalidOptionError
+from sepconv.convert.export.equalization import equalize
+from sepconv.convert.export.onnx import quantize_static_qdq, reader
+from sepconv.convert.export.tflite import TFLiteOptions, _converter, export_tflite
+from sepconv.convert.export.trace import frozen_function
+from sepconv.convert.export.verification import verify
+from sepconv.convert.graph import leaf_layers
+from sepconv.deploy.quiet import captured_output
+from sepconv.deploy.runtime import open_runtime
 
 RELATIVE_ERROR_ALARM = 0.25  # an op whose output error is a quarter of its signal's spread is where trouble starts
 DIAGNOSIS_SAMPLES = 100  # calibration images the debuggers run (the artifact is calibrated on all of them)
@@ -284,9 +291,6 @@ def tflite_converter(model, setting: Setting, io_type: str = "float32"):
     """The TFLite converter for `setting`; float ops are allowed when some layers stay in float."""
     import tensorflow as tf
 
-    from sepconv.convert.export.tflite import TFLiteOptions, _converter
-    from sepconv.convert.export.trace import frozen_function
-    from sepconv.deploy.quiet import captured_output
 
     with captured_output():
         frozen = frozen_function(model)
@@ -300,12 +304,9 @@ def tflite_converter(model, setting: Setting, io_type: str = "float32"):
 def tflite_int8(model, setting: Setting, io_type: str = "float32") -> bytes:
     """The int8 flatbuffer for `setting`, its float layers left out of quantization by the debugger's denylist."""
     if not setting.float_layers:
-        from sepconv.convert.export.tflite import export_tflite
-
         return export_tflite(model, representative_data=setting.samples, quantize="int8", io_type=io_type,
                              per_channel=setting.per_channel)
     debugger = _tflite_debugger(model, setting, io_type, denylisted_nodes=list(setting.float_layers))
-    from sepconv.deploy.quiet import captured_output
 
     with captured_output():
         return debugger.get_nondebug_quantized_model()
@@ -314,7 +315,6 @@ def tflite_int8(model, setting: Setting, io_type: str = "float32") -> bytes:
 def _tflite_debugger(model, setting: Setting, io_type: str, keep=None, **debug_options):
     import tensorflow as tf
 
-    from sepconv.deploy.quiet import captured_output
 
     samples = np.asarray(setting.samples[:DIAGNOSIS_SAMPLES], np.float32)
     compare = {"float_std": lambda f, q, s, z: float(np.std(f)), "float_min": lambda f, q, s, z: float(np.min(f)),
@@ -333,7 +333,6 @@ def diagnose_tflite(model, setting: Setting, io_type: str = "float32") -> Diagno
     import csv
     import io
 
-    from sepconv.deploy.quiet import captured_output
 
     outputs = []  # (float, dequantized) of every op on every sample, in the debugger's order
 
@@ -372,9 +371,6 @@ def diagnose_tflite(model, setting: Setting, io_type: str = "float32") -> Diagno
 
 def onnx_int8(float_model: bytes, setting: Setting, input_name: str, layout: str = "nhwc") -> bytes:
     """Static QDQ int8 of the float ONNX model for `setting` (ONNX Runtime's quantizer, `nodes_to_exclude`)."""
-    from sepconv.convert.export.onnx import quantize_static_qdq
-    from sepconv.deploy.quiet import captured_output
-
     with tempfile.TemporaryDirectory(prefix="sepconv-int8-") as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(float_model)
@@ -396,8 +392,6 @@ def diagnose_onnx(float_model: bytes, setting: Setting, input_name: str, layout:
     import onnx
     from onnxruntime.quantization import qdq_loss_debug as debug
 
-    from sepconv.convert.export.onnx import reader
-    from sepconv.deploy.quiet import captured_output
 
     samples = _nchw(setting.samples[:DIAGNOSIS_SAMPLES], layout)
     qdq = onnx_int8(float_model, setting, input_name, layout)
@@ -509,13 +503,10 @@ class _EqualizedTwin:
         """The equalization's report, or None when the model has no separable layer."""
         import keras
 
-        from sepconv.convert.graph import leaf_layers
 
         if not any(isinstance(layer, keras.layers.SeparableConv2D) for _, layer in leaf_layers(self._model)):
             return None
         if self._twin is None:
-            from sepconv.convert.export.equalization import equalize
-
             # the ranges of the samples the converter calibrates on: those set its per-tensor int8 ranges
             self._twin = equalize(self._model, np.asarray(self._samples, np.float32), per_channel=self._per_channel)
         return self._twin[1].to_dict()
@@ -529,9 +520,6 @@ class _EqualizedTwin:
 
 def _judge(model, target, tolerance, layout: str):
     """(agreement, cosine, passed) of an artifact against the Keras model on images x, as verification judges it."""
-    from sepconv.convert.export.verification import verify
-    from sepconv.deploy.runtime import open_runtime
-
     def judge(data: bytes, x: np.ndarray):
         with tempfile.TemporaryDirectory(prefix="sepconv-judge-") as tmp:
             path = Path(tmp) / f"attempt{target.extension}"

@@ -22,10 +22,27 @@ from pathlib import Path
 from typing import Callable, ClassVar
 
 import numpy as np
-
 from sepconv.convert.errors import InvalidOptionError
-from sepconv.convert.export.onnx import CALIBRATION_METHODS, ONNX_MODES, OnnxOptions
-from sepconv.convert.export.tflite import IO_TYPES, NEEDS_DATA, TFLITE_MODES, TFLiteOptions
+from sepconv.convert.export.onnx import (
+    CALIBRATION_METHODS,
+    ONNX_MODES,
+    OnnxOptions,
+    export_onnx,
+)
+from sepconv.convert.export.quantization import (
+    diagnose_onnx,
+    diagnose_tflite,
+    onnx_int8,
+    tflite_int8,
+)
+from sepconv.convert.export.tflite import (
+    IO_TYPES,
+    NEEDS_DATA,
+    TFLITE_MODES,
+    TFLiteOptions,
+    export_tflite,
+)
+from sepconv.convert.export.trace import input_names
 
 # The output options take their defaults from the exporters' options (TFLiteOptions.io_type is its field's default).
 
@@ -179,13 +196,9 @@ class TFLite(Target):
                              per_channel=options.per_channel, allow_flex=options.allow_flex)
 
     def export(self, model, path: Path, options: TFLiteOptions, representative_data) -> None:
-        from sepconv.convert.export.tflite import export_tflite
-
         Path(path).write_bytes(export_tflite(model, representative_data=representative_data, options=options))
 
     def int8_tools(self, model, models, options: TFLiteOptions):
-        from sepconv.convert.export.quantization import diagnose_tflite, tflite_int8
-
         return (lambda setting: tflite_int8(models(setting), setting, options.io_type),
                 lambda setting: diagnose_tflite(models(setting), setting, options.io_type))
 
@@ -202,16 +215,10 @@ class Onnx(Target):
         return options.layout
 
     def export(self, model, path: Path, options: OnnxOptions, representative_data) -> None:
-        from sepconv.convert.export.onnx import export_onnx
-
         Path(path).write_bytes(export_onnx(model, representative_data=representative_data, options=options))
 
     def int8_tools(self, model, models, options: OnnxOptions):
         """int8 quantizes the float ONNX export (made once per Keras model) with ONNX Runtime's QDQ quantizer."""
-        from sepconv.convert.export.onnx import export_onnx
-        from sepconv.convert.export.quantization import diagnose_onnx, onnx_int8
-        from sepconv.convert.export.trace import input_names
-
         floats, name = {}, input_names(model)[0]
 
         def float_model(setting):

@@ -13,11 +13,12 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
-
 from sepconv.convert.errors import ExportError, FlexOpsError, InvalidOptionError
 from sepconv.convert.export.trace import frozen_function, layers_in_scopes
+from sepconv.convert.files import write_atomic
 from sepconv.deploy.files import first_line
 from sepconv.deploy.quiet import captured_output
+from sepconv.deploy.runtime import _tflite_interpreter_class
 
 TFLITE_MODES = ("none", "float16", "dynamic", "int8", "int16x8")
 NEEDS_DATA = ("int8", "int16x8")
@@ -69,8 +70,6 @@ def export_tflite(model, path=None, *, representative_data: np.ndarray | None = 
     if not options.allow_flex:  # a Flex model needs a Flex-enabled runtime, which plain LiteRT is not
         _require_loadable(flatbuffer, options)
     if path is not None:
-        from sepconv.convert.files import write_atomic
-
         write_atomic(path, flatbuffer)
     return flatbuffer
 
@@ -103,8 +102,6 @@ def _converter(frozen, representative_data, options: TFLiteOptions):
 
 def _require_loadable(flatbuffer: bytes, options: TFLiteOptions) -> None:
     """The converter can emit a model that LiteRT then refuses to prepare (e.g. 16x8 bias overflow): catch it here."""
-    from sepconv.deploy.runtime import _tflite_interpreter_class
-
     interpreter_class, _, runtime = _tflite_interpreter_class()
     try:
         with captured_output():

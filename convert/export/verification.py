@@ -12,9 +12,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
-
 from sepconv.convert.errors import InvalidOptionError, VerificationError
 from sepconv.convert.graph import MAX_BATCH, batch_size_for, batched, predict_keras
+from sepconv.convert.loading import load
+from sepconv.deploy.runtime import Runtime, open_runtime
 from sepconv.deploy.scores import hit_rate, top1
 
 
@@ -146,8 +147,6 @@ def verify(model, artifact, x: np.ndarray, y: np.ndarray | None = None, *, quant
     is reported too. synthetic: `x` is made-up input (no data): quantized classifiers are judged by cosine similarity
     (module doc). expected: `predict_keras(model, x)` when the caller has it already (several artifacts of one model).
     """
-    from sepconv.deploy.runtime import Runtime, open_runtime
-
     runtime = artifact if isinstance(artifact, Runtime) else open_runtime(artifact)
     batch = batch_size_for(model)  # the artifact holds what the Keras model holds, give or take its arena planning
     return _compare(predict_keras(model, x, batch) if expected is None else expected,
@@ -253,8 +252,6 @@ def verify_keras(model, path, x: np.ndarray, y: np.ndarray | None = None, *, tol
 
     safe_mode=False only when the model was loaded that way (its Lambda layers are trusted). original and expected:
     as for `verify`."""
-    from sepconv.convert.loading import load
-
     reloaded = load(path, safe_mode=safe_mode)
     return _compare(predict_keras(model, x) if expected is None else expected, predict_keras(reloaded, x), [t.name for t in reloaded.outputs], x, y,
                     quantized=False, quantize="none", tolerance=tolerance, inputs=inputs, original=original,

@@ -17,8 +17,10 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import numpy as np
-
 from sepconv.convert.errors import InvalidOptionError
+from sepconv.convert.graph import called_once, predict_keras
+from sepconv.convert.recovery.refinement import refine
+from sepconv.convert.separation.policy import SeparationOptions
 from sepconv.deploy.scores import hit_rate, top1
 
 KEEP = 0  # the "rank" of a layer left as it is
@@ -139,7 +141,6 @@ def plan_budget(model, x_eval: np.ndarray, y_eval: np.ndarray | None, x_calibrat
     """
     import time
 
-    from sepconv.convert.separation.policy import SeparationOptions
 
     if options.refine and (x_calibration is None or len(x_calibration) == 0):
         raise InvalidOptionError("the budget search refines candidates on calibration images; pass some or refine=False")
@@ -210,8 +211,6 @@ def plan_params(layers, ranks: dict) -> int:
 
 def _scorer(model, x_eval, y_eval):
     """(the original's score, a function scoring a model) in percent: accuracy with labels, else agreement."""
-    from sepconv.convert.graph import predict_keras
-
     reference = top1(predict_keras(model, x_eval)[0])
     truth = np.asarray(y_eval) if y_eval is not None else reference
 
@@ -223,7 +222,6 @@ def _scorer(model, x_eval, y_eval):
 
 def _separable_layers(model, separation) -> list[tuple[str, int, int]]:
     """(path, exact K, parameters) of the layers separation would rewrite at K=1, nested models included."""
-    from sepconv.convert.graph import called_once
     from sepconv.convert.separation.walk import separate_with
 
     _, report = separate_with(model, replace(separation, rank=1, energy=None, ranks=None))
@@ -232,7 +230,6 @@ def _separable_layers(model, separation) -> list[tuple[str, int, int]]:
 
 def _sensitivity(model, path: str, full_rank: int, params: int, score, baseline: float, x_calibration,
                  options: BudgetOptions, separation) -> LayerSensitivity:
-    from sepconv.convert.recovery.refinement import refine
     from sepconv.convert.separation.walk import separate_with
 
     candidates = []
