@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 
+from sepconv.convert.errors import ExportError
+
 
 def graph_of(model):
     """The Functional graph of `model`: itself, or the one a Sequential keeps inside (a Sequential's layers' own node
@@ -84,3 +86,13 @@ def freeze(concrete_function):
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     return convert_variables_to_constants_v2(concrete_function)
+
+
+def disable_per_channel(converter) -> None:
+    """Per-tensor int8 weights from the TFLite converter (one scale per tensor: what some accelerators want). The
+    converter has only a private switch for it; a release without it must fail here, not quantize per channel
+    silently."""
+    if not hasattr(converter, "_experimental_disable_per_channel"):
+        raise ExportError("This TensorFlow's TFLite converter has no per-tensor switch; use per_channel=True (drop "
+                          "--per-tensor) or TensorFlow 2.16-2.21")
+    converter._experimental_disable_per_channel = True

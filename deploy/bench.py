@@ -248,7 +248,7 @@ def _open_case(path: Path, threads: int, data, options: BenchOptions):
                 warmup={"runs": runs, "seconds": round(warm_seconds, 3)}, memory=memory,
                 runs_per_round=runs_per_round(warm_seconds / runs if runs else first_ms / 1000, options))
     case.artifact["input_preprocessing"] = preprocessing if data is not None else None  # what scaled --input
-    return case, {"runtime": runtime, "invoke": invoke, "timed": 0.0, "began": None, "preprocessing": preprocessing}
+    return case, {"runtime": runtime, "invoke": invoke, "timed": 0.0, "preprocessing": preprocessing}
 
 
 def runs_per_round(latency_seconds: float, options: BenchOptions) -> int:

@@ -11,9 +11,6 @@ import tempfile
 class Captured:
     text: str = ""
 
-    def tail(self, lines: int = 20) -> str:
-        return "\n".join(self.text.strip().splitlines()[-lines:])
-
 
 @contextlib.contextmanager
 def captured_output():

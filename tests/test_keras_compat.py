@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from sepconv.convert import keras_compat
+from sepconv.convert.errors import ExportError
 
 
 def _functional():
@@ -76,3 +77,18 @@ def test_freeze_folds_variables_into_constants():
     assert "ReadVariableOp" not in ops and "Const" in ops, ops
     variable.assign([[0.0, 0.0], [0.0, 0.0]])  # the frozen function keeps the values it was given
     np.testing.assert_allclose(frozen(tf.constant([[1.0, 1.0]]))[0], [[4.0, 6.0]], err_msg="the folded weights")
+
+
+def test_disable_per_channel_sets_the_converters_switch():
+    """The TFLite converter's private per-tensor switch exists on the installed TensorFlow and is set; a converter
+    without it is refused rather than quantized per channel silently."""
+    import tensorflow as tf
+
+    model = keras.Sequential([keras.Input((4, 4, 2)), keras.layers.Conv2D(3, 3)])
+    converter = tf.lite.TFLiteConverter.from_keras_model(model)
+    assert getattr(converter, "_experimental_disable_per_channel", None) is False, "the switch moved: mend keras_compat"
+    keras_compat.disable_per_channel(converter)
+    assert converter._experimental_disable_per_channel is True
+    with pytest.raises(ExportError, match="no per-tensor switch"):
+        keras_compat.disable_per_channel(object())
+

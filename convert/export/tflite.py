@@ -16,6 +16,7 @@ import numpy as np
 from sepconv.convert.errors import ExportError, FlexOpsError, InvalidOptionError
 from sepconv.convert.export.trace import frozen_function, layers_in_scopes
 from sepconv.convert.files import write_atomic
+from sepconv.convert.keras_compat import disable_per_channel
 from sepconv.deploy.files import first_line
 from sepconv.deploy.quiet import captured_output
 from sepconv.deploy.runtime import _tflite_interpreter_class
@@ -96,7 +97,7 @@ def _converter(frozen, representative_data, options: TFLiteOptions):
         converter.inference_output_type = io_dtype
     converter.target_spec.supported_ops = [builtins] + ([tf.lite.OpsSet.SELECT_TF_OPS] if options.allow_flex else [])
     if not options.per_channel:
-        converter._experimental_disable_per_channel = True
+        disable_per_channel(converter)
     return converter
 
 
