@@ -1,4 +1,4 @@
-"""int8 before and after repair (convert/quantization.py) on the zoo's BatchNorm nets forced to K=1 (issue 11).
+"""int8 before and after repair (convert/export/quantization.py) on the zoo's BatchNorm nets forced to K=1 (issue 11).
 
 For each model and recovery: `convert-model MODEL k1.keras --rank 1 --quantize none --data train.npz
 --validation-data validation.npz --test-data test.npz` once (separation, refinement, BatchNorm recalibration,

@@ -1,4 +1,4 @@
-"""convert-model on the model zoo (convert/zoo.py), as a user runs it: one subprocess per model and mode.
+"""convert-model on the model zoo (convert/demo/zoo.py), as a user runs it: one subprocess per model and mode.
 
 Modes (every run writes an int8 TFLite artifact, or fails with one line and writes nothing):
 - default:  `convert-model MODEL out.tflite --data train.npz --validation-data validation.npz --test-data test.npz`

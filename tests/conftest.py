@@ -3,6 +3,27 @@ import os
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
 
+
+def _tensorflow_with_onednn() -> None:
+    """This process's TensorFlow with oneDNN on, whatever the CPU; the commands the tests start keep the default.
+
+    TensorFlow turns oneDNN on by default only on CPUs with AVX-512, and without it its CPU kernels refuse
+    channels_first convolutions and depthwise convolutions with unequal strides (two of tests/models.py's CASES), so
+    the same suite passed on one machine and failed on another. TensorFlow reads the switch once, at import: the
+    variable is removed again afterwards, so that convert-model's worker, started by the CLI tests, decides as it does
+    for a user (off on x86, convert/supervise.py)."""
+    given = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = "1"
+    import tensorflow  # noqa: F401
+
+    if given is None:
+        del os.environ["TF_ENABLE_ONEDNN_OPTS"]
+    else:
+        os.environ["TF_ENABLE_ONEDNN_OPTS"] = given
+
+
+_tensorflow_with_onednn()
+
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 

@@ -1,4 +1,4 @@
-"""Cross-layer equalization (convert/equalization.py): exact in float, and what makes an unbalanced separable layer's
+"""Cross-layer equalization (convert/export/equalization.py): exact in float, and what makes an unbalanced separable layer's
 int8 export hold."""
 
 import json

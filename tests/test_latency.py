@@ -1,5 +1,5 @@
-"""The latency-aware choice of K per layer (convert/latency.py) on synthetic sensitivities and latency tables; the
-table measured on tiny models (convert/latency_table.py, deploy/timing.py) and convert_model's use of it."""
+"""The latency-aware choice of K per layer (convert/recovery/latency_choice.py) on synthetic sensitivities and latency tables; the
+table measured on tiny models (convert/recovery/latency_table.py, deploy/timing.py) and convert_model's use of it."""
 
 import itertools
 import json

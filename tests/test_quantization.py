@@ -1,4 +1,4 @@
-"""int8 diagnosis and repair (convert/quantization.py) on a model whose int8 export fails verification as it is."""
+"""int8 diagnosis and repair (convert/export/quantization.py) on a model whose int8 export fails verification as it is."""
 
 import json
 

@@ -1,4 +1,4 @@
-"""The export-target registry (convert/targets.py): each registered target is one unit with a case here that exports a
+"""The export-target registry (convert/export/targets.py): each registered target is one unit with a case here that exports a
 tiny model through it and checks the artifact against Keras; the pipeline, the CLI and the latency table take their
 per-target choices from the units."""
 

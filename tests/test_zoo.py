@@ -1,4 +1,4 @@
-"""The model zoo (convert/zoo.py): each entry has the structure it stands for, separates exactly at full rank, and
+"""The model zoo (convert/demo/zoo.py): each entry has the structure it stands for, separates exactly at full rank, and
 is trained, saved and cached the way a user would have it."""
 
 import keras
