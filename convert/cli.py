@@ -15,10 +15,22 @@ from pathlib import Path
 
 from sepconv.convert.supervise import die_with_parent, in_worker, report_stage, supervise
 from sepconv.deploy import report
-from sepconv.deploy.clikit import (JSON_HELP, REPORT_DIR_HELP, Parser, check_output_file, check_report_outputs,
-                                   json_failure, report_flags, run as run_command, version_flag, write_html_report,
-                                   write_output)
-from sepconv.deploy.flags import checked as _checked, count as _count, positive as _positive
+from sepconv.deploy.clikit import (
+    JSON_HELP,
+    REPORT_DIR_HELP,
+    Parser,
+    check_output_file,
+    check_report_outputs,
+    json_failure,
+    report_flags,
+    version_flag,
+    write_html_report,
+    write_output,
+)
+from sepconv.deploy.clikit import run as run_command
+from sepconv.deploy.flags import checked as _checked
+from sepconv.deploy.flags import count as _count
+from sepconv.deploy.flags import positive as _positive
 
 
 def _quiet_tensorflow(debug: bool) -> None:
@@ -94,13 +106,13 @@ def _floats(text: str) -> tuple:
 
 def convert_parser() -> argparse.ArgumentParser:
     from sepconv.convert.data import AUTO, SCALES, DataOptions
-    from sepconv.convert.recovery.finetuning import DEFAULT_LEARNING_RATE, STRATEGIES, FinetuneOptions
     from sepconv.convert.export.onnx import LAYOUTS, ONNX_MODES
-    from sepconv.convert.options import DEFAULT_EPOCHS, DEFAULT_MAX_DROP, QUANTIZE_CHOICES, ConvertOptions
-    from sepconv.convert.separation.policy import DEFAULT_ENERGY
     from sepconv.convert.export.quantization import QuantizationOptions
     from sepconv.convert.export.targets import OnnxOutputOptions, TFLiteOutputOptions, extensions_text, io_types
     from sepconv.convert.export.verification import Tolerance
+    from sepconv.convert.options import DEFAULT_EPOCHS, DEFAULT_MAX_DROP, QUANTIZE_CHOICES, ConvertOptions
+    from sepconv.convert.recovery.finetuning import DEFAULT_LEARNING_RATE, STRATEGIES, FinetuneOptions
+    from sepconv.convert.separation.policy import DEFAULT_ENERGY
     from sepconv.deploy.remote import DEFAULT_REMOTE_DIR
     from sepconv.deploy.timing import TimingOptions
 
@@ -273,13 +285,13 @@ def convert_options(args, *, custom_objects: bool = True):
     """The one mapping from convert-model's flags to ConvertOptions; custom_objects=False leaves --custom-objects'
     modules unimported (the TensorFlow-free preflight)."""
     from sepconv.convert.data import DataOptions
-    from sepconv.convert.recovery.finetuning import FinetuneOptions
-    from sepconv.convert.loading import parse_custom_objects
-    from sepconv.convert.options import ConvertOptions
-    from sepconv.convert.separation.policy import SeparationOptions
     from sepconv.convert.export.quantization import QuantizationOptions
     from sepconv.convert.export.targets import OnnxOutputOptions, TFLiteOutputOptions
     from sepconv.convert.export.verification import Tolerance
+    from sepconv.convert.loading import parse_custom_objects
+    from sepconv.convert.options import ConvertOptions
+    from sepconv.convert.recovery.finetuning import FinetuneOptions
+    from sepconv.convert.separation.policy import SeparationOptions
 
     return ConvertOptions(
         quantize=args.quantize,

@@ -4,8 +4,7 @@ Library code raises these; only the command-line layer turns them into a message
 classes live in `sepconv.deploy.errors`, which the device side shares without TensorFlow.
 """
 
-from sepconv.deploy.errors import (ArtifactError, InvalidOptionError, ReportInputError, RuntimeMissingError,
-                                   SepconvError)
+from sepconv.deploy.errors import ArtifactError, InvalidOptionError, ReportInputError, RuntimeMissingError, SepconvError
 
 __all__ = [
     "ArtifactError", "BudgetError", "CheckpointError", "CorruptModelFileError", "DataError", "DiskFullError",

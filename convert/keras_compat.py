@@ -96,3 +96,17 @@ def disable_per_channel(converter) -> None:
         raise ExportError("This TensorFlow's TFLite converter has no per-tensor switch; use per_channel=True (drop "
                           "--per-tensor) or TensorFlow 2.16-2.21")
     converter._experimental_disable_per_channel = True
+
+
+def keras_archive(model) -> bytes:
+    """The model's .keras archive, made in memory. Keras' public save takes only a path and writes the archive there
+    while working in tempfile.mkdtemp() folders, which a failed write (a full disk) leaves behind; its saving library
+    takes a file object."""
+    import io
+
+    from keras.src.saving import saving_lib
+
+    buffer = io.BytesIO()
+    saving_lib.save_model(model, buffer)
+    return buffer.getvalue()
+

@@ -9,12 +9,18 @@ from pathlib import Path
 
 from sepconv.convert.data import DataOptions
 from sepconv.convert.errors import InvalidOptionError
-from sepconv.convert.recovery.finetuning import FinetuneOptions
-from sepconv.convert.separation.policy import SeparationOptions
 from sepconv.convert.export.quantization import QuantizationOptions
-from sepconv.convert.export.targets import check_target_options, given_options, quantize_modes, registered_targets, target_for
+from sepconv.convert.export.targets import (
+    check_target_options,
+    given_options,
+    quantize_modes,
+    registered_targets,
+    target_for,
+)
 from sepconv.convert.export.tflite import NEEDS_DATA
 from sepconv.convert.export.verification import Tolerance
+from sepconv.convert.recovery.finetuning import FinetuneOptions
+from sepconv.convert.separation.policy import SeparationOptions
 
 QUANTIZE_CHOICES = ("auto",) + quantize_modes()
 MIN_SAMPLES = 20  # a run with data needs some samples to train on, some to validate with and some to test on

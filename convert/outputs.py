@@ -11,8 +11,9 @@ import tempfile
 from pathlib import Path
 
 from sepconv.convert.errors import DiskFullError, OutputBusyError, OutputPathError, SepconvError
-from sepconv.convert.files import disk_full
 from sepconv.convert.export.targets import extensions_text, registered_targets, target_for
+from sepconv.convert.files import disk_full
+
 
 @contextlib.contextmanager
 def locked(paths: list[Path]):

@@ -23,15 +23,15 @@ from typing import Callable, NamedTuple
 import numpy as np
 
 from sepconv.convert.errors import BudgetError, InvalidOptionError, SepconvError, UnsupportedModelError
+from sepconv.convert.export.quantization import Calibration
 from sepconv.convert.files import sha256
 from sepconv.convert.keras_compat import unsafe_deserialization
 from sepconv.convert.memory import release_memory
 from sepconv.convert.options import ConvertOptions, check_modes, plan_line, quantize_reason, recovery_options
 from sepconv.convert.outputs import check_outputs, disk_full_as, locked
-from sepconv.convert.separation.policy import SeparationOptions
-from sepconv.convert.export.quantization import Calibration
 from sepconv.convert.results import ConvertResult, DataInfo, Plan, Source
 from sepconv.convert.run_data import datasets
+from sepconv.convert.separation.policy import SeparationOptions
 from sepconv.convert.staging import ExportJob, export_all
 from sepconv.deploy.scores import top1
 

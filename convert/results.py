@@ -22,9 +22,9 @@ from sepconv.deploy.scores import percent
 
 if TYPE_CHECKING:
     from sepconv.convert.export.quantization import QuantizationReport
+    from sepconv.convert.export.verification import Verification
     from sepconv.convert.recovery.steps import RecoveryReport
     from sepconv.convert.separation.report import SeparationReport
-    from sepconv.convert.export.verification import Verification
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Callable
 
 from sepconv.convert.errors import VerificationError
+from sepconv.convert.export.targets import target_for
+from sepconv.convert.export.tflite import NEEDS_DATA
+from sepconv.convert.export.verification import within_budget
 from sepconv.convert.memory import release_memory
 from sepconv.convert.options import ConvertOptions, latency_options
 from sepconv.convert.outputs import disk_full_as
 from sepconv.convert.results import Artifact
-from sepconv.convert.export.targets import target_for
-from sepconv.convert.export.tflite import NEEDS_DATA
-from sepconv.convert.export.verification import within_budget
 
 
 @dataclass(frozen=True)

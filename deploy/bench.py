@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
 from sepconv.deploy import context
 from sepconv.deploy.errors import ArtifactError, InputDataError, InvalidOptionError
 from sepconv.deploy.files import sha256

@@ -16,9 +16,21 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
 
-from sepconv.deploy.clikit import (EXIT_ERROR, EXIT_SOME_HOSTS_FAILED, JSON_HELP, Parser, check_output_file,
-                                   check_output_folder, check_report_outputs, progress_printer, report_flags, run,
-                                   version_flag, write_html_report, write_output)
+from sepconv.deploy.clikit import (
+    EXIT_ERROR,
+    EXIT_SOME_HOSTS_FAILED,
+    JSON_HELP,
+    Parser,
+    check_output_file,
+    check_output_folder,
+    check_report_outputs,
+    progress_printer,
+    report_flags,
+    run,
+    version_flag,
+    write_html_report,
+    write_output,
+)
 from sepconv.deploy.flags import DEPLOY_BENCH_FLAGS, bench_argv, bench_flags, bench_options, positive
 
 if TYPE_CHECKING:  # numpy and the runtimes load when a command runs, not for --help

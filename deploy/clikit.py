@@ -15,7 +15,6 @@ from pathlib import Path
 from sepconv.deploy import report
 from sepconv.deploy.files import write_atomic
 
-
 EXIT_ERROR = 1  # a sepconv error (for deploy-model: every host failed, or nothing could start)
 
 
@@ -44,7 +43,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def version() -> str:
-    from importlib.metadata import PackageNotFoundError, version as installed
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
 
     try:
         return installed("sepconv")

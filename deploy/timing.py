@@ -16,13 +16,7 @@ from sepconv.deploy.bench import BenchOptions, benchmark
 from sepconv.deploy.context import system
 from sepconv.deploy.errors import InvalidOptionError, RemoteRuntimeError
 from sepconv.deploy.flags import bench_argv
-from sepconv.deploy.remote import (
-    RUNTIME_PACKAGES,
-    DeployOptions,
-    deploy,
-    device_xnnpack,
-    probe,
-)
+from sepconv.deploy.remote import RUNTIME_PACKAGES, DeployOptions, deploy, device_xnnpack, probe
 from sepconv.deploy.runtime import package_version
 from sepconv.deploy.ssh import Connection, parse_target
 

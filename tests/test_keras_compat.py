@@ -92,3 +92,14 @@ def test_disable_per_channel_sets_the_converters_switch():
     with pytest.raises(ExportError, match="no per-tensor switch"):
         keras_compat.disable_per_channel(object())
 
+
+def test_keras_archive_is_the_models_keras_file(tmp_path):
+    """The archive made in memory loads back as the same model (Keras' saving library still takes a file object)."""
+    model = _functional()
+    path = tmp_path / "m.keras"
+    path.write_bytes(keras_compat.keras_archive(model))
+    loaded = keras.saving.load_model(path)
+    x = np.random.default_rng(0).random((2, *model.input_shape[1:]), dtype=np.float32)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6,
+                               err_msg="the .keras archive made in memory must give the saved model back")
+

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
 from sepconv.convert import DEFAULT_ENERGY, separate
 from sepconv.convert.loading import load
 from sepconv.convert.pipeline import convert_model

@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from sepconv.convert.demo import digits as demo
 from sepconv.convert.loading import load
 from sepconv.convert.supervise import safe_environment

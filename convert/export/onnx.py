@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
 from sepconv.convert.errors import ExportError, InvalidOptionError
 from sepconv.convert.export.trace import frozen_function, input_names, layers_in_scopes
 from sepconv.convert.files import write_atomic
@@ -173,12 +174,7 @@ def quantize_static_qdq(source: Path, target: Path, samples: np.ndarray, input_n
                         method: str = "minmax", nodes_to_exclude=()) -> None:
     """ONNX Runtime's static QDQ int8 of `source`, calibrated on `samples` (already in the model's layout) with
     `method`; `nodes_to_exclude` stay in float."""
-    from onnxruntime.quantization import (
-        CalibrationMethod,
-        QuantFormat,
-        QuantType,
-        quantize_static,
-    )
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     methods = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,

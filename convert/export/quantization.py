@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Callable
 
 import numpy as np
+
 from sepconv.convert.errors import InvalidOptionError
 from sepconv.convert.export.equalization import equalize
 from sepconv.convert.export.onnx import quantize_static_qdq, reader

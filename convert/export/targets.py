@@ -14,35 +14,18 @@ Importing this module does not import TensorFlow (the CLI reads the registry for
 
 from __future__ import annotations
 
-import contextlib
-import shutil
-import tempfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Callable, ClassVar
 
 import numpy as np
+
 from sepconv.convert.errors import InvalidOptionError
-from sepconv.convert.export.onnx import (
-    CALIBRATION_METHODS,
-    ONNX_MODES,
-    OnnxOptions,
-    export_onnx,
-)
-from sepconv.convert.export.quantization import (
-    diagnose_onnx,
-    diagnose_tflite,
-    onnx_int8,
-    tflite_int8,
-)
-from sepconv.convert.export.tflite import (
-    IO_TYPES,
-    NEEDS_DATA,
-    TFLITE_MODES,
-    TFLiteOptions,
-    export_tflite,
-)
+from sepconv.convert.export.onnx import CALIBRATION_METHODS, ONNX_MODES, OnnxOptions, export_onnx
+from sepconv.convert.export.quantization import diagnose_onnx, diagnose_tflite, onnx_int8, tflite_int8
+from sepconv.convert.export.tflite import IO_TYPES, NEEDS_DATA, TFLITE_MODES, TFLiteOptions, export_tflite
 from sepconv.convert.export.trace import input_names
+from sepconv.convert.keras_compat import keras_archive
 
 # The output options take their defaults from the exporters' options (TFLiteOptions.io_type is its field's default).
 
@@ -251,21 +234,7 @@ class Keras(Target):
         return options
 
     def export(self, model, path: Path, options: KerasOutputOptions, representative_data) -> None:
-        with _own_temporary_folder():
-            model.save(path)
-
-
-@contextlib.contextmanager
-def _own_temporary_folder():
-    """Keras' .keras save works in tempfile.mkdtemp() folders that a failed write (a full disk) leaves behind; give
-    it a folder of ours for the duration and remove it whatever happens."""
-    folder = tempfile.mkdtemp(prefix="sepconv-save-")
-    previous, tempfile.tempdir = tempfile.tempdir, folder
-    try:
-        yield
-    finally:
-        tempfile.tempdir = previous
-        shutil.rmtree(folder, ignore_errors=True)
+        Path(path).write_bytes(keras_archive(model))  # a full disk fails here, in our write, leaving no Keras folder
 
 
 def check_target_options(given: tuple) -> None:

@@ -13,6 +13,7 @@ import re
 from dataclasses import dataclass
 
 import numpy as np
+
 from sepconv.convert.errors import ExportError, FlexOpsError, InvalidOptionError
 from sepconv.convert.export.trace import frozen_function, layers_in_scopes
 from sepconv.convert.files import write_atomic

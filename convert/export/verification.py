@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, replace
 
 import numpy as np
+
 from sepconv.convert.errors import InvalidOptionError, VerificationError
 from sepconv.convert.graph import MAX_BATCH, batch_size_for, batched, predict_keras
 from sepconv.convert.loading import load

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, replace
 from typing import Callable
 
 import numpy as np
+
 from sepconv.convert.errors import InvalidOptionError
 from sepconv.convert.graph import called_once, predict_keras
 from sepconv.convert.recovery.refinement import refine

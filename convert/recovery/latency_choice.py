@@ -28,8 +28,8 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from sepconv.convert.recovery.budget import KEEP
 from sepconv.convert.errors import BudgetError, InvalidOptionError
+from sepconv.convert.recovery.budget import KEEP
 
 DROP_STEP = 1e-3  # points of accuracy: the resolution of the choice (a validation sample of 1,000 is 0.1 point)
 KEEP_KEY = "keep"  # the table's key for the layer left as it is (JSON keys are strings: "1", "2", ... and "keep")

@@ -26,12 +26,12 @@ from pathlib import Path
 
 import numpy as np
 
-from sepconv.convert.recovery.budget import KEEP
 from sepconv.convert.errors import InvalidOptionError
-from sepconv.convert.recovery.latency_choice import LatencyTarget, choose_for_latency, rank_key
 from sepconv.convert.export.onnx import OnnxOptions
 from sepconv.convert.export.targets import registered_targets, target_of_exporter
 from sepconv.convert.export.tflite import TFLiteOptions
+from sepconv.convert.recovery.budget import KEEP
+from sepconv.convert.recovery.latency_choice import LatencyTarget, choose_for_latency, rank_key
 from sepconv.deploy.timing import TimingOptions, describe_xnnpack
 
 CALIBRATION_SAMPLES = 8  # random inputs that calibrate a single-layer int8 model: its ranges do not change its speed

@@ -23,8 +23,8 @@ from typing import Callable
 
 import numpy as np
 
-from sepconv.convert.recovery.budget import BudgetOptions, BudgetPlan, BudgetResult
 from sepconv.convert.errors import BudgetError, CheckpointError, InterruptedRunError, InvalidOptionError
+from sepconv.convert.recovery.budget import BudgetOptions, BudgetPlan, BudgetResult
 from sepconv.convert.recovery.finetuning import FinetuneOptions
 from sepconv.convert.separation.policy import SeparationOptions
 from sepconv.deploy.scores import hit_rate, top1
@@ -213,10 +213,10 @@ def _data_free_guard(original, separated, report, separation, x, reference, say)
     """The default separation without data, kept only while the separated model's outputs on the synthetic inputs keep
     their direction (MIN_SYNTHETIC_COSINE); else retried keeping more of each kernel (GUARD_ENERGIES). reference: the
     original's first output on `x`."""
-    from sepconv.convert.separation.policy import DEFAULT_ENERGY
-    from sepconv.convert.separation.walk import separate_with
     from sepconv.convert.export.verification import mean_cosine
     from sepconv.convert.graph import predict_keras
+    from sepconv.convert.separation.policy import DEFAULT_ENERGY
+    from sepconv.convert.separation.walk import separate_with
 
     reference = reference.astype(np.float64)
     tried = []

@@ -13,8 +13,8 @@ from typing import Callable
 import keras
 import numpy as np
 
-from sepconv.convert.separation import svd
 from sepconv.convert.keras_compat import calls_of
+from sepconv.convert.separation import svd
 from sepconv.convert.separation.policy import Context
 from sepconv.convert.separation.report import KEPT, SEPARATED, UNSUPPORTED, LayerRow
 

@@ -18,6 +18,7 @@ from sepconv.convert.separation.report import SeparationReport
 from sepconv.convert.separation.rewrites import CONV_LIKE, Plan, plan_layer, unsupported_row
 from sepconv.deploy.files import first_line
 
+
 def separate(model: keras.Model, *, rank=None, energy=None, include=None, exclude=None,
              only_if_smaller: bool = True, ranks=None) -> tuple[keras.Model, SeparationReport]:
     """Rewrite every eligible Conv2D of `model` into a SeparableConv2D started from the trained kernel's SVD.
