@@ -80,7 +80,7 @@ def _require_file(path: Path) -> None:
         raise ArtifactError(f"{path}: the file is empty (0 bytes); export it again")
 
 
-def _tflite_interpreter_class():
+def tflite_interpreter_class():
     """(Interpreter class, OpResolverType enum, distribution): LiteRT's, else tflite_runtime's, else TensorFlow's
     (only if TensorFlow happens to be installed)."""
     import importlib
@@ -104,7 +104,7 @@ class LiteRTRuntime(Runtime):
     format = "tflite"
 
     def __init__(self, path: Path, *, threads: int | None = None, xnnpack: bool = True):
-        interpreter_class, resolvers, self.runtime_name = _tflite_interpreter_class()
+        interpreter_class, resolvers, self.runtime_name = tflite_interpreter_class()
         options = {}
         if not xnnpack:  # the built-in kernels alone, without the default XNNPACK delegate
             if resolvers is None:
@@ -264,7 +264,7 @@ def import_runtime(path) -> None:
     suffix = Path(path).suffix.lower()
     if suffix == TFLITE_SUFFIX:
         with captured_output():
-            _tflite_interpreter_class()
+            tflite_interpreter_class()
     elif suffix == ONNX_SUFFIX:
         _onnxruntime()
 

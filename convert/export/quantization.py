@@ -30,7 +30,7 @@ import numpy as np
 from sepconv.convert.errors import InvalidOptionError
 from sepconv.convert.export.equalization import equalize
 from sepconv.convert.export.onnx import quantize_static_qdq, reader
-from sepconv.convert.export.tflite import TFLiteOptions, _converter, export_tflite
+from sepconv.convert.export.tflite import TFLiteOptions, export_tflite, make_converter
 from sepconv.convert.export.trace import frozen_function
 from sepconv.convert.export.verification import verify
 from sepconv.convert.graph import leaf_layers
@@ -295,7 +295,7 @@ def tflite_converter(model, setting: Setting, io_type: str = "float32"):
 
     with captured_output():
         frozen = frozen_function(model)
-    converter = _converter(frozen, setting.samples, TFLiteOptions(quantize="int8", io_type=io_type,
+    converter = make_converter(frozen, setting.samples, TFLiteOptions(quantize="int8", io_type=io_type,
                                                                   per_channel=setting.per_channel))
     if setting.float_layers:
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]

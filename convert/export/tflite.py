@@ -20,7 +20,7 @@ from sepconv.convert.files import write_atomic
 from sepconv.convert.keras_compat import disable_per_channel
 from sepconv.deploy.files import first_line
 from sepconv.deploy.quiet import captured_output
-from sepconv.deploy.runtime import _tflite_interpreter_class
+from sepconv.deploy.runtime import tflite_interpreter_class
 
 TFLITE_MODES = ("none", "float16", "dynamic", "int8", "int16x8")
 NEEDS_DATA = ("int8", "int16x8")
@@ -63,7 +63,7 @@ def export_tflite(model, path=None, *, representative_data: np.ndarray | None = 
                                  f"pass representative_data (CLI: --data) or use quantize='dynamic'")
     with captured_output():
         frozen = frozen_function(model)
-    converter = _converter(frozen, representative_data, options)
+    converter = make_converter(frozen, representative_data, options)
     try:
         with captured_output() as log:
             flatbuffer = converter.convert()
@@ -76,7 +76,7 @@ def export_tflite(model, path=None, *, representative_data: np.ndarray | None = 
     return flatbuffer
 
 
-def _converter(frozen, representative_data, options: TFLiteOptions):
+def make_converter(frozen, representative_data, options: TFLiteOptions):
     import tensorflow as tf
 
     # The function is frozen (no variables), so an empty module is the whole trackable object the converter asks for.
@@ -104,7 +104,7 @@ def _converter(frozen, representative_data, options: TFLiteOptions):
 
 def _require_loadable(flatbuffer: bytes, options: TFLiteOptions) -> None:
     """The converter can emit a model that LiteRT then refuses to prepare (e.g. 16x8 bias overflow): catch it here."""
-    interpreter_class, _, runtime = _tflite_interpreter_class()
+    interpreter_class, _, runtime = tflite_interpreter_class()
     try:
         with captured_output():
             interpreter_class(model_content=flatbuffer).allocate_tensors()
