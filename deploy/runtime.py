@@ -200,19 +200,16 @@ class OnnxRuntime(Runtime):
         if unknown:
             raise InvalidOptionError(f"Unrecognized ONNX Runtime providers {unknown}. This installation has: "
                                      f"{available}")
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
         self._settings = {X64_QUANT_PRECISION: "1"} if int8_kernels_saturate() else {}
-        for key, value in self._settings.items():
-            options.add_session_config_entry(key, value)
         try:
-            self._session = onnxruntime.InferenceSession(str(path), options, providers=list(providers))
-        except Exception as error:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
-            raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({first_line(error, 200)}); "
-                                f"the file is damaged or not an ONNX model: export it again") from error
+            self._session = _onnx_session(onnxruntime, path, threads, providers, self._settings)
+        except ArtifactError:
+            if not self._settings:
+                raise
+            # ONNX Runtime 1.32 cannot give u8 weights to a weight that feeds several ops (a shared Keras layer):
+            # "Attempt to replace the existing tensor". Its default kernels then, and the settings say so.
+            self._settings = {X64_QUANT_PRECISION: "0"}
+            self._session = _onnx_session(onnxruntime, path, threads, providers, {})
         self.inputs = tuple(_onnx_spec(i) for i in self._session.get_inputs())
         self.outputs = tuple(_onnx_spec(o) for o in self._session.get_outputs())
         self._path = path
@@ -269,6 +266,21 @@ def int8_kernels_saturate() -> bool:
     except OSError:
         cpuinfo = None
     return saturating_cpu(platform.machine(), cpuinfo)
+
+
+def _onnx_session(onnxruntime, path: Path, threads: int | None, providers, entries: dict[str, str]):
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    for key, value in entries.items():
+        options.add_session_config_entry(key, value)
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=list(providers))
+    except Exception as error:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+        raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({first_line(error, 200)}); "
+                            f"the file is damaged or not an ONNX model: export it again") from error
 
 
 def _onnxruntime():

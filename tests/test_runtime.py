@@ -151,6 +151,28 @@ def test_onnx_int8_is_exact_where_the_default_kernels_saturate(tmp_path):
     np.testing.assert_allclose(out.ravel(), [8.0, 8.0], err_msg=f"int8 Conv with runtime settings {runtime.settings()}")
 
 
+def test_onnx_int8_with_a_shared_weight_loads_with_the_default_kernels(tmp_path):
+    """ONNX Runtime 1.32 cannot give u8 weights to a weight two Convs share (a shared Keras layer): such an artifact
+    still loads, with the default kernels where they saturate, and its settings say so."""
+    from onnx import TensorProto, helper
+
+    from sepconv.deploy.runtime import X64_QUANT_PRECISION, int8_kernels_saturate
+
+    model = _qdq_conv_summing_saturating_pairs(2)
+    graph = model.graph
+    graph.node.extend([helper.make_node("Conv", ["xd", "wd"], ["y2"]),
+                       helper.make_node("QuantizeLinear", ["y2", "s_out", "z"], ["yq2"]),
+                       helper.make_node("DequantizeLinear", ["yq2", "s_out", "z"], ["out2"])])
+    graph.output.append(helper.make_tensor_value_info("out2", TensorProto.FLOAT, [None, 1, 1, 1]))
+    path = tmp_path / "shared.onnx"
+    path.write_bytes(model.SerializeToString())
+    runtime = open_runtime(path)
+    assert runtime.settings() == ({X64_QUANT_PRECISION: "0"} if int8_kernels_saturate() else {})
+    # 2 channels of 1.0 x 1.0: one pair, 2 * 255 * 127 saturates where the default kernels do
+    outputs = runtime.run([np.ones((1, 2, 1, 1), np.float32)])
+    assert len(outputs) == 2 and outputs[0].shape == (1, 1, 1, 1)
+
+
 @pytest.mark.parametrize("machine, cpuinfo, saturates", [
     ("x86_64", "flags\t\t: fpu sse4_1 avx avx2 fma", True),  # AMD EPYC (Zen 2/3), Intel Haswell..Coffee Lake
     ("x86_64", "flags\t\t: avx2 avx512f avx512bw", True),  # AVX-512 without VNNI (Skylake-SP)
