@@ -7,6 +7,9 @@ the Keras model on the same float inputs whatever the artifact's tensor types ar
 from __future__ import annotations
 
 import collections
+import functools
+import platform
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +72,10 @@ class Runtime:
 
     def versions(self) -> dict[str, str]:
         raise NotImplementedError
+
+    def settings(self) -> dict[str, str]:
+        """Settings of the runtime that change its numbers (recorded in the manifest beside the verification)."""
+        return {}
 
 
 def _require_file(path: Path) -> None:
@@ -193,16 +200,16 @@ class OnnxRuntime(Runtime):
         if unknown:
             raise InvalidOptionError(f"Unrecognized ONNX Runtime providers {unknown}. This installation has: "
                                      f"{available}")
-        options = onnxruntime.SessionOptions()
-        options.log_severity_level = 3
-        if threads:
-            options.intra_op_num_threads = threads
-            options.inter_op_num_threads = 1
+        self._settings = {X64_QUANT_PRECISION: "1"} if int8_kernels_saturate() else {}
         try:
-            self._session = onnxruntime.InferenceSession(str(path), options, providers=list(providers))
-        except Exception as error:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
-            raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({first_line(error, 200)}); "
-                                f"the file is damaged or not an ONNX model: export it again") from error
+            self._session = _onnx_session(onnxruntime, path, threads, providers, self._settings)
+        except ArtifactError:
+            if not self._settings:
+                raise
+            # ONNX Runtime 1.32 cannot give u8 weights to a weight that feeds several ops (a shared Keras layer):
+            # "Attempt to replace the existing tensor". Its default kernels then, and the settings say so.
+            self._settings = {X64_QUANT_PRECISION: "0"}
+            self._session = _onnx_session(onnxruntime, path, threads, providers, {})
         self.inputs = tuple(_onnx_spec(i) for i in self._session.get_inputs())
         self.outputs = tuple(_onnx_spec(o) for o in self._session.get_outputs())
         self._path = path
@@ -227,6 +234,53 @@ class OnnxRuntime(Runtime):
 
     def versions(self) -> dict[str, str]:
         return {"onnxruntime": package_version("onnxruntime") or "unknown"}
+
+    def settings(self) -> dict[str, str]:
+        return dict(self._settings)
+
+
+# ONNX Runtime's x86 int8 kernels (MLAS) run a QDQ model as u8 activations x s8 weights. Without VNNI they multiply
+# with vpmaddubsw, which adds each pair of products into 16 bits and saturates (2 * 255 * 127 = 64,770 > 32,767):
+# on AVX2 and AVX-512 CPUs without VNNI an int8 artifact then computes something else than its graph says (measured:
+# the equalized separable layer of tests/test_equalization.py, 98% top-1 agreement as the graph defines it, 89% as
+# computed). This session entry makes ONNX Runtime store s8 weights as u8 (w + 128, zero point moved with them) and
+# use its U8U8 kernels, which do not saturate: exact, as on ARM and on VNNI CPUs, at some speed. ONNX Runtime honours
+# it on x86 only; it is set only where VNNI is missing, so VNNI CPUs keep their faster exact kernels.
+X64_QUANT_PRECISION = "session.x64quantprecision"
+_X86_MACHINES = ("x86_64", "amd64", "i386", "i686", "x86")
+
+
+def saturating_cpu(machine: str, cpuinfo: str | None) -> bool:
+    """Whether ONNX Runtime's default int8 kernels can saturate on a CPU: x86 without avx512_vnni or avx_vnni in
+    its flags (`cpuinfo`: /proc/cpuinfo's text; None where there is none, as on macOS and Windows: assumed to)."""
+    if machine.lower() not in _X86_MACHINES:
+        return False
+    return cpuinfo is None or not re.search(r"\b(avx512_vnni|avx_vnni)\b", cpuinfo)
+
+
+@functools.cache
+def int8_kernels_saturate() -> bool:
+    """saturating_cpu for this machine."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text(errors="replace")
+    except OSError:
+        cpuinfo = None
+    return saturating_cpu(platform.machine(), cpuinfo)
+
+
+def _onnx_session(onnxruntime, path: Path, threads: int | None, providers, entries: dict[str, str]):
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    if threads:
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+    for key, value in entries.items():
+        options.add_session_config_entry(key, value)
+    try:
+        return onnxruntime.InferenceSession(str(path), options, providers=list(providers))
+    except Exception as error:  # onnxruntime raises its own exception types (InvalidProtobuf, Fail, ...)
+        raise ArtifactError(f"{path}: ONNX Runtime cannot load it ({first_line(error, 200)}); "
+                            f"the file is damaged or not an ONNX model: export it again") from error
 
 
 def _onnxruntime():

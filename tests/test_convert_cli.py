@@ -37,6 +37,12 @@ def listing(folder):
     return sorted(p.name for p in Path(folder).iterdir())
 
 
+def runtime_settings_here():
+    from sepconv.deploy.runtime import X64_QUANT_PRECISION, int8_kernels_saturate
+
+    return {X64_QUANT_PRECISION: "1"} if int8_kernels_saturate() else {}
+
+
 @pytest.fixture()
 def small_h5(tmp_path):
     keras.utils.set_random_seed(0)
@@ -88,6 +94,8 @@ def test_without_data_dynamic_and_manifests(tmp_path, small_h5):
     assert tflite["ops"]["DEPTHWISE_CONV_2D"] == 2
     onnx_manifest = json.loads((out / "m.onnx.json").read_text())
     assert onnx_manifest["opset"] == 17 and onnx_manifest["inputs"][0]["name"] == "pixels"
+    # what ONNX Runtime was told to verify it with: exact int8 kernels where its default ones saturate (x86, no VNNI)
+    assert onnx_manifest["runtime_settings"] == runtime_settings_here() and tflite["runtime_settings"] == {}
     assert digest(small_h5) == source_digest[str(small_h5)]
 
 

@@ -119,3 +119,69 @@ def test_missing_runtime_names_the_pip_command(tmp_path, small_artifacts):
     assert done.returncode == 0, done.stderr[-2000:]
     lines = done.stdout.strip().splitlines()
     assert "pip install ai-edge-litert" in lines[0] and "pip install onnxruntime" in lines[1]
+
+
+def _qdq_conv_summing_saturating_pairs(channels=8):
+    """A QDQ 1x1 Conv whose int8 input and weights are all 127 (1.0 at scale 1/127): the exact output is `channels`.
+    On x86, ONNX Runtime adds 128 to the s8 activations and multiplies them (255) by the s8 weights (127) in pairs:
+    2 * 255 * 127 = 64,770, past the 16 bits vpmaddubsw sums into (CPUs without VNNI)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    constants = {"s": np.array(1 / 127, np.float32), "z": np.array(0, np.int8),
+                 "w": np.full((1, channels, 1, 1), 127, np.int8), "s_out": np.array(channels / 127, np.float32)}
+    nodes = [helper.make_node("QuantizeLinear", ["x", "s", "z"], ["xq"]),
+             helper.make_node("DequantizeLinear", ["xq", "s", "z"], ["xd"]),
+             helper.make_node("DequantizeLinear", ["w", "s", "z"], ["wd"]),
+             helper.make_node("Conv", ["xd", "wd"], ["y"]),
+             helper.make_node("QuantizeLinear", ["y", "s_out", "z"], ["yq"]),
+             helper.make_node("DequantizeLinear", ["yq", "s_out", "z"], ["out"])]
+    graph = helper.make_graph(nodes, "saturating", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                                  [None, channels, 1, 1])],
+                              [helper.make_tensor_value_info("out", TensorProto.FLOAT, [None, 1, 1, 1])],
+                              [numpy_helper.from_array(value, name) for name, value in constants.items()])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_onnx_int8_is_exact_where_the_default_kernels_saturate(tmp_path):
+    """What the QDQ graph says, on every CPU: 8.0 (default ONNX Runtime gives 0.063 on AVX2 without VNNI)."""
+    path = tmp_path / "saturating.onnx"
+    path.write_bytes(_qdq_conv_summing_saturating_pairs(8).SerializeToString())
+    runtime = open_runtime(path)
+    (out,) = runtime.run([np.ones((2, 8, 1, 1), np.float32)])
+    np.testing.assert_allclose(out.ravel(), [8.0, 8.0], err_msg=f"int8 Conv with runtime settings {runtime.settings()}")
+
+
+def test_onnx_int8_with_a_shared_weight_loads_with_the_default_kernels(tmp_path):
+    """ONNX Runtime 1.32 cannot give u8 weights to a weight two Convs share (a shared Keras layer): such an artifact
+    still loads, with the default kernels where they saturate, and its settings say so."""
+    from onnx import TensorProto, helper
+
+    from sepconv.deploy.runtime import X64_QUANT_PRECISION, int8_kernels_saturate
+
+    model = _qdq_conv_summing_saturating_pairs(2)
+    graph = model.graph
+    graph.node.extend([helper.make_node("Conv", ["xd", "wd"], ["y2"]),
+                       helper.make_node("QuantizeLinear", ["y2", "s_out", "z"], ["yq2"]),
+                       helper.make_node("DequantizeLinear", ["yq2", "s_out", "z"], ["out2"])])
+    graph.output.append(helper.make_tensor_value_info("out2", TensorProto.FLOAT, [None, 1, 1, 1]))
+    path = tmp_path / "shared.onnx"
+    path.write_bytes(model.SerializeToString())
+    runtime = open_runtime(path)
+    assert runtime.settings() == ({X64_QUANT_PRECISION: "0"} if int8_kernels_saturate() else {})
+    # 2 channels of 1.0 x 1.0: one pair, 2 * 255 * 127 saturates where the default kernels do
+    outputs = runtime.run([np.ones((1, 2, 1, 1), np.float32)])
+    assert len(outputs) == 2 and outputs[0].shape == (1, 1, 1, 1)
+
+
+@pytest.mark.parametrize("machine, cpuinfo, saturates", [
+    ("x86_64", "flags\t\t: fpu sse4_1 avx avx2 fma", True),  # AMD EPYC (Zen 2/3), Intel Haswell..Coffee Lake
+    ("x86_64", "flags\t\t: avx2 avx512f avx512bw", True),  # AVX-512 without VNNI (Skylake-SP)
+    ("x86_64", "flags\t\t: avx2 avx512f avx512_vnni", False),  # Cascade Lake and later, Zen 4
+    ("x86_64", "flags\t\t: avx2 avx_vnni", False),  # Alder Lake
+    ("AMD64", None, True),  # Windows: no /proc/cpuinfo, the exact kernels
+    ("aarch64", "Features\t: fp asimd", False),  # Raspberry Pi: ONNX Runtime's int8 is exact
+])
+def test_saturating_cpus_are_recognised(machine, cpuinfo, saturates):
+    from sepconv.deploy.runtime import saturating_cpu
+
+    assert saturating_cpu(machine, cpuinfo) is saturates
