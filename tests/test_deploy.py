@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from sepconv.deploy.errors import HostUnreachableError, RemoteRuntimeError
+from sepconv.deploy.files import sha256
 from sepconv.deploy.remote import (DeployOptions, bench_command, device_xnnpack, prediction_mismatches, run_benchmark,
                                    upload)
 from sepconv.deploy.ssh import Connection, parse_target
@@ -62,6 +63,10 @@ def assert_one_line_failure(done, phrase):
 
 def partial_files(folder: Path):
     return [p for p in folder.rglob("*.partial")] if folder.exists() else []
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
 def test_deploy_benchmarks_on_the_device_and_brings_the_report_back(deployed, sshd):
@@ -241,6 +246,7 @@ def test_server_gone_mid_run(small_artifacts, tmp_path):
     assert last.startswith("deploy-model: error: sepconv-test:") and ("unreachable" in last or "closed" in last), \
         stderr[-2000:]
     assert not partial_files(tmp_path / "remote")
+    assert wait_until_none_mention(str(tmp_path / "remote")) == [], "no benchmark or ssh client of the run is left"
 
 
 def ctrl_c_as_in_a_terminal():
@@ -254,6 +260,7 @@ def test_ctrl_c_stops_the_remote_benchmark_at_once(deployed, sshd, small_artifac
     30 minutes), and the benchmark on the device is killed, not left running."""
     local = tmp_path / f"ctrl-c-{uuid.uuid4().hex}.tflite"
     shutil.copy(small_artifacts["tflite"], local)
+    device_files, remote_files = sshd.device_files(), files_under(deployed["remote_dir"])
     process = subprocess.Popen([DEPLOY, ALIAS, str(local), "--ssh-config", str(sshd.client_config()), "--remote-dir",
                                 str(deployed["remote_dir"]), "--reports", str(tmp_path / "reports"), "--min-time",
                                 "1000", "--max-time", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -266,6 +273,9 @@ def test_ctrl_c_stops_the_remote_benchmark_at_once(deployed, sshd, small_artifac
     assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "deploy-model: interrupted", stderr
     assert "Traceback" not in stderr
     assert wait_until_none_mention(remote) == [], "the remote benchmark was killed with its session"
+    sshd.assert_left_nothing(device_files)
+    copied = f"artifacts/{sha256(local)}.tflite"
+    assert files_under(deployed["remote_dir"]) - remote_files <= {copied}, "nothing but the artifact was left there"
 
 
 def _fleet_config(sshd, tmp_path) -> Path:
