@@ -24,6 +24,9 @@ from sepconv.deploy.ssh import Connection, parse_target
 from helpers import save_npz, write_file
 from sshd import ALIAS, LoopbackSshd, processes_mentioning, wait_until_none_mention
 
+# One xdist worker runs this file's loopback tests (scripts/test: --dist loadgroup), so its module fixtures (an sshd,
+# a deploy that installs the runtime) are made once; the emulated Pi, independent of them, may run on the other.
+pytestmark = pytest.mark.xdist_group("loopback-deploy")
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 DEPLOY = str(Path(sys.executable).parent / "deploy-model")
@@ -521,6 +524,7 @@ def test_bad_arguments(tmp_path, args, phrase):
 
 
 @pytest.mark.slow
+@pytest.mark.xdist_group("emulated-pi")
 def test_emulated_raspberry_pi(tmp_path, small_artifacts, trained_demo):
     """An arm64 Debian bookworm userland under qemu-user with sshd: the report says aarch64 and the device's top-1
     predictions are those of the x86 run: the same classes exactly for float32 artifacts, and for the digits demo
