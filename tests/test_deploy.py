@@ -523,9 +523,16 @@ def test_bad_arguments(tmp_path, args, phrase):
     assert done.returncode in (1, 2) and phrase in done.stderr.strip().splitlines()[-1], done.stderr
 
 
+@pytest.fixture(scope="module")
+def pi_emulator_folder(tmp_path_factory):
+    """The emulated Pi's folder (not the working tree's build/): its arm64 userland is built by the first `start` and
+    reused by the next (scripts/test --repeat runs the test again), as build/pi-emulator is for a user."""
+    return tmp_path_factory.mktemp("pi-emulator")
+
+
 @pytest.mark.slow
 @pytest.mark.xdist_group("emulated-pi")
-def test_emulated_raspberry_pi(tmp_path, small_artifacts, trained_demo):
+def test_emulated_raspberry_pi(tmp_path, small_artifacts, trained_demo, pi_emulator_folder):
     """An arm64 Debian bookworm userland under qemu-user with sshd: the report says aarch64 and the device's top-1
     predictions are those of the x86 run: the same classes exactly for float32 artifacts, and for the digits demo
     converted to int8, the same accuracy on the 450 test digits within 2 of them - by default, because deploy-model
@@ -539,7 +546,7 @@ def test_emulated_raspberry_pi(tmp_path, small_artifacts, trained_demo):
     sys.path.insert(0, str(ROOT / "scripts"))
     import pi_emulator
 
-    folder = tmp_path / "pi-emulator"  # not the working tree's build/
+    folder = pi_emulator_folder
     started = subprocess.run([sys.executable, str(ROOT / "scripts/pi_emulator.py"), "start", "--json", "--dir",
                               str(folder)], capture_output=True, text=True, timeout=1200)
     assert started.returncode == 0, f"the emulated Pi did not start: {started.stderr[-2000:]}"
