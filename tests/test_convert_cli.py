@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import keras
@@ -342,27 +343,61 @@ def test_help_is_instant_and_needs_no_tensorflow():
     assert shown.returncode == 0 and "--quantize" in shown.stdout and "--allow-flex" in shown.stdout
 
 
+# Each fine-tuning epoch of the run to interrupt waits this long after its checkpoint and progress line
+# (SEPCONV_TEST_EPOCH_DELAY, docs/finetune.md): the test signals as soon as it reads epoch 1's line, well inside it.
+INTERRUPT_WINDOW_SECONDS = 60
+
+
+def wait_until_gone(pids, seconds=60):
+    """Wait (up to `seconds`) until none of `pids` is alive (zombies count as gone); return those still running."""
+    deadline = time.time() + seconds
+    while time.time() < deadline and alive(pids):
+        time.sleep(0.1)
+    return alive(pids)
+
+
+def alive(pids):
+    running = []
+    for pid in pids:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z":
+            running.append(pid)
+    return running
+
+
+def wait_for_stderr_line(process, text):
+    """Read the child's stderr line by line as it comes until a line holds `text`; return the lines read. Fails if
+    the stream ends first (pytest-timeout bounds a child that hangs)."""
+    lines = []
+    for line in process.stderr:
+        lines.append(line)
+        if text in line:
+            return lines
+    pytest.fail(f"the run ended (status {process.wait()}) before printing {text!r}: {''.join(lines)[-3000:]}")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("how", ["ctrl-c", "killed"])
 def test_interrupted_fine_tuning_then_resume(tmp_path, trained_demo, how):
     """Stopped after the first epoch's checkpoint (Ctrl-C: exit 130 with the resume hint; SIGKILL: no word at all),
     nothing but the checkpoints is left; a plain rerun refuses to overwrite them; --resume finishes the job."""
     import signal
-    import time
 
     out = tmp_path / "out"
     out.mkdir()
     args = [trained_demo["h5"], out / "d.tflite", "--data", trained_demo["npz"], "--rank", "1", "--epochs", "5",
             "--patience", "5", "--quantize", "none"]
-    env = dict(os.environ, PYTHONPATH=str(HERE))
+    env = dict(os.environ, PYTHONPATH=str(HERE), SEPCONV_TEST_EPOCH_DELAY=str(INTERRUPT_WINDOW_SECONDS))
     process = subprocess.Popen([*CONVERT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                text=True, env=env)
-    deadline = time.time() + 600
-    while time.time() < deadline and not (out / "d.tflite.checkpoints" / "fit").is_dir():
-        time.sleep(0.5)
-    time.sleep(3)  # well into an epoch after the first checkpoint
+    before = wait_for_stderr_line(process, "finetune: epoch 1/5")  # printed after epoch 1's checkpoint
+    run_and_worker = process_tree(process.pid)  # convert-model and its worker (convert/supervise.py)
     process.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
-    _, stderr = process.communicate(timeout=300)
+    _, rest = process.communicate(timeout=300)
+    stderr = "".join(before) + rest
     if how == "ctrl-c":
         assert process.returncode == 130, stderr[-3000:]
         assert "Traceback" not in stderr
@@ -371,10 +406,11 @@ def test_interrupted_fine_tuning_then_resume(tmp_path, trained_demo, how):
         assert "run the same command with --resume to continue" in stderr
     else:
         assert process.returncode == -signal.SIGKILL
+    assert wait_until_gone(run_and_worker) == [], "the interrupted run's worker does not outlive it"
+    assert "finetune: epoch 2/5" not in stderr, "the signal came inside epoch 1's window: " + stderr[-2000:]
     locks = [".d.tflite.checkpoints.lock", ".d.tflite.lock"] if how == "killed" else []  # Ctrl-C removes them
     assert listing(out) == locks + ["d.tflite.checkpoints"], "no artifact, only the checkpoints (and a killed run's " \
         "unlocked lock files, which the next run takes over)"
-    assert [line for line in stderr.splitlines() if "finetune: epoch " in line], stderr[-2000:]
 
     refused = run(*args)
     assert refused.returncode == 1 and "pass --resume to continue it, or delete the folder" in refused.stderr

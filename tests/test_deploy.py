@@ -17,12 +17,16 @@ from pathlib import Path
 import pytest
 
 from sepconv.deploy.errors import HostUnreachableError, RemoteRuntimeError
+from sepconv.deploy.files import sha256
 from sepconv.deploy.remote import (DeployOptions, bench_command, device_xnnpack, prediction_mismatches, run_benchmark,
                                    upload)
 from sepconv.deploy.ssh import Connection, parse_target
 from helpers import save_npz, write_file
 from sshd import ALIAS, LoopbackSshd, processes_mentioning, wait_until_none_mention
 
+# One xdist worker runs this file's loopback tests (scripts/test: --dist loadgroup), so its module fixtures (an sshd,
+# a deploy that installs the runtime) are made once; the emulated Pi, independent of them, may run on the other.
+pytestmark = pytest.mark.xdist_group("loopback-deploy")
 HERE = Path(__file__).parent
 ROOT = HERE.parent
 DEPLOY = str(Path(sys.executable).parent / "deploy-model")
@@ -62,6 +66,10 @@ def assert_one_line_failure(done, phrase):
 
 def partial_files(folder: Path):
     return [p for p in folder.rglob("*.partial")] if folder.exists() else []
+
+
+def files_under(folder: Path) -> set[str]:
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
 
 
 def test_deploy_benchmarks_on_the_device_and_brings_the_report_back(deployed, sshd):
@@ -241,6 +249,7 @@ def test_server_gone_mid_run(small_artifacts, tmp_path):
     assert last.startswith("deploy-model: error: sepconv-test:") and ("unreachable" in last or "closed" in last), \
         stderr[-2000:]
     assert not partial_files(tmp_path / "remote")
+    assert wait_until_none_mention(str(tmp_path / "remote")) == [], "no benchmark or ssh client of the run is left"
 
 
 def ctrl_c_as_in_a_terminal():
@@ -254,6 +263,7 @@ def test_ctrl_c_stops_the_remote_benchmark_at_once(deployed, sshd, small_artifac
     30 minutes), and the benchmark on the device is killed, not left running."""
     local = tmp_path / f"ctrl-c-{uuid.uuid4().hex}.tflite"
     shutil.copy(small_artifacts["tflite"], local)
+    device_files, remote_files = sshd.device_files(), files_under(deployed["remote_dir"])
     process = subprocess.Popen([DEPLOY, ALIAS, str(local), "--ssh-config", str(sshd.client_config()), "--remote-dir",
                                 str(deployed["remote_dir"]), "--reports", str(tmp_path / "reports"), "--min-time",
                                 "1000", "--max-time", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
@@ -266,6 +276,9 @@ def test_ctrl_c_stops_the_remote_benchmark_at_once(deployed, sshd, small_artifac
     assert process.returncode == 130 and stderr.strip().splitlines()[-1] == "deploy-model: interrupted", stderr
     assert "Traceback" not in stderr
     assert wait_until_none_mention(remote) == [], "the remote benchmark was killed with its session"
+    sshd.assert_left_nothing(device_files)
+    copied = f"artifacts/{sha256(local)}.tflite"
+    assert files_under(deployed["remote_dir"]) - remote_files <= {copied}, "nothing but the artifact was left there"
 
 
 def _fleet_config(sshd, tmp_path) -> Path:
@@ -512,8 +525,16 @@ def test_bad_arguments(tmp_path, args, phrase):
     assert done.returncode in (1, 2) and phrase in done.stderr.strip().splitlines()[-1], done.stderr
 
 
+@pytest.fixture(scope="module")
+def pi_emulator_folder(tmp_path_factory):
+    """The emulated Pi's folder (not the working tree's build/): its arm64 userland is built by the first `start` and
+    reused by the next (scripts/test --repeat runs the test again), as build/pi-emulator is for a user."""
+    return tmp_path_factory.mktemp("pi-emulator")
+
+
 @pytest.mark.slow
-def test_emulated_raspberry_pi(tmp_path, small_artifacts, trained_demo):
+@pytest.mark.xdist_group("emulated-pi")
+def test_emulated_raspberry_pi(tmp_path, small_artifacts, trained_demo, pi_emulator_folder):
     """An arm64 Debian bookworm userland under qemu-user with sshd: the report says aarch64 and the device's top-1
     predictions are those of the x86 run: the same classes exactly for float32 artifacts, and for the digits demo
     converted to int8, the same accuracy on the 450 test digits within 2 of them - by default, because deploy-model
@@ -527,7 +548,7 @@ def test_emulated_raspberry_pi(tmp_path, small_artifacts, trained_demo):
     sys.path.insert(0, str(ROOT / "scripts"))
     import pi_emulator
 
-    folder = tmp_path / "pi-emulator"  # not the working tree's build/
+    folder = pi_emulator_folder
     started = subprocess.run([sys.executable, str(ROOT / "scripts/pi_emulator.py"), "start", "--json", "--dir",
                               str(folder)], capture_output=True, text=True, timeout=1200)
     assert started.returncode == 0, f"the emulated Pi did not start: {started.stderr[-2000:]}"

@@ -67,3 +67,19 @@ def test_the_stated_python_support_is_one_and_true():
     readme = (ROOT / "README.md").read_text()
     assert f"Requirements: Python {major}.{minor}+" in readme and "3.9+ (tested" not in readme
     assert sys.version_info >= (major, minor)
+
+
+def test_repeat_mode_collects_the_slow_tests_n_times_in_a_random_order():
+    """scripts/test --repeat N (the flakiness check): only the slow tests, each N times, shuffled with a printed seed."""
+    env = dict(os.environ, SEPCONV_TEST_WORKERS="0")
+    listed = subprocess.run([str(ROOT / "scripts/test"), "--repeat", "3", "--collect-only",
+                             "tests/test_demo_cli.py"], env=env, capture_output=True, text=True, timeout=600,
+                            stdin=subprocess.DEVNULL)
+    assert listed.returncode == 0, listed.stdout[-2000:] + listed.stderr[-2000:]
+    ids = [line.strip() for line in listed.stdout.splitlines() if line.strip().startswith("<Function ")]
+    expected = [f"<Function test_demo_separates_converts_benchmarks_and_reports[{n}-3]>" for n in (1, 2, 3)]
+    assert sorted(ids) == expected, f"the file's one slow test (and no other), three times: {ids}"
+    assert "Using --randomly-seed=" in listed.stdout
+    refused = subprocess.run([str(ROOT / "scripts/test"), "--repeat", "x"], capture_output=True, text=True,
+                             timeout=60, stdin=subprocess.DEVNULL)
+    assert refused.returncode == 2 and "--repeat takes a count >= 1" in refused.stderr

@@ -13,7 +13,7 @@ import pytest
 from sepconv.deploy.errors import (AuthenticationError, HostKeyError, HostUnreachableError, InvalidOptionError,
                                    RemoteError)
 from sepconv.deploy.ssh import SOCKET_PATH_LIMIT, Connection, SshOptions, parse_target
-from sshd import ALIAS, LoopbackSshd, processes_mentioning, wait_until_none_mention
+from sshd import ALIAS, LoopbackSshd, base_python, processes_mentioning, wait_until_none_mention
 
 NASTY = "a b'c\"d;e $(touch PWNED) `x` &|<>*?.txt"
 
@@ -125,6 +125,18 @@ def test_control_socket_path_fits_macos_limit_under_a_deep_temporary_folder(sshd
         assert len(os.fsencode(str(sockets[0]))) + 17 < SOCKET_PATH_LIMIT, sockets[0]
 
 
+def test_the_loopback_device_runs_the_python_the_test_chose_in_a_userland_of_its_own(sshd):
+    """Not the host user's login environment: no rc file of theirs ran (root's ~/.bashrc ran `pyenv init`, whose
+    rehash lock made every remote python3 wait 60 s), python3 is the chosen interpreter, HOME is the device's."""
+    script = 'command -v python3; pwd; echo "$HOME"; env | grep -c "^PYENV" || true'
+    with connect(sshd.client_config()) as conn:
+        python3, cwd, home, pyenv_variables = conn.run(["sh", "-c", script]).stdout.decode().split()
+        executable = conn.run(["python3", "-c", "import os, sys; print(os.path.realpath(sys.executable))"])
+    assert python3 == str(sshd.device_bin / "python3") and Path(executable.stdout.decode().strip()) == base_python()
+    assert cwd == home == str(sshd.device_home), "the device's home is its own, and sessions start there"
+    assert pyenv_variables == "0", "the host user's shell start-up files did not run"
+
+
 SLEEPER = ["python3", "-c", "import sys, time; time.sleep(600)"]
 
 
@@ -133,6 +145,7 @@ def test_aborted_remote_step_is_killed_on_the_device(sshd):
     (before, the remote program ran on to its end)."""
     marker = f"sepconv-abort-{uuid.uuid4().hex}"
     errors = []
+    files_before = sshd.device_files()
     with connect(sshd.client_config()) as conn:
         def step():
             try:
@@ -153,15 +166,18 @@ def test_aborted_remote_step_is_killed_on_the_device(sshd):
         with pytest.raises(RemoteError, match="stopped"):
             conn.run(["true"])
     assert wait_until_none_mention(marker) == [], "the remote program was killed with its session"
+    sshd.assert_left_nothing(files_before)
 
 
 def test_timed_out_remote_step_is_killed_on_the_device(sshd):
     marker = f"sepconv-timeout-{uuid.uuid4().hex}"
+    files_before = sshd.device_files()
     with connect(sshd.client_config()) as conn:
         with pytest.raises(RemoteError, match="did not finish within 2 s"):
             conn.run([*SLEEPER, marker], watch=True, timeout=2)
         assert conn.run(["echo", "still usable"]).stdout == b"still usable\n"
     assert wait_until_none_mention(marker) == [], "a timed-out step does not keep running on the device"
+    sshd.assert_left_nothing(files_before)
 
 
 def test_watched_step_streams_stderr_and_keeps_status_and_stdout(sshd):

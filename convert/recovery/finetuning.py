@@ -27,6 +27,9 @@ from sepconv.convert.files import disk_full
 
 STRATEGIES = ("auto", "default", "mirrored")
 DEFAULT_LEARNING_RATE = 1e-3
+# For tests only (docs/finetune.md): seconds each epoch waits after its checkpoint and progress line, so that a test can
+# interrupt a run that is, by construction, still fine-tuning.
+EPOCH_DELAY = "SEPCONV_TEST_EPOCH_DELAY"
 
 
 @dataclass(frozen=True)
@@ -161,7 +164,8 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
     with _ctrl_c_between_batches() as stop, _disk_full_while_checkpointing(options.checkpoint_dir):
         history = trainer.fit(x_train, t_train, validation_data=(x_val, t_val),
                               epochs=options.epochs, batch_size=options.batch_size,
-                              callbacks=own + [log, stop] + list(callbacks), verbose=0 if progress else verbose,
+                              callbacks=own + [log, stop, *_epoch_delay(stop)] + list(callbacks),
+                              verbose=0 if progress else verbose,
                               shuffle=True)  # stop comes after the checkpoint callback: a save is never cut in half
     values = history.history.get(monitor, [])
     best = int(np.nanargmax(values)) if values else -1
@@ -189,6 +193,10 @@ def _ctrl_c_between_batches():
     pressed = []
 
     class StopOnCtrlC(keras.callbacks.Callback):
+        def __init__(self):
+            super().__init__()
+            self.pressed = pressed
+
         def on_train_batch_end(self, batch, logs=None):
             if pressed:
                 raise KeyboardInterrupt
@@ -256,6 +264,29 @@ def _atomic_backup_class():
                     Path(written).unlink(missing_ok=True)
 
     return AtomicBackupAndRestore
+
+
+def _epoch_delay(stop) -> list:
+    """[a callback that waits SEPCONV_TEST_EPOCH_DELAY seconds at each epoch's end, or until Ctrl-C is pressed
+    (`stop.pressed`)], or [] when the variable is not set."""
+    value = os.environ.get(EPOCH_DELAY, "").strip()
+    if not value:
+        return []
+    try:
+        seconds = float(value)
+    except ValueError:
+        seconds = -1.0
+    if not 0 <= seconds <= 3600:
+        raise InvalidOptionError(f"Unrecognized {EPOCH_DELAY}={value!r}. Use seconds from 0 to 3600 (tests only)")
+    import keras
+
+    class EpochDelay(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            deadline = time.monotonic() + seconds
+            while not stop.pressed and time.monotonic() < deadline:
+                time.sleep(min(0.1, seconds))
+
+    return [EpochDelay()]
 
 
 @functools.cache
