@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
+from sepconv.convert.data import DataInfo
 from sepconv.convert.errors import VerificationError
 from sepconv.convert.memory import release_memory
 from sepconv.convert.options import ConvertOptions, latency_options
 from sepconv.convert.outputs import disk_full_as
-from sepconv.convert.results import Artifact
+from sepconv.convert.results import Artifact, Source
 from sepconv.convert.export.targets import target_for
 from sepconv.convert.export.tflite import NEEDS_DATA
 from sepconv.convert.export.verification import within_budget
@@ -28,7 +29,7 @@ class ExportJob:
     model: the Keras model to export (separated and recovered, or the original with --no-separate). original /
     expected: verification.Outputs of the model before separation (None without separation) / of `model` on the test
     inputs, computed once for every output. calibration: quantization.Calibration (None without data). held: the
-    pipeline's HeldOut (validation, test). data_info: the data's description (run_data.datasets). report / recovery:
+    pipeline's HeldOut (validation, test). data_info: the data's DataInfo (data.datasets). report / recovery:
     the SeparationReport / RecoveryReport (None with --no-separate). say: progress(stage, message)."""
 
     model: object
@@ -36,9 +37,9 @@ class ExportJob:
     expected: object
     calibration: object
     held: object
-    data_info: dict
+    data_info: DataInfo
     options: ConvertOptions
-    source: dict  # the input model as the manifest records it: {"path", "sha256"} (hashed once per run)
+    source: Source  # the input model, hashed once per run
     report: object
     recovery: object
     say: Callable[[str, str], None]
@@ -132,7 +133,7 @@ def _export_and_verify(job: ExportJob, item: dict) -> dict:
     layout = unit.layout(export)
     heldout = held.test
     started = time.perf_counter()
-    inputs = "held-out samples" if job.data_info["source"] else "synthetic inputs"
+    inputs = "held-out samples" if job.data_info.source else "synthetic inputs"
     runtime = None
     calibrated = f", calibrated on {len(calibration.samples)} samples" if mode in NEEDS_DATA else ""
     say("export", f"{target}: converting ({fmt}, {mode}{calibrated})")
@@ -157,14 +158,14 @@ def _export_and_verify(job: ExportJob, item: dict) -> dict:
         runtime = open_runtime(tmp)
         verification = verify(model, runtime, heldout.x, heldout.y, quantized=mode != "none", quantize=mode,
                               tolerance=options.tolerance, layout=layout, inputs=inputs, original=original,
-                              synthetic=not job.data_info["source"], expected=expected.values)
+                              synthetic=not job.data_info.source, expected=expected.values)
         verification = within_budget(verification, runtime, held, recovery, layout=layout)
     verification = _named(verification, target)
     manifest = build_manifest(Path(tmp), final_path=target, fmt=fmt, quantize=mode, runtime=runtime, layout=layout,
-                              source=job.source,
+                              source=job.source.identity(),
                               separation=report.to_dict() if report else None,
                               recovery=recovery.to_dict() if recovery else None, verification=verification,
-                              options=options.describe(), preprocessing=job.data_info["preprocessing"],
+                              options=options.describe(), preprocessing=job.data_info.preprocessing,
                               quantize_fallback=item["fallback"], quantization=item.get("quantization"),
                               extras=unit.manifest_extras(Path(tmp)))
     fd, item["tmp_manifest"] = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
