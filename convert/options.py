@@ -170,8 +170,8 @@ def recovery_options(options: ConvertOptions, plan: Plan, targets: list[Path]):
 
     budget = plan.max_accuracy_drop
     folder = options.checkpoint_dir or str(targets[0].with_name(targets[0].name + CHECKPOINTS_SUFFIX))
-    return RecoveryOptions(refine=plan.refine, recalibrate_bn=plan.recalibrate_bn, epochs=plan.epochs,
-                           finetune=options.finetune,
+    return RecoveryOptions(separation=options.separation, refine=plan.refine, recalibrate_bn=plan.recalibrate_bn,
+                           epochs=plan.epochs, finetune=options.finetune,
                            budget=None if budget is None else BudgetOptions(max_drop=budget, refine=plan.refine),
                            checkpoint_dir=folder, resume=options.resume,
                            latency=latency_options(options, plan.quantize, targets))

@@ -161,8 +161,7 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
         from sepconv.convert.recovery.steps import recover
 
         with timer("separate and recover"), disk_full_as("writing checkpoints in", recovery_options.checkpoint_dir):
-            exported, report, recovery = recover(model, train, calibration, validation, heldout,
-                                                 options.separation, recovery_options,
+            exported, report, recovery = recover(model, train, calibration, validation, heldout, recovery_options,
                                                  source_sha256=source_record.sha256, progress=say,
                                                  reference=reference, validation_reference=validation_reference)
         if not report.separated:

@@ -42,8 +42,11 @@ FROZEN_FINETUNED = "finetuned-frozen-bn.weights.h5"
 
 @dataclass(frozen=True)
 class RecoveryOptions:
-    """What happens after separation. epochs=0: no fine-tuning; budget=None: the separation policy decides K."""
+    """How the model is separated and what happens after. separation: the policy (K fixed, by energy, per layer;
+    the layers included and excluded); with a budget, K is chosen per layer among the layers it allows.
+    epochs=0: no fine-tuning; budget=None: the separation policy decides K."""
 
+    separation: SeparationOptions = field(default_factory=SeparationOptions)
     refine: bool = False
     recalibrate_bn: bool = False
     epochs: int = 0
@@ -54,6 +57,8 @@ class RecoveryOptions:
     latency: object | None = None  # latency_table.LatencyOptions: the budget's K chosen for speed on a target
 
     def __post_init__(self):
+        if not isinstance(self.separation, SeparationOptions):
+            raise InvalidOptionError(f"Unrecognized separation={self.separation!r}. Use SeparationOptions(...)")
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise InvalidOptionError(f"Unrecognized epochs={self.epochs!r}. Use a whole number >= 0 (0: no "
                                      f"fine-tuning)")
@@ -157,20 +162,21 @@ class Step:
     summary: Callable[[object], str] = lambda result: ""  # what it did, for its progress line
 
 
-def recover(original, train, calibration: np.ndarray | None, validation, test, separation: SeparationOptions,
-            options: RecoveryOptions, *, source_sha256: str = "", progress: Progress | None = None, reference=None,
-            validation_reference=None):
-    """(separated model, SeparationReport, RecoveryReport): see the module doc. `train`, `validation` and `test` are
-    Datasets (x, y or None): the first trains (`calibration`, a part of it, feeds refinement, BatchNorm statistics and
-    the budget search's refinement), the second chooses (sensitivity, early stopping, which stages are kept), the
-    third only scores. Without data `validation` is None: nothing is chosen, only the separation runs.
-    reference / validation_reference: verification.Outputs of `original` on the test / validation inputs, shared
-    with the caller (verification, the artifacts' budget check), so that the original runs once on each."""
+def recover(original, train, calibration: np.ndarray | None, validation, test, options: RecoveryOptions, *,
+            source_sha256: str = "", progress: Progress | None = None, reference=None, validation_reference=None):
+    """(separated model, SeparationReport, RecoveryReport): see the module doc. `options` says how to separate
+    (options.separation) and recover. `train`, `validation` and `test` are Datasets (x, y or None): the first trains
+    (`calibration`, a part of it, feeds refinement, BatchNorm statistics and the budget search's refinement), the
+    second chooses (sensitivity, early stopping, which stages are kept), the third only scores. Without data
+    `validation` is None: nothing is chosen, only the separation runs. reference / validation_reference:
+    verification.Outputs of `original` on the test / validation inputs, shared with the caller (verification, the
+    artifacts' budget check), so that the original runs once on each."""
     from sepconv.convert.separation.walk import separate_with
 
     say = progress or (lambda stage, message: None)
+    separation = options.separation
     folder = Path(options.checkpoint_dir) if options.epochs else None
-    state = _open_state(folder, options, source_sha256, separation)
+    state = _open_state(folder, options, source_sha256)
     scorer = _Scorer(original, validation, test, {"test": reference, "validation": validation_reference})
     stages = [scorer.stage("original", original, 0.0)]
     plan = BudgetPlan.from_dict(state["plan"]) if state.get("plan") is not None else None
@@ -458,11 +464,11 @@ class _Scorer:
         return accuracy, hit_rate(predicted, self._reference[role])
 
 
-def _open_state(folder: Path | None, options: RecoveryOptions, source_sha256: str, separation) -> dict:
+def _open_state(folder: Path | None, options: RecoveryOptions, source_sha256: str) -> dict:
     """The saved state of an interrupted run (resume), or a fresh one; refuses to overwrite or to mix runs."""
     if folder is None:
         return {}
-    key = {"source_sha256": source_sha256, "separation": separation.describe(),
+    key = {"source_sha256": source_sha256, "separation": options.separation.describe(),
            "budget": asdict(options.budget) if options.budget else None}
     if options.latency is not None:  # a plan chosen for latency resumes only with the same target and device
         key["latency"] = options.latency.describe()
