@@ -1,19 +1,25 @@
-"""Data a user brings: an .npz with x (and y), a folder of images in class sub-folders, or a flat folder of images.
+"""Data a user brings: an .npz with x (and y), a folder of images in class sub-folders, or a flat folder of images;
+and a run's data in its three roles (`datasets`).
 
 Everything is turned into float32 arrays shaped like the model's input. Image files and integer arrays are scaled
 by `DataOptions.scale` (then normalised by mean/std if given); float arrays are taken as already preprocessed, since
 only the user knows how the model was trained.
+
+A run's data plays three roles, which never share a sample: train (with a part that calibrates), validation (every
+choice) and test (scores and verification only); without data, synthetic test inputs. `datasets` returns them as a
+RunData, with the DataInfo that the result and the manifests report.
 """
 
 from __future__ import annotations
 
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from sepconv.convert.errors import DataError, InvalidOptionError
+from sepconv.convert.errors import DataError, InvalidOptionError, UnsupportedModelError
 from sepconv.deploy.files import first_line
 from sepconv.deploy.preprocess import AUTO, SCALES  # one definition for both sides
 from sepconv.deploy.scores import class_labels
@@ -21,6 +27,11 @@ from sepconv.deploy.scores import class_labels
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
 SEED = 0  # of every shuffle and sample here: the same files give the same data
 MAX_IMAGE_PIXELS = 1 << 26  # 67 M pixels (8192 x 8192): more than any camera image, less than PIL's bomb warning
+MIN_SAMPLES = 20  # a run with data needs some samples to train on, some to validate with and some to test on
+SYNTHETIC_SAMPLES = 64
+
+if TYPE_CHECKING:  # options imports this module: the annotation only
+    from sepconv.convert.options import ConvertOptions
 
 
 @dataclass(frozen=True)
@@ -242,8 +253,6 @@ def check_labels(data: Dataset, classes: int) -> None:
 
 def resolve_scale(model, options: DataOptions) -> tuple[DataOptions, str]:
     """(options with scale 'auto' resolved for `model`, a note saying what was chosen and why)."""
-    from dataclasses import replace
-
     if options.scale != AUTO:
         return options, f"scale {options.scale}"
     layer = _input_rescaling(model)
@@ -285,3 +294,107 @@ def split(data: Dataset, heldout: float = 0.25, seed: int = 0) -> tuple[Dataset,
     order = np.random.default_rng(seed).permutation(len(data))
     cut = min(len(data) - 1, max(1, int(round(len(data) * heldout))))
     return data.take(order[cut:]), data.take(order[:cut])
+
+
+@dataclass(frozen=True)
+class DataInfo:
+    """The data of a run and its three roles: train (a part of it calibrates), validation (every choice), test
+    (scores and verification only); without data, the synthetic inputs verification ran on."""
+
+    source: str | None  # --data; None: synthetic inputs
+    test_source: str | None  # --test-data; None: held out from --data
+    validation_source: str | None  # --validation-data; None: held out from --data
+    samples: int
+    labelled: bool
+    scale: str | None
+    preprocessing: dict  # scale, mean, std and the reason (what the manifest records for the device)
+    train_samples: int
+    calibration_samples: int
+    validation_samples: int
+    heldout_samples: int
+    heldout_labelled: bool
+    description: str
+
+    def to_dict(self) -> dict:
+        fields = asdict(self)
+        if self.source is None:  # a run without data has no validation set: the key is absent from its JSON
+            del fields["validation_source"]
+        return fields
+
+
+@dataclass(frozen=True)
+class RunData:
+    """A run's data in its three roles (module doc): train, calibration (its inputs, a part of train), validation,
+    test, and their DataInfo. Without data, train, calibration and validation are None and test holds synthetic
+    inputs."""
+
+    train: Dataset | None
+    calibration: np.ndarray | None
+    validation: Dataset | None
+    test: Dataset
+    info: DataInfo
+
+
+def datasets(model, options: ConvertOptions) -> RunData:
+    """The run's data in its three roles, which never share a sample (recovery/steps.py says who uses what); without
+    data, synthetic test inputs."""
+    if len(model.inputs) != 1:
+        raise UnsupportedModelError(f"convert-model handles single-input models; this one has {len(model.inputs)} "
+                                    f"inputs: use export_tflite / export_onnx from the Python API")
+    data_options, scale_note = resolve_scale(model, options.data_options)
+    preprocessing = {"scale": data_options.scale, "mean": data_options.mean, "std": data_options.std,
+                     "reason": scale_note}
+    if options.data:
+        return _split_roles(model, options, data_options, preprocessing, scale_note)
+    return _synthetic(model, preprocessing)
+
+
+def _split_roles(model, options: ConvertOptions, data_options: DataOptions, preprocessing: dict,
+                 scale_note: str) -> RunData:
+    data = _labelled_data(options.data, model, data_options)
+    if options.test_data:
+        rest, test = data, _labelled_data(options.test_data, model, data_options)
+    else:
+        rest, test = split(data, heldout=options.heldout_fraction)
+    if options.validation_data:
+        train = rest.take(np.random.default_rng(1).permutation(len(rest)))  # all of it, shuffled
+        validation = _labelled_data(options.validation_data, model, data_options)
+    else:
+        train, validation = split(rest, heldout=options.validation_fraction, seed=1)
+    calibration = train.take(np.arange(min(options.calibration_samples, len(train))))
+    labels = "labelled" if data.y is not None else "unlabelled"
+    held = f"{len(test)} from {test.source}" if options.test_data else f"{len(test)} held out"
+    info = DataInfo(
+        source=data.source, test_source=test.source if options.test_data else None,
+        validation_source=validation.source if options.validation_data else None,
+        samples=len(data), labelled=data.y is not None, scale=data_options.scale, preprocessing=preprocessing,
+        train_samples=len(train), calibration_samples=len(calibration), validation_samples=len(validation),
+        heldout_samples=len(test), heldout_labelled=test.y is not None,
+        description=f"{len(data)} {labels} samples from {data.source} ({scale_note}): {len(train)} to train on (a "
+                    f"random {len(calibration)} of them also calibrate), {len(validation)} to validate (every "
+                    f"choice), {held} to test (scoring and verification only)")
+    return RunData(train, calibration.x, validation, test, info)
+
+
+def _synthetic(model, preprocessing: dict) -> RunData:
+    """Without data: SYNTHETIC_SAMPLES uniform [0, 1) test inputs, nothing to train, calibrate or validate on."""
+    shape = tuple(model.inputs[0].shape)
+    if any(d is None for d in shape[1:]):
+        raise UnsupportedModelError(f"The model's input {shape} has a free size besides the batch; pass --data so "
+                                    f"that sepconv knows what to feed it")
+    x = np.random.default_rng(0).random((SYNTHETIC_SAMPLES, *shape[1:]), dtype=np.float32)
+    info = DataInfo(
+        source=None, test_source=None, validation_source=None, samples=SYNTHETIC_SAMPLES, labelled=False, scale=None,
+        preprocessing=preprocessing, train_samples=0, calibration_samples=0, validation_samples=0,
+        heldout_samples=SYNTHETIC_SAMPLES, heldout_labelled=False,
+        description=f"no --data: verifying on {SYNTHETIC_SAMPLES} synthetic uniform [0, 1) inputs, judged by output "
+                    f"similarity (pass --data for accuracy and a top-1 agreement check)")
+    return RunData(None, None, None, Dataset(x, None, "synthetic uniform [0, 1) inputs"), info)
+
+
+def _labelled_data(source, model, data_options: DataOptions) -> Dataset:
+    """A data set read for `model`, its labels checked against the model's classes, and usable for a run."""
+    data = load_data(source, model.input_shape, data_options)
+    check_labels(data, int(model.outputs[0].shape[-1]))
+    check_usable(data, MIN_SAMPLES)
+    return data

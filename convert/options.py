@@ -23,10 +23,24 @@ from sepconv.convert.recovery.finetuning import FinetuneOptions
 from sepconv.convert.separation.policy import SeparationOptions
 
 QUANTIZE_CHOICES = ("auto",) + quantize_modes()
-MIN_SAMPLES = 20  # a run with data needs some samples to train on, some to validate with and some to test on
 DEFAULT_MAX_DROP = 1.0  # points of accuracy the budget mode may lose, the default with data
 DEFAULT_EPOCHS = 10
 CHECKPOINTS_SUFFIX = ".checkpoints"
+
+
+@dataclass(frozen=True)
+class Plan:
+    """The effective choices of a run (ConvertOptions.plan()) and which of them were defaults."""
+
+    max_accuracy_drop: float | None
+    refine: bool
+    recalibrate_bn: bool
+    epochs: int
+    quantize: str
+    defaults: tuple[str, ...] = ()
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "defaults": list(self.defaults)}
 
 
 @dataclass(frozen=True)
@@ -111,7 +125,7 @@ class ConvertOptions:
 
             BudgetOptions(max_drop=self.max_accuracy_drop)
 
-    def plan(self) -> dict:
+    def plan(self) -> Plan:
         """The effective choices, with a note of which were defaults (printed by the CLI, kept in the manifest)."""
         data = self.data is not None
         fixed = any(v is not None for v in (self.separation.rank, self.separation.energy, self.separation.ranks))
@@ -119,14 +133,13 @@ class ConvertOptions:
         if budget is None and data and self.separate and not fixed:
             budget = DEFAULT_MAX_DROP
         epochs = self.epochs if self.epochs is not None else (DEFAULT_EPOCHS if data and self.separate else 0)
-        chosen = {"max_accuracy_drop": budget, "refine": _default(self.refine, data and self.separate),
-                  "recalibrate_bn": _default(self.recalibrate_bn, data and self.separate), "epochs": epochs,
-                  "quantize": self.resolved_quantize()}
         defaults = [name for name, given in (("max_accuracy_drop", self.max_accuracy_drop), ("refine", self.refine),
                                              ("recalibrate_bn", self.recalibrate_bn), ("epochs", self.epochs))
                     if given is None and not (name == "max_accuracy_drop" and budget is None)]
         defaults += ["quantize"] if self.quantize == "auto" else []
-        return dict(chosen, defaults=defaults)
+        return Plan(max_accuracy_drop=budget, refine=_default(self.refine, data and self.separate),
+                    recalibrate_bn=_default(self.recalibrate_bn, data and self.separate), epochs=epochs,
+                    quantize=self.resolved_quantize(), defaults=tuple(defaults))
 
     def resolved_quantize(self) -> str:
         if self.quantize != "auto":
@@ -149,7 +162,7 @@ class ConvertOptions:
         described["separation"] = self.separation.describe()
         described["finetune"] = {key: value for key, value in asdict(self.finetune).items()
                                   if key not in ("epochs", "checkpoint_dir", "resume")}  # the run's own fields decide
-        described["plan"] = self.plan()
+        described["plan"] = self.plan().to_dict()
         return described
 
 
@@ -157,17 +170,17 @@ def _default(value, default: bool) -> bool:
     return default if value is None else bool(value)
 
 
-def recovery_options(options: ConvertOptions, plan: dict, targets: list[Path]):
+def recovery_options(options: ConvertOptions, plan: Plan, targets: list[Path]):
     from sepconv.convert.recovery.budget import BudgetOptions
     from sepconv.convert.recovery.steps import RecoveryOptions
 
-    budget = plan["max_accuracy_drop"]
+    budget = plan.max_accuracy_drop
     folder = options.checkpoint_dir or str(targets[0].with_name(targets[0].name + CHECKPOINTS_SUFFIX))
-    return RecoveryOptions(refine=plan["refine"], recalibrate_bn=plan["recalibrate_bn"], epochs=plan["epochs"],
-                           finetune=options.finetune,
-                           budget=None if budget is None else BudgetOptions(max_drop=budget, refine=plan["refine"]),
+    return RecoveryOptions(separation=options.separation, refine=plan.refine, recalibrate_bn=plan.recalibrate_bn,
+                           epochs=plan.epochs, finetune=options.finetune,
+                           budget=None if budget is None else BudgetOptions(max_drop=budget, refine=plan.refine),
                            checkpoint_dir=folder, resume=options.resume,
-                           latency=latency_options(options, plan["quantize"], targets))
+                           latency=latency_options(options, plan.quantize, targets))
 
 
 def latency_options(options: ConvertOptions, quantize: str, targets: list[Path]):
@@ -180,30 +193,30 @@ def latency_options(options: ConvertOptions, quantize: str, targets: list[Path])
     return for_export(options.latency, [(unit, options.target_options(unit)) for unit in units], quantize)
 
 
-def quantize_reason(options: ConvertOptions, plan: dict) -> str:
+def quantize_reason(options: ConvertOptions, plan: Plan) -> str:
     if options.quantize != "auto":
-        return f"quantize={plan['quantize']}"
-    return f"quantize=auto -> {plan['quantize']} ({'data given' if options.data else 'no data given'})"
+        return f"quantize={plan.quantize}"
+    return f"quantize=auto -> {plan.quantize} ({'data given' if options.data else 'no data given'})"
 
 
-def plan_line(plan: dict, options: ConvertOptions) -> str:
+def plan_line(plan: Plan, options: ConvertOptions) -> str:
     """One line: what will happen, which choices were defaults, and the hint when there is no data."""
     if not options.separate:
         steps = ["no separation"]
-    elif plan["max_accuracy_drop"] is not None:
-        steps = [f"rank per layer for --max-accuracy-drop {plan['max_accuracy_drop']}"]
+    elif plan.max_accuracy_drop is not None:
+        steps = [f"rank per layer for --max-accuracy-drop {plan.max_accuracy_drop}"]
         if options.latency is not None:
             steps[0] += (f" and latency measured on {options.latency.where or 'this machine'}"
                          + (f" (target {options.latency.target.describe()})" if options.latency.target.given else ""))
     else:
         steps = [f"separation {_policy_text(options.separation)}"]
-    steps += ["refine" if plan["refine"] else "no refine",
-              "BatchNorm recalibration" if plan["recalibrate_bn"] else "no BatchNorm recalibration",
-              f"fine-tune up to {plan['epochs']} epochs" if plan["epochs"] else "no fine-tuning",
-              f"quantize {plan['quantize']}"]
+    steps += ["refine" if plan.refine else "no refine",
+              "BatchNorm recalibration" if plan.recalibrate_bn else "no BatchNorm recalibration",
+              f"fine-tune up to {plan.epochs} epochs" if plan.epochs else "no fine-tuning",
+              f"quantize {plan.quantize}"]
     line = ", ".join(steps)
-    if plan["defaults"]:
-        line += f" (defaults {'with' if options.data else 'without'} --data: {', '.join(plan['defaults'])})"
+    if plan.defaults:
+        line += f" (defaults {'with' if options.data else 'without'} --data: {', '.join(plan.defaults)})"
     if not options.data and options.separate:
         conservative = options.separation.rank is None and options.separation.energy is None
         line += ("; hint: " + ("without data this conservative separation is checked only by its outputs' similarity "
@@ -218,14 +231,14 @@ def _policy_text(separation: SeparationOptions) -> str:
     return f"K={policy.rank}" if policy.rank is not None else f"energy={policy.energy}"
 
 
-def check_modes(targets: list[Path], plan: dict, options: ConvertOptions) -> None:
-    quantize = plan["quantize"]
+def check_modes(targets: list[Path], plan: Plan, options: ConvertOptions) -> None:
+    quantize = plan.quantize
     # (wanted, flag, what it does, whether it works on separated layers only)
-    needs_data = [(plan["refine"], "--refine", "refits separated layers on calibration images", True),
-                  (plan["recalibrate_bn"], "--recalibrate-bn", "re-estimates BatchNorm statistics on calibration "
+    needs_data = [(plan.refine, "--refine", "refits separated layers on calibration images", True),
+                  (plan.recalibrate_bn, "--recalibrate-bn", "re-estimates BatchNorm statistics on calibration "
                                                                "images", True),
-                  (plan["epochs"], "--epochs", "fine-tunes on your images", True),
-                  (plan["max_accuracy_drop"] is not None, "--max-accuracy-drop", "measures accuracy on validation "
+                  (plan.epochs, "--epochs", "fine-tunes on your images", True),
+                  (plan.max_accuracy_drop is not None, "--max-accuracy-drop", "measures accuracy on validation "
                                                                                  "images", True),
                   (options.test_data, "--test-data", "scores a model trained or calibrated on --data", False),
                   (options.validation_data, "--validation-data", "chooses what is done with --data", False)]
@@ -244,11 +257,11 @@ def check_modes(targets: list[Path], plan: dict, options: ConvertOptions) -> Non
             v is not None for v in (options.separation.rank, options.separation.energy, options.separation.ranks)):
         raise InvalidOptionError("--max-accuracy-drop chooses the rank of each layer; drop --rank / --energy, or "
                                  "drop --max-accuracy-drop to use them")
-    if options.latency is not None and (plan["max_accuracy_drop"] is None or not options.separate):
+    if options.latency is not None and (plan.max_accuracy_drop is None or not options.separate):
         raise InvalidOptionError("--target-latency / --target-speedup / --latency-on choose each layer's K with the "
                                  "accuracy budget; pass --data (and --max-accuracy-drop, not --rank / --energy / "
                                  "--no-separate)")
-    if options.resume and not plan["epochs"]:
+    if options.resume and not plan.epochs:
         raise InvalidOptionError("--resume continues an interrupted fine-tuning; it needs --epochs >= 1 and --data")
     if quantize in NEEDS_DATA and not options.data:
         raise InvalidOptionError(f"--quantize {quantize} calibrates activations on representative data; pass --data "

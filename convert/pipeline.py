@@ -22,15 +22,15 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
+from sepconv.convert.data import check_source, datasets
 from sepconv.convert.errors import BudgetError, InvalidOptionError, SepconvError, UnsupportedModelError
 from sepconv.convert.export.quantization import Calibration
 from sepconv.convert.files import sha256
 from sepconv.convert.keras_compat import unsafe_deserialization
 from sepconv.convert.memory import release_memory
-from sepconv.convert.options import ConvertOptions, check_modes, plan_line, quantize_reason, recovery_options
+from sepconv.convert.options import ConvertOptions, Plan, check_modes, plan_line, quantize_reason, recovery_options
 from sepconv.convert.outputs import check_outputs, disk_full_as, locked
-from sepconv.convert.results import ConvertResult, DataInfo, Plan, Source
-from sepconv.convert.run_data import datasets
+from sepconv.convert.results import ConvertResult, Source
 from sepconv.convert.separation.policy import SeparationOptions
 from sepconv.convert.staging import ExportJob, export_all
 from sepconv.deploy.scores import top1
@@ -75,11 +75,10 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
         return _convert(source, targets, plan, options, recovery, say)
 
 
-def preflight(source, outputs, options: ConvertOptions) -> tuple[list[Path], dict]:
+def preflight(source, outputs, options: ConvertOptions) -> tuple[list[Path], Plan]:
     """(targets, plan): every check that needs neither TensorFlow nor the model's contents, before any work: the
     outputs, the options together, the model file's kind, the data paths. convert_model starts with it; the CLI runs it
     before it starts its worker, so that a wrong path or flag costs no TensorFlow start-up."""
-    from sepconv.convert.data import check_source
     from sepconv.convert.loading import file_kind
 
     source = Path(source)
@@ -132,7 +131,7 @@ def _heartbeat(progress: Progress | None, every: float = HEARTBEAT_SECONDS):
         watcher.join()
 
 
-def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOptions, recovery_options,
+def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOptions, recovery_options,
              say: Progress) -> ConvertResult:
     timer = _Timer()
 
@@ -145,10 +144,11 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     say("load", f"{source} ({params:,} parameters)")
     _check_input_size(model)
     with timer("data"):
-        train, calibration, validation, heldout, data_info = datasets(model, options)
-    say("data", data_info["description"])
+        data = datasets(model, options)
+    train, calibration, validation, heldout = data.train, data.calibration, data.validation, data.test
+    say("data", data.info.description)
     say("plan", plan_line(plan, options))
-    source_sha256 = sha256(source)
+    source_record = Source(path=str(source), sha256=sha256(source), params=params)
 
     from sepconv.convert.export.verification import Outputs
 
@@ -161,10 +161,9 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
         from sepconv.convert.recovery.steps import recover
 
         with timer("separate and recover"), disk_full_as("writing checkpoints in", recovery_options.checkpoint_dir):
-            exported, report, recovery = recover(model, train, calibration, validation, heldout,
-                                                 options.separation, recovery_options, source_sha256=source_sha256,
-                                                 progress=say, reference=reference,
-                                                 validation_reference=validation_reference)
+            exported, report, recovery = recover(model, train, calibration, validation, heldout, recovery_options,
+                                                 source_sha256=source_record.sha256, progress=say,
+                                                 reference=reference, validation_reference=validation_reference)
         if not report.separated:
             warnings.append(_nothing_separated(report))
             say("warning", warnings[-1])
@@ -177,10 +176,9 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
         calibration = calibration if calibration is None else Calibration(calibration, train.x, validation.x)
         expected = Outputs(exported, heldout.x)  # every artifact is compared with the same outputs: computed once
         job = ExportJob(model=exported, original=reference if report else None, expected=expected,
-                        calibration=calibration, held=held, data_info=data_info, options=options,
-                        source={"path": str(source), "sha256": source_sha256},
-                        report=report, recovery=recovery, say=say)
-        artifacts = export_all(job, targets, plan["quantize"], timer)
+                        calibration=calibration, held=held, data_info=data.info, options=options,
+                        source=source_record, report=report, recovery=recovery, say=say)
+        artifacts = export_all(job, targets, plan.quantize, timer)
     except SepconvError as error:
         if recovery and recovery.finetune and not isinstance(error, BudgetError):
             kept = type(error)(f"{error} (the fine-tuned weights are kept in {recovery_options.checkpoint_dir}: "
@@ -191,11 +189,9 @@ def _convert(source: Path, targets: list[Path], plan: dict, options: ConvertOpti
     from sepconv.convert.recovery.steps import remove_checkpoints
 
     remove_checkpoints(recovery_options)
-    return ConvertResult(source=Source(path=str(source), sha256=source_sha256, params=params),
-                         quantize=plan["quantize"], quantize_reason=quantize_reason(options, plan),
-                         data=DataInfo(**{"validation_source": None, **data_info}), separation=report,
-                         recovery=recovery, plan=Plan(**{**plan, "defaults": tuple(plan["defaults"])}),
-                         artifacts=artifacts, seconds=timer.seconds, warnings=tuple(warnings))
+    return ConvertResult(source=source_record, quantize=plan.quantize, quantize_reason=quantize_reason(options, plan),
+                         data=data.info, separation=report, recovery=recovery, plan=plan, artifacts=artifacts,
+                         seconds=timer.seconds, warnings=tuple(warnings))
 
 
 def _original_top1(validation_reference, validation, recovery) -> np.ndarray | None:

@@ -18,6 +18,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sepconv.convert.data import DataInfo
+from sepconv.convert.options import Plan
 from sepconv.deploy.scores import percent
 
 if TYPE_CHECKING:
@@ -29,6 +31,8 @@ if TYPE_CHECKING:
 
 @dataclass(frozen=True)
 class Source:
+    """The input model, hashed once per run."""
+
     path: str
     sha256: str
     params: int  # the original model's parameters
@@ -36,46 +40,9 @@ class Source:
     def to_dict(self) -> dict:
         return asdict(self)
 
-
-@dataclass(frozen=True)
-class Plan:
-    """The effective choices of a run (ConvertOptions.plan()) and which of them were defaults."""
-
-    max_accuracy_drop: float | None
-    refine: bool
-    recalibrate_bn: bool
-    epochs: int
-    quantize: str
-    defaults: tuple[str, ...] = ()
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "defaults": list(self.defaults)}
-
-
-@dataclass(frozen=True)
-class DataInfo:
-    """The data of a run and its three roles: train (a part of it calibrates), validation (every choice), test
-    (scores and verification only); without data, the synthetic inputs verification ran on."""
-
-    source: str | None  # --data; None: synthetic inputs
-    test_source: str | None  # --test-data; None: held out from --data
-    validation_source: str | None  # --validation-data; None: held out from --data
-    samples: int
-    labelled: bool
-    scale: str | None
-    preprocessing: dict  # scale, mean, std and the reason (what the manifest records for the device)
-    train_samples: int
-    calibration_samples: int
-    validation_samples: int
-    heldout_samples: int
-    heldout_labelled: bool
-    description: str
-
-    def to_dict(self) -> dict:
-        fields = asdict(self)
-        if self.source is None:  # a run without data has no validation set: the key is absent from its JSON
-            del fields["validation_source"]
-        return fields
+    def identity(self) -> dict:
+        """The input model as a manifest records it: {"path", "sha256"} (docs/manifest.md)."""
+        return {"path": self.path, "sha256": self.sha256}
 
 
 @dataclass(frozen=True)

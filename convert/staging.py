@@ -9,8 +9,9 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
+from sepconv.convert.data import DataInfo
 from sepconv.convert.errors import VerificationError
 from sepconv.convert.export.targets import target_for
 from sepconv.convert.export.tflite import NEEDS_DATA
@@ -18,7 +19,12 @@ from sepconv.convert.export.verification import within_budget
 from sepconv.convert.memory import release_memory
 from sepconv.convert.options import ConvertOptions, latency_options
 from sepconv.convert.outputs import disk_full_as
-from sepconv.convert.results import Artifact
+from sepconv.convert.results import Artifact, Source
+
+if TYPE_CHECKING:
+    from sepconv.convert.export.quantization import QuantizationReport
+    from sepconv.convert.export.verification import Verification
+    from sepconv.convert.recovery.latency_table import LatencyOptions
 
 
 @dataclass(frozen=True)
@@ -28,7 +34,7 @@ class ExportJob:
     model: the Keras model to export (separated and recovered, or the original with --no-separate). original /
     expected: verification.Outputs of the model before separation (None without separation) / of `model` on the test
     inputs, computed once for every output. calibration: quantization.Calibration (None without data). held: the
-    pipeline's HeldOut (validation, test). data_info: the data's description (run_data.datasets). report / recovery:
+    pipeline's HeldOut (validation, test). data_info: the data's DataInfo (data.datasets). report / recovery:
     the SeparationReport / RecoveryReport (None with --no-separate). say: progress(stage, message)."""
 
     model: object
@@ -36,12 +42,33 @@ class ExportJob:
     expected: object
     calibration: object
     held: object
-    data_info: dict
+    data_info: DataInfo
     options: ConvertOptions
-    source: dict  # the input model as the manifest records it: {"path", "sha256"} (hashed once per run)
+    source: Source  # the input model, hashed once per run
     report: object
     recovery: object
     say: Callable[[str, str], None]
+
+
+@dataclass
+class Staged:
+    """An artifact staged beside its target: its temporary files (removed unless committed: None once renamed), how
+    it was exported, its verification and manifest. Filled in as it goes through export, verification and the
+    latency check; `_commit` makes it an Artifact.
+
+    fallback: why this mode replaces the one --quantize auto chose first ({from, reason}). quantization: the int8
+    repair's report (int8 through a runtime). latency: measured where the latency table was (also in `manifest`)."""
+
+    target: Path
+    tmp: str | None
+    format: str
+    quantize: str
+    fallback: dict | None = None
+    tmp_manifest: str | None = None
+    verification: Verification | None = None
+    manifest: dict | None = None
+    quantization: QuantizationReport | None = None
+    latency: dict | None = None
 
 
 def export_all(job: ExportJob, targets: list[Path], quantize: str, timer) -> tuple[Artifact, ...]:
@@ -56,55 +83,65 @@ def export_all(job: ExportJob, targets: list[Path], quantize: str, timer) -> tup
                     item = _fall_back(job, item)
                 staged.append(item)
             release_memory()
-        failed = [s for s in staged if not s["verification"].passed]
+        failed = [s for s in staged if not s.verification.passed]
         if failed:
-            over = any(s["verification"].budget is not None and not s["verification"].budget.held for s in failed)
+            over = any(s.verification.budget is not None and not s.verification.budget.held for s in failed)
             error = VerificationError("; ".join(_failure_line(s) for s in failed) + " - nothing was written; try "
                                       "another --quantize mode, more representative --data, " + (
                                           "or a larger --max-accuracy-drop" if over else "or a lower --min-agreement"))
-            error.details = {"quantization": {str(s["target"]): s["quantization"].to_dict() for s in failed
-                                              if s.get("quantization") is not None}}
+            error.details = {"quantization": {str(s.target): s.quantization.to_dict() for s in failed
+                                              if s.quantization is not None}}
             raise error
         if options.latency is not None and recovery is not None and recovery.budget and recovery.budget.plan.latency:
-            from sepconv.convert.recovery.latency_table import record_measured
-
-            record_measured(staged, recovery.budget.plan.latency, latency_options(options, quantize, targets), say)
+            _add_latency(staged, recovery.budget.plan.latency, latency_options(options, quantize, targets), say)
         return tuple(_commit(s) for s in staged)
     finally:
         for item in staged:
             _discard(item)
 
 
-def _falls_back(item: dict, options: ConvertOptions) -> bool:
+def _add_latency(staged: list[Staged], latency: dict, options: LatencyOptions, say) -> None:
+    """Time the staged artifacts of the latency table's format where it was measured; each one's figures go into its
+    manifest (`latency`, rewritten to its temporary file) and its Artifact."""
+    from sepconv.convert.export.manifest import manifest_json
+    from sepconv.convert.recovery.latency_table import measured_latency
+
+    figures = measured_latency([(item.target, item.tmp, item.quantize) for item in staged], latency, options, say)
+    for item in staged:
+        if item.target in figures:
+            item.latency = item.manifest["latency"] = figures[item.target]
+            Path(item.tmp_manifest).write_text(manifest_json(item.manifest))
+
+
+def _falls_back(item: Staged, options: ConvertOptions) -> bool:
     """--quantize auto chose int8 (data given) and the int8 artifact failed verification."""
-    return options.quantize == "auto" and item["quantize"] == "int8" and not item["verification"].passed
+    return options.quantize == "auto" and item.quantize == "int8" and not item.verification.passed
 
 
-def _fall_back(job: ExportJob, item: dict) -> dict:
+def _fall_back(job: ExportJob, item: Staged) -> Staged:
     """Replace a failed int8 artifact of --quantize auto by the first of its target's auto_fallbacks modes that
     verifies (each verified as usual), said aloud and recorded in the manifest; an explicit --quantize int8 fails
     instead. Returns the last one tried."""
     reasons = []
-    for mode in target_for(item["target"]).auto_fallbacks:
+    for mode in target_for(item.target).auto_fallbacks:
         _discard(item)
-        reasons.append(f"{item['quantize']}: " + "; ".join(item["verification"].failures()))
-        job.say("export", f"{item['target']}: {item['quantize']} failed verification ({reasons[-1]}); --quantize "
+        reasons.append(f"{item.quantize}: " + "; ".join(item.verification.failures()))
+        job.say("export", f"{item.target}: {item.quantize} failed verification ({reasons[-1]}); --quantize "
                           f"auto tries {mode} instead (pass --quantize int8 to insist on int8)")
-        item = _stage(job, item["target"], mode, fallback={"from": "int8", "reason": " | ".join(reasons)})
-        if item["verification"].passed:
+        item = _stage(job, item.target, mode, fallback={"from": "int8", "reason": " | ".join(reasons)})
+        if item.verification.passed:
             break
     return item
 
 
-def _stage(job: ExportJob, target: Path, quantize: str, fallback: dict | None = None) -> dict:
+def _stage(job: ExportJob, target: Path, quantize: str, fallback: dict | None = None) -> Staged:
     """Export to a temporary file beside `target`, verify it, write its manifest to another temporary file.
     fallback: why this mode replaces the one --quantize auto chose first (kept in the manifest)."""
     unit = target_for(target)
     mode = unit.mode(quantize)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=f".partial{target.suffix}", dir=target.parent)
     os.close(fd)
-    item = {"target": target, "tmp": tmp, "tmp_manifest": None, "format": unit.name, "quantize": mode,
-            "fallback": fallback}
+    item = Staged(target=target, tmp=tmp, format=unit.name, quantize=mode, fallback=fallback)
     try:
         with disk_full_as("writing", target):
             return _export_and_verify(job, item)
@@ -113,26 +150,26 @@ def _stage(job: ExportJob, target: Path, quantize: str, fallback: dict | None = 
         raise
 
 
-def _discard(item: dict) -> None:
+def _discard(item: Staged) -> None:
     """Remove a staged artifact's temporary files (nothing after _commit has renamed them)."""
-    for path in (item["tmp"], item["tmp_manifest"]):
+    for path in (item.tmp, item.tmp_manifest):
         if path is not None:
             Path(path).unlink(missing_ok=True)
 
 
-def _export_and_verify(job: ExportJob, item: dict) -> dict:
+def _export_and_verify(job: ExportJob, item: Staged) -> Staged:
     from sepconv.convert.export.manifest import build_manifest, manifest_json
     from sepconv.convert.export.verification import verify, verify_keras
 
     model, original, expected, calibration, held = job.model, job.original, job.expected, job.calibration, job.held
     options, report, recovery, say = job.options, job.report, job.recovery, job.say
-    target, tmp, fmt, mode = item["target"], item["tmp"], item["format"], item["quantize"]
+    target, tmp, fmt, mode = item.target, item.tmp, item.format, item.quantize
     unit = target_for(target)
     export = unit.export_options(options.target_options(unit), mode)
     layout = unit.layout(export)
     heldout = held.test
     started = time.perf_counter()
-    inputs = "held-out samples" if job.data_info["source"] else "synthetic inputs"
+    inputs = "held-out samples" if job.data_info.source else "synthetic inputs"
     runtime = None
     calibrated = f", calibrated on {len(calibration.samples)} samples" if mode in NEEDS_DATA else ""
     say("export", f"{target}: converting ({fmt}, {mode}{calibrated})")
@@ -146,10 +183,10 @@ def _export_and_verify(job: ExportJob, item: dict) -> dict:
         if mode == "int8":
             from sepconv.convert.export.quantization import quantize_verified
 
-            data, item["quantization"] = quantize_verified(model, unit, calibration, tolerance=options.tolerance,
-                                                           export=export, options=options.quantization)
+            data, item.quantization = quantize_verified(model, unit, calibration, tolerance=options.tolerance,
+                                                        export=export, options=options.quantization)
             Path(tmp).write_bytes(data)
-            say("quantize", f"{target}: {item['quantization'].line()}")
+            say("quantize", f"{target}: {item.quantization.line()}")
         else:
             unit.export(model, Path(tmp), export, _samples(calibration))
         say("verify", f"{target}: {Path(tmp).stat().st_size:,} bytes in {time.perf_counter() - started:.1f} s; "
@@ -157,20 +194,20 @@ def _export_and_verify(job: ExportJob, item: dict) -> dict:
         runtime = open_runtime(tmp)
         verification = verify(model, runtime, heldout.x, heldout.y, quantized=mode != "none", quantize=mode,
                               tolerance=options.tolerance, layout=layout, inputs=inputs, original=original,
-                              synthetic=not job.data_info["source"], expected=expected.values)
+                              synthetic=not job.data_info.source, expected=expected.values)
         verification = within_budget(verification, runtime, held, recovery, layout=layout)
     verification = _named(verification, target)
     manifest = build_manifest(Path(tmp), final_path=target, fmt=fmt, quantize=mode, runtime=runtime, layout=layout,
-                              source=job.source,
+                              source=job.source.identity(),
                               separation=report.to_dict() if report else None,
                               recovery=recovery.to_dict() if recovery else None, verification=verification,
-                              options=options.describe(), preprocessing=job.data_info["preprocessing"],
-                              quantize_fallback=item["fallback"], quantization=item.get("quantization"),
+                              options=options.describe(), preprocessing=job.data_info.preprocessing,
+                              quantize_fallback=item.fallback, quantization=item.quantization,
                               extras=unit.manifest_extras(Path(tmp)))
-    fd, item["tmp_manifest"] = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
+    fd, item.tmp_manifest = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
     with disk_full_as("writing the manifest of", target), os.fdopen(fd, "w") as file:
         file.write(manifest_json(manifest))
-    item.update(verification=verification, manifest=manifest)
+    item.verification, item.manifest = verification, manifest
     status = "passed" if verification.passed else "FAILED"
     say("export", f"{target} ({fmt}, {mode}): {manifest['bytes']:,} bytes, verification {status}: "
                   f"{'; '.join(_criteria(verification))} ({time.perf_counter() - started:.1f} s)")
@@ -192,25 +229,24 @@ def _named(verification, target: Path):
     return replace(verification, artifact=str(target))
 
 
-def _failure_line(item: dict) -> str:
-    line = f"{item['target']} ({item['quantize']}) failed verification: {'; '.join(item['verification'].failures())}"
-    quantization = item.get("quantization")
+def _failure_line(item: Staged) -> str:
+    line = f"{item.target} ({item.quantize}) failed verification: {'; '.join(item.verification.failures())}"
+    quantization = item.quantization
     if quantization is not None and quantization.diagnosis is not None:
         line += f" after {quantization.line()}; {quantization.diagnosis.summary()} (full table: --json)"
     return line
 
 
-def _commit(item: dict) -> Artifact:
+def _commit(item: Staged) -> Artifact:
     from sepconv.convert.export.manifest import manifest_path
 
-    target = item["target"]
-    os.chmod(item["tmp"], 0o644)
-    os.chmod(item["tmp_manifest"], 0o644)
-    os.replace(item["tmp"], target)
-    os.replace(item["tmp_manifest"], manifest_path(target))
-    item["tmp"] = item["tmp_manifest"] = None
-    manifest = item["manifest"]
-    return Artifact(path=str(target), format=item["format"], quantize=item["quantize"], bytes=manifest["bytes"],
-                    sha256=manifest["sha256"], manifest=str(manifest_path(target)),
-                    verification=item["verification"], quantize_fallback=item["fallback"],
-                    quantization=item.get("quantization"), latency=manifest.get("latency"))
+    target = item.target
+    os.chmod(item.tmp, 0o644)
+    os.chmod(item.tmp_manifest, 0o644)
+    os.replace(item.tmp, target)
+    os.replace(item.tmp_manifest, manifest_path(target))
+    item.tmp = item.tmp_manifest = None
+    manifest = item.manifest
+    return Artifact(path=str(target), format=item.format, quantize=item.quantize, bytes=manifest["bytes"],
+                    sha256=manifest["sha256"], manifest=str(manifest_path(target)), verification=item.verification,
+                    quantize_fallback=item.fallback, quantization=item.quantization, latency=item.latency)

@@ -153,15 +153,14 @@ def _model_and_calibration(name: str, folder: Path):
     import keras
 
     from sepconv.convert.cli import convert_options, convert_parser
-    from sepconv.convert.run_data import datasets as _data
+    from sepconv.convert.data import datasets
 
     started = time.perf_counter()
     model = keras.saving.load_model(folder / f"{name}.keras")
     load_seconds = time.perf_counter() - started
     options = convert_options(convert_parser().parse_args([str(folder / f"{name}.keras"), "x.tflite", "--data",
                                                            str(folder / "data.npz")]))
-    _, calibration, *_ = _data(model, options)
-    return model, calibration, round(load_seconds, 2)
+    return model, datasets(model, options).calibration, round(load_seconds, 2)
 
 
 def bare_tflite(name: str, folder: Path) -> dict:

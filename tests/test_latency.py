@@ -242,19 +242,22 @@ def test_the_device_side_of_timing_needs_no_tensorflow():
 
 
 def test_measured_latency_goes_into_each_staged_manifest(tmp_path, monkeypatch):
-    """record_measured: the pipeline's staged artifacts of the table's format get `latency` in their manifest (and its
-    temporary file); an artifact whose mode is not the one the table timed is marked not comparable."""
+    """measured_latency times the pipeline's staged artifacts of the table's format; staging puts the figures in their
+    manifest (and its temporary file) and their Artifact; an artifact whose mode is not the one the table timed is
+    marked not comparable."""
     from sepconv.convert.recovery import latency_table
-    from sepconv.convert.recovery.latency_table import LatencyOptions, record_measured
+    from sepconv.convert.recovery.latency_table import LatencyOptions
     from sepconv.convert.export.tflite import TFLiteOptions
+    from sepconv.convert.staging import Staged, _add_latency
 
     staged = []
     for name, mode in (("a", "int8"), ("b", "dynamic")):
         (tmp_path / f"{name}.partial.tflite").write_bytes(b"x")
-        staged.append({"target": tmp_path / f"{name}.tflite", "tmp": str(tmp_path / f"{name}.partial.tflite"),
-                       "tmp_manifest": str(tmp_path / f"{name}.json.partial"), "quantize": mode, "manifest": {}})
-    staged.append({"target": tmp_path / "c.onnx", "tmp": str(tmp_path / "c.partial.onnx"), "quantize": "int8",
-                   "tmp_manifest": str(tmp_path / "c.json.partial"), "manifest": {}})
+        staged.append(Staged(target=tmp_path / f"{name}.tflite", tmp=str(tmp_path / f"{name}.partial.tflite"),
+                             tmp_manifest=str(tmp_path / f"{name}.json.partial"), format="tflite", quantize=mode,
+                             manifest={}))
+    staged.append(Staged(target=tmp_path / "c.onnx", tmp=str(tmp_path / "c.partial.onnx"), format="onnx",
+                         quantize="int8", tmp_manifest=str(tmp_path / "c.json.partial"), manifest={}))
     timed = {}
 
     def fake_check(paths, latency, options, progress=None):
@@ -263,10 +266,11 @@ def test_measured_latency_goes_into_each_staged_manifest(tmp_path, monkeypatch):
 
     monkeypatch.setattr(latency_table, "check_artifacts", fake_check)
     lines = []
-    record_measured(staged, {"table": {"original_ms": 2.0}}, LatencyOptions(export=TFLiteOptions(quantize="int8")),
-                    lambda stage, message: lines.append(message))
-    assert timed["paths"] == [staged[0]["tmp"], staged[1]["tmp"]], "only the format the table timed"
-    first, second = (json.loads(Path(item["tmp_manifest"]).read_text())["latency"] for item in staged[:2])
+    _add_latency(staged, {"table": {"original_ms": 2.0}}, LatencyOptions(export=TFLiteOptions(quantize="int8")),
+                 lambda stage, message: lines.append(message))
+    assert timed["paths"] == [staged[0].tmp, staged[1].tmp], "only the format the table timed"
+    first, second = (json.loads(Path(item.tmp_manifest).read_text())["latency"] for item in staged[:2])
     assert first["speedup"] == 4.0 and first["comparable"] and first["original_ms"] == 2.0
+    assert staged[0].latency == first and staged[0].manifest["latency"] == first
     assert not second["comparable"] and "NOT comparable: the table timed int8, this artifact is dynamic" in lines[1]
-    assert "latency" not in staged[2]["manifest"]
+    assert "latency" not in staged[2].manifest and staged[2].latency is None

@@ -257,9 +257,9 @@ def test_a_batchnorm_model_gets_a_frozen_batchnorm_pass_judged_on_validation(tmp
     model, images = bn_model()
     y = np.argmax(predict_keras(model, images)[0], 1)
     data = [Dataset(images[i::3], y[i::3], "test") for i in range(3)]
-    options = RecoveryOptions(epochs=1, checkpoint_dir=str(tmp_path / "ckpt"),
+    options = RecoveryOptions(separation=SeparationOptions(rank=1), epochs=1, checkpoint_dir=str(tmp_path / "ckpt"),
                               finetune=FinetuneOptions(frozen_batchnorm_pass=frozen_pass))
-    _, _, report = recover(model, data[0], data[0].x, data[1], data[2], SeparationOptions(rank=1), options)
+    _, _, report = recover(model, data[0], data[0].x, data[1], data[2], options)
     names = [stage.name for stage in report.stages]
     assert names == ["original", "separated", "fine-tuned"] + ["fine-tuned, BatchNorm frozen"] * frozen_pass, names
     assert (report.finetune_frozen is not None) == frozen_pass

@@ -131,9 +131,9 @@ def test_nested_backbone_is_budgeted_refined_and_recalibrated(tmp_path):
     measured = [layer.path for layer in recovery.budget.plan.layers]
     assert measured == ["backbone/stem", "backbone/a", "backbone/b"], measured
     assert recovery.budget.plan.ranks, "a 50-point budget separates layers of the nested backbone"
-    refined = [layer for layer in recovery.refinement["layers"] if layer["status"] == "refined"]
-    assert {layer["path"] for layer in refined} == set(recovery.budget.plan.ranks), recovery.refinement
-    recalibrated = [b["path"] for b in recovery.batchnorm]
+    refined = [layer for layer in recovery.refinement.layers if layer.status == "refined"]
+    assert {layer.path for layer in refined} == set(recovery.budget.plan.ranks), recovery.refinement
+    recalibrated = [b.path for b in recovery.batchnorm]
     assert recalibrated[0] == "backbone/stem_bn" and sorted(recalibrated) == [
         "backbone/a_bn", "backbone/b_bn", "backbone/proj_bn", "backbone/stem_bn"], "every BatchNorm, in graph order"
     assert [s.name for s in recovery.stages] == ["original", "separated", "refined", "batchnorm recalibrated"]

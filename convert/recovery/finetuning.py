@@ -103,6 +103,11 @@ class FinetuneResult:
     def to_dict(self) -> dict:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, fields: dict) -> FinetuneResult:
+        """The result as to_dict() gave it (a resumed run's checkpoint state, JSON)."""
+        return cls(**{**fields, "feature_layers": tuple(fields.get("feature_layers", ()))})
+
 
 def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
              options: FinetuneOptions = FinetuneOptions(), verbose: int = 1, callbacks=(), progress=None,

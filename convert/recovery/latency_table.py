@@ -174,25 +174,34 @@ def _timed(target) -> bool:
     return target is not None and target.runtime
 
 
-def record_measured(staged: list[dict], latency: dict, options: LatencyOptions, say) -> None:
-    """Time the pipeline's staged artifacts (before they are committed) where the table was measured, and add the
-    figures to each one's manifest (`latency`) and to its temporary manifest file."""
-    from sepconv.convert.export.manifest import manifest_json
-
-    items = [item for item in staged if Path(item["tmp"]).suffix.lower() == options.suffix]
-    measured = check_artifacts([item["tmp"] for item in items], latency, options, progress=say)
+def measured_latency(artifacts: list[tuple[Path, str, str]], latency: dict, options: LatencyOptions,
+                     say) -> dict[Path, dict]:
+    """Time the pipeline's staged artifacts (before they are committed) where the table was measured: {target: the
+    figures its manifest records as `latency`} for those of the table's format. artifacts: (target, the file to
+    time, its quantize mode) per artifact."""
+    timed = [(target, path, mode) for target, path, mode in artifacts if Path(path).suffix.lower() == options.suffix]
+    measured = check_artifacts([path for _, path, _ in timed], latency, options, progress=say)
     original = latency["table"]["original_ms"]
-    for item in items:
-        figures = dict(measured[str(Path(item["tmp"]))], original_ms=original, quantize=item["quantize"],
-                       comparable=item["quantize"] == options.export.quantize)
-        figures["speedup"] = round(original / figures["measured_ms"], 3)
-        item["manifest"]["latency"] = figures
-        Path(item["tmp_manifest"]).write_text(manifest_json(item["manifest"]))
-        caveat = "" if figures["comparable"] else (f" - NOT comparable: the table timed {options.export.quantize}, "
-                                                   f"this artifact is {item['quantize']}")
-        say("latency", f"{item['target']}: {figures['measured_ms']:.4f} ms measured on {figures['where']}, "
-                       f"{figures['predicted_ms']:.4f} predicted (error {figures['error']:+.1%}); the original "
-                       f"{original:.4f} ms: {figures['speedup']:.2f}x faster{caveat}")
+    figures = {}
+    for target, path, mode in timed:
+        figures[target] = _figures(measured[str(Path(path))], original, mode, options)
+        say("latency", _measured_line(target, figures[target], original, options))
+    return figures
+
+
+def _figures(measured: dict, original: float, mode: str, options: LatencyOptions) -> dict:
+    """One artifact's measured latency beside the original's: the manifest's `latency` (docs/manifest.md)."""
+    figures = dict(measured, original_ms=original, quantize=mode, comparable=mode == options.export.quantize)
+    figures["speedup"] = round(original / figures["measured_ms"], 3)
+    return figures
+
+
+def _measured_line(target: Path, figures: dict, original: float, options: LatencyOptions) -> str:
+    caveat = "" if figures["comparable"] else (f" - NOT comparable: the table timed {options.export.quantize}, "
+                                               f"this artifact is {figures['quantize']}")
+    return (f"{target}: {figures['measured_ms']:.4f} ms measured on {figures['where']}, "
+            f"{figures['predicted_ms']:.4f} predicted (error {figures['error']:+.1%}); the original "
+            f"{original:.4f} ms: {figures['speedup']:.2f}x faster{caveat}")
 
 
 def _where(table: dict) -> str:

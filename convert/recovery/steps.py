@@ -25,7 +25,14 @@ import numpy as np
 
 from sepconv.convert.errors import BudgetError, CheckpointError, InterruptedRunError, InvalidOptionError
 from sepconv.convert.recovery.budget import BudgetOptions, BudgetPlan, BudgetResult
-from sepconv.convert.recovery.finetuning import FinetuneOptions
+from sepconv.convert.recovery.finetuning import (
+    DEFAULT_LEARNING_RATE,
+    FinetuneOptions,
+    FinetuneResult,
+    finetune,
+    require_space,
+)
+from sepconv.convert.recovery.refinement import BatchNormRecalibration, RefinementReport, recalibrate_batchnorm, refine
 from sepconv.convert.separation.policy import SeparationOptions
 from sepconv.deploy.scores import hit_rate, top1
 
@@ -42,8 +49,11 @@ FROZEN_FINETUNED = "finetuned-frozen-bn.weights.h5"
 
 @dataclass(frozen=True)
 class RecoveryOptions:
-    """What happens after separation. epochs=0: no fine-tuning; budget=None: the separation policy decides K."""
+    """How the model is separated and what happens after. separation: the policy (K fixed, by energy, per layer;
+    the layers included and excluded); with a budget, K is chosen per layer among the layers it allows.
+    epochs=0: no fine-tuning; budget=None: the separation policy decides K."""
 
+    separation: SeparationOptions = field(default_factory=SeparationOptions)
     refine: bool = False
     recalibrate_bn: bool = False
     epochs: int = 0
@@ -54,6 +64,8 @@ class RecoveryOptions:
     latency: object | None = None  # latency_table.LatencyOptions: the budget's K chosen for speed on a target
 
     def __post_init__(self):
+        if not isinstance(self.separation, SeparationOptions):
+            raise InvalidOptionError(f"Unrecognized separation={self.separation!r}. Use SeparationOptions(...)")
         if not isinstance(self.epochs, int) or self.epochs < 0:
             raise InvalidOptionError(f"Unrecognized epochs={self.epochs!r}. Use a whole number >= 0 (0: no "
                                      f"fine-tuning)")
@@ -83,15 +95,19 @@ class RecoveryReport:
     validation_samples: int  # validation samples that chose: sensitivity, early stopping, stage acceptance
     stages: tuple[Stage, ...]
     budget: BudgetResult | None  # the plan (sensitivity per layer and K), measured drop, whether it held
-    refinement: dict | None
-    batchnorm: list | None
-    finetune: dict | None
+    refinement: RefinementReport | None  # the least-squares refit per separated layer
+    batchnorm: tuple[BatchNormRecalibration, ...] | None  # how far each BatchNorm layer's statistics moved
+    finetune: FinetuneResult | None
     resumed: bool
     synthetic_check: dict | None = None  # without data: the separation's output similarity, energies tried
-    finetune_frozen: dict | None = None  # the retry with BatchNorm frozen, when fine-tuning could not beat its start
+    finetune_frozen: FinetuneResult | None = None  # the retry with BatchNorm frozen (finetune_frozen_applies)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "budget": self.budget.to_dict() if self.budget is not None else None}
+        return {**asdict(self), "budget": self.budget.to_dict() if self.budget is not None else None,
+                "refinement": self.refinement.to_dict() if self.refinement is not None else None,
+                "batchnorm": [asdict(b) for b in self.batchnorm] if self.batchnorm is not None else None,
+                "finetune": self.finetune.to_dict() if self.finetune is not None else None,
+                "finetune_frozen": self.finetune_frozen.to_dict() if self.finetune_frozen is not None else None}
 
     @property
     def final(self) -> Stage:
@@ -157,20 +173,21 @@ class Step:
     summary: Callable[[object], str] = lambda result: ""  # what it did, for its progress line
 
 
-def recover(original, train, calibration: np.ndarray | None, validation, test, separation: SeparationOptions,
-            options: RecoveryOptions, *, source_sha256: str = "", progress: Progress | None = None, reference=None,
-            validation_reference=None):
-    """(separated model, SeparationReport, RecoveryReport): see the module doc. `train`, `validation` and `test` are
-    Datasets (x, y or None): the first trains (`calibration`, a part of it, feeds refinement, BatchNorm statistics and
-    the budget search's refinement), the second chooses (sensitivity, early stopping, which stages are kept), the
-    third only scores. Without data `validation` is None: nothing is chosen, only the separation runs.
-    reference / validation_reference: verification.Outputs of `original` on the test / validation inputs, shared
-    with the caller (verification, the artifacts' budget check), so that the original runs once on each."""
+def recover(original, train, calibration: np.ndarray | None, validation, test, options: RecoveryOptions, *,
+            source_sha256: str = "", progress: Progress | None = None, reference=None, validation_reference=None):
+    """(separated model, SeparationReport, RecoveryReport): see the module doc. `options` says how to separate
+    (options.separation) and recover. `train`, `validation` and `test` are Datasets (x, y or None): the first trains
+    (`calibration`, a part of it, feeds refinement, BatchNorm statistics and the budget search's refinement), the
+    second chooses (sensitivity, early stopping, which stages are kept), the third only scores. Without data
+    `validation` is None: nothing is chosen, only the separation runs. reference / validation_reference:
+    verification.Outputs of `original` on the test / validation inputs, shared with the caller (verification, the
+    artifacts' budget check), so that the original runs once on each."""
     from sepconv.convert.separation.walk import separate_with
 
     say = progress or (lambda stage, message: None)
+    separation = options.separation
     folder = Path(options.checkpoint_dir) if options.epochs else None
-    state = _open_state(folder, options, source_sha256, separation)
+    state = _open_state(folder, options, source_sha256)
     scorer = _Scorer(original, validation, test, {"test": reference, "validation": validation_reference})
     stages = [scorer.stage("original", original, 0.0)]
     plan = BudgetPlan.from_dict(state["plan"]) if state.get("plan") is not None else None
@@ -200,11 +217,9 @@ def recover(original, train, calibration: np.ndarray | None, validation, test, s
         if folder is not None:  # a failed budget is final: resuming would only fail again
             shutil.rmtree(folder, ignore_errors=True)
         raise
-    refinement, batchnorm = details.get("refined"), details.get("batchnorm recalibrated")
     return separated, report, RecoveryReport(
         samples=scorer.samples, validation_samples=scorer.validation_samples, stages=tuple(stages), budget=budget,
-        refinement=refinement.to_dict() if refinement else None,
-        batchnorm=[asdict(b) for b in batchnorm] if batchnorm is not None else None,
+        refinement=details.get("refined"), batchnorm=details.get("batchnorm recalibrated"),
         finetune=details.get("fine-tuned"), resumed=bool(options.resume), synthetic_check=check,
         finetune_frozen=details.get("fine-tuned, BatchNorm frozen"))
 
@@ -294,22 +309,18 @@ def _refine_summary(result) -> str:
                                   for layer in refined) + "; ")
 
 
-def _finetune_summary(result) -> str:
-    best = (f"best epoch {result['best_epoch']}" if result["best_epoch"] else "no epoch beat the start, kept it")
-    return (f"{result['epochs_run']} epochs, {best} ({result['monitor']} {result['best_value']:.2%}, start "
-            f"{result['initial_value']:.2%}); ")
+def _finetune_summary(result: FinetuneResult) -> str:
+    best = f"best epoch {result.best_epoch}" if result.best_epoch else "no epoch beat the start, kept it"
+    return (f"{result.epochs_run} epochs, {best} ({result.monitor} {result.best_value:.2%}, start "
+            f"{result.initial_value:.2%}); ")
 
 
 def _refine(context: Context):
-    from sepconv.convert.recovery.refinement import refine
-
     return refine(context.original, context.model, context.calibration, context.report,
                   progress=lambda message: context.say("refine", message))
 
 
 def _recalibrate(context: Context):
-    from sepconv.convert.recovery.refinement import recalibrate_batchnorm
-
     return recalibrate_batchnorm(context.model, context.calibration,
                                  progress=lambda message: context.say("batchnorm", message))
 
@@ -328,16 +339,14 @@ def _recalibrate_applies(context: Context) -> bool:
     return bool(context.options.recalibrate_bn) and _has_batchnorm(context)
 
 
-def _finetune(context: Context, *, frozen: bool = False):
-    from sepconv.convert.recovery.finetuning import DEFAULT_LEARNING_RATE, finetune
-
+def _finetune(context: Context, *, frozen: bool = False) -> FinetuneResult:
     options, folder, train, say = context.options, context.folder, context.train, context.say
     key, label = ("finetune_frozen", "finetune-bn") if frozen else ("finetune", "finetune")
     weights = folder / (FROZEN_FINETUNED if frozen else FINETUNED)
     if weights.exists():  # a resumed run whose training had finished: only the export was left
         context.model.load_weights(weights)
         say(label, f"fine-tuning had finished in the interrupted run; weights restored from {weights}")
-        return context.state[key]
+        return FinetuneResult.from_dict(context.state[key])
     mode = "labels + distillation" if train.y is not None else "distillation from the original (no labels)"
     say(label, f"{mode}{', BatchNorm frozen' if frozen else ''}, at most {options.epochs} epochs on {len(train)} "
                f"images, early stopping on {len(context.validation)} validation images; checkpoints in {folder}")
@@ -346,7 +355,7 @@ def _finetune(context: Context, *, frozen: bool = False):
                           learning_rate=options.finetune.learning_rate or DEFAULT_LEARNING_RATE)
     try:
         result = finetune(context.model, context.original, train.x, train.y, options=fit_options, progress=say,
-                          validation=(context.validation.x, context.validation.y)).to_dict()
+                          validation=(context.validation.x, context.validation.y))
     except KeyboardInterrupt:
         raise InterruptedRunError(f"interrupted during fine-tuning; finished epochs are checkpointed in {folder}: "
                                   f"run the same command with --resume to continue") from None
@@ -356,13 +365,11 @@ def _finetune(context: Context, *, frozen: bool = False):
         reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
         raise CheckpointError(f"--resume: the checkpoint in {folder} cannot be loaded ({reason}); it was cut off "
                               f"when the run was killed: delete the folder to start over") from None
-    from sepconv.convert.recovery.finetuning import require_space
-
     require_space(folder, context.model)  # HDF5 does not recover from a disk filling under it
     partial = weights.with_name(weights.name + ".partial.weights.h5")
     context.model.save_weights(partial)
     partial.replace(weights)
-    _save_state(folder, context.state, **{key: result})
+    _save_state(folder, context.state, **{key: result.to_dict()})
     return result
 
 
@@ -458,11 +465,11 @@ class _Scorer:
         return accuracy, hit_rate(predicted, self._reference[role])
 
 
-def _open_state(folder: Path | None, options: RecoveryOptions, source_sha256: str, separation) -> dict:
+def _open_state(folder: Path | None, options: RecoveryOptions, source_sha256: str) -> dict:
     """The saved state of an interrupted run (resume), or a fresh one; refuses to overwrite or to mix runs."""
     if folder is None:
         return {}
-    key = {"source_sha256": source_sha256, "separation": separation.describe(),
+    key = {"source_sha256": source_sha256, "separation": options.separation.describe(),
            "budget": asdict(options.budget) if options.budget else None}
     if options.latency is not None:  # a plan chosen for latency resumes only with the same target and device
         key["latency"] = options.latency.describe()
