@@ -20,8 +20,9 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from sepconv.convert.errors import DataError, InvalidOptionError, UnsupportedModelError
+from sepconv.convert.graph import leaf_layers
 from sepconv.deploy.files import first_line
-from sepconv.deploy.preprocess import AUTO, SCALES  # one definition for both sides
+from sepconv.deploy.preprocess import AUTO, SCALES
 from sepconv.deploy.scores import class_labels
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")
@@ -266,7 +267,6 @@ def _input_rescaling(model) -> str | None:
     """The path of a Rescaling layer met before any layer with weights, walking the model in graph order."""
     import keras
 
-    from sepconv.convert.graph import leaf_layers
 
     for path, layer in leaf_layers(model):
         if isinstance(layer, keras.layers.Rescaling):

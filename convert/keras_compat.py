@@ -10,6 +10,8 @@ inside the functions, so importing this module costs nothing.
 from __future__ import annotations
 
 import contextlib
+import functools
+from typing import Callable
 
 from sepconv.convert.errors import ExportError
 
@@ -109,4 +111,42 @@ def keras_archive(model) -> bytes:
     buffer = io.BytesIO()
     saving_lib.save_model(model, buffer)
     return buffer.getvalue()
+
+
+def atomic_backup_and_restore(backup_dir: str, before_save: Callable[[object], None]):
+    """Keras' BackupAndRestore callback (a checkpoint every epoch, deleted when training ends), but each file is
+    written under a temporary name and renamed into place, so a run killed (or out of disk space) in the middle of a
+    save leaves the previous checkpoint whole for --resume; `before_save(model)` runs first (it may refuse, e.g. when
+    the disk cannot hold the checkpoint). Keras has no public hook for where the files are written: this overrides
+    the callback's private _save_model and its private file paths."""
+    return _atomic_backup_class()(backup_dir, save_freq="epoch", delete_checkpoint=True, before_save=before_save)
+
+
+@functools.cache
+def _atomic_backup_class():
+    import os
+
+    import keras
+
+    class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
+        def __init__(self, *args, before_save, **kwargs):
+            super().__init__(*args, **kwargs)
+            self._before_save = before_save
+
+        def _save_model(self):
+            self._before_save(self.model)
+            final = self._weights_path, self._training_metadata_path
+            partial = (final[0].removesuffix(".weights.h5") + ".partial.weights.h5", final[1] + ".partial")
+            self._weights_path, self._training_metadata_path = partial
+            try:
+                super()._save_model()
+                for written, name in zip(partial, final):
+                    os.replace(written, name)
+            finally:
+                self._weights_path, self._training_metadata_path = final
+                for written in partial:
+                    if os.path.exists(written):
+                        os.remove(written)
+
+    return AtomicBackupAndRestore
 

@@ -19,7 +19,10 @@ from sepconv.convert.export.targets import (
 )
 from sepconv.convert.export.tflite import NEEDS_DATA
 from sepconv.convert.export.verification import Tolerance
+from sepconv.convert.recovery.budget import BudgetOptions
 from sepconv.convert.recovery.finetuning import FinetuneOptions
+from sepconv.convert.recovery.latency_table import LatencyOptions, for_export
+from sepconv.convert.recovery.steps import RecoveryOptions
 from sepconv.convert.separation.policy import SeparationOptions
 
 QUANTIZE_CHOICES = ("auto",) + quantize_modes()
@@ -115,14 +118,10 @@ class ConvertOptions:
             raise InvalidOptionError(f"Unrecognized max_unpacked_bytes={self.max_unpacked_bytes!r}. Use a whole "
                                      f"number >= 1")
         if self.latency is not None:
-            from sepconv.convert.recovery.latency_table import LatencyOptions
-
             if not isinstance(self.latency, LatencyOptions):
                 raise InvalidOptionError(f"Unrecognized latency={self.latency!r}. Use LatencyOptions(...) from "
                                          f"sepconv.convert.recovery.latency_table, or None")
         if self.max_accuracy_drop is not None:
-            from sepconv.convert.recovery.budget import BudgetOptions
-
             BudgetOptions(max_drop=self.max_accuracy_drop)
 
     def plan(self) -> Plan:
@@ -171,9 +170,6 @@ def _default(value, default: bool) -> bool:
 
 
 def recovery_options(options: ConvertOptions, plan: Plan, targets: list[Path]):
-    from sepconv.convert.recovery.budget import BudgetOptions
-    from sepconv.convert.recovery.steps import RecoveryOptions
-
     budget = plan.max_accuracy_drop
     folder = options.checkpoint_dir or str(targets[0].with_name(targets[0].name + CHECKPOINTS_SUFFIX))
     return RecoveryOptions(separation=options.separation, refine=plan.refine, recalibrate_bn=plan.recalibrate_bn,
@@ -187,7 +183,6 @@ def latency_options(options: ConvertOptions, quantize: str, targets: list[Path])
     """options.latency with the export options of the first .tflite / .onnx output (what its table must time)."""
     if options.latency is None:
         return None
-    from sepconv.convert.recovery.latency_table import for_export
 
     units = [target_for(t) for t in targets]
     return for_export(options.latency, [(unit, options.target_options(unit)) for unit in units], quantize)

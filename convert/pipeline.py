@@ -25,11 +25,14 @@ import numpy as np
 from sepconv.convert.data import check_source, datasets
 from sepconv.convert.errors import BudgetError, InvalidOptionError, SepconvError, UnsupportedModelError
 from sepconv.convert.export.quantization import Calibration
+from sepconv.convert.export.verification import Outputs
 from sepconv.convert.files import sha256
 from sepconv.convert.keras_compat import unsafe_deserialization
+from sepconv.convert.loading import file_kind, load
 from sepconv.convert.memory import release_memory
 from sepconv.convert.options import ConvertOptions, Plan, check_modes, plan_line, quantize_reason, recovery_options
 from sepconv.convert.outputs import check_outputs, disk_full_as, locked
+from sepconv.convert.recovery.steps import recover, remove_checkpoints
 from sepconv.convert.results import ConvertResult, Source
 from sepconv.convert.separation.policy import SeparationOptions
 from sepconv.convert.staging import ExportJob, export_all
@@ -79,8 +82,6 @@ def preflight(source, outputs, options: ConvertOptions) -> tuple[list[Path], Pla
     """(targets, plan): every check that needs neither TensorFlow nor the model's contents, before any work: the
     outputs, the options together, the model file's kind, the data paths. convert_model starts with it; the CLI runs it
     before it starts its worker, so that a wrong path or flag costs no TensorFlow start-up."""
-    from sepconv.convert.loading import file_kind
-
     source = Path(source)
     targets = check_outputs(source, outputs, options)
     plan = options.plan()
@@ -135,7 +136,6 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
              say: Progress) -> ConvertResult:
     timer = _Timer()
 
-    from sepconv.convert.loading import load
 
     with timer("load"):
         model = load(source, custom_objects=options.custom_objects, safe_mode=options.safe_mode,
@@ -150,7 +150,6 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
     say("plan", plan_line(plan, options))
     source_record = Source(path=str(source), sha256=sha256(source), params=params)
 
-    from sepconv.convert.export.verification import Outputs
 
     report = recovery = None
     exported = model
@@ -158,8 +157,6 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
     validation_reference = Outputs(model, validation.x) if validation is not None else None  # the same, validation
     warnings = []
     if options.separate:
-        from sepconv.convert.recovery.steps import recover
-
         with timer("separate and recover"), disk_full_as("writing checkpoints in", recovery_options.checkpoint_dir):
             exported, report, recovery = recover(model, train, calibration, validation, heldout, recovery_options,
                                                  source_sha256=source_record.sha256, progress=say,
@@ -186,7 +183,6 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
             kept.details = getattr(error, "details", None)
             raise kept from error
         raise
-    from sepconv.convert.recovery.steps import remove_checkpoints
 
     remove_checkpoints(recovery_options)
     return ConvertResult(source=source_record, quantize=plan.quantize, quantize_reason=quantize_reason(options, plan),

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 from sepconv.convert.data import DataInfo
 from sepconv.convert.options import Plan
 from sepconv.deploy.scores import percent
+from sepconv.deploy.timing import describe_xnnpack
 
 if TYPE_CHECKING:
     from sepconv.convert.export.quantization import QuantizationReport
@@ -132,7 +133,6 @@ def latency_text(latency: dict | None, artifacts=()) -> str:
     measured (each artifact's `latency`); empty when K was not chosen for latency."""
     from tabulate import tabulate
 
-    from sepconv.deploy.timing import describe_xnnpack
 
     if not latency:
         return ""

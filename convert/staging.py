@@ -13,13 +13,17 @@ from typing import TYPE_CHECKING, Callable
 
 from sepconv.convert.data import DataInfo
 from sepconv.convert.errors import VerificationError
+from sepconv.convert.export.manifest import build_manifest, manifest_json, manifest_path
+from sepconv.convert.export.quantization import quantize_verified
 from sepconv.convert.export.targets import target_for
 from sepconv.convert.export.tflite import NEEDS_DATA
-from sepconv.convert.export.verification import within_budget
+from sepconv.convert.export.verification import verify, verify_keras, within_budget
 from sepconv.convert.memory import release_memory
 from sepconv.convert.options import ConvertOptions, latency_options
 from sepconv.convert.outputs import disk_full_as
+from sepconv.convert.recovery.latency_table import measured_latency
 from sepconv.convert.results import Artifact, Source
+from sepconv.deploy.runtime import open_runtime
 
 if TYPE_CHECKING:
     from sepconv.convert.export.quantization import QuantizationReport
@@ -103,9 +107,6 @@ def export_all(job: ExportJob, targets: list[Path], quantize: str, timer) -> tup
 def _add_latency(staged: list[Staged], latency: dict, options: LatencyOptions, say) -> None:
     """Time the staged artifacts of the latency table's format where it was measured; each one's figures go into its
     manifest (`latency`, rewritten to its temporary file) and its Artifact."""
-    from sepconv.convert.export.manifest import manifest_json
-    from sepconv.convert.recovery.latency_table import measured_latency
-
     figures = measured_latency([(item.target, item.tmp, item.quantize) for item in staged], latency, options, say)
     for item in staged:
         if item.target in figures:
@@ -158,9 +159,6 @@ def _discard(item: Staged) -> None:
 
 
 def _export_and_verify(job: ExportJob, item: Staged) -> Staged:
-    from sepconv.convert.export.manifest import build_manifest, manifest_json
-    from sepconv.convert.export.verification import verify, verify_keras
-
     model, original, expected, calibration, held = job.model, job.original, job.expected, job.calibration, job.held
     options, report, recovery, say = job.options, job.report, job.recovery, job.say
     target, tmp, fmt, mode = item.target, item.tmp, item.format, item.quantize
@@ -178,11 +176,7 @@ def _export_and_verify(job: ExportJob, item: Staged) -> Staged:
         verification = verify_keras(model, tmp, heldout.x, heldout.y, tolerance=options.tolerance, inputs=inputs,
                                     original=original, safe_mode=options.safe_mode, expected=expected.values)
     else:
-        from sepconv.deploy.runtime import open_runtime
-
         if mode == "int8":
-            from sepconv.convert.export.quantization import quantize_verified
-
             data, item.quantization = quantize_verified(model, unit, calibration, tolerance=options.tolerance,
                                                         export=export, options=options.quantization)
             Path(tmp).write_bytes(data)
@@ -238,8 +232,6 @@ def _failure_line(item: Staged) -> str:
 
 
 def _commit(item: Staged) -> Artifact:
-    from sepconv.convert.export.manifest import manifest_path
-
     target = item.target
     os.chmod(item.tmp, 0o644)
     os.chmod(item.tmp_manifest, 0o644)

@@ -103,3 +103,23 @@ def test_keras_archive_is_the_models_keras_file(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6,
                                err_msg="the .keras archive made in memory must give the saved model back")
 
+
+
+def test_atomic_backup_and_restore_writes_whole_checkpoints(tmp_path):
+    """The callback runs before_save, then leaves Keras' checkpoint files under their own names after each epoch (no
+    .partial file); it relies on BackupAndRestore's private _save_model and file paths, which this pins."""
+    assert hasattr(keras.callbacks.BackupAndRestore, "_save_model"), "the private hook moved: mend keras_compat"
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(2)])
+    model.compile(optimizer="sgd", loss="mse")
+    saved, seen = [], []
+    backup = keras_compat.atomic_backup_and_restore(str(tmp_path / "ckpt"), before_save=saved.append)
+
+    class Look(keras.callbacks.Callback):
+        def on_epoch_end(self, epoch, logs=None):
+            seen.append(sorted(p.name for p in (tmp_path / "ckpt").iterdir()))
+
+    x = np.zeros((8, 4), np.float32)
+    model.fit(x, np.zeros((8, 2), np.float32), epochs=2, verbose=0, callbacks=[backup, Look()])
+    assert saved == [model, model], "before_save runs once per epoch, on the model"
+    assert len(seen) == 2 and all(names and not any("partial" in n for n in names) for names in seen), seen
+    assert all(any(n.endswith(".weights.h5") for n in names) for names in seen), seen

@@ -24,6 +24,8 @@ import numpy as np
 
 from sepconv.convert.errors import CheckpointError, DiskFullError, InvalidOptionError
 from sepconv.convert.files import disk_full
+from sepconv.convert.graph import leaf_layers, predict_keras
+from sepconv.convert.keras_compat import atomic_backup_and_restore
 
 STRATEGIES = ("auto", "default", "mirrored")
 DEFAULT_LEARNING_RATE = 1e-3
@@ -161,7 +163,7 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
         if backup.exists() and any(backup.iterdir()) and not options.resume:
             raise CheckpointError(f"{backup} holds checkpoints of an earlier run: pass resume=True to continue it, "
                                   f"or delete the folder to start over")
-        own.append(_atomic_backup_class()(str(backup), save_freq="epoch", delete_checkpoint=True))
+        own.append(atomic_backup_and_restore(str(backup), before_save=lambda model: require_space(backup, model)))
     start = model.get_weights()
     initial = trainer.evaluate(x_val, t_val, batch_size=options.batch_size, verbose=0, return_dict=True)
     initial = float(initial[monitor.removeprefix("val_")])
@@ -247,29 +249,6 @@ def require_space(folder: Path, model) -> None:
                             f"folder (--checkpoint-dir); the last complete checkpoint is kept")
 
 
-@functools.cache
-def _atomic_backup_class():
-    """Keras' BackupAndRestore, but each file is written under a temporary name and renamed into place, so a run
-    killed (or out of disk space) in the middle of a save leaves the previous checkpoint whole for --resume."""
-    import keras
-
-    class AtomicBackupAndRestore(keras.callbacks.BackupAndRestore):
-        def _save_model(self):
-            require_space(Path(self.backup_dir), self.model)
-            final = self._weights_path, self._training_metadata_path
-            partial = (final[0].removesuffix(".weights.h5") + ".partial.weights.h5", final[1] + ".partial")
-            self._weights_path, self._training_metadata_path = partial
-            try:
-                super()._save_model()
-                for written, name in zip(partial, final):
-                    os.replace(written, name)
-            finally:
-                self._weights_path, self._training_metadata_path = final
-                for written in partial:
-                    Path(written).unlink(missing_ok=True)
-
-    return AtomicBackupAndRestore
-
 
 def _epoch_delay(stop) -> list:
     """[a callback that waits SEPCONV_TEST_EPOCH_DELAY seconds at each epoch's end, or until Ctrl-C is pressed
@@ -323,8 +302,6 @@ def _epoch_log_class():
 
 def _targets(teacher, x, y, classes: int) -> np.ndarray:
     """Per sample: the teacher's probabilities, the one-hot label (zeros without labels)."""
-    from sepconv.convert.graph import predict_keras
-
     soft = predict_keras(teacher, x)[0].astype(np.float32)
     if soft.shape[-1] != classes or soft.ndim != 2:
         raise InvalidOptionError(f"fine-tuning needs a classifier with one (N, {classes}) output; the teacher gives "
@@ -354,7 +331,6 @@ def _trainable_copy(model, freeze_batchnorm: bool = False):
     statistics, not each batch's, normalise during training, and neither they nor gamma/beta change)."""
     import keras
 
-    from sepconv.convert.graph import leaf_layers
 
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())

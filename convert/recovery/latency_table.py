@@ -30,9 +30,11 @@ from sepconv.convert.errors import InvalidOptionError
 from sepconv.convert.export.onnx import OnnxOptions
 from sepconv.convert.export.targets import registered_targets, target_of_exporter
 from sepconv.convert.export.tflite import TFLiteOptions
-from sepconv.convert.recovery.budget import KEEP
+from sepconv.convert.graph import leaf_layers
+from sepconv.convert.recovery.budget import KEEP, plan_params
 from sepconv.convert.recovery.latency_choice import LatencyTarget, choose_for_latency, rank_key
-from sepconv.deploy.timing import TimingOptions, describe_xnnpack
+from sepconv.convert.separation.policy import SeparationOptions
+from sepconv.deploy.timing import TimingOptions, describe_xnnpack, identify, time_artifacts
 
 CALIBRATION_SAMPLES = 8  # random inputs that calibrate a single-layer int8 model: its ranges do not change its speed
 ORIGINAL = "(the original model)"
@@ -78,8 +80,6 @@ def measure_table(model, layers, options: LatencyOptions, *, progress=None) -> d
     """The latency table of `layers` (budget.LayerSensitivity: each layer's path and candidate K) of `model`:
     {layers: {path: {"keep": ms, "1": ms, ...}}, original_ms, raw_keep_sum_ms, where, device, runtime, threads,
     xnnpack, format, quantize, measured, cached, seconds}."""
-    from sepconv.deploy.timing import identify, time_artifacts
-
     say = progress or (lambda stage, message: None)
     started = time.perf_counter()
     leaves = _leaves(model)
@@ -121,7 +121,6 @@ def plan_for_latency(model, plan, options: LatencyOptions, *, progress=None):
     plan's `latency`."""
     from dataclasses import replace
 
-    from sepconv.convert.recovery.budget import plan_params
 
     say = progress or (lambda stage, message: None)
     table = measure_table(model, plan.layers, options, progress=say)
@@ -142,8 +141,6 @@ def plan_for_latency(model, plan, options: LatencyOptions, *, progress=None):
 def check_artifacts(paths, latency: dict, options: LatencyOptions, *, progress=None) -> dict:
     """Time the written artifacts (of the table's format) where the table was measured and compare with the plan's
     prediction: {path: {measured_ms, predicted_ms, error}} (error: (measured - predicted) / measured)."""
-    from sepconv.deploy.timing import time_artifacts
-
     paths = [Path(p) for p in paths if Path(p).suffix.lower() == options.suffix]
     if not paths:
         return {}
@@ -216,7 +213,6 @@ def single_layer_model(layer, rank: int = KEEP):
     is KEEP; None when separation at that K would not rewrite the layer."""
     import keras
 
-    from sepconv.convert.separation.policy import SeparationOptions
     from sepconv.convert.separation.walk import separate_with
 
     inputs = keras.Input(tuple(layer.input.shape[1:]), name="input")
@@ -250,8 +246,6 @@ def _candidate(model, leaves: dict, path: str, rank: int):
 
 
 def _leaves(model) -> dict:
-    from sepconv.convert.graph import leaf_layers
-
     return dict(leaf_layers(model))
 
 

@@ -24,7 +24,9 @@ from typing import Callable
 import numpy as np
 
 from sepconv.convert.errors import BudgetError, CheckpointError, InterruptedRunError, InvalidOptionError
-from sepconv.convert.recovery.budget import BudgetOptions, BudgetPlan, BudgetResult
+from sepconv.convert.export.verification import mean_cosine
+from sepconv.convert.graph import leaf_layers, predict_keras
+from sepconv.convert.recovery.budget import BudgetOptions, BudgetPlan, BudgetResult, plan_budget
 from sepconv.convert.recovery.finetuning import (
     DEFAULT_LEARNING_RATE,
     FinetuneOptions,
@@ -32,9 +34,10 @@ from sepconv.convert.recovery.finetuning import (
     finetune,
     require_space,
 )
+from sepconv.convert.recovery.latency_table import plan_for_latency
 from sepconv.convert.recovery.refinement import BatchNormRecalibration, RefinementReport, recalibrate_batchnorm, refine
-from sepconv.convert.separation.policy import SeparationOptions
-from sepconv.deploy.scores import hit_rate, top1
+from sepconv.convert.separation.policy import DEFAULT_ENERGY, SeparationOptions
+from sepconv.deploy.scores import hit_rate, percent, top1
 
 STATE = "state.json"
 # Without data, nothing measures accuracy; the separated float model's outputs must then keep their direction on the
@@ -128,7 +131,6 @@ class RecoveryReport:
         report; then what was rejected and why."""
         from tabulate import tabulate
 
-        from sepconv.deploy.scores import percent
 
         rows = [[stage.name, "kept" if stage.kept else "REJECTED", f"{stage.params:,}",
                  percent(stage.val_accuracy if stage.val_accuracy is not None else stage.val_agreement),
@@ -228,9 +230,6 @@ def _data_free_guard(original, separated, report, separation, x, reference, say)
     """The default separation without data, kept only while the separated model's outputs on the synthetic inputs keep
     their direction (MIN_SYNTHETIC_COSINE); else retried keeping more of each kernel (GUARD_ENERGIES). reference: the
     original's first output on `x`."""
-    from sepconv.convert.export.verification import mean_cosine
-    from sepconv.convert.graph import predict_keras
-    from sepconv.convert.separation.policy import DEFAULT_ENERGY
     from sepconv.convert.separation.walk import separate_with
 
     reference = reference.astype(np.float64)
@@ -286,8 +285,6 @@ def _separation_line(report) -> str:
 
 
 def _plan(original, validation, calibration, budget: BudgetOptions, separation, say, latency=None) -> BudgetPlan:
-    from sepconv.convert.recovery.budget import plan_budget
-
     say("budget", f"measuring each layer's sensitivity on {len(validation)} validation samples for a budget of "
                   f"{budget.max_drop} points of {'accuracy' if validation.y is not None else 'agreement'}")
     plan = plan_budget(original, validation.x, validation.y, calibration, budget, separation=separation,
@@ -296,8 +293,6 @@ def _plan(original, validation, calibration, budget: BudgetOptions, separation, 
                   f"fine-tuning; separable layers' parameters {plan.params_before:,} -> {plan.params_after:,}, "
                   f"{plan.seconds} s)")
     if latency is not None:
-        from sepconv.convert.recovery.latency_table import plan_for_latency
-
         plan = plan_for_latency(original, plan, latency, progress=say)
     return plan
 
@@ -329,7 +324,6 @@ def _has_batchnorm(context: Context) -> bool:
     """The separated model has BatchNorm layers (nested models included)."""
     import keras
 
-    from sepconv.convert.graph import leaf_layers
 
     return any(isinstance(layer, keras.layers.BatchNormalization) for _, layer in leaf_layers(context.model))
 
@@ -429,8 +423,6 @@ class _Scorer:
 
     def __init__(self, original, validation, test, references=None):
         """references: {role: verification.Outputs of the original on that role's inputs}, those the caller has."""
-        from sepconv.convert.graph import predict_keras
-
         given = references or {}
         self._sets = {"test": test, "validation": validation}
         outputs = {role: given[role].values if given.get(role) is not None else predict_keras(original, data.x)
@@ -454,8 +446,6 @@ class _Scorer:
                      val_agreement=validation[1], params=int(model.count_params()), seconds=round(seconds, 2))
 
     def _score(self, role: str, model) -> tuple[float | None, float]:
-        from sepconv.convert.graph import predict_keras
-
         data = self._sets[role]
         if model is self._original:  # the original's predictions are the reference: no second forward pass
             predicted = self._reference[role]
