@@ -195,13 +195,16 @@ def test_artifacts_are_verified_against_one_forward_pass_of_each_model(tmp_path,
 
     from sepconv.convert import convert_model
 
+    from sepconv.convert import graph
     from sepconv.convert.export import verification
+    from sepconv.convert.recovery import budget, finetuning, steps
 
     functional_branches().save(tmp_path / "m.keras")
     calls = []
-    real = verification.predict_keras
-    monkeypatch.setattr(verification, "predict_keras",
-                        lambda model, x, batch_size=None: (calls.append(model), real(model, x, batch_size))[1])
+    real = graph.predict_keras
+    for module in (graph, verification, steps, budget, finetuning):  # every module that runs a model's forward pass
+        monkeypatch.setattr(module, "predict_keras",
+                            lambda model, x, batch_size=None: (calls.append(model), real(model, x, batch_size))[1])
     result = convert_model(tmp_path / "m.keras", [tmp_path / "m.tflite", tmp_path / "m.onnx"], rank=1,
                            quantize="none")
     assert all(artifact.verification.passed for artifact in result.artifacts)
