@@ -22,7 +22,7 @@ import numpy as np
 from sepconv.convert.errors import DataError, InvalidOptionError, UnsupportedModelError
 from sepconv.convert.graph import leaf_layers
 from sepconv.deploy.files import first_line
-from sepconv.deploy.preprocess import AUTO, SCALES
+from sepconv.deploy.preprocess import AUTO, SCALES  # one definition for both sides
 from sepconv.deploy.scores import class_labels
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff")

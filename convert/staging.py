@@ -111,7 +111,8 @@ def _add_latency(staged: list[Staged], latency: dict, options: LatencyOptions, s
     for item in staged:
         if item.target in figures:
             item.latency = item.manifest["latency"] = figures[item.target]
-            Path(item.tmp_manifest).write_text(manifest_json(item.manifest))
+            with disk_full_as("writing the manifest of", item.target):
+                Path(item.tmp_manifest).write_text(manifest_json(item.manifest))
 
 
 def _falls_back(item: Staged, options: ConvertOptions) -> bool:

@@ -1,4 +1,4 @@
-"""Per-layer latency tables measured where the model will run (the table that convert/recovery/latency_choice.py chooses with).
+"""Per-layer latency tables measured where the model will run (the table that latency_choice.py chooses with).
 
 For each layer the accuracy budget measured and each of its candidates (every K, and keeping it), a single-layer
 model - an input of the layer's input shape, the layer as it is or as `separate` rewrites it at that K - is exported
