@@ -46,14 +46,17 @@ def digits():
 
 @pytest.fixture(scope="session")
 def trained_demo(tmp_path_factory, digits):
-    """The tutorial network trained briefly on digits, saved as .h5, with the test split as an .npz (read only).
+    """The quick demo's network (the tutorial network at a quarter of the width, sepconv-demo --quick) trained on
+    digits, saved as .h5, with the test split as an .npz (read only).
 
-    Four epochs reach ~95% test accuracy: enough for int8 agreement to mean something, fast enough for a test. Trained
-    once per run: pytest-xdist's workers share one folder of this run, under a lock (the first trains, the other loads).
-    """
+    Four epochs reach ~97% test accuracy: enough for int8 agreement and recovery to mean something, in about 20 s on
+    2 cores (the full-width network takes 150 s: 16x the MACs). It is the model sepconv-demo --quick trains (same
+    filters, epochs and seed). Trained once per run: pytest-xdist's workers share one folder of this run, under a lock
+    (the first trains, the other loads)."""
     import fcntl
     import os
 
+    from sepconv.convert.demo import QUICK_EPOCHS, QUICK_FILTERS
     from sepconv.convert.demo import digits as demo
 
     base = tmp_path_factory.getbasetemp()
@@ -61,7 +64,7 @@ def trained_demo(tmp_path_factory, digits):
     folder.mkdir(exist_ok=True)
     with open(folder / ".lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        model = demo.demo_model(folder / "digits.h5", epochs=4, seed=0)  # trains, or loads what the other saved
+        model = demo.demo_model(folder / "digits.h5", epochs=QUICK_EPOCHS, seed=0, filters=QUICK_FILTERS)  # or loads
         if not (folder / "digits_test.npz").exists():
             np.savez(folder / "digits_test.partial.npz", x=digits.x_test, y=digits.y_test)
             (folder / "digits_test.partial.npz").replace(folder / "digits_test.npz")
@@ -95,3 +98,14 @@ def small_artifacts(tmp_path_factory):
     export_onnx(model, paths["onnx_int8"], quantize="int8", representative_data=x)
     expected = np.asarray(model(x, training=False))
     return {"model": model, "x": x, "expected": expected, **paths}
+
+
+def pytest_collection_modifyitems(config, items):
+    """The long tests first: the slow end-to-end tests and the loopback deploy group (which one worker runs whole)
+    start before the many short ones, so that pytest-xdist's workers (scripts/test: --dist loadgroup hands out work in
+    collection order) finish together instead of one running a long test alone at the end. A stable sort: within each
+    part the order is pytest's (and pytest-randomly's, when scripts/test --repeat turns it on)."""
+    def long_first(item):
+        return 0 if item.get_closest_marker("slow") or item.get_closest_marker("xdist_group") else 1
+
+    items.sort(key=long_first)

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from sepconv.convert.demo import model_file
+
 DEMO = [sys.executable, "-m", "sepconv.convert.cli", "sepconv-demo"]
 
 
@@ -19,16 +21,18 @@ def run(*args, timeout=600):
 
 @pytest.mark.slow
 def test_demo_separates_converts_benchmarks_and_reports(tmp_path, trained_demo):
-    """The demo end to end, once: tables on stdout and the JSON summary in a file (--json FILE). Its model is the
-    session's trained_demo (demo.demo_model, 4 epochs, seed 0), copied in as the demo's
-    cache, so the run takes the "loading" path; the training itself is demo.demo_model, which trained_demo runs."""
-    shutil.copy(trained_demo["h5"], tmp_path / "digits_tutorial.h5")
-    done = run("--out", str(tmp_path), "--json", str(tmp_path / "summary.json"), "--bench-time", "0.1")
+    """The demo end to end, once, at its quick setting (every step of the full demo, on the tutorial network at a
+    quarter of the width, the speed table at 1 thread): tables on stdout and the JSON summary in a file (--json FILE).
+    Its model is the session's trained_demo (demo.demo_model with the quick filters, 4 epochs, seed 0: what --quick
+    trains), copied in as the demo's cache, so the run takes the "loading" path; the training itself is
+    demo.demo_model, which trained_demo runs."""
+    shutil.copy(trained_demo["h5"], tmp_path / model_file(quick=True))
+    done = run("--quick", "--out", str(tmp_path), "--json", str(tmp_path / "summary.json"), "--bench-time", "0.1")
     assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["original"]["params"] == 1_186_378
+    assert summary["quick"] is True and summary["original"]["params"] == 82_330, "filters 16, 32, 64"
     k1, default = summary["separations"]
-    assert k1["report"]["totals"]["model_params_after"] == 174_821
+    assert k1["report"]["totals"]["model_params_after"] == 19_925
     assert all(row["rank"] == 1 for row in k1["report"]["layers"])
     assert 0.0 <= k1["test_accuracy"] <= 1.0
     assert summary["original"]["test_accuracy"] > 0.5, "four epochs on digits must learn something"
@@ -41,15 +45,17 @@ def test_demo_separates_converts_benchmarks_and_reports(tmp_path, trained_demo):
     assert all(a["verification"]["budget"]["held"] for a in conversion["artifacts"]), "the budget covers what ships"
     assert (tmp_path / "digits_int8.tflite.json").exists()
     speed = summary["speed"]["cases"]
-    assert [(c["model"], c["threads"]) for c in speed[:2]] == [("original_fp32.tflite", 1), ("original_fp32.tflite", 2)]
-    assert len(speed) == 16 and all(c["accuracy"]["samples"] == 450 for c in speed)
+    assert [(c["model"], c["threads"]) for c in speed[:2]] == [("original_fp32.tflite", 1), ("original_int8.tflite", 1)]
+    assert len(speed) == 8 and all(c["accuracy"]["samples"] == 450 for c in speed), "8 artifacts at 1 thread"
+    assert sorted(p.name for p in (tmp_path / "speed_quick").glob("*.tflite")) == [
+        "original_fp32.tflite", "original_int8.tflite", "separated_k1_fp32.tflite", "separated_k1_int8.tflite"]
     page = (tmp_path / "report.html").read_text()
     assert summary["report"] == str(tmp_path / "report.html")
     for chart in ("convert1_sensitivity", "convert1_stages", "latency", "speedup", "tradeoff_size"):
         assert f'<figure id="{chart}">' in page and (tmp_path / "report" / f"{chart}.png").stat().st_size > 1000
 
     shown = done.stdout  # the tables, beside the JSON file
-    assert "loading the demo model" in shown
+    assert "loading the demo model" in shown and "(quick: filters 16, 32, 64)" in shown
     assert "block3_conv2" in shown and "test accuracy" in shown
     assert "K chosen" in shown and "fine-tuned" in shown and "digits_int8.onnx" in shown
     assert "separated_k1_int8.tflite" in shown and "speed-up" in shown

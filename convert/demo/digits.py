@@ -15,6 +15,7 @@ from typing import Callable
 import numpy as np
 
 from sepconv.convert import DEFAULT_ENERGY, separate
+from sepconv.convert.demo import QUICK_EPOCHS, QUICK_FILTERS, model_file
 from sepconv.convert.loading import load
 from sepconv.convert.pipeline import convert_model
 from sepconv.deploy import report
@@ -123,15 +124,17 @@ def save_split(split: Split, folder: Path) -> tuple[Path, Path]:
     return train, test
 
 
-def demo_model(path: Path, *, epochs: int = 15, seed: int = 0, retrain: bool = False, verbose: int = 0):
-    """The trained demo model saved at `path` (.h5): trained and saved on first use, reused after."""
+def demo_model(path: Path, *, epochs: int = 15, seed: int = 0, retrain: bool = False, verbose: int = 0,
+               filters=TUTORIAL_FILTERS):
+    """The trained demo model saved at `path` (.h5): trained and saved on first use, reused after. `filters`: the
+    blocks' widths (QUICK_FILTERS for sepconv-demo --quick)."""
     path = Path(path)
     if path.exists() and not retrain:
         return load(path)
     import keras
 
     keras.utils.set_random_seed(seed)
-    model = tutorial_network()
+    model = tutorial_network(filters=filters)
     train(model, digits(seed=seed), epochs=epochs, seed=seed, verbose=verbose)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial.h5")
@@ -161,21 +164,26 @@ def speed_artifacts(model_path: Path, folder: Path, train: Path, test: Path) -> 
     return [p for suffix in (".tflite", ".onnx") for p in paths if p.suffix == suffix]
 
 
-def run_demo(out: Path, *, epochs: int = 15, seed: int = 0, retrain: bool = False, bench: bool = True,
-             bench_time: float = 1.0, say: Callable[[str], None] | None = None) -> dict:
+def run_demo(out: Path, *, epochs: int | None = None, seed: int = 0, retrain: bool = False, bench: bool = True,
+             bench_time: float = 1.0, quick: bool = False, say: Callable[[str], None] | None = None) -> dict:
     """What sepconv-demo does, in `out`: train (or load) the demo model, separate it at K=1 and with the default
     policy (reports in report_*.json), run convert_model with its defaults for data, time the speed artifacts with
-    bench-model's harness (unless `bench` is off), and write the HTML report. `say(text)` gets the tables and progress
-    lines as they come (None: silent). Returns the summary (what --json writes)."""
+    bench-model's harness (unless `bench` is off), and write the HTML report. `quick`: the same steps on the network
+    at a quarter of the width (QUICK_FILTERS, trained QUICK_EPOCHS epochs unless `epochs` says) with the speed table
+    at 1 thread only. `say(text)` gets the tables and progress lines as they come (None: silent). Returns the summary
+    (what --json writes)."""
     verbose = 2 if say else 0  # Keras' epoch lines while the demo model trains
     say = say or (lambda text: None)
     started = time.perf_counter()
-    model_path = Path(out) / "digits_tutorial.h5"
-    say(f"{'training' if retrain or not model_path.exists() else 'loading'} the demo model {model_path} ...")
-    model = demo_model(model_path, epochs=epochs, seed=seed, retrain=retrain, verbose=verbose)
+    model_path = Path(out) / model_file(quick)
+    epochs = epochs if epochs is not None else (QUICK_EPOCHS if quick else 15)
+    say(f"{'training' if retrain or not model_path.exists() else 'loading'} the demo model {model_path}"
+        f"{' (quick: filters ' + ', '.join(map(str, QUICK_FILTERS)) + ')' if quick else ''} ...")
+    model = demo_model(model_path, epochs=epochs, seed=seed, retrain=retrain, verbose=verbose,
+                       filters=QUICK_FILTERS if quick else TUTORIAL_FILTERS)
     split = digits(seed=seed)
     baseline = accuracy(model, split.x_test, split.y_test)
-    summary = {"model": str(model_path), "test_images": int(len(split.y_test)), "original": {
+    summary = {"model": str(model_path), "quick": quick, "test_images": int(len(split.y_test)), "original": {
         "params": model.count_params(), "test_accuracy": baseline}, "separations": []}
     say(f"original: {model.count_params():,} parameters, test accuracy {baseline:.2%} on {len(split.y_test)} "
         f"held-out digits\n")
@@ -189,7 +197,7 @@ def run_demo(out: Path, *, epochs: int = 15, seed: int = 0, retrain: bool = Fals
         say(f"== {label} (no fine-tuning)\n{report}\ntest accuracy: {score:.2%} (original {baseline:.2%})\n")
     summary["conversion"] = _demo_conversion(Path(out), model_path, split, say)
     if bench:
-        summary["speed"] = _demo_speed(Path(out), model_path, bench_time, say)
+        summary["speed"] = _demo_speed(Path(out), model_path, bench_time, quick, say)
     summary["report"] = _demo_report(Path(out), summary, say)
     summary["seconds"] = round(time.perf_counter() - started, 1)
     return summary
@@ -207,12 +215,13 @@ def _demo_conversion(out: Path, model_path: Path, split: Split, say) -> dict:
     return result.to_dict()
 
 
-def _demo_speed(out: Path, model_path: Path, bench_time: float, say) -> dict:
-    """The speed table: bench-model's harness on the eight demo artifacts at 1 and 2 threads, with test accuracy."""
+def _demo_speed(out: Path, model_path: Path, bench_time: float, quick: bool, say) -> dict:
+    """The speed table: bench-model's harness on the eight demo artifacts at 1 and 2 threads (1 if quick), with test
+    accuracy. The quick demo's artifacts are kept apart from the full one's (speed_quick/)."""
     train, test = out / "digits_train.npz", out / "digits_test.npz"
     say("== speed: original and separated (K=1, refined), float32 and int8, TFLite and ONNX (bench-model)")
-    paths = speed_artifacts(model_path, out / "speed", train, test)
-    report = benchmark(paths, threads=(1, 2), inputs=str(test), min_seconds=bench_time, min_runs=50,
+    paths = speed_artifacts(model_path, out / ("speed_quick" if quick else "speed"), train, test)
+    report = benchmark(paths, threads=(1,) if quick else (1, 2), inputs=str(test), min_seconds=bench_time, min_runs=50,
                        progress=lambda message: say(f"  {message}"))
     say(report.table() + "\n")
     return report.to_dict()

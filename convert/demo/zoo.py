@@ -148,11 +148,13 @@ x = L.Conv2D(10, 3, padding="same")(x)
 x = L.GlobalAveragePooling2D()(x)
 model = k2.Model(image, L.Activation("softmax", name="predictions")(x), name="mini_xception")
 model.compile(k2.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
-model.fit(data["x"], data["y"], epochs=int(sys.argv[3]), batch_size=32, verbose=0, shuffle=True)
-# BatchNorm's moving statistics lag the last epochs' weights under this strong l2 (inference 28% where training-mode
-# batches give 99%): settle them with passes that change no weight (learning rate 0), as a careful user would.
-model.compile(k2.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
-model.fit(data["x"], data["y"], epochs=3, batch_size=32, verbose=0, shuffle=True)
+if int(sys.argv[3]):  # 0: saved untrained (a test of the file's structure needs no training)
+    model.fit(data["x"], data["y"], epochs=int(sys.argv[3]), batch_size=32, verbose=0, shuffle=True)
+    # BatchNorm's moving statistics lag the last epochs' weights under this strong l2 (inference 28% where
+    # training-mode batches give 99%): settle them with passes that change no weight (learning rate 0), as a careful
+    # user would.
+    model.compile(k2.optimizers.SGD(0.0), "sparse_categorical_crossentropy")
+    model.fit(data["x"], data["y"], epochs=3, batch_size=32, verbose=0, shuffle=True)
 model.save(out)
 """
 
@@ -187,10 +189,10 @@ EPOCHS_FOR = {"nested_mobilenetv2": 40}
 
 def entry(name: str, folder, *, epochs: int | None = None, verbose: int = 0) -> ZooEntry:
     """The trained zoo model `name` with its data in `folder` (made on first use, reused after); epochs: of its
-    training (default EPOCHS, or EPOCHS_FOR[name])."""
+    training (None: EPOCHS, or EPOCHS_FOR[name]; 0: saved untrained, for tests of the file's structure)."""
     if name not in ZOO:
         raise ValueError(f"Unrecognized zoo model {name!r}. Supported models are: {sorted(ZOO)}")
-    epochs = epochs or EPOCHS_FOR.get(name, EPOCHS)
+    epochs = EPOCHS_FOR.get(name, EPOCHS) if epochs is None else epochs
     builder, suffix, kind = ZOO[name]
     folder = Path(folder) / name
     folder.mkdir(parents=True, exist_ok=True)
