@@ -145,8 +145,11 @@ def test_forward_batches_stay_within_the_activation_budget(monkeypatch):
                                                                             original_call(self, batch, **kw))[1])
     bounded = graph.predict_keras(model, x)
     assert seen == [3, 3, 3, 1]
-    np.testing.assert_allclose(bounded[0], graph.predict_keras(model, x, batch_size=64)[0], rtol=1e-5,
-                               atol=1e-6, err_msg="the batch size must not change the outputs")
+    whole = graph.predict_keras(model, x, batch_size=64)[0]
+    # the same function; only float32 summation order differs with the batch (oneDNN picks its kernels by batch size:
+    # 3.8e-5 apart on outputs of magnitude 48 was seen), so the tolerance is relative to the outputs' scale
+    np.testing.assert_allclose(bounded[0], whole, rtol=0, atol=1e-5 * np.abs(whole).max(),
+                               err_msg="the batch size must not change the outputs beyond float32 summation order")
     monkeypatch.setattr(graph, "ACTIVATION_BUDGET", 1)
     assert graph.batch_size_for(model) == 1, "never less than one sample"
     free = keras.Sequential([keras.Input((None, None, 3)), keras.layers.Conv2D(2, 3)])
