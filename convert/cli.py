@@ -439,8 +439,9 @@ def _demo(args) -> int:
     from sepconv.convert.demo.digits import run_demo
 
     quiet = args.json == "-"  # the JSON summary goes to stdout instead of the tables
+    say = None if quiet else lambda text: print(text, flush=True)
     summary = run_demo(args.out, epochs=args.epochs, seed=args.seed, retrain=args.retrain, bench=not args.no_bench,
-                       bench_time=args.bench_time, quick=args.quick, say=None if quiet else lambda text: print(text, flush=True))
+                       bench_time=args.bench_time, quick=args.quick, say=say)
     if args.json:
         write_output(args.json, json.dumps(summary, indent=2, default=str))
     if not quiet:
