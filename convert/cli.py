@@ -180,9 +180,14 @@ def convert_parser() -> argparse.ArgumentParser:
                        help="re-estimate BatchNorm statistics of the separated model on the calibration images "
                             "(default: on with --data)")
     group = parser.add_argument_group(
-        "latency on the target", "with the accuracy budget, choose each layer's K (or keep it) from latency measured "
-        "where the model will run: a single-layer model per layer and K, exported as the first .tflite / .onnx output "
-        "is and timed here or on a device (deploy-model's SSH); cached per device and runtime version")
+        "latency on the target", "on by default: with the accuracy budget, each layer's K (or keeping it) is chosen "
+        "from latency measured where the model will run (a single-layer model per layer and K, exported as the first "
+        ".tflite / .onnx output is, timed here or on a device over deploy-model's SSH, cached per device and runtime "
+        "version); and each .tflite / .onnx artifact is timed against the original converted the same way, the "
+        "original shipped instead of a slower one unless --rank / --energy forced the separation")
+    group.add_argument("--latency", action=argparse.BooleanOptionalAction, dest="measure_latency",
+                       help="--no-latency: choose K from accuracy and parameters alone and time nothing (default: on "
+                            "when separating)")
     target = group.add_mutually_exclusive_group()
     target.add_argument("--target-latency", type=_positive_float, metavar="MS",
                         help="the whole model's p50 latency to reach (ms): the plan that loses the least accuracy "
@@ -190,9 +195,9 @@ def convert_parser() -> argparse.ArgumentParser:
     target.add_argument("--target-speedup", type=_positive_float, metavar="X",
                         help="the same, as a speed-up against the original exported the same way")
     group.add_argument("--latency-on", metavar="WHERE",
-                       help="'local' (this machine, the default with a target) or a host as deploy-model takes it "
-                            "(alias, user@host[:port]); without a target: the fastest plan within the budget. A "
-                            "separation slower than keeping its layer is never chosen")
+                       help="'local' (this machine, the default) or a host as deploy-model takes it (alias, "
+                            "user@host[:port]); without a target: the fastest plan within the budget. A separation "
+                            "slower than keeping its layer is never chosen")
     group.add_argument("--latency-threads", type=_positive, default=timing.threads, metavar="N",
                        help="threads the latency is measured at "
                        "(default: %(default)s)")
@@ -325,18 +330,26 @@ def convert_options(args, *, custom_objects: bool = True):
         custom_objects=(parse_custom_objects(args.custom_objects) if custom_objects else None) or None,
         max_unpacked_bytes=args.max_unpacked_mb * (1 << 20) if args.max_unpacked_mb else None,
         latency=latency_options(args),
+        measure_latency=args.measure_latency,
     )
 
 
 def latency_options(args):
-    """--target-latency / --target-speedup / --latency-on and their companions as LatencyOptions, or None."""
-    if args.target_latency is None and args.target_speedup is None and args.latency_on is None:
+    """--target-latency / --target-speedup / --latency-on and their companions as LatencyOptions, or None when none of
+    them was given (the run then measures with LatencyOptions' defaults, unless --no-latency)."""
+    from sepconv.deploy.remote import DEFAULT_REMOTE_DIR
+    from sepconv.deploy.timing import TimingOptions
+
+    timing = TimingOptions()
+    given = (args.target_latency, args.target_speedup, args.latency_on, args.latency_xnnpack, args.latency_cache,
+             args.ssh_config, args.identity, args.wheels)
+    if all(value is None for value in given) and (args.latency_threads, args.latency_time) == (
+            timing.threads, timing.min_seconds) and args.remote_dir == DEFAULT_REMOTE_DIR:
         return None
     from sepconv.convert.recovery.latency_choice import LatencyTarget
     from sepconv.convert.recovery.latency_table import LatencyOptions
     from sepconv.deploy.remote import DeployOptions
     from sepconv.deploy.ssh import SshOptions
-    from sepconv.deploy.timing import TimingOptions
 
     where = None if args.latency_on in (None, "local") else args.latency_on
     device = DeployOptions(remote_dir=args.remote_dir, wheels=args.wheels,

@@ -47,9 +47,10 @@ def collecting_cycles(growth_mib: int = 256, every: float = 0.1):
         yield
         return
     done = threading.Event()
+    start = resident_bytes()  # read here, not in the thread: its first turn may come after the block has grown
 
     def watch():
-        base = resident_bytes()
+        base = start
         while not done.wait(every):
             now = resident_bytes()
             if now > base + growth_mib * MIB:

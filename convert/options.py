@@ -41,6 +41,7 @@ class Plan:
     epochs: int
     quantize: str
     defaults: tuple[str, ...] = ()
+    latency: bool = False  # speed measured where the model will run: each layer's K (with the budget) and the artifact
 
     def to_dict(self) -> dict:
         return {**asdict(self), "defaults": list(self.defaults)}
@@ -67,9 +68,13 @@ class ConvertOptions:
     (TFLiteOutputOptions(io_type='int8'), OnnxOutputOptions(opset=13, layout='nchw')); a target not named takes its
     defaults; `quantize` sets every output's mode.
     quantization: int8 diagnosis and repair (quantization.py): explain, repair, max_float_layers.
-    latency: latency_table.LatencyOptions: with the accuracy budget, each layer's K chosen from latency measured on
-    this machine or a device (target latency / speed-up, threads, XNNPACK); its export options follow the first
-    .tflite / .onnx output. None: K from accuracy and parameters alone.
+    latency: latency_table.LatencyOptions: where and how latency is measured (this machine or a device, target latency
+    / speed-up, threads, XNNPACK); its export options follow the first .tflite / .onnx output. None: the defaults
+    (this machine, 1 thread, no target). measure_latency: measure it (None: on when separating): with the accuracy
+    budget, each layer's K chosen from the measured per-layer latency (latency_choice.py); and every .tflite / .onnx
+    artifact timed against the original converted the same way, the original shipped instead of a slower one unless
+    rank / energy forced the separation (export/speed.py). False: K from accuracy and parameters alone, nothing
+    timed.
     """
 
     quantize: str = "auto"
@@ -97,6 +102,7 @@ class ConvertOptions:
     custom_objects: dict | None = None
     max_unpacked_bytes: int | None = None
     latency: object | None = None
+    measure_latency: bool | None = None
 
     def __post_init__(self):
         if self.quantize not in QUANTIZE_CHOICES:
@@ -123,6 +129,9 @@ class ConvertOptions:
                                          f"sepconv.convert.recovery.latency_table, or None")
         if self.max_accuracy_drop is not None:
             BudgetOptions(max_drop=self.max_accuracy_drop)
+        if self.measure_latency is False and self.latency is not None:
+            raise InvalidOptionError("latency options (a target, where or how to measure) were given with "
+                                     "measure_latency=False (--no-latency); drop one or the other")
 
     def plan(self) -> Plan:
         """The effective choices, with a note of which were defaults (printed by the CLI, kept in the manifest)."""
@@ -136,9 +145,16 @@ class ConvertOptions:
                                              ("recalibrate_bn", self.recalibrate_bn), ("epochs", self.epochs))
                     if given is None and not (name == "max_accuracy_drop" and budget is None)]
         defaults += ["quantize"] if self.quantize == "auto" else []
+        latency = self.separate and (self.measure_latency is not False)
+        defaults += ["latency"] if self.separate and self.measure_latency is None and self.latency is None else []
         return Plan(max_accuracy_drop=budget, refine=_default(self.refine, data and self.separate),
                     recalibrate_bn=_default(self.recalibrate_bn, data and self.separate), epochs=epochs,
-                    quantize=self.resolved_quantize(), defaults=tuple(defaults))
+                    quantize=self.resolved_quantize(), defaults=tuple(defaults), latency=latency)
+
+    @property
+    def forced_separation(self) -> bool:
+        """The user chose the separation (rank, energy or per-layer ranks): a slower artifact is shipped as asked."""
+        return any(v is not None for v in (self.separation.rank, self.separation.energy, self.separation.ranks))
 
     def resolved_quantize(self) -> str:
         if self.quantize != "auto":
@@ -176,16 +192,18 @@ def recovery_options(options: ConvertOptions, plan: Plan, targets: list[Path]):
                            epochs=plan.epochs, finetune=options.finetune,
                            budget=None if budget is None else BudgetOptions(max_drop=budget, refine=plan.refine),
                            checkpoint_dir=folder, resume=options.resume,
-                           latency=latency_options(options, plan.quantize, targets))
+                           latency=latency_options(options, plan, targets) if budget is not None else None)
 
 
-def latency_options(options: ConvertOptions, quantize: str, targets: list[Path]):
-    """options.latency with the export options of the first .tflite / .onnx output (what its table must time)."""
-    if options.latency is None:
-        return None
-
+def latency_options(options: ConvertOptions, plan: Plan, targets: list[Path]):
+    """How the run measures latency (options.latency, or the defaults: this machine, 1 thread) with the export options
+    of the first .tflite / .onnx output (what its table times); None when the plan measures none or no output is of
+    a format a runtime times (then nothing can be measured: said by check_modes when it was asked for)."""
     units = [target_for(t) for t in targets]
-    return for_export(options.latency, [(unit, options.target_options(unit)) for unit in units], quantize)
+    if not plan.latency or not any(unit.runtime for unit in units):
+        return None
+    return for_export(options.latency or LatencyOptions(), [(unit, options.target_options(unit)) for unit in units],
+                      plan.quantize)
 
 
 def quantize_reason(options: ConvertOptions, plan: Plan) -> str:
@@ -200,11 +218,16 @@ def plan_line(plan: Plan, options: ConvertOptions) -> str:
         steps = ["no separation"]
     elif plan.max_accuracy_drop is not None:
         steps = [f"rank per layer for --max-accuracy-drop {plan.max_accuracy_drop}"]
-        if options.latency is not None:
-            steps[0] += (f" and latency measured on {options.latency.where or 'this machine'}"
-                         + (f" (target {options.latency.target.describe()})" if options.latency.target.given else ""))
+        if plan.latency:
+            latency = options.latency or LatencyOptions()
+            steps[0] += (f" and latency measured on {latency.where or 'this machine'}"
+                         + (f" (target {latency.target.describe()})" if latency.target.given else ""))
+        else:
+            steps[0] += " (speed not measured: --no-latency)"
     else:
         steps = [f"separation {_policy_text(options.separation)}"]
+    if options.separate:
+        steps.append("artifacts timed against the original" if plan.latency else "artifacts not timed")
     steps += ["refine" if plan.refine else "no refine",
               "BatchNorm recalibration" if plan.recalibrate_bn else "no BatchNorm recalibration",
               f"fine-tune up to {plan.epochs} epochs" if plan.epochs else "no fine-tuning",
@@ -252,10 +275,17 @@ def check_modes(targets: list[Path], plan: Plan, options: ConvertOptions) -> Non
             v is not None for v in (options.separation.rank, options.separation.energy, options.separation.ranks)):
         raise InvalidOptionError("--max-accuracy-drop chooses the rank of each layer; drop --rank / --energy, or "
                                  "drop --max-accuracy-drop to use them")
-    if options.latency is not None and (plan.max_accuracy_drop is None or not options.separate):
-        raise InvalidOptionError("--target-latency / --target-speedup / --latency-on choose each layer's K with the "
-                                 "accuracy budget; pass --data (and --max-accuracy-drop, not --rank / --energy / "
+    if options.latency is not None and options.latency.target.given and (plan.max_accuracy_drop is None
+                                                                         or not options.separate):
+        raise InvalidOptionError("--target-latency / --target-speedup choose each layer's K with the accuracy "
+                                 "budget; pass --data (and --max-accuracy-drop, not --rank / --energy / "
                                  "--no-separate)")
+    if (options.latency is not None or options.measure_latency) and not options.separate:
+        raise InvalidOptionError("--latency-on and its companions time the separated model against the original; "
+                                 "they cannot be combined with --no-separate")
+    if (options.latency is not None or options.measure_latency) and not any(target_for(t).runtime for t in targets):
+        raise InvalidOptionError("latency is measured on a .tflite or .onnx artifact; name one among the outputs, or "
+                                 "drop the latency options")
     if options.resume and not plan.epochs:
         raise InvalidOptionError("--resume continues an interrupted fine-tuning; it needs --epochs >= 1 and --data")
     if quantize in NEEDS_DATA and not options.data:

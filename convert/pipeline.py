@@ -1,15 +1,18 @@
 """`convert_model`: the whole job behind `convert-model in.h5 out.tflite [out.onnx ...]`.
 
 load -> separate and recover (budget, refine, BatchNorm, fine-tune: recovery.py) -> export each output -> verify
-each artifact against the Keras model -> write artifacts and manifests. All outputs of a run share one loaded model,
+each artifact against the Keras model -> time it against the original converted the same way (the original ships
+instead of a slower one) -> write artifacts and manifests. All outputs of a run share one loaded model,
 one separation and one data split. Nothing is written unless every artifact passes verification: artifacts go to
 temporary files beside their targets and are renamed only at the end, so a failure leaves no partial file; the input
 is only read.
 
-Defaults follow the data: with `data`, the rank is chosen for an accuracy budget (1 point), the separated model is
-refined, its BatchNorm statistics re-estimated and fine-tuned for up to 10 epochs, and quantized to int8; without
-data, a conservative separation (energy 0.9) that keeps accuracy without training, dynamic-range quantization, and
-a hint that data unlocks the real savings. `ConvertOptions.plan()` says which choices were defaults and why.
+Defaults follow the data: with `data`, each layer's K (or keeping it) is chosen for an accuracy budget (1 point) and
+for latency measured on this machine (the fastest plan within the budget: recovery/latency_choice.py), the separated
+model is refined, its BatchNorm statistics re-estimated and fine-tuned for up to 10 epochs, and quantized to int8;
+without data, a conservative separation (energy 0.9) that keeps accuracy without training, dynamic-range
+quantization, and a hint that data unlocks the real savings. Either way the artifacts are timed against the original
+unless measure_latency=False (--no-latency). `ConvertOptions.plan()` says which choices were defaults and why.
 """
 
 from __future__ import annotations
@@ -25,12 +28,21 @@ import numpy as np
 from sepconv.convert.data import check_source, datasets
 from sepconv.convert.errors import BudgetError, InvalidOptionError, SepconvError, UnsupportedModelError
 from sepconv.convert.export.quantization import Calibration
+from sepconv.convert.export.speed import SLOWER
 from sepconv.convert.export.verification import Outputs
 from sepconv.convert.files import sha256
 from sepconv.convert.keras_compat import unsafe_deserialization
 from sepconv.convert.loading import file_kind, load
 from sepconv.convert.memory import release_memory
-from sepconv.convert.options import ConvertOptions, Plan, check_modes, plan_line, quantize_reason, recovery_options
+from sepconv.convert.options import (
+    ConvertOptions,
+    Plan,
+    check_modes,
+    latency_options,
+    plan_line,
+    quantize_reason,
+    recovery_options,
+)
 from sepconv.convert.outputs import check_outputs, disk_full_as, locked
 from sepconv.convert.recovery.steps import recover, remove_checkpoints
 from sepconv.convert.results import ConvertResult, Source
@@ -165,16 +177,19 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
             warnings.append(_nothing_separated(report))
             say("warning", warnings[-1])
         held = HeldOut(validation, heldout, _original_top1(validation_reference, validation, recovery))
-        del model  # only its outputs on the test inputs are needed from here on (reference.values)
     else:
         held = HeldOut(validation, heldout)
+    speed = latency_options(options, plan, targets) if report and report.separated else None
+    source_model = model if speed is not None else None  # timed against each artifact (export/speed.py)
+    del model  # else only its outputs on the test inputs are needed from here on (reference.values)
     release_memory()
     try:
         calibration = calibration if calibration is None else Calibration(calibration, train.x, validation.x)
         expected = Outputs(exported, heldout.x)  # every artifact is compared with the same outputs: computed once
         job = ExportJob(model=exported, original=reference if report else None, expected=expected,
                         calibration=calibration, held=held, data_info=data.info, options=options,
-                        source=source_record, report=report, recovery=recovery, say=say)
+                        source=source_record, report=report, recovery=recovery, say=say, speed=speed,
+                        source_model=source_model)
         artifacts = export_all(job, targets, plan.quantize, timer)
     except SepconvError as error:
         if recovery and recovery.finetune and not isinstance(error, BudgetError):
@@ -185,6 +200,8 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
         raise
 
     remove_checkpoints(recovery_options)
+    warnings += [_speed_warning(artifact) for artifact in artifacts
+                 if artifact.speed is not None and artifact.speed.verdict == SLOWER]
     return ConvertResult(source=source_record, quantize=plan.quantize, quantize_reason=quantize_reason(options, plan),
                          data=data.info, separation=report, recovery=recovery, plan=plan, artifacts=artifacts,
                          seconds=timer.seconds, warnings=tuple(warnings))
@@ -197,6 +214,16 @@ def _original_top1(validation_reference, validation, recovery) -> np.ndarray | N
     if recovery is None or not recovery.budget or validation is None or validation.y is not None:
         return None
     return top1(validation_reference.values[0])
+
+
+def _speed_warning(artifact) -> str:
+    speed = artifact.speed
+    if speed.shipped == "original":
+        return (f"{artifact.path}: the separated model was slower than the original ({speed.interval()} on "
+                f"{speed.where}): the original, converted the same way, was shipped; try a larger "
+                f"--max-accuracy-drop, or --latency-on the device it will run on")
+    return (f"{artifact.path}: slower than the original ({speed.interval()} on {speed.where}), shipped as --rank / "
+            f"--energy asked; drop them to let the accuracy budget and the latency table choose")
 
 
 def _nothing_separated(report) -> str:

@@ -25,6 +25,7 @@ from sepconv.deploy.timing import describe_xnnpack
 
 if TYPE_CHECKING:
     from sepconv.convert.export.quantization import QuantizationReport
+    from sepconv.convert.export.speed import Speed
     from sepconv.convert.export.verification import Verification
     from sepconv.convert.recovery.steps import RecoveryReport
     from sepconv.convert.separation.report import SeparationReport
@@ -57,11 +58,12 @@ class Artifact:
     verification: Verification  # against the Keras model on the test inputs
     quantize_fallback: dict | None = None  # {from, reason}: --quantize auto's first choice failed verification
     quantization: QuantizationReport | None = None  # the int8 repair's attempts and layers kept in float
-    latency: dict | None = None  # measured where the latency table was, against its prediction (latency_table.py)
+    speed: Speed | None = None  # timed against the original converted the same way (export/speed.py)
 
     def to_dict(self) -> dict:
         return {**asdict(self), "verification": self.verification.to_dict(),
-                "quantization": self.quantization.to_dict() if self.quantization is not None else None}
+                "quantization": self.quantization.to_dict() if self.quantization is not None else None,
+                "speed": self.speed.to_dict() if self.speed is not None else None}
 
 
 @dataclass(frozen=True)
@@ -115,6 +117,13 @@ class ConvertResult:
                          percent(verification.original_agreement), "passed" if verification.passed else "FAILED"])
         headers = ["model", "format", "size", "smaller", "accuracy", "agrees w/ separated", "agrees w/ original",
                    "check"]
+        speeds = [artifact.speed for artifact in self.artifacts]
+        if any(speeds):  # each artifact timed against the original converted the same way (export/speed.py)
+            headers.insert(4, "faster (95% CI)")
+            rows[0].insert(4, "")
+            for row, speed in zip(rows[1:], speeds):
+                row.insert(4, "" if speed is None else speed.interval()
+                           + (" (original shipped)" if speed.shipped == "original" else ""))
         budgets = [artifact.verification.budget for artifact in self.artifacts]
         if any(budgets):  # --max-accuracy-drop covers each artifact: its own drop on the validation data
             headers.insert(-1, "budget (validation)")
@@ -155,13 +164,11 @@ def latency_text(latency: dict | None, artifacts=()) -> str:
     if choice["target_ms"] is not None:
         text += f"; target {choice['target_ms']:.4f} ms"
     for artifact in artifacts:
-        measured = artifact.latency
-        if measured:
-            text += (f"\n{Path(artifact.path).name}: measured "
-                     f"{measured['measured_ms']:.4f} ms, predicted {measured['predicted_ms']:.4f} ms (error "
-                     f"{measured['error']:+.1%}), {measured['speedup']:.2f}x faster than the original"
-                     + ("" if measured["comparable"] else f" (NOT comparable: the table timed {table['quantize']}, "
-                                                          f"this artifact is {measured['quantize']})"))
+        speed = artifact.speed
+        if speed is not None and speed.predicted_ms is not None:
+            text += (f"\n{Path(artifact.path).name}: measured {speed.artifact_ms:.4f} ms, predicted "
+                     f"{speed.predicted_ms:.4f} ms (error {speed.error:+.1%}), {speed.interval()} against the "
+                     f"original timed beside it")
     return text
 
 

@@ -1,13 +1,14 @@
 """Staging the artifacts of a run: each output exported to a temporary file beside its target, verified against the
-Keras model, its manifest written to another temporary file; --quantize auto's fallback when int8 fails; then every
-artifact renamed into place at once, or none (a failure leaves no partial file)."""
+Keras model, its manifest written to another temporary file; --quantize auto's fallback when int8 fails; each
+verified artifact timed against the original converted the same way, the original shipped instead of a slower one
+(export/speed.py); then every artifact renamed into place at once, or none (a failure leaves no partial file)."""
 
 from __future__ import annotations
 
 import os
 import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -15,13 +16,14 @@ from sepconv.convert.data import DataInfo
 from sepconv.convert.errors import VerificationError
 from sepconv.convert.export.manifest import build_manifest, manifest_json, manifest_path
 from sepconv.convert.export.quantization import quantize_verified
+from sepconv.convert.export.speed import SLOWER, Speed, compare, with_prediction
 from sepconv.convert.export.targets import target_for
 from sepconv.convert.export.tflite import NEEDS_DATA
 from sepconv.convert.export.verification import verify, verify_keras, within_budget
 from sepconv.convert.memory import release_memory
-from sepconv.convert.options import ConvertOptions, latency_options
+from sepconv.convert.options import ConvertOptions
 from sepconv.convert.outputs import disk_full_as
-from sepconv.convert.recovery.latency_table import measured_latency
+from sepconv.convert.recovery.latency_table import fastest_forms
 from sepconv.convert.results import Artifact, Source
 from sepconv.deploy.runtime import open_runtime
 
@@ -39,7 +41,9 @@ class ExportJob:
     expected: verification.Outputs of the model before separation (None without separation) / of `model` on the test
     inputs, computed once for every output. calibration: quantization.Calibration (None without data). held: the
     pipeline's HeldOut (validation, test). data_info: the data's DataInfo (data.datasets). report / recovery:
-    the SeparationReport / RecoveryReport (None with --no-separate). say: progress(stage, message)."""
+    the SeparationReport / RecoveryReport (None with --no-separate). say: progress(stage, message). speed: the run's
+    latency_table.LatencyOptions (where and how to time) when each artifact is timed against the original, and
+    source_model: that original Keras model (both None when nothing is timed)."""
 
     model: object
     original: object
@@ -52,16 +56,18 @@ class ExportJob:
     report: object
     recovery: object
     say: Callable[[str, str], None]
+    speed: LatencyOptions | None = None
+    source_model: object = None
 
 
 @dataclass
 class Staged:
     """An artifact staged beside its target: its temporary files (removed unless committed: None once renamed), how
     it was exported, its verification and manifest. Filled in as it goes through export, verification and the
-    latency check; `_commit` makes it an Artifact.
+    speed check; `_commit` makes it an Artifact.
 
     fallback: why this mode replaces the one --quantize auto chose first ({from, reason}). quantization: the int8
-    repair's report (int8 through a runtime). latency: measured where the latency table was (also in `manifest`)."""
+    repair's report (int8 through a runtime). speed: timed against the original (also in `manifest`)."""
 
     target: Path
     tmp: str | None
@@ -72,12 +78,12 @@ class Staged:
     verification: Verification | None = None
     manifest: dict | None = None
     quantization: QuantizationReport | None = None
-    latency: dict | None = None
+    speed: Speed | None = None
 
 
 def export_all(job: ExportJob, targets: list[Path], quantize: str, timer) -> tuple[Artifact, ...]:
     """Stage every artifact in a temporary file, verify it, then commit them all (or none)."""
-    options, recovery, say = job.options, job.recovery, job.say
+    options, recovery = job.options, job.recovery
     staged = []
     try:
         for target in targets:
@@ -96,23 +102,89 @@ def export_all(job: ExportJob, targets: list[Path], quantize: str, timer) -> tup
             error.details = {"quantization": {str(s.target): s.quantization.to_dict() for s in failed
                                               if s.quantization is not None}}
             raise error
-        if options.latency is not None and recovery is not None and recovery.budget and recovery.budget.plan.latency:
-            _add_latency(staged, recovery.budget.plan.latency, latency_options(options, quantize, targets), say)
+        if job.speed is not None and job.source_model is not None:
+            latency = recovery.budget.plan.latency if recovery is not None and recovery.budget else None
+            for index, item in enumerate(staged):
+                with timer(f"speed {item.target.name}"):
+                    staged[index] = _check_speed(job, item, latency)
         return tuple(_commit(s) for s in staged)
     finally:
         for item in staged:
             _discard(item)
 
 
-def _add_latency(staged: list[Staged], latency: dict, options: LatencyOptions, say) -> None:
-    """Time the staged artifacts of the latency table's format where it was measured; each one's figures go into its
-    manifest (`latency`, rewritten to its temporary file) and its Artifact."""
-    figures = measured_latency([(item.target, item.tmp, item.quantize) for item in staged], latency, options, say)
-    for item in staged:
-        if item.target in figures:
-            item.latency = item.manifest["latency"] = figures[item.target]
-            with disk_full_as("writing the manifest of", item.target):
-                Path(item.tmp_manifest).write_text(manifest_json(item.manifest))
+def _check_speed(job: ExportJob, item: Staged, latency: dict | None) -> Staged:
+    """Time a verified artifact a runtime runs against the original converted the same way (export/speed.py), said
+    in a line and kept in its manifest; a slower one is replaced by the original unless the user forced the
+    separation. latency: the plan's latency table and choice (for the prediction), None without."""
+    if not target_for(item.target).runtime:
+        return item
+    original = _export_original(job, item)
+    try:
+        speed = compare(Path(item.tmp), original, where=job.speed.where, timing=job.speed.timing, fmt=item.format,
+                        quantize=item.quantize, say=job.say)
+    finally:
+        original.unlink(missing_ok=True)
+    speed = with_prediction(speed, _predicted(latency, item))
+    job.say("speed", speed.line(item.target))
+    if speed.verdict == SLOWER:
+        if job.options.forced_separation:
+            job.say("speed", f"{item.target}: slower than the original, shipped as --rank / --energy asked")
+        else:
+            item = _ship_original(job, item, speed)
+            speed = item.speed or speed
+    item.speed = speed
+    item.manifest["speed"] = speed.to_dict()
+    with disk_full_as("writing the manifest of", item.target):
+        Path(item.tmp_manifest).write_text(manifest_json(item.manifest))
+    return item
+
+
+def _ship_original(job: ExportJob, item: Staged, speed: Speed) -> Staged:
+    """The original model staged in `item`'s place and mode, verified like every artifact; `item` itself when the
+    original's artifact fails verification (said)."""
+    job.say("speed", f"{item.target}: the separated model is not faster than the original ({speed.interval()}); "
+                     f"shipping the original converted the same way ({item.format} {item.quantize}) instead")
+    original_job = replace(job, model=job.source_model, original=None, expected=job.original, report=None,
+                           recovery=None)
+    shipped = _stage(original_job, item.target, item.quantize, fallback=item.fallback)
+    if not shipped.verification.passed:
+        _discard(shipped)
+        job.say("speed", f"{item.target}: the original's {item.quantize} artifact failed verification "
+                         f"({'; '.join(shipped.verification.failures())}); the separated one is shipped, "
+                         f"{speed.interval()} against the original")
+        return item
+    _discard(item)
+    shipped.speed = replace(speed, shipped="original")
+    return shipped
+
+
+def _export_original(job: ExportJob, item: Staged) -> Path:
+    """The original Keras model exported as `item` was (format, mode, options, calibration) to a temporary file
+    beside its target: what the artifact is timed against."""
+    unit = target_for(item.target)
+    export, _ = _fastest_forms(replace(job, model=job.source_model), unit,
+                               unit.export_options(job.options.target_options(unit), item.quantize))
+    fd, tmp = tempfile.mkstemp(prefix=f".{item.target.name}.original.", suffix=f".partial{item.target.suffix}",
+                               dir=item.target.parent)
+    os.close(fd)
+    try:
+        with disk_full_as("writing", item.target):
+            unit.export(job.source_model, Path(tmp), export, _samples(job.calibration))
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _predicted(latency: dict | None, item: Staged) -> float | None:
+    """The latency table's whole-model prediction for the plan, when the table timed this artifact's format and
+    mode."""
+    if not latency:
+        return None
+    table = latency["table"]
+    same = table["format"] == item.format and table["quantize"] == item.quantize
+    return latency["choice"]["predicted_ms"] if same else None
 
 
 def _falls_back(item: Staged, options: ConvertOptions) -> bool:
@@ -164,7 +236,7 @@ def _export_and_verify(job: ExportJob, item: Staged) -> Staged:
     options, report, recovery, say = job.options, job.report, job.recovery, job.say
     target, tmp, fmt, mode = item.target, item.tmp, item.format, item.quantize
     unit = target_for(target)
-    export = unit.export_options(options.target_options(unit), mode)
+    export, forms = _fastest_forms(job, unit, unit.export_options(options.target_options(unit), mode))
     layout = unit.layout(export)
     heldout = held.test
     started = time.perf_counter()
@@ -198,7 +270,7 @@ def _export_and_verify(job: ExportJob, item: Staged) -> Staged:
                               recovery=recovery.to_dict() if recovery else None, verification=verification,
                               options=options.describe(), preprocessing=job.data_info.preprocessing,
                               quantize_fallback=item.fallback, quantization=item.quantization,
-                              extras=unit.manifest_extras(Path(tmp)))
+                              extras={**unit.manifest_extras(Path(tmp)), **({"forms": forms} if forms else {})})
     fd, item.tmp_manifest = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
     with disk_full_as("writing the manifest of", target), os.fdopen(fd, "w") as file:
         file.write(manifest_json(manifest))
@@ -207,6 +279,22 @@ def _export_and_verify(job: ExportJob, item: Staged) -> Staged:
     say("export", f"{target} ({fmt}, {mode}): {manifest['bytes']:,} bytes, verification {status}: "
                   f"{'; '.join(_criteria(verification))} ({time.perf_counter() - started:.1f} s)")
     return item
+
+
+def _fastest_forms(job: ExportJob, unit, export):
+    """(export options, the forms record): a runtime's export of a model with separable layers of depth multiplier
+    above 1 takes each one's faster equivalent form, timed where latency is measured (export/forms.py,
+    latency_table.fastest_forms); unchanged without latency or without such layers."""
+    if job.speed is None or not unit.runtime:
+        return export, None
+    record = fastest_forms(job.model, replace(job.speed, export=export), progress=job.say)
+    if not record:
+        return export, None
+    job.say("export", f"separable forms for {unit.title} {export.quantize}, timed: " + ", ".join(
+        f"{path} {form} ({record['ms'][path][form] * 1000:.1f} us; "
+        f"{min(ms for f, ms in record['ms'][path].items() if f != form) * 1000:.1f} other)"
+        for path, form in record["forms"].items()))
+    return replace(export, forms=record["changed"]), record
 
 
 def _samples(calibration):
@@ -242,4 +330,4 @@ def _commit(item: Staged) -> Artifact:
     manifest = item.manifest
     return Artifact(path=str(target), format=item.format, quantize=item.quantize, bytes=manifest["bytes"],
                     sha256=manifest["sha256"], manifest=str(manifest_path(target)), verification=item.verification,
-                    quantize_fallback=item.fallback, quantization=item.quantization, latency=item.latency)
+                    quantize_fallback=item.fallback, quantization=item.quantization, speed=item.speed)

@@ -52,6 +52,7 @@ class Timing:
     xnnpack: bool | None  # LiteRT's XNNPACK delegate; None for ONNX Runtime
     p50_ms: dict  # {path: p50 in ms}
     seconds: float
+    ci95_ms: dict = field(default_factory=dict)  # {path: (low, high)}: the p50's 95% interval (stats.median_interval)
 
 
 def identify(where: str | None, suffix: str, options: TimingOptions = TimingOptions()) -> dict:
@@ -127,7 +128,9 @@ def _timing(where: str, device: dict, xnnpack: bool | None, paths: list[Path], r
     runtimes = {case.runtime for case in report.cases}
     return Timing(where=where, device=device, runtime=sorted(runtimes)[0], xnnpack=xnnpack,
                   p50_ms={str(path): float(case.latency_ms["p50"]) for path, case in zip(paths, report.cases)},
-                  seconds=float(report.seconds or 0.0))
+                  seconds=float(report.seconds or 0.0),
+                  ci95_ms={str(path): tuple(float(v) for v in case.latency_ms["ci95_p50"])
+                           for path, case in zip(paths, report.cases)})
 
 
 def _package(suffix: str) -> str:

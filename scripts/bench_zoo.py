@@ -7,6 +7,10 @@ Modes (every run writes an int8 TFLite artifact, or fails with one line and writ
 - k1-distill: `--rank 1` with the training and validation images only (no labels: distillation from the original,
             choices by agreement with it);
 - nodata:   `convert-model MODEL out.tflite` (no data: energy 0.9, dynamic-range int8, synthetic verification).
+Speed: each run's manifest holds the artifact timed against the original converted the same way (int8 TFLite, 1
+thread, one interleaved bench-model run by convert-model itself: convert/export/speed.py); the table shows both
+p50s, the speed-up with its interval, which model shipped, and for the default runs the latency table's best possible
+speed-up (every layer at its fastest option, whatever the accuracy) and the share of it the artifact reached.
 The artifact's accuracy is measured here, with LiteRT, on the test digits that no run chose with; every choice
 (the budget's sensitivity, early stopping, stages kept, int8 repair) is made on validation digits that the model was
 not trained on either (zoo.py: the digits' test split, halved). Peak memory is the run's maximum resident set (wait4), seconds wall-clock;
@@ -134,14 +138,30 @@ def scored(entry, artifact: Path) -> dict:
             "macs_before": totals.get("macs_before"), "macs_after": totals.get("macs_after"),
             "separated": totals.get("separated", 0), "conv_layers": totals.get("layers", 0),
             "stages": [[s["name"], s["kept"]] for s in stages[2:]], "ranks": budget.get("ranks"),
-            "verification": manifest["verification"]["outputs"][0]["criterion"]}
+            "verification": manifest["verification"]["outputs"][0]["criterion"], "speed": manifest.get("speed"),
+            "best_speedup": best_speedup(budget.get("latency"))}
+
+
+def best_speedup(latency: dict | None) -> float | None:
+    """The latency table's best possible whole-model speed-up: every layer at its fastest option (the accuracy budget
+    aside), predicted as the pipeline predicts (the table's sum scaled to the original's latency)."""
+    if not latency:
+        return None
+    rows = latency["table"]["layers"]
+    fastest = {layer["path"]: layer["fastest_rank"] for layer in latency["choice"]["layers"]}
+    keep = sum(row["keep"] for row in rows.values())
+    best = sum(row["keep" if fastest.get(path, 0) == 0 else str(fastest[path])] for path, row in rows.items())
+    return round(keep / best, 3)
 
 
 def summary(row: dict) -> str:
     if row["exit"]:
         return f"exit {row['exit']}: {row['error']} ({row['seconds']} s)"
+    speed = row.get("speed")
     return (f"int8 {row['int8_accuracy']:.2%} (original {row['original_accuracy']:.2%}), {row['params_before']:,} -> "
-            f"{row['params_after']:,} parameters, {row['seconds']} s, peak {row['peak_rss_mib']:,.0f} MiB")
+            f"{row['params_after']:,} parameters, "
+            + (f"{speed['speedup']:.2f}x against the original (shipped: {speed['shipped']}), " if speed else "")
+            + f"{row['seconds']} s, peak {row['peak_rss_mib']:,.0f} MiB")
 
 
 def table(rows) -> str:
@@ -164,11 +184,28 @@ def table(rows) -> str:
                       f"{r['original_accuracy']:.2%}", f"{r['int8_accuracy']:.2%}" if ok else "",
                       f"{drop:+.2f}" if ok else "",
                       f"{r['keras_test_drop']:+.2f}" if ok and r.get("keras_test_drop") is not None else "",
-                      f"{r['artifact_budget']['drop']:+.2f}" if ok and r.get("artifact_budget") else "", stages or ("" if ok else (r["error"] or "")[:90]),
+                      f"{r['artifact_budget']['drop']:+.2f}" if ok and r.get("artifact_budget") else "",
+                      *speed_cells(r), stages or ("" if ok else (r["error"] or "")[:90]),
                       r["seconds"], f"{r['peak_rss_mib']:,.0f}"])
     return tabulate(lines, headers=["model", "mode", "exit", "artifact", "parameters", "conv MACs", "original", "artifact (test)",
-                                    "drop", "budget: Keras drop (test)", "budget: artifact drop (validation)", "stages (kept / rejected) or error", "seconds", "peak MiB"],
+                                    "drop", "budget: Keras drop (test)", "budget: artifact drop (validation)",
+                                    "original p50 ms", "artifact p50 ms", "speed-up (95% CI)", "shipped", "MACs ratio",
+                                    "table's best", "share of best", "stages (kept / rejected) or error", "seconds",
+                                    "peak MiB"],
                     tablefmt="github", disable_numparse=True)
+
+
+def speed_cells(r: dict) -> list[str]:
+    """original p50, artifact p50, speed-up (interval), shipped, MACs ratio, the table's best, share of it."""
+    speed = r.get("speed") if r["exit"] == 0 else None
+    macs = (f"{r['macs_before'] / r['macs_after']:.2f}x" if r["exit"] == 0 and r.get("macs_after") else "")
+    if not speed:
+        return ["", "", "", "", macs, "", ""]
+    low, high = speed["speedup_ci95"]
+    best = r.get("best_speedup")
+    return [f"{speed['original_ms']:.4f}", f"{speed['artifact_ms']:.4f}",
+            f"{speed['speedup']:.2f}x ({low:.2f}-{high:.2f})", speed["shipped"], macs,
+            f"{best:.2f}x" if best else "", f"{speed['speedup'] / best:.0%}" if best else ""]
 
 
 def cpu() -> str:

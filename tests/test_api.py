@@ -76,10 +76,10 @@ def test_convert_result_is_typed_and_its_dict_is_the_json_summary(tmp_path, data
     assert list(summary["data"])[:4] == (["source", "test_source", "validation_source", "samples"] if data else
                                          ["source", "test_source", "samples", "labelled"])
     assert summary["plan"] == {"max_accuracy_drop": 1.0 if data else None, "refine": True, "recalibrate_bn": True,
-                               "epochs": 0, "quantize": "int8", "defaults": ["refine"]}
+                               "epochs": 0, "quantize": "int8", "defaults": ["refine"], "latency": False}
     artifact = summary["artifacts"][0]
     assert list(artifact) == ["path", "format", "quantize", "bytes", "sha256", "manifest", "verification",
-                              "quantize_fallback", "quantization", "latency"]
+                              "quantize_fallback", "quantization", "speed"]
     verification = json.loads(json.dumps(result.artifacts[0].verification.to_dict()))
     assert artifact["verification"] == verification and verification["passed"] and verification["budget"] == (
         {"metric": "accuracy", "original": 0.92, "artifact": 0.915, "drop": 0.5, "max_drop": 1.0, "samples": 40,

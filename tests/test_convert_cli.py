@@ -80,7 +80,8 @@ def test_without_data_dynamic_and_manifests(tmp_path, small_h5):
     summary = json.loads(done.stdout)
     assert summary["quantize"] == "dynamic" and "no data given" in summary["quantize_reason"]
     plan = next(line for line in done.stderr.splitlines() if "] plan: " in line)
-    assert "quantize dynamic (defaults without --data: refine, recalibrate_bn, epochs, quantize)" in plan, plan
+    assert "quantize dynamic (defaults without --data: refine, recalibrate_bn, epochs, quantize, latency)" in plan, plan
+    assert "separation K=1, artifacts timed against the original, no refine" in plan, plan
     assert "hint: pass --data (your images) to choose the rank for an accuracy budget" in plan
     assert listing(out) == ["m.keras", "m.keras.json", "m.onnx", "m.onnx.json", "m.tflite", "m.tflite.json"]
     for artifact in summary["artifacts"]:
@@ -170,8 +171,12 @@ BAD_INPUTS = {
     "resume without checkpoints": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data", save_npz(t / "d.npz", x=np.random.default_rng(0).random(
         (24, 12, 12, 3), dtype=np.float32)), "--resume", "--rank", "1"], "no checkpoints in"),
     "latency target without a budget": (lambda t, h5: [h5, t / "out" / "m.tflite", "--rank", "1", "--data", save_npz(
-        t / "d.npz", x=with_value(0.5)), "--target-speedup", "2"], "--target-latency / --target-speedup / --latency-on "
-                                                                   "choose each layer's K with the accuracy budget"),
+        t / "d.npz", x=with_value(0.5)), "--target-speedup", "2"], "--target-latency / --target-speedup choose each "
+                                                                   "layer's K with the accuracy budget"),
+    "latency with --no-separate": (lambda t, h5: [h5, t / "out" / "m.tflite", "--no-separate", "--latency-on",
+                                                  "local"], "time the separated model against the original"),
+    "no-latency with latency options": (lambda t, h5: [h5, t / "out" / "m.tflite", "--no-latency", "--latency-threads",
+                                                       "2"], "with measure_latency=False (--no-latency)"),
     "resume without training": (lambda t, h5: [h5, t / "out" / "m.tflite", "--resume"], "--resume continues"),
     "NaN in data": (lambda t, h5: [h5, t / "out" / "m.tflite", "--rank", "1", "--data", save_npz(
         t / "nan.npz", x=with_value(np.nan))], "nan.npz: 1 non-finite values (NaN or infinity) in 1 of 24 samples"),
@@ -433,8 +438,9 @@ def test_default_budget_mode_with_data(tmp_path, small_h5):
     done = run(small_h5, out / "m.tflite", "--data", tmp_path / "data.npz", "--epochs", "2", "--min-agreement", "0.5")
     assert done.returncode in (0, 1), done.stderr[-3000:]
     plan = next(line for line in done.stderr.splitlines() if "] plan: " in line)
-    assert ("rank per layer for --max-accuracy-drop 1.0, refine, BatchNorm recalibration, fine-tune up to 2 epochs, "
-            "quantize int8 (defaults with --data: max_accuracy_drop, refine, recalibrate_bn, quantize)") in plan, plan
+    assert ("rank per layer for --max-accuracy-drop 1.0 and latency measured on this machine, artifacts timed against "
+            "the original, refine, BatchNorm recalibration, fine-tune up to 2 epochs, quantize int8 (defaults with "
+            "--data: max_accuracy_drop, refine, recalibrate_bn, quantize, latency)") in plan, plan
     assert "sensitivity: [1/2] c1: drop in points K=1" in done.stderr
     if done.returncode == 1:  # the budget may not hold on a random model: then it must say so, and write nothing
         assert_clean_failure(done, None, out, [], "the budget did not hold")
@@ -448,6 +454,15 @@ def test_default_budget_mode_with_data(tmp_path, small_h5):
     assert stages[:2] == ["original", "separated"] and all(name in done.stdout for name in stages)
     if budget["ranks"]:
         assert stages[2:] == ["refined", "fine-tuned"], stages
+    latency = budget["latency"]
+    assert latency["table"]["where"] == "local" and latency["table"]["format"] == "tflite", "latency by default"
+    assert latency["table"]["quantize"] == "int8" and budget["ranks"] == latency["choice"]["ranks"]
+    if manifest["separation"] is not None and manifest["separation"]["totals"]["separated"]:
+        speed = manifest["speed"]
+        assert speed["quantize"] == "int8" and speed["shipped"] == "separated" and speed["verdict"] != "slower"
+        assert f"{speed['speedup']:.2f}x" in done.stdout, "the speed-up is in the artifact table"
+    elif "speed" in manifest:  # the separation was slower: the original ships, said and recorded
+        assert manifest["speed"]["shipped"] == "original" and "shipping the original" in done.stderr
 
 
 def test_without_data_the_default_is_conservative_and_says_so(tmp_path, small_h5):
@@ -456,10 +471,18 @@ def test_without_data_the_default_is_conservative_and_says_so(tmp_path, small_h5
     done = run(small_h5, out / "m.tflite")
     assert done.returncode == 0, done.stderr[-3000:]
     plan = next(line for line in done.stderr.splitlines() if "] plan: " in line)
-    assert plan.split("] plan: ")[1].startswith("separation energy=0.9, no refine, no BatchNorm recalibration, "
-                                                 "no fine-tuning, quantize dynamic"), plan
+    assert plan.split("] plan: ")[1].startswith("separation energy=0.9, artifacts timed against the original, no "
+                                                 "refine, no BatchNorm recalibration, no fine-tuning, quantize "
+                                                 "dynamic"), plan
     assert ("hint: without data this conservative separation is checked only by its outputs' similarity on synthetic "
             "inputs - pass --data") in plan
+    manifest = json.loads((out / "m.tflite.json").read_text())
+    speed = manifest.get("speed")
+    if speed is None:  # nothing separated at energy 0.9: the artifact is the original, nothing to time it against
+        assert not manifest["separation"]["totals"]["separated"], "a separated artifact is timed"
+        return
+    assert speed["format"] == "tflite" and speed["quantize"] == "dynamic" and speed["where"] == "local"
+    assert f"m.tflite: {speed['speedup']:.2f}x" in done.stderr and "against the original tflite dynamic" in done.stderr
 
 
 def test_trusted_lambda_model_is_separated(tmp_path):

@@ -3,7 +3,6 @@ table measured on tiny models (convert/recovery/latency_table.py, deploy/timing.
 
 import itertools
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -166,14 +165,16 @@ def test_measure_table_times_every_candidate_once_then_reads_the_cache(tiny, tmp
     options = LatencyOptions(timing=TimingOptions(min_seconds=0.02, min_runs=5), cache_dir=str(tmp_path),
                              export=TFLiteOptions(quantize="none"))
     first = measure_table(teacher, layers, options)
-    assert first["measured"] == 6 and first["cached"] == 0, "the original, c1 at K=1, 2 and kept, c2 at K=1 and kept"
+    assert first["measured"] == 7 and first["cached"] == 0, ("the original, c1 at K=1, K=2 in both forms and kept, c2 "
+                                                            "at K=1 and kept")
+    assert set(first["forms"]) == {"c1"} and first["forms"]["c1"]["2"] in ("separable", "tiled"), first["forms"]
     assert set(first["layers"]) == {"c1", "c2"} and set(first["layers"]["c1"]) == {"1", "2", "keep"}
     assert set(first["layers"]["c2"]) == {"1", "keep"}
     assert all(ms > 0 for row in first["layers"].values() for ms in row.values()) and first["original_ms"] > 0
     assert first["where"] == "local" and first["runtime"].startswith("ai-edge-litert ")
     assert first["raw_keep_sum_ms"] == pytest.approx(first["layers"]["c1"]["keep"] + first["layers"]["c2"]["keep"])
     second = measure_table(teacher, layers, options)
-    assert second["measured"] == 0 and second["cached"] == 6
+    assert second["measured"] == 0 and second["cached"] == 7
     assert second["layers"] == first["layers"] and second["original_ms"] == first["original_ms"]
     cache_files = list(tmp_path.glob("*.json"))
     assert len(cache_files) == 1, "one file per device"
@@ -205,14 +206,19 @@ def test_convert_model_chooses_for_latency_and_reports_prediction_and_measuremen
     assert latency["choice"]["target_ms"] == pytest.approx(2 * latency["table"]["original_ms"])
     for row in latency["choice"]["layers"]:
         assert row["rank"] == KEEP or row["ms"] <= row["keep_ms"], f"{row['path']} separated though slower"
-    measured = result.artifacts[0].latency
-    assert measured["measured_ms"] > 0 and measured["comparable"]
-    assert measured["predicted_ms"] == pytest.approx(latency["choice"]["predicted_ms"], rel=1e-3)
+    speed = result.artifacts[0].speed
     manifest = json.loads((tmp_path / "m.tflite.json").read_text())
-    assert manifest["latency"] == measured and manifest["recovery"]["budget"]["latency"]["choice"]["ranks"] == \
-        budget.ranks
+    assert manifest["recovery"]["budget"]["latency"]["choice"]["ranks"] == budget.ranks
     text = result.table()
-    assert "us chosen" in text and "whole model predicted" in text and "m.tflite: measured" in text
+    assert "us chosen" in text and "whole model predicted" in text
+    if not result.separation.separated:  # every layer kept (the least accuracy loss meeting 0.5x): nothing to time
+        assert speed is None and "speed" not in manifest
+        return
+    assert speed.artifact_ms > 0 and speed.original_ms > 0 and speed.format == "tflite" and speed.quantize == "none"
+    assert speed.predicted_ms == pytest.approx(latency["choice"]["predicted_ms"], rel=1e-3)
+    assert speed.speedup == pytest.approx(speed.original_ms / speed.artifact_ms, rel=1e-2)
+    assert manifest["speed"]["artifact_ms"] == speed.artifact_ms and manifest["speed"]["shipped"] == speed.shipped
+    assert "m.tflite: measured" in text
 
 
 def test_timing_says_where_and_with_what_it_measures():
@@ -239,38 +245,3 @@ def test_the_device_side_of_timing_needs_no_tensorflow():
             "print(identify(None, '.tflite')['runtime'])\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("ai-edge-litert "), done.stderr[-2000:]
-
-
-def test_measured_latency_goes_into_each_staged_manifest(tmp_path, monkeypatch):
-    """measured_latency times the pipeline's staged artifacts of the table's format; staging puts the figures in their
-    manifest (and its temporary file) and their Artifact; an artifact whose mode is not the one the table timed is
-    marked not comparable."""
-    from sepconv.convert.recovery import latency_table
-    from sepconv.convert.recovery.latency_table import LatencyOptions
-    from sepconv.convert.export.tflite import TFLiteOptions
-    from sepconv.convert.staging import Staged, _add_latency
-
-    staged = []
-    for name, mode in (("a", "int8"), ("b", "dynamic")):
-        (tmp_path / f"{name}.partial.tflite").write_bytes(b"x")
-        staged.append(Staged(target=tmp_path / f"{name}.tflite", tmp=str(tmp_path / f"{name}.partial.tflite"),
-                             tmp_manifest=str(tmp_path / f"{name}.json.partial"), format="tflite", quantize=mode,
-                             manifest={}))
-    staged.append(Staged(target=tmp_path / "c.onnx", tmp=str(tmp_path / "c.partial.onnx"), format="onnx",
-                         quantize="int8", tmp_manifest=str(tmp_path / "c.json.partial"), manifest={}))
-    timed = {}
-
-    def fake_check(paths, latency, options, progress=None):
-        timed["paths"] = [str(p) for p in paths]
-        return {str(p): {"measured_ms": 0.5, "predicted_ms": 0.4, "error": 0.2, "where": "local"} for p in paths}
-
-    monkeypatch.setattr(latency_table, "check_artifacts", fake_check)
-    lines = []
-    _add_latency(staged, {"table": {"original_ms": 2.0}}, LatencyOptions(export=TFLiteOptions(quantize="int8")),
-                 lambda stage, message: lines.append(message))
-    assert timed["paths"] == [staged[0].tmp, staged[1].tmp], "only the format the table timed"
-    first, second = (json.loads(Path(item.tmp_manifest).read_text())["latency"] for item in staged[:2])
-    assert first["speedup"] == 4.0 and first["comparable"] and first["original_ms"] == 2.0
-    assert staged[0].latency == first and staged[0].manifest["latency"] == first
-    assert not second["comparable"] and "NOT comparable: the table timed int8, this artifact is dynamic" in lines[1]
-    assert "latency" not in staged[2].manifest and staged[2].latency is None

@@ -31,12 +31,14 @@ LAYOUTS = ("nhwc", "nchw")
 class OnnxOptions:
     """quantize: none (float32), dynamic (int8 weights, activations quantized at run time), int8 (static QDQ).
     opset: the ONNX opset (13..18). layout: the input layout, nhwc as in Keras or nchw.
-    per_channel: per-channel weight scales for int8 (the default)."""
+    per_channel: per-channel weight scales for int8 (the default).
+    forms: separable layers exported in another equivalent graph form, as (path, form) pairs (forms.py)."""
 
     quantize: str = "none"
     opset: int = DEFAULT_OPSET
     layout: str = "nhwc"
     per_channel: bool = True
+    forms: tuple = ()
 
     def __post_init__(self):
         if self.quantize not in ONNX_MODES:
@@ -87,7 +89,7 @@ def _tf2onnx(model, path: Path, options: OnnxOptions) -> None:
         with captured_output(), collecting_cycles():
             import tf2onnx
 
-            frozen = frozen_function(model)
+            frozen = frozen_function(model, options.forms)
             tf_inputs = [t.name for t in frozen.inputs if t.dtype != tf.resource]
             tf_outputs = [t.name for t in frozen.outputs]
             proto, _ = tf2onnx.convert.from_graph_def(

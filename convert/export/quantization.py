@@ -288,13 +288,13 @@ def _float_layers(best: Setting, diagnosis: Diagnosis | None, attempts, artifact
 # --- TFLite: QuantizationDebugger ---------------------------------------------------------------------------------
 
 
-def tflite_converter(model, setting: Setting, io_type: str = "float32"):
-    """The TFLite converter for `setting`; float ops are allowed when some layers stay in float."""
+def tflite_converter(model, setting: Setting, io_type: str = "float32", forms=()):
+    """The TFLite converter for `setting`; float ops are allowed when some layers stay in float. forms: separable
+    layers traced in another equivalent form (forms.py)."""
     import tensorflow as tf
 
-
     with captured_output():
-        frozen = frozen_function(model)
+        frozen = frozen_function(model, forms)
     converter = make_converter(frozen, setting.samples, TFLiteOptions(quantize="int8", io_type=io_type,
                                                                   per_channel=setting.per_channel))
     if setting.float_layers:
@@ -302,20 +302,19 @@ def tflite_converter(model, setting: Setting, io_type: str = "float32"):
     return converter
 
 
-def tflite_int8(model, setting: Setting, io_type: str = "float32") -> bytes:
+def tflite_int8(model, setting: Setting, io_type: str = "float32", forms=()) -> bytes:
     """The int8 flatbuffer for `setting`, its float layers left out of quantization by the debugger's denylist."""
     if not setting.float_layers:
         return export_tflite(model, representative_data=setting.samples, quantize="int8", io_type=io_type,
-                             per_channel=setting.per_channel)
-    debugger = _tflite_debugger(model, setting, io_type, denylisted_nodes=list(setting.float_layers))
+                             per_channel=setting.per_channel, forms=tuple(forms))
+    debugger = _tflite_debugger(model, setting, io_type, forms=forms, denylisted_nodes=list(setting.float_layers))
 
     with captured_output():
         return debugger.get_nondebug_quantized_model()
 
 
-def _tflite_debugger(model, setting: Setting, io_type: str, keep=None, **debug_options):
+def _tflite_debugger(model, setting: Setting, io_type: str, keep=None, forms=(), **debug_options):
     import tensorflow as tf
-
 
     samples = np.asarray(setting.samples[:DIAGNOSIS_SAMPLES], np.float32)
     compare = {"float_std": lambda f, q, s, z: float(np.std(f)), "float_min": lambda f, q, s, z: float(np.min(f)),
@@ -325,11 +324,11 @@ def _tflite_debugger(model, setting: Setting, io_type: str, keep=None, **debug_o
     options = tf.lite.experimental.QuantizationDebugOptions(layer_direct_compare_metrics=compare, **debug_options)
     with captured_output():
         return tf.lite.experimental.QuantizationDebugger(
-            converter=tflite_converter(model, setting, io_type),
+            converter=tflite_converter(model, setting, io_type, forms),
             debug_dataset=lambda: ([samples[i:i + 1]] for i in range(len(samples))), debug_options=options)
 
 
-def diagnose_tflite(model, setting: Setting, io_type: str = "float32") -> Diagnosis:
+def diagnose_tflite(model, setting: Setting, io_type: str = "float32", forms=()) -> Diagnosis:
     """Per quantized op of the TFLite model: its local output error on the calibration images."""
     import csv
     import io
@@ -341,7 +340,7 @@ def diagnose_tflite(model, setting: Setting, io_type: str = "float32") -> Diagno
         outputs.append((np.array(f, np.float32), ((q.astype(np.float32) - z) * s)))
         return 0.0
 
-    debugger = _tflite_debugger(model, setting, io_type, keep=keep)
+    debugger = _tflite_debugger(model, setting, io_type, keep=keep, forms=forms)
     with captured_output():
         debugger.run()
     per_layer = len(debugger.layer_statistics)

@@ -182,8 +182,8 @@ class TFLite(Target):
         Path(path).write_bytes(export_tflite(model, representative_data=representative_data, options=options))
 
     def int8_tools(self, model, models, options: TFLiteOptions):
-        return (lambda setting: tflite_int8(models(setting), setting, options.io_type),
-                lambda setting: diagnose_tflite(models(setting), setting, options.io_type))
+        return (lambda setting: tflite_int8(models(setting), setting, options.io_type, options.forms),
+                lambda setting: diagnose_tflite(models(setting), setting, options.io_type, options.forms))
 
 
 @register_target

@@ -32,12 +32,15 @@ class TFLiteOptions:
     """quantize: none (float32), float16 (weights), dynamic (int8 weights), int8 (full integer), int16x8.
     io_type: input/output tensor type of int8 models (float32, int8, uint8) or of 16x8 ones (float32, int16).
     per_channel: per-channel weight quantization (the default); False for per-tensor.
-    allow_flex: embed TensorFlow ops the built-in runtime lacks (needs a Flex-enabled runtime)."""
+    allow_flex: embed TensorFlow ops the built-in runtime lacks (needs a Flex-enabled runtime).
+    forms: separable layers exported in another equivalent graph form, as (path, form) pairs (forms.py; the run's
+    latency table chooses them)."""
 
     quantize: str = "none"
     io_type: str = "float32"
     per_channel: bool = True
     allow_flex: bool = False
+    forms: tuple = ()
 
     def __post_init__(self):
         if self.quantize not in TFLITE_MODES:
@@ -62,7 +65,7 @@ def export_tflite(model, path=None, *, representative_data: np.ndarray | None = 
         raise InvalidOptionError(f"quantize={options.quantize!r} calibrates activations on representative data; "
                                  f"pass representative_data (CLI: --data) or use quantize='dynamic'")
     with captured_output():
-        frozen = frozen_function(model)
+        frozen = frozen_function(model, options.forms)
     converter = make_converter(frozen, representative_data, options)
     try:
         with captured_output() as log:

@@ -17,29 +17,34 @@ def input_names(model) -> list[str]:
     return [producer_name(tensor) for tensor in model.inputs]
 
 
-_FROZEN = weakref.WeakKeyDictionary()  # model -> (fingerprint of its weights, frozen function)
+_FROZEN = weakref.WeakKeyDictionary()  # model -> {forms: (fingerprint of its weights, frozen function)}
 
 
-def frozen_function(model):
+def frozen_function(model, forms=()):
     """A ConcreteFunction computing `model(inputs, training=False)` with every variable folded into a constant.
 
     Every export of a run (TFLite and ONNX, each int8 attempt) translates this one graph: it is traced and frozen
     once per model and kept while the model lives and its weights stay as they were (a checksum of every weight is
-    compared on each call; tracing and freezing a ResNet50 takes far longer than reading its weights)."""
-    fingerprint = _weights_fingerprint(model)
-    cached = _FROZEN.get(model)
+    compared on each call; tracing and freezing a ResNet50 takes far longer than reading its weights).
+    forms: separable layers to trace in another equivalent form ((path, form) pairs: forms.with_forms)."""
+    from sepconv.convert.export.forms import normalized, with_forms
+
+    fingerprint, key = _weights_fingerprint(model), normalized(forms)
+    cached = _FROZEN.setdefault(model, {}).get(key)
     if cached is not None and cached[0] == fingerprint:
         return cached[1]
     import tensorflow as tf
+
+    traced = with_forms(model, key)
 
     specs = tuple(tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=name)
                   for t, name in zip(model.inputs, input_names(model)))
 
     def forward(*inputs):
-        return model(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
+        return traced(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
 
     frozen = freeze(tf.function(forward, input_signature=specs).get_concrete_function())
-    _FROZEN[model] = (fingerprint, frozen)
+    _FROZEN[model][key] = (fingerprint, frozen)
     return frozen
 
 

@@ -23,6 +23,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -78,41 +79,128 @@ class LatencyOptions:
 
 def measure_table(model, layers, options: LatencyOptions, *, progress=None) -> dict:
     """The latency table of `layers` (budget.LayerSensitivity: each layer's path and candidate K) of `model`:
-    {layers: {path: {"keep": ms, "1": ms, ...}}, original_ms, raw_keep_sum_ms, where, device, runtime, threads,
-    xnnpack, format, quantize, measured, cached, seconds}."""
+    {layers: {path: {"keep": ms, "1": ms, ...}}, forms: {path: {"2": form, ...}}, original_ms, raw_keep_sum_ms, where,
+    device, runtime, threads, xnnpack, format, quantize, measured, cached, seconds}. A K above 1 is timed in both
+    separable forms (export/forms.py) and its entry is the faster one's, named in `forms`."""
+    from sepconv.convert.export.forms import STANDARD, TILED
+
     say = progress or (lambda stage, message: None)
     started = time.perf_counter()
     leaves = _leaves(model)
-    identity = identify(options.where, options.suffix, options.timing)
-    cache = _Cache(options, identity)
-    wanted = [(ORIGINAL, KEEP)] + [(layer.path, c.rank) for layer in layers for c in layer.candidates]
-    specs = {path: _spec(leaves[path]) if path != ORIGINAL else _model_spec(model) for path, _ in wanted}
-    found = {item: cache.get(specs[item[0]], item[1], identity["runtime"]) for item in wanted}
-    missing = [item for item, ms in found.items() if ms is None]
-    if missing:
-        say("latency", f"timing {len(missing)} single-layer models ({len(wanted) - len(missing)} cached) "
-                       f"{'on ' + identity['where'] if options.where else 'on this machine'}, "
-                       f"{options.timing.threads} thread(s), {options.export.quantize} {options.suffix[1:]}")
-        with tempfile.TemporaryDirectory(prefix="sepconv-latency-") as folder:
-            paths = [_export(_candidate(model, leaves, path, rank), f"{path}_{rank_key(rank)}", Path(folder), number,
-                             options) for number, (path, rank) in enumerate(missing)]
-            timing = time_artifacts(paths, options.where, options.timing,
-                                    progress=lambda message: say("latency", message))
-        identity = dict(identity, runtime=timing.runtime, xnnpack=timing.xnnpack, device=timing.device)
-        for item, path in zip(missing, paths):
-            found[item] = timing.p50_ms[str(path)]
-            cache.put(specs[item[0]], item[1], identity["runtime"], found[item], item[0])
-        cache.save(identity)
-    table = {}
-    for (path, rank), ms in found.items():
-        if path != ORIGINAL:
-            table.setdefault(path, {})[rank_key(rank)] = round(ms, 5)
-    return {"layers": table, "original_ms": round(found[(ORIGINAL, KEEP)], 5),
+    wanted = [(ORIGINAL, KEEP, STANDARD)] + [(layer.path, c.rank, form) for layer in layers for c in layer.candidates
+                                             for form in ((STANDARD, TILED) if c.rank > 1 else (STANDARD,))]
+    specs = {path: _spec(leaves[path]) if path != ORIGINAL else _model_spec(model) for path, _, _ in wanted}
+    entries = [_Entry(_form_spec(specs[path], form), rank, path + ("" if form == STANDARD else f" {form}"),
+                      _builder(model, leaves, path, rank, form))
+               for path, rank, form in wanted]
+    measured = _time_entries(entries, options, say, "single-layer models")
+    table, forms = {}, {}
+    for (path, rank, form), ms in zip(wanted, measured.ms):
+        if path == ORIGINAL:
+            continue
+        row, key = table.setdefault(path, {}), rank_key(rank)
+        if key not in row or ms < row[key]:
+            row[key] = round(ms, 5)
+            if rank > 1:
+                forms.setdefault(path, {})[key] = form
+    identity = measured.identity
+    return {"layers": table, "forms": forms, "original_ms": round(measured.ms[0], 5),
             "raw_keep_sum_ms": round(sum(row["keep"] for row in table.values()), 5),
             "where": identity["where"], "device": identity["device"], "runtime": identity["runtime"],
             "threads": options.timing.threads, "xnnpack": identity["xnnpack"], "format": options.suffix[1:],
-            "quantize": options.export.quantize, "measured": len(missing), "cached": len(wanted) - len(missing),
+            "quantize": options.export.quantize, "measured": measured.timed, "cached": len(wanted) - measured.timed,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def fastest_forms(model, options: LatencyOptions, *, progress=None) -> dict:
+    """The faster equivalent form (export/forms.py) of every SeparableConv2D of `model` with a depth multiplier above
+    1, each form timed as a single-layer model exported as `options.export` says, where `options` say (cached like
+    the table): {"forms": {path: form}, "ms": {path: {form: ms}}, "changed": ((path, form) of those not in the
+    standard form: what export options' `forms` take), where, format, quantize} ({} when the model has no such
+    layer). A tie keeps the standard form."""
+    import keras
+
+    from sepconv.convert.export.forms import FORMS, STANDARD
+
+    layers = [(path, layer) for path, layer in leaf_layers(model)
+              if isinstance(layer, keras.layers.SeparableConv2D) and layer.depth_multiplier > 1]
+    if not layers:
+        return {}
+    wanted = [(path, layer, form) for path, layer in layers for form in FORMS]
+    entries = [_Entry(_form_spec(_spec(layer), form), KEEP, f"{path} as {form}",
+                      _form_builder(layer, form)) for path, layer, form in wanted]
+    measured = _time_entries(entries, options, progress or (lambda stage, message: None), "separable layers in each form")
+    ms = {}
+    for (path, _, form), value in zip(wanted, measured.ms):
+        ms.setdefault(path, {})[form] = round(value, 5)
+    chosen = {path: min(FORMS, key=lambda form: (times[form], form != STANDARD)) for path, times in ms.items()}
+    return {"forms": chosen, "ms": ms, "changed": tuple(sorted((p, f) for p, f in chosen.items() if f != STANDARD)),
+            "where": measured.identity["where"], "format": options.suffix[1:], "quantize": options.export.quantize}
+
+
+@dataclass(frozen=True)
+class _Entry:
+    """One model to time: its cache key's spec and K, a label for the cache, and how to build it (Keras)."""
+
+    spec: str
+    rank: int
+    what: str
+    build: object
+
+
+class _Measured(NamedTuple):
+    ms: list  # p50 per entry, in order
+    identity: dict  # where, device, runtime, xnnpack
+    timed: int  # entries not found in the cache
+
+
+def _time_entries(entries: list[_Entry], options: LatencyOptions, say, what: str) -> _Measured:
+    """The p50 of every entry: from the device's cache, the rest exported and timed in one interleaved run (and
+    cached)."""
+    identity = identify(options.where, options.suffix, options.timing)
+    cache = _Cache(options, identity)
+    found = [cache.get(entry.spec, entry.rank, identity["runtime"]) for entry in entries]
+    missing = [index for index, ms in enumerate(found) if ms is None]
+    if missing:
+        say("latency", f"timing {len(missing)} {what} ({len(entries) - len(missing)} cached) "
+                       f"{'on ' + identity['where'] if options.where else 'on this machine'}, "
+                       f"{options.timing.threads} thread(s), {options.export.quantize} {options.suffix[1:]}")
+        with tempfile.TemporaryDirectory(prefix="sepconv-latency-") as folder:
+            paths = [_export(entries[index].build(), entries[index].what, Path(folder), number, options)
+                     for number, index in enumerate(missing)]
+            timing = time_artifacts(paths, options.where, options.timing,
+                                    progress=lambda message: say("latency", message))
+        identity = dict(identity, runtime=timing.runtime, xnnpack=timing.xnnpack, device=timing.device)
+        for index, path in zip(missing, paths):
+            found[index] = timing.p50_ms[str(path)]
+            cache.put(entries[index].spec, entries[index].rank, identity["runtime"], found[index], entries[index].what)
+        cache.save(identity)
+    return _Measured(found, identity, len(missing))
+
+
+def _form_spec(spec: str, form: str) -> str:
+    """A cache spec for `form` of a layer (the standard form keeps the spec it always had)."""
+    from sepconv.convert.export.forms import STANDARD
+
+    return spec if form == STANDARD else json.dumps({"form": form, "layer": json.loads(spec)}, sort_keys=True)
+
+
+def _builder(model, leaves: dict, path: str, rank: int, form: str):
+    """How to build the Keras model of one table entry: the whole model, or a single-layer one in `form`."""
+    from sepconv.convert.export.forms import with_forms
+
+    def build():
+        built = _candidate(model, leaves, path, rank)
+        return with_forms(built, {leaves[path].name: form}) if path != ORIGINAL else built
+
+    return build
+
+
+def _form_builder(layer, form: str):
+    """How to build a single-layer model of a SeparableConv2D `layer`, in `form`."""
+    from sepconv.convert.export.forms import with_forms
+
+    return lambda: with_forms(single_layer_model(layer, KEEP), {layer.name: form})
 
 
 def plan_for_latency(model, plan, options: LatencyOptions, *, progress=None):
@@ -127,30 +215,17 @@ def plan_for_latency(model, plan, options: LatencyOptions, *, progress=None):
     choice = choose_for_latency(plan.layers, table["layers"], plan.max_drop, original_ms=table["original_ms"],
                                 target=options.target)
     slower = {row.path: list(row.slower) for row in choice.layers if row.slower}
-    say("latency", f"chosen for speed on {_where(table)}: {choice.ranks or 'no layer'}; predicted "
+    forms = {path: table["forms"][path][rank_key(rank)] for path, rank in choice.ranks.items() if rank > 1}
+    say("latency", f"chosen for speed on {_where(table)}: {choice.ranks or 'no layer'}"
+                   + (f" (forms: {forms})" if forms else "") + "; predicted "
                    f"{choice.predicted_ms:.4f} ms against the original's {table['original_ms']:.4f} ms "
                    f"({table['original_ms'] / choice.predicted_ms:.2f}x), drop {choice.predicted_drop:.2f} points"
                    + (f"; target {options.target.describe()}: {choice.target_ms:.4f} ms" if options.target.given
                       else "") + (f"; never chosen, slower than keeping the layer: {slower}" if slower else ""))
     latency = {"options": options.describe(), "table": table, "choice": choice.to_dict(),
-               "budget_ranks": plan.ranks}
+               "budget_ranks": plan.ranks, "forms": forms}
     return replace(plan, ranks=choice.ranks, predicted_drop=choice.predicted_drop,
                    params_after=plan_params(plan.layers, choice.ranks), latency=latency)
-
-
-def check_artifacts(paths, latency: dict, options: LatencyOptions, *, progress=None) -> dict:
-    """Time the written artifacts (of the table's format) where the table was measured and compare with the plan's
-    prediction: {path: {measured_ms, predicted_ms, error}} (error: (measured - predicted) / measured)."""
-    paths = [Path(p) for p in paths if Path(p).suffix.lower() == options.suffix]
-    if not paths:
-        return {}
-    timing = time_artifacts(paths, options.where, options.timing,
-                            progress=lambda message: (progress or (lambda s, m: None))("latency", message))
-    predicted = latency["choice"]["predicted_ms"]
-    return {str(path): {"measured_ms": round(ms, 5), "predicted_ms": round(predicted, 5),
-                        "error": round((ms - predicted) / ms, 4), "where": timing.where, "runtime": timing.runtime,
-                        "threads": options.timing.threads, "xnnpack": timing.xnnpack}
-            for path, ms in ((path, timing.p50_ms[str(path)]) for path in paths)}
 
 
 def for_export(options: LatencyOptions, outputs: list, quantize: str) -> LatencyOptions:
@@ -169,36 +244,6 @@ def for_export(options: LatencyOptions, outputs: list, quantize: str) -> Latency
 def _timed(target) -> bool:
     """A target whose artifacts bench-model's harness times (sepconv.deploy's runtimes), with its own options."""
     return target is not None and target.runtime
-
-
-def measured_latency(artifacts: list[tuple[Path, str, str]], latency: dict, options: LatencyOptions,
-                     say) -> dict[Path, dict]:
-    """Time the pipeline's staged artifacts (before they are committed) where the table was measured: {target: the
-    figures its manifest records as `latency`} for those of the table's format. artifacts: (target, the file to
-    time, its quantize mode) per artifact."""
-    timed = [(target, path, mode) for target, path, mode in artifacts if Path(path).suffix.lower() == options.suffix]
-    measured = check_artifacts([path for _, path, _ in timed], latency, options, progress=say)
-    original = latency["table"]["original_ms"]
-    figures = {}
-    for target, path, mode in timed:
-        figures[target] = _figures(measured[str(Path(path))], original, mode, options)
-        say("latency", _measured_line(target, figures[target], original, options))
-    return figures
-
-
-def _figures(measured: dict, original: float, mode: str, options: LatencyOptions) -> dict:
-    """One artifact's measured latency beside the original's: the manifest's `latency` (docs/manifest.md)."""
-    figures = dict(measured, original_ms=original, quantize=mode, comparable=mode == options.export.quantize)
-    figures["speedup"] = round(original / figures["measured_ms"], 3)
-    return figures
-
-
-def _measured_line(target: Path, figures: dict, original: float, options: LatencyOptions) -> str:
-    caveat = "" if figures["comparable"] else (f" - NOT comparable: the table timed {options.export.quantize}, "
-                                               f"this artifact is {figures['quantize']}")
-    return (f"{target}: {figures['measured_ms']:.4f} ms measured on {figures['where']}, "
-            f"{figures['predicted_ms']:.4f} predicted (error {figures['error']:+.1%}); the original "
-            f"{original:.4f} ms: {figures['speedup']:.2f}x faster{caveat}")
 
 
 def _where(table: dict) -> str:

@@ -36,6 +36,16 @@ def separate_with(model: keras.Model, options: SeparationOptions) -> tuple[keras
     """`separate` with a SeparationOptions object (what the pipeline and the budget search hold)."""
     _require_graph_model(model)
     plans = _plan(model, options)
+    new_model = rebuild(model, plans)
+    rows = tuple(plan.row for plan in plans.values() if plan.row is not None)
+    report = SeparationReport(rows=rows, model_params_before=model.count_params(),
+                              model_params_after=new_model.count_params(), policy=options.describe())
+    return new_model, report
+
+
+def rebuild(model: keras.Model, plans: dict) -> keras.Model:
+    """A clone of `model` with each layer whose id is in `plans` made by its Plan (with the plan's weights), every
+    other layer cloned with its own config and weights; structure (branches, shared layers, nested models) kept."""
     clones: list[tuple[keras.layers.Layer, keras.layers.Layer, Plan]] = []
 
     def clone_layer(layer):
@@ -58,10 +68,7 @@ def separate_with(model: keras.Model, options: SeparationOptions) -> tuple[keras
         if not isinstance(old, keras.layers.Layer):
             continue  # a bare keras.ops operation in a Functional graph: it has no weights
         new.set_weights(list(plan.weights) if plan.layer_class else old.get_weights())
-    rows = tuple(plan.row for plan in plans.values() if plan.row is not None)
-    report = SeparationReport(rows=rows, model_params_before=model.count_params(),
-                              model_params_after=new_model.count_params(), policy=options.describe())
-    return new_model, report
+    return new_model
 
 
 def _named_inputs(model: keras.Model):

@@ -1,0 +1,107 @@
+"""Never slower, said aloud: each verified artifact timed against the original model converted the same way.
+
+After verification, every artifact a runtime runs (.tflite, .onnx) is timed in one interleaved bench-model run beside
+the original Keras model exported to the same format, quantization, threads and XNNPACK setting, where the run's
+latency is measured (this machine, or a device over deploy-model's SSH). The speed-up is the original's p50 over the
+artifact's, with an interval from the two medians' 95% order-statistic intervals (stats.median_interval): the
+original's low end over the artifact's high end, and its high end over the artifact's low end. That interval holds
+both medians' uncertainty at once, so it is wider (more cautious) than a 95% interval of the ratio itself.
+
+The verdict: "faster" when the whole interval is above 1, "slower" when it is all below 1, else "equal within noise".
+A slower artifact is not shipped unless the user forced the separation (--rank / --energy): the run says so in one
+line and ships the original in the same mode instead, verified like every artifact (staging.py does that).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+from sepconv.deploy.timing import TimingOptions, describe_xnnpack, time_artifacts
+
+FASTER, EQUAL, SLOWER = "faster", "equal within noise", "slower"
+
+
+@dataclass(frozen=True)
+class Speed:
+    """An artifact's measured speed against the original converted the same way (the manifest's and --json's
+    `speed`, docs/manifest.md). shipped: "separated" (the artifact as separated), or "original" when the separated one
+    was slower and the original, converted the same way, was shipped instead. predicted_ms / error: the latency
+    table's prediction for the plan and (measured - predicted) / measured, when the table timed this format and
+    mode."""
+
+    artifact_ms: float
+    artifact_ci95_ms: tuple[float, float]
+    original_ms: float
+    original_ci95_ms: tuple[float, float]
+    speedup: float
+    speedup_ci95: tuple[float, float]
+    verdict: str
+    shipped: str
+    where: str
+    device: str | None
+    runtime: str
+    threads: int
+    xnnpack: bool | None
+    format: str
+    quantize: str
+    predicted_ms: float | None = None
+    error: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def interval(self) -> str:
+        low, high = self.speedup_ci95
+        return f"{self.speedup:.2f}x ({low:.2f}-{high:.2f})"
+
+    def line(self, name) -> str:
+        """One line for the terminal: the verdict, both medians, where and how they were measured."""
+        return (f"{name}: {self.interval()} against the original {self.format} {self.quantize} ({self.verdict}): "
+                f"{self.artifact_ms:.4f} ms against {self.original_ms:.4f} ms p50, {self.where} ({self.device}, "
+                f"{self.runtime}, {self.threads} thread(s), {describe_xnnpack(self.xnnpack)})"
+                + (f"; the latency table predicted {self.predicted_ms:.4f} ms (error {self.error:+.1%})"
+                   if self.predicted_ms is not None else ""))
+
+
+def speedup_interval(original: tuple[float, float, float], artifact: tuple[float, float, float]) \
+        -> tuple[float, tuple[float, float]]:
+    """(speed-up, (low, high)) from each median and its 95% interval, given as (p50, low, high) in ms."""
+    (o50, olow, ohigh), (a50, alow, ahigh) = original, artifact
+    if min(o50, olow, a50, alow) <= 0:
+        raise ValueError(f"latencies must be positive, got original {original} and artifact {artifact}")
+    return o50 / a50, (olow / ahigh, ohigh / alow)
+
+
+def verdict(interval: tuple[float, float]) -> str:
+    low, high = interval
+    return FASTER if low > 1.0 else SLOWER if high < 1.0 else EQUAL
+
+
+def compare(artifact: Path, original: Path, *, where: str | None, timing: TimingOptions, fmt: str, quantize: str,
+            say=None) -> Speed:
+    """Time `artifact` and `original` (the same format and mode) in one interleaved run; their Speed."""
+    measured = time_artifacts([artifact, original], where, timing, progress=lambda message: (say or (
+        lambda stage, text: None))("speed", message))
+    a, o = str(artifact), str(original)
+    ratio, interval = speedup_interval((measured.p50_ms[o], *measured.ci95_ms[o]),
+                                       (measured.p50_ms[a], *measured.ci95_ms[a]))
+    device = measured.device.get("pi_model") or measured.device.get("cpu")
+    return Speed(artifact_ms=round(measured.p50_ms[a], 5), artifact_ci95_ms=_rounded(measured.ci95_ms[a]),
+                 original_ms=round(measured.p50_ms[o], 5), original_ci95_ms=_rounded(measured.ci95_ms[o]),
+                 speedup=round(ratio, 3), speedup_ci95=(round(interval[0], 3), round(interval[1], 3)),
+                 verdict=verdict(interval), shipped="separated", where=measured.where, device=device,
+                 runtime=measured.runtime, threads=timing.threads, xnnpack=measured.xnnpack, format=fmt,
+                 quantize=quantize)
+
+
+def with_prediction(speed: Speed, predicted_ms: float | None) -> Speed:
+    """`speed` with the latency table's prediction for the plan and its error against the measurement."""
+    if predicted_ms is None:
+        return speed
+    return replace(speed, predicted_ms=round(predicted_ms, 5),
+                   error=round((speed.artifact_ms - predicted_ms) / speed.artifact_ms, 4))
+
+
+def _rounded(pair) -> tuple[float, float]:
+    return round(float(pair[0]), 5), round(float(pair[1]), 5)

@@ -1,0 +1,150 @@
+"""Never slower (convert/export/speed.py, staging.py): each artifact timed against the original converted the same
+way; the verdict on synthetic timings; a slower separated artifact replaced by the verified original unless the user
+forced the rank; --no-latency times nothing."""
+
+import json
+
+import numpy as np
+import pytest
+
+from sepconv.convert.export import speed as speed_module
+from sepconv.convert.export.speed import EQUAL, FASTER, SLOWER, Speed, speedup_interval, verdict
+
+
+def test_the_speedup_interval_holds_both_medians_uncertainty():
+    ratio, (low, high) = speedup_interval((1.0, 0.9, 1.1), (0.5, 0.45, 0.55))
+    assert ratio == pytest.approx(2.0)
+    assert low == pytest.approx(0.9 / 0.55) and high == pytest.approx(1.1 / 0.45)
+    with pytest.raises(ValueError, match="positive"):
+        speedup_interval((1.0, 0.0, 1.1), (0.5, 0.45, 0.55))
+
+
+@pytest.mark.parametrize("interval, expected", [((1.01, 1.4), FASTER), ((0.7, 0.99), SLOWER), ((0.95, 1.05), EQUAL),
+                                                ((1.0, 1.3), EQUAL), ((0.8, 1.0), EQUAL)])
+def test_the_verdict_calls_slower_only_what_the_interval_puts_below_one(interval, expected):
+    assert verdict(interval) == expected
+
+
+def timed(artifact_ms, original_ms, spread=0.02):
+    """What speed.compare would measure: a Speed with both medians +- spread."""
+    ratio, interval = speedup_interval((original_ms, original_ms * (1 - spread), original_ms * (1 + spread)),
+                                       (artifact_ms, artifact_ms * (1 - spread), artifact_ms * (1 + spread)))
+    return lambda artifact, original, *, where, timing, fmt, quantize, say=None: Speed(
+        artifact_ms=artifact_ms, artifact_ci95_ms=(artifact_ms * 0.98, artifact_ms * 1.02), original_ms=original_ms,
+        original_ci95_ms=(original_ms * 0.98, original_ms * 1.02), speedup=round(ratio, 3), speedup_ci95=interval,
+        verdict=verdict(interval), shipped="separated", where="local", device="test CPU", runtime="ai-edge-litert",
+        threads=1, xnnpack=True, format=fmt, quantize=quantize)
+
+
+@pytest.fixture(scope="module")
+def tiny_files(tmp_path_factory):
+    from test_finetuning import teacher_and_data
+
+    teacher, x, y = teacher_and_data(n=96)
+    folder = tmp_path_factory.mktemp("speed")
+    teacher.save(folder / "m.keras")
+    np.savez(folder / "d.npz", x=x, y=y)
+    return folder
+
+
+def convert(folder, out, monkeypatch, measured, **options):
+    from sepconv.convert import staging
+    from sepconv.convert.pipeline import convert_model
+
+    calls, lines = [], []
+    if measured is not None:
+        def fake(*args, **kwargs):
+            calls.append(args)
+            return measured(*args, **kwargs)
+
+        monkeypatch.setattr(staging, "compare", fake)
+    result = convert_model(folder / "m.keras", [out], data=str(folder / "d.npz"), epochs=0, quantize="none",
+                           refine=False, recalibrate_bn=False, progress=lambda stage, message: lines.append(message),
+                           **options)
+    return result, calls, lines
+
+
+def test_a_slower_separation_ships_the_original_converted_the_same_way(tiny_files, tmp_path, monkeypatch):
+    """The timing is faked (a separated artifact 2x slower); what ships is the original's own export, verified, and
+    the manifest says why. Every other part is the real pipeline."""
+    from sepconv.convert.loading import load
+    from sepconv.convert.graph import predict_keras
+    from sepconv.deploy.runtime import open_runtime
+
+    out = tmp_path / "slow.tflite"
+    result, calls, lines = convert(tiny_files, out, monkeypatch, timed(artifact_ms=0.2, original_ms=0.1),
+                                   max_accuracy_drop=50.0, latency=_quick_latency(tmp_path))
+    assert len(calls) == 1, "the one .tflite artifact is timed once against the original"
+    artifact = result.artifacts[0]
+    assert artifact.speed.verdict == SLOWER and artifact.speed.shipped == "original"
+    predicted = result.recovery.budget.plan.latency["choice"]["predicted_ms"]
+    assert artifact.speed.predicted_ms == pytest.approx(predicted, rel=1e-3), "the table's prediction beside it"
+    assert artifact.speed.error == pytest.approx((0.2 - artifact.speed.predicted_ms) / 0.2, abs=1e-3)
+    assert any("not faster than the original" in line and "shipping the original" in line for line in lines), lines
+    manifest = json.loads((tmp_path / "slow.tflite.json").read_text())
+    assert manifest["separation"] is None and manifest["speed"]["shipped"] == "original"
+    assert manifest["verification"]["passed"] is True
+    original = load(tiny_files / "m.keras")
+    x = np.load(tiny_files / "d.npz")["x"][:16]
+    runtime = open_runtime(out)
+    shipped = np.concatenate([runtime.run([x[i:i + 1]])[0] for i in range(len(x))])
+    np.testing.assert_allclose(shipped, predict_keras(original, x)[0], rtol=1e-4, atol=1e-5,
+                               err_msg="the shipped artifact is the original model (float32 TFLite)")
+    assert not list(tmp_path.glob(".*partial*")), "no temporary file is left behind"
+    assert "(original shipped)" in result.artifact_table()
+    assert any("the original, converted the same way, was shipped" in warning for warning in result.warnings)
+
+
+def test_a_forced_rank_ships_the_slower_separation_and_says_so(tiny_files, tmp_path, monkeypatch):
+    out = tmp_path / "forced.tflite"
+    result, calls, lines = convert(tiny_files, out, monkeypatch, timed(artifact_ms=0.2, original_ms=0.1), rank=1)
+    assert len(calls) == 1 and result.artifacts[0].speed.shipped == "separated"
+    assert any("slower than the original, shipped as --rank / --energy asked" in line for line in lines), lines
+    manifest = json.loads((out.parent / "forced.tflite.json").read_text())
+    assert manifest["separation"] is not None and manifest["speed"]["verdict"] == SLOWER
+    assert any("shipped as --rank / --energy asked" in warning for warning in result.warnings)
+
+
+def test_a_faster_separation_ships_with_its_measured_speedup(tiny_files, tmp_path, monkeypatch):
+    out = tmp_path / "fast.tflite"
+    result, calls, lines = convert(tiny_files, out, monkeypatch, timed(artifact_ms=0.05, original_ms=0.1), rank=1)
+    speed = result.artifacts[0].speed
+    assert speed.verdict == FASTER and speed.shipped == "separated" and speed.speedup == pytest.approx(2.0)
+    assert "2.00x (1.92-2.08)" in result.artifact_table()
+    assert any(line.startswith(f"{out}: 2.00x (1.92-2.08) against the original tflite none (faster)")
+               for line in lines), lines
+
+
+def test_no_latency_times_nothing_and_says_so(tiny_files, tmp_path, monkeypatch):
+    out = tmp_path / "untimed.tflite"
+    result, calls, lines = convert(tiny_files, out, monkeypatch, timed(artifact_ms=0.2, original_ms=0.1),
+                                   measure_latency=False)
+    assert calls == [] and result.artifacts[0].speed is None
+    assert result.plan.latency is False and result.recovery.budget.plan.latency is None
+    plan = next(line for line in lines if line.startswith("rank per layer"))
+    assert "(speed not measured: --no-latency)" in plan and "artifacts not timed" in plan
+    assert "speed" not in json.loads((out.parent / "untimed.tflite.json").read_text())
+
+
+def test_the_real_timing_compares_two_files_in_one_run(tiny_files, tmp_path):
+    """speed.compare itself, unfaked: the same file twice is equal within noise, with both medians measured."""
+    from sepconv.convert.loading import load
+    from sepconv.convert.export.tflite import TFLiteOptions, export_tflite
+    from sepconv.deploy.timing import TimingOptions
+
+    data = export_tflite(load(tiny_files / "m.keras"), options=TFLiteOptions(quantize="none"))
+    (tmp_path / "a.tflite").write_bytes(data)
+    (tmp_path / "b.tflite").write_bytes(data)
+    speed = speed_module.compare(tmp_path / "a.tflite", tmp_path / "b.tflite", where=None,
+                                 timing=TimingOptions(min_seconds=0.3, min_runs=200), fmt="tflite", quantize="none")
+    assert speed.artifact_ms > 0 and speed.original_ms > 0
+    low, high = speed.speedup_ci95
+    assert low <= speed.speedup <= high and speed.where == "local" and speed.runtime.startswith("ai-edge-litert")
+    assert 0.5 < speed.speedup < 2.0, f"one file against itself: {speed.interval()}"
+
+
+def _quick_latency(tmp_path):
+    from sepconv.convert.recovery.latency_table import LatencyOptions
+    from sepconv.deploy.timing import TimingOptions
+
+    return LatencyOptions(timing=TimingOptions(min_seconds=0.02, min_runs=5), cache_dir=str(tmp_path / "cache"))
