@@ -108,15 +108,28 @@ def test_trained_demo_int8_with_data(tmp_path, trained_demo):
     done = run(trained_demo["h5"], out / "d.tflite", out / "d.onnx", "--data", trained_demo["npz"], "--rank", "4")
     assert done.returncode == 0, done.stderr[-3000:]
     plan = next(line for line in done.stderr.splitlines() if "] plan: " in line)
-    assert ("separation K=4, refine, BatchNorm recalibration, fine-tune up to 10 epochs, quantize int8 (defaults "
-            "with --data: refine, recalibrate_bn, epochs, quantize)") in plan, plan
+    assert ("separation K=4, artifacts timed against the original, refine, BatchNorm recalibration, fine-tune up to 10 "
+            "epochs, quantize int8 (defaults with --data: refine, recalibrate_bn, epochs, quantize, latency)") in plan, \
+        plan
     assert "hint" not in plan
-    for name in ("d.tflite", "d.onnx"):
-        verification = json.loads((out / f"{name}.json").read_text())["verification"]
+    for name, fmt in (("d.tflite", "tflite"), ("d.onnx", "onnx")):
+        manifest = json.loads((out / f"{name}.json").read_text())
+        verification = manifest["verification"]
         check = verification["outputs"][0]
         assert verification["passed"] and check["agreement"] >= 0.98, check
         assert verification["samples"] == 112 and check["accuracy"] > 0.8, "a quarter of the 450 images held out"
-    assert "d.tflite" in done.stdout and "agrees w/ original" in done.stdout
+        # K=4 everywhere: every separable layer's two forms were timed, and the faster one is what was verified
+        forms = manifest["forms"]
+        assert set(forms["forms"]) == {row["path"] for row in manifest["separation"]["layers"]
+                                       if row["status"] == "separated"}, forms
+        for path, form in forms["forms"].items():
+            assert forms["ms"][path][form] == min(forms["ms"][path].values()), (path, forms["ms"][path])
+        assert forms["format"] == fmt and forms["quantize"] == "int8"
+        speed = manifest["speed"]  # --rank forced the separation: shipped as asked, whatever the speed
+        assert speed["format"] == fmt and speed["quantize"] == "int8" and speed["shipped"] == "separated"
+        assert f"{name}: {speed['speedup']:.2f}x" in done.stderr
+        assert speed["verdict"] != "slower" or "shipped as --rank / --energy asked" in done.stderr
+    assert "d.tflite" in done.stdout and "agrees w/ original" in done.stdout and "faster (95% CI)" in done.stdout
 
 
 def test_refine_is_recorded(tmp_path, small_h5):

@@ -88,6 +88,10 @@ def test_convert_model_report_and_pngs(converted):
                 assert f"{candidate['drop']:+.2f}" in page, (layer["path"], candidate)
     for artifact in summary["artifacts"]:
         assert f"<td>{Path(artifact['path']).name}</td>" in page
+        speed = artifact["speed"]  # timed against the original by default: the speed-up is in the report
+        assert speed is None or f"{speed['speedup']:.2f}x ({speed['speedup_ci95'][0]:.2f}-" in page, speed
+    if not any(artifact["speed"] for artifact in summary["artifacts"]):
+        assert "not timed" in page and not summary["separation"]["totals"]["separated"], "only nothing separated"
 
 
 def test_bench_model_report_and_pngs(benched):

@@ -116,12 +116,13 @@ def fastest_forms(model, options: LatencyOptions, *, progress=None) -> dict:
     """The faster equivalent form (export/forms.py) of every SeparableConv2D of `model` with a depth multiplier above
     1, each form timed as a single-layer model exported as `options.export` says, where `options` say (cached like
     the table): {"forms": {path: form}, "ms": {path: {form: ms}}, "changed": ((path, form) of those not in the
-    standard form: what export options' `forms` take), where, format, quantize} ({} when the model has no such
-    layer). A tie keeps the standard form."""
+    standard form: what export options' `forms` take), where, format, quantize, measured (not cached), seconds} ({}
+    when the model has no such layer). A tie keeps the standard form."""
     import keras
 
     from sepconv.convert.export.forms import FORMS, STANDARD
 
+    started = time.perf_counter()
     layers = [(path, layer) for path, layer in leaf_layers(model)
               if isinstance(layer, keras.layers.SeparableConv2D) and layer.depth_multiplier > 1]
     if not layers:
@@ -135,7 +136,8 @@ def fastest_forms(model, options: LatencyOptions, *, progress=None) -> dict:
         ms.setdefault(path, {})[form] = round(value, 5)
     chosen = {path: min(FORMS, key=lambda form: (times[form], form != STANDARD)) for path, times in ms.items()}
     return {"forms": chosen, "ms": ms, "changed": tuple(sorted((p, f) for p, f in chosen.items() if f != STANDARD)),
-            "where": measured.identity["where"], "format": options.suffix[1:], "quantize": options.export.quantize}
+            "where": measured.identity["where"], "format": options.suffix[1:], "quantize": options.export.quantize,
+            "measured": measured.timed, "seconds": round(time.perf_counter() - started, 1)}
 
 
 @dataclass(frozen=True)

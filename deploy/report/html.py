@@ -219,9 +219,20 @@ def _artifact_table(run: dict) -> str:
                      f"{artifact['bytes'] / 1024:,.1f} KiB", percent(output.get("accuracy")),
                      percent(output.get("agreement")), percent(check.get("original_agreement")),
                      "passed" if check.get("passed") else "FAILED", output.get("criterion", ""),
-                     ", ".join(_float_layers(artifact)) or "none"])
+                     ", ".join(_float_layers(artifact)) or "none", _speed(artifact.get("speed"))])
     return _table(["artifact", "format", "size", "accuracy", "agrees w/ separated", "agrees w/ original", "check",
-                   "criterion", "layers kept in float"], rows)
+                   "criterion", "layers kept in float", "speed-up against the original (95% CI)"], rows)
+
+
+def _speed(speed: dict | None) -> str:
+    """convert-model's measured speed of an artifact against the original converted the same way (its `speed`)."""
+    if not speed:
+        return "not timed"
+    low, high = speed["speedup_ci95"]
+    shipped = "; the separation was slower: the original shipped" if speed["shipped"] == "original" else ""
+    return (f"{speed['speedup']:.2f}x ({low:.2f}-{high:.2f}), {speed['verdict']}: {speed['artifact_ms']:.4f} ms "
+            f"against {speed['original_ms']:.4f} ms on {speed['where']} ({speed['device']}, {speed['threads']} "
+            f"thread(s)){shipped}")
 
 
 def _float_layers(artifact: dict) -> list[str]:
