@@ -11,10 +11,13 @@ Prints Markdown: per format, p50 of each model and the standard/tiled ratio.
 from __future__ import annotations
 
 import argparse
-import platform
+import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_zoo import cpu  # noqa: E402
 
 SHAPES = ((32, 16, 16), (16, 32, 32), (8, 64, 64), (56, 64, 64))  # (input height = width, channels in, channels out)
 
@@ -104,20 +107,6 @@ def export(model, forms, fmt: str, quantize: str, path: Path) -> Path:
 def label(shape) -> str:
     size, cin, cout = shape
     return f"{size}x{size}, {cin} -> {cout}"
-
-
-def cpu() -> str:
-    name = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                name = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = "AVX-512 VNNI" if "avx512_vnni" in flags else "AVX2" if "avx2" in flags else platform.machine()
-    return f"CPU: {name} ({isa})"
 
 
 if __name__ == "__main__":

@@ -237,7 +237,16 @@ def cpu() -> str:
                 break
     except OSError:
         pass
-    return f"CPU: {name}, {os.cpu_count()} cores; Python {platform.python_version()}"
+    return f"CPU: {name}{isa()}, {os.cpu_count()} cores; Python {platform.python_version()}"
+
+
+def isa() -> str:
+    """' (AVX-512 VNNI)' or ' (AVX2)' on x86 (int8 kernels differ: docs/convert.md), else ''."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return " (AVX-512 VNNI)" if "avx512_vnni" in flags else " (AVX2, no VNNI)" if "avx2" in flags else ""
 
 
 if __name__ == "__main__":

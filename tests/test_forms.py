@@ -51,7 +51,7 @@ def test_forms_are_refused_where_they_do_not_apply():
         with_forms(separable_model(multiplier=1), {"s": TILED})
 
 
-@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+@pytest.mark.parametrize("fmt", ["tflite", "onnx", "onnx-nchw"])
 def test_exported_in_the_tiled_form_the_artifact_matches_the_keras_model(fmt, tmp_path):
     """The export options' `forms` change the graph the exporters translate, not the function: the float32 artifact
     agrees with the Keras model (standard form) to float tolerance, and its op list shows the form."""
@@ -61,12 +61,14 @@ def test_exported_in_the_tiled_form_the_artifact_matches_the_keras_model(fmt, tm
 
     model = separable_model(padding="same")
     x = np.random.default_rng(2).standard_normal((4, 12, 12, 5)).astype(np.float32)
+    layout = "nchw" if fmt.endswith("nchw") else "nhwc"
     export = (lambda forms: export_tflite(model, options=TFLiteOptions(forms=forms))) if fmt == "tflite" else (
-        lambda forms: export_onnx(model, options=OnnxOptions(forms=forms)))
-    path = tmp_path / f"m.{fmt}"
+        lambda forms: export_onnx(model, options=OnnxOptions(forms=forms, layout=layout)))
+    path = tmp_path / f"m.{fmt.split('-')[0]}"
     path.write_bytes(export((("s", TILED),)))
     runtime = open_runtime(path)
-    got = np.concatenate([runtime.run([x[i:i + 1]])[0] for i in range(len(x))])
+    fed = np.transpose(x, (0, 3, 1, 2)) if layout == "nchw" else x
+    got = np.concatenate([runtime.run([fed[i:i + 1]])[0] for i in range(len(x))])
     expected = predict_keras(model, x)[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5 * np.abs(expected).max(),
                                err_msg=f"{fmt}: the tiled export computes the Keras model's function")

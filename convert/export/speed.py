@@ -80,9 +80,12 @@ def verdict(interval: tuple[float, float]) -> str:
 
 def compare(artifact: Path, original: Path, *, where: str | None, timing: TimingOptions, fmt: str, quantize: str,
             say=None) -> Speed:
-    """Time `artifact` and `original` (the same format and mode) in one interleaved run; their Speed."""
-    measured = time_artifacts([artifact, original], where, timing, progress=lambda message: (say or (
-        lambda stage, text: None))("speed", message))
+    """Time `artifact` and `original` (the same format and mode) in one interleaved run; their Speed. say: progress
+    for a device's set-up (its lines name the host); the harness's per-file lines (temporary names) are not passed
+    on, the caller says the result."""
+    say = say or (lambda stage, text: None)
+    measured = time_artifacts([artifact, original], where, timing,
+                              progress=lambda message: say("speed", message) if where else None)
     a, o = str(artifact), str(original)
     ratio, interval = speedup_interval((measured.p50_ms[o], *measured.ci95_ms[o]),
                                        (measured.p50_ms[a], *measured.ci95_ms[a]))
