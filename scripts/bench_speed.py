@@ -1,8 +1,10 @@
 """The first speed table: the digits demo's original and separated (K = 1, refined) models, float32 and int8, as
 TFLite and ONNX, at 1 and 2 threads, with sizes and test accuracy, measured by bench-model's harness in one
-interleaved run; then where time goes: a per-op profile of the separated int8 TFLite model (prefix truncation,
-scripts/tflite_profile.py: LiteRT ships no op profiler) and a per-op-type profile (ONNX Runtime's profiler) of the
-separated int8 ONNX model against the original int8 one.
+interleaved run; then the default run (`convert-model` with the demo's data and every default, int8 TFLite and ONNX)
+as convert-model timed it against the original converted the same way (issue 23: p50s, speed-up with its interval,
+MAC ratio, the latency table's predicted speed-up); then where time goes: a per-op profile of the separated int8
+TFLite model (prefix truncation, scripts/tflite_profile.py: LiteRT ships no op profiler) and a per-op-type profile
+(ONNX Runtime's profiler) of the separated int8 ONNX model against the original int8 one.
 
 usage: scripts/bench-speed [--out build/speed] [--threads 1,2] [--min-time 2]   Prints Markdown for docs/benchmarks.md.
 """
@@ -32,6 +34,8 @@ def main(argv=None) -> int:
     (args.out / "speed.json").write_text(report.to_json(indent=2))
     print(report.table(markdown=True))
     print()
+    print(default_run_table(Path("build/demo/digits_tutorial.h5"), args.out))
+    print()
     print(profile_table([args.out / "original_int8.onnx", args.out / "separated_k1_int8.onnx"], test))
     print()
     print(tflite_profile_table(args.out / "separated_k1_int8.tflite", args.out / "profile_separated_k1_int8.json"))
@@ -46,6 +50,38 @@ def tflite_profile_table(model: Path, save: Path) -> str:
                      progress=lambda message: print(f"  profile: {message}", file=sys.stderr, flush=True))
     save.write_text(json.dumps(result, indent=2))
     return markdown(result)
+
+
+def default_run_table(model: Path, folder: Path) -> str:
+    """convert-model with every default on the demo's split (int8 TFLite and ONNX), and the speed it measured for each
+    artifact against the original converted the same way (its manifest's `speed`, bench-zoo's columns)."""
+    import subprocess
+
+    from tabulate import tabulate
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_zoo import best_speedup, speed_cells
+
+    outputs = [folder / "default.tflite", folder / "default.onnx"]
+    summary_path = folder / "default.summary.json"
+    convert = Path(sys.executable).parent / "convert-model"
+    subprocess.run([str(convert), str(model), *map(str, outputs), "--data", str(folder / "digits_train.npz"),
+                    "--test-data", str(folder / "digits_test.npz"), "--overwrite", "--quiet", "--json",
+                    str(summary_path)], check=True)
+    summary = json.loads(summary_path.read_text())
+    totals = (summary.get("separation") or {}).get("totals", {})
+    latency = ((summary.get("recovery") or {}).get("budget") or {}).get("latency")
+    rows = []
+    for artifact in summary["artifacts"]:
+        row = {"exit": 0, "speed": artifact["speed"], "macs_before": totals.get("macs_before"),
+               "macs_after": totals.get("macs_after"),
+               "best_speedup": best_speedup(latency) if latency and artifact["format"] == latency["table"]["format"]
+               else None}
+        rows.append([Path(artifact["path"]).name, f"{artifact['format']} {artifact['quantize']}", *speed_cells(row)])
+    return ("The default run (convert-model with every default, timed by convert-model itself, 1 thread):\n\n"
+            + tabulate(rows, headers=["artifact", "format", "original p50 ms", "artifact p50 ms", "speed-up (95% CI)",
+                                      "shipped", "MACs ratio", "table: plan / best at any accuracy",
+                                      "measured / plan"], tablefmt="github", disable_numparse=True))
 
 
 def build(folder: Path):

@@ -121,6 +121,40 @@ def test_compare_local_and_csv(deployed, sshd, tmp_path):
     assert lines[0].startswith("host,model") and [line.split(",")[0] for line in lines[1:]] == ["local", ALIAS]
 
 
+def test_convert_model_times_forms_and_artifact_against_the_original_on_the_device(deployed, sshd, tmp_path):
+    """--latency-on HOST: the separable forms and the never-slower check are timed on the device (deploy-model's
+    connection, its runtime in the remote folder with shell metacharacters), and the manifest says where."""
+    import keras
+
+    from sepconv.convert import convert_model
+    from sepconv.convert.recovery.latency_table import LatencyOptions
+    from sepconv.deploy.ssh import SshOptions
+    from sepconv.deploy.timing import TimingOptions
+
+    keras.utils.set_random_seed(3)
+    x_in = keras.Input((12, 12, 3), name="pixels")
+    x = keras.layers.Conv2D(16, 3, activation="relu", name="c1")(x_in)
+    model = keras.Model(x_in, keras.layers.Dense(4, activation="softmax")(keras.layers.Flatten()(
+        keras.layers.Conv2D(16, 3, strides=2, name="c2")(x))))
+    model.save(tmp_path / "m.keras")
+    device = DeployOptions(remote_dir=str(deployed["remote_dir"]), ssh=SshOptions(config=str(sshd.client_config())))
+    latency = LatencyOptions(where=ALIAS, timing=TimingOptions(min_seconds=0.05, min_runs=10, deploy=device),
+                             cache_dir=str(tmp_path / "cache"))
+    lines = []
+    result = convert_model(tmp_path / "m.keras", [tmp_path / "m.tflite"], rank=2, quantize="none", latency=latency,
+                           progress=lambda stage, message: lines.append(f"{stage}: {message}"))
+    manifest = json.loads((tmp_path / "m.tflite.json").read_text())
+    assert manifest["verification"]["passed"]
+    separated = {row["path"] for row in manifest["separation"]["layers"] if row["status"] == "separated"}
+    assert separated and manifest["forms"]["where"] == ALIAS and set(manifest["forms"]["forms"]) == separated, \
+        manifest["forms"]
+    speed = result.artifacts[0].speed
+    assert speed.where == ALIAS and speed.shipped == "separated" and speed.artifact_ms > 0, speed
+    assert manifest["speed"]["where"] == ALIAS and any(line.startswith(f"speed: {tmp_path / 'm.tflite'}: ")
+                                                        and f"{ALIAS} (" in line for line in lines), lines
+    assert not list(tmp_path.glob(".*partial*")), "no temporary file is left behind"
+
+
 def test_unknown_host_key_stops_and_writes_nothing(sshd, small_artifacts, tmp_path):
     remote = tmp_path / "remote"
     config = sshd.client_config("unknown", known_hosts=sshd.empty_known_hosts)
