@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from sepconv.convert.demo import QUICK_EPOCHS, QUICK_FILTERS, model_file
-from sepconv.convert.supervise import die_with_parent, in_worker, report_stage, supervise
+from sepconv.convert.supervise import die_with_parent, in_worker, report_stage, reported_as_interrupt, supervise
 from sepconv.deploy import report
 from sepconv.deploy.clikit import (
     JSON_HELP,
@@ -405,7 +405,7 @@ def convert_main(argv=None) -> int:
         checkpoints = Path(args.checkpoint_dir) if args.checkpoint_dir else first.with_name(first.name + ".checkpoints")
         return _supervised("convert-model", argv, checkpoints, json_target=args.json)
     die_with_parent()
-    return run("convert-model", _convert, args, outputs=_convert_outputs)
+    return run("convert-model", reported_as_interrupt(_convert), args, outputs=_convert_outputs)
 
 
 def demo_parser() -> argparse.ArgumentParser:
@@ -468,7 +468,7 @@ def demo_main(argv=None) -> int:
     if not in_worker():
         return _supervised("sepconv-demo", argv, json_target=args.json)
     die_with_parent()
-    return run("sepconv-demo", _demo, args, outputs=_demo_outputs)
+    return run("sepconv-demo", reported_as_interrupt(_demo), args, outputs=_demo_outputs)
 
 
 def report_parser() -> argparse.ArgumentParser:

@@ -23,6 +23,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from sepconv.convert.errors import SepconvError
 from sepconv.deploy.files import write_atomic
 
 WORKER = "SEPCONV_WORKER"  # set in the child: do the work here
@@ -87,11 +88,38 @@ def report_stage(stage: str) -> None:
             pass
 
 
+_INTERRUPTED: list[int] = []  # in the worker: the SIGINTs received (an error after one is the interrupt's doing)
+
+
+def _interrupt(signum, frame):
+    _INTERRUPTED.append(signum)
+    raise KeyboardInterrupt
+
+
+def reported_as_interrupt(body):
+    """`body(args)`, with an error that follows a Ctrl-C raised as the KeyboardInterrupt it is (the CLI's exit 130, no
+    traceback). TensorFlow's code catches KeyboardInterrupt in bare `except:` clauses and raises another error
+    instead (`tf.int32.max` during a model clone: "TypeError: Cannot find maximum value of <dtype: 'int32'>"). A
+    sepconv error passes as it is: one raised for the interrupt says how to go on (InterruptedRunError)."""
+
+    def wrapped(args):
+        try:
+            return body(args)
+        except SepconvError:
+            raise
+        except Exception as error:
+            if _INTERRUPTED:
+                raise KeyboardInterrupt from error
+            raise
+
+    return wrapped
+
+
 def die_with_parent() -> None:
     """In the child: Ctrl-C acts (the parent passes on only what it was sent, and a shell or test runner may have
-    started it with SIGINT ignored, which the child would inherit); on Linux, get SIGKILL when the parent dies, so a
-    killed command leaves no worker running."""
-    signal.signal(signal.SIGINT, signal.default_int_handler)
+    started it with SIGINT ignored, which the child would inherit) and is remembered (reported_as_interrupt); on
+    Linux, get SIGKILL when the parent dies, so a killed command leaves no worker running."""
+    signal.signal(signal.SIGINT, _interrupt)
     if not sys.platform.startswith("linux"):
         return
     import ctypes

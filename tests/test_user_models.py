@@ -315,6 +315,32 @@ def test_ctrl_c_reaches_the_worker(tmp_path, labelled):
     assert workers.stdout.strip() == "", "the worker must be gone"
 
 
+def test_an_error_raised_after_ctrl_c_is_reported_as_the_interrupt(monkeypatch):
+    """TensorFlow turns a KeyboardInterrupt that lands in a bare `except:` into another error (run 9 of the suite:
+    "TypeError: Cannot find maximum value of <dtype: 'int32'>" in a model clone, a traceback and exit 1): after a
+    SIGINT, the worker reports any non-sepconv error as the interrupt; a sepconv error (the resume hint) passes."""
+    from sepconv.convert import supervise
+    from sepconv.convert.errors import InterruptedRunError
+
+    def failing(error):
+        def body(args):
+            raise error
+        return supervise.reported_as_interrupt(body)
+
+    monkeypatch.setattr(supervise, "_INTERRUPTED", [])
+    with pytest.raises(TypeError):
+        failing(TypeError("Cannot find maximum value"))(None)  # no Ctrl-C: the error is the error
+    with pytest.raises(KeyboardInterrupt):
+        supervise._interrupt(signal.SIGINT, None)  # the worker's SIGINT handler: raises, and remembers
+    assert supervise._INTERRUPTED == [signal.SIGINT]
+    with pytest.raises(KeyboardInterrupt) as caught:
+        failing(TypeError("Cannot find maximum value"))(None)
+    assert isinstance(caught.value.__cause__, TypeError), "the error is kept as the cause (--debug shows it)"
+    with pytest.raises(InterruptedRunError):
+        failing(InterruptedRunError("interrupted during fine-tuning; add --resume"))(None)
+    assert supervise.reported_as_interrupt(lambda args: 7)(None) == 7
+
+
 def test_a_sequential_loaded_from_h5_is_refined_layer_by_layer(tmp_path):
     """Keras' .h5 loader builds a Sequential several times, leaving its layers with stale call records (11 for the
     first layer of the tutorial net): each layer is still found once in the model's own graph."""
