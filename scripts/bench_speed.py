@@ -67,7 +67,7 @@ def default_run_table(model: Path, folder: Path) -> str:
     convert = Path(sys.executable).parent / "convert-model"
     subprocess.run([str(convert), str(model), *map(str, outputs), "--data", str(folder / "digits_train.npz"),
                     "--test-data", str(folder / "digits_test.npz"), "--overwrite", "--quiet", "--json",
-                    str(summary_path)], check=True)
+                    str(summary_path)], check=True, stdout=subprocess.DEVNULL)  # its tables: not this Markdown's
     summary = json.loads(summary_path.read_text())
     totals = (summary.get("separation") or {}).get("totals", {})
     latency = ((summary.get("recovery") or {}).get("budget") or {}).get("latency")
