@@ -133,8 +133,9 @@ class ConvertOptions:
             raise InvalidOptionError("latency options (a target, where or how to measure) were given with "
                                      "measure_latency=False (--no-latency); drop one or the other")
 
-    def plan(self) -> Plan:
-        """The effective choices, with a note of which were defaults (printed by the CLI, kept in the manifest)."""
+    def plan(self, timed: bool = True) -> Plan:
+        """The effective choices, with a note of which were defaults (printed by the CLI, kept in the manifest).
+        timed: some output is of a format a runtime times (.tflite, .onnx); without one no latency is measured."""
         data = self.data is not None
         fixed = any(v is not None for v in (self.separation.rank, self.separation.energy, self.separation.ranks))
         budget = self.max_accuracy_drop
@@ -145,8 +146,8 @@ class ConvertOptions:
                                              ("recalibrate_bn", self.recalibrate_bn), ("epochs", self.epochs))
                     if given is None and not (name == "max_accuracy_drop" and budget is None)]
         defaults += ["quantize"] if self.quantize == "auto" else []
-        latency = self.separate and (self.measure_latency is not False)
-        defaults += ["latency"] if self.separate and self.measure_latency is None and self.latency is None else []
+        latency = self.separate and timed and (self.measure_latency is not False)
+        defaults += ["latency"] if latency and self.measure_latency is None and self.latency is None else []
         return Plan(max_accuracy_drop=budget, refine=_default(self.refine, data and self.separate),
                     recalibrate_bn=_default(self.recalibrate_bn, data and self.separate), epochs=epochs,
                     quantize=self.resolved_quantize(), defaults=tuple(defaults), latency=latency)
@@ -223,11 +224,13 @@ def plan_line(plan: Plan, options: ConvertOptions) -> str:
             steps[0] += (f" and latency measured on {latency.where or 'this machine'}"
                          + (f" (target {latency.target.describe()})" if latency.target.given else ""))
         else:
-            steps[0] += " (speed not measured: --no-latency)"
+            steps[0] += " (speed not measured: " + ("--no-latency)" if options.measure_latency is False
+                                                     else "no .tflite / .onnx output)")
     else:
         steps = [f"separation {_policy_text(options.separation)}"]
     if options.separate:
-        steps.append("artifacts timed against the original" if plan.latency else "artifacts not timed")
+        steps.append("artifacts timed against the original" if plan.latency else "artifacts not timed" + (
+            "" if options.measure_latency is False else " (no .tflite / .onnx output)"))
     steps += ["refine" if plan.refine else "no refine",
               "BatchNorm recalibration" if plan.recalibrate_bn else "no BatchNorm recalibration",
               f"fine-tune up to {plan.epochs} epochs" if plan.epochs else "no fine-tuning",

@@ -29,6 +29,7 @@ from sepconv.convert.data import check_source, datasets
 from sepconv.convert.errors import BudgetError, InvalidOptionError, SepconvError, UnsupportedModelError
 from sepconv.convert.export.quantization import Calibration
 from sepconv.convert.export.speed import SLOWER
+from sepconv.convert.export.targets import target_for
 from sepconv.convert.export.verification import Outputs
 from sepconv.convert.files import sha256
 from sepconv.convert.keras_compat import unsafe_deserialization
@@ -96,7 +97,7 @@ def preflight(source, outputs, options: ConvertOptions) -> tuple[list[Path], Pla
     before it starts its worker, so that a wrong path or flag costs no TensorFlow start-up."""
     source = Path(source)
     targets = check_outputs(source, outputs, options)
-    plan = options.plan()
+    plan = options.plan(timed=any(target_for(target).runtime for target in targets))
     check_modes(targets, plan, options)
     file_kind(source)
     for data in (options.data, options.validation_data, options.test_data):

@@ -45,6 +45,7 @@ RUNTIME_PACKAGES = {".tflite": "ai-edge-litert", ".onnx": "onnxruntime"}
 SUPPORTED_MACHINES = ("aarch64", "arm64", "x86_64", "amd64")
 MIN_PYTHON = (3, 9)
 INSTALL_SPACE = 400 * 1024 * 1024  # a venv with numpy and one or two runtimes, with room to spare
+RECHECK_SECONDS = 2.0  # between the two connection checks after a benchmark killed by a signal (_benchmark_failure)
 
 PROBE = r"""
 import json, os, platform, shutil, sys
@@ -371,13 +372,17 @@ def run_benchmark(conn: Connection, remote_paths: list[str], options: DeployOpti
 def _benchmark_failure(conn: Connection, done) -> RemoteError:
     """The error for a benchmark that ended with a non-zero status. Killed by a signal, it may be the connection that
     went (sshd stopped, the device went away: its session's processes are killed with it) or the device that killed
-    it (the out-of-memory killer): the connection is checked before the device is blamed."""
+    it (the out-of-memory killer): the connection is checked before the device is blamed, twice, RECHECK_SECONDS
+    apart, since a device going away kills its processes before its sshd and network go (a shutdown does; the
+    suite's dying sshd did, its listener still answering for an instant after the benchmark was killed)."""
     label = conn.target.label
     code = -done.returncode if done.returncode < 0 else done.returncode - 128
     if code <= 0:
         return RemoteRuntimeError(f"{label}: the benchmark failed on the device (status {done.returncode}): "
                                   f"{_tail(done.stderr, 2)}")
     try:
+        conn.check()
+        time.sleep(RECHECK_SECONDS)
         conn.check()
     except RemoteError as lost:
         return lost

@@ -247,14 +247,15 @@ class _KilledBenchmark:
 
     target = parse_target("pi@device")
 
-    def __init__(self, lost=None):
-        self.lost = lost
+    def __init__(self, lost=None, lost_after=0):
+        self.lost, self.lost_after, self.checks = lost, lost_after, 0
 
     def run(self, argv, **kwargs):
         return subprocess.CompletedProcess(argv, 137, b"", b"")
 
     def check(self):
-        if self.lost:
+        self.checks += 1
+        if self.lost and self.checks > self.lost_after:
             raise self.lost
 
 
@@ -265,9 +266,15 @@ def test_a_killed_benchmark_is_blamed_on_the_connection_only_when_it_went():
     with pytest.raises(HostUnreachableError) as gone:
         run_benchmark(_KilledBenchmark(lost), ["m.tflite"], DeployOptions(), lambda *a: None)
     assert gone.value is lost
+    late = _KilledBenchmark(lost, lost_after=1)  # the device still answered once, then went (run R1 of the suite)
+    with pytest.raises(HostUnreachableError):
+        run_benchmark(late, ["m.tflite"], DeployOptions(), lambda *a: None)
+    assert late.checks == 2
+    alive = _KilledBenchmark()
     with pytest.raises(RemoteRuntimeError, match=r"^pi@device: the benchmark was killed on the device by SIGKILL "
                                                  r"\(the out-of-memory killer"):
-        run_benchmark(_KilledBenchmark(), ["m.tflite"], DeployOptions(), lambda *a: None)
+        run_benchmark(alive, ["m.tflite"], DeployOptions(), lambda *a: None)
+    assert alive.checks == 2, "blamed on the device only after two checks found it there"
 
 
 def test_server_gone_mid_run(small_artifacts, tmp_path):

@@ -148,3 +148,19 @@ def _quick_latency(tmp_path):
     from sepconv.deploy.timing import TimingOptions
 
     return LatencyOptions(timing=TimingOptions(min_seconds=0.02, min_runs=5), cache_dir=str(tmp_path / "cache"))
+
+
+def test_the_plan_says_when_nothing_can_be_timed():
+    """Latency is measured on a .tflite / .onnx artifact: with only a .keras output the plan says nothing is timed,
+    and does not list latency among its defaults."""
+    from sepconv.convert.options import ConvertOptions, plan_line
+
+    options = ConvertOptions(data="d.npz")
+    untimed, timed = options.plan(timed=False), options.plan()
+    assert untimed.latency is False and "latency" not in untimed.defaults
+    assert timed.latency is True and "latency" in timed.defaults
+    line = plan_line(untimed, options)
+    assert "(speed not measured: no .tflite / .onnx output)" in line and "artifacts not timed (no .tflite" in line
+    off = ConvertOptions(data="d.npz", measure_latency=False)
+    assert "(speed not measured: --no-latency)" in plan_line(off.plan(), off)
+    assert ConvertOptions(separate=False).plan().latency is False, "nothing separated: nothing to time"
