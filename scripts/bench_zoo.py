@@ -207,7 +207,8 @@ def table(rows) -> str:
     return tabulate(lines, headers=["model", "mode", "exit", "artifact", "parameters", "conv MACs", "original", "artifact (test)",
                                     "drop", "budget: Keras drop (test)", "budget: artifact drop (validation)",
                                     "original p50 ms", "artifact p50 ms", "speed-up (95% CI)", "shipped", "MACs ratio",
-                                    "table: plan / best at any accuracy", "measured / plan", "stages (kept / rejected) or error", "seconds",
+                                    "table: plan / best at any accuracy", "measured / plan",
+                                    "stages (kept / rejected) or error", "seconds",
                                     "of which timing", "peak MiB"],
                     tablefmt="github", disable_numparse=True)
 

@@ -109,8 +109,8 @@ def test_trained_demo_int8_with_data(tmp_path, trained_demo):
     assert done.returncode == 0, done.stderr[-3000:]
     plan = next(line for line in done.stderr.splitlines() if "] plan: " in line)
     assert ("separation K=4, artifacts timed against the original, refine, BatchNorm recalibration, fine-tune up to 10 "
-            "epochs, quantize int8 (defaults with --data: refine, recalibrate_bn, epochs, quantize, latency)") in plan, \
-        plan
+            "epochs, quantize int8 (defaults with --data: refine, recalibrate_bn, epochs, quantize, "
+            "latency)") in plan, plan
     assert "hint" not in plan
     for name, fmt in (("d.tflite", "tflite"), ("d.onnx", "onnx")):
         manifest = json.loads((out / f"{name}.json").read_text())

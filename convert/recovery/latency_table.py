@@ -130,7 +130,8 @@ def fastest_forms(model, options: LatencyOptions, *, progress=None) -> dict:
     wanted = [(path, layer, form) for path, layer in layers for form in FORMS]
     entries = [_Entry(_form_spec(_spec(layer), form), KEEP, f"{path} as {form}",
                       _form_builder(layer, form)) for path, layer, form in wanted]
-    measured = _time_entries(entries, options, progress or (lambda stage, message: None), "separable layers in each form")
+    say = progress or (lambda stage, message: None)
+    measured = _time_entries(entries, options, say, "separable layers in each form")
     ms = {}
     for (path, _, form), value in zip(wanted, measured.ms):
         ms.setdefault(path, {})[form] = round(value, 5)
