@@ -11,8 +11,10 @@ accuracy budget's own measurement), then per quantization mode:
   3. every plan separated (SVD start, least-squares refinement on 200 training digits; no fine-tuning), exported in
      that mode, scored with LiteRT on the 450 test digits, and all of them timed in ONE interleaved run with the
      original, where the table was measured.
-Reported per plan: conv MACs and their ratio to the original's, predicted (table) and measured p50, the prediction's
-error, the speed-up against the original, speed-up / MAC ratio, predicted drop and test accuracy.
+Reported per plan: conv MACs and their ratio to the original's, the table's plain sum, that sum scaled to the
+original (the prediction before the table timed a second whole model), the prediction (latency_choice.WholeModel) and
+the measured p50 with the prediction's error, the speed-up against the original, speed-up / MAC ratio, predicted drop
+and test accuracy.
 
 usage: scripts/bench-latency [--model build/zoo/NAME] [--quantize int8,none] [--max-drop 1.0] [--target-speedup X] [--where HOST
        --ssh-config FILE --wheels DIR] [--threads 1] [--min-time 2] [--out build/latency]   Prints Markdown.
@@ -114,9 +116,9 @@ def sensitivity(model, data, max_drop, say, saved: Path):
 
 def run_mode(model, data, plan, mode, args, say) -> dict:
     from sepconv.convert.recovery.budget import KEEP, choose
-    from sepconv.convert.recovery.latency_choice import (LatencyTarget, LatencyTargetError, choose_for_latency, predict_ms,
-                                         rank_key)
-    from sepconv.convert.recovery.latency_table import LatencyOptions, measure_table
+    from sepconv.convert.recovery.latency_choice import (LatencyTarget, LatencyTargetError, WholeModel,
+                                                         choose_for_latency, predict_ms, rank_key)
+    from sepconv.convert.recovery.latency_table import LatencyOptions, measure_table, whole_model
     from sepconv.convert.export.tflite import TFLiteOptions
     from sepconv.deploy.remote import DeployOptions
     from sepconv.deploy.ssh import SshOptions
@@ -126,7 +128,8 @@ def run_mode(model, data, plan, mode, args, say) -> dict:
     options = LatencyOptions(where=args.where, export=TFLiteOptions(quantize=mode), cache_dir=args.cache,
                              timing=TimingOptions(threads=args.threads, min_seconds=args.table_time, deploy=device))
     table = measure_table(model, plan.layers, options, progress=say)
-    fastest = choose_for_latency(plan.layers, table["layers"], plan.max_drop, original_ms=table["original_ms"])
+    fastest = choose_for_latency(plan.layers, table["layers"], plan.max_drop, original_ms=table["original_ms"],
+                                 whole=whole_model(table))
     plans = {"none separated (original)": {},
              "by accuracy alone": choose(plan.layers, plan.max_drop)[0],
              "all K=1": {layer.path: 1 for layer in plan.layers},
@@ -136,12 +139,12 @@ def run_mode(model, data, plan, mode, args, say) -> dict:
         try:
             plans[f"latency-aware, target {args.target_speedup}x"] = choose_for_latency(
                 plan.layers, table["layers"], plan.max_drop, original_ms=table["original_ms"],
-                target=LatencyTarget(speedup=args.target_speedup)).ranks
+                target=LatencyTarget(speedup=args.target_speedup), whole=whole_model(table)).ranks
         except LatencyTargetError as error:
             unreachable = str(error)
     folder = args.out / mode
     folder.mkdir(exist_ok=True)
-    built = {name: build(model, ranks, plan, mode, folder / f"{index}.tflite", data)
+    built = {name: build(model, ranks, plan, mode, folder / f"{index}.tflite", data, _forms(table, ranks))
              for index, (name, ranks) in enumerate(plans.items())}
     timing = time_artifacts([b["path"] for b in built.values()], args.where,
                             TimingOptions(threads=args.threads, min_seconds=args.min_time, min_runs=args.min_runs,
@@ -152,11 +155,13 @@ def run_mode(model, data, plan, mode, args, say) -> dict:
     for name, ranks in plans.items():
         item = built[name]
         measured = timing.p50_ms[str(item["path"])]
-        predicted = predict_ms(table["layers"], ranks, table["original_ms"])
+        predicted = predict_ms(table["layers"], ranks, table["original_ms"], whole_model(table))
+        proportional = predict_ms(table["layers"], ranks, table["original_ms"])
         table_sum = sum(row[rank_key(ranks.get(path, KEEP))] for path, row in table["layers"].items())
         rows.append({"plan": name, "ranks": ranks, "macs": item["macs"], "measured_ms": measured,
                      "table_sum_ms": table_sum, "sum_error": (measured - table_sum) / measured,
                      "predicted_ms": predicted, "error": (measured - predicted) / measured,
+                     "proportional_ms": proportional, "proportional_error": (measured - proportional) / measured,
                      "speedup": original_ms / measured,
                      "predicted_drop": sum(max(0.0, layer.candidate(ranks.get(layer.path, KEEP)).drop)
                                            for layer in plan.layers),
@@ -165,13 +170,25 @@ def run_mode(model, data, plan, mode, args, say) -> dict:
     for row in rows:
         row["mac_ratio"] = macs / row["macs"]
         row["speedup_per_mac_ratio"] = row["speedup"] / row["mac_ratio"]
-    possible = table["raw_keep_sum_ms"] / sum(min(row.values()) for row in table["layers"].values())
+    least_sum = sum(min(row.values()) for row in table["layers"].values())
+    possible = table["original_ms"] / (whole_model(table) or WholeModel.proportional(
+        table["raw_keep_sum_ms"], table["original_ms"])).predict(least_sum)
     return {"table": table, "timing": asdict(timing), "rows": rows, "possible_speedup": possible,
             "target_speedup": args.target_speedup, "unreachable": unreachable}
 
 
-def build(model, ranks, plan, mode, path: Path, data) -> dict:
-    """The plan separated (SVD start, refined), exported in `mode`, its conv MACs and LiteRT test accuracy."""
+def _forms(table: dict, ranks: dict) -> tuple:
+    """The (path, form) pairs that export a plan's layers in the form the table timed for them (convert-model's
+    export does the same: export/forms.py)."""
+    from sepconv.convert.export.forms import STANDARD
+
+    chosen = ((path, table["forms"].get(path, {}).get(str(rank), STANDARD)) for path, rank in ranks.items())
+    return tuple(sorted((path, form) for path, form in chosen if form != STANDARD))
+
+
+def build(model, ranks, plan, mode, path: Path, data, forms: tuple = ()) -> dict:
+    """The plan separated (SVD start, refined), exported in `mode` with its layers in `forms`, its conv MACs and
+    LiteRT test accuracy."""
     from sepconv.convert.separation.policy import SeparationOptions
     from sepconv.convert.recovery.refinement import refine
     from sepconv.convert.separation.walk import separate_with
@@ -183,7 +200,8 @@ def build(model, ranks, plan, mode, path: Path, data) -> dict:
                                                                include=paths))
     if report.separated:
         refine(model, separated, data["x_calibration"], report)
-    export_tflite(separated, path, representative_data=data["x_calibration"], options=TFLiteOptions(quantize=mode))
+    export_tflite(separated, path, representative_data=data["x_calibration"],
+                  options=TFLiteOptions(quantize=mode, forms=forms))
     runtime = open_runtime(path)
     predicted = np.argmax(runtime.run([data["x_test"]])[0], axis=-1)
     return {"path": path, "macs": report.totals["macs_after"],
@@ -203,12 +221,14 @@ def markdown(results: dict) -> str:
                    f" {table['runtime']}, {table['threads']} thread(s), {describe_xnnpack(table['xnnpack'])})"
                    f"\n")
         body = [[r["plan"], _ranks(r["ranks"], table), f"{r['macs'] / 1e6:,.1f}M", f"{r['mac_ratio']:.2f}x",
-                 f"{r['table_sum_ms']:.4f} ({r['sum_error']:+.0%})", f"{r['predicted_ms']:.4f}",
-                 f"{r['measured_ms']:.4f}", f"{r['error']:+.1%}", f"{r['speedup']:.2f}x",
+                 f"{r['table_sum_ms']:.4f} ({r['sum_error']:+.0%})",
+                 f"{r['proportional_ms']:.4f} ({r['proportional_error']:+.0%})" if "proportional_ms" in r else "",
+                 f"{r['predicted_ms']:.4f}", f"{r['measured_ms']:.4f}", f"{r['error']:+.1%}", f"{r['speedup']:.2f}x",
                  f"{r['speedup_per_mac_ratio']:.0%}", f"{r['predicted_drop']:.2f}", f"{r['accuracy']:.2%}"]
                 for r in rows]
+        whole = table.get("whole_model") or {"method": "proportional"}
         out.append(tabulate(body, headers=["plan", "K per layer", "conv MACs", "MAC ratio", "table sum ms (error)",
-                                           "predicted ms (scaled)",
+                                           "scaled ms (error)", f"predicted ms ({whole['method']})",
                                            "measured ms", "error", "speed-up", "speed-up / MAC ratio",
                                            "predicted drop", "test accuracy"], tablefmt="github",
                             disable_numparse=True))
@@ -217,6 +237,9 @@ def markdown(results: dict) -> str:
                    f"{result['possible_speedup']:.2f}x; table: {table['measured']} timed, {table['cached']} cached, "
                    f"{table['seconds']} s; raw sum of kept layers {table['raw_keep_sum_ms']:.4f} ms against the "
                    f"original's {table['original_ms']:.4f} ms"
+                   + (f"; every layer at its least K {whole['least']}: {whole['least_ms']:.4f} ms whole, "
+                      f"{whole['least_sum_ms']:.4f} ms in the table; whole model = {whole['rest_ms']:.4f} ms + "
+                      f"{whole['scale']:.3f} x the table's sum ({whole['method']})" if "least" in whole else "")
                    + (f"; --target-speedup {result['target_speedup']}: {result['unreachable']}" if result["unreachable"]
                       else "") + "\n")
         out.append(tabulate([[path] + [f"{row[k] * 1000:.1f}" for k in sorted(row, key=_order)]

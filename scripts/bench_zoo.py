@@ -157,17 +157,20 @@ def scored(entry, artifact: Path) -> dict:
 
 
 def best_speedup(latency: dict | None) -> dict | None:
-    """The latency table's speed-ups, predicted as the pipeline predicts (the table's sum scaled to the original's
-    latency): `any`, every layer at its fastest option whatever the accuracy; `plan`, the chosen plan (the fastest
-    within the accuracy budget)."""
+    """The latency table's speed-ups, predicted as the pipeline predicts (latency_choice.WholeModel on the table's
+    sum): `any`, every layer at its fastest option whatever the accuracy; `plan`, the chosen plan (the fastest
+    within the accuracy budget); `method`, how the whole model's latency follows from the table's sum."""
+    from sepconv.convert.recovery.latency_choice import WholeModel
+
     if not latency:
         return None
     rows = latency["table"]["layers"]
     fastest = {layer["path"]: layer["fastest_rank"] for layer in latency["choice"]["layers"]}
-    keep = sum(row["keep"] for row in rows.values())
     best = sum(row["keep" if fastest.get(path, 0) == 0 else str(fastest[path])] for path, row in rows.items())
     choice = latency["choice"]
-    return {"any": round(keep / best, 3), "plan": round(choice["original_ms"] / choice["predicted_ms"], 3)}
+    whole = WholeModel(**choice["whole_model"])
+    return {"any": round(choice["original_ms"] / whole.predict(best), 3),
+            "plan": round(choice["original_ms"] / choice["predicted_ms"], 3), "method": whole.method}
 
 
 def summary(row: dict) -> str:

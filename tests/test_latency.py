@@ -9,7 +9,8 @@ import pytest
 
 from sepconv.convert.recovery.budget import KEEP, Candidate, LayerSensitivity
 from sepconv.convert.errors import InvalidOptionError
-from sepconv.convert.recovery.latency_choice import (LatencyTarget, LatencyTargetError, choose_for_latency, predict_ms)
+from sepconv.convert.recovery.latency_choice import (LatencyTarget, LatencyTargetError, WholeModel, choose_for_latency,
+                                                     predict_ms)
 
 
 def layer(path, drops, params):
@@ -92,6 +93,43 @@ def test_predict_ms_scales_the_tables_sum_to_the_original():
     assert predict_ms(table, {"a": 1, "b": 1}, 3.0) == pytest.approx(2 * (0.2 + 0.7))
 
 
+def test_the_whole_model_is_the_line_through_two_timed_models():
+    """mobilenet_v1's table (int8, AMD EPYC): the two separable candidates are 0.019 of its 0.030 ms; the rest of
+    the model does not change with the plan, so the scaled sum predicted 2.42x where 1.60x was measured."""
+    table = {"stem": row(0.00358, 0.00466), "head": row(0.01545, 0.00428)}
+    whole = WholeModel.fit(0.01903, 0.03015, plan_sum_ms=0.00894, plan_ms=0.01990, least_sum_ms=0.00786)
+    assert whole.method == "fitted"
+    assert whole.predict(0.01903) == pytest.approx(0.03015) and whole.predict(0.00894) == pytest.approx(0.01990), \
+        "through both timed models"
+    assert whole.scale == pytest.approx(0.01025 / 0.01009), "(0.03015 - 0.01990) / (0.01903 - 0.00894)"
+    assert predict_ms(table, {"head": 1}, 0.03015, whole) == pytest.approx(0.03015 - whole.scale * (0.01545 - 0.00428)), \
+        "the rest of the model is unchanged: only head's change counts, at the line's slope"
+    assert predict_ms(table, {"head": 1}, 0.03015) == pytest.approx(0.03015 * (0.00358 + 0.00428) / 0.01903), \
+        "without the second model: the sum scaled to the original"
+    layers = (layer("stem", [0.0], [10, 100]), layer("head", [0.0], [10, 100]))
+    fitted = choose_for_latency(layers, table, 1.0, original_ms=0.03015, whole=whole)
+    scaled = choose_for_latency(layers, table, 1.0, original_ms=0.03015)
+    assert fitted.ranks == scaled.ranks == {"head": 1}, "stem's K=1 is slower than kept; the choice is the same"
+    assert fitted.predicted_ms == pytest.approx(whole.predict(0.00358 + 0.00428))
+    assert fitted.whole_model == {"scale": whole.scale, "rest_ms": whole.rest_ms, "method": "fitted"}
+    assert scaled.whole_model["method"] == "proportional"
+    with pytest.raises(LatencyTargetError, match="the fastest is 0.01"):
+        choose_for_latency(layers, table, 1.0, original_ms=0.03015, whole=whole, target=LatencyTarget(speedup=2.0))
+    assert choose_for_latency(layers, table, 1.0, original_ms=0.03015, target=LatencyTarget(speedup=2.0)).ranks == \
+        {"head": 1}, "the scaled sum promised 2.42x"
+
+
+@pytest.mark.parametrize("plan_sum, plan_ms, least_sum, why", [
+    (None, None, None, "no second model"),
+    (0.99, 0.5, None, "two sums 1% apart fix no slope"),
+    (0.5, 1.2, None, "the faster plan measured slower: a line that falls"),
+    (0.5, 0.1, 0.05, "predicts no time at the table's least sum"),
+])
+def test_a_line_the_two_models_cannot_fix_falls_back_to_the_scaled_sum(plan_sum, plan_ms, least_sum, why):
+    whole = WholeModel.fit(1.0, 1.1, plan_sum, plan_ms, least_sum_ms=least_sum)
+    assert whole == WholeModel.proportional(1.0, 1.1) and whole.method == "proportional", why
+
+
 @pytest.mark.parametrize("seed", range(40))
 def test_the_choice_is_the_best_of_every_plan(seed):
     """Against brute force over every plan of random 4-layer problems: the choice is within the budget, never
@@ -165,8 +203,16 @@ def test_measure_table_times_every_candidate_once_then_reads_the_cache(tiny, tmp
     options = LatencyOptions(timing=TimingOptions(min_seconds=0.02, min_runs=5), cache_dir=str(tmp_path),
                              export=TFLiteOptions(quantize="none"))
     first = measure_table(teacher, layers, options)
-    assert first["measured"] == 7 and first["cached"] == 0, ("the original, c1 at K=1, K=2 in both forms and kept, c2 "
-                                                            "at K=1 and kept")
+    assert first["measured"] == 8 and first["cached"] == 0, ("the original, c1 at K=1, K=2 in both forms and kept, c2 "
+                                                            "at K=1 and kept, the model with both at K=1")
+    whole = first["whole_model"]
+    assert whole["least"] == {"c1": 1, "c2": 1} and whole["least_ms"] > 0
+    assert whole["least_sum_ms"] == pytest.approx(first["layers"]["c1"]["1"] + first["layers"]["c2"]["1"], abs=1e-5)
+    assert whole["method"] in ("fitted", "proportional")
+    if whole["method"] == "fitted":
+        line = WholeModel(whole["scale"], whole["rest_ms"], "fitted")
+        assert line.predict(first["raw_keep_sum_ms"]) == pytest.approx(first["original_ms"], rel=1e-3)
+        assert line.predict(whole["least_sum_ms"]) == pytest.approx(whole["least_ms"], rel=1e-3)
     assert set(first["forms"]) == {"c1"} and first["forms"]["c1"]["2"] in ("separable", "tiled"), first["forms"]
     assert set(first["layers"]) == {"c1", "c2"} and set(first["layers"]["c1"]) == {"1", "2", "keep"}
     assert set(first["layers"]["c2"]) == {"1", "keep"}
@@ -174,7 +220,8 @@ def test_measure_table_times_every_candidate_once_then_reads_the_cache(tiny, tmp
     assert first["where"] == "local" and first["runtime"].startswith("ai-edge-litert ")
     assert first["raw_keep_sum_ms"] == pytest.approx(first["layers"]["c1"]["keep"] + first["layers"]["c2"]["keep"])
     second = measure_table(teacher, layers, options)
-    assert second["measured"] == 0 and second["cached"] == 7
+    assert second["measured"] == 0 and second["cached"] == 8
+    assert second["whole_model"] == first["whole_model"]
     assert second["layers"] == first["layers"] and second["original_ms"] == first["original_ms"]
     cache_files = list(tmp_path.glob("*.json"))
     assert len(cache_files) == 1, "one file per device"

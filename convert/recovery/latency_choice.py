@@ -5,12 +5,15 @@ the layer, the p50 latency of that layer alone, exported as the run exports (for
 and timed by bench-model's harness on this machine or on a device over deploy-model's SSH connection
 (latency_table.py measures it), with the whole original model in the same run.
 
-A plan's latency is predicted from the sum of its layers' entries, scaled so that keeping every layer predicts the
-original's measured latency (`predict_ms`): the scale carries what the table leaves out (the other layers, and what
-running the layers together costs that running each alone does not: a large model's weights fall out of the caches
-that a single layer's stay in) in proportion. Measured on the digits demo (docs/benchmarks.md), a plan's prediction
-is on the slow side where separation shrinks the working set; the pipeline times the exported artifact and reports
-the error. Speed-up targets are against the original's measured latency, so against the same scale.
+A plan's whole-model latency is predicted from the table's sum for it (`WholeModel`, `predict_ms`): a line through
+two whole models timed with the table, the original (every layer kept) and the plan with every layer at its least K
+(latency_table.py). Its slope carries what running the layers together costs that running each alone does not (a
+large float model's weights fall out of the caches that a single layer's stay in: the digits demo's float32 layers
+take 2.3x their single-layer time inside the model), its intercept what the table leaves out (the model's other
+layers, which a plan does not change: in mobilenet_v1 they are most of its 0.03 ms). Without the second model (a table
+measured before it, or one where the two sums hardly differ) the sum is scaled so that keeping every layer predicts
+the original's measured latency. The choice does not depend on the prediction (it minimises the sum); the targets and
+what the run reports do. The pipeline times the exported artifact and reports the prediction's error.
 
 The choice (`choose_for_latency`), with drops taken as additive like budget.py's (negative ones counted as 0):
 - a separation that the table says is slower than keeping the layer is never chosen;
@@ -34,6 +37,7 @@ from sepconv.convert.recovery.budget import KEEP
 DROP_STEP = 1e-3  # points of accuracy: the resolution of the choice (a validation sample of 1,000 is 0.1 point)
 KEEP_KEY = "keep"  # the table's key for the layer left as it is (JSON keys are strings: "1", "2", ... and "keep")
 TIE_MS = 1e-9
+MIN_SPREAD = 0.05  # the least gap between the two calibration sums, as a share of the kept sum, that fits a line
 
 
 class LatencyTargetError(BudgetError):
@@ -87,11 +91,12 @@ class LatencyChoice:
     ranks: dict  # chosen K per layer path; layers kept as they are are absent (as in BudgetPlan.ranks)
     predicted_drop: float
     predicted_delta_ms: float  # sum over layers of (chosen - keep), as the table has them
-    predicted_ms: float | None  # the whole model (predict_ms; None without original_ms)
+    predicted_ms: float | None  # the whole model (WholeModel.predict; None without original_ms)
     original_ms: float | None
-    table_sum_ms: float  # the table's sum for the chosen options (what predicted_ms scales)
+    table_sum_ms: float  # the table's sum for the chosen options (what predicted_ms follows from)
     target_ms: float | None
     layers: tuple[LayerChoice, ...]
+    whole_model: dict | None = None  # the WholeModel that predicted_ms is (None without original_ms)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -107,18 +112,53 @@ def layer_ms(row: dict, rank: int) -> float | None:
     return None if value is None else float(value)
 
 
-def predict_ms(table: dict, ranks: dict, original_ms: float) -> float:
-    """The whole model's predicted latency for a plan (ranks: K per path, absent or KEEP: kept): the sum of the
-    table's entries for the plan, scaled so that keeping every layer of the table predicts `original_ms`."""
+@dataclass(frozen=True)
+class WholeModel:
+    """The whole model's p50 (ms) for a plan whose table sum is `sum_ms`: rest_ms + scale * sum_ms. method: "fitted"
+    (through the original and the plan at every layer's least K, both timed) or "proportional" (through the original
+    and zero)."""
+
+    scale: float
+    rest_ms: float
+    method: str
+
+    def predict(self, sum_ms):
+        return self.rest_ms + self.scale * sum_ms
+
+    @classmethod
+    def proportional(cls, keep_sum_ms: float, original_ms: float) -> "WholeModel":
+        return cls(scale=original_ms / keep_sum_ms, rest_ms=0.0, method="proportional")
+
+    @classmethod
+    def fit(cls, keep_sum_ms: float, original_ms: float, plan_sum_ms: float | None = None,
+            plan_ms: float | None = None, least_sum_ms: float | None = None) -> "WholeModel":
+        """The line through (keep_sum_ms, original_ms) and (plan_sum_ms, plan_ms); proportional when the second point
+        is missing, too close to the first to fix a slope (MIN_SPREAD), or gives a line that is not increasing or that
+        predicts no time at all at the table's least sum `least_sum_ms` (a noisy measurement: trusted less than the
+        scale)."""
+        if plan_sum_ms is None or plan_ms is None or not keep_sum_ms - plan_sum_ms > MIN_SPREAD * keep_sum_ms:
+            return cls.proportional(keep_sum_ms, original_ms)
+        scale = (original_ms - plan_ms) / (keep_sum_ms - plan_sum_ms)
+        fitted = cls(scale=scale, rest_ms=original_ms - scale * keep_sum_ms, method="fitted")
+        least = plan_sum_ms if least_sum_ms is None else min(least_sum_ms, plan_sum_ms)
+        if not (math.isfinite(scale) and scale > 0 and fitted.predict(least) > 0):
+            return cls.proportional(keep_sum_ms, original_ms)
+        return fitted
+
+
+def predict_ms(table: dict, ranks: dict, original_ms: float, whole: WholeModel | None = None) -> float:
+    """The whole model's predicted latency for a plan (ranks: K per path, absent or KEEP: kept): the table's sum for
+    it through `whole` (default: scaled so that keeping every layer of the table predicts `original_ms`)."""
     keep_sum = sum(layer_ms(row, KEEP) for row in table.values())
     chosen = sum(layer_ms(row, ranks.get(path, KEEP)) for path, row in table.items())
-    return original_ms * chosen / keep_sum
+    return (whole or WholeModel.proportional(keep_sum, original_ms)).predict(chosen)
 
 
 def choose_for_latency(layers, table: dict, max_drop: float, *, original_ms: float | None = None,
-                       target: LatencyTarget = LatencyTarget()) -> LatencyChoice:
+                       target: LatencyTarget = LatencyTarget(), whole: WholeModel | None = None) -> LatencyChoice:
     """Per-layer K or keep from the sensitivity `layers` (budget.LayerSensitivity) and the latency `table`
-    ({path: {"keep": ms, "1": ms, ...}}): see the module doc."""
+    ({path: {"keep": ms, "1": ms, ...}}): see the module doc. whole: how the whole model's latency follows from the
+    table's sum (default: proportional to the original's, with `original_ms`)."""
     missing = [layer.path for layer in layers if layer.path not in table or layer_ms(table[layer.path], KEEP) is None]
     if missing:
         raise InvalidOptionError(f"the latency table has no 'keep' latency for {missing}; measure those layers")
@@ -128,16 +168,22 @@ def choose_for_latency(layers, table: dict, max_drop: float, *, original_ms: flo
     budget = math.floor(max_drop / DROP_STEP + 1e-6)
     options = [_options(layer, table[layer.path], budget) for layer in layers]
     keep_sum = sum(layer_ms(table[layer.path], KEEP) for layer in layers)
-    scale = None if original_ms is None else original_ms / keep_sum
+    if original_ms is None:
+        whole = None
+    elif whole is None:
+        whole = WholeModel.proportional(keep_sum, original_ms)
     latency, params, picks = _programme(options, budget)
-    spent = _spend(None if scale is None else scale * (keep_sum + latency), budget, target_ms, original_ms, max_drop)
+    spent = _spend(None if whole is None else whole.predict(keep_sum + latency), budget, target_ms, original_ms,
+                   max_drop)
     chosen = _backtrack(options, picks, spent)
     rows = tuple(_row(layer, table[layer.path], option) for layer, option in zip(layers, chosen))
     delta = sum(row.ms - row.keep_ms for row in rows)
+    predicted = None if whole is None else whole.predict(keep_sum + delta)
     return LatencyChoice(ranks={row.path: row.rank for row in rows if row.rank != KEEP},
                          predicted_drop=round(sum(max(0.0, row.drop) for row in rows), 4),
-                         predicted_delta_ms=delta, predicted_ms=None if scale is None else scale * (keep_sum + delta),
-                         original_ms=original_ms, target_ms=target_ms, table_sum_ms=keep_sum + delta, layers=rows)
+                         predicted_delta_ms=delta, predicted_ms=predicted,
+                         original_ms=original_ms, target_ms=target_ms, table_sum_ms=keep_sum + delta, layers=rows,
+                         whole_model=None if whole is None else asdict(whole))
 
 
 def _options(layer, row: dict, budget: int) -> list[tuple]:

@@ -4,8 +4,9 @@ For each layer the accuracy budget measured and each of its candidates (every K,
 model - an input of the layer's input shape, the layer as it is or as `separate` rewrites it at that K - is exported
 as the run exports (format, quantization, I/O type) and timed with bench-model's harness (sepconv.deploy.timing) at the
 run's thread count and XNNPACK setting, on this machine or on a device over deploy-model's SSH connection. The whole
-original model, exported the same way, is timed in the same interleaved run: a plan's predicted latency is the
-table's sum for it scaled to the original's (latency.predict_ms), and a target speed-up is against the original.
+original model and the model with every layer at its least K, exported the same way, are timed in the same
+interleaved run: a plan's predicted latency is the table's sum for it on the line through those two
+(latency_choice.WholeModel), and a target speed-up is against the original.
 
 Latency depends on a layer's shapes, configuration and the quantization mode, not on its weights: the single-layer
 models are calibrated on random inputs, and measurements are cached per device and runtime version (a JSON file per
@@ -33,12 +34,14 @@ from sepconv.convert.export.targets import registered_targets, target_of_exporte
 from sepconv.convert.export.tflite import TFLiteOptions
 from sepconv.convert.graph import leaf_layers
 from sepconv.convert.recovery.budget import KEEP, plan_params
-from sepconv.convert.recovery.latency_choice import LatencyTarget, choose_for_latency, rank_key
+from sepconv.convert.recovery.latency_choice import (MIN_SPREAD, LatencyTarget, WholeModel, choose_for_latency,
+                                                     rank_key)
 from sepconv.convert.separation.policy import SeparationOptions
 from sepconv.deploy.timing import TimingOptions, describe_xnnpack, identify, time_artifacts
 
 CALIBRATION_SAMPLES = 8  # random inputs that calibrate a single-layer int8 model: its ranges do not change its speed
 ORIGINAL = "(the original model)"
+LEAST = "(every layer at its least K)"
 
 
 @dataclass(frozen=True)
@@ -79,7 +82,8 @@ class LatencyOptions:
 
 def measure_table(model, layers, options: LatencyOptions, *, progress=None) -> dict:
     """The latency table of `layers` (budget.LayerSensitivity: each layer's path and candidate K) of `model`:
-    {layers: {path: {"keep": ms, "1": ms, ...}}, forms: {path: {"2": form, ...}}, original_ms, raw_keep_sum_ms, where,
+    {layers: {path: {"keep": ms, "1": ms, ...}}, forms: {path: {"2": form, ...}}, original_ms, raw_keep_sum_ms,
+    whole_model (latency_choice.WholeModel as a dict, with the `least` plan, its `least_ms` and `least_sum_ms`), where,
     device, runtime, threads, xnnpack, format, quantize, measured, cached, seconds}. A K above 1 is timed in both
     separable forms (export/forms.py) and its entry is the faster one's, named in `forms`."""
     from sepconv.convert.export.forms import STANDARD, TILED
@@ -87,13 +91,19 @@ def measure_table(model, layers, options: LatencyOptions, *, progress=None) -> d
     say = progress or (lambda stage, message: None)
     started = time.perf_counter()
     leaves = _leaves(model)
+    least = {layer.path: min(c.rank for c in layer.candidates if c.rank != KEEP)
+             for layer in layers if any(c.rank != KEEP for c in layer.candidates)}
     wanted = [(ORIGINAL, KEEP, STANDARD)] + [(layer.path, c.rank, form) for layer in layers for c in layer.candidates
                                              for form in ((STANDARD, TILED) if c.rank > 1 else (STANDARD,))]
     specs = {path: _spec(leaves[path]) if path != ORIGINAL else _model_spec(model) for path, _, _ in wanted}
     entries = [_Entry(_form_spec(specs[path], form), rank, path + ("" if form == STANDARD else f" {form}"),
                       _builder(model, leaves, path, rank, form))
                for path, rank, form in wanted]
-    measured = _time_entries(entries, options, say, "single-layer models")
+    if least:
+        entries.append(_Entry(json.dumps({"least": least, "model": json.loads(specs[ORIGINAL])}, sort_keys=True),
+                              KEEP, LEAST, lambda: _least_model(model, least)))
+    pair = (0, len(wanted)) if least else ()  # the two whole models: timed in one run, or neither is read from the cache
+    measured = _time_entries(entries, options, say, "single-layer and whole models", together=pair)
     table, forms = {}, {}
     for (path, rank, form), ms in zip(wanted, measured.ms):
         if path == ORIGINAL:
@@ -104,12 +114,41 @@ def measure_table(model, layers, options: LatencyOptions, *, progress=None) -> d
             if rank > 1:
                 forms.setdefault(path, {})[key] = form
     identity = measured.identity
-    return {"layers": table, "forms": forms, "original_ms": round(measured.ms[0], 5),
-            "raw_keep_sum_ms": round(sum(row["keep"] for row in table.values()), 5),
+    original_ms = round(measured.ms[0], 5)
+    keep_sum = sum(row["keep"] for row in table.values())
+    least_sum = sum(row[rank_key(least.get(path, KEEP))] for path, row in table.items())
+    least_ms = round(measured.ms[len(wanted)], 5) if least else None
+    lowest = sum(min(row.values()) for row in table.values())
+    whole = WholeModel.fit(keep_sum, original_ms, least_sum, least_ms, least_sum_ms=lowest)
+    timed = measured.timed
+    if least and whole.method != "fitted" and keep_sum - least_sum > MIN_SPREAD * keep_sum:
+        say("latency", f"the whole model at every layer's least K took {least_ms:.4f} ms against the original's "
+                       f"{original_ms:.4f} ms where the table says {least_sum:.4f} against {keep_sum:.4f} ms: "
+                       f"timing both again")
+        again = _time_entries([entries[0], entries[-1]], options, say, "whole models", fresh=True)
+        original_ms, least_ms = (round(ms, 5) for ms in again.ms)
+        timed += again.timed
+        whole = WholeModel.fit(keep_sum, original_ms, least_sum, least_ms, least_sum_ms=lowest)
+    return {"layers": table, "forms": forms, "original_ms": original_ms, "raw_keep_sum_ms": round(keep_sum, 5),
+            "whole_model": dict(asdict(whole), least=least, least_ms=least_ms, least_sum_ms=round(least_sum, 5)),
             "where": identity["where"], "device": identity["device"], "runtime": identity["runtime"],
             "threads": options.timing.threads, "xnnpack": identity["xnnpack"], "format": options.suffix[1:],
-            "quantize": options.export.quantize, "measured": measured.timed, "cached": len(wanted) - measured.timed,
+            "quantize": options.export.quantize, "measured": timed, "cached": len(entries) - measured.timed,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def whole_model(table: dict) -> WholeModel | None:
+    """The table's WholeModel (None for a table measured before it was kept)."""
+    found = table.get("whole_model")
+    return None if not found else WholeModel(scale=found["scale"], rest_ms=found["rest_ms"], method=found["method"])
+
+
+def _least_model(model, least: dict):
+    """`model` with every layer of `least` separated at its K (the SVD start, unrefined: weights do not change speed)."""
+    from sepconv.convert.separation.walk import separate_with
+
+    separated, _ = separate_with(model, SeparationOptions(ranks=least, include=tuple(least)))
+    return separated
 
 
 def fastest_forms(model, options: LatencyOptions, *, progress=None) -> dict:
@@ -157,12 +196,17 @@ class _Measured(NamedTuple):
     timed: int  # entries not found in the cache
 
 
-def _time_entries(entries: list[_Entry], options: LatencyOptions, say, what: str) -> _Measured:
+def _time_entries(entries: list[_Entry], options: LatencyOptions, say, what: str, *, together=(),
+                  fresh: bool = False) -> _Measured:
     """The p50 of every entry: from the device's cache, the rest exported and timed in one interleaved run (and
-    cached)."""
+    cached). together: indices timed in one run or not at all (one missing from the cache: all timed); fresh: time
+    every entry, whatever the cache has."""
     identity = identify(options.where, options.suffix, options.timing)
     cache = _Cache(options, identity)
-    found = [cache.get(entry.spec, entry.rank, identity["runtime"]) for entry in entries]
+    found = [None if fresh else cache.get(entry.spec, entry.rank, identity["runtime"]) for entry in entries]
+    if any(found[index] is None for index in together):
+        for index in together:
+            found[index] = None
     missing = [index for index, ms in enumerate(found) if ms is None]
     if missing:
         say("latency", f"timing {len(missing)} {what} ({len(entries) - len(missing)} cached) "
@@ -216,7 +260,7 @@ def plan_for_latency(model, plan, options: LatencyOptions, *, progress=None):
     say = progress or (lambda stage, message: None)
     table = measure_table(model, plan.layers, options, progress=say)
     choice = choose_for_latency(plan.layers, table["layers"], plan.max_drop, original_ms=table["original_ms"],
-                                target=options.target)
+                                target=options.target, whole=whole_model(table))
     slower = {row.path: list(row.slower) for row in choice.layers if row.slower}
     forms = {path: table["forms"][path][rank_key(rank)] for path, rank in choice.ranks.items() if rank > 1}
     say("latency", f"chosen for speed on {_where(table)}: {choice.ranks or 'no layer'}"
