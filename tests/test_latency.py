@@ -233,6 +233,37 @@ def test_measure_table_times_every_candidate_once_then_reads_the_cache(tiny, tmp
     assert cache.get(spec, 1, None) is None, "a device without its runtime has nothing cached"
 
 
+def test_two_whole_models_that_contradict_the_table_are_timed_again(tiny, monkeypatch):
+    """The least-K model measured slower than the original where the table says it is faster (a noisy measurement,
+    or a cached one from another day): both are timed again, together, and the line is fitted from the new pair."""
+    from sepconv.convert.recovery import latency_table
+    from sepconv.convert.recovery.latency_table import LEAST, ORIGINAL, LatencyOptions, _Measured, measure_table
+
+    teacher, _, _ = tiny
+    layers = (layer("c1", [0.0], [10, 100]), layer("c2", [0.0], [10, 100]))
+    table_ms = {ORIGINAL: 1.0, "c1 1": 0.1, "c1 0": 0.4, "c2 1": 0.2, "c2 0": 0.4, LEAST: 2.0}
+    calls = []
+
+    def fake(entries, options, say, what, *, together=(), fresh=False):
+        calls.append(([entry.what for entry in entries], fresh))
+        again = {ORIGINAL: 1.02, LEAST: 0.52}
+        ms = [(again if fresh else table_ms).get(entry.what, table_ms.get(f"{entry.what} {entry.rank}"))
+              for entry in entries]
+        identity = {"where": "local", "device": {"cpu": "test"}, "runtime": "ai-edge-litert test", "xnnpack": True}
+        return _Measured(ms, identity, len(entries))
+
+    monkeypatch.setattr(latency_table, "_time_entries", fake)
+    said = []
+    table = measure_table(teacher, layers, LatencyOptions(), progress=lambda stage, message: said.append(message))
+    assert len(calls) == 2 and calls[1] == ([ORIGINAL, LEAST], True), calls
+    assert any("timing both again" in message for message in said), said
+    whole = table["whole_model"]
+    assert whole["method"] == "fitted" and whole["least_ms"] == 0.52 and table["original_ms"] == 1.02
+    assert whole["least"] == {"c1": 1, "c2": 1} and whole["least_sum_ms"] == pytest.approx(0.3)
+    assert whole["scale"] == pytest.approx((1.02 - 0.52) / (0.8 - 0.3))
+    assert table["measured"] == len(calls[0][0]) + 2, "the second timing counts as measured"
+
+
 def test_convert_model_chooses_for_latency_and_reports_prediction_and_measurement(tiny, tmp_path):
     from sepconv.convert.recovery.latency_table import LatencyOptions
     from sepconv.convert.pipeline import convert_model
