@@ -260,11 +260,15 @@ def convert_parser() -> argparse.ArgumentParser:
                        help="int8: report each layer's quantization error, output range and scale on the calibration "
                             "images (in the manifest and --json), even when the artifact verifies")
     group.add_argument("--repair", action=argparse.BooleanOptionalAction, default=quantization.repair,
-                       help="int8 that disagrees with the Keras model: try cross-layer equalization, better "
-                            "calibration, then keep the worst layers in float (default: on)")
+                       help="int8 that disagrees with the Keras model: try cross-layer equalization, weight "
+                            "rounding, better calibration, the other weight granularity, then keep the worst layers "
+                            "in float (default: on)")
     group.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=quantization.equalize,
                        help="int8 repair: first rescale each separable layer's depthwise channels and pointwise "
                             "rows against each other (the same float model, balanced for int8) (default: on)")
+    group.add_argument("--round-weights", action=argparse.BooleanOptionalAction, default=quantization.round_weights,
+                       help="int8 repair: round each layer's weights to keep its output on the calibration images "
+                            "(GPTQ), then with bias correction; per-channel weights only (default: on)")
     group.add_argument("--max-float-layers", type=_count, default=quantization.max_float_layers, metavar="N",
                        help="int8 repair keeps at most N layers in float (default: %(default)s)")
     group = parser.add_argument_group("verification and output")
@@ -324,7 +328,8 @@ def convert_options(args, *, custom_objects: bool = True):
                  OnnxOutputOptions(opset=args.opset, layout=args.layout, per_channel=not args.per_tensor)),
         tolerance=Tolerance(min_agreement=args.min_agreement),
         quantization=QuantizationOptions(repair=args.repair, explain=args.explain_quantization,
-                                         max_float_layers=args.max_float_layers, equalize=args.equalize),
+                                         max_float_layers=args.max_float_layers, equalize=args.equalize,
+                                         round_weights=args.round_weights),
         overwrite=args.overwrite,
         safe_mode=not args.unsafe_allow_lambda,
         custom_objects=(parse_custom_objects(args.custom_objects) if custom_objects else None) or None,

@@ -139,7 +139,8 @@ def test_cli_flags_map_onto_quantization_options():
     from sepconv.convert.cli import convert_options, convert_parser
 
     args = convert_parser().parse_args(["m.h5", "m.tflite", "--explain-quantization", "--no-repair",
-                                        "--max-float-layers", "1", "--no-equalize"])
+                                        "--max-float-layers", "1", "--no-equalize", "--no-round-weights"])
     assert convert_options(args).quantization == q.QuantizationOptions(repair=False, explain=True,
-                                                                        max_float_layers=1, equalize=False)
+                                                                        max_float_layers=1, equalize=False,
+                                                                        round_weights=False)
     assert convert_options(convert_parser().parse_args(["m.h5", "m.tflite"])).quantization == q.QuantizationOptions()

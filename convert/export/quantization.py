@@ -10,12 +10,15 @@ the float output's range and the int8 scale. The error "starts" at the first lay
 error exceeds RELATIVE_ERROR_ALARM.
 
 Repair (`export_int8`), when the artifact at the requested settings does not agree with the Keras model on the
-validation images, tries in order, each measured: cross-layer equalization of the separable layers (equalization.py:
-the same float function, weights and activations balanced for int8; kept for the later attempts only if it agreed
-better than the first), more and shuffled calibration samples (and per-channel weights if they were per-tensor;
-percentile then entropy calibration for ONNX), then the worst 1..max_float_layers layers kept in float (TFLite
-`denylisted_nodes`, ONNX `nodes_to_exclude`), and stops at the first that agrees. Choices use the
-validation images; the pipeline's verification on the test images judges the result, as for any artifact.
+validation images, tries in order, each measured, and stops at the first that agrees: cross-layer equalization of the
+separable layers (equalization.py: the same float function, weights and activations balanced for int8), weight
+rounding that keeps each layer's output (rounding.py: GPTQ, per-channel weights only), the same with bias correction,
+more and shuffled calibration samples (and per-channel weights if they were per-tensor; percentile then entropy
+calibration for ONNX), the other weight granularity (per-tensor where per-channel was asked: it can be better, ONNX
+Runtime issue 11415), then the worst 1..max_float_layers layers kept in float (TFLite `denylisted_nodes`, ONNX
+`nodes_to_exclude`). A step that agrees better than every attempt before it becomes the base of the later ones; one
+that does not is dropped. Choices use the validation images; the pipeline's verification on the test images judges
+the result, as for any artifact.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ import numpy as np
 from sepconv.convert.errors import InvalidOptionError
 from sepconv.convert.export.equalization import equalize
 from sepconv.convert.export.onnx import quantize_static_qdq, reader
+from sepconv.convert.export.rounding import round_weights
 from sepconv.convert.export.tflite import TFLiteOptions, export_tflite, make_converter
 from sepconv.convert.export.trace import frozen_function
 from sepconv.convert.export.verification import verify
@@ -37,6 +41,7 @@ from sepconv.convert.graph import leaf_layers
 from sepconv.deploy.quiet import captured_output
 from sepconv.deploy.runtime import open_runtime
 
+NEAREST, ROUNDED, ROUNDED_BIAS = "nearest", "gptq", "gptq+bias"  # how a setting's weights are rounded
 RELATIVE_ERROR_ALARM = 0.25  # an op whose output error is a quarter of its signal's spread is where trouble starts
 DIAGNOSIS_SAMPLES = 100  # calibration images the debuggers run (the artifact is calibrated on all of them)
 
@@ -46,12 +51,14 @@ class QuantizationOptions:
     """repair: try better calibration, then float layers, when int8 disagrees with the Keras model.
     explain: diagnose even when the first attempt passes (CLI --explain-quantization).
     equalize: try cross-layer equalization of separable layers first (equalization.py).
+    round_weights: try GPTQ weight rounding, then with bias correction (rounding.py), before calibration.
     max_float_layers: at most this many layers kept in float by the repair.
     calibration_samples: samples (a seeded shuffle of the training images) of the better-calibration attempt."""
 
     repair: bool = True
     explain: bool = False
     equalize: bool = True
+    round_weights: bool = True
     max_float_layers: int = 2
     calibration_samples: int = 1000
 
@@ -135,6 +142,8 @@ class Attempt:
     cosine: float
     passed: bool
     equalized: bool = False
+    per_channel: bool = True
+    rounding: str = NEAREST
 
 
 @dataclass(frozen=True)
@@ -152,6 +161,7 @@ class QuantizationReport:
     float_layers: tuple[FloatLayer, ...] = ()
     diagnosis: Diagnosis | None = None
     equalization: dict | None = None  # EqualizationReport.to_dict() when an attempt equalized
+    rounding: dict | None = None  # RoundingReport.to_dict() of the chosen attempt's weights, when it rounded them
 
     @property
     def passed(self) -> bool:
@@ -161,13 +171,14 @@ class QuantizationReport:
         return {"passed": self.passed, "chosen": self.chosen, "attempts": [asdict(a) for a in self.attempts],
                 "float_layers": [asdict(f) for f in self.float_layers],
                 "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None,
-                "equalization": self.equalization}
+                "equalization": self.equalization, "rounding": self.rounding}
 
     def line(self) -> str:
         tried = "; ".join(f"{a.name}: {_agreement_text(a)}" for a in self.attempts)
         kept = "; ".join(f"{f.layer} ({f.op}, {f.reason}, {f.bytes:+,} bytes)" for f in self.float_layers)
         return (f"int8 attempts ({tried})" + (f"; kept in float: {kept}" if kept else "")
-                + (f"; {_equalization_text(self.equalization)}" if self.equalization else ""))
+                + (f"; {_equalization_text(self.equalization)}" if self.equalization else "")
+                + (f"; {_rounding_text(self.rounding)}" if self.rounding else ""))
 
 
 def _equalization_text(report: dict) -> str:
@@ -175,6 +186,15 @@ def _equalization_text(report: dict) -> str:
     widest = max(report["layers"], key=lambda layer: layer["spread_before"])
     return (f"equalized {len(report['layers'])} separable layers on {report['samples']} images (widest channel range "
             f"spread: {widest['path']} {widest['spread_before']:.1f}x -> {widest['spread_after']:.1f}x)")
+
+
+def _rounding_text(report: dict) -> str:
+    """What weight rounding did: how many layers, and the one whose output error it changed most."""
+    worst = max(report["layers"], key=lambda layer: layer["error_nearest"])
+    return (f"weights of {len(report['layers'])} layers rounded on {report['samples']} images"
+            + (" with bias correction" if report["bias_correction"] else "")
+            + f" (worst layer: {worst['path']} output error {worst['error_nearest']:.2%} to nearest, "
+              f"{worst['error_rounded']:.2%} rounded)")
 
 
 def _agreement_text(attempt: Attempt) -> str:
@@ -195,30 +215,35 @@ class Setting:
     method: str = "minmax"
     float_layers: tuple[str, ...] = ()
     equalized: bool = False
+    rounding: str = NEAREST
 
 
 def export_int8(model, target, calibration: Calibration, *, export: Callable[[Setting], bytes],
                 judge: Callable[[bytes, np.ndarray], tuple[float | None, float, bool]],
                 diagnose: Callable[[Setting], Diagnosis], per_channel: bool,
                 options: QuantizationOptions = QuantizationOptions(),
-                equalization: Callable[[], dict | None] | None = None) -> tuple[bytes, QuantizationReport]:
+                equalization: Callable[[], dict | None] | None = None,
+                rounding: Callable[[Setting], dict | None] | None = None) -> tuple[bytes, QuantizationReport]:
     """The int8 artifact of the first setting that agrees with the Keras model on the validation images.
 
     export(setting) -> artifact bytes; judge(artifact, x) -> (agreement, cosine, passed); diagnose(setting) ->
     Diagnosis; equalization() -> the EqualizationReport (as a dict) of the equalized model that settings with
-    `equalized` export, or None when the model has no separable layer to equalize (then no equalized attempt is made).
-    Without validation images (or with repair off) the first setting is the only one tried.
+    `equalized` export, or None when the model has no separable layer to equalize (then no equalized attempt is made);
+    rounding(setting) -> the RoundingReport (as a dict) of the weights a setting with `rounding` exports, None when
+    no layer has weights to round. Without validation images (or with repair off) the first setting is the only one
+    tried. The steps (module doc) build on a base: the setting that agreed best so far.
     """
     first = Setting("as requested", calibration.samples, f"{len(calibration.samples)} samples", per_channel)
-    attempts, artifacts = [], []
+    attempts, artifacts, settings = [], [], []
 
     def attempt(setting: Setting) -> bool:
         data = export(setting)
         x = calibration.validation if calibration.validation is not None else calibration.samples
         agreement, cosine, passed = judge(data, x)
         attempts.append(Attempt(setting.name, setting.calibration, setting.float_layers, len(data), agreement,
-                                cosine, passed, setting.equalized))
+                                cosine, passed, setting.equalized, setting.per_channel, setting.rounding))
         artifacts.append(data)
+        settings.append(setting)
         return passed
 
     passed = attempt(first)
@@ -226,23 +251,17 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
     diagnosis = diagnose(first) if (options.explain or not passed) else None
     best, equalized = first, None
     if not passed and can_repair:
-        tried = [first]
-        equalized = equalization() if options.equalize and equalization is not None else None
-        if equalized is not None and equalized["layers"]:
-            tried.append(replace(first, name="cross-layer equalization", equalized=True))
-            passed = attempt(tried[-1])
-            best = tried[-1] if passed else first
-        # equalization stays on for the later attempts only if it agreed better than the first attempt
-        keep = len(tried) > 1 and _score(attempts[1]) > _score(attempts[0])
-        for setting in () if passed else _calibration_settings(target, calibration, per_channel, options):
-            setting = replace(setting, equalized=keep)
-            tried.append(setting)
-            if attempt(setting):
+        for step in _steps(first, calibration, target, per_channel, options, equalization, rounding):
+            base = _base(settings, attempts)
+            setting = step(base)
+            if setting is not None and attempt(setting):
                 best, passed = setting, True
                 break
+        if equalization is not None and any(s.equalized for s in settings):
+            equalized = equalization()
         if not passed and options.max_float_layers:
             # layers are kept in float on top of the attempt that agreed best
-            base = max(zip(tried, attempts), key=lambda pair: _score(pair[1]))[0]
+            base = _base(settings, attempts)
             ranking = diagnose(base) if base is not first else diagnosis
             for count in range(1, options.max_float_layers + 1):
                 chosen = tuple(row.layer for row in ranking.worst(count))
@@ -252,9 +271,40 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
                     break
     chosen = len(attempts) - 1 if passed else None
     floats = _float_layers(best, diagnosis, attempts, artifacts) if passed else ()
-    report = QuantizationReport(tuple(attempts), chosen, floats, diagnosis,
-                                equalized if any(a.equalized for a in attempts) else None)
+    shipped = best if passed else first
+    report = QuantizationReport(tuple(attempts), chosen, floats, diagnosis, equalized,
+                                rounding(shipped) if rounding is not None and shipped.rounding != NEAREST else None)
     return artifacts[chosen if passed else 0], report
+
+
+def _base(settings: list[Setting], attempts: list[Attempt]) -> Setting:
+    """The setting that agreed best so far (the first of equals): what the next step builds on."""
+    return max(zip(settings, attempts), key=lambda pair: _score(pair[1]))[0]
+
+
+def _steps(first: Setting, calibration: Calibration, target, per_channel: bool, options: QuantizationOptions,
+           equalization, rounding):
+    """The repair steps, in order: each a function of the base setting giving the setting to try (None: skip)."""
+    if options.equalize and equalization is not None:
+        def equalize_step(base):
+            found = equalization()
+            return replace(base, name="cross-layer equalization", equalized=True) if found and found["layers"] \
+                else None
+
+        yield equalize_step
+    if options.round_weights and rounding is not None:
+        for mode, name in ((ROUNDED, "weight rounding (GPTQ)"), (ROUNDED_BIAS, "weight rounding + bias correction")):
+            def round_step(base, mode=mode, name=name):
+                if not base.per_channel or rounding(replace(base, rounding=mode)) is None:
+                    return None
+                return replace(base, name=name, rounding=mode)
+
+            yield round_step
+    for setting in _calibration_settings(target, calibration, per_channel, options):
+        yield lambda base, setting=setting: replace(setting, equalized=base.equalized,
+                                                    rounding=base.rounding if setting.per_channel else NEAREST)
+    yield lambda base: replace(base, name="per-tensor weights" if base.per_channel else "per-channel weights",
+                               per_channel=not base.per_channel, rounding=NEAREST)
 
 
 def _calibration_settings(target, calibration: Calibration, per_channel: bool, options: QuantizationOptions):
@@ -277,7 +327,8 @@ def _float_layers(best: Setting, diagnosis: Diagnosis | None, attempts, artifact
     rows = {row.layer: row for row in diagnosis.layers}
     # the cost: this artifact vs the same calibration with every layer quantized (the previous float-free attempt)
     reference = next(a for a in reversed(attempts) if not a.float_layers and a.calibration == best.calibration
-                     and a.equalized == best.equalized)
+                     and a.equalized == best.equalized and a.rounding == best.rounding
+                     and a.per_channel == best.per_channel)
     extra = attempts[-1].bytes - reference.bytes
     share = extra // len(best.float_layers)
     return tuple(FloatLayer(name, rows[name].op, f"relative int8 error {rows[name].severity:.0%} (rank "
@@ -481,41 +532,57 @@ def quantize_verified(model, target, calibration: Calibration, *, tolerance, exp
     """The int8 artifact of `model` for `target` (a registered targets.Target with int8 among its modes, e.g.
     target_named('tflite')) with its export options `export` (TFLiteOptions / OnnxOptions; None: their defaults):
     export_int8 with the target's exporter and debugger. A setting with `equalized` quantizes the model's cross-layer
-    equalized twin (made once, on the calibration samples). The caller looks the target up: the registry builds on
+    equalized twin and one with rounded weights (each made once, on the calibration samples). The caller looks the target up: the registry builds on
     this module, not the reverse."""
     export = replace(export or target.exporter_class(), quantize="int8")
-    twin = _EqualizedTwin(model, calibration.samples, export.per_channel)
-    exporter, diagnose = target.int8_tools(model, twin.model, export)
+    variants = _Variants(model, calibration.samples, export.per_channel)
+    exporter, diagnose = target.int8_tools(model, variants.model, export)
     return export_int8(model, target, calibration, export=exporter,
                        judge=_judge(model, target, tolerance, target.layout(export)), diagnose=diagnose,
-                       per_channel=export.per_channel, options=options, equalization=twin.report)
+                       per_channel=export.per_channel, options=options, equalization=variants.report,
+                       rounding=variants.rounding)
 
 
-class _EqualizedTwin:
-    """The model, and its cross-layer equalized copy made on first request (equalization.py) on the first attempt's
-    calibration samples."""
+class _Variants:
+    """The model and the copies the repair quantizes instead, each made on first request on the first attempt's
+    calibration samples: cross-layer equalized (equalization.py), weights rounded (rounding.py), or both (rounded
+    after equalization)."""
 
     def __init__(self, model, samples: np.ndarray, per_channel: bool):
-        self._model, self._samples, self._per_channel = model, samples, per_channel
-        self._twin = None
+        self._model, self._samples, self._per_channel = model, np.asarray(samples, np.float32), per_channel
+        self._equalized = None
+        self._rounded = {}  # (equalized, rounding) -> (model, RoundingReport)
 
     def report(self) -> dict | None:
         """The equalization's report, or None when the model has no separable layer."""
         import keras
 
-
         if not any(isinstance(layer, keras.layers.SeparableConv2D) for _, layer in leaf_layers(self._model)):
             return None
-        if self._twin is None:
+        if self._equalized is None:
             # the ranges of the samples the converter calibrates on: those set its per-tensor int8 ranges
-            self._twin = equalize(self._model, np.asarray(self._samples, np.float32), per_channel=self._per_channel)
-        return self._twin[1].to_dict()
+            self._equalized = equalize(self._model, self._samples, per_channel=self._per_channel)
+        return self._equalized[1].to_dict()
+
+    def rounding(self, setting: Setting) -> dict | None:
+        """The RoundingReport of `setting`'s rounded weights; None when no layer has weights to round."""
+        found = self._round(setting)
+        return found[1].to_dict() if found[1].layers else None
+
+    def _round(self, setting: Setting):
+        key = (setting.equalized, setting.rounding)
+        if key not in self._rounded:
+            source = self.model(replace(setting, rounding=NEAREST))
+            self._rounded[key] = round_weights(source, self._samples, bias_correction=setting.rounding == ROUNDED_BIAS)
+        return self._rounded[key]
 
     def model(self, setting: Setting):
+        if setting.rounding != NEAREST:
+            return self._round(setting)[0]
         if not setting.equalized:
             return self._model
         self.report()
-        return self._twin[0]
+        return self._equalized[0]
 
 
 def _judge(model, target, tolerance, layout: str):

@@ -109,7 +109,7 @@ class Target:
 
     def int8_tools(self, model, models: Callable, options) -> tuple[Callable, Callable]:
         """(export(setting) -> bytes, diagnose(setting) -> Diagnosis) for quantization.export_int8 of `model`;
-        `models(setting)` gives the Keras model a setting quantizes (the model or its equalized twin)."""
+        `models(setting)` gives the Keras model a setting quantizes (the model, its equalized twin, its weights rounded)."""
         raise NotImplementedError(f"{self.title} has no int8 export")
 
     def manifest_extras(self, artifact: Path) -> dict:
@@ -205,9 +205,10 @@ class Onnx(Target):
         floats, name = {}, input_names(model)[0]
 
         def float_model(setting):
-            if setting.equalized not in floats:
-                floats[setting.equalized] = export_onnx(models(setting), options=replace(options, quantize="none"))
-            return floats[setting.equalized]
+            key = (setting.equalized, setting.rounding)
+            if key not in floats:
+                floats[key] = export_onnx(models(setting), options=replace(options, quantize="none"))
+            return floats[key]
 
         return (lambda setting: onnx_int8(float_model(setting), setting, name, options.layout),
                 lambda setting: diagnose_onnx(float_model(setting), setting, name, options.layout))

@@ -1,0 +1,148 @@
+"""Weight rounding and bias correction for int8 (convert/export/rounding.py), and the repair steps that use them
+(convert/export/quantization.py) on a model whose int8 fails by rounding, not by range."""
+
+import keras
+import numpy as np
+import pytest
+
+from sepconv.convert.export import quantization as q
+from sepconv.convert.export.rounding import LEVELS, gptq, nearest, round_weights
+from sepconv.convert.export.targets import target_named
+from sepconv.convert.export.verification import Tolerance
+
+
+def _steps(kernel):
+    """Each column's kernel in units of its int8 step (max|w| / 127)."""
+    scale = np.abs(kernel).max(axis=0) / LEVELS
+    return kernel / np.where(scale > 0, scale, 1.0)
+
+
+def test_gptq_stays_on_the_converters_grid_and_beats_nearest_on_correlated_inputs():
+    rng = np.random.default_rng(0)
+    shared = rng.standard_normal((2000, 1))
+    x = shared + 0.1 * rng.standard_normal((2000, 24))  # inputs that move together: rounding errors can cancel
+    kernel = rng.standard_normal((24, 6)).astype(np.float32)
+    rounded = gptq(kernel, x.T @ x / len(x))
+    steps = _steps(rounded)
+    np.testing.assert_allclose(steps, np.round(steps), atol=1e-4, err_msg="every weight on its column's int8 step")
+    np.testing.assert_allclose(np.abs(rounded).max(axis=0), np.abs(kernel).max(axis=0), rtol=1e-6,
+                               err_msg="each column's largest weight is kept, so the converter's scale is unchanged")
+    np.testing.assert_allclose(nearest(rounded), rounded, rtol=0, atol=1e-6,
+                               err_msg="the converter's own nearest rounding reproduces the choice")
+    error = lambda k: np.linalg.norm(x @ (k.astype(np.float64) - kernel))  # noqa: E731
+    assert error(rounded) < 0.5 * error(nearest(kernel)), (error(rounded), error(nearest(kernel)))
+
+
+def _layers_model():
+    keras.utils.set_random_seed(1)
+    image = keras.Input((10, 10, 4))
+    x = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="conv")(image)
+    x = keras.layers.DepthwiseConv2D(3, strides=2, depth_multiplier=2, name="depthwise")(x)
+    x = keras.layers.SeparableConv2D(12, 3, padding="same", use_bias=False, name="separable")(x)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.GlobalAveragePooling2D()(x)
+    model = keras.Model(image, keras.layers.Dense(5, name="dense")(x))
+    weights = model.get_weights()
+    model.set_weights([w + 0.1 * np.random.default_rng(2).standard_normal(w.shape).astype(w.dtype)
+                       if w.ndim == 1 else w for w in weights])  # biases and BatchNorm statistics away from 0 / 1
+    bn = model.get_layer("bn")
+    bn.moving_variance.assign(np.abs(bn.moving_variance.numpy()) + 0.5)
+    return model
+
+
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_round_weights_puts_every_kernel_on_its_grid_and_corrects_the_mean(bias_correction):
+    model = _layers_model()
+    before = model.get_weights()
+    x = np.random.default_rng(3).uniform(0, 1, (64, 10, 10, 4)).astype(np.float32)
+    rounded, report = round_weights(model, x, bias_correction=bias_correction)
+    for weights, after in zip(before, model.get_weights()):
+        np.testing.assert_array_equal(weights, after, err_msg="the input model is left as it is")
+    assert [layer.path for layer in report.layers] == ["conv", "depthwise", "separable", "dense"]
+    kernels = {"conv": rounded.get_layer("conv").kernel, "depthwise": rounded.get_layer("depthwise").kernel,
+               "separable depthwise": rounded.get_layer("separable").depthwise_kernel,
+               "separable pointwise": rounded.get_layer("separable").pointwise_kernel,
+               "dense": rounded.get_layer("dense").kernel}
+    for name, variable in kernels.items():
+        kernel = variable.numpy()
+        # per output channel as the converters see it: a depthwise kernel's channels are (input channel, multiplier)
+        matrix = kernel.reshape(-1, kernel.shape[2] * kernel.shape[3]) if "depthwise" in name else \
+            kernel.reshape(-1, kernel.shape[-1])
+        steps = _steps(matrix)
+        np.testing.assert_allclose(steps, np.round(steps), atol=1e-3, err_msg=f"{name}: weights off the int8 grid")
+    for layer in report.layers:
+        assert layer.error_rounded <= layer.error_nearest * 1.05 + 1e-4, layer
+        assert layer.bias_corrected == bias_correction, layer
+    if bias_correction:  # the mean output of the whole model is the float model's again, within rounding noise
+        shift = np.mean(rounded.predict(x, verbose=0) - model.predict(x, verbose=0), axis=0)
+        plain = round_weights(model, x)[0]
+        uncorrected = np.mean(plain.predict(x, verbose=0) - model.predict(x, verbose=0), axis=0)
+        assert np.abs(shift).max() < np.abs(uncorrected).max(), (shift, uncorrected)
+        assert rounded.get_layer("bn").moving_mean.numpy() is not None
+
+
+def _rounding_breaks_it():
+    """Three classes scored by weights that are each under half an int8 step: every class's logit is s0 (a channel
+    whose weight 1.0 sets the step, the same for every class) plus a * s1 + b * s2, where s1 and s2 each feed 40
+    identical input channels and a, b are 12 steps spread evenly over them (0.3 step per weight). Rounding each
+    weight to its nearest step zeroes them all: the logits tie and top-1 agreement falls to about a third. Rounded
+    with GPTQ, each group's sum survives (the channels are identical, so one weight's error is made up by the next)."""
+    step = 1.0 / LEVELS
+    kernel = np.zeros((81, 3), np.float32)
+    kernel[0] = 1.0
+    for cls, (a, b) in enumerate([(12, 0), (0, 12), (8, 8)]):
+        kernel[1:41, cls] = a * step / 40
+        kernel[41:81, cls] = b * step / 40
+    inputs = keras.Input((81,), name="features")
+    model = keras.Model(inputs, keras.layers.Dense(3, name="scores")(inputs))
+    model.get_layer("scores").set_weights([kernel, np.zeros(3, np.float32)])
+    rng = np.random.default_rng(0)
+    s0, s1, s2 = rng.uniform(0, 0.05, 400), rng.uniform(0, 1, 400), rng.uniform(0, 1, 400)
+    x = np.concatenate([s0[:, None], np.repeat(s1[:, None], 40, 1), np.repeat(s2[:, None], 40, 1)], 1)
+    x = x.astype(np.float32)
+    return model, q.Calibration(x[:150], x[:300], x[300:])
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_int8_broken_by_rounding_is_repaired_by_weight_rounding_not_by_float_layers(fmt):
+    model, calibration = _rounding_breaks_it()
+    as_is = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance(),
+                                options=q.QuantizationOptions(repair=False))[1]
+    assert not as_is.passed and as_is.attempts[0].agreement < 0.9, as_is.line()
+    artifact, report = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance())
+    assert report.passed, report.line()
+    chosen = report.attempts[report.chosen]
+    assert chosen.name == "weight rounding (GPTQ)" and chosen.rounding == "gptq" and not chosen.float_layers, \
+        report.line()
+    assert chosen.agreement >= 0.98 and len(artifact) == chosen.bytes
+    assert report.rounding is not None and report.rounding["layers"][0]["path"] == "scores"
+    assert report.rounding["layers"][0]["error_rounded"] < 0.1 * report.rounding["layers"][0]["error_nearest"]
+    assert "weight rounding (GPTQ): agreement" in report.line()
+
+
+def test_a_step_that_does_not_help_is_dropped_from_the_later_ones():
+    """export_int8 with a fake exporter: rounding agrees worse than the first attempt, so the calibration attempts
+    that follow quantize the weights to nearest again."""
+    calibration = q.Calibration(np.zeros((4, 2), np.float32), np.zeros((8, 2), np.float32),
+                                np.zeros((4, 2), np.float32))
+    scores = {"as requested": 0.90, "weight rounding (GPTQ)": 0.80, "weight rounding + bias correction": 0.85}
+    seen = []
+
+    def export(setting):
+        seen.append(setting)
+        return setting.name.encode()
+
+    def judge(data, x):
+        score = scores.get(data.decode(), 0.5)
+        return score, score, False
+
+    class Target:
+        calibration_methods = ("minmax",)
+
+    q.export_int8(None, Target(), calibration, export=export, judge=judge, diagnose=lambda s: None,
+                  per_channel=True, options=q.QuantizationOptions(max_float_layers=0),
+                  rounding=lambda setting: {"layers": [1]})
+    names = [s.name for s in seen]
+    assert names[:3] == ["as requested", "weight rounding (GPTQ)", "weight rounding + bias correction"], names
+    assert [s.rounding for s in seen[3:]] == ["nearest", "nearest"], [(s.name, s.rounding) for s in seen]
+    assert seen[-1].name == "per-tensor weights" and not seen[-1].per_channel
