@@ -188,8 +188,16 @@ def _predicted(latency: dict | None, item: Staged) -> float | None:
 
 
 def _falls_back(item: Staged, options: ConvertOptions) -> bool:
-    """--quantize auto chose int8 (data given) and the int8 artifact failed verification."""
-    return options.quantize == "auto" and item.quantize == "int8" and not item.verification.passed
+    """--quantize auto chose int8 (data given) and int8 failed where the run decides: on the validation images when
+    the int8 attempts were judged there (no attempt agreed with the Keras model, or the artifact's drop on them is
+    over the budget), so that the test images only score what validation chose; else its verification failed."""
+    if options.quantize != "auto" or item.quantize != "int8":
+        return False
+    decided = item.quantization
+    if decided is not None and decided.validated:
+        budget = item.verification.budget
+        return not decided.passed or (budget is not None and not budget.held)
+    return not item.verification.passed
 
 
 def _fall_back(job: ExportJob, item: Staged) -> Staged:
@@ -315,6 +323,10 @@ def _named(verification, target: Path):
 def _failure_line(item: Staged) -> str:
     line = f"{item.target} ({item.quantize}) failed verification: {'; '.join(item.verification.failures())}"
     quantization = item.quantization
+    if quantization is not None and quantization.validated and quantization.passed:
+        chosen = quantization.attempts[quantization.chosen]
+        line += (f" (int8 {chosen.name} agreed with the Keras model on {chosen.agreement:.2%} of the validation "
+                 f"images, which chose it; the test images only score it)")
     if quantization is not None and quantization.diagnosis is not None:
         line += f" after {quantization.line()}; {quantization.diagnosis.summary()} (full table: --json)"
     return line

@@ -75,8 +75,36 @@ def test_tflite_diagnosis_names_the_masked_logits_and_their_range(masked):
     assert worst.min < -900, worst
     conv = next(row for row in diagnosis.layers if "conv" in row.layer)
     assert conv.severity < 0.1, conv  # the layers before the logits quantize well
-    assert "error starts at" in diagnosis.summary() and worst.layer in diagnosis.summary()
+    assert worst.keras == ("logits",) and worst.name == "logits", worst
+    assert conv.keras == ("conv",), conv
+    summary = diagnosis.summary()
+    assert "error starts at logits (FULLY_CONNECTED" in summary and worst.layer not in summary, summary
+    # all layers together: the int8 model's tensors against the float model's, every earlier error included
+    assert conv.accumulated_relative_error is not None and conv.accumulated_relative_error < 0.1, conv
+    assert worst.accumulated_relative_error > q.RELATIVE_ERROR_ALARM, worst
+    assert "all layers together:" in summary and "at the last (logits)" in summary, summary
     json.dumps(diagnosis.to_dict())
+
+
+def test_converter_names_are_read_as_keras_layers():
+    """TensorFlow scopes each op under its layers' names, suffixed `_N` when the model was traced more than once
+    (`m_1/conv_1` is the layer `conv`, `m_1/conv_1_2` the layer `conv_1`); TFLite fuses ops and joins their names
+    with ';'; tf2onnx makes nodes of its own."""
+    inner_input = keras.Input((6, 6, 4))
+    inner = keras.Model(inner_input, keras.layers.DepthwiseConv2D(3, padding="same", name="dw")(inner_input),
+                        name="inner")
+    image = keras.Input((6, 6, 3))
+    x = keras.layers.Conv2D(4, 3, padding="same", name="conv")(image)
+    x = keras.layers.BatchNormalization(name="bn")(x)
+    x = keras.layers.Conv2D(4, 1, name="conv_1")(x)
+    model = keras.Model(image, inner(x), name="m")
+    assert q.keras_layers("m_1/conv_1/convolution", model) == ("conv",)
+    assert q.keras_layers("m_1/conv_1_2/BiasAdd", model) == ("conv_1",)
+    assert q.keras_layers("m/conv_1/BiasAdd", model) == ("conv_1",), "not suffixed: the names as they are"
+    assert q.keras_layers("m_1/bn_1/batchnorm/add_1;m_1/conv_1/convolution", model) == ("conv", "bn"), \
+        "the layer with weights first"
+    assert q.keras_layers("m_1/inner_1/dw_1/depthwise", model) == ("inner/dw",)
+    assert q.keras_layers("Conv__138", model) == ()
 
 
 def test_onnx_diagnosis_has_local_and_accumulated_errors(masked):
@@ -144,3 +172,44 @@ def test_cli_flags_map_onto_quantization_options():
                                                                         max_float_layers=1, equalize=False,
                                                                         round_weights=False)
     assert convert_options(convert_parser().parse_args(["m.h5", "m.tflite"])).quantization == q.QuantizationOptions()
+
+
+def test_validation_decides_the_fallback_and_the_test_data_only_score():
+    """--quantize auto falls back from int8 when no int8 attempt agreed on the validation images (or the artifact's
+    drop there is over the budget); an int8 that validation chose and the test images fail is a failed run, not a
+    fallback chosen by the test data."""
+    from types import SimpleNamespace
+
+    from sepconv.convert.options import ConvertOptions
+    from sepconv.convert.staging import _falls_back
+
+    def item(validation_passed, test_passed, budget_held=None, validated=True):
+        attempt = q.Attempt("as requested", "200 samples", (), 1000, 0.99 if validation_passed else 0.9, 0.99,
+                            validation_passed)
+        report = q.QuantizationReport((attempt,), 0 if validation_passed else None, validated=validated)
+        budget = None if budget_held is None else SimpleNamespace(held=budget_held)
+        return SimpleNamespace(quantize="int8", quantization=report,
+                               verification=SimpleNamespace(passed=test_passed and budget_held is not False,
+                                                            budget=budget))
+
+    auto = ConvertOptions(quantize="auto")
+    assert not _falls_back(item(True, False), auto), "validation chose int8: the test data do not undo it"
+    assert _falls_back(item(False, True), auto), "no attempt agreed on validation: fall back, whatever the test says"
+    assert _falls_back(item(True, True, budget_held=False), auto), "over the budget on validation"
+    assert _falls_back(item(True, False, validated=False), auto), "no validation images: verification decides"
+    assert not _falls_back(item(False, False), ConvertOptions(quantize="int8")), "an explicit int8 never falls back"
+
+
+@pytest.mark.parametrize("images, max_drop, expected", [
+    (225, 1.0, []),
+    (60, 1.0, ["one image is 1.67 points of the 1-point --max-accuracy-drop budget", "give at least 200"]),
+    (40, None, ["one image is 2.50% of top-1 agreement, against the 2% that int8 may lose", "give at least 100"]),
+])
+def test_too_few_validation_images_are_said_with_how_many_it_would_take(images, max_drop, expected):
+    from sepconv.convert.pipeline import _unresolved
+
+    lines = " | ".join(_unresolved(images, max_drop, 0.98))
+    for part in expected:
+        assert part in lines, lines
+    if not expected:
+        assert lines == ""

@@ -295,3 +295,21 @@ def test_the_browser_check_sees_console_errors(tmp_path):
     page = write_file(tmp_path / "bad.html", b"<!DOCTYPE html><p>x</p><script>undefinedFunction();</script>")
     done = chromium(page, tmp_path / "profile", "--dump-dom")
     assert any("undefinedFunction is not defined" in line for line in console_lines(done)), done.stderr[-3000:]
+
+
+def test_the_int8_chart_names_keras_layers_alone_and_together():
+    from sepconv.deploy.report import charts
+
+    diagnosis = {"format": "tflite", "alarm_relative_error": 0.25, "layers": [
+        {"layer": "functional_1/conv_1/Relu;functional_1/conv_1/convolution", "keras": ["conv"], "op": "CONV_2D",
+         "order": 1, "relative_error": 0.01, "channel_relative_error": 0.02, "accumulated_relative_error": 0.02},
+        {"layer": "PartitionedCall:0", "keras": ["logits"], "op": "FULLY_CONNECTED", "order": 3,
+         "relative_error": 0.004, "channel_relative_error": 9.1, "accumulated_relative_error": 9.0}]}
+    run = {"artifacts": [{"path": "m.tflite", "quantization": {"diagnosis": diagnosis}},
+                         {"path": "m.onnx", "quantization": None}]}
+    chart = charts.quantization_errors(run, "convert1_int8")
+    assert chart is not None and chart.name == "convert1_int8" and chart.png.startswith(b"\x89PNG")
+    for text in ("conv (CONV_2D)", "logits (FULLY_CONNECTED)", "m.tflite (tflite)", "all layers up to it"):
+        assert text in chart.svg, text
+    assert "PartitionedCall" not in chart.svg, "the Keras name, not the converter's"
+    assert charts.quantization_errors({"artifacts": [{"path": "m.onnx", "quantization": None}]}, "x") is None

@@ -1,13 +1,14 @@
 """int8 that holds: diagnose which layers full-integer quantization breaks, and repair the artifact.
 
-Diagnosis uses the converters' own tools. For TFLite, `tf.lite.experimental.QuantizationDebugger` runs every
+Diagnosis uses the converters' own tools, each op named by the Keras layers it computes (`keras_layers`). For TFLite, `tf.lite.experimental.QuantizationDebugger` runs every
 quantized op next to its float twin (fed the same dequantized input) on the calibration images: the error of each
 op's output is local to that op. For ONNX, `onnxruntime.quantization.qdq_loss_debug` records every activation of the
 float and the QDQ models: the error of a tensor's QuantizeLinear/DequantizeLinear pair is local (`qdq`), its
 difference from the float model accumulates everything before it (`xmodel`). Per layer: RMSE / scale (RMSE in units
 of the output's quantization step: ~0.29 is the rounding floor), relative error (RMSE / std of the float output),
-the float output's range and the int8 scale. The error "starts" at the first layer, in graph order, whose relative
-error exceeds RELATIVE_ERROR_ALARM.
+the float output's range and the int8 scale. All layers together (`accumulated_tflite`): the int8 and the float
+TFLite models run with every tensor kept, each op's output compared with the float model's. The error "starts" at the
+first layer, in graph order, whose relative error alone exceeds RELATIVE_ERROR_ALARM.
 
 Repair (`export_int8`), when the artifact at the requested settings does not agree with the Keras model on the
 validation images, tries in order, each measured, and stops at the first that agrees: cross-layer equalization of the
@@ -38,12 +39,16 @@ from sepconv.convert.export.tflite import TFLiteOptions, export_tflite, make_con
 from sepconv.convert.export.trace import frozen_function
 from sepconv.convert.export.verification import verify
 from sepconv.convert.graph import leaf_layers
+from sepconv.convert.keras_compat import producer_name
 from sepconv.deploy.quiet import captured_output
 from sepconv.deploy.runtime import open_runtime
 
 NEAREST, ROUNDED, ROUNDED_BIAS = "nearest", "gptq", "gptq+bias"  # how a setting's weights are rounded
 RELATIVE_ERROR_ALARM = 0.25  # an op whose output error is a quarter of its signal's spread is where trouble starts
 DIAGNOSIS_SAMPLES = 100  # calibration images the debuggers run (the artifact is calibrated on all of them)
+ACCUMULATED_SAMPLES = 32  # of them, run through the whole int8 and float TFLite models with every tensor kept
+NAME_CHARS = 60  # a converter's op name longer than this is cut in messages (TFLite's fused names run to 2,000)
+WEIGHTED = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv1D", "Conv3D", "Conv2DTranspose", "Dense")
 
 
 @dataclass(frozen=True)
@@ -89,8 +94,16 @@ class LayerError:
     min: float | None  # the float output's range on the calibration images
     max: float | None
     scale: float | None  # the int8 output scale
-    accumulated_relative_error: float | None = None  # vs the float model, all earlier errors included (ONNX)
+    accumulated_relative_error: float | None = None  # vs the float model, all earlier errors included ("together")
     channel_relative_error: float | None = None  # mean over channels (TFLite) or units (ONNX) of RMSE / their std
+    keras: tuple[str, ...] = ()  # the Keras layers (paths) the op computes, the main one (with weights) first
+
+    @property
+    def name(self) -> str:
+        """The op as a user knows it: its Keras layer's path, or its converter's name when none is known."""
+        if self.keras:
+            return self.keras[0]
+        return self.layer if len(self.layer) <= NAME_CHARS else self.layer[:NAME_CHARS - 3] + "..."
 
     @property
     def severity(self) -> float:
@@ -115,15 +128,23 @@ class Diagnosis:
         return sorted(self.layers, key=lambda row: -row.severity)[:count]
 
     def summary(self) -> str:
-        """One line: where the error starts and the worst layers."""
-        worst = ", ".join(f"{r.layer} ({r.op}) {r.severity:.0%}" +
+        """One line: where the error starts, the worst three layers alone and (when measured) together."""
+        worst = ", ".join(f"{r.name} ({r.op}) {r.severity:.0%}" +
                           (f" range [{r.min:.3g}, {r.max:.3g}]" if r.min is not None else "") +
                           (f" scale {r.scale:.3g}" if r.scale else "")
                           for r in self.worst(3))
         start = self.starts_at
-        where = (f"error starts at {start.layer} ({start.op}, relative error {start.severity:.0%})" if start
+        where = (f"error starts at {start.name} ({start.op}, relative error {start.severity:.0%})" if start
                  else f"no layer above {RELATIVE_ERROR_ALARM:.0%} relative error")
-        return f"{self.format} int8 diagnosis on {self.samples} calibration images: {where}; worst: {worst}"
+        line = (f"{self.format} int8 diagnosis on {self.samples} calibration images, each layer alone: {where}; "
+                f"worst: {worst}")
+        together = [row for row in self.layers if row.accumulated_relative_error is not None]
+        if together:
+            last = max(together, key=lambda row: row.order)
+            top = sorted(together, key=lambda row: -row.accumulated_relative_error)[:3]
+            line += (f"; all layers together: {last.accumulated_relative_error:.0%} at the last ({last.name}), worst: "
+                     + ", ".join(f"{r.name} {r.accumulated_relative_error:.0%}" for r in top))
+        return line
 
     def to_dict(self) -> dict:
         start = self.starts_at
@@ -162,6 +183,7 @@ class QuantizationReport:
     diagnosis: Diagnosis | None = None
     equalization: dict | None = None  # EqualizationReport.to_dict() when an attempt equalized
     rounding: dict | None = None  # RoundingReport.to_dict() of the chosen attempt's weights, when it rounded them
+    validated: bool = False  # the attempts were judged on validation images (else on the calibration images)
 
     @property
     def passed(self) -> bool:
@@ -171,7 +193,7 @@ class QuantizationReport:
         return {"passed": self.passed, "chosen": self.chosen, "attempts": [asdict(a) for a in self.attempts],
                 "float_layers": [asdict(f) for f in self.float_layers],
                 "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None,
-                "equalization": self.equalization, "rounding": self.rounding}
+                "equalization": self.equalization, "rounding": self.rounding, "validated": self.validated}
 
     def line(self) -> str:
         tried = "; ".join(f"{a.name}: {_agreement_text(a)}" for a in self.attempts)
@@ -273,7 +295,8 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
     floats = _float_layers(best, diagnosis, attempts, artifacts) if passed else ()
     shipped = best if passed else first
     report = QuantizationReport(tuple(attempts), chosen, floats, diagnosis, equalized,
-                                rounding(shipped) if rounding is not None and shipped.rounding != NEAREST else None)
+                                rounding(shipped) if rounding is not None and shipped.rounding != NEAREST else None,
+                                validated=calibration.validation is not None)
     return artifacts[chosen if passed else 0], report
 
 
@@ -334,6 +357,47 @@ def _float_layers(best: Setting, diagnosis: Diagnosis | None, attempts, artifact
     return tuple(FloatLayer(name, rows[name].op, f"relative int8 error {rows[name].severity:.0%} (rank "
                                                  f"{i + 1} of {len(rows)} layers)", share)
                  for i, name in enumerate(best.float_layers))
+
+
+def keras_layers(name: str, model) -> tuple[str, ...]:
+    """The Keras layers (leaf paths) that a converter's op name mentions ("model_1/block_1_BN_1/batchnorm/add_1;
+    model_1/block_1_conv_1/convolution" for TFLite's fused ops, "model/conv/BiasAdd" for tf2onnx's nodes): in each
+    ';'-separated part, the first segment after the model's own name that names a layer; the layer with weights
+    first, then the others in the order named. A model traced more than once has every scope suffixed (`model_1`,
+    `conv_1` for the layer `conv`, `conv_1_2` for `conv_1`): when the model's own segment carries a suffix, every
+    segment's last `_N` is taken off before matching, else none is."""
+    import re
+
+    layers = {}
+    for path, layer in leaf_layers(model):
+        layers.setdefault(path.rsplit("/", 1)[-1], (path, type(layer).__name__))
+    root = re.compile(re.escape(model.name) + r"(_\d+)?")
+    found = []
+    for part in name.split(";"):
+        segments = part.split("/")
+        start = next((i for i, segment in enumerate(segments) if root.fullmatch(segment)), None)
+        suffixed = start is not None and segments[start] != model.name
+        for segment in segments[0 if start is None else start + 1:]:
+            hit = layers.get(re.sub(r"_\d+$", "", segment) if suffixed else segment)
+            if hit is None and start is None:  # no model segment to tell: the name as it is, then unsuffixed
+                hit = layers.get(re.sub(r"_\d+$", "", segment))
+            if hit is not None:
+                if hit not in found:
+                    found.append(hit)
+                break
+    output = re.fullmatch(r"(?:Stateful)?PartitionedCall(?:_\d+)?:(\d+)", name)
+    if not found and output and int(output.group(1)) < len(model.outputs):
+        # a model output: TFLite names it after the function's outputs, not after the layer that computes it
+        hit = layers.get(producer_name(model.outputs[int(output.group(1))]))
+        found = [hit] if hit is not None else []
+    weighted = [path for path, kind in found if kind in WEIGHTED]
+    return tuple(weighted + [path for path, kind in found if path not in weighted])
+
+
+def _named(diagnosis: Diagnosis, model) -> Diagnosis:
+    """`diagnosis` with each row's Keras layers."""
+    return replace(diagnosis, layers=tuple(replace(row, keras=keras_layers(row.layer, model))
+                                           for row in diagnosis.layers))
 
 
 # --- TFLite: QuantizationDebugger ---------------------------------------------------------------------------------
@@ -413,8 +477,84 @@ def diagnose_tflite(model, setting: Setting, io_type: str = "float32", forms=())
                                rmse_over_scale=rmse / scale if scale else None, relative_error=rmse / spread,
                                min=low, max=high, scale=scale,
                                channel_relative_error=channel_errors[index] if low is not None else None))
-    return Diagnosis("tflite", "tf.lite.experimental.QuantizationDebugger",
-                     min(len(setting.samples), DIAGNOSIS_SAMPLES), tuple(rows))
+    together = accumulated_tflite(model, setting, io_type, forms)
+    rows = [replace(row, accumulated_relative_error=together.get(row.layer)) for row in rows]
+    return _named(Diagnosis("tflite", "tf.lite.experimental.QuantizationDebugger",
+                            min(len(setting.samples), DIAGNOSIS_SAMPLES), tuple(rows)), model)
+
+
+def accumulated_tflite(model, setting: Setting, io_type: str = "float32", forms=()) -> dict[str, float]:
+    """Per output tensor of `setting`'s int8 TFLite model (by name): its error against the tensor of that name in the
+    float TFLite model, every earlier op's error included: the worse of RMSE / std over the whole tensor and its mean
+    over channels (the last axis; channels that never vary count 0), as `LayerError.severity` ranks local errors;
+    both models run on the first ACCUMULATED_SAMPLES calibration images with every tensor kept and no delegate."""
+    from ai_edge_litert.interpreter import Interpreter, OpResolverType
+
+    def opened(content: bytes):
+        interpreter = Interpreter(model_content=content, experimental_preserve_all_tensors=True,
+                                  experimental_op_resolver_type=OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES)
+        interpreter.allocate_tensors()
+        return interpreter
+
+    with captured_output():
+        quantized = opened(tflite_int8(model, setting, io_type, forms))
+        floating = opened(export_tflite(model, quantize="none", forms=tuple(forms)))
+    float_index = {detail["name"]: detail["index"] for detail in floating.get_tensor_details()}
+    details = {detail["index"]: detail for detail in quantized.get_tensor_details()}
+    ops = quantized._get_ops_details()
+    # an int8 output dequantized for the caller is renamed ("PartitionedCall:01"): the float model's name is its
+    # DEQUANTIZE's output's
+    names = {index: details[index]["name"] for index in details}
+    names.update({op["inputs"][0]: details[op["outputs"][0]]["name"] for op in ops if op["op_name"] == "DEQUANTIZE"})
+    outputs = [index for op in ops if op["op_name"] not in ("QUANTIZE", "DEQUANTIZE", "DELEGATE")
+               for index in op["outputs"] if index >= 0 and names[index] in float_index]
+    sums = {}  # per tensor, per channel (last axis): squared error, sum and squared sum of the float tensor
+    for sample in np.asarray(setting.samples[:ACCUMULATED_SAMPLES], np.float32):
+        for interpreter in (quantized, floating):
+            entry = interpreter.get_input_details()[0]
+            interpreter.set_tensor(entry["index"], _quantized_input(sample[None], entry))
+            interpreter.invoke()
+        for index in outputs:
+            reference = np.asarray(floating.get_tensor(float_index[names[index]]), np.float64)
+            actual = _dequantized(quantized.get_tensor(index), details[index])
+            if actual.shape != reference.shape or reference.ndim == 0:
+                continue
+            axes = tuple(range(reference.ndim - 1))
+            found = np.stack([np.sum((actual - reference) ** 2, axis=axes), reference.sum(axis=axes),
+                              np.sum(reference ** 2, axis=axes), np.full(reference.shape[-1],
+                                                                         reference.size / reference.shape[-1])])
+            sums[index] = found if index not in sums else sums[index] + found
+    errors = {}
+    for index, (squared, total, total_sq, count) in sums.items():
+        whole_variance = total_sq.sum() / count.sum() - (total.sum() / count.sum()) ** 2
+        if whole_variance <= 0:
+            continue
+        whole = np.sqrt(squared.sum() / count.sum() / whole_variance)
+        variance = total_sq / count - (total / count) ** 2
+        live = variance > whole_variance * 1e-12
+        channels = np.where(live, np.sqrt(squared / count / np.where(live, variance, 1.0)), 0.0)
+        errors[names[index]] = float(max(whole, channels.mean()))
+    return errors
+
+
+def _quantized_input(x: np.ndarray, entry: dict) -> np.ndarray:
+    if entry["dtype"] == np.float32:
+        return x.astype(np.float32)
+    scale, zero = entry["quantization"]
+    info = np.iinfo(entry["dtype"])
+    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(entry["dtype"])
+
+
+def _dequantized(value: np.ndarray, detail: dict) -> np.ndarray:
+    """A tensor as real numbers: int8/int16/int32 by its per-tensor scale and zero point (as activations are)."""
+    value = np.asarray(value)
+    if value.dtype.kind == "f":
+        return value.astype(np.float64)
+    params = detail["quantization_parameters"]
+    scales, zeros = params["scales"], params["zero_points"]
+    if len(scales) != 1:
+        return np.full(value.shape, np.nan)
+    return (value.astype(np.float64) - float(zeros[0])) * float(scales[0])
 
 
 # --- ONNX: qdq_loss_debug ----------------------------------------------------------------------------------------
@@ -437,9 +577,11 @@ def _nchw(samples: np.ndarray, layout: str) -> np.ndarray:
     return np.transpose(samples, (0, 3, 1, 2)) if layout == "nchw" else samples
 
 
-def diagnose_onnx(float_model: bytes, setting: Setting, input_name: str, layout: str = "nhwc") -> Diagnosis:
+def diagnose_onnx(float_model: bytes, setting: Setting, input_name: str, layout: str = "nhwc",
+                  model=None) -> Diagnosis:
     """Per activation of the QDQ model: its QDQ error (local) and its error against the float model (accumulated),
-    named by the node that produces it (the name `nodes_to_exclude` takes)."""
+    named by the node that produces it (the name `nodes_to_exclude` takes) and, given the Keras `model`, by its
+    layers."""
     import onnx
     from onnxruntime.quantization import qdq_loss_debug as debug
 
@@ -480,7 +622,8 @@ def diagnose_onnx(float_model: bytes, setting: Setting, input_name: str, layout:
                                accumulated_relative_error=total / spread,
                                channel_relative_error=_channel_error(np.stack(acts["float"]),
                                                                      np.stack(acts["post_qdq"]), 1)))
-    return Diagnosis("onnx", "onnxruntime.quantization.qdq_loss_debug", len(samples), tuple(rows))
+    diagnosis = Diagnosis("onnx", "onnxruntime.quantization.qdq_loss_debug", len(samples), tuple(rows))
+    return diagnosis if model is None else _named(diagnosis, model)
 
 
 def _real_producer(tensor: str, producers: dict):
@@ -532,8 +675,8 @@ def quantize_verified(model, target, calibration: Calibration, *, tolerance, exp
     """The int8 artifact of `model` for `target` (a registered targets.Target with int8 among its modes, e.g.
     target_named('tflite')) with its export options `export` (TFLiteOptions / OnnxOptions; None: their defaults):
     export_int8 with the target's exporter and debugger. A setting with `equalized` quantizes the model's cross-layer
-    equalized twin and one with rounded weights (each made once, on the calibration samples). The caller looks the target up: the registry builds on
-    this module, not the reverse."""
+    equalized twin, one with `rounding` a copy with rounded weights (each made once, on the calibration samples). The
+    caller looks the target up: the registry builds on this module, not the reverse."""
     export = replace(export or target.exporter_class(), quantize="int8")
     variants = _Variants(model, calibration.samples, export.per_channel)
     exporter, diagnose = target.int8_tools(model, variants.model, export)

@@ -109,7 +109,8 @@ class Target:
 
     def int8_tools(self, model, models: Callable, options) -> tuple[Callable, Callable]:
         """(export(setting) -> bytes, diagnose(setting) -> Diagnosis) for quantization.export_int8 of `model`;
-        `models(setting)` gives the Keras model a setting quantizes (the model, its equalized twin, its weights rounded)."""
+        `models(setting)` gives the Keras model a setting quantizes (the model, its equalized twin, its weights
+        rounded)."""
         raise NotImplementedError(f"{self.title} has no int8 export")
 
     def manifest_extras(self, artifact: Path) -> dict:
@@ -211,7 +212,7 @@ class Onnx(Target):
             return floats[key]
 
         return (lambda setting: onnx_int8(float_model(setting), setting, name, options.layout),
-                lambda setting: diagnose_onnx(float_model(setting), setting, name, options.layout))
+                lambda setting: diagnose_onnx(float_model(setting), setting, name, options.layout, models(setting)))
 
     def manifest_extras(self, artifact: Path) -> dict:
         import onnx

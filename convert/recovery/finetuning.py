@@ -165,10 +165,13 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
                                   f"or delete the folder to start over")
         own.append(atomic_backup_and_restore(str(backup), before_save=lambda model: require_space(backup, model)))
     start = model.get_weights()
-    initial = trainer.evaluate(x_val, t_val, batch_size=options.batch_size, verbose=0, return_dict=True)
-    initial = float(initial[monitor.removeprefix("val_")])
     log = _epoch_log_class()(monitor, options.epochs, progress)
     with _ctrl_c_between_batches() as stop, _disk_full_while_checkpointing(options.checkpoint_dir):
+        # the start's score too: Ctrl-C while it runs stops the run when it ends, not wherever TensorFlow is
+        initial = trainer.evaluate(x_val, t_val, batch_size=options.batch_size, verbose=0, return_dict=True)
+        initial = float(initial[monitor.removeprefix("val_")])
+        if stop.pressed:
+            raise KeyboardInterrupt
         history = trainer.fit(x_train, t_train, validation_data=(x_val, t_val),
                               epochs=options.epochs, batch_size=options.batch_size,
                               callbacks=own + [log, stop, *_epoch_delay(stop)] + list(callbacks),

@@ -183,6 +183,46 @@ def artifact_sizes(run: dict, name: str) -> Chart | None:
     return _chart(figure, name, "Artifact sizes", "Green: verification passed against the Keras model; red: failed.")
 
 
+def quantization_errors(run: dict, name: str) -> Chart | None:
+    """Each layer's int8 error, alone and with every layer before it quantized too, for the artifacts whose int8 was
+    diagnosed (a failed first attempt, or --explain-quantization); one panel per such artifact."""
+    diagnosed = [(artifact, artifact["quantization"]["diagnosis"]) for artifact in run.get("artifacts") or []
+                 if ((artifact.get("quantization") or {}).get("diagnosis") or {}).get("layers")]
+    if not diagnosed:
+        return None
+    import numpy as np
+
+    most = max(len(diagnosis["layers"]) for _, diagnosis in diagnosed)
+    figure, axes = _figure(5.5 * len(diagnosed) + 2, 1.2 + 0.22 * most, ncols=len(diagnosed))
+    for axis, (artifact, diagnosis) in zip(axes, diagnosed):
+        rows = sorted(diagnosis["layers"], key=lambda row: row["order"])
+        y = np.arange(len(rows))
+        alone = [max(row["relative_error"], row.get("channel_relative_error") or 0.0) * 100 for row in rows]
+        together = [(row.get("accumulated_relative_error") or np.nan) * 100 for row in rows]
+        axis.barh(y - 0.2, alone, 0.4, label="this layer alone", color=COLORS[0])
+        axis.barh(y + 0.2, together, 0.4, label="all layers up to it", color=COLORS[1])
+        axis.axvline(diagnosis["alarm_relative_error"] * 100, color=COLORS[3], linestyle="--", linewidth=1,
+                     label=f"alarm ({diagnosis['alarm_relative_error']:.0%})")
+        axis.set_xscale("log")
+        axis.set_yticks(y, [_quantized_layer(row) for row in rows], fontsize=7)
+        axis.invert_yaxis()
+        axis.set_xlabel("relative error, % of the float output's spread (log scale)")
+        axis.set_title(f"{Path(artifact['path']).name} ({diagnosis['format']})", fontsize=9)
+        axis.legend(fontsize=7, loc="lower right")
+    caption = ("Per quantized op, in graph order, named by its Keras layer: its int8 output error as RMSE over the "
+               "float output's spread (the worse of the whole tensor and the mean over channels), alone (the op fed "
+               "the int8 model's own input) and together (the int8 model's tensor against the float model's, every "
+               "earlier error included). Where the bars of 'together' grow while 'alone' stays low, the error "
+               "accumulates and no single layer is to blame.")
+    return _chart(figure, name, "Where int8 loses precision", caption)
+
+
+def _quantized_layer(row: dict) -> str:
+    keras = row.get("keras") or []
+    name = keras[0].rsplit("/", 1)[-1] if keras else row["layer"]
+    return (name if len(name) <= 32 else name[:29] + "...") + f" ({row['op']})"
+
+
 def budget_tradeoff(runs: list[tuple[str, dict]], name: str) -> Chart | None:
     """Accuracy versus parameters of the separable layers for every K measured, as the budget predicts it (the
     baseline less the sum of each layer's drop), one line per run; the chosen plan marked."""

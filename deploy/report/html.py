@@ -126,6 +126,7 @@ def render(runs: Runs, title: str = "sepconv report") -> Page:
             charts.layer_costs(run, f"convert{index + 1}_layers"),
             charts.stage_scores(run, f"convert{index + 1}_stages"),
             charts.artifact_sizes(run, f"convert{index + 1}_artifacts"),
+            charts.quantization_errors(run, f"convert{index + 1}_int8"),
         ) if chart]
         drawn += made
         sections.append(_convert_section(label, run, made))
