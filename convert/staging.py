@@ -204,16 +204,36 @@ def _fall_back(job: ExportJob, item: Staged) -> Staged:
     """Replace a failed int8 artifact of --quantize auto by the first of its target's auto_fallbacks modes that
     verifies (each verified as usual), said aloud and recorded in the manifest; an explicit --quantize int8 fails
     instead. Returns the last one tried."""
-    reasons = []
+    reasons, attempts = [], _attempts(item.quantization)
     for mode in target_for(item.target).auto_fallbacks:
         _discard(item)
-        reasons.append(f"{item.quantize}: " + "; ".join(item.verification.failures()))
-        job.say("export", f"{item.target}: {item.quantize} failed verification ({reasons[-1]}); --quantize "
+        reasons.append(f"{item.quantize}: " + _why(item, job.options.tolerance.min_agreement))
+        where = "on the validation images" if item.quantization is not None and item.quantization.validated \
+            else "verification"
+        job.say("export", f"{item.target}: {item.quantize} failed {where} ({reasons[-1]}); --quantize "
                           f"auto tries {mode} instead (pass --quantize int8 to insist on int8)")
-        item = _stage(job, item.target, mode, fallback={"from": "int8", "reason": " | ".join(reasons)})
+        item = _stage(job, item.target, mode, fallback={"from": "int8", "reason": " | ".join(reasons),
+                                                        "int8_attempts": attempts})
         if item.verification.passed:
             break
     return item
+
+
+def _why(item: Staged, min_agreement: float) -> str:
+    """Why a staged artifact failed, as the run decided: on the validation images for int8 judged there."""
+    decided = item.quantization
+    if decided is not None and decided.validated and not decided.passed:
+        best = max(decided.attempts, key=lambda attempt: attempt.agreement or 0.0)
+        return (f"no attempt reached top-1 agreement {min_agreement:.2%} with the Keras model on the validation "
+                f"images (best: {best.name}, {best.agreement:.2%})")
+    return "; ".join(item.verification.failures())
+
+
+def _attempts(report) -> list | None:
+    """The int8 repair's attempts, name and validation agreement, kept in a fallback's record."""
+    if report is None:
+        return None
+    return [{"name": a.name, "agreement": a.agreement, "passed": a.passed} for a in report.attempts]
 
 
 def _stage(job: ExportJob, target: Path, quantize: str, fallback: dict | None = None) -> Staged:

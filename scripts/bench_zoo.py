@@ -18,6 +18,9 @@ not trained on either (zoo.py: the digits' test split, halved). Peak memory is t
 this process never imports TensorFlow (the zoo is trained in a child), since Linux passes a parent's peak on to the
 children it starts.
 
+A second table lists per run (but nodata, which is dynamic-range) what shipped, int8 or the fallback and why, the
+int8 repair steps tried with their agreement on the validation images, and the verification on the test images.
+
 usage: scripts/bench-zoo [--models a,b] [--modes default,nodata] [--out build/zoo]   (OUT/bench-zoo.json, rewritten
 after every run, keeps the rows of earlier invocations for the models and modes not run again)
 """
@@ -53,7 +56,7 @@ def main(argv=None) -> int:
                 row["fallback"] = (recorded.get("quantize_fallback") or {}).get("reason")
                 row["float_layers"] = [f["layer"] for f in (recorded.get("quantization") or {}).get("float_layers", [])]
                 row["keras_test_drop"] = ((recorded.get("recovery") or {}).get("budget") or {}).get("test_drop")
-        print(f"{saved['cpu']}\n\n{table(saved['rows'])}")
+        print(f"{saved['cpu']}\n\n{table(saved['rows'])}\n\n{int8_table(saved['rows'])}")
         return 0
     rows = []
     report = args.out / "bench-zoo.json"
@@ -69,7 +72,9 @@ def main(argv=None) -> int:
                                                               MODES.index(r["mode"])))
             report.write_text(json.dumps({"cpu": cpu(), "rows": merged}, indent=2))  # after every run
     print(f"\n{cpu()}\n")
-    print(table(sorted(previous.values(), key=lambda r: (list(zoo.ZOO).index(r["model"]), MODES.index(r["mode"])))))
+    ordered = sorted(previous.values(), key=lambda r: (list(zoo.ZOO).index(r["model"]), MODES.index(r["mode"])))
+    print(table(ordered))
+    print(f"\n{int8_table(ordered)}")
     return 0
 
 
@@ -145,8 +150,12 @@ def scored(entry, artifact: Path) -> dict:
     stages = recovery.get("stages", [])
     budget = recovery.get("budget") or {}
     float_layers = [f["layer"] for f in (manifest.get("quantization") or {}).get("float_layers", [])]
+    attempts = ((manifest.get("quantization") or {}).get("attempts")
+                or (manifest.get("quantize_fallback") or {}).get("int8_attempts") or [])
     return {"int8_accuracy": float(np.mean(predicted == test["y"])), "bytes": manifest["bytes"],
             "fallback": (manifest.get("quantize_fallback") or {}).get("reason"), "float_layers": float_layers,
+            "int8_attempts": [f"{a['name']}: {a['agreement']:.2%}" if a.get("agreement") is not None else a["name"]
+                              for a in attempts],
             "keras_test_drop": budget.get("test_drop"), "artifact_budget": manifest["verification"].get("budget"),
             "quantize": manifest["quantize"], "params_after": totals.get("model_params_after", entry.params),
             "macs_before": totals.get("macs_before"), "macs_after": totals.get("macs_after"),
@@ -214,6 +223,20 @@ def table(rows) -> str:
                                     "stages (kept / rejected) or error", "seconds",
                                     "of which timing", "peak MiB"],
                     tablefmt="github", disable_numparse=True)
+
+
+def int8_table(rows) -> str:
+    """Per run: what shipped (int8, or the fallback and why), the int8 repair steps with their agreement on the
+    validation images, and the artifact's verification and accuracy on the test images."""
+    from tabulate import tabulate
+
+    lines = [[r["model"], r["mode"], r.get("quantize", "") if r["exit"] == 0 else f"exit {r['exit']}",
+              (r.get("fallback") or "")[:160], "; ".join(r.get("int8_attempts") or []),
+              r.get("verification", "") if r["exit"] == 0 else "",
+              f"{r['int8_accuracy']:.2%}" if r["exit"] == 0 else ""] for r in rows if r.get("mode") != "nodata"]
+    return tabulate(lines, headers=["model", "mode", "shipped", "int8 fallback: why", "int8 repair steps "
+                                    "(agreement with the Keras model, validation)", "verification (test)",
+                                    "accuracy (test)"], tablefmt="github", disable_numparse=True)
 
 
 def speed_cells(r: dict) -> list[str]:

@@ -420,7 +420,11 @@ def test_quantize_auto_falls_back_when_int8_fails_verification(tmp_path):
         assert artifact.quantize_fallback["from"] == "int8" and "top-1 agreement" in artifact.quantize_fallback["reason"]
         manifest = json.loads(Path(artifact.manifest).read_text())
         assert manifest["quantize"] == artifact.quantize and manifest["quantize_fallback"] == artifact.quantize_fallback
-    assert any("int8 failed verification" in line and "--quantize auto tries" in line for line in lines), lines
+    assert any("int8 failed on the validation images" in line and "--quantize auto tries" in line
+               for line in lines), lines
+    for artifact in result.artifacts:
+        assert "on the validation images" in artifact.quantize_fallback["reason"], artifact.quantize_fallback
+        assert artifact.quantize_fallback["int8_attempts"][0]["name"] == "as requested"
     insisted = run(tmp_path / "m.keras", tmp_path / "i.tflite", "--data", tmp_path / "d.npz", "--no-separate",
                    "--quantize", "int8", "--no-repair")
     assert insisted.returncode == 1 and "failed verification" in insisted.stderr.strip().splitlines()[-1]
