@@ -188,16 +188,11 @@ def _predicted(latency: dict | None, item: Staged) -> float | None:
 
 
 def _falls_back(item: Staged, options: ConvertOptions) -> bool:
-    """--quantize auto chose int8 (data given) and int8 failed where the run decides: on the validation images when
-    the int8 attempts were judged there (no attempt agreed with the Keras model, or the artifact's drop on them is
-    over the budget), so that the test images only score what validation chose; else its verification failed."""
-    if options.quantize != "auto" or item.quantize != "int8":
-        return False
-    decided = item.quantization
-    if decided is not None and decided.validated:
-        budget = item.verification.budget
-        return not decided.passed or (budget is not None and not budget.held)
-    return not item.verification.passed
+    """--quantize auto chose int8 (data given) and the int8 artifact failed verification. (Not yet decided on the
+    validation images alone: on the zoo, three int8 artifacts that agreed on 98.67-99.11% of the 225 validation
+    images agreed on 97.33-97.78% of the 225 test ones; a sound rule needs a criterion that allows for the sampling
+    noise of both, docs/benchmarks.md "int8 that ships".)"""
+    return options.quantize == "auto" and item.quantize == "int8" and not item.verification.passed
 
 
 def _fall_back(job: ExportJob, item: Staged) -> Staged:
@@ -208,8 +203,7 @@ def _fall_back(job: ExportJob, item: Staged) -> Staged:
     for mode in target_for(item.target).auto_fallbacks:
         _discard(item)
         reasons.append(f"{item.quantize}: " + _why(item, job.options.tolerance.min_agreement))
-        where = "on the validation images" if item.quantization is not None and item.quantization.validated \
-            else "verification"
+        where = "on the validation images" if _failed_on_validation(item) else "verification"
         job.say("export", f"{item.target}: {item.quantize} failed {where} ({reasons[-1]}); --quantize "
                           f"auto tries {mode} instead (pass --quantize int8 to insist on int8)")
         item = _stage(job, item.target, mode, fallback={"from": "int8", "reason": " | ".join(reasons),
@@ -219,10 +213,17 @@ def _fall_back(job: ExportJob, item: Staged) -> Staged:
     return item
 
 
-def _why(item: Staged, min_agreement: float) -> str:
-    """Why a staged artifact failed, as the run decided: on the validation images for int8 judged there."""
+def _failed_on_validation(item: Staged) -> bool:
+    """No int8 attempt agreed with the Keras model on the validation images."""
     decided = item.quantization
-    if decided is not None and decided.validated and not decided.passed:
+    return decided is not None and decided.validated and not decided.passed
+
+
+def _why(item: Staged, min_agreement: float) -> str:
+    """Why a staged artifact failed: on the validation images when no int8 attempt agreed there, else its
+    verification's failed criteria."""
+    decided = item.quantization
+    if _failed_on_validation(item):
         best = max(decided.attempts, key=lambda attempt: attempt.agreement or 0.0)
         return (f"no attempt reached top-1 agreement {min_agreement:.2%} with the Keras model on the validation "
                 f"images (best: {best.name}, {best.agreement:.2%})")
@@ -346,7 +347,7 @@ def _failure_line(item: Staged) -> str:
     if quantization is not None and quantization.validated and quantization.passed:
         chosen = quantization.attempts[quantization.chosen]
         line += (f" (int8 {chosen.name} agreed with the Keras model on {chosen.agreement:.2%} of the validation "
-                 f"images, which chose it; the test images only score it)")
+                 f"images; the test images do not confirm it)")
     if quantization is not None and quantization.diagnosis is not None:
         line += f" after {quantization.line()}; {quantization.diagnosis.summary()} (full table: --json)"
     return line

@@ -174,32 +174,6 @@ def test_cli_flags_map_onto_quantization_options():
     assert convert_options(convert_parser().parse_args(["m.h5", "m.tflite"])).quantization == q.QuantizationOptions()
 
 
-def test_validation_decides_the_fallback_and_the_test_data_only_score():
-    """--quantize auto falls back from int8 when no int8 attempt agreed on the validation images (or the artifact's
-    drop there is over the budget); an int8 that validation chose and the test images fail is a failed run, not a
-    fallback chosen by the test data."""
-    from types import SimpleNamespace
-
-    from sepconv.convert.options import ConvertOptions
-    from sepconv.convert.staging import _falls_back
-
-    def item(validation_passed, test_passed, budget_held=None, validated=True):
-        attempt = q.Attempt("as requested", "200 samples", (), 1000, 0.99 if validation_passed else 0.9, 0.99,
-                            validation_passed)
-        report = q.QuantizationReport((attempt,), 0 if validation_passed else None, validated=validated)
-        budget = None if budget_held is None else SimpleNamespace(held=budget_held)
-        return SimpleNamespace(quantize="int8", quantization=report,
-                               verification=SimpleNamespace(passed=test_passed and budget_held is not False,
-                                                            budget=budget))
-
-    auto = ConvertOptions(quantize="auto")
-    assert not _falls_back(item(True, False), auto), "validation chose int8: the test data do not undo it"
-    assert _falls_back(item(False, True), auto), "no attempt agreed on validation: fall back, whatever the test says"
-    assert _falls_back(item(True, True, budget_held=False), auto), "over the budget on validation"
-    assert _falls_back(item(True, False, validated=False), auto), "no validation images: verification decides"
-    assert not _falls_back(item(False, False), ConvertOptions(quantize="int8")), "an explicit int8 never falls back"
-
-
 @pytest.mark.parametrize("images, max_drop, expected", [
     (225, 1.0, []),
     (60, 1.0, ["one image is 1.67 points of the 1-point --max-accuracy-drop budget", "give at least 200"]),
