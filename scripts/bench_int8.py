@@ -14,8 +14,9 @@ the other half, the test digits: top-1 agreement with the Keras model, accuracy,
 repair's seconds. Calibration: 200 training samples. A setting whose int8 fails on validation has its diagnosis'
 worst layers, alone and together, in the JSON.
 
-usage: scripts/bench-int8 [--models all] [--what original,k1] [--formats tflite,onnx] [--recovery after]
-                          [--repair no-round,on] [--out build/zoo]   (writes OUT/bench-int8.json, prints a Markdown table)
+usage: scripts/bench-int8 [--models resnet_bn,mini_xception | all] [--what k1 | original | both]
+                          [--formats tflite,onnx] [--recovery after] [--repair off,on] [--out build/zoo]
+                          (writes OUT/bench-int8.json, prints a Markdown table)
 """
 
 import argparse
@@ -29,11 +30,11 @@ from pathlib import Path
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default="all", help="comma-separated zoo names, or all")
-    parser.add_argument("--what", default="original", help="original, k1 or both (see above)")
+    parser.add_argument("--models", default="resnet_bn,mini_xception", help="comma-separated zoo names, or all")
+    parser.add_argument("--what", default="k1", help="original, k1 or both (see above)")
     parser.add_argument("--formats", default="tflite,onnx")
     parser.add_argument("--recovery", default="after", help="k1 only: before, after or both (see above)")
-    parser.add_argument("--repair", default="no-round,on", help="any of off, no-cle, no-round, on")
+    parser.add_argument("--repair", default="off,on", help="any of off, no-cle, no-round, on")
     parser.add_argument("--out", type=Path, default=Path("build/zoo"))
     args = parser.parse_args(argv)
     from sepconv.convert.demo import zoo
