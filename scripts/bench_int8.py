@@ -80,7 +80,7 @@ def separated(name: str, recovery: str, out: Path):
 def measure(name: str, what: str, fmt: str, recovery: str, repair: str, out: Path) -> dict:
     import time
 
-    from sepconv.convert.data import load_data
+    from sepconv.convert.data import DataOptions, load_data, resolve_scale
     from sepconv.convert.demo import zoo
     from sepconv.convert.export import quantization as q
     from sepconv.convert.export.targets import target_named
@@ -94,8 +94,9 @@ def measure(name: str, what: str, fmt: str, recovery: str, repair: str, out: Pat
         entry = zoo.entry(name, out)
         path = entry.model
     model = load(path)
-    train = load_data(entry.train, model.input_shape)  # as the pipeline with --validation-data
-    validation, test = (load_data(path, model.input_shape) for path in (entry.validation, entry.test))
+    scaling, _ = resolve_scale(model, DataOptions())  # as the pipeline: raw pixels for a model that rescales them
+    train = load_data(entry.train, model.input_shape, scaling)  # as the pipeline with --validation-data
+    validation, test = (load_data(path, model.input_shape, scaling) for path in (entry.validation, entry.test))
     calibration = q.Calibration(train.x[:200], train.x, validation.x)
     started = time.perf_counter()
     artifact, report = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance(),
