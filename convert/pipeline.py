@@ -161,8 +161,9 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
     train, calibration, validation, heldout = data.train, data.calibration, data.validation, data.test
     say("data", data.info.description)
     say("plan", plan_line(plan, options))
-    warnings = [] if validation is None else _unresolved(len(validation.x), plan.max_accuracy_drop,
-                                                         options.tolerance.min_agreement)
+    warnings = [] if validation is None else _unresolved(
+        len(validation.x), plan.max_accuracy_drop if options.separate else None,
+        options.tolerance.min_agreement if plan.quantize != "none" else None)
     for warning in warnings:
         say("warning", warning)
     source_record = Source(path=str(source), sha256=sha256(source), params=params)
@@ -211,16 +212,17 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
                          seconds=timer.seconds, warnings=tuple(warnings))
 
 
-def _unresolved(images: int, max_drop: float | None, min_agreement: float) -> list[str]:
+def _unresolved(images: int, max_drop: float | None, min_agreement: float | None) -> list[str]:
     """A line for each decision the validation images are too few to make: one image is more than half the accuracy
-    budget (its decisions move in whole images), or more than half the int8 agreement's margin."""
+    budget (its decisions move in whole images), or more than half the top-1 agreement a quantized artifact may lose
+    (None: no budget, no quantized artifact)."""
     lines = []
     if max_drop is not None and max_drop > 0 and 100.0 / images > max_drop / 2:
         lines.append(f"the validation data has {images} images: one image is {100.0 / images:.2f} points of the "
                      f"{max_drop:g}-point --max-accuracy-drop budget, which its choices cannot resolve; give at least "
                      f"{math.ceil(200.0 / max_drop)} (--validation-data, or more --data / a larger --max-samples)")
-    margin = 1.0 - min_agreement
-    if margin > 0 and 1.0 / images > margin / 2:
+    margin = None if min_agreement is None else 1.0 - min_agreement
+    if margin is not None and margin > 0 and 1.0 / images > margin / 2:
         lines.append(f"the validation data has {images} images: one image is {100.0 / images:.2f}% of top-1 "
                      f"agreement, against the {margin:.0%} that int8 may lose (--min-agreement {min_agreement:g}); "
                      f"give at least {math.ceil(2.0 / margin)}")

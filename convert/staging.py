@@ -344,7 +344,8 @@ def _named(verification, target: Path):
 def _failure_line(item: Staged) -> str:
     line = f"{item.target} ({item.quantize}) failed verification: {'; '.join(item.verification.failures())}"
     quantization = item.quantization
-    if quantization is not None and quantization.validated and quantization.passed:
+    if quantization is not None and quantization.validated and quantization.passed and not all(
+            check.passed for check in item.verification.outputs):
         chosen = quantization.attempts[quantization.chosen]
         line += (f" (int8 {chosen.name} agreed with the Keras model on {chosen.agreement:.2%} of the validation "
                  f"images; the test images do not confirm it)")

@@ -187,3 +187,4 @@ def test_too_few_validation_images_are_said_with_how_many_it_would_take(images, 
         assert part in lines, lines
     if not expected:
         assert lines == ""
+    assert _unresolved(images, None, None) == [], "no budget and nothing quantized: nothing to resolve"
