@@ -517,8 +517,8 @@ def accumulated_tflite(model, setting: Setting, io_type: str = "float32", forms=
         for index in outputs:
             reference = np.asarray(floating.get_tensor(float_index[names[index]]), np.float64)
             actual = _dequantized(quantized.get_tensor(index), details[index])
-            if actual.shape != reference.shape or reference.ndim == 0:
-                continue
+            if actual.shape != reference.shape or reference.ndim == 0 or not np.isfinite(actual).all():
+                continue  # another shape, a scalar, or a tensor quantized per channel (weights, not activations)
             axes = tuple(range(reference.ndim - 1))
             found = np.stack([np.sum((actual - reference) ** 2, axis=axes), reference.sum(axis=axes),
                               np.sum(reference ** 2, axis=axes), np.full(reference.shape[-1],
