@@ -127,8 +127,8 @@ class LiteRTRuntime(Runtime):
                                 f"file is damaged or not a TFLite model: export it again") from error
         self._input_details = self._interpreter.get_input_details()
         self._output_details = self._interpreter.get_output_details()
-        self.inputs = tuple(_tflite_spec(d) for d in self._input_details)
-        self.outputs = tuple(_tflite_spec(d) for d in self._output_details)
+        self.inputs = tuple(tflite_spec(d) for d in self._input_details)
+        self.outputs = tuple(tflite_spec(d) for d in self._output_details)
         self._batch = None
 
     def _resize(self, batch: int) -> bool:
@@ -181,7 +181,8 @@ class LiteRTRuntime(Runtime):
         return {self.runtime_name: package_version(self.runtime_name) or "unknown"}
 
 
-def _tflite_spec(detail: dict) -> TensorSpec:
+def tflite_spec(detail: dict) -> TensorSpec:
+    """The TensorSpec of a LiteRT interpreter's tensor detail (per-tensor scale and zero point when quantized)."""
     scale, zero_point = detail["quantization"]
     quantized = np.issubdtype(detail["dtype"], np.integer) and scale != 0.0
     return TensorSpec(name=detail["name"], shape=tuple(int(d) for d in detail["shape_signature"]),

@@ -1,7 +1,7 @@
 """int8 that holds: diagnose which layers full-integer quantization breaks, and repair the artifact.
 
-Diagnosis uses the converters' own tools, each op named by the Keras layers it computes (`keras_layers`). For TFLite, `tf.lite.experimental.QuantizationDebugger` runs every
-quantized op next to its float twin (fed the same dequantized input) on the calibration images: the error of each
+Diagnosis uses the converters' own tools, each op named by the Keras layers it computes (`keras_layers`). For
+TFLite, `tf.lite.experimental.QuantizationDebugger` runs every quantized op next to its float twin (fed the same dequantized input) on the calibration images: the error of each
 op's output is local to that op. For ONNX, `onnxruntime.quantization.qdq_loss_debug` records every activation of the
 float and the QDQ models: the error of a tensor's QuantizeLinear/DequantizeLinear pair is local (`qdq`), its
 difference from the float model accumulates everything before it (`xmodel`). Per layer: RMSE / scale (RMSE in units
@@ -41,7 +41,7 @@ from sepconv.convert.export.verification import verify
 from sepconv.convert.graph import leaf_layers
 from sepconv.convert.keras_compat import producer_name
 from sepconv.deploy.quiet import captured_output
-from sepconv.deploy.runtime import open_runtime
+from sepconv.deploy.runtime import open_runtime, tflite_spec
 
 NEAREST, ROUNDED, ROUNDED_BIAS = "nearest", "gptq", "gptq+bias"  # how a setting's weights are rounded
 RELATIVE_ERROR_ALARM = 0.25  # an op whose output error is a quarter of its signal's spread is where trouble starts
@@ -359,18 +359,17 @@ def _float_layers(best: Setting, diagnosis: Diagnosis | None, attempts, artifact
                  for i, name in enumerate(best.float_layers))
 
 
-def keras_layers(name: str, model) -> tuple[str, ...]:
+def keras_layers(name: str, model, index: dict | None = None) -> tuple[str, ...]:
     """The Keras layers (leaf paths) that a converter's op name mentions ("model_1/block_1_BN_1/batchnorm/add_1;
     model_1/block_1_conv_1/convolution" for TFLite's fused ops, "model/conv/BiasAdd" for tf2onnx's nodes): in each
     ';'-separated part, the first segment after the model's own name that names a layer; the layer with weights
     first, then the others in the order named. A model traced more than once has every scope suffixed (`model_1`,
     `conv_1` for the layer `conv`, `conv_1_2` for `conv_1`): when the model's own segment carries a suffix, every
-    segment's last `_N` is taken off before matching, else none is."""
+    segment's last `_N` is taken off before matching, else none is. index: `_layer_index(model)`, when the caller
+    names many ops of one model."""
     import re
 
-    layers = {}
-    for path, layer in leaf_layers(model):
-        layers.setdefault(path.rsplit("/", 1)[-1], (path, type(layer).__name__))
+    layers = _layer_index(model) if index is None else index
     root = re.compile(re.escape(model.name) + r"(_\d+)?")
     found = []
     for part in name.split(";"):
@@ -394,9 +393,18 @@ def keras_layers(name: str, model) -> tuple[str, ...]:
     return tuple(weighted + [path for path, kind in found if path not in weighted])
 
 
+def _layer_index(model) -> dict:
+    """Each leaf layer's name -> (its path, its class name); the first of a name wins."""
+    layers = {}
+    for path, layer in leaf_layers(model):
+        layers.setdefault(path.rsplit("/", 1)[-1], (path, type(layer).__name__))
+    return layers
+
+
 def _named(diagnosis: Diagnosis, model) -> Diagnosis:
     """`diagnosis` with each row's Keras layers."""
-    return replace(diagnosis, layers=tuple(replace(row, keras=keras_layers(row.layer, model))
+    index = _layer_index(model)
+    return replace(diagnosis, layers=tuple(replace(row, keras=keras_layers(row.layer, model, index))
                                            for row in diagnosis.layers))
 
 
@@ -512,13 +520,16 @@ def accumulated_tflite(model, setting: Setting, io_type: str = "float32", forms=
     for sample in np.asarray(setting.samples[:ACCUMULATED_SAMPLES], np.float32):
         for interpreter in (quantized, floating):
             entry = interpreter.get_input_details()[0]
-            interpreter.set_tensor(entry["index"], _quantized_input(sample[None], entry))
+            interpreter.set_tensor(entry["index"], tflite_spec(entry).quantize(sample[None]))
             interpreter.invoke()
         for index in outputs:
+            detail = details[index]
+            if np.dtype(detail["dtype"]).kind != "f" and len(detail["quantization_parameters"]["scales"]) != 1:
+                continue  # not one scale: weights quantized per channel, or integers that are not activations
             reference = np.asarray(floating.get_tensor(float_index[names[index]]), np.float64)
-            actual = _dequantized(quantized.get_tensor(index), details[index])
-            if actual.shape != reference.shape or reference.ndim == 0 or not np.isfinite(actual).all():
-                continue  # another shape, a scalar, or a tensor quantized per channel (weights, not activations)
+            actual = tflite_spec(detail).dequantize(quantized.get_tensor(index)).astype(np.float64)
+            if actual.shape != reference.shape or reference.ndim == 0:
+                continue
             axes = tuple(range(reference.ndim - 1))
             found = np.stack([np.sum((actual - reference) ** 2, axis=axes), reference.sum(axis=axes),
                               np.sum(reference ** 2, axis=axes), np.full(reference.shape[-1],
@@ -535,26 +546,6 @@ def accumulated_tflite(model, setting: Setting, io_type: str = "float32", forms=
         channels = np.where(live, np.sqrt(squared / count / np.where(live, variance, 1.0)), 0.0)
         errors[names[index]] = float(max(whole, channels.mean()))
     return errors
-
-
-def _quantized_input(x: np.ndarray, entry: dict) -> np.ndarray:
-    if entry["dtype"] == np.float32:
-        return x.astype(np.float32)
-    scale, zero = entry["quantization"]
-    info = np.iinfo(entry["dtype"])
-    return np.clip(np.round(x / scale + zero), info.min, info.max).astype(entry["dtype"])
-
-
-def _dequantized(value: np.ndarray, detail: dict) -> np.ndarray:
-    """A tensor as real numbers: int8/int16/int32 by its per-tensor scale and zero point (as activations are)."""
-    value = np.asarray(value)
-    if value.dtype.kind == "f":
-        return value.astype(np.float64)
-    params = detail["quantization_parameters"]
-    scales, zeros = params["scales"], params["zero_points"]
-    if len(scales) != 1:
-        return np.full(value.shape, np.nan)
-    return (value.astype(np.float64) - float(zeros[0])) * float(scales[0])
 
 
 # --- ONNX: qdq_loss_debug ----------------------------------------------------------------------------------------

@@ -69,8 +69,7 @@ class RoundingReport:
 def nearest(kernel: np.ndarray) -> np.ndarray:
     """`kernel` (inputs x outputs) rounded to the nearest step of each output column's symmetric int8 grid: what the
     converters do."""
-    scale = _scales(kernel)
-    return np.clip(np.round(kernel / np.where(scale > 0, scale, 1.0)), -LEVELS, LEVELS) * scale
+    return _on_grid(kernel, _scales(kernel))
 
 
 def gptq(kernel: np.ndarray, moment: np.ndarray, damping: float = DAMPING) -> np.ndarray:
@@ -80,7 +79,6 @@ def gptq(kernel: np.ndarray, moment: np.ndarray, damping: float = DAMPING) -> np
     work = np.array(kernel, np.float64)
     rows, columns = work.shape
     scale = _scales(work)
-    safe = np.where(scale > 0, scale, 1.0)
     pinned = np.abs(work).argmax(axis=0)  # each column's largest weight: it sets the scale, so it stays
     pinned_values = work[pinned, np.arange(columns)]
     h = np.array(moment, np.float64)
@@ -91,7 +89,7 @@ def gptq(kernel: np.ndarray, moment: np.ndarray, damping: float = DAMPING) -> np
     rounded = np.zeros_like(work)
     for row in range(rows):
         values = work[row]
-        chosen = np.clip(np.round(values / safe), -LEVELS, LEVELS) * scale
+        chosen = _on_grid(values, scale)
         rounded[row] = chosen
         error = (values - chosen) / upper[row, row]
         work[row + 1:] -= np.outer(upper[row, row + 1:], error)
@@ -127,6 +125,12 @@ def round_weights(model, x: np.ndarray, *, bias_correction: bool = False, progre
 
 def _scales(kernel: np.ndarray) -> np.ndarray:
     return np.abs(kernel).max(axis=0) / LEVELS
+
+
+def _on_grid(values: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """`values` (per output column, or one row of them) at their nearest step of `scale`, clipped to -127..127; 0
+    where the scale is 0."""
+    return np.clip(np.round(values / np.where(scale > 0, scale, 1.0)), -LEVELS, LEVELS) * scale
 
 
 def _supported(layer) -> bool:
