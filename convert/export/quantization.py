@@ -1,14 +1,15 @@
 """int8 that holds: diagnose which layers full-integer quantization breaks, and repair the artifact.
 
-Diagnosis uses the converters' own tools, each op named by the Keras layers it computes (`keras_layers`). For
-TFLite, `tf.lite.experimental.QuantizationDebugger` runs every quantized op next to its float twin (fed the same dequantized input) on the calibration images: the error of each
-op's output is local to that op. For ONNX, `onnxruntime.quantization.qdq_loss_debug` records every activation of the
-float and the QDQ models: the error of a tensor's QuantizeLinear/DequantizeLinear pair is local (`qdq`), its
-difference from the float model accumulates everything before it (`xmodel`). Per layer: RMSE / scale (RMSE in units
-of the output's quantization step: ~0.29 is the rounding floor), relative error (RMSE / std of the float output),
-the float output's range and the int8 scale. All layers together (`accumulated_tflite`): the int8 and the float
-TFLite models run with every tensor kept, each op's output compared with the float model's. The error "starts" at the
-first layer, in graph order, whose relative error alone exceeds RELATIVE_ERROR_ALARM.
+Diagnosis uses the converters' own tools, each op named by the Keras layers it computes (`keras_layers`). For TFLite,
+`tf.lite.experimental.QuantizationDebugger` runs every quantized op next to its float twin (fed the same dequantized
+input) on the calibration images: the error of each op's output is local to that op. For ONNX,
+`onnxruntime.quantization.qdq_loss_debug` records every activation of the float and the QDQ models: the error of a
+tensor's QuantizeLinear/DequantizeLinear pair is local (`qdq`), its difference from the float model accumulates
+everything before it (`xmodel`). Per layer: RMSE / scale (RMSE in units of the output's quantization step: ~0.29 is
+the rounding floor), relative error (RMSE / std of the float output), the float output's range and the int8 scale.
+All layers together (`accumulated_tflite`): the int8 and the float TFLite models run with every tensor kept, each
+op's output compared with the float model's. The error "starts" at the first layer, in graph order, whose relative
+error alone exceeds RELATIVE_ERROR_ALARM.
 
 Repair (`export_int8`), when the artifact at the requested settings does not agree with the Keras model on the
 validation images, tries in order, each measured, and stops at the first that agrees: cross-layer equalization of the
