@@ -92,6 +92,7 @@ _positive_float = _checked(float, lambda v: v > 0, "number", "a number > 0")
 _weight = _checked(float, lambda v: v >= 0, "weight", "a number >= 0")
 _share = _checked(float, lambda v: 0 <= v <= 1, "share", "a number in [0, 1]")
 _open_fraction = _checked(float, lambda v: 0 < v < 1, "fraction", "a number in (0, 1)")
+_confidence = _checked(float, lambda v: 0 <= v < 1, "confidence", "a number in [0, 1)")
 _seed = _checked(int, lambda v: 0 <= v < 2 ** 32, "seed", "a whole number in [0, 2**32)")
 _rank = _checked(lambda t: t if t == "full" else int(t), lambda v: v == "full" or v >= 1, "rank",
                  "a whole number >= 1 or 'full'")
@@ -274,6 +275,10 @@ def convert_parser() -> argparse.ArgumentParser:
     group = parser.add_argument_group("verification and output")
     group.add_argument("--min-agreement", type=_fraction, default=tolerance.min_agreement,
                        help="top-1 agreement a quantized artifact must reach (default: %(default)s)")
+    group.add_argument("--confidence", type=_confidence, default=tolerance.confidence,
+                       help="fail --min-agreement and --max-accuracy-drop only when the held-out images show the "
+                            "shortfall with this one-sided confidence (Wilson bound); 0 fails any measured value under "
+                            "the bar (default: %(default)s)")
     group.add_argument("--overwrite", action="store_true", help="replace existing output files")
     group.add_argument("--custom-objects", action="append", default=[], metavar="MODULE[:NAME]",
                        help="import custom layers/functions the model uses (repeatable)")
@@ -326,7 +331,7 @@ def convert_options(args, *, custom_objects: bool = True):
         calibration_samples=args.calibration_samples,
         targets=(TFLiteOutputOptions(io_type=args.io_type, per_channel=not args.per_tensor, allow_flex=args.allow_flex),
                  OnnxOutputOptions(opset=args.opset, layout=args.layout, per_channel=not args.per_tensor)),
-        tolerance=Tolerance(min_agreement=args.min_agreement),
+        tolerance=Tolerance(min_agreement=args.min_agreement, confidence=args.confidence),
         quantization=QuantizationOptions(repair=args.repair, explain=args.explain_quantization,
                                          max_float_layers=args.max_float_layers, equalize=args.equalize,
                                          round_weights=args.round_weights),

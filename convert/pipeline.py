@@ -57,7 +57,7 @@ MAX_INPUT_ELEMENTS = 1 << 25  # values per input sample (e.g. 3344 x 3344 x 3): 
 class HeldOut(NamedTuple):
     """The two held-out sets an artifact meets: validation (the accuracy budget's verdict; None without data) and
     test (verification and scores, never a choice); original_top1: the original model's top-1 class on each
-    validation sample (what an unlabelled budget counts agreement with; None when not needed)."""
+    validation sample (the budget check's reference; None when not needed)."""
 
     validation: object
     test: object
@@ -194,7 +194,8 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
         job = ExportJob(model=exported, original=reference if report else None, expected=expected,
                         calibration=calibration, held=held, data_info=data.info, options=options,
                         source=source_record, report=report, recovery=recovery, say=say, speed=speed,
-                        source_model=source_model)
+                        source_model=source_model,
+                        validation_expected=Outputs(exported, validation.x) if validation is not None else None)
         artifacts = export_all(job, targets, plan.quantize, timer)
     except SepconvError as error:
         if recovery and recovery.finetune and not isinstance(error, BudgetError):
@@ -231,9 +232,9 @@ def _unresolved(images: int, max_drop: float | None, min_agreement: float | None
 
 def _original_top1(validation_reference, validation, recovery) -> np.ndarray | None:
     """The original's top-1 classes on the validation data (from the outputs recovery scored with), kept for the
-    artifacts' budget check when the data has no labels (agreement with the original is then the metric); None when
-    no budget will be checked."""
-    if recovery is None or not recovery.budget or validation is None or validation.y is not None:
+    artifacts' budget check: without labels agreement with them is the metric, with labels the images where the
+    original and the artifact differ bound the drop (verification.drop_bound); None when no budget will be checked."""
+    if recovery is None or not recovery.budget or validation is None:
         return None
     return top1(validation_reference.values[0])
 

@@ -83,7 +83,7 @@ def test_convert_result_is_typed_and_its_dict_is_the_json_summary(tmp_path, data
     verification = json.loads(json.dumps(result.artifacts[0].verification.to_dict()))
     assert artifact["verification"] == verification and verification["passed"] and verification["budget"] == (
         {"metric": "accuracy", "original": 0.92, "artifact": 0.915, "drop": 0.5, "max_drop": 1.0, "samples": 40,
-         "held": True} if data else None)
+         "least_drop": None, "confidence": 0.0, "held": True} if data else None)
     assert summary["separation"]["totals"]["separated"] == 1 and summary["recovery"]["stages"][2]["kept"] is False
     assert result.recovery.final.name == "separated", "the last kept stage"
 

@@ -134,7 +134,7 @@ def test_a_step_that_does_not_help_is_dropped_from_the_later_ones():
 
     def judge(data, x):
         score = scores.get(data.decode(), 0.5)
-        return score, score, False
+        return score, score, False, False
 
     class Target:
         calibration_methods = ("minmax",)
@@ -146,3 +146,32 @@ def test_a_step_that_does_not_help_is_dropped_from_the_later_ones():
     assert names[:3] == ["as requested", "weight rounding (GPTQ)", "weight rounding + bias correction"], names
     assert [s.rounding for s in seen[3:]] == ["nearest", "nearest"], [(s.name, s.rounding) for s in seen]
     assert seen[-1].name == "per-tensor weights" and not seen[-1].per_channel
+
+
+@pytest.mark.parametrize("noise", [{}, {"weight rounding (GPTQ)": True, "weight rounding + bias correction": True}])
+def test_none_at_the_bar_the_best_within_the_noise_is_chosen(noise):
+    """export_int8 with a fake exporter whose attempts all fall short of the bar as measured: the best attempt the
+    validation images cannot tell from the bar is chosen (and said); with none, nothing is (auto falls back)."""
+    calibration = q.Calibration(np.zeros((4, 2), np.float32), np.zeros((8, 2), np.float32),
+                                np.zeros((4, 2), np.float32))
+    scores = {"as requested": 0.90, "weight rounding (GPTQ)": 0.975, "weight rounding + bias correction": 0.97}
+
+    def judge(data, x):
+        name = data.decode()
+        return scores.get(name, 0.5), 0.9, False, noise.get(name, False)
+
+    class Target:
+        calibration_methods = ("minmax",)
+
+    data, report = q.export_int8(None, Target(), calibration, export=lambda setting: setting.name.encode(),
+                                 judge=judge, diagnose=lambda s: None, per_channel=True,
+                                 options=q.QuantizationOptions(max_float_layers=0),
+                                 rounding=lambda setting: {"layers": [{"path": "conv", "error_nearest": 0.1,
+                                                                       "error_rounded": 0.05}],
+                                                           "samples": 4, "bias_correction": False})
+    if not noise:
+        assert not report.passed and report.chosen is None and not report.within_noise and data == b"as requested"
+        return
+    assert report.passed and report.within_noise and data == b"weight rounding (GPTQ)", report
+    assert "weight rounding (GPTQ) is under it by less than the validation images can show" in report.line()
+    assert report.to_dict()["within_noise"] is True

@@ -423,12 +423,50 @@ def test_quantize_auto_falls_back_when_int8_fails_verification(tmp_path):
     assert any("int8 failed on the validation images" in line and "--quantize auto tries" in line
                for line in lines), lines
     for artifact in result.artifacts:
-        assert "on the validation images" in artifact.quantize_fallback["reason"], artifact.quantize_fallback
+        assert "validation images" in artifact.quantize_fallback["reason"], artifact.quantize_fallback
         assert artifact.quantize_fallback["int8_attempts"][0]["name"] == "as requested"
     insisted = run(tmp_path / "m.keras", tmp_path / "i.tflite", "--data", tmp_path / "d.npz", "--no-separate",
                    "--quantize", "int8", "--no-repair")
     assert insisted.returncode == 1 and "failed verification" in insisted.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "i.tflite").exists(), "an explicit --quantize int8 is not replaced"
+
+
+def test_the_validation_images_decide_the_fallback_and_the_test_images_only_score():
+    """--quantize auto's fallback (staging._falls_back): an int8 artifact is replaced when the validation images
+    reject it (no repair attempt agreed there, or over the budget there), never because of the test images: an int8
+    artifact they accepted and the test images reject fails the run instead. Without validation images the
+    verification decides."""
+    from types import SimpleNamespace
+
+    from sepconv.convert.export.quantization import Attempt, QuantizationReport
+    from sepconv.convert.export.verification import BudgetCheck, Tolerance
+    from sepconv.convert.staging import _falls_back
+
+    def attempt(agreement, passed, noise=False):
+        return Attempt("as requested", "64 samples", (), 1000, agreement, 0.99, passed, within_noise=noise)
+
+    def job(validation=True):
+        return SimpleNamespace(options=SimpleNamespace(quantize="auto", tolerance=Tolerance()),
+                               held=SimpleNamespace(validation=SimpleNamespace(x=np.zeros((225, 2))) if validation
+                                                    else None))
+
+    def item(report, test_passed, budget_held=True):
+        budget = BudgetCheck("accuracy", 0.9, 0.9 if budget_held else 0.85, 0.0 if budget_held else 5.0, 1.0, 225)
+        verification = SimpleNamespace(passed=test_passed and budget_held, budget=budget,
+                                       failures=lambda: ["output out: top-1 agreement 90.00% < 98.00%"])
+        return SimpleNamespace(quantize="int8", quantization=report, verification=verification)
+
+    accepted = QuantizationReport((attempt(0.99, True),), 0, validated=True)
+    marginal = QuantizationReport((attempt(0.975, False, noise=True),), 0, validated=True)
+    rejected = QuantizationReport((attempt(0.90, False),), None, validated=True)
+    assert not _falls_back(job(), item(accepted, test_passed=False)), "the test images do not choose"
+    assert not _falls_back(job(), item(marginal, test_passed=True)), "within the validation images' noise: kept"
+    assert _falls_back(job(), item(rejected, test_passed=True)), "rejected on validation, whatever the test says"
+    assert _falls_back(job(), item(accepted, test_passed=True, budget_held=False)), "over the budget on validation"
+    unvalidated = QuantizationReport((attempt(0.99, True),), 0, validated=False)
+    assert _falls_back(job(validation=False), item(unvalidated, test_passed=False)), "no validation: verification"
+    assert not _falls_back(SimpleNamespace(**{**vars(job()), "options": SimpleNamespace(
+        quantize="int8", tolerance=Tolerance())}), item(rejected, test_passed=False)), "an explicit int8 never falls back"
 
 
 def test_validation_data_from_its_own_file(tmp_path, labelled):

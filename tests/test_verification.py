@@ -21,10 +21,58 @@ def test_agreement_and_accuracy():
     labels = np.argmax(LOGITS, 1)
     flipped = LOGITS.copy()
     flipped[:5] = -flipped[:5]  # 5 of 200 rows change their top-1: 97.5% agreement
-    check = _check("out", LOGITS, flipped, labels, True, Tolerance())
+    check = _check("out", LOGITS, flipped, labels, True, Tolerance(confidence=0))
     assert check.agreement == pytest.approx(0.975) and not check.passed
     assert check.keras_accuracy == 1.0 and check.accuracy == pytest.approx(0.975)
-    assert _check("out", LOGITS, flipped, labels, True, Tolerance(min_agreement=0.97)).passed
+    assert _check("out", LOGITS, flipped, labels, True, Tolerance(min_agreement=0.97, confidence=0)).passed
+
+
+def test_share_bound_is_the_wilson_bound():
+    from sepconv.deploy.stats import share_bound
+
+    # Wilson's one-sided 95% bounds (z = 1.6449), computed by hand from the closed form
+    assert share_bound(219, 225, 0.95, upper=True) == pytest.approx(0.98615, abs=1e-5)
+    assert share_bound(10, 10, 0.95, upper=False) == pytest.approx(0.78706, abs=1e-5)
+    assert share_bound(0, 10, 0.95, upper=True) == pytest.approx(0.21294, abs=1e-5), "symmetric to the one above"
+    for n in (10, 100, 1000, 10000):  # brackets the measured share, and tightens as the samples grow
+        low, high = share_bound(n // 4, n, 0.95, upper=False), share_bound(n // 4, n, 0.95, upper=True)
+        assert low < (n // 4) / n < high and high - low < 1.5 / n ** 0.5, (n, low, high)
+    assert share_bound(0, 0, 0.95, upper=True) == 1.0 and share_bound(0, 0, 0.95, upper=False) == 0.0
+
+
+def test_agreement_fails_only_when_the_images_show_it():
+    """97.5% against a 98% bar: on 200 images that is 1 image short, within their noise, and passes, saying so; on
+    4,000 images the same share is shown to be under the bar and fails; at confidence 0 the measurement decides."""
+    tolerance = Tolerance()
+    passed, criterion = tolerance.agreement_verdict(0.975, 200)
+    assert passed and "under 98.00% by less than 200 samples can show" in criterion and "upper bound" in criterion
+    needed = int(criterion.split("about ")[1].split(" would")[0])
+    assert not tolerance.agreement_verdict(0.975, needed)[0], "the sample count named resolves it"
+    assert tolerance.agreement_verdict(0.975, int(needed * 0.95))[0], "and is the least that does (within 5%)"
+    passed, criterion = tolerance.agreement_verdict(0.975, 4000)
+    assert not passed and "on 4000 samples (95% upper bound" in criterion, criterion
+    assert not Tolerance(confidence=0).agreement_verdict(0.975, 200)[0]
+    assert tolerance.agreement_verdict(0.99, 10)[0] and "99.00% >= 98.00%" in tolerance.agreement_verdict(0.99, 10)[1]
+    with pytest.raises(InvalidOptionError, match="confidence"):
+        Tolerance(confidence=1.0)
+
+
+@pytest.mark.parametrize("worse, better, held", [(0, 0, True), (2, 0, True), (3, 1, True), (9, 0, False),
+                                                 (12, 2, False)])
+def test_the_budget_counts_the_images_where_the_models_differ(worse, better, held):
+    """The drop's lower bound comes from the images only one of the two models gets right: on 225 validation
+    images (0.44 points each), 2 more wrong (0.89 points) is within a 0.5-point budget's noise; 9 more wrong (4
+    points) is shown over it."""
+    from sepconv.convert.export.verification import BudgetCheck, drop_bound
+
+    least = drop_bound(worse, better, 225, 0.95)
+    drop = 100.0 * (worse - better) / 225
+    assert least <= drop + 1e-9 and drop_bound(worse, better, 225, 0.0) == pytest.approx(drop)
+    check = BudgetCheck(metric="accuracy", original=0.9, artifact=0.9 - drop / 100, drop=drop, max_drop=0.5,
+                        samples=225, least_drop=least, confidence=0.95)
+    assert check.held == held, (least, check.criterion())
+    if worse - better > 1:  # over the budget as measured: the criterion says whether the images show it
+        assert ("by less than 225 samples can show" in check.criterion()) == held, check.criterion()
 
 
 def test_cosine_for_feature_maps():

@@ -19,8 +19,10 @@ more and shuffled calibration samples (and per-channel weights if they were per-
 calibration for ONNX), the other weight granularity (per-tensor where per-channel was asked: it can be better, ONNX
 Runtime issue 11415), then the worst 1..max_float_layers layers kept in float (TFLite `denylisted_nodes`, ONNX
 `nodes_to_exclude`). A step that agrees better than every attempt before it becomes the base of the later ones; one
-that does not is dropped. Choices use the validation images; the pipeline's verification on the test images judges
-the result, as for any artifact.
+that does not is dropped. Repair aims at the measured agreement; when no attempt reaches it, the best attempt whose
+shortfall the validation images cannot show (verification's `Tolerance.confidence`) is chosen, and said; when none,
+nothing is (and --quantize auto falls back). Choices use the validation images; the pipeline's verification on the
+test images judges the result, as for any artifact.
 """
 
 from __future__ import annotations
@@ -38,8 +40,8 @@ from sepconv.convert.export.onnx import quantize_static_qdq, reader
 from sepconv.convert.export.rounding import round_weights
 from sepconv.convert.export.tflite import TFLiteOptions, export_tflite, make_converter
 from sepconv.convert.export.trace import frozen_function
-from sepconv.convert.export.verification import verify
-from sepconv.convert.graph import leaf_layers
+from sepconv.convert.export.verification import compare_outputs, run_artifact
+from sepconv.convert.graph import batch_size_for, leaf_layers, predict_keras
 from sepconv.convert.keras_compat import producer_name
 from sepconv.deploy.quiet import captured_output
 from sepconv.deploy.runtime import open_runtime, tflite_spec
@@ -162,10 +164,11 @@ class Attempt:
     bytes: int
     agreement: float | None  # top-1 agreement with the Keras model on the validation images
     cosine: float
-    passed: bool
+    passed: bool  # reached the bar as measured
     equalized: bool = False
     per_channel: bool = True
     rounding: str = NEAREST
+    within_noise: bool = False  # passed, or under the bar by less than the validation images can show
 
 
 @dataclass(frozen=True)
@@ -190,8 +193,14 @@ class QuantizationReport:
     def passed(self) -> bool:
         return self.chosen is not None
 
+    @property
+    def within_noise(self) -> bool:
+        """The chosen attempt is under the bar as measured, by less than the validation images can show."""
+        return self.chosen is not None and not self.attempts[self.chosen].passed
+
     def to_dict(self) -> dict:
-        return {"passed": self.passed, "chosen": self.chosen, "attempts": [asdict(a) for a in self.attempts],
+        return {"passed": self.passed, "within_noise": self.within_noise, "chosen": self.chosen,
+                "attempts": [asdict(a) for a in self.attempts],
                 "float_layers": [asdict(f) for f in self.float_layers],
                 "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None,
                 "equalization": self.equalization, "rounding": self.rounding, "validated": self.validated}
@@ -199,7 +208,9 @@ class QuantizationReport:
     def line(self) -> str:
         tried = "; ".join(f"{a.name}: {_agreement_text(a)}" for a in self.attempts)
         kept = "; ".join(f"{f.layer} ({f.op}, {f.reason}, {f.bytes:+,} bytes)" for f in self.float_layers)
-        return (f"int8 attempts ({tried})" + (f"; kept in float: {kept}" if kept else "")
+        noise = (f"; none reached the bar, {self.attempts[self.chosen].name} is under it by less than the validation "
+                 f"images can show: chosen" if self.within_noise else "")
+        return (f"int8 attempts ({tried})" + noise + (f"; kept in float: {kept}" if kept else "")
                 + (f"; {_equalization_text(self.equalization)}" if self.equalization else "")
                 + (f"; {_rounding_text(self.rounding)}" if self.rounding else ""))
 
@@ -249,12 +260,14 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
                 rounding: Callable[[Setting], dict | None] | None = None) -> tuple[bytes, QuantizationReport]:
     """The int8 artifact of the first setting that agrees with the Keras model on the validation images.
 
-    export(setting) -> artifact bytes; judge(artifact, x) -> (agreement, cosine, passed); diagnose(setting) ->
+    export(setting) -> artifact bytes; judge(artifact, x) -> (agreement, cosine, passed as measured, passed within
+    the sampling noise of x); diagnose(setting) ->
     Diagnosis; equalization() -> the EqualizationReport (as a dict) of the equalized model that settings with
     `equalized` export, or None when the model has no separable layer to equalize (then no equalized attempt is made);
     rounding(setting) -> the RoundingReport (as a dict) of the weights a setting with `rounding` exports, None when
     no layer has weights to round. Without validation images (or with repair off) the first setting is the only one
-    tried. The steps (module doc) build on a base: the setting that agreed best so far.
+    tried. The steps (module doc) build on a base: the setting that agreed best so far. When none passes as
+    measured, the best one within the noise is chosen.
     """
     first = Setting("as requested", calibration.samples, f"{len(calibration.samples)} samples", per_channel)
     attempts, artifacts, settings = [], [], []
@@ -262,9 +275,10 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
     def attempt(setting: Setting) -> bool:
         data = export(setting)
         x = calibration.validation if calibration.validation is not None else calibration.samples
-        agreement, cosine, passed = judge(data, x)
+        agreement, cosine, passed, within_noise = judge(data, x)
         attempts.append(Attempt(setting.name, setting.calibration, setting.float_layers, len(data), agreement,
-                                cosine, passed, setting.equalized, setting.per_channel, setting.rounding))
+                                cosine, passed, setting.equalized, setting.per_channel, setting.rounding,
+                                within_noise))
         artifacts.append(data)
         settings.append(setting)
         return passed
@@ -293,6 +307,9 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
                     best, passed, diagnosis = setting, True, ranking
                     break
     chosen = len(attempts) - 1 if passed else None
+    if not passed and any(a.within_noise for a in attempts):
+        chosen = max((i for i, a in enumerate(attempts) if a.within_noise), key=lambda i: _score(attempts[i]))
+        best, passed = settings[chosen], True
     floats = _float_layers(best, diagnosis, attempts, artifacts) if passed else ()
     shipped = best if passed else first
     report = QuantizationReport(tuple(attempts), chosen, floats, diagnosis, equalized,
@@ -721,14 +738,20 @@ class _Variants:
 
 
 def _judge(model, target, tolerance, layout: str):
-    """(agreement, cosine, passed) of an artifact against the Keras model on images x, as verification judges it."""
+    """(agreement, cosine, passed as measured, passed within the noise) of an artifact against the Keras model on
+    images x, as verification judges it (Tolerance.measured, and `tolerance` itself)."""
     def judge(data: bytes, x: np.ndarray):
         with tempfile.TemporaryDirectory(prefix="sepconv-judge-") as tmp:
             path = Path(tmp) / f"attempt{target.extension}"
             path.write_bytes(data)
-            checked = verify(model, open_runtime(str(path)), x, quantized=True, quantize="int8", tolerance=tolerance,
-                             layout=layout)
-        first = checked.outputs[0]
-        return first.agreement, first.cosine, checked.passed
+            runtime = open_runtime(str(path))
+            actual = run_artifact(runtime, x, layout=layout, batch_size=batch_size_for(model))
+            names = [spec.name for spec in runtime.outputs]
+        expected = predict_keras(model, x, batch_size_for(model))
+        measured, within = (compare_outputs(expected, actual, names, x, None, quantized=True, quantize="int8",
+                                            tolerance=level, inputs="validation images", original=None,
+                                            artifact="int8 attempt") for level in (tolerance.measured, tolerance))
+        first = measured.outputs[0]
+        return first.agreement, first.cosine, measured.passed, within.passed
 
     return judge

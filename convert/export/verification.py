@@ -5,6 +5,13 @@ are judged by what users feel: top-1 agreement with the Keras model for classifi
 other outputs, and accuracy when labels are given. On synthetic inputs (no data given) the top-1 class of a
 classifier is decided by noise, so a correct quantized artifact can disagree on many of them: there, classifier
 outputs are judged by cosine similarity too, and the criterion says so.
+
+A few hundred held-out images measure agreement and accuracy with an error of a point or more (one image of 225 is
+0.44 points), so a bar is failed only when the images show it (`Tolerance.confidence`): top-1 agreement fails when
+its one-sided Wilson upper bound is below `min_agreement`, the accuracy budget when the drop's lower bound (on the
+images where the two models differ, `drop_bound`) is over it. A measurement under the bar that the images cannot
+tell from it passes, and its criterion says so with the bound and the sample count that would resolve it.
+Confidence 0 judges the measured values themselves.
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ from sepconv.convert.graph import MAX_BATCH, batch_size_for, batched, predict_ke
 from sepconv.convert.loading import load
 from sepconv.deploy.runtime import Runtime, open_runtime
 from sepconv.deploy.scores import hit_rate, top1
+from sepconv.deploy.stats import share_bound
 
 
 @dataclass(frozen=True)
@@ -29,17 +37,54 @@ class Tolerance:
     min_agreement: quantized classifiers lose a little precision; 98% top-1 agreement with the Keras model is the
         usual bar for an int8 model that "gives the same answers".
     min_cosine: quantized non-classifier outputs (feature maps, embeddings) must keep their direction.
+    confidence: how sure the held-out images must make a failure (module doc): 0.95 fails an agreement or a budget
+        only when the images show it at 95% one-sided confidence; 0 fails every measured value under the bar.
     """
 
     max_relative_error: float = 1e-4
     min_agreement: float = 0.98
     min_cosine: float = 0.98
+    confidence: float = 0.95
 
     def __post_init__(self):
-        for name in ("max_relative_error", "min_agreement", "min_cosine"):
+        for name in ("max_relative_error", "min_agreement", "min_cosine", "confidence"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:
                 raise InvalidOptionError(f"Unrecognized {name}={value!r}. Use a number in [0, 1]")
+        if self.confidence >= 1:
+            raise InvalidOptionError(f"Unrecognized confidence={self.confidence!r}. Use a number in [0, 1): a "
+                                     f"confidence of 1 can never fail anything")
+
+    @property
+    def measured(self) -> Tolerance:
+        """The same bars on the measured values alone (confidence 0): what repair aims at."""
+        return replace(self, confidence=0.0)
+
+    def agreement_verdict(self, agreement: float, samples: int) -> tuple[bool, str]:
+        """(passed, criterion) of a top-1 agreement measured on `samples` images."""
+        bar = self.min_agreement
+        if agreement >= bar:
+            return True, f"top-1 agreement {agreement:.2%} >= {bar:.2%}"
+        if not self.confidence:
+            return False, f"top-1 agreement {agreement:.2%} < {bar:.2%}"
+        bound = share_bound(round(agreement * samples), samples, self.confidence, upper=True)
+        level = f"{self.confidence:.0%} upper bound {bound:.2%}"
+        if bound < bar:
+            return False, f"top-1 agreement {agreement:.2%} < {bar:.2%} on {samples} samples ({level})"
+        return True, (f"top-1 agreement {agreement:.2%} under {bar:.2%} by less than {samples} samples can show "
+                      f"({level}; about {_samples_to_resolve(agreement, bar, self.confidence)} would)")
+
+
+def _samples_to_resolve(share: float, bar: float, confidence: float) -> int:
+    """How many samples measuring `share` would put its upper bound under `bar` (doubling, then halving in)."""
+    low, high = 1, 2
+    while share_bound(round(share * high), high, confidence, upper=True) >= bar and high < 1 << 24:
+        low, high = high, high * 2
+    while high - low > max(1, low // 100):
+        middle = (low + high) // 2
+        low, high = (low, middle) if share_bound(round(share * middle), middle, confidence, upper=True) < bar \
+            else (middle, high)
+    return high
 
 
 @dataclass(frozen=True)
@@ -67,19 +112,41 @@ class BudgetCheck:
     drop: float  # points
     max_drop: float
     samples: int
+    least_drop: float | None = None  # points: the drop's lower bound at the tolerance's confidence (None: not bounded)
+    confidence: float = 0.0
 
     @property
     def held(self) -> bool:
-        return self.drop <= self.max_drop + 1e-9
+        return min(self.drop, self.drop if self.least_drop is None else self.least_drop) <= self.max_drop + 1e-9
 
     def criterion(self) -> str:
-        return (f"validation {self.metric} drop {self.drop:.2f} {'<=' if self.held else '>'} {self.max_drop} points "
-                f"(budget)")
+        if self.drop <= self.max_drop + 1e-9 or self.least_drop is None:
+            return (f"validation {self.metric} drop {self.drop:.2f} {'<=' if self.held else '>'} {self.max_drop} "
+                    f"points (budget)")
+        bound = f"{self.confidence:.0%} lower bound {self.least_drop:.2f}"
+        if self.held:
+            return (f"validation {self.metric} drop {self.drop:.2f} over the {self.max_drop}-point budget by less "
+                    f"than {self.samples} samples can show ({bound})")
+        return f"validation {self.metric} drop {self.drop:.2f} > {self.max_drop} points (budget; {bound})"
 
     def failure(self) -> str:
+        shown = "" if self.least_drop is None else \
+            f", at least {self.least_drop:.2f} at {self.confidence:.0%} confidence"
         return (f"the artifact lost {self.drop:.2f} points of {self.metric} on {self.samples} validation samples "
-                f"({self.original:.2%} -> {self.artifact:.2%}), over the budget of {self.max_drop} "
+                f"({self.original:.2%} -> {self.artifact:.2%}{shown}), over the budget of {self.max_drop} "
                 f"(--max-accuracy-drop; quantization counts)")
+
+
+def drop_bound(worse: int, better: int, samples: int, confidence: float) -> float:
+    """The lower bound, in points, on how much worse than the original an artifact scores, from the `worse` images
+    only the original gets right and the `better` ones only the artifact does, of `samples` (paired: the images
+    both get right or both wrong say nothing about the difference). Given the d = worse + better images where they
+    differ, `worse` is Binomial(d, q) and the drop is d (2q - 1) / samples: the bound is that of q (share_bound)."""
+    differ = worse + better
+    if not differ or not confidence:
+        return 100.0 * (worse - better) / max(samples, 1)
+    q = share_bound(worse, differ, confidence, upper=False)
+    return 100.0 * differ * (2 * q - 1) / samples
 
 
 @dataclass(frozen=True)
@@ -112,24 +179,32 @@ class Verification:
                                     f"more representative --data, or lower --min-agreement")
 
 
-def within_budget(verification: Verification, runtime, held, recovery, *, layout: str = "nhwc") -> Verification:
+def within_budget(verification: Verification, runtime, held, recovery, *, layout: str = "nhwc",
+                  confidence: float = 0.0) -> Verification:
     """`verification` with the accuracy budget checked on the artifact itself (BudgetCheck): a run with
-    --max-accuracy-drop whose artifact loses more than the budget on the validation data fails verification like any
-    other criterion. Unchanged when the run had no budget (recovery.budget None) or no validation data. held: the
-    pipeline's HeldOut (validation data; without labels, the original's top-1 classes on it)."""
+    --max-accuracy-drop whose artifact loses more than the budget on the validation data (shown at `confidence`,
+    drop_bound) fails verification like any other criterion. Unchanged when the run had no budget (recovery.budget
+    None) or no validation data. held: the pipeline's HeldOut (validation data and the original's top-1 classes on
+    it)."""
     validation = held.validation
     budget = recovery.budget if recovery is not None else None
     if budget is None or validation is None:
         return verification
     predicted = top1(run_artifact(runtime, validation.x, layout=layout)[0])
+    original = held.original_top1
     if validation.y is not None:
-        metric, before = "accuracy", recovery.stages[0].val_accuracy
-        after = hit_rate(predicted, validation.y)
+        truth, metric, before = np.asarray(validation.y).reshape(-1), "accuracy", recovery.stages[0].val_accuracy
     else:
-        metric, before = "agreement", 1.0
-        after = hit_rate(predicted, held.original_top1)
+        truth, metric, before = original, "agreement", 1.0
+    after = hit_rate(predicted, truth)
+    least = None
+    if original is not None:
+        right_before, right_after = original == truth, predicted == truth
+        least = round(drop_bound(int(np.sum(right_before & ~right_after)), int(np.sum(right_after & ~right_before)),
+                                 len(truth), confidence), 4)
     check = BudgetCheck(metric=metric, original=before, artifact=after, drop=round(100.0 * (before - after), 4),
-                        max_drop=budget.plan.max_drop, samples=len(validation.x))
+                        max_drop=budget.plan.max_drop, samples=len(validation.x), least_drop=least,
+                        confidence=confidence)
     return replace(verification, budget=check)
 
 
@@ -150,11 +225,11 @@ def verify(model, artifact, x: np.ndarray, y: np.ndarray | None = None, *, quant
     """
     runtime = artifact if isinstance(artifact, Runtime) else open_runtime(artifact)
     batch = batch_size_for(model)  # the artifact holds what the Keras model holds, give or take its arena planning
-    return _compare(predict_keras(model, x, batch) if expected is None else expected,
-                    run_artifact(runtime, x, layout=layout, batch_size=batch),
-                    [spec.name for spec in runtime.outputs], x, y, quantized=quantized, quantize=quantize,
-                    tolerance=tolerance, inputs=inputs, original=original, synthetic=synthetic,
-                    artifact=str(artifact if not isinstance(artifact, Runtime) else "artifact"))
+    return compare_outputs(predict_keras(model, x, batch) if expected is None else expected,
+                           run_artifact(runtime, x, layout=layout, batch_size=batch),
+                           [spec.name for spec in runtime.outputs], x, y, quantized=quantized, quantize=quantize,
+                           tolerance=tolerance, inputs=inputs, original=original, synthetic=synthetic,
+                           artifact=str(artifact if not isinstance(artifact, Runtime) else "artifact"))
 
 
 class Outputs:
@@ -172,9 +247,10 @@ class Outputs:
         return self._values
 
 
-def _compare(expected, actual, names, x, y, *, quantized: bool, quantize: str, tolerance: Tolerance, inputs: str,
-             original, artifact: str, synthetic: bool = False) -> Verification:
-    """Judge each output, and score the model before separation against the artifact's first output."""
+def compare_outputs(expected, actual, names, x, y, *, quantized: bool, quantize: str, tolerance: Tolerance,
+                    inputs: str, original, artifact: str, synthetic: bool = False) -> Verification:
+    """Judge each output (`expected`: the Keras model's outputs on `x`, `actual`: the artifact's, `names`: its output
+    names), and score the model before separation against the artifact's first output."""
     if len(expected) != len(actual):
         raise VerificationError(f"{artifact}: has {len(actual)} outputs but the Keras model has {len(expected)}")
     checks = tuple(_check(name, e, a, y, quantized, tolerance, synthetic) for name, e, a in zip(names, expected,
@@ -224,8 +300,7 @@ def _check(name, expected, actual, y, quantized: bool, tolerance: Tolerance, syn
         passed = relative <= tolerance.max_relative_error
         criterion = f"relative max error {relative:.2e} {'<=' if passed else '>'} {tolerance.max_relative_error:g}"
     elif classifier and not synthetic:
-        passed = agreement >= tolerance.min_agreement
-        criterion = f"top-1 agreement {agreement:.2%} {'>=' if passed else '<'} {tolerance.min_agreement:.2%}"
+        passed, criterion = tolerance.agreement_verdict(agreement, len(expected))
     else:
         passed = cosine >= tolerance.min_cosine
         criterion = f"cosine similarity {cosine:.4f} {'>=' if passed else '<'} {tolerance.min_cosine:g}"
@@ -254,6 +329,6 @@ def verify_keras(model, path, x: np.ndarray, y: np.ndarray | None = None, *, tol
     safe_mode=False only when the model was loaded that way (its Lambda layers are trusted). original and expected:
     as for `verify`."""
     reloaded = load(path, safe_mode=safe_mode)
-    return _compare(predict_keras(model, x) if expected is None else expected, predict_keras(reloaded, x), [t.name for t in reloaded.outputs], x, y,
-                    quantized=False, quantize="none", tolerance=tolerance, inputs=inputs, original=original,
-                    artifact=str(path))
+    return compare_outputs(predict_keras(model, x) if expected is None else expected, predict_keras(reloaded, x),
+                           [t.name for t in reloaded.outputs], x, y, quantized=False, quantize="none",
+                           tolerance=tolerance, inputs=inputs, original=original, artifact=str(path))
