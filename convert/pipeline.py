@@ -208,6 +208,10 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
     remove_checkpoints(recovery_options)
     warnings += [_speed_warning(artifact) for artifact in artifacts
                  if artifact.speed is not None and artifact.speed.verdict == SLOWER]
+    for artifact in artifacts:
+        if artifact.speed is not None and artifact.speed.missed_target:
+            warnings.append(_target_warning(artifact))
+            say("warning", warnings[-1])
     return ConvertResult(source=source_record, quantize=plan.quantize, quantize_reason=quantize_reason(options, plan),
                          data=data.info, separation=report, recovery=recovery, plan=plan, artifacts=artifacts,
                          seconds=timer.seconds, warnings=tuple(warnings))
@@ -247,6 +251,14 @@ def _speed_warning(artifact) -> str:
                 f"--max-accuracy-drop, or --latency-on the device it will run on")
     return (f"{artifact.path}: slower than the original ({speed.interval()} on {speed.where}), shipped as --rank / "
             f"--energy asked; drop them to let the accuracy budget and the latency table choose")
+
+
+def _target_warning(artifact) -> str:
+    speed = artifact.speed
+    return (f"{artifact.path}: measured {speed.interval()} against the original on {speed.where}, short of the "
+            f"{speed.target_speedup:.2f}x that --target-latency / --target-speedup asked (the latency table "
+            f"predicted {speed.original_ms / speed.predicted_ms:.2f}x); a larger --max-accuracy-drop allows faster "
+            f"plans")
 
 
 def _nothing_separated(report) -> str:

@@ -23,7 +23,7 @@ from sepconv.convert.export.verification import verify, verify_keras, within_bud
 from sepconv.convert.memory import release_memory
 from sepconv.convert.options import ConvertOptions
 from sepconv.convert.outputs import disk_full_as
-from sepconv.convert.recovery.latency_table import fastest_forms
+from sepconv.convert.recovery.latency_table import cache_path, fastest_forms, set_aside
 from sepconv.convert.results import Artifact, Source
 from sepconv.deploy.runtime import open_runtime
 
@@ -127,8 +127,10 @@ def _check_speed(job: ExportJob, item: Staged, latency: dict | None) -> Staged:
                         quantize=item.quantize, say=job.say)
     finally:
         original.unlink(missing_ok=True)
-    speed = with_prediction(speed, _predicted(latency, item))
+    speed = with_prediction(speed, *_predicted(latency, item))
     job.say("speed", speed.line(item.target))
+    if speed.mispredicted and latency["table"]["cached"]:
+        _stale_cache(job, latency["table"], speed)
     if speed.verdict == SLOWER:
         if job.options.forced_separation:
             job.say("speed", f"{item.target}: slower than the original, shipped as --rank / --energy asked")
@@ -179,14 +181,28 @@ def _export_original(job: ExportJob, item: Staged) -> Path:
     return Path(tmp)
 
 
-def _predicted(latency: dict | None, item: Staged) -> float | None:
-    """The latency table's whole-model prediction for the plan, when the table timed this artifact's format and
-    mode."""
+def _predicted(latency: dict | None, item: Staged) -> tuple[float | None, float | None]:
+    """The latency table's whole-model prediction for the plan, and the speed-up its target asked (None without
+    one), when the table timed this artifact's format and mode."""
     if not latency:
-        return None
-    table = latency["table"]
-    same = table["format"] == item.format and table["quantize"] == item.quantize
-    return latency["choice"]["predicted_ms"] if same else None
+        return None, None
+    table, choice = latency["table"], latency["choice"]
+    if table["format"] != item.format or table["quantize"] != item.quantize:
+        return None, None
+    target = choice["original_ms"] / choice["target_ms"] if choice.get("target_ms") else None
+    return choice["predicted_ms"], target
+
+
+def _stale_cache(job: ExportJob, table: dict, speed: Speed) -> None:
+    """The artifact took more than twice what a table read partly from the cache predicted: the cached timings are
+    not to be trusted again. The device's cache file is set aside (FILE.stale) so that the next run times every
+    entry afresh; said in a line."""
+    path = cache_path(job.speed, {"where": table["where"], "device": table["device"]})
+    aside = set_aside(path, ".stale")
+    job.say("speed", f"{speed.artifact_ms:.4f} ms measured against {speed.predicted_ms:.4f} ms predicted from a "
+                     f"table with {table['cached']} cached timing(s): the latency cache "
+                     + (f"{path} is set aside as {aside.name}; the next run times every layer again" if aside else
+                        f"{path} could not be set aside; remove it (or pass --latency-cache DIR) to time again"))
 
 
 def _falls_back(job: ExportJob, item: Staged) -> bool:

@@ -126,10 +126,18 @@ class LiteRTRuntime(Runtime):
             raise ArtifactError(f"{path}: LiteRT cannot load it ({first_line(error, 200)}); the "
                                 f"file is damaged or not a TFLite model: export it again") from error
         self._input_details = self._interpreter.get_input_details()
-        self._output_details = self._interpreter.get_output_details()
+        self._output_order = _signature_output_order(self._interpreter)
+        self._output_details = self._ordered_outputs()
         self.inputs = tuple(tflite_spec(d) for d in self._input_details)
         self.outputs = tuple(tflite_spec(d) for d in self._output_details)
         self._batch = None
+
+    def _ordered_outputs(self) -> list[dict]:
+        details = self._interpreter.get_output_details()
+        if self._output_order is None:
+            return details
+        by_index = {detail["index"]: detail for detail in details}
+        return [by_index[index] for index in self._output_order]
 
     def _resize(self, batch: int) -> bool:
         """Resize every input to `batch` rows if the model allows it; False when the batch dimension is fixed."""
@@ -142,7 +150,7 @@ class LiteRTRuntime(Runtime):
             self._interpreter.resize_tensor_input(detail["index"], [batch, *detail["shape"][1:]])
         with captured_output():
             self._interpreter.allocate_tensors()
-        self._output_details = self._interpreter.get_output_details()
+        self._output_details = self._ordered_outputs()
         self._batch = batch
         return True
 
@@ -179,6 +187,21 @@ class LiteRTRuntime(Runtime):
 
     def versions(self) -> dict[str, str]:
         return {self.runtime_name: package_version(self.runtime_name) or "unknown"}
+
+
+def _signature_output_order(interpreter) -> list[int] | None:
+    """The output tensors' indices in the order of the model's outputs, or None to keep the interpreter's. LiteRT
+    lists a model's output tensors in its own order (a two-headed Keras model's second head can come first); the
+    model's signature names them output_0, output_1, ... in the Keras model's order."""
+    try:
+        runner = interpreter.get_signature_runner()
+        named = runner.get_output_details()
+    except (ValueError, RuntimeError, KeyError):  # no signature (or several): the interpreter's order is all there is
+        return None
+    if len(named) != len(interpreter.get_output_details()) or not all(
+            re.fullmatch(r"output_\d+", name) for name in named):
+        return None
+    return [named[name]["index"] for name in sorted(named, key=lambda name: int(name.split("_")[1]))]
 
 
 def tflite_spec(detail: dict) -> TensorSpec:

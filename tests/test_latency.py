@@ -264,6 +264,91 @@ def test_two_whole_models_that_contradict_the_table_are_timed_again(tiny, monkey
     assert table["measured"] == len(calls[0][0]) + 2, "the second timing counts as measured"
 
 
+@pytest.mark.parametrize("content, kept, damaged", [
+    ("{not json", 0, "not JSON"),
+    ("[1, 2]", 0, "no {\"entries\""),
+    ('{"entries": [1]}', 0, "no {\"entries\""),
+    ('{"entries": {"a": "x", "b": {"ms": "0.2"}, "c": {"ms": 0}, "d": {"ms": 1e-7}, "e": {"ms": NaN},'
+     ' "f": {"ms": -3}, "g": {"ms": true}, "h": {"ms": 0.25}}}', 1, None),
+    ("[" * 100000 + "]" * 100000, 0, "not JSON"),
+])
+def test_a_damaged_latency_cache_is_set_aside_or_its_bad_entries_dropped(tmp_path, content, kept, damaged):
+    """Issue 27: a cache entry of 0 ms, 1e-7 ms, a string, NaN, a negative or a boolean, entries that are a list, a
+    file that is not JSON (or nested past the parser): never a traceback. A file that is not the cache's JSON is set
+    aside (NAME.damaged) with one line; bad entries are dropped with one line; the valid ones are kept."""
+    from sepconv.convert.recovery.latency_table import LatencyOptions, _Cache, cache_path
+
+    options = LatencyOptions(cache_dir=str(tmp_path))
+    identity = {"where": "local", "device": {"cpu": "test"}, "xnnpack": True}
+    path = cache_path(options, identity)
+    path.write_text(content)
+    said = []
+    cache = _Cache(options, identity, lambda stage, message: said.append(message))
+    assert len(cache.entries) == kept and len(said) == 1, (cache.entries, said)
+    if damaged:
+        assert damaged in said[0] and "set aside as" in said[0] and not path.exists(), said
+        assert path.with_name(path.name + ".damaged").read_text() == content, "the user's file is kept, aside"
+    else:
+        assert "7 of 8 cached timings" in said[0] and cache.entries == {"h": {"ms": 0.25}}, said
+    cache.save({"where": "local"})
+    assert json.loads(path.read_text())["entries"] == cache.entries, "rebuilt"
+
+
+def test_a_cache_path_that_is_a_folder_leaves_nothing_behind(tmp_path):
+    from sepconv.convert.recovery.latency_table import LatencyOptions, _Cache, cache_path
+
+    options = LatencyOptions(cache_dir=str(tmp_path))
+    identity = {"where": "local", "device": {"cpu": "test"}, "xnnpack": True}
+    cache_path(options, identity).mkdir()
+    said = []
+    cache = _Cache(options, identity, lambda stage, message: said.append(message))
+    assert cache.entries == {} and "unreadable" in said[0], said
+    cache.put("{}", 1, "ai-edge-litert test", 0.5, "x")
+    cache.save({"where": "local"})
+    assert [p.name for p in tmp_path.iterdir()] == [cache_path(options, identity).name], "no .partial left"
+
+
+def test_cached_layer_timings_slower_than_the_whole_model_are_timed_again(tiny, monkeypatch):
+    """A single layer cannot take longer than the whole model it is part of: a cached entry 1.5x over it (a timing on
+    a busy machine) is timed again, fresh, with the two whole models, in one run; the table takes the new values."""
+    from sepconv.convert.recovery import latency_table
+    from sepconv.convert.recovery.latency_table import LEAST, ORIGINAL, LatencyOptions, _Measured, measure_table
+
+    teacher, _, _ = tiny
+    layers = (layer("c1", [0.0], [10, 100]), layer("c2", [0.0], [10, 100]))
+    cached_ms = {ORIGINAL: 1.0, "c1 1": 0.1, "c1 0": 9.0, "c2 1": 0.2, "c2 0": 0.4, LEAST: 0.5}
+    fresh_ms = {ORIGINAL: 1.0, "c1 0": 0.45, LEAST: 0.5}
+    calls = []
+
+    def fake(entries, options, say, what, *, together=(), fresh=False):
+        calls.append(([entry.what for entry in entries], fresh))
+        source = fresh_ms if fresh else cached_ms
+        ms = [source.get(entry.what, source.get(f"{entry.what} {entry.rank}")) for entry in entries]
+        identity = {"where": "local", "device": {"cpu": "test"}, "runtime": "ai-edge-litert test", "xnnpack": True}
+        return _Measured(ms, identity, 0 if not fresh else len(entries),
+                         set() if fresh else set(range(len(entries))))
+
+    monkeypatch.setattr(latency_table, "_time_entries", fake)
+    said = []
+    table = measure_table(teacher, layers, LatencyOptions(), progress=lambda stage, message: said.append(message))
+    assert calls[1] == ([ORIGINAL, "c1", LEAST], True), calls
+    assert any("exceed 1.5x the whole model" in message and "c1: 9.0000 ms" in message for message in said), said
+    assert table["layers"]["c1"]["keep"] == 0.45 and table["measured"] == 3 and table["cached"] == len(calls[0][0]) - 3
+
+
+def test_a_measurement_far_slower_than_predicted_or_short_of_the_target_is_flagged():
+    from sepconv.convert.export.speed import Speed, with_prediction
+
+    speed = Speed(artifact_ms=1.0, artifact_ci95_ms=(0.95, 1.05), original_ms=1.2, original_ci95_ms=(1.15, 1.25),
+                  speedup=1.2, speedup_ci95=(1.1, 1.3), verdict="faster", shipped="separated", where="local",
+                  device="cpu", runtime="rt", threads=1, xnnpack=True, format="tflite", quantize="int8")
+    assert not speed.mispredicted and not speed.missed_target, "no prediction, no target: nothing to flag"
+    assert with_prediction(speed, 0.45).mispredicted, "1.0 ms measured against 0.45 predicted: more than twice"
+    assert not with_prediction(speed, 0.55).mispredicted
+    assert with_prediction(speed, 0.9, target_speedup=1.5).missed_target, "1.2x (1.1-1.3) is short of 1.5x"
+    assert not with_prediction(speed, 0.9, target_speedup=1.25).missed_target, "within the interval: not shown short"
+
+
 def test_convert_model_chooses_for_latency_and_reports_prediction_and_measurement(tiny, tmp_path):
     from sepconv.convert.recovery.latency_table import LatencyOptions
     from sepconv.convert.pipeline import convert_model
@@ -323,3 +408,32 @@ def test_the_device_side_of_timing_needs_no_tensorflow():
             "print(identify(None, '.tflite')['runtime'])\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and done.stdout.startswith("ai-edge-litert "), done.stderr[-2000:]
+
+
+def test_a_poisoned_cache_is_caught_by_timing_the_artifact_and_set_aside(tiny, tmp_path):
+    """Issue 27: cached timings that promise far more than the model gives (here every entry cut to a fifth, as
+    if timed on a faster machine under the same name) make the plan's prediction wrong; the artifact's own timing against the original shows it, the run says
+    so, and the device's cache is set aside (.stale) so that the next run times everything again."""
+    from sepconv.convert.pipeline import convert_model
+    from sepconv.convert.recovery.latency_table import LatencyOptions
+    from sepconv.deploy.timing import TimingOptions
+
+    teacher, x, y = tiny
+    teacher.save(tmp_path / "m.keras")
+    np.savez(tmp_path / "d.npz", x=x, y=y)
+    options = LatencyOptions(timing=TimingOptions(min_seconds=0.02, min_runs=5), cache_dir=str(tmp_path / "cache"))
+    run = dict(data=str(tmp_path / "d.npz"), epochs=0, quantize="none", max_accuracy_drop=50.0, refine=False,
+               recalibrate_bn=False, latency=options)
+    convert_model(tmp_path / "m.keras", [tmp_path / "a.tflite"], **run)
+    [path] = (tmp_path / "cache").glob("*.json")
+    content = json.loads(path.read_text())
+    for entry in content["entries"].values():  # consistently: the table's own checks cannot see it
+        entry["ms"] *= 0.2
+    path.write_text(json.dumps(content))
+    said = []
+    result = convert_model(tmp_path / "m.keras", [tmp_path / "b.tflite"], progress=lambda s, m: said.append(m), **run)
+    speed = result.artifacts[0].speed
+    assert result.recovery.budget.plan.latency["table"]["measured"] == 0, "the poisoned entries were read"
+    assert speed is not None and speed.mispredicted, speed
+    assert any("the latency cache" in line and "set aside as" in line for line in said), said
+    assert not path.exists() and path.with_name(path.name + ".stale").exists()

@@ -483,3 +483,35 @@ def test_validation_data_from_its_own_file(tmp_path, labelled):
     refused = run(labelled / "teacher.keras", tmp_path / "n.tflite", "--validation-data", tmp_path / "val.npz")
     assert refused.returncode == 1 and "--validation-data chooses what is done with --data; pass --data" in \
         refused.stderr.strip().splitlines()[-1]
+
+
+def test_a_two_headed_model_is_verified_head_by_head_in_the_keras_order(tmp_path):
+    """Issue 27: a model with two outputs (a classifier and a 3-value regression head, named so that the converters'
+    alphabetical order is not the Keras one) failed with a traceback in verification: LiteRT lists the output
+    tensors in its own order. Both artifacts now give the outputs in the Keras model's order and each head is
+    verified against its own Keras head (a 2-D output of several columns is judged as a classifier: top-1
+    agreement)."""
+    import keras.layers as L
+
+    from sepconv.deploy.runtime import open_runtime
+
+    image = keras.Input((16, 16, 3))
+    x = L.Conv2D(32, 3, activation="relu", name="c1")(image)
+    x = L.Conv2D(32, 3, activation="relu", name="c2")(x)
+    pooled = L.GlobalAveragePooling2D()(x)
+    model = keras.Model(image, [L.Dense(10, activation="softmax", name="zeta_classes")(pooled),
+                                L.Dense(3, name="alpha_box")(pooled)])
+    model.save(tmp_path / "two.keras")
+    x = np.random.default_rng(0).random((300, 16, 16, 3), dtype=np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    targets = [tmp_path / "two.tflite", tmp_path / "two.onnx"]
+    result = convert_model(tmp_path / "two.keras", targets, data=str(tmp_path / "d.npz"), epochs=0, rank=2,
+                           measure_latency=False)
+    assert result.separation.separated, "c2 is separated at K=2"
+    for artifact, target in zip(result.artifacts, targets):
+        outputs = artifact.verification.outputs
+        assert len(outputs) == 2 and all(check.passed for check in outputs), outputs
+        assert outputs[0].max_abs_diff < 0.05 and outputs[1].max_abs_diff < 0.5, outputs
+        runtime = open_runtime(str(target))
+        got = runtime.run([np.transpose(x[:20], (0, 3, 1, 2))] if runtime.inputs[0].shape[1] == 3 else [x[:20]])
+        assert [g.shape for g in got] == [(20, 10), (20, 3)], (target, [g.shape for g in got])

@@ -20,6 +20,7 @@ from pathlib import Path
 from sepconv.deploy.timing import TimingOptions, describe_xnnpack, time_artifacts
 
 FASTER, EQUAL, SLOWER = "faster", "equal within noise", "slower"
+MISPREDICTED = 0.5  # (measured - predicted) / measured above this: the table's timings are not this model's
 
 
 @dataclass(frozen=True)
@@ -47,9 +48,20 @@ class Speed:
     quantize: str
     predicted_ms: float | None = None
     error: float | None = None
+    target_speedup: float | None = None  # what --target-latency / --target-speedup asked, as a speed-up
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @property
+    def missed_target(self) -> bool:
+        """The measured speed-up is under the target by more than its interval allows."""
+        return self.target_speedup is not None and self.speedup_ci95[1] < self.target_speedup
+
+    @property
+    def mispredicted(self) -> bool:
+        """The artifact took more than twice what the latency table predicted for it."""
+        return self.error is not None and self.error > MISPREDICTED
 
     def interval(self) -> str:
         low, high = self.speedup_ci95
@@ -98,12 +110,14 @@ def compare(artifact: Path, original: Path, *, where: str | None, timing: Timing
                  quantize=quantize)
 
 
-def with_prediction(speed: Speed, predicted_ms: float | None) -> Speed:
-    """`speed` with the latency table's prediction for the plan and its error against the measurement."""
+def with_prediction(speed: Speed, predicted_ms: float | None, target_speedup: float | None = None) -> Speed:
+    """`speed` with the latency table's prediction for the plan and its error against the measurement, and the
+    speed-up the plan was asked to reach."""
     if predicted_ms is None:
         return speed
     return replace(speed, predicted_ms=round(predicted_ms, 5),
-                   error=round((speed.artifact_ms - predicted_ms) / speed.artifact_ms, 4))
+                   error=round((speed.artifact_ms - predicted_ms) / speed.artifact_ms, 4),
+                   target_speedup=None if target_speedup is None else round(target_speedup, 4))
 
 
 def _rounded(pair) -> tuple[float, float]:

@@ -12,6 +12,13 @@ Latency depends on a layer's shapes, configuration and the quantization mode, no
 models are calibrated on random inputs, and measurements are cached per device and runtime version (a JSON file per
 device under `cache_dir`, default ~/.cache/sepconv/latency), keyed by the layer's configuration and input shape, K,
 the export options, threads and XNNPACK; a second run on the same model and device times nothing.
+
+Nothing cached is trusted blindly: a cache file that is not the cache's JSON is set aside (NAME.damaged) with one
+line and rebuilt; an entry that is not a finite number of milliseconds in (MIN_MS, MAX_MS) is dropped and timed
+again; and a cached single-layer entry slower than PLAUSIBLE times the whole original model it is part of (a timing
+taken on a busy machine does that) is timed again, with the two whole models, in one fresh run. The plan the table
+chose is then confirmed by timing the artifact itself (export/speed.py); a prediction that the artifact misses by
+more than half sets the device's cache aside (`set_aside`) so that the next run times everything again.
 """
 
 from __future__ import annotations
@@ -40,6 +47,8 @@ from sepconv.convert.separation.policy import SeparationOptions
 from sepconv.deploy.timing import TimingOptions, describe_xnnpack, identify, time_artifacts
 
 CALIBRATION_SAMPLES = 8  # random inputs that calibrate a single-layer int8 model: its ranges do not change its speed
+MIN_MS, MAX_MS = 1e-4, 1e6  # a p50 outside (0.1 us, 17 min) is not a measurement of a model
+PLAUSIBLE = 1.5  # a single layer, timed alone, cannot take longer than this times the whole model it is part of
 ORIGINAL = "(the original model)"
 LEAST = "(every layer at its least K)"
 
@@ -104,6 +113,17 @@ def measure_table(model, layers, options: LatencyOptions, *, progress=None) -> d
                               KEEP, LEAST, lambda: _least_model(model, least)))
     pair = (0, len(wanted)) if least else ()  # the two whole models: timed in one run, or neither is read from the cache
     measured = _time_entries(entries, options, say, "single-layer and whole models", together=pair)
+    doubtful = [index for index in measured.cached if index not in pair and index
+                and measured.ms[index] > PLAUSIBLE * measured.ms[0]]
+    if doubtful:
+        say("latency", f"{len(doubtful)} cached single-layer timing(s) exceed {PLAUSIBLE}x the whole model's "
+                       f"{measured.ms[0]:.4f} ms (e.g. {entries[doubtful[0]].what}: {measured.ms[doubtful[0]]:.4f} ms): "
+                       f"timing them and the whole models again")
+        again_at = sorted(set(doubtful) | {0} | set(pair))
+        again = _time_entries([entries[i] for i in again_at], options, say, "doubtful entries", fresh=True)
+        for index, ms in zip(again_at, again.ms):
+            measured.ms[index] = ms
+        measured = measured._replace(timed=measured.timed + again.timed, cached=measured.cached - set(again_at))
     table, forms = {}, {}
     for (path, rank, form), ms in zip(wanted, measured.ms):
         if path == ORIGINAL:
@@ -194,6 +214,7 @@ class _Measured(NamedTuple):
     ms: list  # p50 per entry, in order
     identity: dict  # where, device, runtime, xnnpack
     timed: int  # entries not found in the cache
+    cached: set = frozenset()  # the indices of entries read from the cache
 
 
 def _time_entries(entries: list[_Entry], options: LatencyOptions, say, what: str, *, together=(),
@@ -202,7 +223,7 @@ def _time_entries(entries: list[_Entry], options: LatencyOptions, say, what: str
     cached). together: indices timed in one run or not at all (one missing from the cache: all timed); fresh: time
     every entry, whatever the cache has."""
     identity = identify(options.where, options.suffix, options.timing)
-    cache = _Cache(options, identity)
+    cache = _Cache(options, identity, say)
     found = [None if fresh else cache.get(entry.spec, entry.rank, identity["runtime"]) for entry in entries]
     if any(found[index] is None for index in together):
         for index in together:
@@ -222,7 +243,7 @@ def _time_entries(entries: list[_Entry], options: LatencyOptions, say, what: str
             found[index] = timing.p50_ms[str(path)]
             cache.put(entries[index].spec, entries[index].rank, identity["runtime"], found[index], entries[index].what)
         cache.save(identity)
-    return _Measured(found, identity, len(missing))
+    return _Measured(found, identity, len(missing), set(range(len(entries))) - set(missing))
 
 
 def _form_spec(spec: str, form: str) -> str:
@@ -357,17 +378,39 @@ class _Cache:
     """Measurements of one device (a JSON file per device): {key: {ms, what, measured_at}}. A key covers what the
     latency depends on: the layer (or model) spec, K, the export options, threads, XNNPACK and the runtime version."""
 
-    def __init__(self, options: LatencyOptions, identity: dict):
-        folder = Path(options.cache_dir) if options.cache_dir else _default_cache()
-        device = json.dumps([identity["where"], identity["device"].get("cpu"), identity["device"].get("machine"),
-                             identity["device"].get("pi_model")])
-        self.path = folder / f"{_digest(device)[:20]}.json"
+    def __init__(self, options: LatencyOptions, identity: dict, say=None):
+        self.path = cache_path(options, identity)
         self.common = {"export": type(options.export).__name__, "options": asdict(options.export),
                        "threads": options.timing.threads, "xnnpack": identity["xnnpack"]}
+        self.entries = self._read(say or (lambda stage, message: None))
+
+    def _read(self, say) -> dict:
+        """The file's valid entries: {} when there is none yet; a file that is not the cache's JSON is set aside with
+        one line, an entry that is not a plausible measurement dropped (both are timed again and rewritten)."""
         try:
-            self.entries = json.loads(self.path.read_text()).get("entries", {})
-        except (OSError, ValueError, AttributeError):
-            self.entries = {}  # none yet, or unreadable: measured again and rewritten
+            text = self.path.read_text()
+        except FileNotFoundError:
+            return {}
+        except (OSError, UnicodeDecodeError) as error:
+            return self._damaged(say, f"unreadable ({type(error).__name__})")
+        try:
+            content = json.loads(text)
+        except (ValueError, RecursionError):
+            return self._damaged(say, "not JSON")
+        entries = content.get("entries") if isinstance(content, dict) else None
+        if not isinstance(entries, dict):
+            return self._damaged(say, "no {\"entries\": {...}} object")
+        valid = {key: entry for key, entry in entries.items() if _valid_entry(entry)}
+        if len(valid) < len(entries):
+            say("latency", f"{self.path}: {len(entries) - len(valid)} of {len(entries)} cached timings are not a "
+                           f"number of milliseconds in ({MIN_MS:g}, {MAX_MS:g}): dropped, timed again")
+        return valid
+
+    def _damaged(self, say, why: str) -> dict:
+        aside = set_aside(self.path, ".damaged")
+        say("latency", f"the latency cache {self.path} is damaged ({why}): "
+                       + (f"set aside as {aside.name}, " if aside else "") + "timing everything again")
+        return {}
 
     def key(self, spec: str, rank: int, runtime: str | None) -> str:
         return _digest(json.dumps(dict(self.common, spec=spec, rank=rank, runtime=runtime), sort_keys=True))
@@ -376,7 +419,7 @@ class _Cache:
         if runtime is None:  # a device without the runtime yet: nothing of it can be cached
             return None
         entry = self.entries.get(self.key(spec, rank, runtime))
-        return None if entry is None else float(entry["ms"])
+        return None if entry is None else float(entry["ms"])  # valid: _read kept only those
 
     def put(self, spec: str, rank: int, runtime: str, ms: float, what: str) -> None:
         self.entries[self.key(spec, rank, runtime)] = {"ms": ms, "what": f"{what} {rank_key(rank)}",
@@ -384,13 +427,42 @@ class _Cache:
                                                                                     time.gmtime())}
 
     def save(self, identity: dict) -> None:
+        partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            partial = self.path.with_name(f".{self.path.name}.{os.getpid()}.partial")
             partial.write_text(json.dumps({"device": identity, "entries": self.entries}, indent=1, default=str))
             partial.replace(self.path)
         except OSError:
-            pass  # a cache that cannot be written only costs the next run its timing
+            # a cache that cannot be written (a full disk, a folder in its place) only costs the next run its timing
+            try:
+                partial.unlink(missing_ok=True)
+            except OSError:
+                pass
+
+
+def _valid_entry(entry) -> bool:
+    ms = entry.get("ms") if isinstance(entry, dict) else None
+    return isinstance(ms, (int, float)) and not isinstance(ms, bool) and MIN_MS < ms < MAX_MS
+
+
+def cache_path(options: LatencyOptions, identity: dict) -> Path:
+    """The cache file of the device `identity` describes (deploy.timing.identify)."""
+    folder = Path(options.cache_dir) if options.cache_dir else _default_cache()
+    device = json.dumps([identity["where"], identity["device"].get("cpu"), identity["device"].get("machine"),
+                         identity["device"].get("pi_model")])
+    return folder / f"{_digest(device)[:20]}.json"
+
+
+def set_aside(path: Path, suffix: str) -> Path | None:
+    """Rename a cache file to path + suffix (replacing an earlier one); None when it cannot be (then it is left)."""
+    aside = path.with_name(path.name + suffix)
+    try:
+        if aside.is_dir() or path.is_dir():
+            return None
+        path.replace(aside)
+        return aside
+    except OSError:
+        return None
 
 
 def _default_cache() -> Path:
