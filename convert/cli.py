@@ -88,7 +88,7 @@ def _one_line_errors(body):
 
 _fraction = _checked(float, lambda v: 0 < v <= 1, "fraction", "a number in (0, 1]")
 _points = _checked(float, lambda v: 0 <= v < 100, "number of points", "points of accuracy in [0, 100), e.g. 1.0")
-_positive_float = _checked(float, lambda v: v > 0, "number", "a number > 0")
+_positive_float = _checked(float, lambda v: 0 < v < float("inf"), "number", "a finite number > 0")
 _weight = _checked(float, lambda v: v >= 0, "weight", "a number >= 0")
 _share = _checked(float, lambda v: 0 <= v <= 1, "share", "a number in [0, 1]")
 _open_fraction = _checked(float, lambda v: 0 < v < 1, "fraction", "a number in (0, 1)")

@@ -11,6 +11,7 @@ import tempfile
 from pathlib import Path
 
 from sepconv.convert.errors import DiskFullError, OutputBusyError, OutputPathError, SepconvError
+from sepconv.convert.export.manifest import manifest_path
 from sepconv.convert.export.targets import extensions_text, registered_targets, target_for
 from sepconv.convert.files import disk_full
 
@@ -73,6 +74,11 @@ def check_outputs(source: Path, outputs, options) -> list[Path]:
             problems.append(f"{target}: is a directory")
         elif target.exists() and not options.overwrite:
             problems.append(f"{target}: exists; pass --overwrite (overwrite=True) to replace it")
+        elif manifest_path(target).is_dir():
+            problems.append(f"{manifest_path(target)}: is a directory, where {target.name}'s manifest goes")
+        elif manifest_path(target).exists() and not options.overwrite:
+            problems.append(f"{manifest_path(target)}: exists (where {target.name}'s manifest goes); pass "
+                            f"--overwrite (overwrite=True) to replace it")
         elif not target.parent.resolve().is_dir():
             problems.append(f"{target}: folder {target.parent} does not exist; create it first")
         elif not _writable(target.parent):

@@ -190,6 +190,7 @@ def benchmark(paths, options: BenchOptions = BenchOptions(), *, progress: Progre
     for path in paths:
         for threads in options.threads:
             case, runner = _open_case(path, threads, data, options)
+            _check_labels(runner["runtime"], data)
             cases.append(case)
             runners.append(runner)
             say(f"{case.model} @ {threads} thread(s): loaded in {case.load_ms:.1f} ms, first run "
@@ -319,12 +320,20 @@ def _load_inputs(source):
                              ) from None
     if "x" not in arrays:
         raise InputDataError(f"{path}: no array 'x' (found {sorted(arrays)}); save inputs as x (and labels as y)")
-    y = arrays.get("y")
-    if y is not None and y.ndim == 2:
+    x, y = arrays["x"], arrays.get("y")
+    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or x.ndim < 1:
+        raise InputDataError(f"{path}: x is {x.dtype} of shape {x.shape}, not numbers; save the pixels as an "
+                             f"array of numbers (N, ...)")
+    width = None
+    if y is not None:
+        if not np.issubdtype(y.dtype, np.number) or y.ndim not in (1, 2):
+            raise InputDataError(f"{path}: y is {y.dtype} of shape {y.shape}; save one class index per input (N,) "
+                                 f"or one-hot rows (N, classes)")
+        width = y.shape[1] if y.ndim == 2 and y.shape[1] > 1 else None
         y = class_labels(y)
-    if y is not None and len(y) != len(arrays["x"]):
-        raise InputDataError(f"{path}: y has {len(y)} labels for {len(arrays['x'])} inputs; give one label per input")
-    return {"x": arrays["x"], "y": y, "source": str(path)}
+        if len(y) != len(x):
+            raise InputDataError(f"{path}: y has {len(y)} labels for {len(x)} inputs; give one label per input")
+    return {"x": x, "y": y, "source": str(path), "classes": width}
 
 
 def _inputs(runtime, data, options: BenchOptions, path: Path, preprocessing: dict) -> list[np.ndarray]:
@@ -356,6 +365,22 @@ def _inputs(runtime, data, options: BenchOptions, path: Path, preprocessing: dic
         else:
             batch.append(rng.random(shape, dtype=np.float32))  # float, or quantized (converted by the runtime)
     return batch
+
+
+def _check_labels(runtime, data) -> None:
+    """Labels that cannot be this model's (one-hot rows of another width, classes past its output): refused before
+    any timing, not scored as a low accuracy."""
+    if data is None or data.get("y") is None:
+        return
+    y, classes = data["y"], runtime.outputs[0].shape[-1]
+    if classes < 2:  # not a classifier's scores (or a free size): nothing to hold the labels against
+        return
+    if data.get("classes") not in (None, classes):
+        raise InputDataError(f"{data['source']}: y has one-hot rows of {data['classes']} classes, the model's output "
+                             f"has {classes}; save labels for this model")
+    if len(y) and (np.min(y) < 0 or np.max(y) >= classes):
+        raise InputDataError(f"{data['source']}: y holds classes {int(np.min(y))}..{int(np.max(y))}, the model's "
+                             f"output has {classes} (0..{classes - 1}); save labels for this model")
 
 
 def _accuracy(runtime, data, batch: int, preprocessing: dict) -> dict:

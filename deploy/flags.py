@@ -34,6 +34,9 @@ count = checked(int, lambda v: v >= 0, "count", "a whole number >= 0")
 seconds = checked(float, lambda v: v >= 0, "number of seconds", "seconds >= 0, e.g. 2.5")
 
 
+seed = checked(int, lambda v: 0 <= v < 2 ** 32, "seed", "a whole number in [0, 2**32)")
+
+
 thread_list = checked(lambda t: tuple(int(v) for v in t.split(",")), lambda v: all(t >= 1 for t in v),
                       "thread list", "comma-separated whole numbers >= 1, e.g. 1,2,4")
 
@@ -59,7 +62,7 @@ BENCH_FLAGS = {
     "block": ("--block", positive, "with --round-time 0: a fixed number of timed runs per case per round"),
     "providers": ("--providers", lambda text: tuple(p for p in text.split(",") if p),
                   "ONNX Runtime execution providers, comma-separated"),
-    "seed": ("--seed", int, "seed of the random inputs"),
+    "seed": ("--seed", seed, "seed of the random inputs"),
 }
 
 

@@ -82,6 +82,13 @@ def test_json_and_csv_files_and_markdown(small_artifacts, tmp_path):
     (lambda t, a: [a["tflite"], "--input", save_npz(t / "d.npz", x=np.zeros((3, 5, 5, 3), np.float32))],
      "takes (12, 12, 3)"),
     (lambda t, a: [a["tflite"], "--input", t / "missing.npz"], "no such file"),
+    # issue 27: string pixels, a 0-d y, one-hot labels narrower than the output, classes past it: one line each
+    (lambda t, a: [a["tflite"], "--input", save_npz(t / "d.npz", x=np.full((3, 12, 12, 3), "7"))], "not numbers"),
+    (lambda t, a: [a["tflite"], "--input", save_npz(t / "d.npz", x=a["x"], y=np.array(3))], "one class index per"),
+    (lambda t, a: [a["tflite"], "--input", save_npz(t / "d.npz", x=a["x"][:3], y=np.eye(3))],
+     "one-hot rows of 3 classes, the model's output has 4"),
+    (lambda t, a: [a["tflite"], "--input", save_npz(t / "d.npz", x=a["x"][:4], y=np.array([0, 1, 2, 99]))],
+     "classes 0..99"),
 ])
 def test_bad_input_is_one_line(tmp_path, small_artifacts, make, phrase):
     done = run(*make(tmp_path, small_artifacts), *FAST)
@@ -94,7 +101,7 @@ def test_bad_input_is_one_line(tmp_path, small_artifacts, make, phrase):
 
 @pytest.mark.parametrize("flags, phrase", [
     (["--threads", "0"], "invalid thread list '0'"), (["--min-time", "x"], "invalid number of seconds 'x'"),
-    (["--batch", "0"], "invalid count '0'"),
+    (["--batch", "0"], "invalid count '0'"), (["--seed", "-1"], "invalid seed '-1'"),
 ])
 def test_bad_flags(small_artifacts, flags, phrase):
     done = run(small_artifacts["tflite"], *flags)

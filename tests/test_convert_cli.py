@@ -314,6 +314,8 @@ def test_flex_needed(tmp_path):
     (["--max-accuracy-drop", "1", "--rank", "2"], "not allowed with"),
     (["--max-accuracy-drop", "-1"], "invalid number of points '-1'"), (["--epochs", "x"], "invalid count 'x'"),
     (["--learning-rate", "0"], "invalid number '0'"), (["--strategy", "tpu"], "invalid choice: 'tpu'"),
+    (["--target-latency", "inf"], "invalid number 'inf': use a finite number > 0"),
+    (["--confidence", "1"], "invalid confidence '1': use a number in [0, 1)"),
 ])
 def test_bad_flags(tmp_path, small_h5, flags, phrase):
     source_digest[str(small_h5)] = digest(small_h5)
@@ -329,17 +331,21 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing model", "corrupt model", "missing data", "existing output",
-                                  "flags that conflict"])
+                                  "existing manifest", "flags that conflict"])
 def test_wrong_paths_and_flags_are_refused_before_tensorflow_starts(tmp_path, case):
     """The checks that need no model contents run in the parent, before its worker: one line, no TensorFlow."""
     (tmp_path / "bad.h5").write_bytes(b"not an hdf5 file")
     (tmp_path / "ok.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
     (tmp_path / "taken.tflite").write_bytes(b"mine")
+    if case == "existing manifest":
+        (tmp_path / "o.tflite.json").write_text("my notes")
     argv, phrase = {
         "missing model": (["nope.h5", "o.tflite"], "nope.h5: no such file or directory"),
         "corrupt model": (["bad.h5", "o.tflite"], "the file is damaged or truncated"),
         "missing data": (["ok.h5", "o.tflite", "--data", "nope.npz"], "nope.npz: no such file or directory"),
         "existing output": (["ok.h5", "taken.tflite"], "taken.tflite: exists; pass --overwrite"),
+        "existing manifest": (["ok.h5", "o.tflite"], "o.tflite.json: exists (where o.tflite's manifest goes); pass "
+                                                     "--overwrite"),
         "flags that conflict": (["ok.h5", "o.tflite", "--epochs", "3"], "--epochs fine-tunes on your images; pass "
                                                                           "--data"),
     }[case]
@@ -350,6 +356,8 @@ def test_wrong_paths_and_flags_are_refused_before_tensorflow_starts(tmp_path, ca
     assert done.stdout.strip() == "1 []", (done.stdout, done.stderr[-2000:])
     assert done.stderr.count("\n") == 1 and phrase in done.stderr, done.stderr
     assert (tmp_path / "taken.tflite").read_bytes() == b"mine" and not (tmp_path / "o.tflite").exists()
+    if case == "existing manifest":
+        assert (tmp_path / "o.tflite.json").read_text() == "my notes", "the user's file is left as it was"
 
 
 def test_help_is_instant_and_needs_no_tensorflow():

@@ -275,3 +275,32 @@ def test_the_frozen_batchnorm_pass_flag_maps_onto_finetune_options():
     off = convert_options(convert_parser().parse_args(["m.h5", "m.tflite", "--no-frozen-batchnorm-pass"]))
     assert off.finetune.frozen_batchnorm_pass is False
     assert convert_options(convert_parser().parse_args(["m.h5", "m.tflite"])).finetune.frozen_batchnorm_pass is True
+
+
+def test_resume_refuses_other_data_and_an_empty_checkpoint_folder_is_used(tmp_path):
+    """Issue 27: --resume took another --data file or --max-samples silently and went on at the saved epoch on a new
+    split (images changing roles mid-run). The state keeps a fingerprint of each role's samples; another one is
+    refused in one line that names the role and the counts. An existing empty --checkpoint-dir is simply used."""
+    from sepconv.convert.data import Dataset
+    from sepconv.convert.recovery.steps import RecoveryOptions, _fingerprint, _open_state, _save_state
+
+    rng = np.random.default_rng(0)
+    train = Dataset(rng.random((40, 4, 4, 3), dtype=np.float32), rng.integers(0, 3, 40), "d.npz")
+    validation = Dataset(rng.random((10, 4, 4, 3), dtype=np.float32), rng.integers(0, 3, 10), "d.npz")
+    folder = tmp_path / "ck"
+    folder.mkdir()
+    options = RecoveryOptions(epochs=1, checkpoint_dir=str(folder))
+    data = _fingerprint(train=train, validation=validation, test=None)
+    assert set(data) == {"train", "validation"} and data["train"]["samples"] == 40
+    state = _open_state(folder, options, "abc", data)  # empty folder: a fresh state, not "holds checkpoints"
+    _save_state(folder, state, plan=None, source_sha256="abc")
+    resumed = replace(options, resume=True)
+    assert _open_state(folder, resumed, "abc", data)["data"] == data, "the same data resumes"
+    fewer = _fingerprint(train=Dataset(train.x[:30], train.y[:30], "d.npz"), validation=validation, test=None)
+    with pytest.raises(CheckpointError, match=r"trained on other data \(train 40 samples then, 30 now\)"):
+        _open_state(folder, resumed, "abc", fewer)
+    relabelled = _fingerprint(train=Dataset(train.x, (train.y + 1) % 3, "d.npz"), validation=validation, test=None)
+    with pytest.raises(CheckpointError, match=r"train other samples \(40\)"):
+        _open_state(folder, resumed, "abc", relabelled)
+    with pytest.raises(CheckpointError, match="holds checkpoints of an interrupted run"):
+        _open_state(folder, options, "abc", data)

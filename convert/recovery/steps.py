@@ -14,6 +14,7 @@ run is never deleted silently.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
@@ -189,7 +190,7 @@ def recover(original, train, calibration: np.ndarray | None, validation, test, o
     say = progress or (lambda stage, message: None)
     separation = options.separation
     folder = Path(options.checkpoint_dir) if options.epochs else None
-    state = _open_state(folder, options, source_sha256)
+    state = _open_state(folder, options, source_sha256, _fingerprint(train=train, validation=validation, test=test))
     scorer = _Scorer(original, validation, test, {"test": reference, "validation": validation_reference})
     stages = [scorer.stage("original", original, 0.0)]
     plan = BudgetPlan.from_dict(state["plan"]) if state.get("plan") is not None else None
@@ -455,20 +456,58 @@ class _Scorer:
         return accuracy, hit_rate(predicted, self._reference[role])
 
 
-def _open_state(folder: Path | None, options: RecoveryOptions, source_sha256: str) -> dict:
-    """The saved state of an interrupted run (resume), or a fresh one; refuses to overwrite or to mix runs."""
+def _fingerprint(**roles) -> dict:
+    """{role: {samples, sha256 of its inputs and labels}} of the Datasets given (None: absent): what a resumed run
+    must find again, so that no image changes role mid-run."""
+    found = {}
+    for role, data in roles.items():
+        if data is None:
+            continue
+        digest = hashlib.sha256()
+        for array in (data.x, data.y):
+            if array is not None:
+                array = np.ascontiguousarray(array)
+                digest.update(f"{array.dtype}{array.shape}".encode())
+                digest.update(memoryview(array).cast("B"))
+        found[role] = {"samples": int(len(data.x)), "sha256": digest.hexdigest()}
+    return found
+
+
+def _changed_data(saved: dict, now: dict) -> str:
+    """Which roles differ between the saved fingerprint and this run's, in words."""
+    words = []
+    for role in sorted(set(saved) | set(now)):
+        before, after = saved.get(role), now.get(role)
+        if before == after:
+            continue
+        if before is None or after is None:
+            then, now = ("absent" if value is None else "given" for value in (before, after))
+            words.append(f"{role} {then} then, {now} now")
+        elif before["samples"] != after["samples"]:
+            words.append(f"{role} {before['samples']:,} samples then, {after['samples']:,} now")
+        else:
+            words.append(f"{role} other samples ({after['samples']:,})")
+    return "; ".join(words)
+
+
+def _open_state(folder: Path | None, options: RecoveryOptions, source_sha256: str, data: dict | None = None) -> dict:
+    """The saved state of an interrupted run (resume), or a fresh one; refuses to overwrite or to mix runs (another
+    model, other options, other data: `data` is this run's _fingerprint)."""
     if folder is None:
         return {}
+    data = data or {}
     key = {"source_sha256": source_sha256, "separation": options.separation.describe(),
            "budget": asdict(options.budget) if options.budget else None}
     if options.latency is not None:  # a plan chosen for latency resumes only with the same target and device
         key["latency"] = options.latency.describe()
     key = json.loads(json.dumps(key, default=list))
     if not options.resume:
-        if folder.exists():
+        if folder.exists() and not folder.is_dir():
+            raise CheckpointError(f"{folder} is a file, not a folder for checkpoints: pass another --checkpoint-dir")
+        if folder.exists() and any(folder.iterdir()):
             raise CheckpointError(f"{folder} holds checkpoints of an interrupted run: pass --resume to continue it, "
                                   f"or delete the folder to start over")
-        return {"key": key}
+        return {"key": key, "data": data}
     state_file = folder / STATE
     if not state_file.exists():
         raise CheckpointError(f"--resume: no checkpoints in {folder} (nothing to resume); run without --resume")
@@ -483,6 +522,10 @@ def _open_state(folder: Path | None, options: RecoveryOptions, source_sha256: st
     if state.get("key") != key:
         raise CheckpointError(f"--resume: the checkpoints in {folder} are from another input model or other "
                               f"separation options; rerun the interrupted command exactly, or delete the folder")
+    if state.get("data", data) != data:
+        raise CheckpointError(f"--resume: the checkpoints in {folder} were trained on other data "
+                              f"({_changed_data(state['data'], data)}); rerun with the interrupted run's --data, "
+                              f"--max-samples and splits, or delete the folder")
     return state
 
 
