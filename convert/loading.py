@@ -61,7 +61,33 @@ def load(path, *, custom_objects: dict | None = None, safe_mode: bool = True, ma
     if safe_mode:
         _refuse_lambdas(path, config)
     _check_top_level_class(path, config, custom_objects or {})
-    return _keras_load(path, kind, custom_objects, safe_mode)
+    return _check_names(path, _keras_load(path, kind, custom_objects, safe_mode))
+
+
+# TensorFlow's name scope patterns (tensorflow/python/framework/ops.py): every export traces the model under its name,
+# and each layer under its own; Keras accepts names these refuse ("m<b>x"), which then fail deep inside a converter
+_ROOT_SCOPE = re.compile(r"[A-Za-z0-9.][A-Za-z0-9_.\\/>-]*")
+_SCOPE = re.compile(r"[A-Za-z0-9_.\\/>-]*")
+
+
+def _check_names(path: Path, model):
+    """`model`, unless its name or a layer's is one TensorFlow cannot trace under (UnsupportedModelError, naming
+    them and the fix)."""
+    from sepconv.convert.graph import leaf_layers
+
+    bad = [] if _ROOT_SCOPE.fullmatch(model.name) else [f"the model {model.name!r}"]
+    seen = set()
+    for layer_path, _ in leaf_layers(model):
+        for part in layer_path.split("/"):
+            if part not in seen and not _SCOPE.fullmatch(part):
+                bad.append(repr(part))
+            seen.add(part)
+    if bad:
+        raise UnsupportedModelError(
+            f"{path}: {', '.join(bad[:3])}{f' and {len(bad) - 3} more' if len(bad) > 3 else ''}: names TensorFlow "
+            f"refuses when it traces the model for export (letters, digits and . _ - / > only); rename them "
+            f"(name=... when building, or layer.name / model.name) and save the model again")
+    return model
 
 
 def file_kind(path: Path) -> str:

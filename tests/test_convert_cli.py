@@ -219,6 +219,9 @@ BAD_INPUTS = {
     "input of 100000 x 100000": (lambda t, h5: [save_model(t / "huge.keras", tiny_model((100_000, 100_000, 3))),
                                                 t / "out" / "m.tflite"],
                                  "has 30,000,000,000 values per sample, more than the 33,554,432"),
+    "names TensorFlow refuses": (lambda t, h5: [save_model(t / "odd.keras", keras.Sequential(
+        [keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="c<b>1")], name="m<b>x")), t / "out" / "m.tflite"],
+        "the model 'm<b>x', 'c<b>1': names TensorFlow refuses"),
     "damaged state.json": (lambda t, h5: [h5, t / "out" / "m.tflite", "--rank", "1", "--epochs", "1", "--data",
                                           save_npz(t / "d.npz", x=with_value(0.5)), "--resume", "--checkpoint-dir",
                                           damaged_checkpoint(t / "ck")],

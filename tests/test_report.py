@@ -178,6 +178,18 @@ def test_sepconv_report_renders_saved_json_side_by_side(benched, tmp_path):
     (lambda t, b: [b / "bench.json", "-o", t / "model.tflite"], "would replace a .tflite file"),
     (lambda t, b: [b / "bench.json", "-o", b / "bench.json"], "is also an input"),
     (lambda t, b: [b / "bench.json", "-o", "-"], "goes to a file"),
+    # issue 27: JSON that parses but is not what the tools write
+    (lambda t, b: [write_file(t / "deep.json", b"[" * 100000 + b"]" * 100000)], "nested deeper than any report"),
+    (lambda t, b: [malformed(t, b, lambda r: r["cases"].__setitem__(0, "x"))], "case 1 is str, not an object"),
+    (lambda t, b: [malformed(t, b, lambda r: r["cases"][0].__setitem__("samples_ms", "abc"))],
+     "'samples_ms' is not a list of positive finite milliseconds"),
+    (lambda t, b: [malformed(t, b, lambda r: r["cases"][0].__setitem__("samples_ms", [float("nan")] * 3))],
+     "'samples_ms' is not a list of positive finite milliseconds"),
+    (lambda t, b: [malformed(t, b, lambda r: r["cases"][0]["latency_ms"].__setitem__("p50", "fast"))],
+     "'latency_ms' has no finite p50"),
+    (lambda t, b: [malformed(t, b, lambda r: r.__setitem__("context", "x"))], "'context' is not an object"),
+    (lambda t, b: [write_file(t / "hosts.json", json.dumps({"pi": {"host": ["a"], "benchmark": json.loads(
+        (b / "bench.json").read_text())}}).encode())], "a host entry's 'host' is list"),
 ])
 def test_bad_input_is_one_line_and_no_file(benched, tmp_path, make, phrase):
     args = make(tmp_path, benched)
@@ -190,6 +202,13 @@ def test_bad_input_is_one_line_and_no_file(benched, tmp_path, make, phrase):
     assert done.stderr.startswith("sepconv-report: error: ") and phrase in done.stderr, done.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == before, "no partial file is left"
     assert json.loads((benched / "bench.json").read_text())["cases"], "an input is never touched"
+
+
+def malformed(folder: Path, benched: Path, change) -> Path:
+    """bench.json with `change` applied to its parsed report, written to folder/bad.json."""
+    report = json.loads((benched / "bench.json").read_text())
+    change(report)
+    return write_file(folder / "bad.json", json.dumps(report).encode())
 
 
 def test_unwritable_folder(benched, tmp_path):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -53,7 +54,7 @@ def load_runs(paths) -> Runs:
         raise ReportInputError(f"no JSON file given; pass one or more of: {KINDS}")
     runs = Runs()
     for path in map(Path, paths):
-        runs.add(classify(_read(path), path.stem))
+        runs.add(classify(_read(path), path.stem, str(path)))
     return runs
 
 
@@ -72,6 +73,9 @@ def _read(path: Path):
     except json.JSONDecodeError as error:
         raise ReportInputError(f"{path}: is not valid JSON ({error.msg} at line {error.lineno}); it may be truncated "
                                f"or not a report: write it again with --json FILE") from None
+    except RecursionError:
+        raise ReportInputError(f"{path}: is JSON nested deeper than any report; write it again with --json FILE"
+                               ) from None
 
 
 def classify(data, label: str = "run", source: str | None = None) -> Runs:
@@ -82,18 +86,20 @@ def classify(data, label: str = "run", source: str | None = None) -> Runs:
         raise ReportInputError(f"{where}: is the failure report of {data['tool']} ({data['error'].get('message')}); "
                                f"there is nothing to draw: run it again")
     if _is_bench(data):
+        _check_bench(data, where)
         runs.benches.append((label, data, None))
     elif _is_host(data):
-        _add_host(runs, data)
+        _add_host(runs, data, where)
     elif isinstance(data, dict) and "artifacts" in data and "source" in data:
         runs.converts.append((label, data))
     elif isinstance(data, dict) and "conversion" in data:  # sepconv-demo --json
         runs.converts.append((f"{label}: conversion", data["conversion"]))
         if _is_bench(data.get("speed")):
+            _check_bench(data["speed"], f"{where} (speed)")
             runs.benches.append((f"{label}: speed", data["speed"], None))
     elif isinstance(data, dict) and data and all(_is_host(v) for v in data.values()):  # deploy-model --json
         for report in data.values():
-            _add_host(runs, report)
+            _add_host(runs, report, where)
     else:
         raise ReportInputError(f"{where}: is JSON of an unknown kind; expected {KINDS}")
     return runs
@@ -107,11 +113,50 @@ def _is_host(data) -> bool:
     return isinstance(data, dict) and "host" in data and (_is_bench(data.get("benchmark")) or "error" in data)
 
 
-def _add_host(runs: Runs, report: dict) -> None:
+def _add_host(runs: Runs, report: dict, where: str) -> None:
+    host = report["host"]
+    if not isinstance(host, str) or not host:
+        raise ReportInputError(f"{where}: a host entry's 'host' is {type(host).__name__} {str(host)[:40]!r}, not a "
+                               f"name; write the report again with deploy-model --json FILE")
     if "error" in report:
-        runs.failed.append((report["host"], (report["error"] or {}).get("message", "failed")))
+        error = report["error"]
+        runs.failed.append((host, str(error.get("message", "failed")) if isinstance(error, dict) else str(error)))
     else:
-        runs.benches.append((report["host"], report["benchmark"], report.get("device")))
+        _check_bench(report["benchmark"], f"{where} ({host})")
+        runs.benches.append((host, report["benchmark"], report.get("device")))
+
+
+def _check_bench(report: dict, where: str) -> None:
+    """A bench-model report whose JSON parses but whose values are not what bench-model writes (a case that is
+    not an object, samples that are not finite positive numbers, latencies that are not numbers) is refused in one
+    line naming the file, the case and the field, before anything is drawn."""
+    def refuse(what: str):
+        raise ReportInputError(f"{where}: {what}, not what bench-model writes; write the report again with "
+                               f"bench-model --json FILE")
+
+    if not isinstance(report.get("context"), dict):
+        refuse("'context' is not an object")
+    for number, case in enumerate(report["cases"], 1):
+        if not isinstance(case, dict):
+            refuse(f"case {number} is {type(case).__name__}, not an object")
+        name = case.get("model")
+        if not isinstance(name, str):
+            refuse(f"case {number}'s 'model' is {type(name).__name__}")
+        samples = case.get("samples_ms")
+        if not isinstance(samples, list) or not samples or not all(_finite(v) and v > 0 for v in samples):
+            refuse(f"case {number} ({name})'s 'samples_ms' is not a list of positive finite milliseconds")
+        latency = case.get("latency_ms")
+        if not isinstance(latency, dict) or not all(_finite(latency.get(key)) for key in ("p50", "p90", "p99")):
+            refuse(f"case {number} ({name})'s 'latency_ms' has no finite p50, p90 and p99")
+        if not isinstance(case.get("threads"), int):
+            refuse(f"case {number} ({name})'s 'threads' is not a whole number")
+        for key in ("memory", "accuracy", "warmup"):
+            if case.get(key) is not None and not isinstance(case[key], dict):
+                refuse(f"case {number} ({name})'s '{key}' is {type(case[key]).__name__}, not an object")
+
+
+def _finite(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def render(runs: Runs, title: str = "sepconv report") -> Page:
