@@ -29,7 +29,8 @@ from sepconv.convert.errors import (
     WeightsOnlyFileError,
     WrongFileKindError,
 )
-from sepconv.deploy.files import first_line
+from sepconv.convert.graph import leaf_layers
+from sepconv.deploy.files import first_line, temporary_folder
 
 HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 ZIP_SIGNATURE = b"PK\x03\x04"
@@ -73,8 +74,6 @@ _SCOPE = re.compile(r"[A-Za-z0-9_.\\/>-]*")
 def _check_names(path: Path, model):
     """`model`, unless its name or a layer's is one TensorFlow cannot trace under (UnsupportedModelError, naming
     them and the fix)."""
-    from sepconv.convert.graph import leaf_layers
-
     bad = [] if _ROOT_SCOPE.fullmatch(model.name) else [f"the model {model.name!r}"]
     seen = set()
     for layer_path, _ in leaf_layers(model):
@@ -278,11 +277,10 @@ def _keras2_shims() -> dict:
 
 def _load_renamed(path: Path, suffix: str, custom_objects, safe_mode):
     """Keras picks the format by file name; load a misnamed file through a link with the right suffix."""
-    import tempfile
-
+    
     import keras
 
-    with tempfile.TemporaryDirectory(prefix="sepconv-load-") as tmp:
+    with temporary_folder("sepconv-load-") as tmp:
         link = Path(tmp) / (path.stem + suffix)
         link.symlink_to(path.resolve())
         return keras.saving.load_model(link, custom_objects=custom_objects, compile=False, safe_mode=safe_mode)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import glob
 import os
 import tempfile
 from pathlib import Path
@@ -20,17 +21,28 @@ from sepconv.convert.files import disk_full
 def locked(paths: list[Path]):
     """An exclusive lock per output and per checkpoint folder for the whole run: a second run writing any of them
     fails at once instead of overwriting the first one's files. Each lock is a `.NAME.lock` file beside the path,
-    held with flock and removed at the end (a killed run leaves it, unlocked: the next run takes it over)."""
+    held with flock and removed at the end (a killed run leaves it, unlocked: the next run takes it over, and removes
+    the partial files the killed run left beside the output)."""
     held = []
     try:
         for path in sorted({p.absolute() for p in paths}):
             if path.parent.is_dir():  # a checkpoint folder under a folder not made yet: nobody can be writing it
                 held.append(_lock(path))
+                _remove_partials(path)
         yield
     finally:
         for lock, fd in reversed(held):
             lock.unlink(missing_ok=True)  # while still holding it, so that nobody takes a lock on a removed file
             os.close(fd)
+
+
+def _remove_partials(path: Path) -> None:
+    """The temporary files a killed run left beside `path` (staging's .NAME.*.partial*, its manifest's): ours to
+    remove, since we hold the lock on `path`."""
+    for leftover in path.parent.glob(f".{glob.escape(path.name)}.*.partial*"):
+        with contextlib.suppress(OSError):
+            if leftover.is_file():
+                leftover.unlink()
 
 
 def _lock(path: Path) -> tuple[Path, int]:

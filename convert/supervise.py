@@ -24,6 +24,7 @@ import tempfile
 from pathlib import Path
 
 from sepconv.convert.errors import SepconvError
+from sepconv.deploy.errors import RECEIVED, Terminated
 from sepconv.deploy.files import write_atomic
 
 WORKER = "SEPCONV_WORKER"  # set in the child: do the work here
@@ -98,9 +99,10 @@ def _interrupt(signum, frame):
 
 def reported_as_interrupt(body):
     """`body(args)`, with an error that follows a Ctrl-C raised as the KeyboardInterrupt it is (the CLI's exit 130, no
-    traceback). TensorFlow's code catches KeyboardInterrupt in bare `except:` clauses and raises another error
-    instead (`tf.int32.max` during a model clone: "TypeError: Cannot find maximum value of <dtype: 'int32'>"). A
-    sepconv error passes as it is: one raised for the interrupt says how to go on (InterruptedRunError)."""
+    traceback; after SIGTERM / SIGHUP, the errors.Terminated it is). TensorFlow's code catches KeyboardInterrupt in
+    bare `except:` clauses and raises another error instead (`tf.int32.max` during a model clone: "TypeError: Cannot
+    find maximum value of <dtype: 'int32'>"). A sepconv error passes as it is: one raised for the interrupt says how
+    to go on (InterruptedRunError)."""
 
     def wrapped(args):
         try:
@@ -108,6 +110,8 @@ def reported_as_interrupt(body):
         except SepconvError:
             raise
         except Exception as error:
+            if RECEIVED:
+                raise Terminated(RECEIVED[-1]) from error
             if _INTERRUPTED:
                 raise KeyboardInterrupt from error
             raise

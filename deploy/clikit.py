@@ -59,14 +59,15 @@ def version_flag(parser) -> None:
 def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
     """Check the output paths (`outputs(args)`, before any work), then run `body(args)`; a sepconv error becomes one
     line on stderr and its exit status (a traceback with --debug), and with --json a JSON {"error": ...} as well."""
-    from sepconv.deploy.errors import SepconvError
+    from sepconv.deploy.errors import SepconvError, Terminated
 
     checked = False
     try:
-        if outputs:
-            outputs(args)
-        checked = True
-        return body(args) or 0
+        with terminated_as_interrupt():
+            if outputs:
+                outputs(args)
+            checked = True
+            return body(args) or 0
     except SepconvError as error:
         if args.debug:
             raise
@@ -74,6 +75,10 @@ def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
         print(f"{prog}: {'error: ' if status == EXIT_ERROR else ''}{error}", file=sys.stderr)
         json_failure(args, prog, type(error).__name__, str(error), status, checked, getattr(error, "details", None))
         return status
+    except Terminated as stop:
+        print(f"{prog}: terminated ({stop.name})", file=sys.stderr)
+        json_failure(args, prog, "Terminated", f"terminated ({stop.name})", 128 + stop.signum, checked)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         json_failure(args, prog, "KeyboardInterrupt", "interrupted", EXIT_INTERRUPTED, checked)
@@ -81,6 +86,27 @@ def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
     except BrokenPipeError:  # stdout closed early (`bench-model ... | head`): stop quietly, as Unix tools do
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the flush at exit cannot fail again
         return EXIT_ERROR
+
+
+@contextlib.contextmanager
+def terminated_as_interrupt():
+    """SIGTERM and SIGHUP raise errors.Terminated (a KeyboardInterrupt) for the duration, in the main thread (only it
+    can own signals); the handlers before are put back after."""
+    import signal
+    import threading
+
+    from sepconv.deploy.errors import TERMINATING, raise_terminated
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.signal(signum, raise_terminated)
+                for signum in (getattr(signal, name) for name in TERMINATING if hasattr(signal, name))}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def json_failure(args, prog: str, kind: str, message: str, status: int, checked: bool, details=None) -> None:

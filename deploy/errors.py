@@ -9,6 +9,31 @@ class SepconvError(Exception):
     """Base of all sepconv errors; `str(error)` is a complete one-line message for the user."""
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Python is, like Ctrl-C's KeyboardInterrupt (so that every clean-up that
+    Ctrl-C runs runs for them too); the command exits 128 + the signal's number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+    @property
+    def name(self) -> str:
+        import signal
+
+        return signal.Signals(self.signum).name
+
+
+TERMINATING = ("SIGTERM", "SIGHUP")  # handled like Ctrl-C: raised where Python is, so that clean-ups run
+RECEIVED: list[int] = []  # the SIGTERM / SIGHUP this process received (an error after one is its doing)
+
+
+def raise_terminated(signum, frame):
+    """A signal handler: SIGTERM / SIGHUP become Terminated (and are remembered in RECEIVED)."""
+    RECEIVED.append(signum)
+    raise Terminated(signum)
+
+
 class InvalidOptionError(SepconvError, ValueError):
     """An argument has a value sepconv does not accept (the message says which values it does)."""
 

@@ -3,8 +3,11 @@ write that never leaves a partial file, and an error's first line for a one-line
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
+import secrets
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -46,3 +49,16 @@ def first_line(error: BaseException | str, limit: int = 300) -> str:
     if text:
         return text.splitlines()[0][:limit]
     return type(error).__name__ if isinstance(error, BaseException) else ""
+
+
+@contextlib.contextmanager
+def temporary_folder(prefix: str):
+    """A new private folder in the temporary directory, removed when the block ends however it ends - Ctrl-C or
+    SIGTERM included. tempfile.TemporaryDirectory leaks its folder when the signal lands between its mkdir and the
+    `with` (the name is lost): here the folder is made inside the `try` whose `finally` removes it."""
+    folder = Path(tempfile.gettempdir()) / f"{prefix}{secrets.token_hex(6)}"
+    try:
+        folder.mkdir(mode=0o700)
+        yield str(folder)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)

@@ -19,7 +19,6 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
-import tempfile
 import time
 import urllib.parse
 from dataclasses import dataclass, field, replace
@@ -37,7 +36,7 @@ from sepconv.deploy.errors import (
     SepconvError,
     UnsupportedDeviceError,
 )
-from sepconv.deploy.files import sha256
+from sepconv.deploy.files import sha256, temporary_folder
 from sepconv.deploy.ssh import Connection, SshOptions, parse_target
 
 DEFAULT_REMOTE_DIR = ".sepconv"
@@ -165,7 +164,7 @@ def deploy(hosts, artifacts, options: DeployOptions = DeployOptions(), *, progre
         raise InvalidOptionError("No host given; name at least one, e.g. pi@raspberrypi.local")
     paths = _check_artifacts(artifacts)
     say = progress or (lambda host, message: None)
-    with tempfile.TemporaryDirectory(prefix="sepconv-deploy-") as tmp:
+    with temporary_folder("sepconv-deploy-") as tmp:
         wheel = build(Path(tmp))
         connections = [Connection(t, options.ssh) for t in targets]
         with concurrent.futures.ThreadPoolExecutor(max_workers=min(8, len(targets))) as pool:

@@ -409,7 +409,7 @@ def wait_for_stderr_line(process, text):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("how", ["ctrl-c", "killed"])
+@pytest.mark.parametrize("how", ["ctrl-c", "terminated", "killed"])
 def test_interrupted_fine_tuning_then_resume(tmp_path, trained_demo, how):
     """Stopped after the first epoch's checkpoint (Ctrl-C: exit 130 with the resume hint; SIGKILL: no word at all),
     nothing but the checkpoints is left; a plain rerun refuses to overwrite them; --resume finishes the job."""
@@ -424,20 +424,21 @@ def test_interrupted_fine_tuning_then_resume(tmp_path, trained_demo, how):
                                text=True, env=env)
     before = wait_for_stderr_line(process, "finetune: epoch 1/5")  # printed after epoch 1's checkpoint
     run_and_worker = process_tree(process.pid)  # convert-model and its worker (convert/supervise.py)
-    process.send_signal(signal.SIGINT if how == "ctrl-c" else signal.SIGKILL)
+    process.send_signal({"ctrl-c": signal.SIGINT, "terminated": signal.SIGTERM, "killed": signal.SIGKILL}[how])
     _, rest = process.communicate(timeout=300)
     stderr = "".join(before) + rest
-    if how == "ctrl-c":
-        assert process.returncode == 130, stderr[-3000:]
+    if how != "killed":  # SIGTERM as Ctrl-C: at the batch boundary, with its own exit status and words
+        assert process.returncode == (130 if how == "ctrl-c" else 143), stderr[-3000:]
         assert "Traceback" not in stderr
-        assert stderr.strip().splitlines()[-1].startswith("convert-model: interrupted during fine-tuning"), \
+        said = "interrupted" if how == "ctrl-c" else "terminated (SIGTERM)"
+        assert stderr.strip().splitlines()[-1].startswith(f"convert-model: {said} during fine-tuning"), \
             stderr[-2000:]
         assert "run the same command with --resume to continue" in stderr
     else:
         assert process.returncode == -signal.SIGKILL
     assert wait_until_gone(run_and_worker) == [], "the interrupted run's worker does not outlive it"
     assert "finetune: epoch 2/5" not in stderr, "the signal came inside epoch 1's window: " + stderr[-2000:]
-    locks = [".d.tflite.checkpoints.lock", ".d.tflite.lock"] if how == "killed" else []  # Ctrl-C removes them
+    locks = [".d.tflite.checkpoints.lock", ".d.tflite.lock"] if how == "killed" else []  # Ctrl-C, SIGTERM remove them
     assert listing(out) == locks + ["d.tflite.checkpoints"], "no artifact, only the checkpoints (and a killed run's " \
         "unlocked lock files, which the next run takes over)"
 
@@ -451,6 +452,37 @@ def test_interrupted_fine_tuning_then_resume(tmp_path, trained_demo, how):
     assert listing(out) == ["d.tflite", "d.tflite.json"], "checkpoints are removed once the artifact is written"
     recovery = json.loads((out / "d.tflite.json").read_text())["recovery"]
     assert recovery["resumed"] is True and recovery["finetune"]["epochs_run"] >= epochs[0]
+
+
+def test_sigterm_outside_fine_tuning_cleans_up_and_says_so(tmp_path, small_h5):
+    """Issue 27: SIGTERM while the latency table is timed (no fine-tuning) exited 143 without a word and left
+    temporary folders in TMPDIR; a killed run's .partial files stayed beside the target for good. Now: one line, exit
+    143, nothing left in the output folder or TMPDIR; and the next run removes what a killed run left."""
+    import signal
+
+    out, tmp = tmp_path / "out", tmp_path / "tmp"
+    out.mkdir()
+    tmp.mkdir()
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(3).random((160, 12, 12, 3)).astype(np.float32))
+    (out / ".m.tflite.k3j2x9.partial.tflite").write_bytes(b"left by a killed run")
+    (out / ".m.tflite.json.k3j2x9.partial").write_bytes(b"{}")
+    args = [small_h5, out / "m.tflite", "--data", tmp_path / "d.npz", "--epochs", "0", "--min-agreement", "0.5",
+            "--latency-cache", tmp_path / "cache", "--latency-time", "1"]
+    process = subprocess.Popen([*CONVERT, *map(str, args)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, env=dict(os.environ, TMPDIR=str(tmp)))
+    before = wait_for_stderr_line(process, "latency: timing ")
+    process.send_signal(signal.SIGTERM)
+    _, rest = process.communicate(timeout=300)
+    stderr = "".join(before) + rest
+    assert process.returncode == 143 and "Traceback" not in stderr, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "convert-model: terminated (SIGTERM)", stderr[-2000:]
+    assert listing(tmp) == [], "no sepconv-latency-* (or any) temporary folder is left in TMPDIR"
+    assert listing(out) == [".m.tflite.json.k3j2x9.partial", ".m.tflite.k3j2x9.partial.tflite"] or \
+        listing(out) == [], listing(out)
+    done = run(*args[:-4], "--no-latency")
+    assert done.returncode in (0, 1), done.stderr[-3000:]
+    assert not [name for name in listing(out) if "partial" in name], ("the next run removes the partial files a "
+                                                                       "killed run left", listing(out))
 
 
 def test_default_budget_mode_with_data(tmp_path, small_h5):

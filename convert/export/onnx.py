@@ -8,7 +8,6 @@ NCHW, as PyTorch-minded consumers expect.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,7 +18,7 @@ from sepconv.convert.export.trace import frozen_function, input_names, layers_in
 from sepconv.convert.files import write_atomic
 from sepconv.convert.keras_compat import producer_name
 from sepconv.convert.memory import collecting_cycles, release_memory
-from sepconv.deploy.files import first_line
+from sepconv.deploy.files import first_line, temporary_folder
 from sepconv.deploy.quiet import captured_output
 
 ONNX_MODES = ("none", "dynamic", "int8")
@@ -62,7 +61,7 @@ def export_onnx(model, path=None, *, representative_data: np.ndarray | None = No
     if options.quantize == "int8" and (representative_data is None or len(representative_data) == 0):
         raise InvalidOptionError("quantize='int8' calibrates activations on representative data; pass "
                                  "representative_data (CLI: --data) or use quantize='dynamic'")
-    with tempfile.TemporaryDirectory(prefix="sepconv-onnx-") as tmp:
+    with temporary_folder("sepconv-onnx-") as tmp:
         float_path = Path(tmp) / "float.onnx"
         _tf2onnx(model, float_path, options)
         if options.quantize == "none":

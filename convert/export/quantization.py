@@ -27,7 +27,6 @@ test images judges the result, as for any artifact.
 
 from __future__ import annotations
 
-import tempfile
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -43,6 +42,7 @@ from sepconv.convert.export.trace import frozen_function
 from sepconv.convert.export.verification import compare_outputs, run_artifact
 from sepconv.convert.graph import batch_size_for, leaf_layers, predict_keras
 from sepconv.convert.keras_compat import producer_name
+from sepconv.deploy.files import temporary_folder
 from sepconv.deploy.quiet import captured_output
 from sepconv.deploy.runtime import open_runtime, tflite_spec
 
@@ -571,7 +571,7 @@ def accumulated_tflite(model, setting: Setting, io_type: str = "float32", forms=
 
 def onnx_int8(float_model: bytes, setting: Setting, input_name: str, layout: str = "nhwc") -> bytes:
     """Static QDQ int8 of the float ONNX model for `setting` (ONNX Runtime's quantizer, `nodes_to_exclude`)."""
-    with tempfile.TemporaryDirectory(prefix="sepconv-int8-") as tmp:
+    with temporary_folder("sepconv-int8-") as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(float_model)
         with captured_output():
@@ -597,7 +597,7 @@ def diagnose_onnx(float_model: bytes, setting: Setting, input_name: str, layout:
 
     samples = _nchw(setting.samples[:DIAGNOSIS_SAMPLES], layout)
     qdq = onnx_int8(float_model, setting, input_name, layout)
-    with tempfile.TemporaryDirectory(prefix="sepconv-qdq-debug-") as tmp, captured_output():
+    with temporary_folder("sepconv-qdq-debug-") as tmp, captured_output():
         paths = {name: Path(tmp) / f"{name}.onnx" for name in ("float", "qdq", "float_aug", "qdq_aug")}
         paths["float"].write_bytes(float_model)
         paths["qdq"].write_bytes(qdq)
@@ -741,7 +741,7 @@ def _judge(model, target, tolerance, layout: str):
     """(agreement, cosine, passed as measured, passed within the noise) of an artifact against the Keras model on
     images x, as verification judges it (Tolerance.measured, and `tolerance` itself)."""
     def judge(data: bytes, x: np.ndarray):
-        with tempfile.TemporaryDirectory(prefix="sepconv-judge-") as tmp:
+        with temporary_folder("sepconv-judge-") as tmp:
             path = Path(tmp) / f"attempt{target.extension}"
             path.write_bytes(data)
             runtime = open_runtime(str(path))

@@ -26,6 +26,7 @@ from sepconv.convert.errors import CheckpointError, DiskFullError, InvalidOption
 from sepconv.convert.files import disk_full
 from sepconv.convert.graph import leaf_layers, predict_keras
 from sepconv.convert.keras_compat import atomic_backup_and_restore
+from sepconv.deploy.errors import RECEIVED, TERMINATING, Terminated
 
 STRATEGIES = ("auto", "default", "mirrored")
 DEFAULT_LEARNING_RATE = 1e-3
@@ -197,7 +198,8 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
 def _ctrl_c_between_batches():
     """Ctrl-C during training raises KeyboardInterrupt at the next batch or epoch boundary (after that epoch's
     checkpoint is written) instead of wherever Python happens to be - in the middle of writing a checkpoint, a
-    half-written file that a resume cannot load. Only the main thread can own SIGINT; elsewhere nothing changes."""
+    half-written file that a resume cannot load; SIGTERM and SIGHUP raise errors.Terminated there. Only the main
+    thread can own signals; elsewhere nothing changes."""
     import keras
 
     pressed = []
@@ -209,20 +211,30 @@ def _ctrl_c_between_batches():
 
         def on_train_batch_end(self, batch, logs=None):
             if pressed:
-                raise KeyboardInterrupt
+                _stop(pressed)
 
         on_epoch_end = on_train_batch_end
 
     if threading.current_thread() is not threading.main_thread():
         yield StopOnCtrlC()
         return
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: pressed.append(signum))
+    deferred = [signal.SIGINT] + [getattr(signal, name) for name in TERMINATING if hasattr(signal, name)]
+    previous = {signum: signal.signal(signum, lambda signum, frame: pressed.append(signum)) for signum in deferred}
     try:
         yield StopOnCtrlC()
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     if pressed:
+        _stop(pressed)
+
+
+def _stop(received: list[int]):
+    """Ctrl-C's KeyboardInterrupt, or errors.Terminated after SIGTERM / SIGHUP (remembered as its handler would)."""
+    if received[-1] == signal.SIGINT:
         raise KeyboardInterrupt
+    RECEIVED.append(received[-1])
+    raise Terminated(received[-1])
 
 
 @contextlib.contextmanager

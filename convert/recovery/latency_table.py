@@ -27,7 +27,6 @@ import hashlib
 import json
 import os
 import re
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from sepconv.convert.recovery.budget import KEEP, plan_params
 from sepconv.convert.recovery.latency_choice import (MIN_SPREAD, LatencyTarget, WholeModel, choose_for_latency,
                                                      rank_key)
 from sepconv.convert.separation.policy import SeparationOptions
+from sepconv.deploy.files import temporary_folder
 from sepconv.deploy.timing import TimingOptions, describe_xnnpack, identify, time_artifacts
 
 CALIBRATION_SAMPLES = 8  # random inputs that calibrate a single-layer int8 model: its ranges do not change its speed
@@ -233,7 +233,7 @@ def _time_entries(entries: list[_Entry], options: LatencyOptions, say, what: str
         say("latency", f"timing {len(missing)} {what} ({len(entries) - len(missing)} cached) "
                        f"{'on ' + identity['where'] if options.where else 'on this machine'}, "
                        f"{options.timing.threads} thread(s), {options.export.quantize} {options.suffix[1:]}")
-        with tempfile.TemporaryDirectory(prefix="sepconv-latency-") as folder:
+        with temporary_folder("sepconv-latency-") as folder:
             paths = [_export(entries[index].build(), entries[index].what, Path(folder), number, options)
                      for number, index in enumerate(missing)]
             timing = time_artifacts(paths, options.where, options.timing,

@@ -39,6 +39,7 @@ from sepconv.convert.recovery.latency_table import plan_for_latency
 from sepconv.convert.recovery.refinement import BatchNormRecalibration, RefinementReport, recalibrate_batchnorm, refine
 from sepconv.convert.separation.policy import DEFAULT_ENERGY, SeparationOptions
 from sepconv.deploy.scores import hit_rate, percent, top1
+from sepconv.deploy.errors import Terminated
 
 STATE = "state.json"
 # Without data, nothing measures accuracy; the separated float model's outputs must then keep their direction on the
@@ -351,9 +352,13 @@ def _finetune(context: Context, *, frozen: bool = False) -> FinetuneResult:
     try:
         result = finetune(context.model, context.original, train.x, train.y, options=fit_options, progress=say,
                           validation=(context.validation.x, context.validation.y))
-    except KeyboardInterrupt:
-        raise InterruptedRunError(f"interrupted during fine-tuning; finished epochs are checkpointed in {folder}: "
-                                  f"run the same command with --resume to continue") from None
+    except KeyboardInterrupt as stop:
+        what = f"terminated ({stop.name})" if isinstance(stop, Terminated) else "interrupted"
+        error = InterruptedRunError(f"{what} during fine-tuning; finished epochs are checkpointed in {folder}: run the "
+                                    f"same command with --resume to continue")
+        if isinstance(stop, Terminated):
+            error.exit_status = 128 + stop.signum
+        raise error from None
     except (ValueError, OSError) as error:
         if not options.resume:
             raise
