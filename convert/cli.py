@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
@@ -64,26 +63,7 @@ def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
         import warnings
 
         warnings.filterwarnings("ignore", message="The structure of `inputs` doesn't match the expected structure")
-    return run_command(prog, _one_line_errors(body), args, outputs)
-
-
-def _one_line_errors(body):
-    """`body`, with a sepconv error's control characters (a newline in a file name, a converter's multi-line text)
-    escaped, so that its message stays one line."""
-
-    def guarded(args):
-        from sepconv.convert.errors import SepconvError
-
-        try:
-            return body(args)
-        except SepconvError as error:
-            text = str(error)
-            escaped = re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
-            if escaped != text:
-                error.args = (escaped,)
-            raise
-
-    return guarded
+    return run_command(prog, body, args, outputs)
 
 
 _fraction = _checked(float, lambda v: 0 < v <= 1, "fraction", "a number in (0, 1]")
@@ -408,7 +388,7 @@ def convert_main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = convert_parser().parse_args(argv)
     if not in_worker():  # the work runs in a child process (supervise.py: a native crash becomes one line)
-        status = run_command("convert-model", _one_line_errors(_preflight), args, _convert_outputs)
+        status = run_command("convert-model", _preflight, args, _convert_outputs)
         if status:  # a wrong path or flag: said at once, before the worker and TensorFlow start
             return status
         first = Path(args.outputs[0])

@@ -50,6 +50,8 @@ from sepconv.convert.results import ConvertResult, Source
 from sepconv.convert.separation.policy import SeparationOptions
 from sepconv.convert.staging import ExportJob, export_all
 from sepconv.deploy.scores import top1
+from sepconv.deploy.ssh import parse_target
+from sepconv.deploy.timing import identify
 
 MAX_INPUT_ELEMENTS = 1 << 25  # values per input sample (e.g. 3344 x 3344 x 3): 128 MiB of float32 each
 
@@ -99,6 +101,8 @@ def preflight(source, outputs, options: ConvertOptions) -> tuple[list[Path], Pla
     targets = check_outputs(source, outputs, options)
     plan = options.plan(timed=any(target_for(target).runtime for target in targets))
     check_modes(targets, plan, options)
+    if options.latency is not None and options.latency.where:
+        parse_target(options.latency.where)  # its syntax (an option-like "-oProxyCommand=..." is refused here)
     file_kind(source)
     for data in (options.data, options.validation_data, options.test_data):
         if data:
@@ -148,6 +152,11 @@ def _heartbeat(progress: Progress | None, every: float = HEARTBEAT_SECONDS):
 def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOptions, recovery_options,
              say: Progress) -> ConvertResult:
     timer = _Timer()
+    latency = recovery_options.latency
+    if latency is not None and latency.where:  # an unreachable device is said now, not after the sensitivity
+        with timer("reach the device"):
+            say("latency", f"reaching {latency.where}")
+            identify(latency.where, latency.suffix, latency.timing)
 
 
     with timer("load"):

@@ -8,6 +8,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -72,8 +73,10 @@ def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
         if args.debug:
             raise
         status = getattr(error, "exit_status", EXIT_ERROR)
-        print(f"{prog}: {'error: ' if status == EXIT_ERROR else ''}{error}", file=sys.stderr)
-        json_failure(args, prog, type(error).__name__, str(error), status, checked, getattr(error, "details", None))
+        message = one_line(str(error))
+        print(f"{prog}: {'error: ' if status == EXIT_ERROR else ''}{message}", file=sys.stderr)
+        json_failure(args, prog, type(error).__name__, message, status, checked, getattr(error, "details", None),
+                     unwritable=getattr(error, "unwritable", None))
         return status
     except Terminated as stop:
         print(f"{prog}: terminated ({stop.name})", file=sys.stderr)
@@ -109,14 +112,21 @@ def terminated_as_interrupt():
             signal.signal(signum, handler)
 
 
-def json_failure(args, prog: str, kind: str, message: str, status: int, checked: bool, details=None) -> None:
+def one_line(text: str) -> str:
+    """`text` with its control characters escaped (a newline in a file name, a converter's multi-line message), so
+    that an error stays one line."""
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], text)
+
+
+def json_failure(args, prog: str, kind: str, message: str, status: int, checked: bool, details=None,
+                 unwritable: str | None = None) -> None:
     """With --json, a failure is JSON too: to stdout, or to the JSON file if its path passed the checks; `details`
     (an error's machine-readable extras, e.g. the int8 diagnosis table) go in error.details."""
     from sepconv.deploy.errors import SepconvError
 
     target = "-" if getattr(args, "json", None) is True else getattr(args, "json", None)
-    if not target or (target != "-" and not checked):
-        return
+    if not target or (target != "-" and (not checked or str(Path(target)) == unwritable)):
+        return  # a path not checked, or the very file that could not be written (the error said nothing was left)
     error = {"type": kind, "message": message, **({"details": details} if details else {})}
     text = json.dumps({"error": error, "exit_status": status, "tool": prog}, indent=2, default=str)
     with contextlib.suppress(SepconvError):  # the file cannot be written either: the line on stderr says enough
@@ -233,5 +243,7 @@ def write_output(target: str, text: str) -> None:
     try:
         write_atomic(path, text + ("" if text.endswith("\n") else "\n"), sync=True)
     except OSError as error:
-        raise OutputError(f"{path}: could not be written ({error.strerror or error}); nothing half-written was "
-                          f"left") from None
+        failed = OutputError(f"{path}: could not be written ({error.strerror or error}); nothing half-written was "
+                             f"left")
+        failed.unwritable = str(path)  # json_failure writes no failure record there either
+        raise failed from None

@@ -1,4 +1,5 @@
 import os
+import subprocess
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 os.environ.setdefault("KERAS_BACKEND", "tensorflow")
@@ -109,3 +110,23 @@ def pytest_collection_modifyitems(config, items):
         return 0 if item.get_closest_marker("slow") or item.get_closest_marker("xdist_group") else 1
 
     items.sort(key=long_first)
+
+
+@pytest.fixture()
+def tiny_disk(tmp_path):
+    """tiny_disk(name, kib): a folder of tmp_path that is a tmpfs of that size (root only), unmounted afterwards."""
+    mounted = []
+
+    def mount(name, kib):
+        folder = tmp_path / name
+        folder.mkdir()
+        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
+                              capture_output=True, text=True)
+        if done.returncode:
+            pytest.skip(f"cannot mount a tmpfs here (root and mount rights needed): {done.stderr.strip()}")
+        mounted.append(folder)
+        return folder
+
+    yield mount
+    for folder in mounted:
+        subprocess.run(["umount", str(folder)], check=True)

@@ -82,6 +82,7 @@ def test_json_and_csv_files_and_markdown(small_artifacts, tmp_path):
     (lambda t, a: [a["tflite"], "--input", save_npz(t / "d.npz", x=np.zeros((3, 5, 5, 3), np.float32))],
      "takes (12, 12, 3)"),
     (lambda t, a: [a["tflite"], "--input", t / "missing.npz"], "no such file"),
+    (lambda t, a: [t / "no\nsuch.tflite"], "no\\nsuch.tflite"),  # a newline in a path stays one line
     # issue 27: string pixels, a 0-d y, one-hot labels narrower than the output, classes past it: one line each
     (lambda t, a: [a["tflite"], "--input", save_npz(t / "d.npz", x=np.full((3, 12, 12, 3), "7"))], "not numbers"),
     (lambda t, a: [a["tflite"], "--input", save_npz(t / "d.npz", x=a["x"], y=np.array(3))], "one class index per"),
@@ -250,3 +251,14 @@ def test_convert_model_failure_is_json_too(tmp_path):
     failure = json.loads(done.stdout)
     assert failure["tool"] == "convert-model" and failure["exit_status"] == 1
     assert "missing.h5" in failure["error"]["message"] and failure["error"]["type"].endswith("Error")
+
+
+def test_json_onto_a_full_disk_leaves_nothing_under_that_name(small_artifacts, tiny_disk):
+    """Issue 27: bench-model --json onto a full disk said "nothing half-written was left" and then wrote its 202-byte
+    failure record under the name asked for. Now the one line is true: the folder stays empty."""
+    disk = tiny_disk("disk", 4)  # one page: the report does not fit
+    done = run(small_artifacts["tflite"], "--json", disk / "r.json", *FAST)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert "r.json: could not be written" in last and "nothing half-written was left" in last, last
+    assert list(disk.iterdir()) == [], "no failure record, no partial file"

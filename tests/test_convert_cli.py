@@ -219,6 +219,9 @@ BAD_INPUTS = {
     "input of 100000 x 100000": (lambda t, h5: [save_model(t / "huge.keras", tiny_model((100_000, 100_000, 3))),
                                                 t / "out" / "m.tflite"],
                                  "has 30,000,000,000 values per sample, more than the 33,554,432"),
+    "unreachable latency host": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data",
+                                                save_npz(t / "d.npz", x=with_value(0.5)), "--latency-on",
+                                                "nosuchhost.invalid"], "nosuchhost.invalid: unreachable"),
     "names TensorFlow refuses": (lambda t, h5: [save_model(t / "odd.keras", keras.Sequential(
         [keras.Input((8, 8, 3)), keras.layers.Conv2D(4, 3, name="c<b>1")], name="m<b>x")), t / "out" / "m.tflite"],
         "the model 'm<b>x', 'c<b>1': names TensorFlow refuses"),
@@ -280,6 +283,8 @@ def test_bad_input(tmp_path, small_h5, case):
     source_digest[str(args[0])] = digest(args[0]) if Path(args[0]).is_file() else None
     done = run(*args)
     assert_clean_failure(done, args[0], tmp_path / "out", [], phrase)
+    if case == "unreachable latency host":
+        assert "sensitivity" not in done.stderr, "refused before the budget's sensitivity analysis: " + done.stderr
 
 
 def test_existing_output_is_kept(tmp_path, small_h5):
@@ -334,7 +339,7 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing model", "corrupt model", "missing data", "existing output",
-                                  "existing manifest", "flags that conflict"])
+                                  "existing manifest", "flags that conflict", "option-like latency host"])
 def test_wrong_paths_and_flags_are_refused_before_tensorflow_starts(tmp_path, case):
     """The checks that need no model contents run in the parent, before its worker: one line, no TensorFlow."""
     (tmp_path / "bad.h5").write_bytes(b"not an hdf5 file")
@@ -351,6 +356,8 @@ def test_wrong_paths_and_flags_are_refused_before_tensorflow_starts(tmp_path, ca
                                                      "--overwrite"),
         "flags that conflict": (["ok.h5", "o.tflite", "--epochs", "3"], "--epochs fine-tunes on your images; pass "
                                                                           "--data"),
+        "option-like latency host": (["ok.h5", "o.tflite", "--latency-on=-oProxyCommand=x"],
+                                     "Unrecognized host '-oProxyCommand=x'"),
     }[case]
     probe = ("import os, sys; from sepconv.convert import cli; os.chdir(sys.argv[1]); status = cli.convert_main("
              "sys.argv[2:]); print(status, sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras'}))")
@@ -632,26 +639,6 @@ def test_a_checkpoint_folder_in_use_is_refused(tmp_path, small_h5):
     finally:
         holder.communicate("", timeout=60)
     assert holder.returncode == 0 and listing(tmp_path).count(".shared.checkpoints.lock") == 0
-
-
-@pytest.fixture()
-def tiny_disk(tmp_path):
-    """tiny_disk(name, kib): a folder of tmp_path that is a tmpfs of that size (root only), unmounted afterwards."""
-    mounted = []
-
-    def mount(name, kib):
-        folder = tmp_path / name
-        folder.mkdir()
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={kib}k", "tmpfs", str(folder)],
-                              capture_output=True, text=True)
-        if done.returncode:
-            pytest.skip(f"cannot mount a tmpfs here (root and mount rights needed): {done.stderr.strip()}")
-        mounted.append(folder)
-        return folder
-
-    yield mount
-    for folder in mounted:
-        subprocess.run(["umount", str(folder)], check=True)
 
 
 @pytest.mark.parametrize("name", ["m.tflite", "m.onnx", "m.keras"])

@@ -168,6 +168,7 @@ def test_sepconv_report_renders_saved_json_side_by_side(benched, tmp_path):
 
 @pytest.mark.parametrize("make, phrase", [
     (lambda t, b: [t / "nope.json"], "no such file"),
+    (lambda t, b: [t / "no\nsuch.json"], "no\\nsuch.json: no such file"),  # a newline in a path stays one line
     (lambda t, b: [write_file(t / "cut.json", (b / "bench.json").read_bytes()[:500])], "is not valid JSON"),
     (lambda t, b: [write_file(t / "odd.json", b'{"hello": [1, 2]}')], "unknown kind"),
     (lambda t, b: [write_file(t / "list.json", b"[1, 2]")], "unknown kind"),
