@@ -67,12 +67,14 @@ class Dataset:
     y: np.ndarray | None
     source: str
     class_names: tuple[str, ...] | None = None
+    one_hot: int | None = None  # the width of the one-hot rows the labels were given as (None: class indices)
 
     def __len__(self) -> int:
         return len(self.x)
 
     def take(self, index) -> Dataset:
-        return Dataset(self.x[index], None if self.y is None else self.y[index], self.source, self.class_names)
+        return Dataset(self.x[index], None if self.y is None else self.y[index], self.source, self.class_names,
+                       self.one_hot)
 
 
 def load_data(source, input_shape, options: DataOptions = DataOptions()) -> Dataset:
@@ -142,7 +144,8 @@ def _from_npz(path: Path, shape, options: DataOptions) -> Dataset:
         x = x[..., None]
     scaled = np.issubdtype(x.dtype, np.integer)
     x = _fit(x.astype(np.float32), shape, str(path))
-    return Dataset(_normalise(x, options, scale=scaled), _labels(y, len(x), path), str(path))
+    width = int(y.shape[1]) if y is not None and np.ndim(y) == 2 and y.shape[1] > 1 else None
+    return Dataset(_normalise(x, options, scale=scaled), _labels(y, len(x), path), str(path), one_hot=width)
 
 
 def _from_folder(path: Path, shape, options: DataOptions) -> Dataset:
@@ -247,7 +250,10 @@ def _labels(y, count: int, path: Path):
 
 
 def check_labels(data: Dataset, classes: int) -> None:
-    """Labels must index the model's output classes."""
+    """Labels must index the model's output classes (and one-hot rows be as wide as its output)."""
+    if data.one_hot is not None and data.one_hot != classes:
+        raise DataError(f"{data.source}: 'y' has one-hot rows of {data.one_hot} classes for a model with {classes} "
+                        f"outputs; save labels for this model")
     if data.y is not None and len(data.y) and int(data.y.max()) >= classes:
         raise DataError(f"{data.source}: label {int(data.y.max())} is out of range for a model with {classes} outputs")
 

@@ -219,6 +219,9 @@ BAD_INPUTS = {
     "input of 100000 x 100000": (lambda t, h5: [save_model(t / "huge.keras", tiny_model((100_000, 100_000, 3))),
                                                 t / "out" / "m.tflite"],
                                  "has 30,000,000,000 values per sample, more than the 33,554,432"),
+    "one-hot labels of another width": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data", save_npz(
+        t / "d.npz", x=with_value(0.5, 40), y=np.eye(3)[np.arange(40) % 3])], "one-hot rows of 3 classes for a model "
+                                                                              "with 5 outputs"),
     "unreachable latency host": (lambda t, h5: [h5, t / "out" / "m.tflite", "--data",
                                                 save_npz(t / "d.npz", x=with_value(0.5)), "--latency-on",
                                                 "nosuchhost.invalid"], "nosuchhost.invalid: unreachable"),
