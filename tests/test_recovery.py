@@ -304,3 +304,76 @@ def test_resume_refuses_other_data_and_an_empty_checkpoint_folder_is_used(tmp_pa
         _open_state(folder, resumed, "abc", relabelled)
     with pytest.raises(CheckpointError, match="holds checkpoints of an interrupted run"):
         _open_state(folder, options, "abc", data)
+
+
+def two_headed(seed=0):
+    """A classifier head and a 3-value regression head on one backbone."""
+    keras.utils.set_random_seed(seed)
+    L = keras.layers
+    image = keras.Input((12, 12, 3))
+    x = L.Conv2D(16, 3, activation="relu", name="c1")(image)
+    x = L.Conv2D(16, 3, activation="relu", name="c2")(x)
+    pooled = L.GlobalAveragePooling2D()(x)
+    return keras.Model(image, [L.Dense(4, activation="softmax", name="classes")(pooled),
+                               L.Dense(3, name="box")(pooled)])
+
+
+def test_a_step_that_harms_only_the_second_output_is_rejected():
+    """Issue 27: a model's other outputs were never scored, so a step that harmed only them was kept. Each output's
+    validation agreement with the original is kept per stage (top-1 for a classifier head, cosine otherwise), and a
+    step under which any of them falls is rejected, its weights put back."""
+    from types import SimpleNamespace
+
+    from sepconv.convert.data import Dataset
+    from sepconv.convert.recovery.steps import Context, Step, _run_step, _Scorer
+
+    original = two_headed()
+    model = keras.models.clone_model(original)
+    model.set_weights(original.get_weights())
+    rng = np.random.default_rng(0)
+    validation, test = (Dataset(rng.random((60, 12, 12, 3), dtype=np.float32), None, "v") for _ in range(2))
+    scorer = _Scorer(original, validation, test)
+    stages = [scorer.stage("original", original, 0.0)]
+    assert stages[0].val_outputs == (1.0, 1.0) and stages[0].val_agreement == 1.0
+
+    def harm_the_box(context):
+        kernel, bias = context.model.get_layer("box").get_weights()
+        context.model.get_layer("box").set_weights([-kernel, bias])
+
+    said = []
+    context = Context(original=original, model=model, report=None, train=None, calibration=None,
+                      validation=validation, options=None, folder=None, state={},
+                      say=lambda stage, message: said.append(message))
+    _run_step(Step("harmed", "harm", lambda c: True, harm_the_box), context, scorer, stages)
+    harmed = stages[-1]
+    assert not harmed.kept and "agreement of output 1 with the original 100.00% ->" in harmed.note, harmed
+    assert harmed.val_agreement == 1.0, "the first output did not move: only the second one shows it"
+    np.testing.assert_allclose(model.get_layer("box").get_weights()[0], original.get_layer("box").get_weights()[0],
+                               err_msg="the step's weights are put back")
+    _run_step(Step("untouched", "noop", lambda c: True, lambda c: None), context, scorer, stages)
+    assert stages[-1].kept, stages[-1]
+
+
+def test_the_budget_covers_every_output_of_a_two_headed_model(tmp_path):
+    """The budget's sensitivity and its final check count every output: the measured drop is the worst output's."""
+    from sepconv.convert.recovery.budget import _scorer
+
+    original = two_headed()
+    x = np.random.default_rng(1).random((60, 12, 12, 3), dtype=np.float32)
+    baseline, score = _scorer(original, x, None)
+    assert baseline == 100.0 and score(original) == pytest.approx(100.0)
+    harmed = keras.models.clone_model(original)
+    harmed.set_weights(original.get_weights())
+    kernel, bias = harmed.get_layer("box").get_weights()
+    harmed.get_layer("box").set_weights([-kernel, bias])  # cosine -1 -> agreement 0: a 100-point drop
+    assert score(harmed) == pytest.approx(0.0), "the second output's drop counts, though the first kept 100%"
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(2).random((300, 12, 12, 3), dtype=np.float32))
+    original.save(tmp_path / "two.keras")
+    result = convert_model(tmp_path / "two.keras", [tmp_path / "two.tflite"], data=str(tmp_path / "d.npz"),
+                           epochs=0, measure_latency=False)
+    stages = result.recovery.stages
+    assert all(stage.val_outputs is not None and len(stage.val_outputs) == 2 for stage in stages), stages
+    final = [stage for stage in stages if stage.kept][-1]
+    worst = max(100.0 * (1.0 - final.val_agreement), 100.0 * (1.0 - final.val_outputs[1]))
+    assert result.recovery.budget.measured_drop == pytest.approx(worst, abs=1e-3), result.recovery.budget
+    assert result.recovery.budget.held

@@ -277,6 +277,14 @@ def _accuracy(output: np.ndarray, y) -> float | None:
     return hit_rate(top1(output), y)
 
 
+def output_agreements(reference: list[np.ndarray], outputs: list[np.ndarray]) -> list[float]:
+    """How far each output of a model keeps the reference model's, as a share in [0, 1]: top-1 agreement for a
+    classifier output, the mean cosine similarity (floored at 0) for any other (feature maps, a regression head)."""
+    return [_agreement(r, o) if _is_classifier(r) else max(0.0, mean_cosine(np.asarray(r, np.float64),
+                                                                            np.asarray(o, np.float64)))
+            for r, o in zip(reference, outputs)]
+
+
 def mean_cosine(a: np.ndarray, b: np.ndarray) -> float:
     """The mean over samples of the cosine similarity of two outputs' rows (each sample flattened)."""
     a, b = a.reshape(len(a), -1), b.reshape(len(b), -1)

@@ -19,6 +19,7 @@ from typing import Callable
 import numpy as np
 
 from sepconv.convert.errors import InvalidOptionError
+from sepconv.convert.export.verification import output_agreements
 from sepconv.convert.graph import called_once, predict_keras
 from sepconv.convert.recovery.refinement import refine
 from sepconv.convert.separation.policy import SeparationOptions
@@ -211,14 +212,24 @@ def plan_params(layers, ranks: dict) -> int:
 
 
 def _scorer(model, x_eval, y_eval):
-    """(the original's score, a function scoring a model) in percent: accuracy with labels, else agreement."""
-    reference = top1(predict_keras(model, x_eval)[0])
+    """(the original's score, a function scoring a model) in percent: accuracy with labels, else agreement, of the
+    first output. A model with several outputs scores the worst of them: a candidate's score is the baseline less
+    the largest drop among the first output's metric and every other output's agreement with the original's
+    (verification.output_agreements), so that the budget covers each output."""
+    original = predict_keras(model, x_eval)
+    reference = top1(original[0])
     truth = np.asarray(y_eval) if y_eval is not None else reference
+    baseline = 100.0 * hit_rate(reference, truth)
 
     def score(candidate) -> float:
-        return 100.0 * hit_rate(top1(predict_keras(candidate, x_eval)[0]), truth)
+        outputs = predict_keras(candidate, x_eval)
+        value = 100.0 * hit_rate(top1(outputs[0]), truth)
+        if len(outputs) < 2:
+            return value
+        others = output_agreements(original[1:], outputs[1:])
+        return baseline - max([baseline - value] + [100.0 * (1.0 - agreement) for agreement in others])
 
-    return 100.0 * hit_rate(reference, truth), score
+    return baseline, score
 
 
 def _separable_layers(model, separation) -> list[tuple[str, int, int]]:

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from sepconv.convert.errors import BudgetError, CheckpointError, InterruptedRunError, InvalidOptionError
-from sepconv.convert.export.verification import mean_cosine
+from sepconv.convert.export.verification import mean_cosine, output_agreements
 from sepconv.convert.graph import leaf_layers, predict_keras
 from sepconv.convert.recovery.budget import BudgetOptions, BudgetPlan, BudgetResult, plan_budget
 from sepconv.convert.recovery.finetuning import (
@@ -92,6 +92,8 @@ class Stage:
     params: int
     seconds: float  # spent on this stage
     note: str = ""  # why a stage was rejected
+    val_outputs: tuple[float, ...] | None = None  # a model with several outputs: each one's agreement with the
+    # original's on the validation data (verification.output_agreements; None for one output or no validation data)
 
 
 @dataclass(frozen=True)
@@ -262,10 +264,17 @@ def _run_step(step: Step, context: Context, scorer, stages: list) -> object:
     stage = scorer.stage(step.name, context.model, time.perf_counter() - started)
     last = [s for s in stages if s.kept][-1]
     fell = scorer.validates and scorer.value(stage) < scorer.value(last) - 1e-12
+    output = scorer.fallen_output(last, stage) if scorer.validates and not fell else None
     if fell:
         context.model.set_weights(before)
         stage = replace(stage, kept=False, note=f"rejected: validation {scorer.metric} {scorer.value(last):.2%} -> "
                                                 f"{scorer.value(stage):.2%}, weights put back")
+    elif output is not None:  # another output of the model fell: the step is not kept either
+        fell = True
+        context.model.set_weights(before)
+        stage = replace(stage, kept=False, note=f"rejected: validation agreement of output {output} with the "
+                                                f"original {last.val_outputs[output]:.2%} -> "
+                                                f"{stage.val_outputs[output]:.2%}, weights put back")
     stages.append(stage)
     verdict = stage.note if fell else f"kept (validation {scorer.metric} {scorer.value(stage):.2%})"
     context.say(step.label, f"{step.summary(result)}{_score_text(stage)}; {verdict}")
@@ -399,8 +408,10 @@ def _check_budget(plan: BudgetPlan, stages, scorer) -> BudgetResult:
     final = [stage for stage in stages if stage.kept][-1]
     first = stages[0]
     metric = scorer.metric
-    drop = scorer.value(first) - scorer.value(final)
-    drop = 100.0 * drop
+    drop = 100.0 * (scorer.value(first) - scorer.value(final))
+    if final.val_outputs is not None:  # every output counts: the worst one's drop (the first by the main metric)
+        drop = max([drop] + [100.0 * (before - after) for before, after in zip(first.val_outputs[1:],
+                                                                              final.val_outputs[1:])])
     test_metric = "accuracy" if scorer.labelled else "agreement"
     test_drop = 100.0 * (getattr(first, test_metric) - getattr(final, test_metric))
     held = drop <= plan.max_drop + 1e-9
@@ -416,6 +427,9 @@ def _check_budget(plan: BudgetPlan, stages, scorer) -> BudgetResult:
             f"{plan.ranks}); nothing was written: raise --max-accuracy-drop, fine-tune longer (--epochs) or pass "
             f"more --data")
     return result
+
+
+COSINE_NOISE = 1e-4  # how far a cosine-scored output's agreement may move by float noise alone
 
 
 def _score_text(stage: Stage) -> str:
@@ -440,6 +454,18 @@ class _Scorer:
         self.validates = validation is not None
         self.labelled = test.y is not None
         self.metric = "accuracy" if validation is not None and validation.y is not None else "agreement"
+        self.outputs = len(original.outputs)
+
+    def fallen_output(self, last: Stage, stage: Stage) -> int | None:
+        """The first output after the first whose validation agreement with the original fell from `last` to
+        `stage` (a multi-output model; the first output is judged by the main metric), or None. A cosine-scored
+        output may move by its float noise (1e-4) without falling."""
+        if last.val_outputs is None or stage.val_outputs is None:
+            return None
+        for index in range(1, len(stage.val_outputs)):
+            if stage.val_outputs[index] < last.val_outputs[index] - COSINE_NOISE:
+                return index
+        return None
 
     def value(self, stage: Stage) -> float:
         """The validation score that decides (accuracy with labels, else agreement with the original)."""
@@ -447,18 +473,19 @@ class _Scorer:
 
     def stage(self, name: str, model, seconds: float) -> Stage:
         scores = {role: self._score(role, model) for role in self._reference}
-        test, validation = scores["test"], scores.get("validation", (None, None))
+        test, validation = scores["test"], scores.get("validation", (None, None, None))
         return Stage(name=name, kept=True, accuracy=test[0], agreement=test[1], val_accuracy=validation[0],
-                     val_agreement=validation[1], params=int(model.count_params()), seconds=round(seconds, 2))
+                     val_agreement=validation[1], params=int(model.count_params()), seconds=round(seconds, 2),
+                     val_outputs=validation[2])
 
-    def _score(self, role: str, model) -> tuple[float | None, float]:
-        data = self._sets[role]
-        if model is self._original:  # the original's predictions are the reference: no second forward pass
-            predicted = self._reference[role]
-        else:
-            predicted = top1(predict_keras(model, data.x)[0])
+    def _score(self, role: str, model) -> tuple[float | None, float, tuple[float, ...] | None]:
+        """(accuracy, top-1 agreement of the first output, every output's agreement when there are several)."""
+        data, reference = self._sets[role], self.original_outputs[role]
+        outputs = reference if model is self._original else predict_keras(model, data.x)  # the original: no rerun
+        predicted = self._reference[role] if model is self._original else top1(outputs[0])
         accuracy = hit_rate(predicted, data.y) if data.y is not None else None
-        return accuracy, hit_rate(predicted, self._reference[role])
+        each = tuple(round(v, 6) for v in output_agreements(reference, outputs)) if self.outputs > 1 else None
+        return accuracy, hit_rate(predicted, self._reference[role]), each
 
 
 def _fingerprint(**roles) -> dict:
