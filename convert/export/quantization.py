@@ -18,7 +18,8 @@ rounding that keeps each layer's output (rounding.py: GPTQ, per-channel weights 
 more and shuffled calibration samples (and per-channel weights if they were per-tensor; percentile then entropy
 calibration for ONNX), the other weight granularity (per-tensor where per-channel was asked: it can be better, ONNX
 Runtime issue 11415), then the worst 1..max_float_layers layers kept in float (TFLite `denylisted_nodes`, ONNX
-`nodes_to_exclude`). A step that agrees better than every attempt before it becomes the base of the later ones; one
+`nodes_to_exclude`) when a layer is bad alone (above RELATIVE_ERROR_ALARM; with none, the error is spread over the
+layers and one or two in float cannot fix it: not tried, said in the report). A step that agrees better than every attempt before it becomes the base of the later ones; one
 that does not is dropped. Repair aims at the measured agreement; when no attempt reaches it, the best attempt whose
 shortfall the validation images cannot show (verification's `Tolerance.confidence`) is chosen, and said; when none,
 nothing is (and --quantize auto falls back). Choices use the validation images; the pipeline's verification on the
@@ -188,6 +189,7 @@ class QuantizationReport:
     equalization: dict | None = None  # EqualizationReport.to_dict() when an attempt equalized
     rounding: dict | None = None  # RoundingReport.to_dict() of the chosen attempt's weights, when it rounded them
     validated: bool = False  # the attempts were judged on validation images (else on the calibration images)
+    note: str = ""  # a repair step not tried, and why
 
     @property
     def passed(self) -> bool:
@@ -203,7 +205,8 @@ class QuantizationReport:
                 "attempts": [asdict(a) for a in self.attempts],
                 "float_layers": [asdict(f) for f in self.float_layers],
                 "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None,
-                "equalization": self.equalization, "rounding": self.rounding, "validated": self.validated}
+                "equalization": self.equalization, "rounding": self.rounding, "validated": self.validated,
+                "note": self.note}
 
     def line(self) -> str:
         tried = "; ".join(f"{a.name}: {_agreement_text(a)}" for a in self.attempts)
@@ -211,6 +214,7 @@ class QuantizationReport:
         noise = (f"; none reached the bar, {self.attempts[self.chosen].name} is under it by less than the validation "
                  f"images can show: chosen" if self.within_noise else "")
         return (f"int8 attempts ({tried})" + noise + (f"; kept in float: {kept}" if kept else "")
+                + (f"; {self.note}" if self.note else "")
                 + (f"; {_equalization_text(self.equalization)}" if self.equalization else "")
                 + (f"; {_rounding_text(self.rounding)}" if self.rounding else ""))
 
@@ -271,6 +275,7 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
     """
     first = Setting("as requested", calibration.samples, f"{len(calibration.samples)} samples", per_channel)
     attempts, artifacts, settings = [], [], []
+    note = ""
 
     def attempt(setting: Setting) -> bool:
         data = export(setting)
@@ -297,10 +302,14 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
         if equalization is not None and any(s.equalized for s in settings):
             equalized = equalization()
         if not passed and options.max_float_layers:
-            # layers are kept in float on top of the attempt that agreed best
+            # layers are kept in float on top of the attempt that agreed best, when one is bad alone (above the
+            # alarm): with none, the error is spread over many layers, and one or two in float cannot fix it
+            if diagnosis is not None and diagnosis.starts_at is None:
+                note = (f"no layer is above {RELATIVE_ERROR_ALARM:.0%} error alone: layers in float not tried (the "
+                        f"error is spread over the layers)")
             base = _base(settings, attempts)
-            ranking = diagnose(base) if base is not first else diagnosis
-            for count in range(1, options.max_float_layers + 1):
+            ranking = diagnosis if note or base is first else diagnose(base)
+            for count in range(1, options.max_float_layers + 1) if not note else ():
                 chosen = tuple(row.layer for row in ranking.worst(count))
                 setting = replace(base, name=f"{count} layer{'s' * (count > 1)} in float", float_layers=chosen)
                 if attempt(setting):
@@ -314,7 +323,7 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
     shipped = best if passed else first
     report = QuantizationReport(tuple(attempts), chosen, floats, diagnosis, equalized,
                                 rounding(shipped) if rounding is not None and shipped.rounding != NEAREST else None,
-                                validated=calibration.validation is not None)
+                                validated=calibration.validation is not None, note=note)
     return artifacts[chosen if passed else 0], report
 
 
