@@ -123,7 +123,8 @@ def convert_parser() -> argparse.ArgumentParser:
                             "arrays are taken as preprocessed")
     group.add_argument("--mean", type=_floats, help="per-channel mean subtracted after scaling, e.g. 0.485,0.456,0.406")
     group.add_argument("--std", type=_floats, help="per-channel std divided after the mean, e.g. 0.229,0.224,0.225")
-    group.add_argument("--max-samples", type=_positive, help="read at most this many samples (a seeded random choice)")
+    group.add_argument("--max-samples", type=_positive, help="read at most this many samples of each data file (a "
+                       "seeded random choice), before the split: the test and validation samples shrink with it")
     group.add_argument("--test-data", help="test data (same forms as --data) for scoring and verification only, never "
                        "for choosing; default: --heldout-fraction of --data")
     group.add_argument("--validation-data", help="validation data (same forms as --data) that makes every choice, "
@@ -270,7 +271,7 @@ def convert_parser() -> argparse.ArgumentParser:
                             "16384)")
     group.add_argument("--json", nargs="?", const="-", metavar="FILE", help="a machine-readable summary " + JSON_HELP)
     report_flags(group)
-    group.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    group.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     group.add_argument("--debug", action="store_true", help="show tracebacks and converter logs")
     version_flag(parser)
     return parser

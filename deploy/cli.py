@@ -42,7 +42,7 @@ def _output_flags(parser):
     """The last flags of both commands' parsers; returns the parser."""
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json / --csv file")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    parser.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
+    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     version_flag(parser)
     return parser
@@ -131,8 +131,9 @@ def deploy_parser() -> argparse.ArgumentParser:
                "its timings are meaningless. With --compare-local and a labelled --input, a device whose predictions "
                "differ from this machine's is flagged DIFFERS FROM LOCAL in the table, with a warning.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("hosts", help="what you type after ssh: an alias, host, user@host or user@host:port; several "
-                        "comma-separated for a fleet (benchmarked concurrently)")
+    parser.add_argument("hosts", help="an ssh host: an alias of your ssh config, host or user@host, with :port if "
+                        "not 22 (ssh itself takes -p PORT); several comma-separated for a fleet (benchmarked "
+                        "concurrently)")
     parser.add_argument("models", nargs="+", metavar="artifact", help=".tflite or .onnx files (their manifests "
                         "travel with them)")
     bench_flags(parser, DEPLOY_BENCH_FLAGS, threads="thread counts, e.g. 1,4",

@@ -76,7 +76,7 @@ _WITH_PORT = re.compile(r"^(?P<dest>(?:[^@\s]+@)?(?:\[[^\]]+\]|[^:@\s\[\]]+)):(?
 def parse_target(spec: str) -> Target:
     """Split `user@host:port` (IPv6 in brackets); anything else is handed to ssh as it is (aliases included)."""
     if not isinstance(spec, str) or not spec.strip() or spec.startswith("-") or any(c.isspace() for c in spec):
-        raise InvalidOptionError(f"Unrecognized host {spec!r}. Use what you would type after ssh: an alias, host, "
+        raise InvalidOptionError(f"Unrecognized host {spec!r}. Use an ssh host: an alias of your ssh config, host, "
                                  f"user@host or user@host:port")
     match = _WITH_PORT.match(spec)
     if not match:
