@@ -32,8 +32,9 @@ from sepconv.deploy.scores import class_labels, hit_rate, top1
 from sepconv.deploy.stats import summarize
 
 SCHEMA_VERSION = 1
-HEADERS = ["model", "format", "threads", "size", "p50 ms", "p50 95% CI", "p90 ms", "mean ± std ms", "runs", "speed-up",
-           "accuracy"]  # the terminal table's columns (Case.row)
+HEADERS = ["model", "format", "threads", "size", "p50 ms", "p50 95% CI", "p90 ms", "p99 ms", "mean ± std ms", "runs",
+           "memory", "speed-up", "accuracy"]  # the terminal table's columns (Case.row); memory: what loading the
+# model and its first run added to the process's resident memory
 CSV_COLUMNS = ("host", "model", "format", "threads", "bytes", "count", "mean_ms", "std_ms", "min_ms", "p50_ms",
                "ci95_low_ms", "ci95_high_ms", "p90_ms", "p95_ms", "p99_ms", "max_ms", "inferences_per_second",
                "speedup", "load_ms", "first_ms", "accuracy", "error")  # --csv's columns (Case.csv_row)
@@ -107,9 +108,11 @@ class Case:
         """Its row of the table (HEADERS); `flag` follows the accuracy."""
         lat = self.latency_ms
         accuracy = self.accuracy["top1"] if self.accuracy else None
+        grown = [self.memory.get(key) for key in ("load_growth_bytes", "first_run_growth_bytes")]
+        memory = "" if None in grown else f"+{sum(grown) / 2 ** 20:,.1f} MiB"
         return [self.model, self.format, self.threads, f"{self.artifact['bytes'] / 1024:,.0f} KiB", f"{lat['p50']:.3f}",
-                f"{lat['ci95_p50'][0]:.3f}-{lat['ci95_p50'][1]:.3f}", f"{lat['p90']:.3f}",
-                f"{lat['mean']:.3f} ± {lat['std']:.3f}", lat["count"], f"{self.speedup:.2f}x",
+                f"{lat['ci95_p50'][0]:.3f}-{lat['ci95_p50'][1]:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
+                f"{lat['mean']:.3f} ± {lat['std']:.3f}", lat["count"], memory, f"{self.speedup:.2f}x",
                 ("" if accuracy is None else f"{accuracy:.2%}") + flag]
 
     def csv_row(self, host: str) -> list:
