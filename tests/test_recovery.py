@@ -233,6 +233,7 @@ def test_convert_model_budget_stages_and_checkpoints(tmp_path):
     assert any(stage == "finetune" and message.startswith("epoch 1/4") for stage, message in lines)
     assert not (tmp_path / "m.tflite.checkpoints").exists(), "checkpoints go once the artifacts are written"
     (tmp_path / "m.tflite.checkpoints").mkdir()
+    (tmp_path / "m.tflite.checkpoints" / "state.json").write_text("{}")  # an empty folder would be used (issue 27)
     with pytest.raises(CheckpointError, match="pass --resume to continue it, or delete the folder"):
         convert_model(tmp_path / "teacher.keras", [tmp_path / "n.tflite"], data=str(tmp_path / "data.npz"),
                       checkpoint_dir=str(tmp_path / "m.tflite.checkpoints"), quantize="none", rank=1)
