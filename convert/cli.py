@@ -385,10 +385,45 @@ def _convert_outputs(args) -> None:
     check_report_outputs(args, protected=[*protected, args.json])
 
 
+# What each workstation command needs beyond sepconv's base install (numpy, tabulate), and the extra that brings it:
+# checked before any work, so that an [edge] or bare install says so in one line instead of a ModuleNotFoundError.
+EXTRAS = {
+    "convert-model": (("tensorflow", "keras", "h5py", "tf2onnx", "onnx", "PIL"), "convert"),
+    "sepconv-demo": (("tensorflow", "keras", "h5py", "tf2onnx", "onnx", "PIL", "sklearn", "matplotlib"),
+                     "convert,demo"),
+    "sepconv-report": (("matplotlib",), "report"),
+}
+
+
+def missing_extra(prog: str) -> str | None:
+    """The one-line error for a command whose extra is not installed (None when everything it needs is there)."""
+    import importlib.util
+
+    modules, extra = EXTRAS[prog]
+    missing = [name for name in modules if importlib.util.find_spec(name) is None]
+    if not missing:
+        return None
+    return (f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not installed, and {prog} needs "
+            f"{'it' if len(missing) == 1 else 'them'}: pip install 'sepconv[{extra}]' (this install has only what "
+            f"runs on a device: bench-model, deploy-model)")
+
+
+def _refused_for_extra(prog: str, args) -> int:
+    """1 after the one-line error when `prog`'s extra is missing (a JSON failure too with --json -), else 0."""
+    message = missing_extra(prog)
+    if message is None:
+        return 0
+    print(f"{prog}: error: {message}", file=sys.stderr)
+    json_failure(args, prog, "MissingExtraError", message, 1, False)
+    return 1
+
+
 def convert_main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = convert_parser().parse_args(argv)
     if not in_worker():  # the work runs in a child process (supervise.py: a native crash becomes one line)
+        if _refused_for_extra("convert-model", args):
+            return 1
         status = run_command("convert-model", _preflight, args, _convert_outputs)
         if status:  # a wrong path or flag: said at once, before the worker and TensorFlow start
             return status
@@ -457,6 +492,8 @@ def demo_main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = demo_parser().parse_args(argv)
     if not in_worker():
+        if _refused_for_extra("sepconv-demo", args):
+            return 1
         return _supervised("sepconv-demo", argv, json_target=args.json)
     die_with_parent()
     return run("sepconv-demo", reported_as_interrupt(_demo), args, outputs=_demo_outputs)
@@ -501,6 +538,8 @@ def report_main(argv=None) -> int:
     args = parser.parse_args(argv)
     if not (args.output or args.report_dir):
         parser.error("name the HTML file with -o FILE (or a folder for PNGs with --report-dir DIR)")
+    if _refused_for_extra("sepconv-report", args):
+        return 1
     return run_command("sepconv-report", _report, args,
                        outputs=lambda a: check_report_outputs(a, protected=a.inputs, flag="-o", target=a.output))
 
@@ -521,6 +560,38 @@ def _supervised(prog: str, argv: list[str], checkpoints: Path | None = None, jso
 
 
 MAINS = {"convert-model": convert_main, "sepconv-demo": demo_main}
+
+# `sepconv COMMAND`: one command family (docs/architecture.md); the long names stay as aliases of the same mains
+COMMANDS = {"convert": ("convert-model", "separate, recover, export, verify and time a Keras model"),
+            "bench": ("bench-model", "time .tflite / .onnx artifacts side by side on this machine"),
+            "deploy": ("deploy-model", "install, copy and time artifacts on devices over SSH"),
+            "report": ("sepconv-report", "draw an HTML report from the tools' JSON"),
+            "demo": ("sepconv-demo", "the whole pipeline on scikit-learn's bundled digits")}
+
+
+def sepconv_main(argv=None) -> int:
+    """`sepconv convert | bench | deploy | report | demo ARGS...`: the same as convert-model, bench-model,
+    deploy-model, sepconv-report and sepconv-demo (whose names its messages keep); `sepconv COMMAND --help` for each."""
+    from sepconv.deploy.cli import bench_main, deploy_main
+    from sepconv.deploy.clikit import version
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    mains = {"convert": convert_main, "bench": bench_main, "deploy": deploy_main, "report": report_main,
+             "demo": demo_main}
+    if argv and argv[0] in mains:
+        return mains[argv[0]](argv[1:]) or 0
+    if argv and argv[0] == "--version":
+        print(f"sepconv {version()}")
+        return 0
+    usage = "usage: sepconv {convert,bench,deploy,report,demo} ... (sepconv COMMAND --help for its options)"
+    if argv and argv[0] in ("-h", "--help"):
+        rows = "\n".join(f"  {name:<8} {text} (also: {alias})" for name, (alias, text) in COMMANDS.items())
+        print(f"{usage}\n\nTurn a trained Keras CNN into a smaller, faster edge model, and prove it.\n\ncommands:\n"
+              f"{rows}\n\n  --version  the version")
+        return 0
+    given = f"unknown command {argv[0]!r}" if argv else "no command given"
+    print(f"{usage}\nsepconv: error: {given}; use one of {', '.join(mains)}", file=sys.stderr)
+    return 2
 
 if __name__ == "__main__":  # python -m sepconv.convert.cli [PROG] ARGS... (supervise.py names PROG; default: the demo)
     if len(sys.argv) > 1 and sys.argv[1] in MAINS:

@@ -689,3 +689,46 @@ def test_disk_full_while_checkpointing_then_resume(tmp_path, small_h5, tiny_disk
     resumed = run(*args, "--resume")
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert listing(out) == ["m.tflite", "m.tflite.json"] and not (disk / "checkpoints").exists()
+
+
+def test_one_sepconv_command_with_the_long_names_as_aliases(tmp_path):
+    """Issue 26: `sepconv convert | bench | deploy | report | demo` runs the same mains as convert-model,
+    bench-model, deploy-model, sepconv-report and sepconv-demo; --help lists them, --version once, an unknown
+    command is one line and exit 2."""
+    sepconv = str(Path(sys.executable).parent / "sepconv")
+    shown = subprocess.run([sepconv, "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and all(f"  {name} " in shown.stdout for name in
+                                         ("convert", "bench", "deploy", "report", "demo")), shown.stdout
+    assert "also: convert-model" in shown.stdout
+    version = subprocess.run([sepconv, "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and version.stdout.startswith("sepconv ")
+    unknown = subprocess.run([sepconv, "frob"], capture_output=True, text=True, timeout=60)
+    assert unknown.returncode == 2 and unknown.stderr.strip().splitlines()[-1].startswith(
+        "sepconv: error: unknown command 'frob'"), unknown.stderr
+    helped = subprocess.run([sepconv, "convert", "--help"], capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and "--quantize" in helped.stdout
+    missing = subprocess.run([sepconv, "convert", tmp_path / "nope.h5", tmp_path / "m.tflite"], capture_output=True,
+                             text=True, timeout=120)
+    assert missing.returncode == 1 and "nope.h5: no such file" in missing.stderr, missing.stderr
+
+
+@pytest.mark.parametrize("prog, absent, extra", [("convert-model", "h5py", "convert"),
+                                                 ("sepconv-demo", "sklearn", "convert,demo"),
+                                                 ("sepconv-report", "matplotlib", "report")])
+def test_a_missing_extra_is_one_line_before_any_work(tmp_path, prog, absent, extra):
+    """Issue 26: convert-model in an [edge] or bare install printed 20 lines ending in ModuleNotFoundError. Each
+    workstation command now says which packages are missing and the pip line, before any work (here the package is
+    hidden from importlib's finder, as in an install without it)."""
+    args = {"convert-model": [str(tmp_path / "m.h5"), str(tmp_path / "m.tflite")],
+            "sepconv-demo": ["--out", str(tmp_path / "demo")],
+            "sepconv-report": [str(tmp_path / "r.json"), "-o", str(tmp_path / "r.html")]}[prog]
+    main = {"convert-model": "convert_main", "sepconv-demo": "demo_main", "sepconv-report": "report_main"}[prog]
+    probe = (f"import importlib.util as u, sys; real = u.find_spec; "
+             f"u.find_spec = lambda name, *a: None if name == {absent!r} else real(name, *a); "
+             f"from sepconv.convert import cli; sys.exit(cli.{main}(sys.argv[1:]))")
+    done = subprocess.run([sys.executable, "-c", probe, *args], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr[-2000:]
+    assert done.stderr.count("\n") == 1, done.stderr
+    assert f"{prog}: error: {absent} is not installed, and {prog} needs it: pip install 'sepconv[{extra}]'" in \
+        done.stderr, done.stderr
+    assert list(tmp_path.iterdir()) == [], "nothing is written"
