@@ -105,4 +105,5 @@ def _flag_text(value) -> str:
 
 
 # the bench-model flags deploy-model has (the device's bench-model gets them, and --compare-local's run here)
-DEPLOY_BENCH_FLAGS = ("threads", "inputs", "scale", "min_runs", "min_seconds", "max_seconds")
+DEPLOY_BENCH_FLAGS = ("threads", "inputs", "scale", "batch", "min_runs", "min_seconds", "max_seconds", "warmup_runs",
+                      "warmup_seconds", "providers", "seed")

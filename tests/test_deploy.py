@@ -531,9 +531,15 @@ def test_bench_flags_come_from_bench_options():
                                  xnnpack=False, providers=("A", "B"), block=3)
     deployed = deploy_options(deploy_parser().parse_args(["pi", "m.tflite", *given]))
     assert deployed.threads == (1, 3) and deployed.xnnpack is False
-    assert deployed.bench_args == ("--scale=raw", "--min-runs=7", "--min-time=0.5", "--max-time=9.0")
+    assert deployed.bench_args == ("--scale=raw", "--batch=1", "--min-runs=7", "--min-time=0.5", "--max-time=9.0",
+                                   "--warmup-runs=10", "--warmup-time=0.5", "--providers=CPUExecutionProvider",
+                                   "--seed=0")
     on_device = bench_options(bench_parser().parse_args(["m.tflite", *deployed.bench_args]))
     assert on_device == BenchOptions(min_runs=7, min_seconds=0.5, max_seconds=9.0, scale="raw")
+    more = ["--batch", "4", "--warmup-runs", "2", "--warmup-time", "0.1", "--providers", "A,B", "--seed", "7"]
+    on_device = bench_options(bench_parser().parse_args(["m.tflite", *deploy_options(deploy_parser().parse_args(
+        ["pi", "m.tflite", *more])).bench_args]))  # issue 26: deploy-model takes bench-model's flags and passes them on
+    assert on_device == BenchOptions(batch=4, warmup_runs=2, warmup_seconds=0.1, providers=("A", "B"), seed=7)
     assert bench_argv(BenchOptions(threads=(1, 2), providers=("A", "B")), ("threads", "providers")) == \
         ("--threads=1,2", "--providers=A,B")
 
