@@ -333,3 +333,17 @@ def test_the_int8_chart_names_keras_layers_alone_and_together():
         assert text in chart.svg, text
     assert "PartitionedCall" not in chart.svg, "the Keras name, not the converter's"
     assert charts.quantization_errors({"artifacts": [{"path": "m.onnx", "quantization": None}]}, "x") is None
+
+
+def test_the_stage_chart_shows_each_further_output_of_a_multi_output_model():
+    """Issue 27: a two-headed model's second output is scored per stage (val_outputs); the chart shows it."""
+    from sepconv.deploy.report import charts
+
+    stages = [{"name": "original", "kept": True, "val_agreement": 1.0, "agreement": 1.0, "val_outputs": [1.0, 1.0]},
+              {"name": "fine-tuned", "kept": False, "val_agreement": 1.0, "agreement": 1.0, "val_outputs": [1.0, 0.7],
+               "note": "rejected: validation agreement of output 1 with the original 100.00% -> 70.00%"}]
+    chart = charts.stage_scores({"recovery": {"stages": stages}}, "convert1_stages")
+    assert chart is not None and "validation agreement, output 1" in chart.svg
+    assert "agreement of output 1 with the original" in chart.caption
+    single = charts.stage_scores({"recovery": {"stages": [{**s, "val_outputs": None} for s in stages]}}, "x")
+    assert "output 1" not in single.svg

@@ -132,7 +132,8 @@ def _layer_label(row: dict) -> str:
 
 
 def stage_scores(run: dict, name: str) -> Chart | None:
-    """Validation accuracy, test accuracy and agreement with the original after each recovery stage."""
+    """Validation accuracy, test accuracy and agreement with the original after each recovery stage (and each
+    further output's validation agreement, for a model with several outputs)."""
     stages = (run.get("recovery") or {}).get("stages")
     if not stages:
         return None
@@ -141,12 +142,16 @@ def stage_scores(run: dict, name: str) -> Chart | None:
     series = [("validation accuracy", "val_accuracy"), ("validation agreement", "val_agreement"),
               ("test accuracy", "accuracy"), ("test agreement w/ original", "agreement")]
     series = [(label, key) for label, key in series if any(s.get(key) is not None for s in stages)]
+    heads = max((len(s.get("val_outputs") or ()) for s in stages), default=0)  # a model with several outputs
+    series += [(f"validation agreement, output {head}", head) for head in range(1, heads)]
     figure, (axis,) = _figure(max(6, 1.4 * len(stages) + 2), 3.6)
     x = np.arange(len(stages))
     width = 0.8 / len(series)
     for index, (label, key) in enumerate(series):
-        values = [100 * (s.get(key) or 0) for s in stages]
-        bars = axis.bar(x + (index - (len(series) - 1) / 2) * width, values, width, label=label, color=COLORS[index])
+        values = [100 * ((s.get("val_outputs") or [0] * heads)[key] if isinstance(key, int) else (s.get(key) or 0))
+                  for s in stages]
+        bars = axis.bar(x + (index - (len(series) - 1) / 2) * width, values, width, label=label,
+                        color=COLORS[index % len(COLORS)])
         for bar, stage in zip(bars, stages):
             if not stage["kept"]:
                 bar.set_hatch("//")
