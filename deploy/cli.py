@@ -134,8 +134,11 @@ def deploy_parser() -> argparse.ArgumentParser:
     parser.add_argument("hosts", help="an ssh host: an alias of your ssh config, host or user@host, with :port if "
                         "not 22 (ssh itself takes -p PORT); several comma-separated for a fleet (benchmarked "
                         "concurrently)")
-    parser.add_argument("models", nargs="+", metavar="artifact", help=".tflite or .onnx files (their manifests "
+    parser.add_argument("models", nargs="*", metavar="artifact", help=".tflite or .onnx files (their manifests "
                         "travel with them)")
+    parser.add_argument("--hosts", dest="hosts_file", metavar="FILE", help="the fleet's hosts from FILE, one a line "
+                        "(# comments and blank lines ignored), instead of the HOST argument: deploy-model --hosts "
+                        "FILE ARTIFACT...")
     bench_flags(parser, DEPLOY_BENCH_FLAGS, threads="thread counts, e.g. 1,4",
                 inputs="an .npz with x (and y for accuracy) to benchmark on; copied to the device")
     xnnpack = parser.add_mutually_exclusive_group()
@@ -180,7 +183,36 @@ def deploy_options(args):
                                         identity=args.identity))
 
 
+def read_hosts(path) -> list[str]:
+    """The hosts of a fleet file: one a line, `#` starts a comment, blank lines ignored; each checked as ssh takes it
+    (ssh.parse_target), so a bad line is one error naming the file and the line."""
+    from sepconv.deploy.errors import InvalidOptionError
+    from sepconv.deploy.ssh import parse_target
+
+    try:
+        lines = Path(path).read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as error:
+        raise InvalidOptionError(f"--hosts {path}: cannot be read ({getattr(error, 'strerror', None) or error}); "
+                                 f"give a text file with one host a line") from None
+    hosts = []
+    for number, line in enumerate(lines, 1):
+        host = line.split("#", 1)[0].strip()
+        if not host:
+            continue
+        try:
+            parse_target(host)
+        except InvalidOptionError as error:
+            raise InvalidOptionError(f"--hosts {path}, line {number}: {error}") from None
+        hosts.append(host)
+    if not hosts:
+        raise InvalidOptionError(f"--hosts {path}: no host in it; give one host a line")
+    return hosts
+
+
 def _deploy_outputs(args) -> None:
+    if args.hosts_file and not getattr(args, "hosts_read", False):  # the HOST argument was the first artifact
+        args.models, args.hosts = [args.hosts, *args.models], ",".join(read_hosts(args.hosts_file))
+        args.hosts_read = True
     protected = [*args.models, args.inputs]
     check_output_file("--json", args.json, protected=protected, overwrite=args.overwrite)
     check_output_file("--csv", args.csv, protected=[*protected, args.json], overwrite=args.overwrite)
@@ -296,7 +328,10 @@ def deploy_table(benched: list[Benched], *, markdown: bool = False) -> str:
 
 
 def deploy_main(argv=None) -> int:
-    args = deploy_parser().parse_args(argv)
+    parser = deploy_parser()
+    args = parser.parse_args(argv)
+    if not args.models and not args.hosts_file:
+        parser.error("the following arguments are required: artifact")
     return run("deploy-model", _deploy, args, outputs=_deploy_outputs)
 
 

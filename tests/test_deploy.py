@@ -702,3 +702,26 @@ def _kill_tree(pid: int) -> None:
             os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:
             pass
+
+
+def test_a_fleet_from_a_hosts_file(tmp_path):
+    """Issue 26: --hosts FILE (one host a line, # comments, blank lines) instead of the HOST argument; a bad line is
+    one error naming the file and the line, before anything runs."""
+    from sepconv.deploy.cli import _deploy_outputs, deploy_parser, read_hosts
+    from sepconv.deploy.errors import InvalidOptionError
+
+    fleet = tmp_path / "fleet.txt"
+    fleet.write_text("# the lab\npi@10.0.0.1\n\n  pi2:2222   # second shelf\n[fe80::1]:22\n")
+    assert read_hosts(fleet) == ["pi@10.0.0.1", "pi2:2222", "[fe80::1]:22"]
+    args = deploy_parser().parse_args(["--hosts", str(fleet), "a.tflite", "b.onnx", "--reports", str(tmp_path / "r")])
+    _deploy_outputs(args)
+    assert args.hosts == "pi@10.0.0.1,pi2:2222,[fe80::1]:22" and args.models == ["a.tflite", "b.onnx"]
+    (tmp_path / "bad.txt").write_text("pi\n-oProxyCommand=x\n")
+    with pytest.raises(InvalidOptionError, match=r"bad.txt, line 2: Unrecognized host '-oProxyCommand=x'"):
+        read_hosts(tmp_path / "bad.txt")
+    (tmp_path / "empty.txt").write_text("# nobody\n")
+    with pytest.raises(InvalidOptionError, match="no host in it"):
+        read_hosts(tmp_path / "empty.txt")
+    done = subprocess.run([str(Path(sys.executable).parent / "deploy-model"), "--hosts", str(tmp_path / "bad.txt"),
+                           "m.tflite"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and done.stderr.count("\n") == 1 and "line 2" in done.stderr, done.stderr
