@@ -323,7 +323,6 @@ def test_a_step_that_harms_only_the_second_output_is_rejected():
     """Issue 27: a model's other outputs were never scored, so a step that harmed only them was kept. Each output's
     validation agreement with the original is kept per stage (top-1 for a classifier head, cosine otherwise), and a
     step under which any of them falls is rejected, its weights put back."""
-
     from sepconv.convert.data import Dataset
     from sepconv.convert.recovery.steps import Context, Step, _run_step, _Scorer
 
