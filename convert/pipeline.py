@@ -175,7 +175,7 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
         options.tolerance.min_agreement if plan.quantize != "none" else None)
     for warning in warnings:
         say("warning", warning)
-    source_record = Source(path=str(source), sha256=sha256(source), params=params)
+    source_record = Source(path=str(source), sha256=sha256(source), params=params, bytes=source.stat().st_size)
 
 
     report = recovery = None

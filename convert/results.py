@@ -38,6 +38,7 @@ class Source:
     path: str
     sha256: str
     params: int  # the original model's parameters
+    bytes: int | None = None  # the model file's size (what "x smaller" is against)
 
     def to_dict(self) -> dict:
         return asdict(self)

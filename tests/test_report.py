@@ -92,6 +92,19 @@ def test_convert_model_report_and_pngs(converted):
         assert speed is None or f"{speed['speedup']:.2f}x ({speed['speedup_ci95'][0]:.2f}-" in page, speed
     if not any(artifact["speed"] for artifact in summary["artifacts"]):
         assert "not timed" in page and not summary["separation"]["totals"]["separated"], "only nothing separated"
+    # issue 26: the page answers first - per artifact how much smaller, how much faster, and what it cost
+    answer = page[page.index("<h2>The answer</h2>"):page.index("</section>", page.index("<h2>The answer</h2>"))]
+    assert page.index("<h2>The answer</h2>") < page.index("<h2>convert-model"), "the headline comes first"
+    source = summary["source"]
+    assert source["bytes"] == (converted / "small.h5").stat().st_size
+    for artifact in summary["artifacts"]:
+        assert f"<b>{Path(artifact['path']).name}</b>" in answer
+        assert f"{source['bytes'] / artifact['bytes']:.1f}x smaller than the original file" in answer, answer
+        speed = artifact["speed"]
+        if speed:
+            assert f"{speed['speedup']:.2f}x as fast as the original ({speed['speedup_ci95'][0]:.2f}-" in answer
+        check = artifact["verification"]
+        assert f"the same top-1 answer as the original on {check['original_agreement']:.2%}" in answer
 
 
 def test_bench_model_report_and_pngs(benched):
@@ -102,6 +115,8 @@ def test_bench_model_report_and_pngs(benched):
         assert_png_drawn(benched / "bench-charts" / f"{name}.png")
     report = json.loads((benched / "bench.json").read_text())
     assert f"<td>{report['context']['os']}</td>" in page, "the device context is shown"
+    case = report["cases"][0]
+    assert "<h2>The answer</h2>" in page and f"p50 {case['latency_ms']['p50']:.3f} ms" in page, "the headline"
 
 
 def test_renderer_on_saved_json(benched):

@@ -189,6 +189,9 @@ def render(runs: Runs, title: str = "sepconv report") -> Page:
     if tradeoff:
         sections.append(_section("Trade-off", [_figure(tradeoff)]))
         drawn.append(tradeoff)
+    headline = _headline(runs)
+    if headline:
+        sections.insert(0, headline)
     page = _PAGE.format(title=html.escape(title), body="\n".join(sections))
     return Page(page, tuple(drawn))
 
@@ -244,6 +247,63 @@ def _cell(value) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
     return str(value)
+
+
+def _headline(runs: Runs) -> str:
+    """The answer first: per converted artifact, how much smaller and faster than the original and what it costs in
+    accuracy, with the device it was timed on; per benchmarked model, its p50 and speed-up, and the peak memory."""
+    items = []
+    for label, run in runs.converts:
+        source = run.get("source") or {}
+        for artifact in run.get("artifacts") or []:
+            items.append(f"<li><b>{html.escape(Path(artifact['path']).name)}</b> ({html.escape(label)}): "
+                         f"{html.escape(_artifact_headline(source, artifact))}</li>")
+    for label, bench, device in runs.benches:
+        machine = (device or {}).get("pi_model") or (device or {}).get("cpu") or \
+            (bench.get("context") or {}).get("cpu") or "this machine"
+        peak = bench.get("peak_rss_bytes")
+        for case in bench["cases"]:
+            latency = case["latency_ms"]
+            low, high = latency.get("ci95_p50") or (latency["p50"], latency["p50"])
+            accuracy = (case.get("accuracy") or {}).get("top1")
+            items.append(f"<li><b>{html.escape(case['model'])}</b> ({html.escape(label)}, {case['threads']} "
+                         f"thread(s), {html.escape(str(machine))}): p50 {latency['p50']:.3f} ms ({low:.3f}-{high:.3f}), "
+                         f"p99 {latency['p99']:.3f} ms"
+                         + (f", {case['speedup']:.2f}x the first model" if case.get("speedup") else "")
+                         + (f", accuracy {accuracy:.2%}" if accuracy is not None else "")
+                         + (f"; the benchmark's peak memory {peak / 2 ** 20:,.0f} MiB" if peak else "") + "</li>")
+    if not items:
+        return ""
+    return _section("The answer", ["<ul class=\"headline\">" + "\n".join(items) + "</ul>"])
+
+
+def _artifact_headline(source: dict, artifact: dict) -> str:
+    """One artifact of a conversion in words: size against the original file, measured speed-up with its interval
+    and where, accuracy and agreement against the original, and whether it passed."""
+    parts = [f"{artifact['format']} {artifact['quantize']}, {artifact['bytes'] / 1024:,.0f} KiB"]
+    if source.get("bytes"):
+        parts[0] += f", {source['bytes'] / max(artifact['bytes'], 1):.1f}x smaller than the original file"
+    speed = artifact.get("speed")
+    if speed:
+        low, high = speed["speedup_ci95"]
+        what = "the original itself, converted the same way" if speed["shipped"] == "original" else "separated"
+        parts.append(f"{speed['speedup']:.2f}x as fast as the original ({low:.2f}-{high:.2f}, 95% interval) on "
+                     f"{speed['where']} ({speed['device']}, {speed['runtime']}, {speed['threads']} thread(s)); "
+                     f"shipped: {what}")
+    else:
+        parts.append("not timed")
+    check = artifact.get("verification") or {}
+    output = (check.get("outputs") or [{}])[0]
+    if output.get("accuracy") is not None and check.get("original_accuracy") is not None:
+        change = 100 * (output["accuracy"] - check["original_accuracy"])
+        parts.append(f"accuracy {output['accuracy']:.2%} (the original's {check['original_accuracy']:.2%}; "
+                     f"{change:+.2f} points)")
+    elif output.get("accuracy") is not None:
+        parts.append(f"accuracy {output['accuracy']:.2%}")
+    if check.get("original_agreement") is not None:
+        parts.append(f"the same top-1 answer as the original on {check['original_agreement']:.2%} of the test images")
+    parts.append("verification passed" if check.get("passed") else "verification FAILED")
+    return "; ".join(parts)
 
 
 def _convert_section(label: str, run: dict, made: list) -> str:
