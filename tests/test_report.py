@@ -92,6 +92,9 @@ def test_convert_model_report_and_pngs(converted):
         assert speed is None or f"{speed['speedup']:.2f}x ({speed['speedup_ci95'][0]:.2f}-" in page, speed
     if not any(artifact["speed"] for artifact in summary["artifacts"]):
         assert "not timed" in page and not summary["separation"]["totals"]["separated"], "only nothing separated"
+    assert "(chosen by --quantize auto because data was given)" in page and "refine True" not in page, \
+        "the summary in words, not Python values"
+    assert "K per layer within a 50-point accuracy budget" in page and "fine-tuning, up to 1 epoch;" in page
     # issue 26: the page answers first - per artifact how much smaller, how much faster, and what it cost
     answer = page[page.index("<h2>The answer</h2>"):page.index("</section>", page.index("<h2>The answer</h2>"))]
     assert page.index("<h2>The answer</h2>") < page.index("<h2>convert-model"), "the headline comes first"

@@ -309,11 +309,31 @@ def _artifact_headline(source: dict, artifact: dict) -> str:
 def _convert_section(label: str, run: dict, made: list) -> str:
     source = run.get("source") or {}
     plan = run.get("plan") or {}
-    facts = [["source", source.get("path")], ["quantize", f"{run.get('quantize')} ({run.get('quantize_reason')})"],
+    reason = str(run.get("quantize_reason") or "")
+    chosen = ("chosen by --quantize auto because data was given" if "(data given)" in reason else
+              "chosen by --quantize auto because no data was given" if "no data given" in reason else "as asked")
+    facts = [["source", source.get("path")], ["quantize", f"{run.get('quantize')} ({chosen})"],
              ["data", (run.get("data") or {}).get("source") or "none (synthetic inputs)"],
-             ["plan", ", ".join(f"{k} {v}" for k, v in plan.items() if k != "defaults" and v not in (None, False))]]
+             ["plan", _plan_words(plan)]]
     parts = [_table(["", label], facts), *map(_figure, made), "<h3>Artifacts</h3>", _artifact_table(run)]
     return _section(f"convert-model: {label}", parts)
+
+
+def _plan_words(plan: dict) -> str:
+    """convert-model's plan in words (its JSON's `plan`), e.g. "K per layer within a 1.0-point accuracy budget,
+    chosen for measured latency; refinement; BatchNorm recalibration; fine-tuning, up to 10 epochs; int8"."""
+    words = []
+    if plan.get("max_accuracy_drop") is not None:
+        words.append(f"K per layer within a {plan['max_accuracy_drop']:g}-point accuracy budget"
+                     + (", chosen for measured latency" if plan.get("latency") else ""))
+    words += [text for key, text in (("refine", "refinement"), ("recalibrate_bn", "BatchNorm recalibration"))
+              if plan.get(key)]
+    if plan.get("epochs"):
+        words.append(f"fine-tuning, up to {plan['epochs']} epoch{'s' * (plan['epochs'] != 1)}")
+    if plan.get("quantize"):
+        words.append(f"{plan['quantize']} quantization" if plan["quantize"] != "none" else "no quantization")
+    defaults = plan.get("defaults") or []
+    return "; ".join(words) + (f" (defaults for the data given: {', '.join(defaults)})" if defaults else "")
 
 
 def _artifact_table(run: dict) -> str:
