@@ -365,3 +365,25 @@ def test_the_stage_chart_shows_each_further_output_of_a_multi_output_model():
     assert "agreement of output 1 with the original" in chart.caption
     single = charts.stage_scores({"recovery": {"stages": [{**s, "val_outputs": None} for s in stages]}}, "x")
     assert "output 1" not in single.svg
+
+
+def test_log_axes_read_as_compact_numbers_that_never_run_together():
+    """Issue 26: the parameters/MACs chart's tick labels ran together ("5001000", "5e+071e+082e+08"). Ticks are
+    compact (1k, 10M) and at powers of ten only beyond two decades."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from sepconv.deploy.report.charts import _compact, _log_axis
+
+    assert [_compact(v) for v in (0.01, 20, 3000, 1.5e6, 2e9)] == ["0.01", "20", "3k", "1.5M", "2G"]
+    figure, axis = plt.subplots()
+    axis.barh([0, 1], [300, 4e8])
+    _log_axis(axis.xaxis)
+    figure.canvas.draw()
+    low, high = axis.get_xlim()
+    labels = [t.get_text() for t in axis.get_xticklabels() if t.get_text() and low <= t.get_position()[0] <= high]
+    assert labels and all(label[0] == "1" for label in labels), labels  # decades only: 1k, 10k, ... 100M
+    assert "e+" not in "".join(labels)
+    plt.close(figure)

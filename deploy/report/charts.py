@@ -117,7 +117,7 @@ def layer_costs(run: dict, name: str) -> Chart | None:
         smallest = min([v for v in before + after if v > 0] or [1])
         axis.set_xlim(left=10 ** np.floor(np.log10(smallest)))  # bars start at a power of ten, not at the data
         axis.set_xlabel(f"{label} (log scale)")
-        axis.legend(loc="lower right", fontsize=8)
+        axis.legend(loc="lower left", bbox_to_anchor=(0, 1.0), ncols=2, fontsize=8, frameon=False)  # off the bars
     axes[0].set_yticks(y, [_layer_label(row) for row in layers])
     axes[0].invert_yaxis()
     totals = run["separation"].get("totals", {})
@@ -158,8 +158,9 @@ def stage_scores(run: dict, name: str) -> Chart | None:
                 bar.set_alpha(0.45)
     axis.set_xticks(x, [s["name"] + ("" if s["kept"] else "\n(rejected)") for s in stages])
     axis.set_ylabel("%")
-    axis.set_ylim(0, 119)
-    axis.legend(fontsize=8, loc="upper center", ncols=len(series), frameon=False)
+    axis.set_ylim(0, 100)  # shares: never above 100%
+    axis.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=min(len(series), 3),
+                frameon=False)  # above the axes, off the bars
     rejected = "; ".join(f"{s['name']}: {s['note']}" for s in stages if not s["kept"] and s.get("note"))
     caption = ("Each recovery stage is kept only if the validation score does not fall; test figures only report. "
                "Hatched: rejected stages." + (f" {rejected}." if rejected else ""))
@@ -368,16 +369,29 @@ def accuracy_latency(benches: list[tuple[str, dict]], name: str) -> Chart | None
 
 
 def _log_axis(axis) -> None:
-    """A log scale whose tick labels read as plain numbers (0.01, 20, 3000), not powers of ten."""
+    """A log scale whose tick labels read as plain, compact numbers (0.01, 20, 3k, 50M), never run together: ticks
+    at 1-2-5 steps on a range under two decades, at powers of ten (at most about eight of them) beyond."""
+    import math
+
     from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     if axis is axis.axes.xaxis:
         axis.axes.set_xscale("log")
     else:
         axis.axes.set_yscale("log")
-    axis.set_major_locator(LogLocator(subs=(1, 2, 5)))  # 1-2-5 steps: labels even on a range under a decade
-    axis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+    low, high = sorted(abs(v) for v in axis.get_data_interval())
+    decades = math.log10(high / low) if low > 0 and math.isfinite(high / low) else 10.0
+    axis.set_major_locator(LogLocator(subs=(1, 2, 5) if decades < 2 else (1,), numticks=9))
+    axis.set_major_formatter(FuncFormatter(lambda value, _: _compact(value)))
     axis.set_minor_formatter(NullFormatter())
+
+
+def _compact(value: float) -> str:
+    """20, 3k, 1.5M, 2G; 0.01 stays 0.01."""
+    for factor, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= factor:
+            return f"{value / factor:g}{suffix}"
+    return f"{value:g}"
 
 
 def memory(benches: list[tuple[str, dict]], name: str) -> Chart | None:
