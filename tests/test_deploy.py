@@ -444,7 +444,8 @@ def bench_report(top1, digest, *, model="m.tflite", threads=1):
 
     case = {"model": model, "path": f"/x/{model}", "format": "tflite", "threads": threads,
             "runtime": "ai-edge-litert 1", "artifact": {"bytes": 2048}, "load_ms": 1.0, "first_ms": 1.0, "warmup": {}, "memory": {},
-            "latency_ms": {"p50": 1.0, "ci95_p50": [0.9, 1.1], "p90": 1.2, "mean": 1.0, "std": 0.1, "count": 50},
+            "latency_ms": {"p50": 1.0, "ci95_p50": [0.9, 1.1], "p90": 1.2, "p95": 1.3, "p99": 1.4, "mean": 1.0,
+                           "std": 0.1, "count": 50},
             "speedup": 1.0, "accuracy": {"top1": top1, "predictions_sha256": digest}}
     return BenchReport.from_dict({"schema": 1, "cases": [case], "context": {"machine": "aarch64"},
                                   "options": {"xnnpack": True}, "peak_rss_bytes": None, "seconds": 0.1})
