@@ -411,9 +411,10 @@ def test_the_device_side_of_timing_needs_no_tensorflow():
 
 
 def test_a_poisoned_cache_is_caught_by_timing_the_artifact_and_set_aside(tiny, tmp_path):
-    """Issue 27: cached timings that promise far more than the model gives (here every entry cut to a fifth, as
-    if timed on a faster machine under the same name) make the plan's prediction wrong; the artifact's own timing against the original shows it, the run says
-    so, and the device's cache is set aside (.stale) so that the next run times everything again."""
+    """Issue 27: cached timings that promise far more than the model gives (here every entry cut to a fifth, as if
+    timed on a faster machine under the same name) make the plan's prediction wrong; the artifact's own timing
+    against the original shows it, the run says so, and the device's cache is set aside (.stale) so that the next
+    run times everything again."""
     from sepconv.convert.pipeline import convert_model
     from sepconv.convert.recovery.latency_table import LatencyOptions
     from sepconv.deploy.timing import TimingOptions

@@ -465,8 +465,8 @@ def test_the_validation_images_decide_the_fallback_and_the_test_images_only_scor
     assert _falls_back(job(), item(accepted, test_passed=True, budget_held=False)), "over the budget on validation"
     unvalidated = QuantizationReport((attempt(0.99, True),), 0, validated=False)
     assert _falls_back(job(validation=False), item(unvalidated, test_passed=False)), "no validation: verification"
-    assert not _falls_back(SimpleNamespace(**{**vars(job()), "options": SimpleNamespace(
-        quantize="int8", tolerance=Tolerance())}), item(rejected, test_passed=False)), "an explicit int8 never falls back"
+    explicit = SimpleNamespace(**{**vars(job()), "options": SimpleNamespace(quantize="int8", tolerance=Tolerance())})
+    assert not _falls_back(explicit, item(rejected, test_passed=False)), "an explicit int8 never falls back"
 
 
 def test_validation_data_from_its_own_file(tmp_path, labelled):

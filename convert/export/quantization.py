@@ -13,17 +13,17 @@ error alone exceeds RELATIVE_ERROR_ALARM.
 
 Repair (`export_int8`), when the artifact at the requested settings does not agree with the Keras model on the
 validation images, tries in order, each measured, and stops at the first that agrees: cross-layer equalization of the
-separable layers (equalization.py: the same float function, weights and activations balanced for int8), weight
-rounding that keeps each layer's output (rounding.py: GPTQ, per-channel weights only), the same with bias correction,
-more and shuffled calibration samples (and per-channel weights if they were per-tensor; percentile then entropy
-calibration for ONNX), the other weight granularity (per-tensor where per-channel was asked: it can be better, ONNX
-Runtime issue 11415), then the worst 1..max_float_layers layers kept in float (TFLite `denylisted_nodes`, ONNX
-`nodes_to_exclude`) when a layer is bad alone (above RELATIVE_ERROR_ALARM; with none, the error is spread over the
-layers and one or two in float cannot fix it: not tried, said in the report). A step that agrees better than every attempt before it becomes the base of the later ones; one
-that does not is dropped. Repair aims at the measured agreement; when no attempt reaches it, the best attempt whose
-shortfall the validation images cannot show (verification's `Tolerance.confidence`) is chosen, and said; when none,
-nothing is (and --quantize auto falls back). Choices use the validation images; the pipeline's verification on the
-test images judges the result, as for any artifact.
+separable layers (equalization.py: the same float function, weights and activations balanced for int8), weight rounding
+that keeps each layer's output (rounding.py: GPTQ, per-channel weights only), the same with bias correction, more and
+shuffled calibration samples (and per-channel weights if they were per-tensor; percentile then entropy calibration for
+ONNX), the other weight granularity (per-tensor where per-channel was asked: it can be better, ONNX Runtime issue
+11415), then the worst 1..max_float_layers layers kept in float (TFLite `denylisted_nodes`, ONNX `nodes_to_exclude`)
+when a layer is bad alone (above RELATIVE_ERROR_ALARM; with none, the error is spread over the layers and one or two in
+float cannot fix it: not tried, said in the report). A step that agrees better than every attempt before it becomes the
+base of the later ones; one that does not is dropped. Repair aims at the measured agreement; when no attempt reaches it,
+the best attempt whose shortfall the validation images cannot show (verification's `Tolerance.confidence`) is chosen,
+and said; when none, nothing is (and --quantize auto falls back). Choices use the validation images; the pipeline's
+verification on the test images judges the result, as for any artifact.
 """
 
 from __future__ import annotations
@@ -264,14 +264,13 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
                 rounding: Callable[[Setting], dict | None] | None = None) -> tuple[bytes, QuantizationReport]:
     """The int8 artifact of the first setting that agrees with the Keras model on the validation images.
 
-    export(setting) -> artifact bytes; judge(artifact, x) -> (agreement, cosine, passed as measured, passed within
-    the sampling noise of x); diagnose(setting) ->
-    Diagnosis; equalization() -> the EqualizationReport (as a dict) of the equalized model that settings with
-    `equalized` export, or None when the model has no separable layer to equalize (then no equalized attempt is made);
-    rounding(setting) -> the RoundingReport (as a dict) of the weights a setting with `rounding` exports, None when
-    no layer has weights to round. Without validation images (or with repair off) the first setting is the only one
-    tried. The steps (module doc) build on a base: the setting that agreed best so far. When none passes as
-    measured, the best one within the noise is chosen.
+    export(setting) -> artifact bytes; judge(artifact, x) -> (agreement, cosine, passed as measured, passed within the
+    sampling noise of x); diagnose(setting) -> Diagnosis; equalization() -> the EqualizationReport (as a dict) of the
+    equalized model that settings with `equalized` export, or None when the model has no separable layer to equalize
+    (then no equalized attempt is made); rounding(setting) -> the RoundingReport (as a dict) of the weights a setting
+    with `rounding` exports, None when no layer has weights to round. Without validation images (or with repair off) the
+    first setting is the only one tried. The steps (module doc) build on a base: the setting that agreed best so far.
+    When none passes as measured, the best one within the noise is chosen.
     """
     first = Setting("as requested", calibration.samples, f"{len(calibration.samples)} samples", per_channel)
     attempts, artifacts, settings = [], [], []

@@ -116,9 +116,10 @@ def measure_table(model, layers, options: LatencyOptions, *, progress=None) -> d
     doubtful = [index for index in measured.cached if index not in pair and index
                 and measured.ms[index] > PLAUSIBLE * measured.ms[0]]
     if doubtful:
+        first = doubtful[0]
         say("latency", f"{len(doubtful)} cached single-layer timing(s) exceed {PLAUSIBLE}x the whole model's "
-                       f"{measured.ms[0]:.4f} ms (e.g. {entries[doubtful[0]].what}: {measured.ms[doubtful[0]]:.4f} ms): "
-                       f"timing them and the whole models again")
+                       f"{measured.ms[0]:.4f} ms (e.g. {entries[first].what}: {measured.ms[first]:.4f} ms): timing "
+                       f"them and the whole models again")
         again_at = sorted(set(doubtful) | {0} | set(pair))
         again = _time_entries([entries[i] for i in again_at], options, say, "doubtful entries", fresh=True)
         for index, ms in zip(again_at, again.ms):

@@ -267,8 +267,8 @@ def _headline(runs: Runs) -> str:
             low, high = latency.get("ci95_p50") or (latency["p50"], latency["p50"])
             accuracy = (case.get("accuracy") or {}).get("top1")
             items.append(f"<li><b>{html.escape(case['model'])}</b> ({html.escape(label)}, {case['threads']} "
-                         f"thread(s), {html.escape(str(machine))}): p50 {latency['p50']:.3f} ms ({low:.3f}-{high:.3f}), "
-                         f"p99 {latency['p99']:.3f} ms"
+                         f"thread(s), {html.escape(str(machine))}): p50 {latency['p50']:.3f} ms "
+                         f"({low:.3f}-{high:.3f}), p99 {latency['p99']:.3f} ms"
                          + (f", {case['speedup']:.2f}x the first model" if case.get("speedup") else "")
                          + (f", accuracy {accuracy:.2%}" if accuracy is not None else "")
                          + (f"; the benchmark's peak memory {peak / 2 ** 20:,.0f} MiB" if peak else "") + "</li>")
