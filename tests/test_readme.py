@@ -18,7 +18,9 @@ def test_python_api_example_runs(tmp_path, capsys):
     finally:
         os.chdir(here)
     printed = capsys.readouterr().out
-    assert "6.79x smaller" in printed and "top-1 agreement" in printed and ">= 98.00%" in printed, \
-        "a trained model's int8 agrees with its Keras model (the example used to verify an untrained one)"
+    assert "6.79x smaller" in printed and "top-1 agreement" in printed
+    agreement = float(re.search(r"top-1 agreement ([0-9.]+)%", printed).group(1))
+    assert agreement >= 90.0, ("a trained model's int8 agrees with its Keras model (the example verified an untrained "
+                               "one: 2.44%)", printed)
     assert (tmp_path / "tutorial.onnx").exists() and (tmp_path / "tutorial.onnx.json").exists()
-    assert (tmp_path / "small.tflite").exists()
+    assert (tmp_path / "model.tflite").exists()
