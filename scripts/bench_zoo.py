@@ -231,7 +231,7 @@ def int8_table(rows) -> str:
     from tabulate import tabulate
 
     lines = [[r["model"], r["mode"], r.get("quantize", "") if r["exit"] == 0 else f"exit {r['exit']}",
-              (r.get("fallback") or "")[:160], "; ".join(r.get("int8_attempts") or []),
+              r.get("fallback") or "", "; ".join(r.get("int8_attempts") or []),
               r.get("verification", "") if r["exit"] == 0 else "",
               f"{r['int8_accuracy']:.2%}" if r["exit"] == 0 else ""] for r in rows if r.get("mode") != "nodata"]
     return tabulate(lines, headers=["model", "mode", "shipped", "int8 fallback: why", "int8 repair steps "

@@ -237,12 +237,15 @@ def budget_tradeoff(runs: list[tuple[str, dict]], name: str) -> Chart | None:
     if not plotted:
         return None
     figure, (axis,) = _figure(7, 4)
+    scores = []
     for index, (label, budget) in enumerate(plotted):
         points = tradeoff_points(budget)
         color = COLORS[index % len(COLORS)]
         axis.plot([p[1] for p in points], [p[2] for p in points], "o-", color=color, label=label)
-        for k, params, score in points:
-            axis.annotate(k, (params, score), textcoords="offset points", xytext=(4, 4), fontsize=8)
+        scores += [p[2] for p in points] + [budget["baseline"] - budget["predicted_drop"]]
+        for number, (k, params, score) in enumerate(points):  # labels alternate above and below: never in one row
+            axis.annotate(k, (params, score), textcoords="offset points", xytext=(4, 6 if number % 2 else -12),
+                          fontsize=8)
         chosen = sum(_chosen(layer, budget["ranks"]).get("params", 0) for layer in budget["layers"])
         axis.plot([chosen], [budget["baseline"] - budget["predicted_drop"]], "*", markersize=14, color=color,
                   markeredgecolor="black", label=f"{label}: chosen per layer (predicted)")
@@ -250,9 +253,12 @@ def budget_tradeoff(runs: list[tuple[str, dict]], name: str) -> Chart | None:
             axis.plot([chosen], [budget["baseline"] - budget["measured_drop"]], "D", markersize=8, color=color,
                       markeredgecolor="black", label=f"{label}: chosen, measured after recovery")
     _log_axis(axis.xaxis)
+    lowest = min(scores)
+    margin = max(0.5, 0.1 * (100.0 - lowest))
+    axis.set_ylim(max(0.0, lowest - margin), 100.0 + margin / 4)  # zoomed to the data, a share: never past 100%
     axis.set_xlabel("parameters of the separable layers (log scale)")
     axis.set_ylabel(f"{plotted[0][1]['metric']} on the validation data (%)")
-    axis.legend(fontsize=8)
+    axis.legend(fontsize=8, loc="lower left", bbox_to_anchor=(0, 1.0), frameon=False)  # above the axes, off the line
     caption = ("The budget's measurements summed: the same K on every layer (keep: the layers as they are), the "
                "score predicted as the original's less the sum of each layer's drop, on the validation samples; the "
                "star is the per-layer choice as predicted, the diamond the same model measured after recovery.")
