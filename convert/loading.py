@@ -277,7 +277,6 @@ def _keras2_shims() -> dict:
 
 def _load_renamed(path: Path, suffix: str, custom_objects, safe_mode):
     """Keras picks the format by file name; load a misnamed file through a link with the right suffix."""
-    
     import keras
 
     with temporary_folder("sepconv-load-") as tmp:
