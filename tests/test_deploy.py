@@ -685,7 +685,29 @@ def _read_nonblocking(process) -> str:
 
 
 def _kill_tree(pid: int) -> None:
-    """Kill sshd and every session process it forked (an established connection outlives the listener)."""
+    """Kill sshd and every session process it forked (an established connection outlives the listener). The tree is
+    frozen first (SIGSTOP, walked again until no new process shows up), then killed: a process forked between one
+    walk of /proc and the kill escaped it before, and the connection it served lived on (a run that exited 0)."""
+    frozen = []
+    for _ in range(20):
+        fresh = [p for p in _descendants(pid) if p not in frozen]
+        if not fresh:
+            break
+        for victim in fresh:
+            try:
+                os.kill(victim, signal.SIGSTOP)
+            except ProcessLookupError:
+                pass
+        frozen += fresh
+    for victim in reversed(frozen):
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _descendants(pid: int) -> list[int]:
+    """`pid` and every process below it, parents before children (Linux /proc)."""
     children = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
@@ -698,11 +720,7 @@ def _kill_tree(pid: int) -> None:
         current = todo.pop()
         seen.append(current)
         todo += children.get(current, [])
-    for victim in reversed(seen):
-        try:
-            os.kill(victim, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
+    return seen
 
 
 def test_a_fleet_from_a_hosts_file(tmp_path):
