@@ -202,9 +202,12 @@ def test_measure_table_times_every_candidate_once_then_reads_the_cache(tiny, tmp
     layers = (layer("c1", [0.0, 0.0], [10, 20, 100]), layer("c2", [0.0], [10, 100]))
     options = LatencyOptions(timing=TimingOptions(min_seconds=0.02, min_runs=5), cache_dir=str(tmp_path),
                              export=TFLiteOptions(quantize="none"))
-    first = measure_table(teacher, layers, options)
-    assert first["measured"] == 8 and first["cached"] == 0, ("the original, c1 at K=1, K=2 in both forms and kept, c2 "
-                                                            "at K=1 and kept, the model with both at K=1")
+    said = []
+    first = measure_table(teacher, layers, options, progress=lambda stage, message: said.append(message))
+    again = 2 if any("timing both again" in message for message in said) else 0  # two whole models that contradicted
+    # the table on this run's noise (0.02 s each, a loaded machine) are timed once more, and count as measured
+    assert first["measured"] == 8 + again and first["cached"] == 0, (
+        "the original, c1 at K=1, K=2 in both forms and kept, c2 at K=1 and kept, the model with both at K=1", said)
     whole = first["whole_model"]
     assert whole["least"] == {"c1": 1, "c2": 1} and whole["least_ms"] > 0
     assert whole["least_sum_ms"] == pytest.approx(first["layers"]["c1"]["1"] + first["layers"]["c2"]["1"], abs=1e-5)
