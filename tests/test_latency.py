@@ -222,10 +222,12 @@ def test_measure_table_times_every_candidate_once_then_reads_the_cache(tiny, tmp
     assert all(ms > 0 for row in first["layers"].values() for ms in row.values()) and first["original_ms"] > 0
     assert first["where"] == "local" and first["runtime"].startswith("ai-edge-litert ")
     assert first["raw_keep_sum_ms"] == pytest.approx(first["layers"]["c1"]["keep"] + first["layers"]["c2"]["keep"])
-    second = measure_table(teacher, layers, options)
-    assert second["measured"] == 0 and second["cached"] == 8
-    assert second["whole_model"] == first["whole_model"]
-    assert second["layers"] == first["layers"] and second["original_ms"] == first["original_ms"]
+    said.clear()
+    second = measure_table(teacher, layers, options, progress=lambda stage, message: said.append(message))
+    again = 2 if any("timing both again" in message for message in said) else 0  # as above: noise on a loaded machine
+    assert second["measured"] == again and second["cached"] == 8 - again, said
+    assert again or second["whole_model"] == first["whole_model"]
+    assert second["layers"] == first["layers"] and (again or second["original_ms"] == first["original_ms"])
     cache_files = list(tmp_path.glob("*.json"))
     assert len(cache_files) == 1, "one file per device"
     cache = _Cache(options, {"where": "local", "device": second["device"], "xnnpack": True})
