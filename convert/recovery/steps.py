@@ -484,7 +484,8 @@ class _Scorer:
         outputs = reference if model is self._original else predict_keras(model, data.x)  # the original: no rerun
         predicted = self._reference[role] if model is self._original else top1(outputs[0])
         accuracy = hit_rate(predicted, data.y) if data.y is not None else None
-        each = tuple(round(v, 6) for v in output_agreements(reference, outputs)) if self.outputs > 1 else None
+        each = tuple(round(v, 6) for v in output_agreements(reference, outputs)) \
+            if self.outputs > 1 and role == "validation" else None  # only validation's decide (Stage.val_outputs)
         return accuracy, hit_rate(predicted, self._reference[role]), each
 
 
