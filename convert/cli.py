@@ -15,6 +15,7 @@ from pathlib import Path
 from sepconv.convert.demo import QUICK_EPOCHS, QUICK_FILTERS, model_file
 from sepconv.convert.supervise import die_with_parent, in_worker, report_stage, reported_as_interrupt, supervise
 from sepconv.deploy import report
+from sepconv.deploy.choices import DEPTHWISE, FORMS
 from sepconv.deploy.clikit import (
     JSON_HELP,
     REPORT_DIR_HELP,
@@ -146,9 +147,16 @@ def convert_parser() -> argparse.ArgumentParser:
     policy.add_argument("--max-accuracy-drop", type=_points, metavar="POINTS",
                         help="choose K per layer so that at most this many points of accuracy (agreement with the "
                              "original without labels) are lost on the validation data; checked after recovery")
-    policy.add_argument("--rank", type=_rank, help="depth multiplier K for every separated layer, or 'full' (exact)")
+    policy.add_argument("--rank", type=_rank, help="the rank of every separated layer (depth multiplier K; with --form "
+                        "spatial the channels r between the halves), or 'full' (exact)")
     policy.add_argument("--energy", type=_fraction,
-                        help="per layer, the smallest K keeping this fraction of the kernel's energy")
+                        help="per layer, the smallest rank keeping this fraction of the kernel's energy")
+    group.add_argument("--form", choices=(*FORMS, "auto"), default=DEPTHWISE,
+                       help="the separable form: depthwise (a SeparableConv2D: depthwise then pointwise; --rank is "
+                            "its depth multiplier K), spatial (a kh x 1 then a 1 x kw Conv2D, both dense, which CPUs "
+                            "run faster per operation; --rank is the channels r between them) or auto (each "
+                            "layer's form and rank chosen by --max-accuracy-drop and the measured latency; depthwise "
+                            "without data) (default: %(default)s)")
     group.add_argument("--include", action="append", metavar="PATTERN", help="separate only layers matching "
                        "(fnmatch on name or path; repeatable)")
     group.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
@@ -293,6 +301,7 @@ def convert_options(args, *, custom_objects: bool = True):
         quantize=args.quantize,
         separate=not args.no_separate,
         separation=SeparationOptions(rank=args.rank, energy=args.energy, include=args.include, exclude=args.exclude),
+        form=args.form,
         max_accuracy_drop=args.max_accuracy_drop,
         refine=args.refine,
         recalibrate_bn=args.recalibrate_bn,

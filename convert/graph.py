@@ -49,6 +49,17 @@ def called_once(model, path: str) -> bool:
     return True
 
 
+def layer_output(model, name: str):
+    """The symbolic output of the top-level layer `name` where `model`'s graph calls it (once; a nested model's own
+    `output` is its inner graph's, not the tensor its parent computes)."""
+    layer = model.get_layer(name)
+    calls = _calls(model, layer)
+    if len(calls) != 1:
+        raise InvalidOptionError(f"{name}: is called {len(calls)} times in {model.name!r}; only a layer called once "
+                                 f"has one output")
+    return calls[0].outputs[0]
+
+
 def _calls(model, layer) -> list:
     """The nodes of `model`'s graph where `layer` is called."""
     return [node for node in graph_nodes(model) or () if node.operation is layer]

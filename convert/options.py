@@ -4,7 +4,7 @@ plan's line for the terminal. No TensorFlow: the CLI checks a run's options befo
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 from sepconv.convert.data import DataOptions
@@ -23,11 +23,13 @@ from sepconv.convert.recovery.budget import BudgetOptions
 from sepconv.convert.recovery.finetuning import FinetuneOptions
 from sepconv.convert.recovery.latency_table import LatencyOptions, for_export
 from sepconv.convert.recovery.steps import RecoveryOptions
-from sepconv.convert.separation.policy import SeparationOptions
+from sepconv.convert.separation.policy import DEPTHWISE, SPATIAL, SeparationOptions
 
 QUANTIZE_CHOICES = ("auto",) + quantize_modes()
 DEFAULT_MAX_DROP = 1.0  # points of accuracy the budget mode may lose, the default with data
 DEFAULT_EPOCHS = 10
+AUTO_FORM = "auto"  # both separable forms, chosen per layer by the accuracy budget (and latency); depthwise without it
+FORM_CHOICES = (DEPTHWISE, SPATIAL, AUTO_FORM)
 CHECKPOINTS_SUFFIX = ".checkpoints"
 
 
@@ -75,6 +77,8 @@ class ConvertOptions:
     artifact timed against the original converted the same way, the original shipped instead of a slower one unless
     rank / energy forced the separation (export/speed.py). False: K from accuracy and parameters alone, nothing
     timed.
+    form: 'depthwise' (SeparableConv2D), 'spatial' (a kh x 1 then a 1 x kw Conv2D, rank r) or 'auto' (with the
+    accuracy budget, each layer's form and rank chosen among both; depthwise without the budget).
     """
 
     quantize: str = "auto"
@@ -103,6 +107,7 @@ class ConvertOptions:
     max_unpacked_bytes: int | None = None
     latency: object | None = None
     measure_latency: bool | None = None
+    form: str = DEPTHWISE
 
     def __post_init__(self):
         if self.quantize not in QUANTIZE_CHOICES:
@@ -132,6 +137,13 @@ class ConvertOptions:
         if self.measure_latency is False and self.latency is not None:
             raise InvalidOptionError("latency options (a target, where or how to measure) were given with "
                                      "measure_latency=False (--no-latency); drop one or the other")
+        if self.form not in FORM_CHOICES:
+            raise InvalidOptionError(f"Unrecognized form={self.form!r}. Use one of {list(FORM_CHOICES)}")
+        if self.form == AUTO_FORM and self.forced_separation:
+            raise InvalidOptionError("form='auto' (--form auto) chooses each layer's form with the accuracy budget; "
+                                     "with a fixed rank / energy give form 'depthwise' or 'spatial'")
+        if self.form != AUTO_FORM and self.separation.form != self.form:
+            object.__setattr__(self, "separation", replace(self.separation, form=self.form))
 
     def plan(self, timed: bool = True) -> Plan:
         """The effective choices, with a note of which were defaults (printed by the CLI, kept in the manifest).
@@ -191,9 +203,15 @@ def recovery_options(options: ConvertOptions, plan: Plan, targets: list[Path]):
     folder = options.checkpoint_dir or str(targets[0].with_name(targets[0].name + CHECKPOINTS_SUFFIX))
     return RecoveryOptions(separation=options.separation, refine=plan.refine, recalibrate_bn=plan.recalibrate_bn,
                            epochs=plan.epochs, finetune=options.finetune,
-                           budget=None if budget is None else BudgetOptions(max_drop=budget, refine=plan.refine),
+                           budget=None if budget is None else BudgetOptions(max_drop=budget, refine=plan.refine,
+                                                                            forms=budget_forms(options.form)),
                            checkpoint_dir=folder, resume=options.resume,
                            latency=latency_options(options, plan, targets) if budget is not None else None)
+
+
+def budget_forms(form: str) -> tuple[str, ...]:
+    """The separable forms the accuracy budget measures and chooses among for `--form`."""
+    return (DEPTHWISE, SPATIAL) if form == AUTO_FORM else (form,)
 
 
 def latency_options(options: ConvertOptions, plan: Plan, targets: list[Path]):

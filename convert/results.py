@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING
 
 from sepconv.convert.data import DataInfo
 from sepconv.convert.options import Plan
+from sepconv.deploy.choices import choice_columns, choice_label, choice_of_key, parse_choice
 from sepconv.deploy.scores import percent
 from sepconv.deploy.timing import describe_xnnpack
 
@@ -147,14 +148,20 @@ def latency_text(latency: dict | None, artifacts=()) -> str:
     if not latency:
         return ""
     table, choice = latency["table"], latency["choice"]
-    keys = sorted({k for row in table["layers"].values() for k in row if k != "keep"}, key=int)
+    columns = choice_columns([[choice_of_key(k) for k in row if k != "keep"] for row in table["layers"].values()])
     rows = []
     for layer in choice["layers"]:
         row = table["layers"][layer["path"]]
-        rows.append([layer["path"], layer["rank"] or "kept", latency["budget_ranks"].get(layer["path"], "kept"),
-                     f"{row['keep'] * 1000:.1f}"] + [f"{row[k] * 1000:.1f}" if k in row else "" for k in keys]
-                    + [f"{layer['ms'] * 1000:.1f}", ", ".join(f"K={k}" for k in layer["slower"])])
-    text = tabulate(rows, headers=["layer", "K chosen", "K for accuracy alone", "us kept"] + [f"us K={k}" for k in keys]
+        cells = []
+        for _, pick in columns:
+            found = pick([choice_of_key(k) for k in row if k != "keep"])
+            cells.append("" if found is None else f"{row[str(found)] * 1000:.1f}"
+                         + (f" (r={parse_choice(found)[1]})" if isinstance(found, str) else ""))
+        rows.append([layer["path"], choice_label(layer["rank"]),
+                     choice_label(latency["budget_ranks"].get(layer["path"], 0)), f"{row['keep'] * 1000:.1f}"]
+                    + cells + [f"{layer['ms'] * 1000:.1f}", ", ".join(choice_label(k) for k in layer["slower"])])
+    text = tabulate(rows, headers=["layer", "chosen", "for accuracy alone", "us kept"]
+                    + [f"us {header}" for header, _ in columns]
                     + ["us chosen", "slower than kept (never chosen)"], tablefmt="simple", disable_numparse=True)
     device = table["device"]
     text += (f"\nlatency: each layer alone, p50 on {table['where']} ({device.get('pi_model') or device.get('cpu')}, "

@@ -1,7 +1,8 @@
 """Rank chosen for an accuracy budget: per-layer sensitivity, then the smallest model whose predicted drop fits.
 
-Sensitivity: each separable layer alone is separated at each candidate K (refined by least squares on calibration
-images when asked, as the pipeline will do) and the model's score is measured on evaluation images: top-1 accuracy
+Sensitivity: each separable layer alone is separated at each candidate (each K of the depthwise-separable form, and
+with the spatial form a few ranks r of its kh x 1 + 1 x kw pair; refined by least squares on calibration images when
+asked, as the pipeline will do) and the model's score is measured on evaluation images: top-1 accuracy
 with labels, top-1 agreement with the original without. A layer's drop at K is the original's score minus that.
 
 Choice: drops are taken as additive (the predicted drop of a plan is the sum of its layers' drops, negative ones
@@ -22,11 +23,16 @@ from sepconv.convert.errors import InvalidOptionError
 from sepconv.convert.export.verification import output_agreements
 from sepconv.convert.graph import called_once, predict_keras
 from sepconv.convert.recovery.refinement import refine
-from sepconv.convert.separation.policy import SeparationOptions
+from sepconv.convert.separation.policy import (DEPTHWISE, FORMS, SPATIAL, Choice, SeparationOptions, choice_label,
+                                               parse_choice, spatial_choice)
+from sepconv.deploy.choices import choice_columns, choice_order
 from sepconv.deploy.scores import hit_rate, top1
 
 KEEP = 0  # the "rank" of a layer left as it is
 DEFAULT_CANDIDATES = (1, 2, 4)
+# The spatial form's ranks tried per layer, as shares of the rank at which the pair has as many parameters as the
+# layer (r = kh*kw*cin*cout / (kh*cin + kw*cout)): a half and a quarter of the layer's parameters and MACs.
+DEFAULT_SPATIAL_SHARES = (0.25, 0.5)
 
 
 @dataclass(frozen=True)
@@ -38,6 +44,8 @@ class BudgetOptions:
     max_drop: float = 1.0
     candidates: tuple[int, ...] = DEFAULT_CANDIDATES
     refine: bool = True
+    forms: tuple[str, ...] = (DEPTHWISE,)  # the separable forms whose candidates are measured and chosen among
+    spatial_shares: tuple[float, ...] = DEFAULT_SPATIAL_SHARES
 
     def __post_init__(self):
         if not isinstance(self.max_drop, (int, float)) or isinstance(self.max_drop, bool) or not 0 <= self.max_drop < 100:
@@ -46,11 +54,17 @@ class BudgetOptions:
         if not self.candidates or not all(isinstance(k, int) and k >= 1 for k in self.candidates):
             raise InvalidOptionError(f"Unrecognized candidates={self.candidates!r}. Use whole numbers >= 1, e.g. "
                                      f"(1, 2, 4)")
+        if not self.forms or not set(self.forms) <= set(FORMS):
+            raise InvalidOptionError(f"Unrecognized forms={self.forms!r}. Use some of {list(FORMS)}")
+        if not self.spatial_shares or not all(isinstance(share, (int, float)) and not isinstance(share, bool)
+                                              and 0 < share < 1 for share in self.spatial_shares):
+            raise InvalidOptionError(f"Unrecognized spatial_shares={self.spatial_shares!r}. Use fractions in (0, 1), "
+                                     f"e.g. {DEFAULT_SPATIAL_SHARES}")
 
 
 @dataclass(frozen=True)
 class Candidate:
-    rank: int  # K, or KEEP (0) for the layer as it is
+    rank: Choice  # K, KEEP (0) for the layer as it is, or "s<r>" for the spatial form at rank r (policy.Choice)
     params: int
     score: float
     drop: float  # points; measured (0 for KEEP and for the exact K)
@@ -62,7 +76,7 @@ class LayerSensitivity:
     full_rank: int
     candidates: tuple[Candidate, ...]  # ascending by parameters; the last one is KEEP
 
-    def candidate(self, rank: int) -> Candidate:
+    def candidate(self, rank: Choice) -> Candidate:
         return next(c for c in self.candidates if c.rank == rank)
 
 
@@ -73,7 +87,7 @@ class BudgetPlan:
     max_drop: float
     samples: int
     layers: tuple[LayerSensitivity, ...]
-    ranks: dict  # chosen K per layer path; layers kept as they are are absent
+    ranks: dict  # chosen K (or "s<r>") per layer path; layers kept as they are are absent
     predicted_drop: float
     params_before: int  # of the separable layers
     params_after: int
@@ -115,20 +129,23 @@ class BudgetResult:
         from tabulate import tabulate
 
         plan = self.plan
-        ranks = sorted({c.rank for layer in plan.layers for c in layer.candidates if c.rank})
-        rows = [[layer.path, plan.ranks.get(layer.path, "kept")] + [_drop_cell(layer, k) for k in ranks]
-                for layer in plan.layers]
-        return (tabulate(rows, headers=["layer", "K chosen"] + [f"drop K={k}" for k in ranks], tablefmt="simple",
-                         disable_numparse=True)
+        columns = choice_columns([[c.rank for c in layer.candidates] for layer in plan.layers])
+        rows = [[layer.path, choice_label(plan.ranks.get(layer.path, KEEP))]
+                + [_drop_cell(layer, pick) for _, pick in columns] for layer in plan.layers]
+        return (tabulate(rows, headers=["layer", "chosen"] + [f"drop {header}" for header, _ in columns],
+                         tablefmt="simple", disable_numparse=True)
                 + f"\nsensitivity: points of {plan.metric} lost when only that layer is separated (on {plan.samples} "
                   f"validation samples); budget {plan.max_drop}, predicted {plan.predicted_drop:.2f}, measured after "
                   f"recovery {self.measured_drop:.2f} (validation): {'held' if self.held else 'NOT held'}; on the "
                   f"test data {self.test_drop:.2f}")
 
 
-def _drop_cell(layer: LayerSensitivity, rank: int) -> str:
-    found = [c for c in layer.candidates if c.rank == rank]
-    return f"{found[0].drop:+.2f}" if found else ""
+def _drop_cell(layer: LayerSensitivity, pick) -> str:
+    found = pick([c.rank for c in layer.candidates])
+    if found is None:
+        return ""
+    drop = layer.candidate(found).drop
+    return f"{drop:+.2f}" if parse_choice(found)[0] == DEPTHWISE else f"{drop:+.2f} (r={parse_choice(found)[1]})"
 
 
 Progress = Callable[[str, str], None]
@@ -155,16 +172,15 @@ def plan_budget(model, x_eval: np.ndarray, y_eval: np.ndarray | None, x_calibrat
         raise InvalidOptionError("no layer of this model can be separated (see the separation report); nothing to "
                                  "budget")
     layers = []
-    for number, (path, full_rank, params) in enumerate(paths, start=1):
-        layers.append(_sensitivity(model, path, full_rank, params, score, baseline, x_calibration, options,
-                                   separation))
-        measured = ", ".join(f"K={c.rank} {c.drop:+.2f}" for c in layers[-1].candidates if c.rank != KEEP)
-        say("sensitivity", f"[{number}/{len(paths)}] {path}: drop in points {measured}")
+    for number, row in enumerate(paths, start=1):
+        layers.append(_sensitivity(model, row, score, baseline, x_calibration, options, separation))
+        measured = ", ".join(f"{choice_label(c.rank)} {c.drop:+.2f}" for c in layers[-1].candidates if c.rank != KEEP)
+        say("sensitivity", f"[{number}/{len(paths)}] {row.path}: drop in points {measured}")
     layers = tuple(layers)
     ranks, predicted = choose(layers, options.max_drop)
     return BudgetPlan(metric="accuracy" if y_eval is not None else "agreement", baseline=baseline,
                       max_drop=float(options.max_drop), samples=len(x_eval), layers=layers, ranks=ranks,
-                      predicted_drop=predicted, params_before=sum(p for _, _, p in paths),
+                      predicted_drop=predicted, params_before=sum(row.params_before for row in paths),
                       params_after=plan_params(layers, ranks), seconds=round(time.perf_counter() - started, 1))
 
 
@@ -232,30 +248,49 @@ def _scorer(model, x_eval, y_eval):
     return baseline, score
 
 
-def _separable_layers(model, separation) -> list[tuple[str, int, int]]:
-    """(path, exact K, parameters) of the layers separation would rewrite at K=1, nested models included."""
+def _separable_layers(model, separation) -> list:
+    """The separation report's rows (path, exact K, parameters, kernel, channels) of the layers separation would
+    rewrite at K=1, nested models included."""
     from sepconv.convert.separation.walk import separate_with
 
-    _, report = separate_with(model, replace(separation, rank=1, energy=None, ranks=None))
-    return [(row.path, row.full_rank, row.params_before) for row in report.separated if called_once(model, row.path)]
+    _, report = separate_with(model, replace(separation, rank=1, energy=None, ranks=None, form=DEPTHWISE))
+    return [row for row in report.separated if called_once(model, row.path)]
 
 
-def _sensitivity(model, path: str, full_rank: int, params: int, score, baseline: float, x_calibration,
-                 options: BudgetOptions, separation) -> LayerSensitivity:
+def spatial_ranks(row, shares) -> list[int]:
+    """The spatial form's ranks tried for a layer (a separation report row): `shares` of the rank at which the pair
+    has as many parameters as the layer, at least 1, each once."""
+    (kh, kw), cin, cout = row.kernel, row.in_channels, row.out_channels
+    if kh == 1 or kw == 1:
+        return []
+    even = kh * kw * cin * cout / (kh * cin + kw * cout)
+    return sorted({max(1, round(share * even)) for share in shares})
+
+
+def _sensitivity(model, row, score, baseline: float, x_calibration, options: BudgetOptions,
+                 separation) -> LayerSensitivity:
     from sepconv.convert.separation.walk import separate_with
 
+    path, full_rank = row.path, row.full_rank
+    tried = []
+    if DEPTHWISE in options.forms:
+        tried += [(rank, rank, DEPTHWISE) for rank in sorted({k for k in options.candidates if k < full_rank}
+                                                              | {full_rank})]
+    if SPATIAL in options.forms:
+        tried += [(spatial_choice(rank), rank, SPATIAL) for rank in spatial_ranks(row, options.spatial_shares)]
     candidates = []
-    for rank in sorted({k for k in options.candidates if k < full_rank} | {full_rank}):
-        single = replace(separation, rank=rank, energy=None, include=(path,), ranks=None)
+    for choice, rank, form in tried:
+        single = replace(separation, rank=rank, energy=None, include=(path,), ranks=None, form=form)
         separated, report = separate_with(model, single)
-        if not report.separated:  # not smaller at this K: larger K will not be either
-            break
-        if rank == full_rank:  # exact: nothing to measure
-            candidates.append(Candidate(rank, report.separated[0].params_after, baseline, 0.0))
+        if not report.separated:  # not smaller at this rank: larger ones of its form will not be either
+            continue
+        if form == DEPTHWISE and rank == full_rank:  # exact: nothing to measure
+            candidates.append(Candidate(choice, report.separated[0].params_after, baseline, 0.0))
             continue
         if options.refine:
             refine(model, separated, x_calibration, report)
         value = score(separated)
-        candidates.append(Candidate(rank, report.separated[0].params_after, value, round(baseline - value, 4)))
-    candidates.append(Candidate(KEEP, params, baseline, 0.0))
+        candidates.append(Candidate(choice, report.separated[0].params_after, value, round(baseline - value, 4)))
+    candidates.sort(key=lambda c: (c.params, choice_order(c.rank)))
+    candidates.append(Candidate(KEEP, row.params_before, baseline, 0.0))
     return LayerSensitivity(path=path, full_rank=full_rank, candidates=tuple(candidates))

@@ -24,8 +24,8 @@ import numpy as np
 
 from sepconv.convert.errors import CheckpointError, DiskFullError, InvalidOptionError
 from sepconv.convert.files import disk_full
-from sepconv.convert.graph import leaf_layers, predict_keras
-from sepconv.convert.keras_compat import atomic_backup_and_restore
+from sepconv.convert.graph import layer_output, leaf_layers, predict_keras
+from sepconv.convert.keras_compat import atomic_backup_and_restore, is_graph_model
 from sepconv.deploy.errors import RECEIVED, TERMINATING, Terminated
 
 STRATEGIES = ("auto", "default", "mirrored")
@@ -43,8 +43,8 @@ class FinetuneOptions:
     patience: epochs without improvement before stopping. checkpoint_dir: per-epoch backups (resume=True continues
     from the last one). strategy: auto (mirrored when several devices are visible), default, or mirrored.
     feature_weight: weight of feature distillation, which matches each layer named in `feature_layers` (default:
-    every layer that is a SeparableConv2D in the student and a Conv2D in the teacher) to the teacher's same-named
-    layer output (relative squared error, averaged over layers); 0 turns it off. freeze_batchnorm: BatchNormalization
+    every layer that is a SeparableConv2D or a spatial pair in the student and a Conv2D in the teacher) to the
+    teacher's same-named layer output (relative squared error, averaged over layers); 0 turns it off. freeze_batchnorm: BatchNormalization
     layers frozen (inference mode) during training. frozen_batchnorm_pass: read by convert-model's recovery
     (recovery.py): after fine-tuning a model with BatchNorm, a second pass with freeze_batchnorm, kept only if
     validation improves."""
@@ -367,12 +367,13 @@ def _feature_layers(student, teacher, options: FinetuneOptions) -> tuple[str, ..
             raise InvalidOptionError(f"feature_layers {missing} are not top-level layers of both the student and the "
                                      f"teacher; name layers both models have")
         return tuple(options.feature_layers)
-    names = tuple(layer.name for layer in student.layers if isinstance(layer, keras.layers.SeparableConv2D)
-                  and layer.name in teacher_names
-                  and type(teacher.get_layer(layer.name)) is keras.layers.Conv2D)
+    names = tuple(layer.name for layer in student.layers
+                  if (isinstance(layer, keras.layers.SeparableConv2D) or is_graph_model(layer))
+                  and layer.name in teacher_names and type(teacher.get_layer(layer.name)) is keras.layers.Conv2D)
     if not names:
-        raise InvalidOptionError("feature distillation found no layer that is a SeparableConv2D in the student and a "
-                                 "Conv2D in the teacher; pass feature_layers=(...) or feature_weight=0")
+        raise InvalidOptionError("feature distillation found no separated layer (a SeparableConv2D or the spatial "
+                                 "form's pair) in the student that is a Conv2D in the teacher; pass "
+                                 "feature_layers=(...) or feature_weight=0")
     return names
 
 
@@ -380,9 +381,9 @@ def _feature_trainer(student, teacher, names: tuple[str, ...], weight: float):
     """The student with its class output unchanged and a feature-matching loss added against the frozen teacher."""
     import keras
 
-    teacher_features = keras.Model(teacher.inputs, [teacher.get_layer(n).output for n in names])
+    teacher_features = keras.Model(teacher.inputs, [layer_output(teacher, n) for n in names])
     teacher_features.trainable = False
-    student_features = keras.Model(student.inputs, [student.outputs[0]] + [student.get_layer(n).output for n in names])
+    student_features = keras.Model(student.inputs, [student.outputs[0]] + [layer_output(student, n) for n in names])
     x = keras.Input(batch_shape=student.inputs[0].shape, dtype=student.inputs[0].dtype)
     probs, *mine = student_features(x)
     theirs = teacher_features(x)

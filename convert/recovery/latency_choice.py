@@ -78,17 +78,17 @@ class LatencyTarget:
 @dataclass(frozen=True)
 class LayerChoice:
     path: str
-    rank: int  # K, or KEEP (0)
+    rank: int | str  # K, KEEP (0), or "s<r>" (the spatial form: policy.Choice)
     drop: float  # its measured drop (points), as budget.py measured it
     keep_ms: float
     ms: float  # the chosen option's latency (== keep_ms when kept)
-    fastest_rank: int  # the fastest option the table has for this layer (within the budget or not)
-    slower: tuple[int, ...]  # the K the table says are slower than keeping the layer: never chosen
+    fastest_rank: int | str  # the fastest option the table has for this layer (within the budget or not)
+    slower: tuple  # the choices the table says are slower than keeping the layer: never chosen
 
 
 @dataclass(frozen=True)
 class LatencyChoice:
-    ranks: dict  # chosen K per layer path; layers kept as they are are absent (as in BudgetPlan.ranks)
+    ranks: dict  # chosen K or "s<r>" per layer path; layers kept as they are are absent (as in BudgetPlan.ranks)
     predicted_drop: float
     predicted_delta_ms: float  # sum over layers of (chosen - keep), as the table has them
     predicted_ms: float | None  # the whole model (WholeModel.predict; None without original_ms)
@@ -102,11 +102,12 @@ class LatencyChoice:
         return asdict(self)
 
 
-def rank_key(rank: int) -> str:
+def rank_key(rank) -> str:
+    """The table's key of a choice: "keep", "2" (K=2), "s16" (the spatial form at r=16)."""
     return KEEP_KEY if rank == KEEP else str(rank)
 
 
-def layer_ms(row: dict, rank: int) -> float | None:
+def layer_ms(row: dict, rank) -> float | None:
     """A layer's latency at `rank` (KEEP for the layer as it is) from its table row, or None when not measured."""
     value = row.get(rank_key(rank), row.get(rank))
     return None if value is None else float(value)
@@ -255,5 +256,5 @@ def _row(layer, row: dict, option: tuple) -> LayerChoice:
     measured = [(layer_ms(row, c.rank), c.rank) for c in layer.candidates if layer_ms(row, c.rank) is not None]
     candidate = option[3]
     return LayerChoice(path=layer.path, rank=candidate.rank, drop=candidate.drop, keep_ms=keep_ms,
-                       ms=keep_ms + option[1], fastest_rank=min(measured)[1],
+                       ms=keep_ms + option[1], fastest_rank=min(measured, key=lambda found: found[0])[1],
                        slower=tuple(rank for ms, rank in measured if rank != KEEP and ms > keep_ms + TIE_MS))

@@ -42,7 +42,7 @@ from sepconv.convert.graph import leaf_layers
 from sepconv.convert.recovery.budget import KEEP, plan_params
 from sepconv.convert.recovery.latency_choice import (MIN_SPREAD, LatencyTarget, WholeModel, choose_for_latency,
                                                      rank_key)
-from sepconv.convert.separation.policy import SeparationOptions
+from sepconv.convert.separation.policy import DEPTHWISE, SeparationOptions, choice_label, parse_choice
 from sepconv.deploy.files import temporary_folder
 from sepconv.deploy.timing import TimingOptions, describe_xnnpack, identify, time_artifacts
 
@@ -100,10 +100,10 @@ def measure_table(model, layers, options: LatencyOptions, *, progress=None) -> d
     say = progress or (lambda stage, message: None)
     started = time.perf_counter()
     leaves = _leaves(model)
-    least = {layer.path: min(c.rank for c in layer.candidates if c.rank != KEEP)
+    least = {layer.path: min((c for c in layer.candidates if c.rank != KEEP), key=lambda c: c.params).rank
              for layer in layers if any(c.rank != KEEP for c in layer.candidates)}
     wanted = [(ORIGINAL, KEEP, STANDARD)] + [(layer.path, c.rank, form) for layer in layers for c in layer.candidates
-                                             for form in ((STANDARD, TILED) if c.rank > 1 else (STANDARD,))]
+                                             for form in ((STANDARD, TILED) if has_forms(c.rank) else (STANDARD,))]
     specs = {path: _spec(leaves[path]) if path != ORIGINAL else _model_spec(model) for path, _, _ in wanted}
     entries = [_Entry(_form_spec(specs[path], form), rank, path + ("" if form == STANDARD else f" {form}"),
                       _builder(model, leaves, path, rank, form))
@@ -132,7 +132,7 @@ def measure_table(model, layers, options: LatencyOptions, *, progress=None) -> d
         row, key = table.setdefault(path, {}), rank_key(rank)
         if key not in row or ms < row[key]:
             row[key] = round(ms, 5)
-            if rank > 1:
+            if has_forms(rank):
                 forms.setdefault(path, {})[key] = form
     identity = measured.identity
     original_ms = round(measured.ms[0], 5)
@@ -156,6 +156,12 @@ def measure_table(model, layers, options: LatencyOptions, *, progress=None) -> d
             "threads": options.timing.threads, "xnnpack": identity["xnnpack"], "format": options.suffix[1:],
             "quantize": options.export.quantize, "measured": timed, "cached": len(entries) - measured.timed,
             "seconds": round(time.perf_counter() - started, 1)}
+
+
+def has_forms(rank) -> bool:
+    """A choice whose layer has two equivalent graph forms (export/forms.py): the depthwise form at K above 1."""
+    form, value = parse_choice(rank)
+    return form == DEPTHWISE and value > 1
 
 
 def whole_model(table: dict) -> WholeModel | None:
@@ -206,7 +212,7 @@ class _Entry:
     """One model to time: its cache key's spec and K, a label for the cache, and how to build it (Keras)."""
 
     spec: str
-    rank: int
+    rank: int | str  # K, KEEP or "s<r>" (policy.Choice)
     what: str
     build: object
 
@@ -254,7 +260,7 @@ def _form_spec(spec: str, form: str) -> str:
     return spec if form == STANDARD else json.dumps({"form": form, "layer": json.loads(spec)}, sort_keys=True)
 
 
-def _builder(model, leaves: dict, path: str, rank: int, form: str):
+def _builder(model, leaves: dict, path: str, rank, form: str):
     """How to build the Keras model of one table entry: the whole model, or a single-layer one in `form`."""
     from sepconv.convert.export.forms import with_forms
 
@@ -284,7 +290,7 @@ def plan_for_latency(model, plan, options: LatencyOptions, *, progress=None):
     choice = choose_for_latency(plan.layers, table["layers"], plan.max_drop, original_ms=table["original_ms"],
                                 target=options.target, whole=whole_model(table))
     slower = {row.path: list(row.slower) for row in choice.layers if row.slower}
-    forms = {path: table["forms"][path][rank_key(rank)] for path, rank in choice.ranks.items() if rank > 1}
+    forms = {path: table["forms"][path][rank_key(rank)] for path, rank in choice.ranks.items() if has_forms(rank)}
     say("latency", f"chosen for speed on {_where(table)}: {choice.ranks or 'no layer'}"
                    + (f" (forms: {forms})" if forms else "") + "; predicted "
                    f"{choice.predicted_ms:.4f} ms against the original's {table['original_ms']:.4f} ms "
@@ -322,9 +328,9 @@ def _where(table: dict) -> str:
             f"{table['measured']} timed, {table['cached']} cached)")
 
 
-def single_layer_model(layer, rank: int = KEEP):
-    """An input of `layer`'s input shape and a copy of the layer (with its weights), separated at K = `rank` unless it
-    is KEEP; None when separation at that K would not rewrite the layer."""
+def single_layer_model(layer, rank=KEEP):
+    """An input of `layer`'s input shape and a copy of the layer (with its weights), separated as `rank` says (K, or
+    "s<r>" for the spatial form) unless it is KEEP; None when that separation would not rewrite the layer."""
     import keras
 
     from sepconv.convert.separation.walk import separate_with
@@ -335,7 +341,7 @@ def single_layer_model(layer, rank: int = KEEP):
     copy.set_weights(layer.get_weights())
     if rank == KEEP:
         return model
-    separated, report = separate_with(model, SeparationOptions(rank=rank, include=(layer.name,)))
+    separated, report = separate_with(model, SeparationOptions(ranks={layer.name: rank}, include=(layer.name,)))
     return separated if report.separated else None
 
 
@@ -348,14 +354,14 @@ def _export(model, name: str, folder: Path, number: int, options: LatencyOptions
     return path
 
 
-def _candidate(model, leaves: dict, path: str, rank: int):
+def _candidate(model, leaves: dict, path: str, rank):
     """The Keras model to time for one table entry: the whole model, or a single-layer one."""
     if path == ORIGINAL:
         return model
     single = single_layer_model(leaves[path], rank)
     if single is None:
-        raise InvalidOptionError(f"{path}: separation at K={rank} does not rewrite this layer; it cannot be a "
-                                 f"candidate")
+        raise InvalidOptionError(f"{path}: separation at {choice_label(rank)} does not rewrite this layer; it "
+                                 f"cannot be a candidate")
     return single
 
 
@@ -413,16 +419,16 @@ class _Cache:
                        + (f"set aside as {aside.name}, " if aside else "") + "timing everything again")
         return {}
 
-    def key(self, spec: str, rank: int, runtime: str | None) -> str:
+    def key(self, spec: str, rank, runtime: str | None) -> str:
         return _digest(json.dumps(dict(self.common, spec=spec, rank=rank, runtime=runtime), sort_keys=True))
 
-    def get(self, spec: str, rank: int, runtime: str | None) -> float | None:
+    def get(self, spec: str, rank, runtime: str | None) -> float | None:
         if runtime is None:  # a device without the runtime yet: nothing of it can be cached
             return None
         entry = self.entries.get(self.key(spec, rank, runtime))
         return None if entry is None else float(entry["ms"])  # valid: _read kept only those
 
-    def put(self, spec: str, rank: int, runtime: str, ms: float, what: str) -> None:
+    def put(self, spec: str, rank, runtime: str, ms: float, what: str) -> None:
         self.entries[self.key(spec, rank, runtime)] = {"ms": ms, "what": f"{what} {rank_key(rank)}",
                                                        "measured_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
                                                                                     time.gmtime())}

@@ -1,9 +1,11 @@
-"""Data-driven refinement without back-propagation: re-solve each separated layer's pointwise kernel and bias.
+"""Data-driven refinement without back-propagation: re-solve each separated layer's second half and bias.
 
-For each separated layer, in graph order, the depthwise step of the *separated* model (so that earlier layers'
-errors are compensated) is fed calibration images, and the pointwise kernel and bias are re-solved by least squares
-so that the layer's pre-activation output matches the *original* Conv2D's pre-activation output on the original
+For each separated layer, in graph order, the first half of the *separated* model's layer (so that earlier layers'
+errors are compensated) is fed calibration images, and the second half's kernel and bias are re-solved by least
+squares so that the layer's pre-activation output matches the *original* Conv2D's pre-activation output on the original
 model's activations. This is the idea of DAC (Li et al., WACV 2019) and of Network Decoupling's data-driven variant.
+The halves: the depthwise step then the pointwise kernel (a SeparableConv2D), or the kh x 1 convolution then the
+1 x kw one, whose inputs are the kw-wide rows of the first half's output (the spatial form, rewrites.SpatialPair).
 """
 
 from __future__ import annotations
@@ -73,33 +75,66 @@ def _refine_layer(original, separated, name: str, original_input: np.ndarray, se
     conv, sep = layer_at(original, name), layer_at(separated, name)
     options = dict(strides=conv.strides, padding=conv.padding, data_format=conv.data_format,
                    dilation_rate=conv.dilation_rate)
-    target = keras.ops.conv(original_input, conv.kernel, **options)
-    features = keras.ops.depthwise_conv(separated_input, sep.depthwise_kernel, **options)
-    target, features = (np.asarray(keras.ops.convert_to_numpy(t), np.float64) for t in (target, features))
+    target = np.asarray(keras.ops.convert_to_numpy(keras.ops.conv(original_input, conv.kernel, **options)), np.float64)
     if conv.data_format == "channels_first":
-        target, features = np.moveaxis(target, 1, -1), np.moveaxis(features, 1, -1)
+        target = np.moveaxis(target, 1, -1)
     if conv.use_bias:
         target = target + conv.bias.numpy()
-    target, features = target.reshape(-1, target.shape[-1]), features.reshape(-1, features.shape[-1])
+    first, second, bias_of = _halves(sep)
+    features = _second_half_inputs(sep, conv, separated_input)
+    target = target.reshape(-1, target.shape[-1])
     if len(target) > MAX_ROWS:
         keep = rng.choice(len(target), MAX_ROWS, replace=False)
         target, features = target[keep], features[keep]
-    pointwise = sep.pointwise_kernel.numpy().reshape(features.shape[1], -1).astype(np.float64)
-    bias = sep.bias.numpy().astype(np.float64) if sep.use_bias else np.zeros(target.shape[1])
+    pointwise = second.numpy().reshape(features.shape[1], -1).astype(np.float64)
+    use_bias = bias_of is not None
+    bias = bias_of.numpy().astype(np.float64) if use_bias else np.zeros(target.shape[1])
     before = _relative(features @ pointwise + bias, target)
-    design = np.hstack([features, np.ones((len(features), 1))]) if sep.use_bias else features
+    design = np.hstack([features, np.ones((len(features), 1))]) if use_bias else features
     gram = design.T @ design
     gram += ridge * np.trace(gram) / len(gram) * np.eye(len(gram))
     solution = np.linalg.solve(gram, design.T @ target)
-    new_pointwise, new_bias = (solution[:-1], solution[-1]) if sep.use_bias else (solution, None)
+    new_pointwise, new_bias = (solution[:-1], solution[-1]) if use_bias else (solution, None)
     after = _relative(design @ solution, target)
     if after >= before:  # least squares cannot do worse on its own rows, unless the ridge dominates: keep the SVD
         return LayerRefinement(name, len(target), before, before, "skipped: no improvement")
-    weights = [sep.depthwise_kernel.numpy(), new_pointwise.reshape(sep.pointwise_kernel.shape).astype(np.float32)]
-    if sep.use_bias:
-        weights.append(new_bias.astype(np.float32))
-    sep.set_weights(weights)
+    second.assign(new_pointwise.reshape(second.shape).astype(np.float32))
+    if use_bias:
+        bias_of.assign(new_bias.astype(np.float32))
     return LayerRefinement(name, len(target), before, after, "refined")
+
+
+def _halves(sep):
+    """(first half's kernel, second half's kernel, bias or None) of a separated layer: a SeparableConv2D or the
+    spatial form's nested model (its `_v` and `_h` Conv2D layers)."""
+    if hasattr(sep, "pointwise_kernel"):
+        return sep.depthwise_kernel, sep.pointwise_kernel, sep.bias if sep.use_bias else None
+    vertical, horizontal = sep.layers[-2], sep.layers[-1]
+    return vertical.kernel, horizontal.kernel, horizontal.bias if horizontal.use_bias else None
+
+
+def _second_half_inputs(sep, conv, x) -> np.ndarray:
+    """(output positions, inputs of the second half at each), channels last, in its kernel's row order: the
+    depthwise step's output channels, or the first half's output over the 1 x kw window of each position."""
+    import keras
+
+    if hasattr(sep, "pointwise_kernel"):
+        features = keras.ops.depthwise_conv(x, sep.depthwise_kernel, strides=conv.strides, padding=conv.padding,
+                                            data_format=conv.data_format, dilation_rate=conv.dilation_rate)
+        features = np.asarray(keras.ops.convert_to_numpy(features), np.float64)
+        if conv.data_format == "channels_first":
+            features = np.moveaxis(features, 1, -1)
+        return features.reshape(-1, features.shape[-1])
+    import tensorflow as tf
+
+    vertical, horizontal = sep.layers[-2], sep.layers[-1]
+    inner = np.asarray(keras.ops.convert_to_numpy(vertical(x)), np.float32)
+    if conv.data_format == "channels_first":
+        inner = np.moveaxis(inner, 1, -1)
+    patches = tf.image.extract_patches(inner, sizes=[1, 1, horizontal.kernel_size[1], 1],
+                                       strides=[1, 1, horizontal.strides[1], 1],
+                                       rates=[1, 1, horizontal.dilation_rate[1], 1], padding=conv.padding.upper())
+    return np.asarray(patches, np.float64).reshape(-1, patches.shape[-1])
 
 
 def _relative(estimate: np.ndarray, target: np.ndarray) -> float:

@@ -37,7 +37,7 @@ from sepconv.convert.recovery.finetuning import (
 )
 from sepconv.convert.recovery.latency_table import plan_for_latency
 from sepconv.convert.recovery.refinement import BatchNormRecalibration, RefinementReport, recalibrate_batchnorm, refine
-from sepconv.convert.separation.policy import DEFAULT_ENERGY, SeparationOptions
+from sepconv.convert.separation.policy import DEFAULT_ENERGY, SPATIAL, SeparationOptions
 from sepconv.deploy.scores import hit_rate, percent, top1
 from sepconv.deploy.errors import Terminated
 
@@ -289,7 +289,7 @@ def remove_checkpoints(options: RecoveryOptions) -> None:
 
 def _separation_line(report) -> str:
     totals = report.totals
-    ranks = ", ".join(f"{row.path} K={row.rank}" for row in report.separated)
+    ranks = ", ".join(f"{row.path} {'r' if row.form == SPATIAL else 'K'}={row.rank}" for row in report.separated)
     return (f"{totals['separated']} of {totals['layers']} conv layers separated ({ranks or 'none'}); parameters "
             f"{totals['model_params_before']:,} -> {totals['model_params_after']:,} ({totals['params_ratio']:.2f}x "
             f"smaller)")

@@ -6,17 +6,21 @@ import fnmatch
 from dataclasses import dataclass
 
 from sepconv.convert.errors import InvalidOptionError
+from sepconv.deploy.choices import (DEPTHWISE, FORMS, SPATIAL, Choice, choice_label,  # noqa: F401  (re-exported)
+                                    choice_of_key, choice_order, parse_choice, spatial_choice)
 
 
 @dataclass(frozen=True)
 class RankPolicy:
-    """How K is chosen for a layer: a fixed K, "full" (exact), or the smallest K retaining `energy`."""
+    """How the rank is chosen for a layer: a fixed rank, "full" (exact), or the smallest rank retaining `energy`; in
+    `form` (DEPTHWISE: K, the depth multiplier; SPATIAL: r, the channels between the two halves)."""
 
     rank: int | str | None
     energy: float | None
+    form: str = DEPTHWISE
 
     def choose(self, spectrum) -> int:
-        """K for a layer, given its `svd.KernelSpectrum`."""
+        """The rank for a layer, given its `svd.KernelSpectrum` (or `svd.SpatialSpectrum` in the spatial form)."""
         if self.rank == "full":
             return spectrum.full_rank
         if self.rank is not None:
@@ -37,8 +41,11 @@ class SeparationOptions:
     energy: a fraction in (0, 1]: per layer, the smallest K keeping that share of the kernel's energy.
     include / exclude: fnmatch patterns on layer names or paths ("inner_model/conv*"); exclude wins.
     only_if_smaller: keep a layer whose separated form would have as many parameters or more.
-    ranks: per-layer K by layer name or path ({"block1_conv1": 2}; 0 keeps the layer as it is); wins over rank /
-    energy for those layers (the accuracy-budget search hands its choice to `separate` this way).
+    ranks: per-layer choices by layer name or path ({"block1_conv1": 2, "block2_conv1": "s16"}; an int is K, 0 keeps
+    the layer as it is, "s<r>" is the spatial form at rank r); wins over rank / energy / form for those layers (the
+    accuracy-budget search hands its choice to `separate` this way).
+    form: DEPTHWISE (SeparableConv2D, rank = K) or SPATIAL (a kh x 1 then a 1 x kw Conv2D, rank = r) for the layers
+    that rank / energy decide.
     """
 
     rank: int | str | None = None
@@ -47,6 +54,7 @@ class SeparationOptions:
     exclude: tuple[str, ...] = ()
     only_if_smaller: bool = True
     ranks: dict | None = None
+    form: str = DEPTHWISE
 
     def __post_init__(self):
         if self.rank is not None and self.energy is not None:
@@ -62,31 +70,43 @@ class SeparationOptions:
         ):
             raise InvalidOptionError(f"Unrecognized energy={self.energy!r}. Use a fraction in (0, 1], e.g. 0.99")
         if self.ranks is not None and not (isinstance(self.ranks, dict) and all(
-            isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool) and v >= 0
-            for k, v in self.ranks.items())):
+            isinstance(k, str) and _is_choice(v) for k, v in self.ranks.items())):
             raise InvalidOptionError(f"Unrecognized ranks={self.ranks!r}. Use a dict of layer name or path -> "
-                                     f"whole number >= 0 (0 keeps the layer), e.g. {{'block1_conv1': 2}}")
+                                     f"whole number >= 0 (0 keeps the layer) or 's<r>' (the spatial form at rank "
+                                     f"r), e.g. {{'block1_conv1': 2, 'block2_conv1': 's16'}}")
+        if self.form not in FORMS:
+            raise InvalidOptionError(f"Unrecognized form={self.form!r}. Use one of {list(FORMS)}")
         object.__setattr__(self, "include", _patterns(self.include, "include"))
         object.__setattr__(self, "exclude", _patterns(self.exclude, "exclude") or ())
 
     @property
     def policy(self) -> RankPolicy:
         if self.rank is None and self.energy is None:
-            return RankPolicy(rank=None, energy=DEFAULT_ENERGY)
-        return RankPolicy(rank=self.rank, energy=self.energy)
+            return RankPolicy(rank=None, energy=DEFAULT_ENERGY, form=self.form)
+        return RankPolicy(rank=self.rank, energy=self.energy, form=self.form)
 
     def describe(self) -> dict:
         policy = self.policy
-        return {"rank": policy.rank, "energy": policy.energy, "include": self.include, "exclude": self.exclude,
-                "only_if_smaller": self.only_if_smaller, "ranks": self.ranks}
+        described = {"rank": policy.rank, "energy": policy.energy, "include": self.include, "exclude": self.exclude,
+                     "only_if_smaller": self.only_if_smaller, "ranks": self.ranks}
+        return described if self.form == DEPTHWISE else {**described, "form": self.form}
 
     def context(self, path: str) -> Context:
         policy = self.policy
         own = (self.ranks or {}).get(path, (self.ranks or {}).get(path.rsplit("/", 1)[-1]))
         if own is not None:
-            policy = RankPolicy(rank=own, energy=None)
+            form, rank = parse_choice(own)
+            policy = RankPolicy(rank=rank, energy=None, form=form)
         return Context(path=path, policy=policy, include=self.include, exclude=self.exclude,
                        only_if_smaller=self.only_if_smaller)
+
+
+def _is_choice(value) -> bool:
+    try:
+        parse_choice(value)
+    except ValueError:
+        return False
+    return True
 
 
 def _patterns(value, name: str) -> tuple[str, ...] | None:

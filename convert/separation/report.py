@@ -23,14 +23,19 @@ class LayerRow:
     kernel: tuple[int, int] | None = None
     in_channels: int | None = None
     out_channels: int | None = None
-    rank: int | None = None  # the depth multiplier K of the separated layer
-    full_rank: int | None = None  # the K at which separation is exact: min(kh*kw, cout)
+    rank: int | None = None  # the depth multiplier K of the separated layer (spatial form: the channels r between halves)
+    full_rank: int | None = None  # the rank at which separation is exact: min(kh*kw, cout) (spatial: min(kh*cin, kw*cout))
     params_before: int = 0
     params_after: int = 0
     macs_before: int | None = None  # per sample, summed over the layer's calls; None when a spatial size is unknown
     macs_after: int | None = None
     relative_error: float | None = None  # ||W - W_K||_F / ||W||_F of the kernel
     retained_energy: float | None = None  # 1 - relative_error**2
+    form: str | None = None  # "depthwise" (SeparableConv2D) or "spatial" (a kh x 1 then a 1 x kw Conv2D) when separated
+
+    def __post_init__(self):
+        if self.status == SEPARATED and self.form is None:
+            object.__setattr__(self, "form", "depthwise")
 
 
 @dataclass(frozen=True)
@@ -89,7 +94,7 @@ class SeparationReport:
 
     def table(self, tablefmt: str = "simple") -> str:
         """The per-layer table and a totals line; `tablefmt` is any tabulate format ("github" for Markdown)."""
-        headers = ["layer", "kernel", "in", "out", "K", "params", "MACs", "rel. error", "status"]
+        headers = ["layer", "kernel", "in", "out", "K (r=: spatial)", "params", "MACs", "rel. error", "status"]
         body = [_table_row(row) for row in self.rows]
         t = self.totals
         body.append(
@@ -109,6 +114,8 @@ class SeparationReport:
 def _table_row(row: LayerRow) -> list[str]:
     kernel = f"{row.kernel[0]}x{row.kernel[1]}" if row.kernel else ""
     rank = f"{row.rank}/{row.full_rank}" if row.rank is not None else ""
+    if row.form == "spatial":
+        rank = f"r={rank}"
     error = f"{row.relative_error:.2e}" if row.relative_error is not None else ""
     status = row.status if row.reason is None else f"{row.status}: {row.reason}"
     return [row.path, kernel, _opt(row.in_channels), _opt(row.out_channels), rank,

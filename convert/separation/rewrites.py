@@ -15,7 +15,7 @@ import numpy as np
 
 from sepconv.convert.keras_compat import calls_of
 from sepconv.convert.separation import svd
-from sepconv.convert.separation.policy import Context
+from sepconv.convert.separation.policy import SPATIAL, Context
 from sepconv.convert.separation.report import KEPT, SEPARATED, UNSUPPORTED, LayerRow
 
 # Convolution-like layers: a row in the report whether or not a rewrite is registered for their class.
@@ -161,6 +161,8 @@ def separate_conv2d(layer: keras.layers.Conv2D, context: Context) -> Plan:
         raise Keep(user_reason, **known)
     if context.policy.rank == 0:
         raise Keep("kept as it is by the per-layer ranks (K=0; e.g. the accuracy budget's choice)", **known)
+    if context.policy.form == SPATIAL:
+        return _spatial_plan(layer, context, kernel, known)
 
     spectrum = svd.spectrum(kernel)
     rank = context.policy.choose(spectrum)
@@ -184,6 +186,74 @@ def separate_conv2d(layer: keras.layers.Conv2D, context: Context) -> Plan:
     )
     return Plan(row=row, layer_class=keras.layers.SeparableConv2D, config=_separable_config(config, rank),
                 weights=weights)
+
+
+def _spatial_plan(layer, context: Context, kernel: np.ndarray, known: dict) -> Plan:
+    """Conv2D -> a kh x 1 Conv2D to r channels, then a 1 x kw Conv2D (SpatialPair), from the kernel's spatial SVD."""
+    config = layer.get_config()
+    kh, kw, cin, cout = kernel.shape
+    if kh == 1 or kw == 1:
+        raise Keep(f"{kh}x{kw} kernel: already separable in space", **known)
+    spectrum = svd.spatial_spectrum(kernel)
+    rank = context.policy.choose(spectrum)
+    params_after = rank * (kh * cin + kw * cout) + config["use_bias"] * cout
+    measured = dict(known, rank=rank, full_rank=spectrum.full_rank, form=SPATIAL,
+                    relative_error=spectrum.relative_error(rank), retained_energy=spectrum.retained_energy(rank))
+    if context.only_if_smaller and params_after >= layer.count_params():
+        raise Keep(f"spatially separable cost >= original at r={rank} ({params_after:,} >= "
+                   f"{layer.count_params():,} params)", **known)
+    vertical, horizontal = svd.spatial_factorise(spectrum, rank)
+    weights = (vertical.astype(kernel.dtype), horizontal.astype(kernel.dtype))
+    if config["use_bias"]:
+        weights += (layer.bias.numpy(),)
+    row = LayerRow(path=context.path, layer_class=type(layer).__name__, status=SEPARATED,
+                   params_before=layer.count_params(), params_after=params_after,
+                   macs_after=_spatial_macs(layer, config["data_format"], rank), **measured)
+    return Plan(row=row, layer_class=SpatialPair, config=dict(config, rank=rank, in_channels=cin), weights=weights)
+
+
+def _spatial_macs(layer, data_format: str, rank: int) -> int | None:
+    """Multiply-accumulates per sample of the spatial pair: the vertical half runs at the output's height and the
+    input's width (it does not stride across), the horizontal half at the output's size."""
+    (kh, kw), total = layer.kernel_size, 0
+    for node in calls_of(layer):
+        inputs, outputs = node.input_tensors[0].shape, node.outputs[0].shape
+        if data_format == "channels_first":
+            inputs, outputs = (inputs[0], *inputs[2:], inputs[1]), (outputs[0], *outputs[2:], outputs[1])
+        (_, _, width, cin), (_, height, out_width, cout) = inputs, outputs
+        if None in (width, height, out_width):
+            return None
+        total += height * width * kh * cin * rank + height * out_width * kw * rank * cout
+    return total
+
+
+class SpatialPair:
+    """The spatially separable form of a Conv2D, as a nested Functional model named like the layer it replaces:
+    `{name}_v`, a kh x 1 Conv2D to r channels (the vertical stride and dilation, no bias, no activation), then
+    `{name}_h`, a 1 x kw Conv2D (the horizontal stride and dilation, the bias and activation). Padding is the
+    layer's own in both: "same" pads each axis as the original does, as each half convolves along one axis only.
+    Two plain Conv2D layers: every exporter, quantizer and weight-rounding step handles them, and a saved model
+    loads without sepconv. A class only for `Plan`'s from_config protocol."""
+
+    @staticmethod
+    def from_config(config: dict):
+        name, rank, (kh, kw) = config["name"], config["rank"], config["kernel_size"]
+        (sh, sw), (dh, dw) = config["strides"], config["dilation_rate"]
+        data_format, channels = config["data_format"], config["in_channels"]
+        common = dict(padding=config["padding"], data_format=data_format, dtype=config["dtype"],
+                      trainable=config["trainable"])
+        shape = (channels, None, None) if data_format == "channels_first" else (None, None, channels)
+        inputs = keras.Input(shape, name=f"{name}_input")
+        vertical = keras.layers.Conv2D(rank, (kh, 1), strides=(sh, 1), dilation_rate=(dh, 1), use_bias=False,
+                                       name=f"{name}_v", **common)(inputs)
+        horizontal = keras.layers.Conv2D(
+            config["filters"], (1, kw), strides=(1, sw), dilation_rate=(1, dw), activation=config["activation"],
+            use_bias=config["use_bias"], kernel_initializer=config["kernel_initializer"],
+            bias_initializer=config["bias_initializer"], kernel_regularizer=config["kernel_regularizer"],
+            bias_regularizer=config["bias_regularizer"], activity_regularizer=config["activity_regularizer"],
+            kernel_constraint=config["kernel_constraint"], bias_constraint=config["bias_constraint"],
+            name=f"{name}_h", **common)(vertical)
+        return keras.Model(inputs, horizontal, name=name)
 
 
 def _separable_config(conv: dict, rank: int) -> dict:

@@ -20,15 +20,17 @@ from sepconv.deploy.files import first_line
 
 
 def separate(model: keras.Model, *, rank=None, energy=None, include=None, exclude=None,
-             only_if_smaller: bool = True, ranks=None) -> tuple[keras.Model, SeparationReport]:
-    """Rewrite every eligible Conv2D of `model` into a SeparableConv2D started from the trained kernel's SVD.
+             only_if_smaller: bool = True, ranks=None, form: str = "depthwise"
+             ) -> tuple[keras.Model, SeparationReport]:
+    """Rewrite every eligible Conv2D of `model` into a SeparableConv2D started from the trained kernel's SVD (or, with
+    form="spatial", into a kh x 1 and a 1 x kw Conv2D from its spatial SVD).
 
     Returns the new model (the input is left as it was) and a `SeparationReport` with a row per convolution-like
     layer. Options are those of `SeparationOptions` (`separate_with` takes the object); without rank and
-    energy, energy=DEFAULT_ENERGY; `ranks` gives some layers their own K.
+    energy, energy=DEFAULT_ENERGY; `ranks` gives some layers their own choice (K, 0 to keep, or "s<r>").
     """
     options = SeparationOptions(rank=rank, energy=energy, include=include, exclude=exclude,
-                                only_if_smaller=only_if_smaller, ranks=ranks)
+                                only_if_smaller=only_if_smaller, ranks=ranks, form=form)
     return separate_with(model, options)
 
 

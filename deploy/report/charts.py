@@ -12,6 +12,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
+from sepconv.deploy.choices import SPATIAL, choice_columns, choice_label, choice_order
 from sepconv.deploy.errors import RuntimeMissingError
 
 MISSING = ("Drawing the report's charts needs matplotlib, which is not installed: pip install 'sepconv[report]' "
@@ -66,31 +67,36 @@ def sensitivity_heatmap(run: dict, name: str) -> Chart | None:
     import numpy as np
 
     layers = budget["layers"]
-    ranks = sorted({c["rank"] for layer in layers for c in layer["candidates"] if c["rank"]})
-    drops = np.full((len(layers), len(ranks)), np.nan)
+    columns = choice_columns([[c["rank"] for c in layer["candidates"]] for layer in layers])
+    drops = np.full((len(layers), len(columns)), np.nan)
+    picked = [[pick([c["rank"] for c in layer["candidates"]]) for _, pick in columns] for layer in layers]
     for i, layer in enumerate(layers):
-        for c in layer["candidates"]:
-            if c["rank"] in ranks:
-                drops[i, ranks.index(c["rank"])] = c["drop"]
-    figure, (axis,) = _figure(1.6 + 0.9 * len(ranks), 1.2 + 0.4 * len(layers))
+        by_choice = {str(c["rank"]): c["drop"] for c in layer["candidates"]}
+        for j, found in enumerate(picked[i]):
+            if found is not None:
+                drops[i, j] = by_choice[str(found)]
+    figure, (axis,) = _figure(1.6 + 0.9 * len(columns), 1.2 + 0.4 * len(layers))
     limit = max(1.0, float(np.nanmax(np.abs(drops))) if np.isfinite(drops).any() else 1.0)
     image = axis.imshow(drops, cmap="RdYlGn_r", vmin=-limit, vmax=limit, aspect="auto")
     for i, layer in enumerate(layers):
-        for j, rank in enumerate(ranks):
+        for j, found in enumerate(picked[i]):
             if np.isfinite(drops[i, j]):
-                axis.text(j, i, f"{drops[i, j]:+.2f}", ha="center", va="center", fontsize=8)
+                spatial = isinstance(found, str)
+                axis.text(j, i, f"{drops[i, j]:+.2f}" + (f"\nr={found[1:]}" if spatial else ""), ha="center",
+                          va="center", fontsize=7 if spatial else 8)
         chosen = budget["ranks"].get(layer["path"])
-        if chosen in ranks:
-            j = ranks.index(chosen)
+        if chosen is not None and chosen in picked[i]:
+            j = picked[i].index(chosen)
             axis.add_patch(_rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="black", linewidth=2.5))
-    axis.set_xticks(range(len(ranks)), [f"K={k}" for k in ranks])
+    axis.set_xticks(range(len(columns)), [header for header, _ in columns])
     axis.set_yticks(range(len(layers)), [layer["path"] for layer in layers])
     figure.colorbar(image, ax=axis, label=f"points of {budget['metric']} lost")
-    caption = (f"Points of {budget['metric']} lost when only that layer is separated at K (on {budget['samples']} "
-               f"validation samples); outlined: the K chosen for a budget of {budget['max_drop']} points "
+    caption = (f"Points of {budget['metric']} lost when only that layer is separated at K (depthwise-separable) or "
+               f"r (spatially separable) (on {budget['samples']} validation samples); outlined: the form and rank "
+               f"chosen for a budget of {budget['max_drop']} points "
                f"(predicted {budget['predicted_drop']:.2f}, measured after recovery "
                f"{budget.get('measured_drop', float('nan')):.2f}). Layers kept as they are have no outline.")
-    return _chart(figure, name, "Per-layer sensitivity and the chosen K", caption)
+    return _chart(figure, name, "Per-layer sensitivity and the chosen form and rank", caption)
 
 
 def _rectangle(*args, **kwargs):
@@ -128,7 +134,9 @@ def layer_costs(run: dict, name: str) -> Chart | None:
 
 
 def _layer_label(row: dict) -> str:
-    return f"{row['path']} (K={row['rank']})" if row.get("rank") else f"{row['path']} ({row['status']})"
+    if not row.get("rank"):
+        return f"{row['path']} ({row['status']})"
+    return f"{row['path']} ({'spatial r' if row.get('form') == SPATIAL else 'K'}={row['rank']})"
 
 
 def stage_scores(run: dict, name: str) -> Chart | None:
@@ -267,7 +275,7 @@ def budget_tradeoff(runs: list[tuple[str, dict]], name: str) -> Chart | None:
 
 def tradeoff_points(budget: dict) -> list[tuple[str, int, float]]:
     """(K label, parameters of the separable layers, predicted score in %) for every K measured on all layers."""
-    ranks = sorted({c["rank"] for layer in budget["layers"] for c in layer["candidates"]})
+    ranks = sorted({c["rank"] for layer in budget["layers"] for c in layer["candidates"]}, key=choice_order)
     points = []
     for rank in ranks:
         params, drop = 0, 0.0
@@ -275,7 +283,7 @@ def tradeoff_points(budget: dict) -> list[tuple[str, int, float]]:
             found = [c for c in layer["candidates"] if c["rank"] == rank] or [_keep(layer)]
             params += found[0]["params"]
             drop += found[0]["drop"]
-        points.append(("keep" if rank == 0 else f"K={rank}", params, budget["baseline"] - drop))
+        points.append(("keep" if rank == 0 else choice_label(rank), params, budget["baseline"] - drop))
     return sorted(points, key=lambda point: point[1])
 
 
