@@ -327,6 +327,7 @@ def test_flex_needed(tmp_path):
     (["--learning-rate", "0"], "invalid number '0'"), (["--strategy", "tpu"], "invalid choice: 'tpu'"),
     (["--target-latency", "inf"], "invalid number 'inf': use a finite number > 0"),
     (["--confidence", "1"], "invalid confidence '1': use a number in [0, 1)"),
+    (["--form", "diagonal"], "invalid choice: 'diagonal'"),
 ])
 def test_bad_flags(tmp_path, small_h5, flags, phrase):
     source_digest[str(small_h5)] = digest(small_h5)
@@ -342,7 +343,8 @@ def test_debug_shows_the_traceback(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["missing model", "corrupt model", "missing data", "existing output",
-                                  "existing manifest", "flags that conflict", "option-like latency host"])
+                                  "existing manifest", "flags that conflict", "option-like latency host",
+                                  "auto form with a fixed rank"])
 def test_wrong_paths_and_flags_are_refused_before_tensorflow_starts(tmp_path, case):
     """The checks that need no model contents run in the parent, before its worker: one line, no TensorFlow."""
     (tmp_path / "bad.h5").write_bytes(b"not an hdf5 file")
@@ -361,6 +363,8 @@ def test_wrong_paths_and_flags_are_refused_before_tensorflow_starts(tmp_path, ca
                                                                           "--data"),
         "option-like latency host": (["ok.h5", "o.tflite", "--latency-on=-oProxyCommand=x"],
                                      "Unrecognized host '-oProxyCommand=x'"),
+        "auto form with a fixed rank": (["ok.h5", "o.tflite", "--form", "auto", "--rank", "2"],
+                                        "with a fixed rank / energy give form 'depthwise' or 'spatial'"),
     }[case]
     probe = ("import os, sys; from sepconv.convert import cli; os.chdir(sys.argv[1]); status = cli.convert_main("
              "sys.argv[2:]); print(status, sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras'}))")

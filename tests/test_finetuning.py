@@ -29,13 +29,15 @@ def agreement(a, b, x):
     return float(np.mean(np.argmax(predict_keras(a, x)[0], 1) == np.argmax(predict_keras(b, x)[0], 1)))
 
 
-@pytest.mark.parametrize("with_labels", [True, False], ids=["labels", "distillation"])
-def test_finetuning_improves_agreement(with_labels):
+@pytest.mark.parametrize("with_labels, form", [(True, "depthwise"), (False, "depthwise"), (False, "spatial")],
+                         ids=["labels", "distillation", "distillation, spatial form"])
+def test_finetuning_improves_agreement(with_labels, form):
     teacher, x, y = teacher_and_data()
-    student, _ = separate(teacher, rank=1)
+    student, _ = separate(teacher, rank=1, form=form)
     held_out = np.random.default_rng(9).uniform(0, 1, (256, 12, 12, 3)).astype(np.float32)
     before = agreement(student, teacher, held_out)
-    result = finetune(student, teacher, x, y if with_labels else None, epochs=6, verbose=0, patience=6)
+    features = dict(feature_weight=0.1) if form == "spatial" else {}  # matches the pairs' outputs to the Conv2Ds'
+    result = finetune(student, teacher, x, y if with_labels else None, epochs=6, verbose=0, patience=6, **features)
     after = agreement(student, teacher, held_out)
     assert after > before + 0.05, f"agreement {before:.2%} -> {after:.2%}"
     assert result.mode == ("labels+distillation" if with_labels else "distillation")
