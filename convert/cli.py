@@ -6,15 +6,15 @@ TensorFlow is imported only after the arguments are parsed, so `--help` is insta
 from __future__ import annotations
 
 import argparse
+import logging
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 from sepconv.convert.demo import QUICK_EPOCHS, QUICK_FILTERS, model_file
 from sepconv.convert.supervise import die_with_parent, in_worker, report_stage, reported_as_interrupt, supervise
-from sepconv.deploy import report
+from sepconv.deploy import logs, report
 from sepconv.deploy.choices import DEPTHWISE, FORMS
 from sepconv.deploy.clikit import (
     JSON_HELP,
@@ -24,6 +24,7 @@ from sepconv.deploy.clikit import (
     check_report_outputs,
     json_failure,
     report_flags,
+    verbosity_flags,
     version_flag,
     write_html_report,
     write_output,
@@ -279,7 +280,7 @@ def convert_parser() -> argparse.ArgumentParser:
                             "16384)")
     group.add_argument("--json", nargs="?", const="-", metavar="FILE", help="a machine-readable summary " + JSON_HELP)
     report_flags(group)
-    group.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    verbosity_flags(group)
     group.add_argument("--debug", action="store_true", help="show tracebacks and converter logs")
     version_flag(parser)
     return parser
@@ -363,12 +364,11 @@ def latency_options(args):
 def _convert(args) -> int:
     from sepconv.convert.pipeline import convert_model
 
-    started = time.perf_counter()
+    log = logs.to_log("convert")  # printed by the handler clikit.run installs: warnings even with -q
 
     def progress(stage, message):
         report_stage(stage)
-        if not args.quiet or stage == "warning":  # warnings (nothing separated) are shown even with --quiet
-            print(f"[{time.perf_counter() - started:6.1f}s] {stage}: {message}", file=sys.stderr, flush=True)
+        log(stage, message)
 
     result = convert_model(args.input, args.outputs, options=convert_options(args), progress=progress)
     summary = json.dumps(result.to_dict(), indent=2, default=str)
@@ -474,6 +474,8 @@ def demo_parser() -> argparse.ArgumentParser:
                              "replaces the tables, to a FILE it comes beside them")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json FILE (the demo's own "
                         "files in --out are always replaced)")
+    verbosity_flags(parser, quiet="no tables or progress on stdout, only where the reports are",
+                    verbose="also the lines that only count items off (each layer done, each timing round)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     version_flag(parser)
     return parser
@@ -486,10 +488,10 @@ def _demo_outputs(args) -> None:
 def _demo(args) -> int:
     from sepconv.convert.demo.digits import run_demo
 
-    quiet = args.json == "-"  # the JSON summary goes to stdout instead of the tables
+    quiet = args.json == "-" or args.quiet  # the JSON summary goes to stdout instead of the tables
     say = None if quiet else lambda text: print(text, flush=True)
     summary = run_demo(args.out, epochs=args.epochs, seed=args.seed, retrain=args.retrain, bench=not args.no_bench,
-                       bench_time=args.bench_time, quick=args.quick, say=say)
+                       bench_time=args.bench_time, quick=args.quick, say=say, verbose=args.verbose)
     if args.json:
         write_output(args.json, json.dumps(summary, indent=2, default=str))
     if not quiet:
@@ -526,6 +528,7 @@ def report_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report-dir", metavar="DIR", help="also " + REPORT_DIR_HELP)
     parser.add_argument("--title", default="sepconv report", help="the page's title (default: %(default)s)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing report or PNG")
+    verbosity_flags(parser, quiet="no line on stdout", verbose="also a line per run read, with its kind")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     version_flag(parser)
     return parser
@@ -534,10 +537,16 @@ def report_parser() -> argparse.ArgumentParser:
 def _report(args) -> int:
     renderer = report.renderer()
     runs = renderer.load_runs(args.inputs)
+    say = logs.to_log_plain("report", "-", logging.DEBUG)  # shown with -v
+    for label, run in runs.converts:
+        say(f"[{label}] a conversion of {Path(str(run.get('source', {}).get('path', '?'))).name}")
+    for label, _, device in runs.benches:
+        say(f"[{label}] a benchmark" + (f" on {device.get('cpu') or device.get('pi_model')}" if device else ""))
     renderer.write_report(renderer.render(runs, title=args.title), args.output, args.report_dir,
                           overwrite=args.overwrite)
     written = [p for p in (args.output, args.report_dir) if p]
-    print(f"wrote {' and '.join(written)} ({len(runs.converts)} conversion(s), {len(runs.benches)} benchmark(s)"
+    if not args.quiet:
+        print(f"wrote {' and '.join(written)} ({len(runs.converts)} conversion(s), {len(runs.benches)} benchmark(s)"
           f"{f', {len(runs.failed)} failed host(s)' if runs.failed else ''})")
     return 0
 

@@ -236,7 +236,8 @@ def plan_line(plan: Plan, options: ConvertOptions) -> str:
     if not options.separate:
         steps = ["no separation"]
     elif plan.max_accuracy_drop is not None:
-        steps = [f"rank per layer for --max-accuracy-drop {plan.max_accuracy_drop}"]
+        forms = {DEPTHWISE: "", SPATIAL: "spatial form, ", AUTO_FORM: "depthwise or spatial form and "}[options.form]
+        steps = [f"{forms}rank per layer for --max-accuracy-drop {plan.max_accuracy_drop}"]
         if plan.latency:
             latency = options.latency or LatencyOptions()
             steps[0] += (f" and latency measured on {latency.where or 'this machine'}"

@@ -49,6 +49,7 @@ from sepconv.convert.recovery.steps import recover, remove_checkpoints
 from sepconv.convert.results import ConvertResult, Source
 from sepconv.convert.separation.policy import SeparationOptions
 from sepconv.convert.staging import ExportJob, export_all
+from sepconv.deploy import logs
 from sepconv.deploy.scores import top1
 from sepconv.deploy.ssh import parse_target
 from sepconv.deploy.timing import identify
@@ -74,8 +75,9 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
     """Load `source`, separate it, export every path in `outputs` (.tflite, .onnx, .keras), verify, write.
 
     Options are a ConvertOptions or its fields as keyword arguments; rank, energy, include and exclude may be given
-    directly too (they make the SeparationOptions). `progress(stage, message)` is called as the stages go (the CLI
-    prints it). Raises a SepconvError subclass on any failure, with nothing written.
+    directly too (they make the SeparationOptions). `progress(stage, message)` is called as the stages go; without
+    it the lines go to the `sepconv.convert` logger (sepconv.deploy.logs: INFO, warnings at WARNING, per-item lines
+    at DEBUG). Raises a SepconvError subclass on any failure, with nothing written.
     """
     if options is None:
         separation = {key: kwargs.pop(key) for key in ("rank", "energy", "include", "exclude") if key in kwargs}
@@ -88,7 +90,7 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
     targets, plan = preflight(source, outputs, options)
     recovery = recovery_options(options, plan, targets)
     written = targets + ([Path(recovery.checkpoint_dir)] if recovery.epochs else [])
-    with locked(written), _trusted(options.safe_mode), _heartbeat(progress) as say:
+    with locked(written), _trusted(options.safe_mode), _heartbeat(progress or logs.to_log("convert")) as say:
         check_outputs(source, targets, options)  # again, under the lock: a run that finished meanwhile wrote them
         return _convert(source, targets, plan, options, recovery, say)
 

@@ -23,7 +23,7 @@ from typing import Callable
 
 import numpy as np
 
-from sepconv.deploy import context
+from sepconv.deploy import context, logs
 from sepconv.deploy.errors import ArtifactError, InputDataError, InvalidOptionError
 from sepconv.deploy.files import sha256
 from sepconv.deploy.preprocess import check_scale, from_pixels, preprocessing_for
@@ -179,7 +179,7 @@ def benchmark(paths, options: BenchOptions = BenchOptions(), *, progress: Progre
     """Measure every artifact in `paths` at every thread count of `options` (see the module doc)."""
     if kwargs:
         options = BenchOptions(**{**asdict(options), **kwargs})
-    say = progress or (lambda message: None)
+    say = progress or logs.to_log_plain("bench", "-")
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if not paths:
         raise InvalidOptionError("No artifact given; name at least one .tflite or .onnx file")

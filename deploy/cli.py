@@ -27,6 +27,7 @@ from sepconv.deploy.clikit import (
     progress_printer,
     report_flags,
     run,
+    verbosity_flags,
     version_flag,
     write_html_report,
     write_output,
@@ -42,7 +43,7 @@ def _output_flags(parser):
     """The last flags of both commands' parsers; returns the parser."""
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --json / --csv file")
     parser.add_argument("--markdown", action="store_true", help="print the table as Markdown")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress lines on stderr")
+    verbosity_flags(parser)
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     version_flag(parser)
     return parser
@@ -82,8 +83,7 @@ def _bench_outputs(args) -> None:
 def _bench(args) -> int:
     from sepconv.deploy.bench import benchmark
 
-    started = time.perf_counter()
-    report = benchmark(args.models, bench_options(args), progress=progress_printer(args, started))
+    report = benchmark(args.models, bench_options(args), progress=progress_printer("bench"))
     quiet_stdout = args.json == "-" or args.csv == "-"
     if args.json:
         write_output(args.json, json.dumps(report.to_dict(), indent=2))
@@ -223,8 +223,7 @@ def _deploy_outputs(args) -> None:
 def _deploy(args) -> int:
     from sepconv.deploy.remote import deploy, prediction_mismatches
 
-    started = time.perf_counter()
-    say = progress_printer(args, started)
+    say = progress_printer("deploy")
     hosts = [h for h in args.hosts.split(",") if h]
     results = deploy(hosts, args.models, deploy_options(args), progress=lambda host, message: say(f"{host}: {message}"))
     benched = [Benched(r.host, r.report.benchmark, r.report.device) for r in results if r.ok]

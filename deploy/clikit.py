@@ -13,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from sepconv.deploy import report
+from sepconv.deploy import logs, report
 from sepconv.deploy.files import write_atomic
 
 EXIT_ERROR = 1  # a sepconv error (for deploy-model: every host failed, or nothing could start)
@@ -63,8 +63,9 @@ def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
     from sepconv.deploy.errors import SepconvError, Terminated
 
     checked = False
+    level = logs.verbosity_level(getattr(args, "quiet", False), getattr(args, "verbose", False))
     try:
-        with terminated_as_interrupt():
+        with terminated_as_interrupt(), logs.cli_handler(time.perf_counter(), level):
             if outputs:
                 outputs(args)
             checked = True
@@ -223,12 +224,19 @@ def _same_file(a: Path, b: Path) -> bool:
         return False
 
 
-def progress_printer(args, started: float):
-    def say(message: str) -> None:
-        if not args.quiet:
-            print(f"[{time.perf_counter() - started:6.1f}s] {message}", file=sys.stderr, flush=True)
+def progress_printer(name: str):
+    """A progress(message) callable for a command's stage-less lines, through the `sepconv.NAME` logger (the handler
+    `run` installs prints them as `[  1.2s] message`, as -q / -v say)."""
+    return logs.to_log_plain(name, "-")
 
-    return say
+
+def verbosity_flags(parser, *, quiet: str = "no progress lines on stderr (warnings still)",
+                    verbose: str = "every progress line, those that only count items off too (each layer done, each "
+                                   "timing round)") -> None:
+    """-q and -v, as every command has them."""
+    group = parser.add_mutually_exclusive_group()
+    group.add_argument("-q", "--quiet", action="store_true", help=quiet)
+    group.add_argument("-v", "--verbose", action="store_true", help=verbose)
 
 
 def write_output(target: str, text: str) -> None:

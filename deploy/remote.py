@@ -25,6 +25,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+from sepconv.deploy import logs
 from sepconv.deploy.bench import SCHEMA_VERSION, BenchReport
 from sepconv.deploy.device_wheel import build
 from sepconv.deploy.errors import (
@@ -163,7 +164,7 @@ def deploy(hosts, artifacts, options: DeployOptions = DeployOptions(), *, progre
     if not targets:
         raise InvalidOptionError("No host given; name at least one, e.g. pi@raspberrypi.local")
     paths = _check_artifacts(artifacts)
-    say = progress or (lambda host, message: None)
+    say = progress or (lambda host, message, log=logs.to_log_plain("deploy", "-"): log(f"{host}: {message}"))
     with temporary_folder("sepconv-deploy-") as tmp:
         wheel = build(Path(tmp))
         connections = [Connection(t, options.ssh) for t in targets]

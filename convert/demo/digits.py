@@ -18,7 +18,7 @@ from sepconv.convert import DEFAULT_ENERGY, separate
 from sepconv.convert.demo import QUICK_EPOCHS, QUICK_FILTERS, model_file
 from sepconv.convert.loading import load
 from sepconv.convert.pipeline import convert_model
-from sepconv.deploy import report
+from sepconv.deploy import logs, report
 from sepconv.deploy.bench import benchmark
 from sepconv.deploy.scores import top1
 
@@ -165,21 +165,27 @@ def speed_artifacts(model_path: Path, folder: Path, train: Path, test: Path) -> 
 
 
 def run_demo(out: Path, *, epochs: int | None = None, seed: int = 0, retrain: bool = False, bench: bool = True,
-             bench_time: float = 1.0, quick: bool = False, say: Callable[[str], None] | None = None) -> dict:
+             bench_time: float = 1.0, quick: bool = False, say: Callable[[str], None] | None = None,
+             verbose: bool = False) -> dict:
     """What sepconv-demo does, in `out`: train (or load) the demo model, separate it at K=1 and with the default
     policy (reports in report_*.json), run convert_model with its defaults for data, time the speed artifacts with
     bench-model's harness (unless `bench` is off), and write the HTML report. `quick`: the same steps on the network
     at a quarter of the width (QUICK_FILTERS, trained QUICK_EPOCHS epochs unless `epochs` says) with the speed table
-    at 1 thread only. `say(text)` gets the tables and progress lines as they come (None: silent). Returns the summary
-    (what --json writes)."""
-    verbose = 2 if say else 0  # Keras' epoch lines while the demo model trains
-    say = say or (lambda text: None)
+    at 1 thread only. `say(text)` gets the tables and progress lines as they come (None: silent); `verbose`: the lines
+    that only count items off too (sepconv.deploy.logs). Returns the summary (what --json writes)."""
+    keras_verbose = 2 if say else 0  # Keras' epoch lines while the demo model trains
+    shown = say or (lambda text: None)
+
+    def say(text: str, detail: bool = False) -> None:
+        if verbose or not detail:
+            shown(text)
+
     started = time.perf_counter()
     model_path = Path(out) / model_file(quick)
     epochs = epochs if epochs is not None else (QUICK_EPOCHS if quick else 15)
     say(f"{'training' if retrain or not model_path.exists() else 'loading'} the demo model {model_path}"
         f"{' (quick: filters ' + ', '.join(map(str, QUICK_FILTERS)) + ')' if quick else ''} ...")
-    model = demo_model(model_path, epochs=epochs, seed=seed, retrain=retrain, verbose=verbose,
+    model = demo_model(model_path, epochs=epochs, seed=seed, retrain=retrain, verbose=keras_verbose,
                        filters=QUICK_FILTERS if quick else TUTORIAL_FILTERS)
     split = digits(seed=seed)
     baseline = accuracy(model, split.x_test, split.y_test)
@@ -210,7 +216,7 @@ def _demo_conversion(out: Path, model_path: Path, split: Split, say) -> dict:
     outputs = [out / "digits_int8.tflite", out / "digits_int8.onnx"]
     say(f"== convert-model {model_path} {' '.join(map(str, outputs))} --data {train} --test-data {test} --overwrite")
     result = convert_model(model_path, outputs, data=str(train), test_data=str(test), overwrite=True,
-                           progress=lambda stage, message: say(f"  {stage}: {message}"))
+                           progress=lambda stage, message: say(f"  {stage}: {message}", logs.is_detail(stage, message)))
     say(result.table() + "\n")
     return result.to_dict()
 
@@ -222,7 +228,7 @@ def _demo_speed(out: Path, model_path: Path, bench_time: float, quick: bool, say
     say("== speed: original and separated (K=1, refined), float32 and int8, TFLite and ONNX (bench-model)")
     paths = speed_artifacts(model_path, out / ("speed_quick" if quick else "speed"), train, test)
     report = benchmark(paths, threads=(1,) if quick else (1, 2), inputs=str(test), min_seconds=bench_time, min_runs=50,
-                       progress=lambda message: say(f"  {message}"))
+                       progress=lambda message: say(f"  {message}", logs.is_detail("-", message)))
     say(report.table() + "\n")
     return report.to_dict()
 
