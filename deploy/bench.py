@@ -17,7 +17,7 @@ import gc
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Callable
 
@@ -27,6 +27,7 @@ from sepconv.deploy import context, logs
 from sepconv.deploy.errors import ArtifactError, InputDataError, InvalidOptionError
 from sepconv.deploy.files import sha256
 from sepconv.deploy.preprocess import check_scale, from_pixels, preprocessing_for
+from sepconv.deploy.profile import profile_case
 from sepconv.deploy.runtime import import_runtime, open_runtime
 from sepconv.deploy.scores import class_labels, hit_rate, top1
 from sepconv.deploy.stats import summarize
@@ -48,7 +49,8 @@ class BenchOptions:
     `block` of runs per case per round instead. batch: rows per inference (where the model allows). inputs: an .npz
     with x (and y for accuracy); without it, seeded random data of each input's shape and type. scale: how integer
     (0..255) x becomes each model's input ('auto': as its manifest says, preprocess.py). xnnpack: LiteRT's
-    default delegate. providers: ONNX Runtime's execution providers."""
+    default delegate. providers: ONNX Runtime's execution providers. profile: after the timed runs, where each case's
+    time goes, per op and per Keras layer (profile.py)."""
 
     threads: tuple[int, ...] = (1,)
     warmup_runs: int = 10
@@ -64,6 +66,7 @@ class BenchOptions:
     xnnpack: bool = True
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
     seed: int = 0
+    profile: bool = False
 
     def __post_init__(self):
         whole = [("warmup_runs", 0), ("min_runs", 1), ("block", 1), ("batch", 1)]
@@ -103,6 +106,7 @@ class Case:
     stopped_by: str = ""  # "min_runs and min_seconds" or "max_seconds"
     runs_per_round: int = 0  # timed runs of this case in each interleaved round
     rounds: int = 0  # interleaved rounds this case took part in
+    profile: dict | None = None  # with BenchOptions.profile: profile.Profile as a dict
 
     def row(self, flag: str = "") -> list:
         """Its row of the table (HEADERS); `flag` follows the accuracy."""
@@ -163,7 +167,8 @@ class BenchReport:
 
         table = tabulate(self.rows(mismatches), headers=HEADERS, tablefmt="github" if markdown else "simple",
                          disable_numparse=True)
-        return table + "\n" + context_line(self.context)
+        profiles = "".join("\n\n" + profile_table(case, markdown) for case in self.cases if case.profile)
+        return table + "\n" + context_line(self.context) + profiles
 
     def rows(self, mismatches=()) -> list[list]:
         """The table's rows (HEADERS), one per case."""
@@ -204,9 +209,76 @@ def benchmark(paths, options: BenchOptions = BenchOptions(), *, progress: Progre
         if data is not None and data.get("y") is not None:
             case.accuracy = _accuracy(runner["runtime"], data, options.batch, runner["preprocessing"])
     _speedups(cases)
+    if options.profile:
+        runners.clear()  # the sessions: profiling opens its own
+        for case in cases:
+            say(f"{case.model} @ {case.threads} thread(s): profiling per op")
+            case.profile = _profile(case, data, options, say)
     return BenchReport(schema=SCHEMA_VERSION, context=dict(machine, before=before, after=context.thermal()),
                        options=asdict(options), cases=tuple(cases),
                        peak_rss_bytes=_status("VmHWM"), seconds=round(time.perf_counter() - started, 2))
+
+
+def _profile(case: Case, data, options: BenchOptions, say) -> dict:
+    """The case's profile (profile.py): ONNX Runtime's profiler, or the .tflite's prefixes timed in one run here."""
+    path = Path(case.path)
+    runtime = open_runtime(path, threads=case.threads, xnnpack=options.xnnpack, providers=options.providers)
+    inputs = _inputs(runtime, data, options, path, preprocessing_for(path, options.scale))
+    del runtime
+
+    def time_models(paths):
+        quiet = replace(options, threads=(case.threads,), inputs=None, profile=False, min_runs=50,
+                        min_seconds=max(0.2, options.min_seconds / 4), warmup_runs=3, warmup_seconds=0.05)
+        report = benchmark(paths, quiet, progress=lambda message: None)
+        return [c.latency_ms["p50"] for c in report.cases], min(c.latency_ms["count"] for c in report.cases)
+
+    found = profile_case(path, case.threads, inputs, time_models, measured_ms=case.latency_ms["p50"],
+                         providers=options.providers, layer_names=_manifest_layers(path))
+    top = ", ".join(f"{layer.layer} {layer.share:.0%}" for layer in found.layers[:3])
+    say(f"{case.model} @ {case.threads} thread(s): {len(found.ops)} ops, {found.total_ms:.3f} ms ({found.method}); "
+        f"most time: {top}")
+    return found.to_dict()
+
+
+def _manifest_layers(path: Path) -> list[str]:
+    """The Keras layer paths the artifact's manifest lists (its separation rows), or none."""
+    try:
+        manifest = json.loads(path.with_name(path.name + ".json").read_text())
+        return [row["path"] for row in (manifest.get("separation") or {}).get("layers", []) if row.get("path")]
+    except (OSError, ValueError, AttributeError, TypeError):
+        return []
+
+
+def profile_table(case: Case, markdown: bool = False, limit: int = 12) -> str:
+    """Per Keras layer of a profiled case: time, its share, its share of the MACs (the largest `limit`, the rest in
+    one row)."""
+    from tabulate import tabulate
+
+    profile = case.profile
+    layers, overhead = profile["layers"][:-1], profile["layers"][-1]  # the overhead row is last, shown last
+
+    def row(layer, name=None):
+        return [name or layer["layer"], layer["ops"] or "", f"{layer['ms']:.4f}", f"{layer['share']:.0%}",
+                "" if layer["mac_share"] is None else f"{layer['mac_share']:.0%}"]
+
+    shown = layers if len(layers) <= limit + 1 else layers[:limit]
+    rest = layers[len(shown):]
+    rows = [row(layer) for layer in shown]
+    if rest:
+        rows.append([f"({len(rest)} more layers)", sum(layer["ops"] for layer in rest),
+                     f"{sum(layer['ms'] for layer in rest):.4f}", f"{sum(layer['share'] for layer in rest):.0%}",
+                     ""])
+    rows.append(row(overhead))
+    types = "; ".join(f"{kind['layer']} {kind['share']:.0%}" + ("" if kind["mac_share"] is None else
+                                                                f" (MACs {kind['mac_share']:.0%})")
+                      for kind in profile["op_types"][:-1][:5])
+    head = (f"where the time goes: {case.model} @ {case.threads} thread(s), {profile['method']} "
+            f"({len(profile['ops'])} ops, {profile['total_ms']:.4f} ms"
+            + (f": the p50 split by the profile's shares; profiled, it took {profile['raw_total_ms']:.4f} ms"
+               if profile["scale"] != 1 else "") + ")")
+    return (head + "\n" + tabulate(rows, headers=["layer", "ops", "ms", "time", "MACs"],
+                                    tablefmt="github" if markdown else "simple", disable_numparse=True)
+            + f"\nby op type: {types}")
 
 
 def context_line(ctx: dict) -> str:

@@ -64,7 +64,7 @@ def bench_parser() -> argparse.ArgumentParser:
                          "warmup_runs", "warmup_seconds", "round_seconds", "block"))
     parser.add_argument("--no-xnnpack", dest="xnnpack", action="store_false",
                         help="LiteRT's built-in kernels without XNNPACK")
-    bench_flags(parser, ("providers", "seed"))
+    bench_flags(parser, ("providers", "seed", "profile"))
     parser.add_argument("--json", nargs="?", const="-", metavar="FILE", help="the full report, with the raw samples, "
                         + JSON_HELP)
     parser.add_argument("--csv", metavar="FILE", help="one row per case as CSV ('-' for stdout; the same rules as "

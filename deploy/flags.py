@@ -63,6 +63,9 @@ BENCH_FLAGS = {
     "providers": ("--providers", lambda text: tuple(p for p in text.split(",") if p),
                   "ONNX Runtime execution providers, comma-separated"),
     "seed": ("--seed", seed, "seed of the random inputs"),
+    "profile": ("--profile", None, "after the timed runs, where each case's time goes: per op (ONNX Runtime's "
+                                   "profiler; a .tflite's prefixes timed one after the other) and per Keras layer, "
+                                   "with each layer's share of the MACs"),
 }
 
 
@@ -79,6 +82,9 @@ def bench_flags(parser, names, **helps) -> None:
     for name in names:
         flag, kind, text = BENCH_FLAGS[name]
         default = defaults[name]
+        if isinstance(default, bool):  # a switch, off by default
+            parser.add_argument(flag, dest=name, action="store_true", help=helps.get(name, text))
+            continue
         shown = "" if default is None else f"(default: {_flag_text(default)}{UNITS.get(name, '')})"
         extra = {"choices": (AUTO, *SCALES)} if name == "scale" else {
             "metavar": flag[2:].upper().replace("-", "_"), **({"type": kind} if kind else {})}  # as if dest were flag's
@@ -97,7 +103,8 @@ def bench_options(args, **overrides):
 
 def bench_argv(options, names) -> tuple[str, ...]:
     """bench-model's flags giving `options`' fields `names` (deploy-model's command line on the device)."""
-    return tuple(f"{BENCH_FLAGS[name][0]}={_flag_text(getattr(options, name))}" for name in names)
+    return tuple(f"{BENCH_FLAGS[name][0]}={_flag_text(getattr(options, name))}" if not isinstance(getattr(
+        options, name), bool) else BENCH_FLAGS[name][0] for name in names if getattr(options, name) is not False)
 
 
 def _flag_text(value) -> str:
@@ -106,4 +113,4 @@ def _flag_text(value) -> str:
 
 # the bench-model flags deploy-model has (the device's bench-model gets them, and --compare-local's run here)
 DEPLOY_BENCH_FLAGS = ("threads", "inputs", "scale", "batch", "min_runs", "min_seconds", "max_seconds", "warmup_runs",
-                      "warmup_seconds", "providers", "seed")
+                      "warmup_seconds", "providers", "seed", "profile")

@@ -217,7 +217,8 @@ class OnnxRuntime(Runtime):
     format = "onnx"
     runtime_name = "onnxruntime"
 
-    def __init__(self, path: Path, *, threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",)):
+    def __init__(self, path: Path, *, threads: int | None = None, providers: tuple[str, ...] = ("CPUExecutionProvider",),
+                 profile_prefix: str | None = None):
         onnxruntime = _onnxruntime()
         available = onnxruntime.get_available_providers()
         unknown = [p for p in providers if p not in available]
@@ -226,14 +227,14 @@ class OnnxRuntime(Runtime):
                                      f"{available}")
         self._settings = {X64_QUANT_PRECISION: "1"} if int8_kernels_saturate() else {}
         try:
-            self._session = _onnx_session(onnxruntime, path, threads, providers, self._settings)
+            self._session = _onnx_session(onnxruntime, path, threads, providers, self._settings, profile_prefix)
         except ArtifactError:
             if not self._settings:
                 raise
             # ONNX Runtime 1.32 cannot give u8 weights to a weight that feeds several ops (a shared Keras layer):
             # "Attempt to replace the existing tensor". Its default kernels then, and the settings say so.
             self._settings = {X64_QUANT_PRECISION: "0"}
-            self._session = _onnx_session(onnxruntime, path, threads, providers, {})
+            self._session = _onnx_session(onnxruntime, path, threads, providers, {}, profile_prefix)
         self.inputs = tuple(_onnx_spec(i) for i in self._session.get_inputs())
         self.outputs = tuple(_onnx_spec(o) for o in self._session.get_outputs())
         self._path = path
@@ -241,6 +242,10 @@ class OnnxRuntime(Runtime):
     def run(self, inputs: list[np.ndarray]) -> list[np.ndarray]:
         feeds = {spec.name: spec.quantize(np.asarray(x)) for spec, x in zip(self.inputs, inputs)}
         return [np.asarray(y, dtype=np.float32) for y in self._session.run(None, feeds)]
+
+    def end_profiling(self) -> str:
+        """The profiler's JSON trace file (opened with profile_prefix), written now."""
+        return self._session.end_profiling()
 
     def prepare(self, inputs: list[np.ndarray]):
         fixed = self.inputs[0].shape[0]
@@ -292,9 +297,13 @@ def int8_kernels_saturate() -> bool:
     return saturating_cpu(platform.machine(), cpuinfo)
 
 
-def _onnx_session(onnxruntime, path: Path, threads: int | None, providers, entries: dict[str, str]):
+def _onnx_session(onnxruntime, path: Path, threads: int | None, providers, entries: dict[str, str],
+                  profile_prefix: str | None = None):
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
+    if profile_prefix:
+        options.enable_profiling = True
+        options.profile_file_prefix = profile_prefix
     if threads:
         options.intra_op_num_threads = threads
         options.inter_op_num_threads = 1

@@ -428,6 +428,36 @@ def memory(benches: list[tuple[str, dict]], name: str) -> Chart | None:
                   "and running it once (its first thread count; /proc/self/status).")
 
 
+def time_shares(benches: list[tuple[str, dict]], name: str, limit: int = 10) -> Chart | None:
+    """Where the time goes (bench-model --profile): per Keras layer, its share of the time beside its share of the
+    MACs, one panel per profiled case (the original beside the separated model when both were profiled)."""
+    cases = [(label, case) for label, bench in benches for case in bench["cases"] if case.get("profile")]
+    if not cases:
+        return None
+    import numpy as np
+
+    cases = cases[:6]  # a page, not a wall: the first six profiled cases
+    height = 1.0 + 0.3 * min(limit + 1, max(len(case["profile"]["layers"]) for _, case in cases))
+    figure, axes = _figure(4.2 * len(cases), height, ncols=len(cases))
+    for axis, (label, case) in zip(axes, cases):
+        layers = case["profile"]["layers"][:limit]
+        y = np.arange(len(layers))
+        axis.barh(y - 0.2, [layer["share"] * 100 for layer in layers], 0.4, label="time", color=COLORS[1])
+        axis.barh(y + 0.2, [(layer["mac_share"] or 0) * 100 for layer in layers], 0.4, label="MACs",
+                  color=COLORS[7])
+        axis.set_yticks(y, [layer["layer"] for layer in layers], fontsize=7)
+        axis.invert_yaxis()
+        axis.set_xlim(0, 100)
+        axis.set_xlabel("% of the model")
+        multi = len({lab for lab, _ in cases}) > 1
+        axis.set_title(f"{(label + ': ') if multi else ''}{case['model']} @ {case['threads']}t", fontsize=8)
+        axis.legend(fontsize=7, loc="lower right", frameon=False)
+    caption = ("Each layer's share of the time (bench-model --profile: ONNX Runtime's profiler, or a .tflite's "
+               "prefixes timed one after another) beside its share of the multiply-accumulates; a layer whose time "
+               "share is far above its MAC share runs its operations slowly (depthwise convolutions on CPUs).")
+    return _chart(figure, name, "Where the time goes, per layer", caption)
+
+
 def _memory_mib(case: dict):
     memory = case.get("memory") or {}
     parts = [memory.get("load_growth_bytes"), memory.get("first_run_growth_bytes")]

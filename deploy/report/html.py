@@ -182,6 +182,7 @@ def render(runs: Runs, title: str = "sepconv report") -> Page:
         charts.speedups(benches, "speedup"),
         charts.accuracy_latency(benches, "tradeoff_latency"),
         charts.memory(benches, "memory"),
+        charts.time_shares(benches, "time_shares"),
     ) if chart]
     if runs.benches or runs.failed:
         sections.append(_bench_section(runs, bench_charts))
