@@ -2,15 +2,13 @@
 TFLite and ONNX, at 1 and 2 threads, with sizes and test accuracy, measured by bench-model's harness in one
 interleaved run; then the default run (`convert-model` with the demo's data and every default, int8 TFLite and ONNX)
 as convert-model timed it against the original converted the same way (issue 23: p50s, speed-up with its interval,
-MAC ratio, the latency table's predicted speed-up); then where time goes: a per-op profile of the separated int8
-TFLite model (prefix truncation, scripts/tflite_profile.py: LiteRT ships no op profiler) and a per-op-type profile
-(ONNX Runtime's profiler) of the separated int8 ONNX model against the original int8 one.
+MAC ratio, the latency table's predicted speed-up); then where time goes: bench-model --profile of the original and
+the separated int8 models, ONNX and TFLite (per layer and per op type; sepconv.deploy.profile).
 
 usage: scripts/bench-speed [--out build/speed] [--threads 1,2] [--min-time 2]   Prints Markdown for docs/benchmarks.md.
 """
 
 import argparse
-import collections
 import json
 import os
 import sys
@@ -36,20 +34,9 @@ def main(argv=None) -> int:
     print()
     print(default_run_table(Path("build/demo/digits_tutorial.h5"), args.out))
     print()
-    print(profile_table([args.out / "original_int8.onnx", args.out / "separated_k1_int8.onnx"], test))
-    print()
-    print(tflite_profile_table(args.out / "separated_k1_int8.tflite", args.out / "profile_separated_k1_int8.json"))
+    print(profile_tables([args.out / "original_int8.onnx", args.out / "separated_k1_int8.onnx",
+                          args.out / "original_int8.tflite", args.out / "separated_k1_int8.tflite"], test))
     return 0
-
-
-def tflite_profile_table(model: Path, save: Path) -> str:
-    """Marginal p50 of every op of `model` at 1 thread, XNNPACK on (see scripts/tflite_profile.py)."""
-    from tflite_profile import markdown, profile
-
-    result = profile(model, threads=1, min_seconds=1.0,
-                     progress=lambda message: print(f"  profile: {message}", file=sys.stderr, flush=True))
-    save.write_text(json.dumps(result, indent=2))
-    return markdown(result)
 
 
 def default_run_table(model: Path, folder: Path) -> str:
@@ -94,37 +81,14 @@ def build(folder: Path):
     return demo.speed_artifacts(model, folder, train, test), test
 
 
-def profile_table(paths, test) -> str:
-    """Per op type: share of the model's time in ONNX Runtime's profile (1 thread, 200 runs on test images)."""
-    import numpy as np
-    import onnxruntime
-    from tabulate import tabulate
+def profile_tables(paths, test) -> str:
+    """bench-model --profile (sepconv.deploy.profile) of each artifact at 1 thread, on a test image: per layer and
+    per op type, ONNX Runtime's profiler or a .tflite's prefixes."""
+    from sepconv.deploy.bench import BenchOptions, benchmark, profile_table
 
-    x = np.load(test)["x"][:1].astype(np.float32)
-    shares = {}
-    for path in paths:
-        options = onnxruntime.SessionOptions()
-        options.enable_profiling = True
-        options.intra_op_num_threads = 1
-        options.profile_file_prefix = str(path.with_suffix(""))
-        session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        for _ in range(200):
-            session.run(None, {name: x})
-        events = json.loads(Path(session.end_profiling()).read_text())
-        total = collections.Counter()
-        for event in events:
-            if event.get("cat") == "Node" and event.get("name", "").endswith("_kernel_time"):
-                total[event["args"].get("op_name", "?")] += event["dur"]
-        runs_us = sum(total.values()) / 200
-        shares[path.name] = (runs_us, {op: us / 200 for op, us in total.items()})
-    ops = sorted({op for _, per in shares.values() for op in per},
-                 key=lambda op: -max(per.get(op, 0) for _, per in shares.values()))
-    rows = [[op] + [f"{per.get(op, 0):.1f} ({per.get(op, 0) / total:.0%})" for total, per in shares.values()]
-            for op in ops]
-    rows.append(["total kernel time"] + [f"{total:.1f}" for total, _ in shares.values()])
-    return ("ONNX Runtime profile, 1 thread, microseconds per inference by op type (share):\n\n" +
-            tabulate(rows, headers=["op type", *shares], tablefmt="github", disable_numparse=True))
+    report = benchmark(paths, BenchOptions(min_seconds=1.0, inputs=str(test), profile=True),
+                       progress=lambda message: print(f"  profile: {message}", file=sys.stderr, flush=True))
+    return "\n\n".join(profile_table(case, markdown=True) for case in report.cases)
 
 
 if __name__ == "__main__":
