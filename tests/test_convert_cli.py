@@ -736,3 +736,32 @@ def test_a_missing_extra_is_one_line_before_any_work(tmp_path, prog, absent, ext
     assert f"{prog}: error: {absent} is not installed, and {prog} needs it: pip install 'sepconv[{extra}]'" in \
         done.stderr, done.stderr
     assert list(tmp_path.iterdir()) == [], "nothing is written"
+
+
+@pytest.mark.slow
+def test_each_command_in_a_bare_install_says_which_extra_in_one_line(tmp_path):
+    """Issue 26: a real virtualenv with sepconv and its base dependencies only (numpy, tabulate): every command that
+    needs more says which packages and the pip line, in one line, exit 1, nothing written."""
+    venv = tmp_path / "bare"
+    subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True, timeout=300)
+    installed = subprocess.run([str(venv / "bin" / "pip"), "install", "-q", str(Path(__file__).parents[1])],
+                               capture_output=True, text=True, timeout=600)
+    assert installed.returncode == 0, installed.stderr[-2000:]
+    (tmp_path / "m.h5").write_bytes(b"\x89HDF\r\n\x1a\n" + bytes(64))
+    (tmp_path / "m.tflite").write_bytes(b"\x00" * 4 + b"TFL3" + bytes(64))
+    (tmp_path / "r.json").write_text("{}")
+    out = tmp_path / "out"
+    out.mkdir()
+    cases = {
+        ("convert-model", str(tmp_path / "m.h5"), str(out / "m.tflite")): "pip install 'sepconv[convert]'",
+        ("sepconv", "convert", str(tmp_path / "m.h5"), str(out / "m.tflite")): "pip install 'sepconv[convert]'",
+        ("sepconv-demo", "--out", str(out / "demo")): "pip install 'sepconv[convert,demo]'",
+        ("sepconv-report", str(tmp_path / "r.json"), "-o", str(out / "r.html")): "pip install 'sepconv[report]'",
+        ("bench-model", str(tmp_path / "m.tflite")): "pip install 'sepconv[edge]'",
+    }
+    for (command, *args), fix in cases.items():
+        done = subprocess.run([str(venv / "bin" / command), *args], capture_output=True, text=True, timeout=120,
+                              stdin=subprocess.DEVNULL)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1 and fix in done.stderr, (command, done.stderr)
+        assert "Traceback" not in done.stderr and "not installed" in done.stderr, (command, done.stderr)
+    assert list(out.iterdir()) == [], "nothing is written"
