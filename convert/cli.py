@@ -145,6 +145,9 @@ def convert_parser() -> argparse.ArgumentParser:
         "separation", f"with --data the default is --max-accuracy-drop {DEFAULT_MAX_DROP}; without, --energy "
                      f"{DEFAULT_ENERGY} (no training)")
     policy = group.add_mutually_exclusive_group()
+    group.add_argument("--budget-output", metavar="NAME", help="a model with several outputs: the accuracy budget on "
+                       "this output alone (its layer's name, or its index; e.g. the main head, not an auxiliary one); "
+                       "default: every output, the worst drop")
     policy.add_argument("--max-accuracy-drop", type=_points, metavar="POINTS",
                         help="choose K per layer so that at most this many points of accuracy (agreement with the "
                              "original without labels) are lost on the validation data; checked after recovery")
@@ -303,6 +306,7 @@ def convert_options(args, *, custom_objects: bool = True):
         separate=not args.no_separate,
         separation=SeparationOptions(rank=args.rank, energy=args.energy, include=args.include, exclude=args.exclude),
         form=args.form,
+        budget_output=args.budget_output,
         max_accuracy_drop=args.max_accuracy_drop,
         refine=args.refine,
         recalibrate_bn=args.recalibrate_bn,

@@ -79,6 +79,8 @@ class ConvertOptions:
     timed.
     form: 'depthwise' (SeparableConv2D), 'spatial' (a kh x 1 then a 1 x kw Conv2D, rank r) or 'auto' (with the
     accuracy budget, each layer's form and rank chosen among both; depthwise without the budget).
+    budget_output: a model with several outputs: the output (its layer's name, or its index) the accuracy budget is
+    on; None: every output (the worst drop).
     """
 
     quantize: str = "auto"
@@ -108,6 +110,7 @@ class ConvertOptions:
     latency: object | None = None
     measure_latency: bool | None = None
     form: str = DEPTHWISE
+    budget_output: str | None = None
 
     def __post_init__(self):
         if self.quantize not in QUANTIZE_CHOICES:
@@ -137,6 +140,9 @@ class ConvertOptions:
         if self.measure_latency is False and self.latency is not None:
             raise InvalidOptionError("latency options (a target, where or how to measure) were given with "
                                      "measure_latency=False (--no-latency); drop one or the other")
+        if self.budget_output is not None and (not isinstance(self.budget_output, str) or not self.budget_output):
+            raise InvalidOptionError(f"Unrecognized budget_output={self.budget_output!r}. Use the name of a model "
+                                     f"output (its layer's name) or its index")
         if self.form not in FORM_CHOICES:
             raise InvalidOptionError(f"Unrecognized form={self.form!r}. Use one of {list(FORM_CHOICES)}")
         if self.form == AUTO_FORM and self.forced_separation:
@@ -200,6 +206,9 @@ def _default(value, default: bool) -> bool:
 
 def recovery_options(options: ConvertOptions, plan: Plan, targets: list[Path]):
     budget = plan.max_accuracy_drop
+    if options.budget_output is not None and (budget is None or not options.separate):
+        raise InvalidOptionError("--budget-output names the output the accuracy budget is on: it needs the budget "
+                                 "(--data, or --max-accuracy-drop), and separation")
     folder = options.checkpoint_dir or str(targets[0].with_name(targets[0].name + CHECKPOINTS_SUFFIX))
     return RecoveryOptions(separation=options.separation, refine=plan.refine, recalibrate_bn=plan.recalibrate_bn,
                            epochs=plan.epochs, finetune=options.finetune,

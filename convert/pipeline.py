@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -32,7 +33,7 @@ from sepconv.convert.export.speed import SLOWER
 from sepconv.convert.export.targets import target_for
 from sepconv.convert.export.verification import Outputs
 from sepconv.convert.files import sha256
-from sepconv.convert.keras_compat import unsafe_deserialization
+from sepconv.convert.keras_compat import producer_name, unsafe_deserialization
 from sepconv.convert.loading import file_kind, load
 from sepconv.convert.memory import release_memory
 from sepconv.convert.options import (
@@ -65,6 +66,8 @@ class HeldOut(NamedTuple):
     validation: object
     test: object
     original_top1: np.ndarray | None = None
+    original_outputs: list | None = None  # every output of the original on the validation samples, for a budget on a
+    # model with several outputs (each output after the first is compared with it); None otherwise
 
 
 Progress = Callable[[str, str], None]
@@ -166,6 +169,8 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
                      max_unpacked_bytes=options.max_unpacked_bytes)
     params = model.count_params()
     say("load", f"{source} ({params:,} parameters)")
+    if options.budget_output is not None:
+        recovery_options = _budget_on_output(model, options.budget_output, recovery_options)
     _check_input_size(model)
     with timer("data"):
         data = datasets(model, options)
@@ -192,7 +197,9 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
         if not report.separated:
             warnings.append(_nothing_separated(report))
             say("warning", warnings[-1])
-        held = HeldOut(validation, heldout, _original_top1(validation_reference, validation, recovery))
+        several = recovery is not None and recovery.budget is not None and len(validation_reference.values) > 1
+        held = HeldOut(validation, heldout, _original_top1(validation_reference, validation, recovery),
+                       list(validation_reference.values) if several else None)
     else:
         held = HeldOut(validation, heldout)
     speed = latency_options(options, plan, targets) if report and report.separated else None
@@ -243,6 +250,17 @@ def _unresolved(images: int, max_drop: float | None, min_agreement: float | None
                      f"agreement, against the {margin:.0%} that int8 may lose (--min-agreement {min_agreement:g}); "
                      f"give at least {math.ceil(2.0 / margin)}")
     return lines
+
+
+def _budget_on_output(model, name: str, recovery):
+    """`recovery` with its budget on the model output `name` (the name of the layer that computes it, or its index);
+    InvalidOptionError naming the outputs there are."""
+    names = [producer_name(tensor) for tensor in model.outputs]
+    index = names.index(name) if name in names else int(name) if name.isdigit() and int(name) < len(names) else None
+    if index is None:
+        raise InvalidOptionError(f"--budget-output {name!r}: the model has no such output; its outputs are "
+                                 f"{', '.join(f'{i}: {n}' for i, n in enumerate(names))} (name one, or give its index)")
+    return replace(recovery, budget=replace(recovery.budget, output=index))
 
 
 def _original_top1(validation_reference, validation, recovery) -> np.ndarray | None:

@@ -376,3 +376,60 @@ def test_the_budget_covers_every_output_of_a_two_headed_model(tmp_path):
     worst = max(100.0 * (1.0 - final.val_agreement), 100.0 * (1.0 - final.val_outputs[1]))
     assert result.recovery.budget.measured_drop == pytest.approx(worst, abs=1e-3), result.recovery.budget
     assert result.recovery.budget.held
+
+
+def test_the_budget_on_a_named_output(tmp_path):
+    """Issue 27: --budget-output NAME puts the budget on that output alone: the sensitivity scores it, the recovery's
+    check and the artifact's check measure it; other outputs do not count; an unknown name is one line naming the
+    outputs there are."""
+    from sepconv.convert.errors import InvalidOptionError
+    from sepconv.convert.recovery.budget import _scorer
+
+    original = two_headed()
+    x = np.random.default_rng(1).random((60, 12, 12, 3), dtype=np.float32)
+    harmed = keras.models.clone_model(original)
+    harmed.set_weights(original.get_weights())
+    kernel, bias = harmed.get_layer("box").get_weights()
+    harmed.get_layer("box").set_weights([-kernel, bias])  # the box head reversed: agreement 0 there
+    assert _scorer(original, x, None, output=0)[1](harmed) == pytest.approx(100.0), "the classes alone: untouched"
+    assert _scorer(original, x, None, output=1)[1](harmed) == pytest.approx(0.0), "the box alone: all lost"
+    np.savez(tmp_path / "d.npz", x=np.random.default_rng(2).random((300, 12, 12, 3), dtype=np.float32))
+    original.save(tmp_path / "two.keras")
+    for name, index in (("box", 1), ("0", 0)):
+        result = convert_model(tmp_path / "two.keras", [tmp_path / f"{name}.tflite"], data=str(tmp_path / "d.npz"),
+                               epochs=0, measure_latency=False, budget_output=name, quantize="none")
+        budget = result.recovery.budget
+        final = [stage for stage in result.recovery.stages if stage.kept][-1]
+        expected = 100.0 * (1.0 - (final.val_outputs[1] if index else final.val_agreement))
+        assert budget.plan.output == index and budget.measured_drop == pytest.approx(expected, abs=1e-3), budget
+        check = result.artifacts[0].verification.budget
+        assert check.metric == "agreement" and check.samples == result.recovery.validation_samples, check
+    with pytest.raises(InvalidOptionError, match=r"no such output; its outputs are 0: classes, 1: box"):
+        convert_model(tmp_path / "two.keras", [tmp_path / "x.tflite"], data=str(tmp_path / "d.npz"), epochs=0,
+                      measure_latency=False, budget_output="boxes")
+    with pytest.raises(InvalidOptionError, match="needs the budget"):
+        convert_model(tmp_path / "two.keras", [tmp_path / "y.tflite"], budget_output="box")
+
+
+def test_the_artifacts_budget_check_takes_the_worst_output():
+    """The budget on each artifact counts every output (the worst drop), or the named one alone."""
+    from types import SimpleNamespace
+
+    from sepconv.convert.data import Dataset
+    from sepconv.convert.export.verification import Verification, within_budget
+    from sepconv.convert.pipeline import HeldOut
+
+    rng = np.random.default_rng(0)
+    classes, box = np.eye(4)[rng.integers(0, 4, 50)], rng.standard_normal((50, 3))
+    runtime = SimpleNamespace(run=lambda inputs: [classes[:len(inputs[0])], -box[:len(inputs[0])]])  # box reversed
+    held = HeldOut(Dataset(np.zeros((50, 2), np.float32), None, "v"), None, np.argmax(classes, 1), [classes, box])
+
+    def budget_of(output):
+        plan = SimpleNamespace(output=output, max_drop=1.0)
+        recovery = SimpleNamespace(budget=SimpleNamespace(plan=plan), stages=[SimpleNamespace(val_accuracy=None)])
+        verification = Verification(artifact="a", quantize="int8", samples=50, inputs="v", outputs=())
+        return within_budget(verification, runtime, held, recovery).budget
+
+    assert budget_of(None).drop == pytest.approx(100.0) and not budget_of(None).held, "the box head lost everything"
+    assert budget_of(0).drop == pytest.approx(0.0) and budget_of(0).held, "the classes alone: nothing lost"
+    assert budget_of(1).drop == pytest.approx(100.0)

@@ -46,6 +46,7 @@ class BudgetOptions:
     refine: bool = True
     forms: tuple[str, ...] = (DEPTHWISE,)  # the separable forms whose candidates are measured and chosen among
     spatial_shares: tuple[float, ...] = DEFAULT_SPATIAL_SHARES
+    output: int | None = None  # the model output the budget is on (its index); None: every output (the worst drop)
 
     def __post_init__(self):
         if not isinstance(self.max_drop, (int, float)) or isinstance(self.max_drop, bool) or not 0 <= self.max_drop < 100:
@@ -93,6 +94,7 @@ class BudgetPlan:
     params_after: int
     seconds: float
     latency: dict | None = None  # the latency table and choice when K was chosen for speed on a target (latency.py)
+    output: int | None = None  # the output the budget is on (BudgetOptions.output); None: every output
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -166,7 +168,7 @@ def plan_budget(model, x_eval: np.ndarray, y_eval: np.ndarray | None, x_calibrat
     started = time.perf_counter()
     separation = separation or SeparationOptions()
     say = progress or (lambda stage, message: None)
-    baseline, score = _scorer(model, x_eval, y_eval)
+    baseline, score = _scorer(model, x_eval, y_eval, options.output)
     paths = _separable_layers(model, separation)
     if not paths:
         raise InvalidOptionError("no layer of this model can be separated (see the separation report); nothing to "
@@ -181,7 +183,8 @@ def plan_budget(model, x_eval: np.ndarray, y_eval: np.ndarray | None, x_calibrat
     return BudgetPlan(metric="accuracy" if y_eval is not None else "agreement", baseline=baseline,
                       max_drop=float(options.max_drop), samples=len(x_eval), layers=layers, ranks=ranks,
                       predicted_drop=predicted, params_before=sum(row.params_before for row in paths),
-                      params_after=plan_params(layers, ranks), seconds=round(time.perf_counter() - started, 1))
+                      params_after=plan_params(layers, ranks), seconds=round(time.perf_counter() - started, 1),
+                      output=options.output)
 
 
 def choose(layers, max_drop: float) -> tuple[dict, float]:
@@ -227,12 +230,16 @@ def plan_params(layers, ranks: dict) -> int:
     return sum(layer.candidate(ranks.get(layer.path, KEEP)).params for layer in layers)
 
 
-def _scorer(model, x_eval, y_eval):
+def _scorer(model, x_eval, y_eval, output: int | None = None):
     """(the original's score, a function scoring a model) in percent: accuracy with labels, else agreement, of the
     first output. A model with several outputs scores the worst of them: a candidate's score is the baseline less
     the largest drop among the first output's metric and every other output's agreement with the original's
-    (verification.output_agreements), so that the budget covers each output."""
+    (verification.output_agreements), so that the budget covers each output. output: the budget on that output
+    alone (the first: as above without the others; another: its agreement with the original's, baseline 100)."""
     original = predict_keras(model, x_eval)
+    if output:
+        return 100.0, lambda candidate: 100.0 * output_agreements(
+            [original[output]], [predict_keras(candidate, x_eval)[output]])[0]
     reference = top1(original[0])
     truth = np.asarray(y_eval) if y_eval is not None else reference
     baseline = 100.0 * hit_rate(reference, truth)
@@ -240,7 +247,7 @@ def _scorer(model, x_eval, y_eval):
     def score(candidate) -> float:
         outputs = predict_keras(candidate, x_eval)
         value = 100.0 * hit_rate(top1(outputs[0]), truth)
-        if len(outputs) < 2:
+        if len(outputs) < 2 or output == 0:
             return value
         others = output_agreements(original[1:], outputs[1:])
         return baseline - max([baseline - value] + [100.0 * (1.0 - agreement) for agreement in others])

@@ -194,7 +194,8 @@ def recover(original, train, calibration: np.ndarray | None, validation, test, o
     separation = options.separation
     folder = Path(options.checkpoint_dir) if options.epochs else None
     state = _open_state(folder, options, source_sha256, _fingerprint(train=train, validation=validation, test=test))
-    scorer = _Scorer(original, validation, test, {"test": reference, "validation": validation_reference})
+    scorer = _Scorer(original, validation, test, {"test": reference, "validation": validation_reference},
+                     budget_output=options.budget.output if options.budget is not None else None)
     stages = [scorer.stage("original", original, 0.0)]
     plan = BudgetPlan.from_dict(state["plan"]) if state.get("plan") is not None else None
     if options.budget is not None and plan is None:
@@ -408,8 +409,13 @@ def _check_budget(plan: BudgetPlan, stages, scorer) -> BudgetResult:
     final = [stage for stage in stages if stage.kept][-1]
     first = stages[0]
     metric = scorer.metric
-    drop = 100.0 * (scorer.value(first) - scorer.value(final))
-    if final.val_outputs is not None:  # every output counts: the worst one's drop (the first by the main metric)
+    before, after = scorer.value(first), scorer.value(final)
+    drop = 100.0 * (before - after)
+    named = plan.output
+    if named:  # the budget on one output after the first: its agreement with the original's
+        metric, before, after = "agreement", first.val_outputs[named], final.val_outputs[named]
+        drop = 100.0 * (before - after)
+    elif final.val_outputs is not None and named is None:  # every output: the worst drop (the first: main metric)
         drop = max([drop] + [100.0 * (before - after) for before, after in zip(first.val_outputs[1:],
                                                                               final.val_outputs[1:])])
     test_metric = "accuracy" if scorer.labelled else "agreement"
@@ -422,7 +428,8 @@ def _check_budget(plan: BudgetPlan, stages, scorer) -> BudgetResult:
     if not held:
         raise BudgetError(
             f"the budget did not hold: the {final.name} model lost {drop:.2f} points of {metric} on "
-            f"{scorer.validation_samples} validation samples ({scorer.value(first):.2%} -> {scorer.value(final):.2%}; "
+            f"{scorer.validation_samples} validation samples ({before:.2%} -> {after:.2%}"
+            f"{f' on output {named}' if named else ''}; "
             f"budget {plan.max_drop}, predicted {plan.predicted_drop:.2f} before fine-tuning; ranks "
             f"{plan.ranks}); nothing was written: raise --max-accuracy-drop, fine-tune longer (--epochs) or pass "
             f"more --data")
@@ -441,8 +448,10 @@ class _Scorer:
     """Scores Keras models against the labels and the original's predictions on the validation data (which decides)
     and on the test data (which only reports)."""
 
-    def __init__(self, original, validation, test, references=None):
-        """references: {role: verification.Outputs of the original on that role's inputs}, those the caller has."""
+    def __init__(self, original, validation, test, references=None, budget_output: int | None = None):
+        """references: {role: verification.Outputs of the original on that role's inputs}, those the caller has.
+        budget_output: the output the budget is on (None: every output)."""
+        self.budget_output = budget_output
         given = references or {}
         self._sets = {"test": test, "validation": validation}
         outputs = {role: given[role].values if given.get(role) is not None else predict_keras(original, data.x)
@@ -458,11 +467,14 @@ class _Scorer:
 
     def fallen_output(self, last: Stage, stage: Stage) -> int | None:
         """The first output after the first whose validation agreement with the original fell from `last` to
-        `stage` (a multi-output model; the first output is judged by the main metric), or None. A cosine-scored
-        output may move by its float noise (1e-4) without falling."""
+        `stage` (a multi-output model; the first output is judged by the main metric; with the budget on a named
+        output, that output alone), or None. A cosine-scored output may move by its float noise (1e-4) without
+        falling."""
         if last.val_outputs is None or stage.val_outputs is None:
             return None
-        for index in range(1, len(stage.val_outputs)):
+        watched = range(1, len(stage.val_outputs)) if self.budget_output is None else \
+            [self.budget_output] if self.budget_output else []  # a named output: that one alone
+        for index in watched:
             if stage.val_outputs[index] < last.val_outputs[index] - COSINE_NOISE:
                 return index
         return None
