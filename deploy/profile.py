@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from sepconv.deploy.errors import InvalidOptionError
+from sepconv.deploy.runtime import OnnxRuntime
 
 OVERHEAD = "(runtime overhead)"
 _SUFFIX = re.compile(r"_\d+$")
@@ -153,8 +154,6 @@ def _layer_of(name: str, known: dict) -> str:
 # ------------------------------------------------------------------------------------------------- ONNX Runtime
 
 def _onnx_ops(path: Path, threads: int, inputs, providers, runs: int):
-    from sepconv.deploy.runtime import OnnxRuntime
-
     with tempfile.TemporaryDirectory(prefix="sepconv-profile-") as folder:
         runtime = OnnxRuntime(path, threads=threads, providers=tuple(providers),
                               profile_prefix=str(Path(folder) / "ort"))
