@@ -39,7 +39,8 @@ def main(argv=None) -> int:
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per artifact")
     parser.add_argument("--out", type=Path, default=Path("build/spatial"))
     parser.add_argument("--reuse", action="store_true", help="take a form's artifacts from an earlier run in --out "
-                        "when they are all there (its summary, outputs and manifests); time them again")
+                        "when they are all there (its summary, outputs and manifests); time them again (the run "
+                        "seconds are then the earlier run's stages summed)")
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     results = []
@@ -77,12 +78,15 @@ def _model(name: str, out: Path) -> _Model:
 
 
 def convert(model: _Model, form: str, quantize: str, folder: Path, reuse: bool = False) -> dict:
+    """convert-model with `--form form`: {form, exit, seconds, error, outputs} (reuse: an earlier run's artifacts,
+    when its summary and every output and manifest are there)."""
     folder.mkdir(parents=True, exist_ok=True)
     outputs = [folder / f"{form}{suffix}" for suffix in FORMATS]
     summary = folder / f"{form}.summary.json"
-    earlier = folder / f"{form}.run.json"
-    if reuse and earlier.exists() and all(p.exists() and p.with_name(p.name + ".json").exists() for p in outputs):
-        return {**json.loads(earlier.read_text()), "outputs": outputs, "reused": True}
+    if reuse and summary.exists() and all(p.exists() and p.with_name(p.name + ".json").exists() for p in outputs):
+        seconds = json.loads(summary.read_text()).get("seconds") or {}
+        return {"form": form, "exit": 0, "seconds": round(sum(seconds.values()), 1), "error": None,
+                "outputs": outputs, "reused": True}
     command = [str(Path(sys.executable).parent / "convert-model"), str(model.path), *map(str, outputs),
                "--data", str(model.train), "--test-data", str(model.test), "--form", form, "--quantize", quantize,
                "--overwrite", "--quiet", "--json", str(summary)]
@@ -90,21 +94,23 @@ def convert(model: _Model, form: str, quantize: str, folder: Path, reuse: bool =
         command += ["--validation-data", str(model.validation)]
     started = time.perf_counter()
     done = subprocess.run(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    run = {"form": form, "exit": done.returncode, "seconds": round(time.perf_counter() - started, 1),
-           "error": done.stderr.strip().splitlines()[-1] if done.returncode else None, "outputs": outputs}
-    if done.returncode == 0:
-        manifest = json.loads(outputs[0].with_name(outputs[0].name + ".json").read_text())
-        totals = (manifest.get("separation") or {}).get("totals", {})
-        rows = (manifest.get("separation") or {}).get("layers", [])
-        run.update(shipped=(manifest.get("speed") or {}).get("shipped", "separated"),
-                   params_before=totals.get("model_params_before"), params_after=totals.get("model_params_after"),
-                   macs_before=totals.get("macs_before"), macs_after=totals.get("macs_after"),
-                   depthwise=sum(r["status"] == "separated" and r.get("form") != "spatial" for r in rows),
-                   spatial=sum(r.get("form") == "spatial" for r in rows),
-                   kept=sum(r["status"] != "separated" for r in rows),
-                   ranks=((manifest.get("recovery") or {}).get("budget") or {}).get("ranks"))
-    earlier.write_text(json.dumps({key: value for key, value in run.items() if key != "outputs"}, default=str))
-    return run
+    return {"form": form, "exit": done.returncode, "seconds": round(time.perf_counter() - started, 1),
+            "error": done.stderr.strip().splitlines()[-1] if done.returncode else None, "outputs": outputs}
+
+
+def shipped(artifact: Path) -> dict:
+    """What the artifact's manifest says was shipped: the separated model's parameters, MACs and layers per form, or
+    that the original shipped (its separation was slower)."""
+    manifest = json.loads(artifact.with_name(artifact.name + ".json").read_text())
+    totals = (manifest.get("separation") or {}).get("totals", {})
+    rows = (manifest.get("separation") or {}).get("layers", [])
+    return {"shipped": (manifest.get("speed") or {}).get("shipped", "separated"),
+            "params_before": totals.get("model_params_before"), "params_after": totals.get("model_params_after"),
+            "macs_before": totals.get("macs_before"), "macs_after": totals.get("macs_after"),
+            "depthwise": sum(r["status"] == "separated" and r.get("form") != "spatial" for r in rows),
+            "spatial": sum(r.get("form") == "spatial" for r in rows),
+            "kept": sum(r["status"] != "separated" for r in rows),
+            "ranks": ((manifest.get("recovery") or {}).get("budget") or {}).get("ranks")}
 
 
 def measure(model: _Model, quantize: str, suffix: str, runs: dict, folder: Path, min_time: float) -> dict:
@@ -127,7 +133,8 @@ def measure(model: _Model, quantize: str, suffix: str, runs: dict, folder: Path,
         if run["exit"] == 0:
             path = run["outputs"][FORMATS.index(suffix)]
             entry.update(ms=timing.p50_ms[str(path)], speedup=row["original_ms"] / timing.p50_ms[str(path)],
-                         accuracy=_accuracy(open_runtime(str(path)), x, y), bytes=path.stat().st_size)
+                         accuracy=_accuracy(open_runtime(str(path)), x, y), bytes=path.stat().st_size,
+                         **shipped(path))
         row["forms"].append(entry)
     return row
 
