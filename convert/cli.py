@@ -15,7 +15,7 @@ from pathlib import Path
 from sepconv.convert.demo import QUICK_EPOCHS, QUICK_FILTERS, model_file
 from sepconv.convert.supervise import die_with_parent, in_worker, report_stage, reported_as_interrupt, supervise
 from sepconv.deploy import logs, report
-from sepconv.deploy.choices import DEPTHWISE, FORMS
+from sepconv.deploy.choices import FORMS
 from sepconv.deploy.clikit import (
     JSON_HELP,
     REPORT_DIR_HELP,
@@ -155,12 +155,12 @@ def convert_parser() -> argparse.ArgumentParser:
                         "spatial the channels r between the halves), or 'full' (exact)")
     policy.add_argument("--energy", type=_fraction,
                         help="per layer, the smallest rank keeping this fraction of the kernel's energy")
-    group.add_argument("--form", choices=(*FORMS, "auto"), default=DEPTHWISE,
+    group.add_argument("--form", choices=(*FORMS, "auto"),
                        help="the separable form: depthwise (a SeparableConv2D: depthwise then pointwise; --rank is "
                             "its depth multiplier K), spatial (a kh x 1 then a 1 x kw Conv2D, both dense, which CPUs "
                             "run faster per operation; --rank is the channels r between them) or auto (each "
-                            "layer's form and rank chosen by --max-accuracy-drop and the measured latency; depthwise "
-                            "without data) (default: %(default)s)")
+                            "layer's form and rank chosen by --max-accuracy-drop and the measured latency) (default: "
+                            "auto with the budget, depthwise with --rank / --energy or without data)")
     group.add_argument("--include", action="append", metavar="PATTERN", help="separate only layers matching "
                        "(fnmatch on name or path; repeatable)")
     group.add_argument("--exclude", action="append", default=[], metavar="PATTERN",

@@ -78,7 +78,8 @@ class ConvertOptions:
     rank / energy forced the separation (export/speed.py). False: K from accuracy and parameters alone, nothing
     timed.
     form: 'depthwise' (SeparableConv2D), 'spatial' (a kh x 1 then a 1 x kw Conv2D, rank r) or 'auto' (with the
-    accuracy budget, each layer's form and rank chosen among both; depthwise without the budget).
+    accuracy budget, each layer's form and rank chosen among both). None: auto with the budget, depthwise without it
+    (a fixed rank / energy is a depthwise K).
     budget_output: a model with several outputs: the output (its layer's name, or its index) the accuracy budget is
     on; None: every output (the worst drop).
     """
@@ -109,7 +110,7 @@ class ConvertOptions:
     max_unpacked_bytes: int | None = None
     latency: object | None = None
     measure_latency: bool | None = None
-    form: str = DEPTHWISE
+    form: str | None = None
     budget_output: str | None = None
 
     def __post_init__(self):
@@ -143,12 +144,12 @@ class ConvertOptions:
         if self.budget_output is not None and (not isinstance(self.budget_output, str) or not self.budget_output):
             raise InvalidOptionError(f"Unrecognized budget_output={self.budget_output!r}. Use the name of a model "
                                      f"output (its layer's name) or its index")
-        if self.form not in FORM_CHOICES:
+        if self.form is not None and self.form not in FORM_CHOICES:
             raise InvalidOptionError(f"Unrecognized form={self.form!r}. Use one of {list(FORM_CHOICES)}")
         if self.form == AUTO_FORM and self.forced_separation:
             raise InvalidOptionError("form='auto' (--form auto) chooses each layer's form with the accuracy budget; "
                                      "with a fixed rank / energy give form 'depthwise' or 'spatial'")
-        if self.form != AUTO_FORM and self.separation.form != self.form:
+        if self.form in (DEPTHWISE, SPATIAL) and self.separation.form != self.form:
             object.__setattr__(self, "separation", replace(self.separation, form=self.form))
 
     def plan(self, timed: bool = True) -> Plan:
@@ -164,6 +165,7 @@ class ConvertOptions:
                                              ("recalibrate_bn", self.recalibrate_bn), ("epochs", self.epochs))
                     if given is None and not (name == "max_accuracy_drop" and budget is None)]
         defaults += ["quantize"] if self.quantize == "auto" else []
+        defaults += ["form"] if self.form is None and budget is not None and self.separate else []
         latency = self.separate and timed and (self.measure_latency is not False)
         defaults += ["latency"] if latency and self.measure_latency is None and self.latency is None else []
         return Plan(max_accuracy_drop=budget, refine=_default(self.refine, data and self.separate),
@@ -218,9 +220,9 @@ def recovery_options(options: ConvertOptions, plan: Plan, targets: list[Path]):
                            latency=latency_options(options, plan, targets) if budget is not None else None)
 
 
-def budget_forms(form: str) -> tuple[str, ...]:
-    """The separable forms the accuracy budget measures and chooses among for `--form`."""
-    return (DEPTHWISE, SPATIAL) if form == AUTO_FORM else (form,)
+def budget_forms(form: str | None) -> tuple[str, ...]:
+    """The separable forms the accuracy budget measures and chooses among for `--form` (None: auto)."""
+    return (DEPTHWISE, SPATIAL) if form in (None, AUTO_FORM) else (form,)
 
 
 def latency_options(options: ConvertOptions, plan: Plan, targets: list[Path]):
@@ -245,7 +247,8 @@ def plan_line(plan: Plan, options: ConvertOptions) -> str:
     if not options.separate:
         steps = ["no separation"]
     elif plan.max_accuracy_drop is not None:
-        forms = {DEPTHWISE: "", SPATIAL: "spatial form, ", AUTO_FORM: "depthwise or spatial form and "}[options.form]
+        forms = {DEPTHWISE: "depthwise form, ", SPATIAL: "spatial form, ", AUTO_FORM: "depthwise or spatial form and ",
+                 None: "depthwise or spatial form and "}[options.form]
         steps = [f"{forms}rank per layer for --max-accuracy-drop {plan.max_accuracy_drop}"]
         if plan.latency:
             latency = options.latency or LatencyOptions()

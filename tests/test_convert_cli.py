@@ -508,9 +508,10 @@ def test_default_budget_mode_with_data(tmp_path, small_h5):
     done = run(small_h5, out / "m.tflite", "--data", tmp_path / "data.npz", "--epochs", "2", "--min-agreement", "0.5")
     assert done.returncode in (0, 1), done.stderr[-3000:]
     plan = next(line for line in done.stderr.splitlines() if "] plan: " in line)
-    assert ("rank per layer for --max-accuracy-drop 1.0 and latency measured on this machine, artifacts timed against "
-            "the original, refine, BatchNorm recalibration, fine-tune up to 2 epochs, quantize int8 (defaults with "
-            "--data: max_accuracy_drop, refine, recalibrate_bn, quantize, latency)") in plan, plan
+    assert ("depthwise or spatial form and rank per layer for --max-accuracy-drop 1.0 and latency measured on this "
+            "machine, artifacts timed against the original, refine, BatchNorm recalibration, fine-tune up to 2 epochs, "
+            "quantize int8 (defaults with --data: max_accuracy_drop, refine, recalibrate_bn, quantize, form, "
+            "latency)") in plan, plan
     assert "sensitivity: [1/2] c1: drop in points K=1" in done.stderr
     if done.returncode == 1:  # the budget may not hold on a random model: then it must say so, and write nothing
         assert_clean_failure(done, None, out, [], "the budget did not hold")

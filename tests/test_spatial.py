@@ -192,9 +192,16 @@ def test_budget_measures_both_forms_and_the_choice_can_take_either():
 
 
 def test_options_and_labels():
+    from sepconv.convert.options import budget_forms
+
     with pytest.raises(InvalidOptionError, match="form='auto'"):
         ConvertOptions(separation=SeparationOptions(rank=2), form="auto")
     assert ConvertOptions(separation=SeparationOptions(rank=2), form="spatial").separation.form == "spatial"
+    default = ConvertOptions(separation=SeparationOptions(rank=2))  # the default with a fixed rank: a depthwise K
+    assert default.form is None and default.separation.form == "depthwise"
+    assert budget_forms(None) == budget_forms("auto") == ("depthwise", "spatial"), "the budget's default: both"
+    assert budget_forms("depthwise") == ("depthwise",)
+    assert "form" in ConvertOptions(data="d.npz").plan().defaults
     with pytest.raises(InvalidOptionError, match="forms"):
         BudgetOptions(forms=("diagonal",))
     assert [choice_label(c) for c in (0, 2, "s16", "bogus")] == ["kept", "K=2", "spatial r=16", "bogus"]
