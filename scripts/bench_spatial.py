@@ -35,7 +35,9 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="demo," + ",".join(zoo.ZOO), help="comma-separated: demo and zoo names")
     parser.add_argument("--forms", default=",".join(FORMS))
-    parser.add_argument("--quantize", default="int8,none", help="convert-model --quantize modes (none: float32)")
+    parser.add_argument("--quantize", default="auto,none",
+                        help="convert-model --quantize modes (auto: the default, int8 or its verified fallback; "
+                             "none: float32)")
     parser.add_argument("--min-time", type=float, default=1.0, help="seconds of timed runs per artifact")
     parser.add_argument("--out", type=Path, default=Path("build/spatial"))
     parser.add_argument("--reuse", action="store_true", help="take a form's artifacts from an earlier run in --out "
@@ -104,7 +106,7 @@ def shipped(artifact: Path) -> dict:
     manifest = json.loads(artifact.with_name(artifact.name + ".json").read_text())
     totals = (manifest.get("separation") or {}).get("totals", {})
     rows = (manifest.get("separation") or {}).get("layers", [])
-    return {"shipped": (manifest.get("speed") or {}).get("shipped", "separated"),
+    return {"shipped": (manifest.get("speed") or {}).get("shipped", "separated"), "quantize": manifest["quantize"],
             "params_before": totals.get("model_params_before"), "params_after": totals.get("model_params_after"),
             "macs_before": totals.get("macs_before"), "macs_after": totals.get("macs_after"),
             "depthwise": sum(r["status"] == "separated" and r.get("form") != "spatial" for r in rows),
@@ -140,8 +142,9 @@ def measure(model: _Model, quantize: str, suffix: str, runs: dict, folder: Path,
 
 
 def export_original(model: _Model, quantize: str, suffix: str, folder: Path, x: np.ndarray) -> Path:
-    """The original model exported as the runs export (int8 calibrated on 200 training images), not verified: the
-    speed baseline (a failing int8 original still runs at int8 speed)."""
+    """The original model exported as the runs export (int8 for auto, calibrated on 200 training images), not
+    verified: the speed baseline (a failing int8 original still runs at int8 speed; an artifact that fell back from
+    int8 is compared with it, so its cost shows)."""
     from sepconv.convert import load
     from sepconv.convert.export.targets import target_for
 
@@ -149,7 +152,7 @@ def export_original(model: _Model, quantize: str, suffix: str, folder: Path, x: 
     target = target_for(path)
     train = np.load(model.train)["x"].astype(np.float32)
     train = train[..., None] if train.ndim == 3 else train
-    options = target.export_options(target.options_class(), quantize)
+    options = target.export_options(target.options_class(), "int8" if quantize == "auto" else quantize)
     target.export(load(str(model.path)), path, options, train[:200])
     return path
 
@@ -169,12 +172,13 @@ def table(rows) -> str:
     lines = ["| model | mode | format | form | test accuracy (change vs Keras original) | params | MACs | p50 speed-up "
              "| layers: depthwise / spatial / kept | run s |", "|" + "---|" * 10]
     for row in rows:
-        mode = "int8" if row["quantize"] == "int8" else "float32"
+        mode = {"none": "float32", "auto": "auto (int8)"}.get(row["quantize"], row["quantize"])
         lines.append(f"| {row['model']} | {mode} | {row['format']} | original | {row['original_accuracy']:.2%} "
                      f"(Keras {row['keras_accuracy']:.2%}) | | | 1.00x ({row['original_ms'] * 1000:.1f} us) | | |")
         for form in row["forms"]:
             if form["exit"]:
-                lines.append(f"| | | | {form['form']} | failed: {form['error']} | | | | | {form['seconds']} |")
+                error = form["error"] if len(form["error"]) < 160 else form["error"][:157] + "..."
+                lines.append(f"| | | | {form['form']} | failed: {error} | | | | | {form['seconds']} |")
                 continue
             change = 100 * (form["accuracy"] - row["keras_accuracy"])
             macs = (f"{form['macs_before'] / form['macs_after']:.2f}x fewer" if form.get("macs_after") else "")
@@ -182,8 +186,9 @@ def table(rows) -> str:
                       else "")
             layers = (f"{form['depthwise']} / {form['spatial']} / {form['kept']}" if form.get("shipped") != "original"
                       else "the original shipped: its separation was slower")
+            fallback = f" ({form['quantize']})" if row["quantize"] == "auto" and form["quantize"] != "int8" else ""
             lines.append(
-                f"| | | | {form['form']} | {form['accuracy']:.2%} ({change:+.2f}) | {params} | {macs} | "
+                f"| | | | {form['form']}{fallback} | {form['accuracy']:.2%} ({change:+.2f}) | {params} | {macs} | "
                 f"**{form['speedup']:.2f}x** ({form['ms'] * 1000:.1f} us) | {layers} | {form['seconds']} |")
     return "\n".join(lines)
 
