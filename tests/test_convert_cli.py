@@ -520,7 +520,7 @@ def test_default_budget_mode_with_data(tmp_path, small_h5):
     budget = manifest["recovery"]["budget"]
     assert budget["metric"] == "agreement" and budget["held"] and budget["measured_drop"] <= 1.0
     assert [layer["path"] for layer in budget["layers"]] == ["c1", "c2"]
-    assert "K chosen" in done.stdout and "drop K=1" in done.stdout, done.stdout
+    assert "chosen" in done.stdout and "drop K=1" in done.stdout and "drop spatial #1" in done.stdout, done.stdout
     stages = [stage["name"] for stage in manifest["recovery"]["stages"]]
     assert stages[:2] == ["original", "separated"] and all(name in done.stdout for name in stages)
     if budget["ranks"]:

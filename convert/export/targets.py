@@ -192,7 +192,9 @@ class Onnx(Target):
     name, extension, title = "onnx", ".onnx", "ONNX"
     options_class, exporter_class = OnnxOutputOptions, OnnxOptions
     modes = ONNX_MODES
-    auto_fallbacks = ("dynamic",)  # int8 weights with float activations
+    # int8 weights with float activations, then float32 (ONNX Runtime's CPU kernels have no float16: TFLite's float16
+    # fallback runs in float32 too); without it a model whose int8 and dynamic both fail wrote nothing at all
+    auto_fallbacks = ("dynamic", "none")
     calibration_methods = CALIBRATION_METHODS
 
     def layout(self, options: OnnxOptions) -> str:
