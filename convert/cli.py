@@ -159,8 +159,8 @@ def convert_parser() -> argparse.ArgumentParser:
                        help="the separable form: depthwise (a SeparableConv2D: depthwise then pointwise; --rank is "
                             "its depth multiplier K), spatial (a kh x 1 then a 1 x kw Conv2D, both dense, which CPUs "
                             "run faster per operation; --rank is the channels r between them) or auto (each "
-                            "layer's form and rank chosen by --max-accuracy-drop and the measured latency) (default: "
-                            "auto with the budget, depthwise with --rank / --energy or without data)")
+                            "layer's form and rank chosen by --max-accuracy-drop and the measured latency; needs the "
+                            "budget) (default: depthwise)")
     group.add_argument("--include", action="append", metavar="PATTERN", help="separate only layers matching "
                        "(fnmatch on name or path; repeatable)")
     group.add_argument("--exclude", action="append", default=[], metavar="PATTERN",

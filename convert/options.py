@@ -78,8 +78,8 @@ class ConvertOptions:
     rank / energy forced the separation (export/speed.py). False: K from accuracy and parameters alone, nothing
     timed.
     form: 'depthwise' (SeparableConv2D), 'spatial' (a kh x 1 then a 1 x kw Conv2D, rank r) or 'auto' (with the
-    accuracy budget, each layer's form and rank chosen among both). None: auto with the budget, depthwise without it
-    (a fixed rank / energy is a depthwise K).
+    accuracy budget, each layer's form and rank chosen among both). None: depthwise (docs/benchmarks.md "Two separable
+    forms" says why auto is not the default yet).
     budget_output: a model with several outputs: the output (its layer's name, or its index) the accuracy budget is
     on; None: every output (the worst drop).
     """
@@ -165,7 +165,6 @@ class ConvertOptions:
                                              ("recalibrate_bn", self.recalibrate_bn), ("epochs", self.epochs))
                     if given is None and not (name == "max_accuracy_drop" and budget is None)]
         defaults += ["quantize"] if self.quantize == "auto" else []
-        defaults += ["form"] if self.form is None and budget is not None and self.separate else []
         latency = self.separate and timed and (self.measure_latency is not False)
         defaults += ["latency"] if latency and self.measure_latency is None and self.latency is None else []
         return Plan(max_accuracy_drop=budget, refine=_default(self.refine, data and self.separate),
@@ -221,8 +220,8 @@ def recovery_options(options: ConvertOptions, plan: Plan, targets: list[Path]):
 
 
 def budget_forms(form: str | None) -> tuple[str, ...]:
-    """The separable forms the accuracy budget measures and chooses among for `--form` (None: auto)."""
-    return (DEPTHWISE, SPATIAL) if form in (None, AUTO_FORM) else (form,)
+    """The separable forms the accuracy budget measures and chooses among for `--form` (None: depthwise)."""
+    return (DEPTHWISE, SPATIAL) if form == AUTO_FORM else (form or DEPTHWISE,)
 
 
 def latency_options(options: ConvertOptions, plan: Plan, targets: list[Path]):
@@ -248,7 +247,7 @@ def plan_line(plan: Plan, options: ConvertOptions) -> str:
         steps = ["no separation"]
     elif plan.max_accuracy_drop is not None:
         forms = {DEPTHWISE: "depthwise form, ", SPATIAL: "spatial form, ", AUTO_FORM: "depthwise or spatial form and ",
-                 None: "depthwise or spatial form and "}[options.form]
+                 None: ""}[options.form]
         steps = [f"{forms}rank per layer for --max-accuracy-drop {plan.max_accuracy_drop}"]
         if plan.latency:
             latency = options.latency or LatencyOptions()

@@ -21,7 +21,8 @@ import sys
 import time
 
 ROOT = "sepconv"
-_DETAIL = re.compile(r"^(\[\d+/\d+\] [^:\s]+(: (refined|skipped[^;]*))?|round \d+: .* timed runs so far.*)$")
+# (a device's lines come prefixed by deploy-model: "pi4: device: round 6: ...")
+_DETAIL = re.compile(r"^(?:[^\s:]+: )*(\[\d+/\d+\] [^:\s]+(: (refined|skipped[^;]*))?|round \d+: .* timed runs so far.*)$")
 
 
 def logger(name: str) -> logging.Logger:

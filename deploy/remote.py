@@ -338,11 +338,12 @@ def _put_checked(conn: Connection, local: Path, remote: str) -> None:
 
 def bench_command(remote_paths: list[str], options: DeployOptions, *, inputs: str | None = None,
                   xnnpack: bool = True) -> list[str]:
-    """bench-model's command line on the device: JSON on stdout, progress on stderr; user paths after `--`."""
+    """bench-model's command line on the device: JSON on stdout, progress on stderr (every line, -v: which of them
+    deploy-model shows is decided here, sepconv.deploy.logs); user paths after `--`."""
     # python -m rather than the bench-model script: pip writes a shell trampoline for scripts whose interpreter path
     # has spaces, and does not quote it for every character a folder name may hold
     return [f"{options.remote_dir}/venv/bin/python", "-m", "sepconv.deploy.cli", "--threads",
-            ",".join(map(str, options.threads)), "--json=-", *([f"--input={inputs}"] if inputs else []),
+            ",".join(map(str, options.threads)), "--json=-", "-v", *([f"--input={inputs}"] if inputs else []),
             *([] if xnnpack else ["--no-xnnpack"]), *options.bench_args, "--", *remote_paths]
 
 

@@ -57,7 +57,7 @@ def test_demo_separates_converts_benchmarks_and_reports(tmp_path, trained_demo):
     shown = done.stdout  # the tables, beside the JSON file
     assert "loading the demo model" in shown and "(quick: filters 16, 32, 64)" in shown
     assert "block3_conv2" in shown and "test accuracy" in shown
-    assert "drop spatial #1" in shown and "fine-tuned" in shown and "digits_int8.onnx" in shown
+    assert "drop K=1" in shown and "fine-tuned" in shown and "digits_int8.onnx" in shown
     assert "separated_k1_int8.tflite" in shown and "speed-up" in shown
     assert f"{summary['original']['test_accuracy']:.2%}" in shown, "the tables and the JSON tell the same figures"
 

@@ -307,8 +307,8 @@ def test_ctrl_c_stops_the_remote_benchmark_at_once(deployed, sshd, small_artifac
     device_files, remote_files = sshd.device_files(), files_under(deployed["remote_dir"])
     process = subprocess.Popen([DEPLOY, ALIAS, str(local), "--ssh-config", str(sshd.client_config()), "--remote-dir",
                                 str(deployed["remote_dir"]), "--reports", str(tmp_path / "reports"), "--min-time",
-                                "1000", "--max-time", "1000"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                               text=True, preexec_fn=ctrl_c_as_in_a_terminal)
+                                "1000", "--max-time", "1000", "-v"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               text=True, preexec_fn=ctrl_c_as_in_a_terminal)  # -v: the timing rounds' lines
     _wait_for_stderr(process, "device: round")
     remote = str(deployed["remote_dir"] / "venv/bin/python")
     assert processes_mentioning(remote), "the benchmark runs on the device"

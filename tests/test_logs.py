@@ -11,7 +11,8 @@ import pytest
 from sepconv.deploy import logs
 
 DETAIL = ["[3/9] block_3_bn", "[2/3] conv: refined", "[1/2] c: skipped: shared by several calls",
-          "round 6: 1,035,311 timed runs so far; 13 of 58 case(s) still measuring"]
+          "round 6: 1,035,311 timed runs so far; 13 of 58 case(s) still measuring",
+          "pi4: device: round 3: 1,200 timed runs so far; 1 of 2 case(s) still measuring"]  # relayed by deploy-model
 INFO = ["[1/7] stem_conv: drop in points K=1 +73.78", "budget: chosen", "6 of 6 conv layers separated",
         "[1/2] model.tflite: loaded"]
 

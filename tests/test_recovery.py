@@ -229,7 +229,7 @@ def test_convert_model_budget_stages_and_checkpoints(tmp_path):
     assert final.accuracy > recovery.stages[1].accuracy, f"recovery must beat the raw separation: {recovery}"
     assert original.accuracy - final.accuracy <= 0.15 + 1e-9
     assert final.params < original.params
-    assert result.plan.defaults == ("refine", "recalibrate_bn", "form"), "quantize was given"
+    assert result.plan.defaults == ("refine", "recalibrate_bn"), "quantize was given"
     assert any(stage == "finetune" and message.startswith("epoch 1/4") for stage, message in lines)
     assert not (tmp_path / "m.tflite.checkpoints").exists(), "checkpoints go once the artifacts are written"
     (tmp_path / "m.tflite.checkpoints").mkdir()
