@@ -343,8 +343,14 @@ def bench_command(remote_paths: list[str], options: DeployOptions, *, inputs: st
     # python -m rather than the bench-model script: pip writes a shell trampoline for scripts whose interpreter path
     # has spaces, and does not quote it for every character a folder name may hold
     return [f"{options.remote_dir}/venv/bin/python", "-m", "sepconv.deploy.cli", "--threads",
-            ",".join(map(str, options.threads)), "--json=-", "-v", *([f"--input={inputs}"] if inputs else []),
+            ",".join(map(str, options.threads)), "--json=-", *_verbosity(options.bench_args),
+            *([f"--input={inputs}"] if inputs else []),
             *([] if xnnpack else ["--no-xnnpack"]), *options.bench_args, "--", *remote_paths]
+
+
+def _verbosity(bench_args) -> tuple[str, ...]:
+    """-v, unless the caller's bench flags ask for quiet (the latency table's timing does)."""
+    return () if {"-q", "--quiet"} & set(bench_args) else ("-v",)
 
 
 def run_benchmark(conn: Connection, remote_paths: list[str], options: DeployOptions, say, *,

@@ -435,6 +435,9 @@ def test_emulated_device_runs_without_xnnpack_unless_asked():
     assert device_xnnpack(emulated, DeployOptions(xnnpack=True)) is True
     assert device_xnnpack(real, DeployOptions(xnnpack=False)) is False
     assert "--no-xnnpack" in bench_command(["m.tflite"], DeployOptions(), xnnpack=False)
+    assert "-v" in bench_command(["m.tflite"], DeployOptions()), "every device line comes back; deploy-model sorts them"
+    quiet = bench_command(["m.tflite"], DeployOptions(bench_args=("--quiet",)))
+    assert "-v" not in quiet and "--quiet" in quiet, "the latency table's timing asks for quiet: not both"
     assert "--no-xnnpack" not in bench_command(["m.tflite"], DeployOptions(), xnnpack=True)
 
 
