@@ -184,17 +184,18 @@ def within_budget(verification: Verification, runtime, held, recovery, *, layout
     """`verification` with the accuracy budget checked on the artifact itself (BudgetCheck): a run with
     --max-accuracy-drop whose artifact loses more than the budget on the validation data (shown at `confidence`,
     drop_bound) fails verification like any other criterion. A model with several outputs: the worst output's drop
-    (each after the first by its agreement with the original's), or the named output's (budget.plan.output). Unchanged when the run had no budget (recovery.budget
-    None) or no validation data. held: the pipeline's HeldOut (validation data and the original's top-1 classes on
+    (each after the first by its agreement with the original's), or the named output's (budget.plan.output).
+    Unchanged when the run had no budget (recovery.budget None) or no validation data. held: the pipeline's HeldOut (validation data and the original's top-1 classes on
     it)."""
     validation = held.validation
     budget = recovery.budget if recovery is not None else None
     if budget is None or validation is None:
         return verification
+    outputs = run_artifact(runtime, validation.x, layout=layout)  # once, for every output's check
     named = budget.plan.output
     if named:  # the budget on an output after the first: the artifact's agreement with the original's there
-        return replace(verification, budget=_output_budget(runtime, held, budget, named, layout, confidence))
-    predicted = top1(run_artifact(runtime, validation.x, layout=layout)[0])
+        return replace(verification, budget=_output_budget(outputs, held, budget, named, confidence))
+    predicted = top1(outputs[0])
     original = held.original_top1
     if validation.y is not None:
         truth, metric, before = np.asarray(validation.y).reshape(-1), "accuracy", recovery.stages[0].val_accuracy
@@ -210,17 +211,17 @@ def within_budget(verification: Verification, runtime, held, recovery, *, layout
                         max_drop=budget.plan.max_drop, samples=len(validation.x), least_drop=least,
                         confidence=confidence)
     if named is None and held.original_outputs is not None:  # every output counts: the worst one's drop
-        others = [_output_budget(runtime, held, budget, index, layout, confidence)
+        others = [_output_budget(outputs, held, budget, index, confidence)
                   for index in range(1, len(held.original_outputs))]
         check = max([check, *others], key=lambda each: each.drop)
     return replace(verification, budget=check)
 
 
-def _output_budget(runtime, held, budget, index: int, layout: str, confidence: float) -> BudgetCheck:
-    """The budget on output `index` (after the first): top-1 agreement with the original's classes there (bounded
-    like the first output's), or the mean cosine of a non-classifier output (its drop as measured)."""
-    reference = held.original_outputs[index]
-    actual = run_artifact(runtime, held.validation.x, layout=layout)[index]
+def _output_budget(outputs: list[np.ndarray], held, budget, index: int, confidence: float) -> BudgetCheck:
+    """The budget on output `index` (after the first) of the artifact's `outputs` on the validation data: top-1
+    agreement with the original's classes there (bounded like the first output's), or the mean cosine of a
+    non-classifier output (its drop as measured)."""
+    reference, actual = held.original_outputs[index], outputs[index]
     after = output_agreements([reference], [actual])[0]
     least = None
     if _is_classifier(reference):
