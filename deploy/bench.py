@@ -210,21 +210,20 @@ def benchmark(paths, options: BenchOptions = BenchOptions(), *, progress: Progre
             case.accuracy = _accuracy(runner["runtime"], data, options.batch, runner["preprocessing"])
     _speedups(cases)
     if options.profile:
+        inputs = [runner["inputs"] for runner in runners]  # what each case was timed on, profiled on the same
         runners.clear()  # the sessions: profiling opens its own
-        for case in cases:
+        for case, fed in zip(cases, inputs):
             say(f"{case.model} @ {case.threads} thread(s): profiling per op")
-            case.profile = _profile(case, data, options, say)
+            case.profile = _profile(case, fed, options, say)
     return BenchReport(schema=SCHEMA_VERSION, context=dict(machine, before=before, after=context.thermal()),
                        options=asdict(options), cases=tuple(cases),
                        peak_rss_bytes=_status("VmHWM"), seconds=round(time.perf_counter() - started, 2))
 
 
-def _profile(case: Case, data, options: BenchOptions, say) -> dict:
-    """The case's profile (profile.py): ONNX Runtime's profiler, or the .tflite's prefixes timed in one run here."""
+def _profile(case: Case, inputs: list[np.ndarray], options: BenchOptions, say) -> dict:
+    """The case's profile (profile.py) on the `inputs` it was timed on: ONNX Runtime's profiler, or the .tflite's
+    prefixes timed in one run here."""
     path = Path(case.path)
-    runtime = open_runtime(path, threads=case.threads, xnnpack=options.xnnpack, providers=options.providers)
-    inputs = _inputs(runtime, data, options, path, preprocessing_for(path, options.scale))
-    del runtime
 
     def time_models(paths):
         quiet = replace(options, threads=(case.threads,), inputs=None, profile=False, min_runs=50,
@@ -325,7 +324,7 @@ def _open_case(path: Path, threads: int, data, options: BenchOptions):
                 warmup={"runs": runs, "seconds": round(warm_seconds, 3)}, memory=memory,
                 runs_per_round=runs_per_round(warm_seconds / runs if runs else first_ms / 1000, options))
     case.artifact["input_preprocessing"] = preprocessing if data is not None else None  # what scaled --input
-    return case, {"runtime": runtime, "invoke": invoke, "timed": 0.0, "preprocessing": preprocessing}
+    return case, {"runtime": runtime, "invoke": invoke, "inputs": inputs, "timed": 0.0, "preprocessing": preprocessing}
 
 
 def runs_per_round(latency_seconds: float, options: BenchOptions) -> int:
