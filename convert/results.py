@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 
 from sepconv.convert.data import DataInfo
 from sepconv.convert.options import Plan
-from sepconv.deploy.choices import choice_columns, choice_label, choice_of_key, parse_choice
+from sepconv.deploy.choices import choice_columns, choice_label, choice_of_key, spatial_rank
 from sepconv.deploy.scores import percent
 from sepconv.deploy.timing import describe_xnnpack
 
@@ -155,8 +155,8 @@ def latency_text(latency: dict | None, artifacts=()) -> str:
         cells = []
         for _, pick in columns:
             found = pick([choice_of_key(k) for k in row if k != "keep"])
-            cells.append("" if found is None else f"{row[str(found)] * 1000:.1f}"
-                         + (f" (r={parse_choice(found)[1]})" if isinstance(found, str) else ""))
+            r = None if found is None else spatial_rank(found)
+            cells.append("" if found is None else f"{row[str(found)] * 1000:.1f}" + (f" (r={r})" if r else ""))
         rows.append([layer["path"], choice_label(layer["rank"]),
                      choice_label(latency["budget_ranks"].get(layer["path"], 0)), f"{row['keep'] * 1000:.1f}"]
                     + cells + [f"{layer['ms'] * 1000:.1f}", ", ".join(choice_label(k) for k in layer["slower"])])

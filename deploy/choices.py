@@ -27,6 +27,16 @@ def parse_choice(choice) -> tuple[str, int]:
     raise ValueError(f"not a per-layer choice: {choice!r} (a whole number K >= 0, or 's<r>' for the spatial form)")
 
 
+def is_choice(value) -> bool:
+    """A per-layer choice `parse_choice` reads."""
+    return _form(value) is not None
+
+
+def spatial_rank(choice) -> int | None:
+    """r of a spatial choice ("s16" -> 16); None for a depthwise K, keeping, or anything else."""
+    return parse_choice(choice)[1] if _form(choice) == SPATIAL else None
+
+
 def choice_of_key(key: str):
     """The choice a table key names ("2" -> 2, "s16" -> "s16"; latency_choice.rank_key's inverse for separations)."""
     return int(key) if key.isdigit() else key

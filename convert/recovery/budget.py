@@ -24,8 +24,8 @@ from sepconv.convert.export.verification import output_agreements
 from sepconv.convert.graph import called_once, predict_keras
 from sepconv.convert.recovery.refinement import refine
 from sepconv.convert.separation.policy import (DEPTHWISE, FORMS, SPATIAL, Choice, SeparationOptions, choice_label,
-                                               parse_choice, spatial_choice)
-from sepconv.deploy.choices import choice_columns, choice_order
+                                               spatial_choice)
+from sepconv.deploy.choices import choice_columns, choice_order, spatial_rank
 from sepconv.deploy.scores import hit_rate, top1
 
 KEEP = 0  # the "rank" of a layer left as it is
@@ -146,8 +146,8 @@ def _drop_cell(layer: LayerSensitivity, pick) -> str:
     found = pick([c.rank for c in layer.candidates])
     if found is None:
         return ""
-    drop = layer.candidate(found).drop
-    return f"{drop:+.2f}" if parse_choice(found)[0] == DEPTHWISE else f"{drop:+.2f} (r={parse_choice(found)[1]})"
+    r = spatial_rank(found)
+    return f"{layer.candidate(found).drop:+.2f}" + (f" (r={r})" if r else "")
 
 
 Progress = Callable[[str, str], None]

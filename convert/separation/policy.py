@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from sepconv.convert.errors import InvalidOptionError
 from sepconv.deploy.choices import (DEPTHWISE, FORMS, SPATIAL, Choice, choice_label,  # noqa: F401  (re-exported)
-                                    choice_of_key, choice_order, parse_choice, spatial_choice)
+                                    choice_of_key, choice_order, is_choice, parse_choice, spatial_choice)
 
 
 @dataclass(frozen=True)
@@ -70,7 +70,7 @@ class SeparationOptions:
         ):
             raise InvalidOptionError(f"Unrecognized energy={self.energy!r}. Use a fraction in (0, 1], e.g. 0.99")
         if self.ranks is not None and not (isinstance(self.ranks, dict) and all(
-            isinstance(k, str) and _is_choice(v) for k, v in self.ranks.items())):
+            isinstance(k, str) and is_choice(v) for k, v in self.ranks.items())):
             raise InvalidOptionError(f"Unrecognized ranks={self.ranks!r}. Use a dict of layer name or path -> "
                                      f"whole number >= 0 (0 keeps the layer) or 's<r>' (the spatial form at rank "
                                      f"r), e.g. {{'block1_conv1': 2, 'block2_conv1': 's16'}}")
@@ -99,14 +99,6 @@ class SeparationOptions:
             policy = RankPolicy(rank=rank, energy=None, form=form)
         return Context(path=path, policy=policy, include=self.include, exclude=self.exclude,
                        only_if_smaller=self.only_if_smaller)
-
-
-def _is_choice(value) -> bool:
-    try:
-        parse_choice(value)
-    except ValueError:
-        return False
-    return True
 
 
 def _patterns(value, name: str) -> tuple[str, ...] | None:

@@ -12,7 +12,7 @@ import io
 from dataclasses import dataclass
 from pathlib import Path
 
-from sepconv.deploy.choices import SPATIAL, choice_columns, choice_label, choice_order
+from sepconv.deploy.choices import SPATIAL, choice_columns, choice_label, choice_order, spatial_rank
 from sepconv.deploy.errors import RuntimeMissingError
 
 MISSING = ("Drawing the report's charts needs matplotlib, which is not installed: pip install 'sepconv[report]' "
@@ -81,9 +81,9 @@ def sensitivity_heatmap(run: dict, name: str) -> Chart | None:
     for i, layer in enumerate(layers):
         for j, found in enumerate(picked[i]):
             if np.isfinite(drops[i, j]):
-                spatial = isinstance(found, str)
-                axis.text(j, i, f"{drops[i, j]:+.2f}" + (f"\nr={found[1:]}" if spatial else ""), ha="center",
-                          va="center", fontsize=7 if spatial else 8)
+                r = spatial_rank(found)
+                axis.text(j, i, f"{drops[i, j]:+.2f}" + (f"\nr={r}" if r else ""), ha="center", va="center",
+                          fontsize=7 if r else 8)
         chosen = budget["ranks"].get(layer["path"])
         if chosen is not None and chosen in picked[i]:
             j = picked[i].index(chosen)
