@@ -80,8 +80,7 @@ def _refine_layer(original, separated, name: str, original_input: np.ndarray, se
         target = np.moveaxis(target, 1, -1)
     if conv.use_bias:
         target = target + conv.bias.numpy()
-    first, second, bias_of = _halves(sep)
-    features = _second_half_inputs(sep, conv, separated_input)
+    second, bias_of, features = _second_half(sep, conv, separated_input)
     target = target.reshape(-1, target.shape[-1])
     if len(target) > MAX_ROWS:
         keep = rng.choice(len(target), MAX_ROWS, replace=False)
@@ -104,18 +103,10 @@ def _refine_layer(original, separated, name: str, original_input: np.ndarray, se
     return LayerRefinement(name, len(target), before, after, "refined")
 
 
-def _halves(sep):
-    """(first half's kernel, second half's kernel, bias or None) of a separated layer: a SeparableConv2D or the
-    spatial form's nested model (its `_v` and `_h` Conv2D layers)."""
-    if hasattr(sep, "pointwise_kernel"):
-        return sep.depthwise_kernel, sep.pointwise_kernel, sep.bias if sep.use_bias else None
-    vertical, horizontal = sep.layers[-2], sep.layers[-1]
-    return vertical.kernel, horizontal.kernel, horizontal.bias if horizontal.use_bias else None
-
-
-def _second_half_inputs(sep, conv, x) -> np.ndarray:
-    """(output positions, inputs of the second half at each), channels last, in its kernel's row order: the
-    depthwise step's output channels, or the first half's output over the 1 x kw window of each position."""
+def _second_half(sep, conv, x):
+    """(the second half's kernel, its bias or None, its inputs as (output positions, rows of the kernel)) of a
+    separated layer fed `x`, channels last: a SeparableConv2D's pointwise kernel on the depthwise step's output
+    channels, or the spatial form's `_h` kernel on the `_v` output's 1 x kw window of each position."""
     import keras
 
     if hasattr(sep, "pointwise_kernel"):
@@ -124,7 +115,7 @@ def _second_half_inputs(sep, conv, x) -> np.ndarray:
         features = np.asarray(keras.ops.convert_to_numpy(features), np.float64)
         if conv.data_format == "channels_first":
             features = np.moveaxis(features, 1, -1)
-        return features.reshape(-1, features.shape[-1])
+        return sep.pointwise_kernel, sep.bias if sep.use_bias else None, features.reshape(-1, features.shape[-1])
     import tensorflow as tf
 
     vertical, horizontal = sep.layers[-2], sep.layers[-1]
@@ -134,7 +125,8 @@ def _second_half_inputs(sep, conv, x) -> np.ndarray:
     patches = tf.image.extract_patches(inner, sizes=[1, 1, horizontal.kernel_size[1], 1],
                                        strides=[1, 1, horizontal.strides[1], 1],
                                        rates=[1, 1, horizontal.dilation_rate[1], 1], padding=conv.padding.upper())
-    return np.asarray(patches, np.float64).reshape(-1, patches.shape[-1])
+    return (horizontal.kernel, horizontal.bias if horizontal.use_bias else None,
+            np.asarray(patches, np.float64).reshape(-1, patches.shape[-1]))
 
 
 def _relative(estimate: np.ndarray, target: np.ndarray) -> float:
