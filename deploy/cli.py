@@ -83,7 +83,7 @@ def _bench_outputs(args) -> None:
 def _bench(args) -> int:
     from sepconv.deploy.bench import benchmark
 
-    report = benchmark(args.models, bench_options(args), progress=progress_printer("bench"))
+    report = benchmark(args.models, bench_options(args))  # its progress: the sepconv.bench logger, which run prints
     quiet_stdout = args.json == "-" or args.csv == "-"
     if args.json:
         write_output(args.json, json.dumps(report.to_dict(), indent=2))
@@ -225,7 +225,7 @@ def _deploy(args) -> int:
 
     say = progress_printer("deploy")
     hosts = [h for h in args.hosts.split(",") if h]
-    results = deploy(hosts, args.models, deploy_options(args), progress=lambda host, message: say(f"{host}: {message}"))
+    results = deploy(hosts, args.models, deploy_options(args))  # its progress: "HOST: ..." lines on sepconv.deploy
     benched = [Benched(r.host, r.report.benchmark, r.report.device) for r in results if r.ok]
     failed = [r for r in results if not r.ok]
     warnings = []
