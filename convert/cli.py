@@ -6,8 +6,8 @@ TensorFlow is imported only after the arguments are parsed, so `--help` is insta
 from __future__ import annotations
 
 import argparse
-import logging
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -551,7 +551,7 @@ def _report(args) -> int:
     written = [p for p in (args.output, args.report_dir) if p]
     if not args.quiet:
         print(f"wrote {' and '.join(written)} ({len(runs.converts)} conversion(s), {len(runs.benches)} benchmark(s)"
-          f"{f', {len(runs.failed)} failed host(s)' if runs.failed else ''})")
+              f"{f', {len(runs.failed)} failed host(s)' if runs.failed else ''})")
     return 0
 
 

@@ -93,7 +93,8 @@ def convert_model(source, outputs, *, options: ConvertOptions | None = None, pro
     targets, plan = preflight(source, outputs, options)
     recovery = recovery_options(options, plan, targets)
     written = targets + ([Path(recovery.checkpoint_dir)] if recovery.epochs else [])
-    with locked(written), _trusted(options.safe_mode), _heartbeat(progress or logs.to_log("convert")) as say:
+    progress = progress or logs.to_log("convert")
+    with locked(written), _trusted(options.safe_mode), _heartbeat(progress) as say:
         check_outputs(source, targets, options)  # again, under the lock: a run that finished meanwhile wrote them
         return _convert(source, targets, plan, options, recovery, say)
 

@@ -103,8 +103,14 @@ def bench_options(args, **overrides):
 
 def bench_argv(options, names) -> tuple[str, ...]:
     """bench-model's flags giving `options`' fields `names` (deploy-model's command line on the device)."""
-    return tuple(f"{BENCH_FLAGS[name][0]}={_flag_text(getattr(options, name))}" if not isinstance(getattr(
-        options, name), bool) else BENCH_FLAGS[name][0] for name in names if getattr(options, name) is not False)
+    argv = []
+    for name in names:
+        flag, value = BENCH_FLAGS[name][0], getattr(options, name)
+        if value is True:  # a switch: the flag alone; off, nothing
+            argv.append(flag)
+        elif value is not False:
+            argv.append(f"{flag}={_flag_text(value)}")
+    return tuple(argv)
 
 
 def _flag_text(value) -> str:

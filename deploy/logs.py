@@ -22,7 +22,8 @@ import time
 
 ROOT = "sepconv"
 # (a device's lines come prefixed by deploy-model: "pi4: device: round 6: ...")
-_DETAIL = re.compile(r"^(?:[^\s:]+: )*(\[\d+/\d+\] [^:\s]+(: (refined|skipped[^;]*))?|round \d+: .* timed runs so far.*)$")
+_DETAIL = re.compile(r"^(?:[^\s:]+: )*"  # prefixes
+                     r"(\[\d+/\d+\] [^:\s]+(: (refined|skipped[^;]*))?|round \d+: .* timed runs so far.*)$")
 
 
 def logger(name: str) -> logging.Logger:

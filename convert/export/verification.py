@@ -185,8 +185,8 @@ def within_budget(verification: Verification, runtime, held, recovery, *, layout
     --max-accuracy-drop whose artifact loses more than the budget on the validation data (shown at `confidence`,
     drop_bound) fails verification like any other criterion. A model with several outputs: the worst output's drop
     (each after the first by its agreement with the original's), or the named output's (budget.plan.output).
-    Unchanged when the run had no budget (recovery.budget None) or no validation data. held: the pipeline's HeldOut (validation data and the original's top-1 classes on
-    it)."""
+    Unchanged when the run had no budget (recovery.budget None) or no validation data. held: the pipeline's HeldOut
+    (validation data, the original's top-1 classes on it, and its outputs when there are several)."""
     validation = held.validation
     budget = recovery.budget if recovery is not None else None
     if budget is None or validation is None:

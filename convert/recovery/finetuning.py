@@ -44,10 +44,10 @@ class FinetuneOptions:
     from the last one). strategy: auto (mirrored when several devices are visible), default, or mirrored.
     feature_weight: weight of feature distillation, which matches each layer named in `feature_layers` (default:
     every layer that is a SeparableConv2D or a spatial pair in the student and a Conv2D in the teacher) to the
-    teacher's same-named layer output (relative squared error, averaged over layers); 0 turns it off. freeze_batchnorm: BatchNormalization
-    layers frozen (inference mode) during training. frozen_batchnorm_pass: read by convert-model's recovery
-    (recovery.py): after fine-tuning a model with BatchNorm, a second pass with freeze_batchnorm, kept only if
-    validation improves."""
+    teacher's same-named layer output (relative squared error, averaged over layers); 0 turns it off.
+    freeze_batchnorm: BatchNormalization layers frozen (inference mode) during training. frozen_batchnorm_pass: read
+    by convert-model's recovery (recovery.py): after fine-tuning a model with BatchNorm, a second pass with
+    freeze_batchnorm, kept only if validation improves."""
 
     epochs: int = 10
     batch_size: int = 32

@@ -416,8 +416,7 @@ def _check_budget(plan: BudgetPlan, stages, scorer) -> BudgetResult:
         metric, before, after = "agreement", first.val_outputs[named], final.val_outputs[named]
         drop = 100.0 * (before - after)
     elif final.val_outputs is not None and named is None:  # every output: the worst drop (the first: main metric)
-        drop = max([drop] + [100.0 * (before - after) for before, after in zip(first.val_outputs[1:],
-                                                                              final.val_outputs[1:])])
+        drop = max([drop] + [100.0 * (was - now) for was, now in zip(first.val_outputs[1:], final.val_outputs[1:])])
     test_metric = "accuracy" if scorer.labelled else "agreement"
     test_drop = 100.0 * (getattr(first, test_metric) - getattr(final, test_metric))
     held = drop <= plan.max_drop + 1e-9
@@ -472,8 +471,10 @@ class _Scorer:
         falling."""
         if last.val_outputs is None or stage.val_outputs is None:
             return None
-        watched = range(1, len(stage.val_outputs)) if self.budget_output is None else \
-            [self.budget_output] if self.budget_output else []  # a named output: that one alone
+        if self.budget_output is None:
+            watched = range(1, len(stage.val_outputs))
+        else:  # a named output: that one alone (the first is judged by the main metric)
+            watched = [self.budget_output] if self.budget_output else []
         for index in watched:
             if stage.val_outputs[index] < last.val_outputs[index] - COSINE_NOISE:
                 return index

@@ -23,15 +23,15 @@ class LayerRow:
     kernel: tuple[int, int] | None = None
     in_channels: int | None = None
     out_channels: int | None = None
-    rank: int | None = None  # the depth multiplier K of the separated layer (spatial form: the channels r between halves)
-    full_rank: int | None = None  # the rank at which separation is exact: min(kh*kw, cout) (spatial: min(kh*cin, kw*cout))
+    rank: int | None = None  # the depth multiplier K of the separated layer (spatial: the channels r between halves)
+    full_rank: int | None = None  # the exact rank: min(kh*kw, cout) (spatial: min(kh*cin, kw*cout))
     params_before: int = 0
     params_after: int = 0
     macs_before: int | None = None  # per sample, summed over the layer's calls; None when a spatial size is unknown
     macs_after: int | None = None
     relative_error: float | None = None  # ||W - W_K||_F / ||W||_F of the kernel
     retained_energy: float | None = None  # 1 - relative_error**2
-    form: str | None = None  # "depthwise" (SeparableConv2D) or "spatial" (a kh x 1 then a 1 x kw Conv2D) when separated
+    form: str | None = None  # separated: "depthwise" (SeparableConv2D) or "spatial" (kh x 1 then 1 x kw Conv2D)
 
     def __post_init__(self):
         if self.status == SEPARATED and self.form is None:
