@@ -35,11 +35,12 @@ from sepconv.deploy.flags import count as _count
 from sepconv.deploy.flags import positive as _positive
 
 
-def _quiet_tensorflow(debug: bool) -> None:
+def _quiet_tensorflow(debug: bool, devices: bool = True) -> None:
     """Import TensorFlow with its C++ start-up chatter (oneDNN, CUDA probing) kept off the user's terminal.
 
     TensorFlow 2.21 logs these through absl before TF_CPP_MIN_LOG_LEVEL applies, so the process's output is captured
-    while TensorFlow imports and initialises its devices; --debug keeps everything.
+    while TensorFlow imports and initialises its devices (not with devices=False: --strategy multi-worker must
+    configure them itself, first); --debug keeps everything.
     """
     os.environ.setdefault("KERAS_BACKEND", "tensorflow")
     if debug:
@@ -51,7 +52,8 @@ def _quiet_tensorflow(debug: bool) -> None:
         try:
             import tensorflow as tf
 
-            tf.config.list_logical_devices()
+            if devices:
+                tf.config.list_logical_devices()
             tf.get_logger().setLevel("ERROR")  # e.g. retracing notices when several models are evaluated
         except ImportError:
             pass  # reported where a function needs TensorFlow, with the install hint
@@ -60,7 +62,7 @@ def _quiet_tensorflow(debug: bool) -> None:
 def run(prog: str, body, args: argparse.Namespace, outputs=None) -> int:
     """Import TensorFlow quietly, then run `body(args)` as every sepconv command does (sepconv.deploy.clikit.run): a
     sepconv error is one line on stderr and its exit status (a traceback with --debug)."""
-    _quiet_tensorflow(args.debug)
+    _quiet_tensorflow(args.debug, devices=getattr(args, "strategy", None) != "multi-worker")
     if not args.debug:  # Keras 3 warns on every call of a legacy (Keras 2) model saved with a list input; harmless
         import warnings
 
@@ -76,6 +78,7 @@ _share = _checked(float, lambda v: 0 <= v <= 1, "share", "a number in [0, 1]")
 _open_fraction = _checked(float, lambda v: 0 < v < 1, "fraction", "a number in (0, 1)")
 _confidence = _checked(float, lambda v: 0 <= v < 1, "confidence", "a number in [0, 1)")
 _seed = _checked(int, lambda v: 0 <= v < 2 ** 32, "seed", "a whole number in [0, 2**32)")
+_whole = _checked(int, lambda v: v >= 0, "size", "a whole number >= 0")
 _rank = _checked(lambda t: t if t == "full" else int(t), lambda v: v == "full" or v >= 1, "rank",
                  "a whole number >= 1 or 'full'")
 
@@ -127,6 +130,10 @@ def convert_parser() -> argparse.ArgumentParser:
     group.add_argument("--std", type=_floats, help="per-channel std divided after the mean, e.g. 0.229,0.224,0.225")
     group.add_argument("--max-samples", type=_positive, help="read at most this many samples of each data file (a "
                        "seeded random choice), before the split: the test and validation samples shrink with it")
+    group.add_argument("--data-cache-mb", type=_whole, default=data.cache_mb, metavar="MB",
+                       help="a data file whose decoded images take at most this many MiB is read once into memory; a "
+                       "larger one streams from disk in batches (memory stays flat at any size); 0 streams everything "
+                       "(default: %(default)s)")
     group.add_argument("--test-data", help="test data (same forms as --data) for scoring and verification only, never "
                        "for choosing; default: --heldout-fraction of --data")
     group.add_argument("--validation-data", help="validation data (same forms as --data) that makes every choice, "
@@ -231,8 +238,9 @@ def convert_parser() -> argparse.ArgumentParser:
                        help="after fine-tuning a model with BatchNorm, fine-tune again with BatchNorm frozen (moving "
                             "statistics), kept only if validation improves (default: on)")
     group.add_argument("--strategy", choices=STRATEGIES, default=fit.strategy,
-                       help="tf.distribute: mirrored over all visible devices, auto when there are several "
-                            "(default: %(default)s)")
+                       help="tf.distribute: mirrored over all visible devices, auto when there are several, "
+                            "multi-worker across the hosts of TF_CONFIG (every worker runs the same command; the chief "
+                            "writes; docs/finetune.md) (default: %(default)s)")
     group.add_argument("--checkpoint-dir", help="per-epoch checkpoints (default: the first output + .checkpoints); "
                        "removed once the artifacts are written")
     group.add_argument("--resume", action="store_true", help="continue an interrupted run from its checkpoints")
@@ -322,7 +330,8 @@ def convert_options(args, *, custom_objects: bool = True):
         validation_data=args.validation_data,
         heldout_fraction=args.heldout_fraction,
         validation_fraction=args.validation_fraction,
-        data_options=DataOptions(scale=args.scale, mean=args.mean, std=args.std, max_samples=args.max_samples),
+        data_options=DataOptions(scale=args.scale, mean=args.mean, std=args.std, max_samples=args.max_samples,
+                                 cache_mb=args.data_cache_mb),
         calibration_samples=args.calibration_samples,
         targets=(TFLiteOutputOptions(io_type=args.io_type, per_channel=not args.per_tensor, allow_flex=args.allow_flex),
                  OnnxOutputOptions(opset=args.opset, layout=args.layout, per_channel=not args.per_tensor)),

@@ -1,9 +1,16 @@
 """Data a user brings: an .npz with x (and y), a folder of images in class sub-folders, or a flat folder of images;
 and a run's data in its three roles (`datasets`).
 
-Everything is turned into float32 arrays shaped like the model's input. Image files and integer arrays are scaled
+Everything is turned into float32 images shaped like the model's input. Image files and integer arrays are scaled
 by `DataOptions.scale` (then normalised by mean/std if given); float arrays are taken as already preprocessed, since
 only the user knows how the model was trained.
+
+Data up to `DataOptions.cache_mb` of decoded float32 images is read once into memory (a numpy array); larger data
+streams: `Dataset.x` is then an `Images`, an array-like that reads the rows it is indexed with from disk (image files
+decoded one by one, an .npz's rows by file offset, never memory-mapped: mapped pages would count as the process's
+memory). Every stage takes its inputs in batches (graph.predict_keras, verification.run_artifact, fine-tuning's
+tf.data pipeline), so a streamed run holds a few batches, the small calibration sample and the models, whatever the
+number of images.
 
 A run's data plays three roles, which never share a sample: train (with a part that calibrates), validation (every
 choice) and test (scores and verification only); without data, synthetic test inputs. `datasets` returns them as a
@@ -12,7 +19,15 @@ RunData, with the DataInfo that the result and the manifests report.
 
 from __future__ import annotations
 
+import hashlib
+import logging
+import os
+import shutil
+import struct
+import tempfile
 import warnings
+import weakref
+import zipfile
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -30,6 +45,12 @@ SEED = 0  # of every shuffle and sample here: the same files give the same data
 MAX_IMAGE_PIXELS = 1 << 26  # 67 M pixels (8192 x 8192): more than any camera image, less than PIL's bomb warning
 MIN_SAMPLES = 20  # a run with data needs some samples to train on, some to validate with and some to test on
 SYNTHETIC_SAMPLES = 64
+CACHE_MB = 1024  # DataOptions.cache_mb's default: decoded data up to this size is kept in memory, larger data streams
+READ_CHUNK = 256  # images per read when a streamed set is checked or read whole
+CHECKED_SAMPLES = 256  # a streamed folder's constant-image check looks at this many images (an .npz: every row)
+SPLIT_SEEDS = (0, 1)  # test held out of --data, then validation out of the rest
+
+log = logging.getLogger("sepconv.convert")
 
 if TYPE_CHECKING:  # options imports this module: the annotation only
     from sepconv.convert.options import ConvertOptions
@@ -42,12 +63,15 @@ class DataOptions:
     (`resolve_scale`; read without a model, 'unit').
     mean / std: per-channel normalisation applied after scaling ((x - mean) / std), e.g. ImageNet statistics.
     max_samples: read at most this many samples: a seeded random choice (classes in turn for image folders), so that
-    a file sorted by label keeps its classes."""
+    a file sorted by label keeps its classes.
+    cache_mb: a data file whose decoded float32 images take at most this many MiB is read once into memory; a larger
+    one streams from disk (module doc); 0 streams everything."""
 
     scale: str = AUTO
     mean: tuple[float, ...] | None = None
     std: tuple[float, ...] | None = None
     max_samples: int | None = None
+    cache_mb: int = CACHE_MB
 
     def __post_init__(self):
         if self.scale not in SCALES and self.scale != AUTO:
@@ -55,30 +79,121 @@ class DataOptions:
                                      f"{sorted(SCALES) + [AUTO]}")
         if self.max_samples is not None and (not isinstance(self.max_samples, int) or self.max_samples < 1):
             raise InvalidOptionError(f"Unrecognized max_samples={self.max_samples!r}. Use a whole number >= 1")
+        if not isinstance(self.cache_mb, int) or isinstance(self.cache_mb, bool) or self.cache_mb < 0:
+            raise InvalidOptionError(f"Unrecognized cache_mb={self.cache_mb!r}. Use a whole number of MiB >= 0 (0: "
+                                     f"stream every data file from disk)")
         if self.std is not None and any(s == 0 for s in self.std):
             raise InvalidOptionError(f"Unrecognized std={self.std!r}. Standard deviations must be non-zero")
 
 
 @dataclass(frozen=True)
 class Dataset:
-    """Inputs shaped like the model's (float32), optional integer labels, and where they came from."""
+    """Inputs shaped like the model's (float32: an array, or `Images` streamed from disk), optional integer labels,
+    and where they came from."""
 
-    x: np.ndarray
+    x: np.ndarray | Images
     y: np.ndarray | None
     source: str
     class_names: tuple[str, ...] | None = None
     one_hot: int | None = None  # the width of the one-hot rows the labels were given as (None: class indices)
+    origin: Images | None = None  # in memory, read from a file: where each row came from (its members)
 
     def __len__(self) -> int:
         return len(self.x)
 
+    @property
+    def streamed(self) -> bool:
+        return isinstance(self.x, Images)
+
     def take(self, index) -> Dataset:
-        return Dataset(self.x[index], None if self.y is None else self.y[index], self.source, self.class_names,
-                       self.one_hot)
+        x = self.x.take(index) if self.streamed else self.x[index]
+        return Dataset(x, None if self.y is None else self.y[index], self.source, self.class_names, self.one_hot,
+                       None if self.origin is None else self.origin.take(index))
+
+    def members(self) -> list[str]:
+        """What each sample is, in order: its file (folder-relative) or its row in the .npz it was read from; for
+        arrays given to the API, its row."""
+        if self.streamed or self.origin is not None:
+            return (self.x if self.streamed else self.origin).members()
+        return [str(i) for i in range(len(self.x))]
+
+    def fingerprint(self) -> str:
+        """sha256 of what the set holds: its members' identities and labels when streamed (a file's path, size and
+        modification time; an .npz's rows and the file's), its values when in memory."""
+        digest = hashlib.sha256()
+        if self.streamed:
+            digest.update("\n".join([*self.x.members(), self.x.identity()]).encode())
+            arrays = (self.y,)
+        else:
+            arrays = (self.x, self.y)
+        for array in arrays:
+            if array is not None:
+                array = np.ascontiguousarray(array)
+                digest.update(f"{array.dtype}{array.shape}".encode())
+                digest.update(memoryview(array).cast("B"))
+        return digest.hexdigest()
+
+
+class Images:
+    """A data file's images read on demand, shaped, scaled and normalised like the model's input: an array-like
+    (len, shape, dtype, x[i], x[a:b], x[rows], np.asarray) over rows of a reader (_FolderReader, _ArrayReader).
+    `take` gives a subset without reading anything; indexing reads and returns a float32 numpy array. np.asarray
+    reads the whole set (with a warning when it is larger than the cache that decides streaming)."""
+
+    ndim = 4
+    dtype = np.dtype(np.float32)
+
+    def __init__(self, reader, rows: np.ndarray, options: DataOptions):
+        self.reader, self.rows, self.options = reader, np.asarray(rows, np.int64), options
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return (len(self.rows), *self.reader.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(np.prod(self.shape)) * 4
+
+    def __getitem__(self, key):
+        if isinstance(key, tuple):
+            return self[key[0]][(slice(None), *key[1:])]
+        if isinstance(key, (int, np.integer)):
+            return self._read(self.rows[[key]])[0]
+        return self._read(self.rows[key])
+
+    def take(self, index) -> Images:
+        return Images(self.reader, self.rows[index], self.options)
+
+    def read(self) -> np.ndarray:
+        """Every image, read in chunks into one array."""
+        out = np.empty(self.shape, np.float32)
+        for start in range(0, len(self), READ_CHUNK):
+            out[start:start + READ_CHUNK] = self[start:start + READ_CHUNK]
+        return out
+
+    def __array__(self, dtype=None, copy=None):
+        if self.nbytes > self.options.cache_mb << 20:
+            log.warning(f"reading all {len(self):,} streamed images of {self.reader.source} into memory "
+                        f"({self.nbytes / 2 ** 20:,.0f} MiB)", extra={"stage": "data"})
+        x = self.read()
+        return x if dtype is None else x.astype(dtype)
+
+    def members(self) -> list[str]:
+        return [self.reader.member(row) for row in self.rows]
+
+    def identity(self) -> str:
+        return self.reader.identity()
+
+    def _read(self, rows: np.ndarray) -> np.ndarray:
+        return _normalise(self.reader.read(rows), self.options, scale=self.reader.scaled)
 
 
 def load_data(source, input_shape, options: DataOptions = DataOptions()) -> Dataset:
-    """Read `source` (.npz, or a folder of images) into a Dataset matching `input_shape` (batch dim first, ignored)."""
+    """Read `source` (.npz, or a folder of images) into a Dataset matching `input_shape` (batch dim first, ignored):
+    in memory up to `options.cache_mb`, else streamed (module doc)."""
     path = Path(source)
     shape = tuple(input_shape[1:])
     if len(shape) != 3 or any(d is None for d in shape):
@@ -86,8 +201,12 @@ def load_data(source, input_shape, options: DataOptions = DataOptions()) -> Data
                         f"{tuple(input_shape)}; pass arrays through the Python API instead")
     _check_normalisation(options, shape[-1])
     check_source(path)
+    lazy = _from_folder(path, shape, options) if path.is_dir() else _from_npz(path, shape, options)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):  # overflows are counted by _check_finite
-        return _check_finite(_from_folder(path, shape, options) if path.is_dir() else _from_npz(path, shape, options))
+        if lazy.x.nbytes <= options.cache_mb << 20:
+            return _check_finite(replace(lazy, x=lazy.x.read(), origin=lazy.x))
+        _check_streamed(lazy)
+    return lazy
 
 
 def check_source(source) -> None:
@@ -109,43 +228,166 @@ def _check_normalisation(options: DataOptions, channels: int) -> None:
 
 def _check_finite(data: Dataset) -> Dataset:
     """NaN or infinite inputs would train and calibrate a model that outputs NaN: refuse them, saying how many."""
-    finite = np.isfinite(data.x)
-    bad = int(finite.size - np.count_nonzero(finite))
+    bad = samples = 0
+    for start in range(0, len(data), READ_CHUNK):
+        chunk = np.asarray(data.x[start:start + READ_CHUNK])
+        finite = np.isfinite(chunk)
+        bad += int(finite.size - np.count_nonzero(finite))
+        samples += int(np.count_nonzero(~finite.reshape(len(finite), -1).all(axis=1)))
     if bad:
-        samples = int(np.count_nonzero(~finite.reshape(len(finite), -1).all(axis=1)))
         raise DataError(f"{data.source}: {bad:,} non-finite values (NaN or infinity) in {samples:,} of {len(data):,} "
                         f"samples, after conversion to float32 and --mean/--std; remove or repair those samples")
     return data
 
 
-def _check_kind(x: np.ndarray, path: Path) -> None:
-    if not (np.issubdtype(x.dtype, np.number) or x.dtype == bool) or x.ndim not in (3, 4) or len(x) == 0:
+def _check_streamed(data: Dataset) -> None:
+    """A streamed set's checks without holding it: an .npz of floats is read through once for non-finite values;
+    images that are all one constant value are looked for in every row of an .npz and in the first CHECKED_SAMPLES
+    (seeded order) of a folder."""
+    if isinstance(data.x.reader, _ArrayReader) and not data.x.reader.scaled:
+        _check_finite(data)
+    rows = len(data) if isinstance(data.x.reader, _ArrayReader) else min(len(data), CHECKED_SAMPLES)
+    low, high = np.inf, -np.inf
+    for start in range(0, rows, READ_CHUNK):
+        chunk = data.x[start:min(rows, start + READ_CHUNK)]
+        low, high = min(low, float(chunk.min())), max(high, float(chunk.max()))
+    if low == high:
+        raise DataError(f"{data.source}: all {rows:,} images read are the same constant value {low:g}; this is not "
+                        f"image data: pass the real images")
+
+
+def _check_kind(dtype: np.dtype, shape: tuple, path: Path) -> None:
+    if not (np.issubdtype(dtype, np.number) or dtype == bool) or len(shape) not in (3, 4) or shape[0] == 0:
         raise DataError(f"{path}: 'x' must be a non-empty numeric array of images (N, H, W[, C]); got dtype "
-                        f"{x.dtype} and shape {x.shape}")
+                        f"{dtype} and shape {shape}")
+
+
+class _FolderReader:
+    """Image files, decoded and resized one by one (pixels 0..255)."""
+
+    scaled = True
+
+    def __init__(self, root: Path, files: list[Path], shape):
+        self.root, self.files, self.shape, self.source = root, files, shape, str(root)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        out = np.empty((len(rows), *self.shape), np.float32)
+        for k, row in enumerate(rows):
+            out[k] = _read_image(self.files[row], self.shape)
+        return out
+
+    def member(self, row: int) -> str:
+        return self.files[row].relative_to(self.root).as_posix()
+
+    def identity(self) -> str:
+        stats = (f.stat() for f in self.files)
+        return hashlib.sha256("".join(f"{s.st_size}:{s.st_mtime_ns};" for s in stats).encode()).hexdigest()
+
+
+class _ArrayReader:
+    """The rows of the array 'x' of an .npz, read by offset from the file (an uncompressed .npz, as numpy.savez
+    writes) or from a temporary copy of the member (numpy.savez_compressed), or from memory (a Fortran-ordered
+    array, which numpy can only load whole); then channels and size fitted (_fit)."""
+
+    def __init__(self, path: Path, shape):
+        self.source, self.shape, self.array = str(path), shape, None
+        try:
+            with zipfile.ZipFile(path) as archive:
+                if "x.npy" not in archive.namelist():
+                    found = sorted(name.removesuffix(".npy") for name in archive.namelist())
+                    raise DataError(f"{path}: has no array 'x' (found: {found}); save it with numpy.savez(path, "
+                                    f"x=images, y=labels)")
+                info = archive.getinfo("x.npy")
+                if info.compress_type == zipfile.ZIP_STORED:
+                    self.file, start = path, _member_start(path, info.header_offset)
+                else:
+                    self.file, start = self._unpacked(archive), 0
+            with open(self.file, "rb") as stream:
+                stream.seek(start)
+                version = np.lib.format.read_magic(stream)
+                read_header = np.lib.format.read_array_header_2_0 if version == (2, 0) \
+                    else np.lib.format.read_array_header_1_0
+                self.rows_shape, fortran, self.dtype = read_header(stream)
+                self.offset = stream.tell()
+        except DataError:
+            raise
+        except (OSError, ValueError, zipfile.BadZipFile, struct.error) as error:
+            raise DataError(f"{path}: cannot be read as .npz ({first_line(error, 200)}); save it with "
+                            f"numpy.savez(path, x=images, y=labels)") from error
+        _check_kind(self.dtype, self.rows_shape, path)
+        if fortran:
+            with np.load(path, allow_pickle=False) as archive:
+                self.array = np.ascontiguousarray(archive["x"])
+        self.scaled = bool(np.issubdtype(self.dtype, np.integer))
+        self.count = self.rows_shape[0]
+        self.row_bytes = int(np.prod(self.rows_shape[1:])) * self.dtype.itemsize
+
+    def _unpacked(self, archive: zipfile.ZipFile) -> Path:
+        handle, name = tempfile.mkstemp(prefix="sepconv-data-", suffix=".npy")
+        weakref.finalize(self, os.unlink, name)
+        with os.fdopen(handle, "wb") as target, archive.open("x.npy") as member:
+            shutil.copyfileobj(member, target, 1 << 20)
+        return Path(name)
+
+    def read(self, rows: np.ndarray) -> np.ndarray:
+        if self.array is not None:
+            raw = self.array[rows]
+        else:
+            raw = np.empty((len(rows), *self.rows_shape[1:]), self.dtype)
+            with open(self.file, "rb") as stream:
+                handle, start = stream.fileno(), 0
+                while start < len(rows):  # a run of consecutive rows is one read
+                    stop = start + 1
+                    while stop < len(rows) and rows[stop] == rows[stop - 1] + 1:
+                        stop += 1
+                    data = os.pread(handle, self.row_bytes * (stop - start), self.offset + int(rows[start]) *
+                                    self.row_bytes)
+                    raw[start:stop] = np.frombuffer(data, self.dtype).reshape((stop - start, *self.rows_shape[1:]))
+                    start = stop
+        if raw.ndim == 3:
+            raw = raw[..., None]
+        return _fit(raw.astype(np.float32), self.shape, self.source)
+
+    def member(self, row: int) -> str:
+        return str(int(row))
+
+    def identity(self) -> str:
+        stat = Path(self.source).stat()
+        return f"{stat.st_size}:{stat.st_mtime_ns}"
+
+
+def _member_start(path: Path, header_offset: int) -> int:
+    """Where an uncompressed zip member's data starts: after its local header (30 bytes, its name and extra field)."""
+    with open(path, "rb") as stream:
+        stream.seek(header_offset)
+        local = stream.read(30)
+    if local[:4] != b"PK\x03\x04":
+        raise ValueError("bad local file header")
+    name_length, extra_length = struct.unpack("<HH", local[26:30])
+    return header_offset + 30 + name_length + extra_length
 
 
 def _from_npz(path: Path, shape, options: DataOptions) -> Dataset:
+    reader = _ArrayReader(path, shape)
+    y = _npz_labels(path)
+    count = reader.count
+    rows = np.arange(count)
+    if options.max_samples and options.max_samples < count:
+        rows = np.sort(np.random.default_rng(SEED).choice(count, options.max_samples, replace=False))
+        y = y[rows] if y is not None and np.ndim(y) >= 1 and len(y) == count else y
+    width = int(y.shape[1]) if y is not None and np.ndim(y) == 2 and y.shape[1] > 1 else None
+    if reader.rows_shape[-1] not in (1, shape[-1]) and len(reader.rows_shape) == 4:
+        reader.read(rows[:1])  # the channel check's error, before anything else
+    return Dataset(Images(reader, rows, options), _labels(y, len(rows), path), str(path), one_hot=width)
+
+
+def _npz_labels(path: Path):
     try:
         with np.load(path, allow_pickle=False) as archive:
-            arrays = {key: archive[key] for key in archive.files}
+            return archive["y"] if "y" in archive.files else None
     except (OSError, ValueError) as error:
-        raise DataError(f"{path}: cannot be read as .npz ({first_line(error, 200)}); save it with "
-                        f"numpy.savez(path, x=images, y=labels)") from error
-    if "x" not in arrays:
-        raise DataError(f"{path}: has no array 'x' (found: {sorted(arrays)}); save it with numpy.savez(path, x=images, "
-                        f"y=labels)")
-    _check_kind(arrays["x"], path)
-    x, y = arrays["x"], arrays.get("y")
-    if options.max_samples and options.max_samples < len(x):
-        keep = np.sort(np.random.default_rng(SEED).choice(len(x), options.max_samples, replace=False))
-        y = y[keep] if y is not None and np.ndim(y) >= 1 and len(y) == len(x) else y
-        x = x[keep]
-    if x.ndim == 3:
-        x = x[..., None]
-    scaled = np.issubdtype(x.dtype, np.integer)
-    x = _fit(x.astype(np.float32), shape, str(path))
-    width = int(y.shape[1]) if y is not None and np.ndim(y) == 2 and y.shape[1] > 1 else None
-    return Dataset(_normalise(x, options, scale=scaled), _labels(y, len(x), path), str(path), one_hot=width)
+        raise DataError(f"{path}: 'y' cannot be read ({first_line(error, 200)}); save it with numpy.savez(path, "
+                        f"x=images, y=labels)") from error
 
 
 def _from_folder(path: Path, shape, options: DataOptions) -> Dataset:
@@ -156,13 +398,16 @@ def _from_folder(path: Path, shape, options: DataOptions) -> Dataset:
         files = [(f, None) for f in _images_in(path)]
     if not files:
         raise DataError(f"{path}: holds no images ({', '.join(IMAGE_SUFFIXES)}), directly or in class sub-folders")
+    if shape[-1] not in (1, 3):
+        raise DataError(f"The model takes {shape[-1]}-channel images; image folders can feed 1 (grayscale) or 3 (RGB) "
+                        f"channels; pass an .npz instead")
     order = np.random.default_rng(SEED).permutation(len(files))  # read class by class, used in a random order
     files = [files[i] for i in order]
     if options.max_samples:
         files = _interleave(files, options.max_samples)
-    x = np.stack([_read_image(f, shape) for f, _ in files])
     y = np.array([label for _, label in files], dtype=np.int64) if classes else None
-    return Dataset(_normalise(x, options, scale=True), y, str(path), tuple(classes) or None)
+    reader = _FolderReader(path, [f for f, _ in files], shape)
+    return Dataset(Images(reader, np.arange(len(files)), options), y, str(path), tuple(classes) or None)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -283,23 +528,43 @@ def _input_rescaling(model) -> str | None:
 
 
 def check_usable(data: Dataset, minimum: int) -> None:
-    """Refuse data that cannot carry a run: too few samples for its three roles, or images that are all the same."""
+    """Refuse data that cannot carry a run: too few samples for its three roles, or images that are all the same (a
+    streamed set was looked at when it was opened: _check_streamed)."""
     if len(data) < minimum:
         raise DataError(f"{data.source}: only {len(data)} samples; a run needs at least {minimum} (some to train and "
                         f"calibrate on, some to validate, some to test); pass more images")
-    if float(np.ptp(data.x)) == 0.0:
+    if not data.streamed and float(np.ptp(data.x)) == 0.0:
         raise DataError(f"{data.source}: all {len(data)} images are the same constant value {float(data.x.flat[0]):g}; "
                         f"this is not image data: pass the real images")
 
 
 def split(data: Dataset, heldout: float = 0.25, seed: int = 0) -> tuple[Dataset, Dataset]:
-    """(train, held-out): a seeded shuffle; `heldout` of the samples (at least one each side) are held out."""
+    """(kept, held-out): `heldout` of the samples (at least one each side), each in a seeded random order; see
+    `stratified_split`."""
     if len(data) < 2:
         raise DataError(f"{data.source}: needs at least 2 samples (some to calibrate or train on, some held out); "
                         f"got {len(data)}")
-    order = np.random.default_rng(seed).permutation(len(data))
-    cut = min(len(data) - 1, max(1, int(round(len(data) * heldout))))
-    return data.take(order[cut:]), data.take(order[:cut])
+    kept, held = stratified_split(data.y, len(data), heldout, seed)
+    return data.take(kept), data.take(held)
+
+
+def stratified_split(labels: np.ndarray | None, count: int, fraction: float, seed: int) -> tuple[np.ndarray,
+                                                                                                  np.ndarray]:
+    """(kept, held) sample indices: round(count * fraction) held (at least one, and one kept), each class in
+    proportion to its size (the largest remainders get the odd ones), drawn with `seed`; each side in a seeded random
+    order. Without labels, a seeded random choice."""
+    rng = np.random.default_rng(seed)
+    cut = min(count - 1, max(1, int(round(count * fraction))))
+    groups = [np.arange(count)] if labels is None else [np.flatnonzero(labels == c) for c in np.unique(labels)]
+    quotas = np.array([len(group) * cut / count for group in groups])
+    take = np.floor(quotas).astype(int)
+    take[np.argsort(take - quotas, kind="stable")[:cut - int(take.sum())]] += 1
+    kept, held = [], []
+    for group, share in zip(groups, take):
+        order = rng.permutation(group)
+        held.append(order[:share])
+        kept.append(order[share:])
+    return rng.permutation(np.concatenate(kept)), rng.permutation(np.concatenate(held))
 
 
 @dataclass(frozen=True)
@@ -320,6 +585,8 @@ class DataInfo:
     heldout_samples: int
     heldout_labelled: bool
     description: str
+    streamed: bool = False  # some role streams from disk (larger than DataOptions.cache_mb)
+    roles: dict | None = None  # each role's members (role_record): the split a resumed run and the test data check
 
     def to_dict(self) -> dict:
         fields = asdict(self)
@@ -361,25 +628,53 @@ def _split_roles(model, options: ConvertOptions, data_options: DataOptions, prep
     if options.test_data:
         rest, test = data, _labelled_data(options.test_data, model, data_options)
     else:
-        rest, test = split(data, heldout=options.heldout_fraction)
+        rest, test = split(data, heldout=options.heldout_fraction, seed=SPLIT_SEEDS[0])
     if options.validation_data:
-        train = rest.take(np.random.default_rng(1).permutation(len(rest)))  # all of it, shuffled
+        train = rest.take(np.random.default_rng(SPLIT_SEEDS[1]).permutation(len(rest)))  # all of it, shuffled
         validation = _labelled_data(options.validation_data, model, data_options)
     else:
-        train, validation = split(rest, heldout=options.validation_fraction, seed=1)
+        train, validation = split(rest, heldout=options.validation_fraction, seed=SPLIT_SEEDS[1])
     calibration = train.take(np.arange(min(options.calibration_samples, len(train))))
     labels = "labelled" if data.y is not None else "unlabelled"
     held = f"{len(test)} from {test.source}" if options.test_data else f"{len(test)} held out"
+    streamed = any(role.streamed for role in (train, validation, test))
+    where = "streamed from disk in batches" if streamed else "held in memory"
     info = DataInfo(
         source=data.source, test_source=test.source if options.test_data else None,
         validation_source=validation.source if options.validation_data else None,
         samples=len(data), labelled=data.y is not None, scale=data_options.scale, preprocessing=preprocessing,
         train_samples=len(train), calibration_samples=len(calibration), validation_samples=len(validation),
-        heldout_samples=len(test), heldout_labelled=test.y is not None,
-        description=f"{len(data)} {labels} samples from {data.source} ({scale_note}): {len(train)} to train on (a "
-                    f"random {len(calibration)} of them also calibrate), {len(validation)} to validate (every "
+        heldout_samples=len(test), heldout_labelled=test.y is not None, streamed=streamed,
+        roles={role: role_record(each) for role, each in (("train", train), ("validation", validation),
+                                                           ("test", test))},
+        description=f"{len(data)} {labels} samples from {data.source} ({scale_note}; {where}): {len(train)} to train "
+                    f"on (a random {len(calibration)} of them also calibrate), {len(validation)} to validate (every "
                     f"choice), {held} to test (scoring and verification only)")
-    return RunData(train, calibration.x, validation, test, info)
+    return RunData(train, calibration.x.read() if calibration.streamed else calibration.x, validation, test, info)
+
+
+def sample_pool(train: Dataset, least: int):
+    """The training images int8's better-calibration attempt draws its sample from (export/quantization.py): all of
+    them in memory; streamed, the first of the seeded training order that fit in a quarter of the cache (at least
+    `least`, the calibration sample's size), since the attempt reads its sample whole."""
+    if not train.streamed:
+        return train.x
+    fit = (train.x.options.cache_mb << 18) // max(1, train.x.nbytes // max(1, len(train)))
+    return train.x.take(np.arange(min(len(train), max(least, fit))))
+
+
+def role_record(data: Dataset) -> dict:
+    """A role's record in the manifest: its source, how many samples (per class when labelled), whether it streamed,
+    and the sha256 of its members in order (files relative to a folder, or rows of an .npz; `Dataset.members`), so
+    that a later run can check it holds the same split (the split is seeded and stratified: data.split)."""
+    members = data.members()
+    record = {"source": data.source, "samples": len(data), "streamed": data.streamed,
+              "members_sha256": hashlib.sha256("\n".join(members).encode()).hexdigest()}
+    if data.y is not None:
+        names = data.class_names or tuple(str(c) for c in range(int(data.y.max()) + 1 if len(data.y) else 0))
+        counts = np.bincount(data.y, minlength=len(names))
+        record["per_class"] = {name: int(n) for name, n in zip(names, counts)}
+    return record
 
 
 def _synthetic(model, preprocessing: dict) -> RunData:

@@ -2,7 +2,8 @@
 
 Keras 3 has no public way to walk a model's graph (which node calls which layer, a tensor's producer, the layers
 nested anywhere inside a layer), to lift safe mode for a block of code, or to fold a function's variables into
-constants; sepconv needs all of these. When a Keras or TensorFlow release moves one, this is the file to mend:
+constants, and TensorFlow none to average a tensor over the workers of a cluster outside a strategy's own training
+step; sepconv needs all of these. When a Keras or TensorFlow release moves one, this is the file to mend:
 tests/test_keras_compat.py exercises each function on the installed versions. Keras and TensorFlow are imported
 inside the functions, so importing this module costs nothing.
 """
@@ -150,3 +151,17 @@ def _atomic_backup_class():
 
     return AtomicBackupAndRestore
 
+
+
+def all_reduce(tensors, *, workers: int, group: int, first_key: int, op: str = "Add", final: str = "Div",
+               timeout: float = 0.0) -> list:
+    """Each tensor combined over the `workers` of a cluster whose collective ops MultiWorkerMirroredStrategy has
+    configured: TensorFlow's CollectiveReduceV2 (the op that strategy itself all-reduces with), `op` "Add" then
+    `final` "Div" (the mean) or "Max" then "Id" (the largest). Every worker must make the same calls in the same order;
+    each call site its own instance keys (first_key + i for the i-th tensor); timeout: seconds to wait for the others
+    (0: forever). Works inside a tf.function (an optimizer's apply) as in eager code."""
+    from tensorflow.python.ops import collective_ops
+
+    return [collective_ops.all_reduce_v2(t, group_size=workers, group_key=group, instance_key=first_key + i,
+                                         merge_op=op, final_op=final, timeout=timeout)
+            for i, t in enumerate(tensors)]

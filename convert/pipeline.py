@@ -26,7 +26,7 @@ from typing import Callable, NamedTuple
 
 import numpy as np
 
-from sepconv.convert.data import check_source, datasets
+from sepconv.convert.data import check_source, datasets, sample_pool
 from sepconv.convert.errors import BudgetError, InvalidOptionError, SepconvError, UnsupportedModelError
 from sepconv.convert.export.quantization import Calibration
 from sepconv.convert.export.speed import SLOWER
@@ -47,6 +47,7 @@ from sepconv.convert.options import (
 )
 from sepconv.convert.outputs import check_outputs, disk_full_as, locked
 from sepconv.convert.recovery.steps import recover, remove_checkpoints
+from sepconv.convert.recovery.finetuning import MULTI_WORKER, multi_worker_strategy, worker_role
 from sepconv.convert.results import ConvertResult, Source
 from sepconv.convert.separation.policy import SeparationOptions
 from sepconv.convert.staging import ExportJob, export_all
@@ -110,6 +111,8 @@ def preflight(source, outputs, options: ConvertOptions) -> tuple[list[Path], Pla
     if options.latency is not None and options.latency.where:
         parse_target(options.latency.where)  # its syntax (an option-like "-oProxyCommand=..." is refused here)
     file_kind(source)
+    if options.epochs != 0 and options.finetune.strategy == MULTI_WORKER:
+        worker_role()  # TF_CONFIG, before any work
     for data in (options.data, options.validation_data, options.test_data):
         if data:
             check_source(data)
@@ -158,6 +161,7 @@ def _heartbeat(progress: Progress | None, every: float = HEARTBEAT_SECONDS):
 def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOptions, recovery_options,
              say: Progress) -> ConvertResult:
     timer = _Timer()
+    worker = _multi_worker(recovery_options, say)
     latency = recovery_options.latency
     if latency is not None and latency.where:  # an unreachable device is said now, not after the sensitivity
         with timer("reach the device"):
@@ -198,6 +202,14 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
         if not report.separated:
             warnings.append(_nothing_separated(report))
             say("warning", warnings[-1])
+        if worker is not None and not worker.chief:  # the chief writes: this worker's part is done
+            remove_checkpoints(recovery_options)
+            say("write", f"worker {worker.index} of {worker.workers}: fine-tuning done; the chief (worker 0) exports, "
+                         f"verifies and writes the artifacts")
+            return ConvertResult(source=source_record, quantize=plan.quantize,
+                                 quantize_reason=quantize_reason(options, plan), data=data.info, separation=report,
+                                 recovery=recovery, plan=plan, artifacts=(), seconds=timer.seconds,
+                                 warnings=tuple(warnings))
         several = recovery is not None and recovery.budget is not None and len(validation_reference.values) > 1
         held = HeldOut(validation, heldout, _original_top1(validation_reference, validation, recovery),
                        list(validation_reference.values) if several else None)
@@ -208,7 +220,8 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
     del model  # else only its outputs on the test inputs are needed from here on (reference.values)
     release_memory()
     try:
-        calibration = calibration if calibration is None else Calibration(calibration, train.x, validation.x)
+        if calibration is not None:
+            calibration = Calibration(calibration, sample_pool(train, len(calibration)), validation.x)
         expected = Outputs(exported, heldout.x)  # every artifact is compared with the same outputs: computed once
         job = ExportJob(model=exported, original=reference if report else None, expected=expected,
                         calibration=calibration, held=held, data_info=data.info, options=options,
@@ -234,6 +247,18 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
     return ConvertResult(source=source_record, quantize=plan.quantize, quantize_reason=quantize_reason(options, plan),
                          data=data.info, separation=report, recovery=recovery, plan=plan, artifacts=artifacts,
                          seconds=timer.seconds, warnings=tuple(warnings))
+
+
+def _multi_worker(recovery_options, say: Progress):
+    """With --strategy multi-worker and fine-tuning: tf.distribute's MultiWorkerMirroredStrategy made before any
+    TensorFlow work (it must be) and this process's WorkerRole; else None."""
+    if not recovery_options.epochs or recovery_options.finetune.strategy != MULTI_WORKER:
+        return None
+    role = worker_role()
+    say("plan", f"multi-worker fine-tuning: worker {role.index} of {role.workers}"
+                f"{' (chief: writes the artifacts)' if role.chief else ''}; waiting for every worker of TF_CONFIG")
+    multi_worker_strategy()
+    return role
 
 
 def _unresolved(images: int, max_drop: float | None, min_agreement: float | None) -> list[str]:

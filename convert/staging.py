@@ -331,7 +331,8 @@ def _export_and_verify(job: ExportJob, item: Staged) -> Staged:
                               recovery=recovery.to_dict() if recovery else None, verification=verification,
                               options=options.describe(), preprocessing=job.data_info.preprocessing,
                               quantize_fallback=item.fallback, quantization=item.quantization,
-                              extras={**unit.manifest_extras(Path(tmp)), **({"forms": forms} if forms else {})})
+                              extras={**unit.manifest_extras(Path(tmp)), **({"forms": forms} if forms else {}),
+                                      "data": job.data_info.to_dict()})  # the roles, so a later run can check them
     fd, item.tmp_manifest = tempfile.mkstemp(prefix=f".{target.name}.json.", suffix=".partial", dir=target.parent)
     with disk_full_as("writing the manifest of", target), os.fdopen(fd, "w") as file:
         file.write(manifest_json(manifest))

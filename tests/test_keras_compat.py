@@ -123,3 +123,17 @@ def test_atomic_backup_and_restore_writes_whole_checkpoints(tmp_path):
     assert saved == [model, model], "before_save runs once per epoch, on the model"
     assert len(seen) == 2 and all(names and not any("partial" in n for n in names) for names in seen), seen
     assert all(any(n.endswith(".weights.h5") for n in names) for names in seen), seen
+
+
+def test_all_reduce_runs_tensorflows_collective_op_in_a_group_of_one():
+    """The op MultiWorkerMirroredStrategy all-reduces with, here in a group of one worker (the two-worker run is
+    tests/test_streaming.py's): the mean and the largest of one tensor are itself, eagerly and in a tf.function."""
+    import tensorflow as tf
+
+    from sepconv.convert.keras_compat import all_reduce
+
+    value = tf.constant([1.5, -2.0])
+    mean, = all_reduce([value], workers=1, group=11, first_key=1)
+    np.testing.assert_allclose(mean.numpy(), [1.5, -2.0], err_msg="the mean of one")
+    largest = tf.function(lambda t: all_reduce([t], workers=1, group=11, first_key=2, op="Max", final="Id")[0])
+    np.testing.assert_allclose(largest(value).numpy(), [1.5, -2.0], err_msg="the largest of one, in a tf.function")

@@ -232,8 +232,10 @@ def _output_budget(outputs: list[np.ndarray], held, budget, index: int, confiden
 
 
 def run_artifact(runtime, x: np.ndarray, *, layout: str = "nhwc", batch_size: int = MAX_BATCH) -> list[np.ndarray]:
+    """The artifact's outputs on `x` (an array, or data.Images streamed from disk), batch by batch."""
     if layout == "nchw":
-        x = np.transpose(x, (0, 3, 1, 2))
+        return batched(lambda batch: runtime.run([np.ascontiguousarray(np.transpose(batch, (0, 3, 1, 2)))]), x,
+                       batch_size)
     return batched(lambda batch: runtime.run([batch]), x, batch_size)
 
 

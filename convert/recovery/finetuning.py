@@ -25,10 +25,12 @@ import numpy as np
 from sepconv.convert.errors import CheckpointError, DiskFullError, InvalidOptionError
 from sepconv.convert.files import disk_full
 from sepconv.convert.graph import layer_output, leaf_layers, predict_keras
-from sepconv.convert.keras_compat import atomic_backup_and_restore, is_graph_model
+from sepconv.convert.keras_compat import all_reduce, atomic_backup_and_restore, is_graph_model
+from sepconv.deploy.files import first_line
 from sepconv.deploy.errors import RECEIVED, TERMINATING, Terminated
 
-STRATEGIES = ("auto", "default", "mirrored")
+STRATEGIES = ("auto", "default", "mirrored", "multi-worker")
+MULTI_WORKER = "multi-worker"
 DEFAULT_LEARNING_RATE = 1e-3
 # For tests only (docs/finetune.md): seconds each epoch waits after its checkpoint and progress line, so that a test can
 # interrupt a run that is, by construction, still fine-tuning.
@@ -41,7 +43,9 @@ class FinetuneOptions:
     temperature: distillation temperature T. label_weight: share of the label loss when labels exist (the rest is
     distillation); ignored without labels (pure distillation). validation_split: held out for early stopping.
     patience: epochs without improvement before stopping. checkpoint_dir: per-epoch backups (resume=True continues
-    from the last one). strategy: auto (mirrored when several devices are visible), default, or mirrored.
+    from the last one). strategy: auto (mirrored when several devices are visible), default, mirrored, or
+    multi-worker (MultiWorkerMirroredStrategy over the hosts of TF_CONFIG: `multi_worker_strategy`; every worker runs
+    the same command, each trains on its own shard of every epoch, the chief's weights are everyone's).
     feature_weight: weight of feature distillation, which matches each layer named in `feature_layers` (default:
     every layer that is a SeparableConv2D or a spatial pair in the student and a Conv2D in the teacher) to the
     teacher's same-named layer output (relative squared error, averaged over layers); 0 turns it off.
@@ -135,7 +139,7 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
     if validation is None:
         targets = _targets(teacher, x, y, classes)
         train, val = _split(len(x), options)
-        x_train, t_train, x_val, t_val = x[train], targets[train], x[val], targets[val]
+        x_train, t_train, x_val, t_val = _rows(x, train), targets[train], _rows(x, val), targets[val]
     else:
         x_val, y_val = validation
         if len(x_val) == 0 or (y is None) != (y_val is None):
@@ -147,37 +151,47 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
     strategy, name = _strategy(options.strategy)
     keras.utils.set_random_seed(options.seed)
     features = _feature_layers(student, teacher, options) if options.feature_weight > 0 else ()
+    worker = worker_role() if name == MULTI_WORKER else None
     with strategy.scope():
         model = _trainable_copy(student, freeze_batchnorm=options.freeze_batchnorm)
         trainer = _feature_trainer(model, _trainable_copy(teacher), features, options.feature_weight) if features \
             else model
-        steps = int(np.ceil(len(x_train) / options.batch_size)) * options.epochs
+        shards = worker.workers if worker else 1  # each worker's steps: its share of the rows, in batches of 1/n
+        steps = int(np.ceil(len(x_train) // shards / -(-options.batch_size // shards))) * options.epochs
         schedule = keras.optimizers.schedules.CosineDecay(options.learning_rate or DEFAULT_LEARNING_RATE,
                                                           decay_steps=max(1, steps))
-        trainer.compile(optimizer=keras.optimizers.Adam(schedule),
+        trainer.compile(optimizer=_averaging_adam()(schedule, workers=shards) if worker else
+                        keras.optimizers.Adam(schedule),
                       loss=_distillation_loss(classes, options.temperature, label_weight),
                       metrics=[_agreement(classes)] + ([_accuracy(classes)] if y is not None else []))
     own = [keras.callbacks.EarlyStopping(monitor=monitor, mode="max", patience=options.patience,
                                          restore_best_weights=True)]
     if options.checkpoint_dir:
         backup = Path(options.checkpoint_dir)
+        if worker and not worker.chief:  # its own checkpoints, beside the chief's
+            backup = backup.with_name(f"{backup.name}.worker{worker.index}")
         if backup.exists() and any(backup.iterdir()) and not options.resume:
             raise CheckpointError(f"{backup} holds checkpoints of an earlier run: pass resume=True to continue it, "
                                   f"or delete the folder to start over")
         own.append(atomic_backup_and_restore(str(backup), before_save=lambda model: require_space(backup, model)))
+    if worker:
+        _agree_across_workers(model, worker)
     start = model.get_weights()
     log = _epoch_log_class()(monitor, options.epochs, progress)
     with _ctrl_c_between_batches() as stop, _disk_full_while_checkpointing(options.checkpoint_dir):
         # the start's score too: Ctrl-C while it runs stops the run when it ends, not wherever TensorFlow is
-        initial = trainer.evaluate(x_val, t_val, batch_size=options.batch_size, verbose=0, return_dict=True)
+        checked = feed(x_val, t_val, options.batch_size)  # every worker validates on all of it, alike
+        initial = trainer.evaluate(**checked, verbose=0, return_dict=True)
         initial = float(initial[monitor.removeprefix("val_")])
         if stop.pressed:
             raise KeyboardInterrupt
-        history = trainer.fit(x_train, t_train, validation_data=(x_val, t_val),
-                              epochs=options.epochs, batch_size=options.batch_size,
+        trained = feed(x_train, t_train, options.batch_size, shuffle=options.seed, worker=worker)
+        history = trainer.fit(**trained,
+                              validation_data=(checked["x"], checked["y"]) if "y" in checked else checked["x"],
+                              epochs=options.epochs,
                               callbacks=own + [log, stop, *_epoch_delay(stop)] + list(callbacks),
-                              verbose=0 if progress else verbose,
-                              shuffle=True)  # stop comes after the checkpoint callback: a save is never cut in half
+                              verbose=0 if progress else verbose,  # stop after the checkpoint: a save is never cut
+                              shuffle="y" in trained)  # a pipeline shuffles itself (feed)
     values = history.history.get(monitor, [])
     best = int(np.nanargmax(values)) if values else -1
     if best < 0 or not values[best] > initial:  # no epoch beat the start: keep it
@@ -190,7 +204,8 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
                           epochs_run=log.last_epoch + 1, best_epoch=best_epoch, best_value=best_value,
                           initial_value=initial, learning_rate=options.learning_rate or DEFAULT_LEARNING_RATE,
                           history={k: [float(v) for v in vs] for k, vs in history.history.items()}, strategy=name,
-                          devices=int(strategy.num_replicas_in_sync), seconds=round(time.perf_counter() - started, 1),
+                          devices=worker.workers if worker else int(strategy.num_replicas_in_sync),
+                          seconds=round(time.perf_counter() - started, 1),
                           feature_layers=tuple(features))
 
 
@@ -325,15 +340,161 @@ def _targets(teacher, x, y, classes: int) -> np.ndarray:
     return np.concatenate([soft, hard], axis=1)
 
 
+def feed(x, targets: np.ndarray, batch_size: int, *, shuffle: int | None = None,
+         worker: WorkerRole | None = None) -> dict:
+    """What Keras' fit and evaluate take (x=, y=, batch_size=): arrays as they are (fit shuffles them); streamed images
+    (data.Images), or a multi-worker run's training data, as a tf.data pipeline that shuffles the row numbers (with
+    `shuffle` as the seed, anew each epoch), reads each batch's rows in parallel and prefetches: memory holds a few
+    batches, never the set. The targets (a few floats per image) stay in memory.
+
+    worker (training only): this worker's share of each epoch's shuffled rows (every worker shuffles alike and keeps
+    every n-th row; the shares are of one size, the odd rows of an epoch, fewer than the workers, wait for the next
+    shuffle) in batches of batch_size / n, so that the workers run the same number of steps on disjoint rows."""
+    if isinstance(x, np.ndarray) and worker is None:
+        return {"x": x, "y": targets, "batch_size": batch_size}
+    import tensorflow as tf
+
+    shape, width = (None, *x.shape[1:]), targets.shape[1]
+
+    def read(rows):
+        return x[rows], targets[rows]
+
+    def load(rows):
+        images, wanted = tf.numpy_function(read, [rows], (tf.float32, tf.float32), stateful=False)
+        images.set_shape(shape)
+        wanted.set_shape((None, width))
+        return images, wanted
+
+    rows = tf.data.Dataset.range(len(x))
+    if shuffle is not None:
+        rows = rows.shuffle(len(x), seed=shuffle, reshuffle_each_iteration=True)  # row numbers: 8 bytes each
+    if worker is not None:
+        rows = rows.take(len(x) // worker.workers * worker.workers).shard(worker.workers, worker.index)
+        batch_size = -(-batch_size // worker.workers)
+    return {"x": rows.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)}
+
+
+def _rows(x, index: np.ndarray):
+    """x[index] without reading streamed images (data.Images.take)."""
+    return x[index] if isinstance(x, np.ndarray) else x.take(index)
+
+
 def _split(count: int, options: FinetuneOptions):
     order = np.random.default_rng(options.seed).permutation(count)
     cut = max(1, int(round(count * options.validation_split)))
     return np.sort(order[cut:]), np.sort(order[:cut])
 
 
+@dataclass(frozen=True)
+class WorkerRole:
+    """This process's place in a multi-worker run (TF_CONFIG): its index among the workers, their number, and
+    whether it is the chief (the task "chief", or worker 0 when the cluster names no chief), which writes."""
+
+    index: int
+    workers: int
+    chief: bool
+
+
+def worker_role(environ=None) -> WorkerRole:
+    """The role TF_CONFIG gives this process (read without TensorFlow); InvalidOptionError when it is missing or
+    malformed, with the form it takes."""
+    import json
+
+    example = ('TF_CONFIG=\'{"cluster": {"worker": ["host1:12345", "host2:12345"]}, "task": {"type": "worker", '
+               '"index": 0}}\' (index 1 on the second host)')
+    text = (os.environ if environ is None else environ).get("TF_CONFIG", "")
+    try:
+        config = json.loads(text)
+        cluster, task = config["cluster"], config["task"]
+        kind, index = task["type"], int(task["index"])
+        hosts = {name: list(addresses) for name, addresses in cluster.items() if name in ("chief", "worker")}
+        if kind not in hosts or not 0 <= index < len(hosts[kind]):
+            raise ValueError(f"task {kind} {index} is not in the cluster")
+    except (ValueError, KeyError, TypeError) as error:
+        what = "is not set" if not text else f"cannot be read ({first_line(error, 120)})"
+        raise InvalidOptionError(f"--strategy multi-worker reads the cluster from TF_CONFIG, which {what}; set it on "
+                                 f"every worker, e.g. {example}") from None
+    before = len(hosts.get("chief", [])) if kind == "worker" else 0
+    total = sum(len(addresses) for addresses in hosts.values())
+    return WorkerRole(index=before + index, workers=total, chief=before + index == 0)
+
+
+_MULTI_WORKER = []  # the process's MultiWorkerMirroredStrategy, once made
+COLLECTIVE_GROUP = 7289  # the group key of sepconv's collectives (any constant every worker shares)
+COLLECTIVE_TIMEOUT = 600.0  # seconds a worker waits for the others at a step before it fails
+CHECK_KEYS, WEIGHT_KEYS, GRADIENT_KEYS = 1, 1 << 20, 2 << 20  # instance keys: each call site its own range
+
+
+def multi_worker_strategy():
+    """TensorFlow's MultiWorkerMirroredStrategy over TF_CONFIG's cluster, made on first call: it starts this worker's
+    server and configures the collective ops that `finetune` averages gradients with. TensorFlow configures them
+    once, before anything runs: call this before any TensorFlow work (convert_model does, first thing); later,
+    InvalidOptionError says so. (Keras 3's fit under that strategy fails - keras-team/keras#20585 - so training is
+    Keras' plain fit on each worker's shard, with the gradients averaged by those collectives: `_averaging_adam`.)"""
+    if not _MULTI_WORKER:
+        worker_role()  # TF_CONFIG's errors in one line
+        import tensorflow as tf
+
+        try:
+            _MULTI_WORKER.append(tf.distribute.MultiWorkerMirroredStrategy())
+        except RuntimeError as error:
+            raise InvalidOptionError(f"--strategy multi-worker must start before any TensorFlow work in the process "
+                                     f"({first_line(error, 100)}): call sepconv.convert.recovery.finetuning."
+                                     f"multi_worker_strategy() first") from None
+    return _MULTI_WORKER[0]
+
+
+def _across_workers(tensors, first_key: int, workers: int, op: str = "Add", final: str = "Div") -> list:
+    """Each tensor's mean over the workers (op "Max", final "Id": the largest); keras_compat.all_reduce."""
+    return all_reduce(tensors, workers=workers, group=COLLECTIVE_GROUP, first_key=first_key, op=op, final=final,
+                      timeout=COLLECTIVE_TIMEOUT)
+
+
+def _agree_across_workers(model, worker: WorkerRole) -> None:
+    """Before training: every worker must train the same architecture (one whose latency measurements chose another
+    plan would wait forever at the first step), so a digest of each worker's layers and weight shapes is compared
+    (InvalidOptionError on every worker when any differs); then the weights are averaged over the workers, so that
+    they start equal (on different hosts, float results may differ in the last bits)."""
+    import hashlib
+
+    import tensorflow as tf
+
+    layout = repr([(w.path, tuple(w.shape)) for w in model.weights]).encode()
+    mine = tf.constant(np.frombuffer(hashlib.sha256(layout).digest()[:8], np.uint16).astype(np.float32))
+    mean = _across_workers([mine], CHECK_KEYS, worker.workers)[0]
+    differs = tf.cast(tf.reduce_any(mean != mine), tf.float32)
+    if float(_across_workers([differs], CHECK_KEYS + 1, worker.workers, op="Max", final="Id")[0]):
+        raise InvalidOptionError("the workers built different models to fine-tune: every worker must run the same "
+                                 "command on the same data; fix the plan with --rank, or give every worker a copy of "
+                                 "the chief's --latency-cache")
+    for variable, value in zip(model.weights, _across_workers([tf.convert_to_tensor(v) for v in model.weights],
+                                                              WEIGHT_KEYS, worker.workers)):
+        variable.assign(value)
+
+
+@functools.cache
+def _averaging_adam():
+    import keras
+
+    class AveragingAdam(keras.optimizers.Adam):
+        """Adam whose gradients are first averaged over the workers: data-parallel training in Keras' own fit."""
+
+        def __init__(self, *args, workers: int, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.workers = workers
+
+        def apply(self, grads, trainable_variables=None):
+            return super().apply(_across_workers(grads, GRADIENT_KEYS, self.workers), trainable_variables)
+
+    return AveragingAdam
+
+
 def _strategy(choice: str):
     import tensorflow as tf
 
+    if choice == MULTI_WORKER:
+        multi_worker_strategy()
+        return tf.distribute.get_strategy(), MULTI_WORKER  # each worker trains alone; the optimizer averages
     devices = tf.config.list_logical_devices("GPU") or tf.config.list_logical_devices("CPU")
     if choice == "mirrored" or (choice == "auto" and len(devices) > 1):
         return tf.distribute.MirroredStrategy([d.name for d in devices]), "mirrored"

@@ -14,7 +14,6 @@ run is never deleted silently.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import time
@@ -503,20 +502,10 @@ class _Scorer:
 
 
 def _fingerprint(**roles) -> dict:
-    """{role: {samples, sha256 of its inputs and labels}} of the Datasets given (None: absent): what a resumed run
-    must find again, so that no image changes role mid-run."""
-    found = {}
-    for role, data in roles.items():
-        if data is None:
-            continue
-        digest = hashlib.sha256()
-        for array in (data.x, data.y):
-            if array is not None:
-                array = np.ascontiguousarray(array)
-                digest.update(f"{array.dtype}{array.shape}".encode())
-                digest.update(memoryview(array).cast("B"))
-        found[role] = {"samples": int(len(data.x)), "sha256": digest.hexdigest()}
-    return found
+    """{role: {samples, sha256 (Dataset.fingerprint)}} of the Datasets given (None: absent): what a resumed run must
+    find again, so that no image changes role mid-run."""
+    return {role: {"samples": len(data), "sha256": data.fingerprint()} for role, data in roles.items()
+            if data is not None}
 
 
 def _changed_data(saved: dict, now: dict) -> str:
