@@ -19,6 +19,7 @@ RunData, with the DataInfo that the result and the manifests report.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
@@ -241,11 +242,15 @@ def _check_finite(data: Dataset) -> Dataset:
 
 
 def _check_streamed(data: Dataset) -> None:
-    """A streamed set's checks without holding it: an .npz of floats is read through once for non-finite values;
-    images that are all one constant value are looked for in every row of an .npz and in the first CHECKED_SAMPLES
-    (seeded order) of a folder."""
+    """A streamed set's checks without holding it: an .npz of floats is read through once for non-finite values; a
+    folder's every file is opened as an image (its header: the kind and the declared size, not its pixels, which a
+    stage decodes when it reads them); images that are all one constant value are looked for in every row of an .npz
+    and in the first CHECKED_SAMPLES (seeded order) of a folder."""
     if isinstance(data.x.reader, _ArrayReader) and not data.x.reader.scaled:
         _check_finite(data)
+    if isinstance(data.x.reader, _FolderReader):  # every file's header now; its pixels when a stage reads it
+        for path in data.x.reader.files:
+            _check_header(path)
     rows = len(data) if isinstance(data.x.reader, _ArrayReader) else min(len(data), CHECKED_SAMPLES)
     low, high = np.inf, -np.inf
     for start in range(0, rows, READ_CHUNK):
@@ -429,25 +434,41 @@ def _interleave(files, limit):
 
 
 def _read_image(path: Path, shape) -> np.ndarray:
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
     height, width, channels = shape
     if channels not in (1, 3):
         raise DataError(f"The model takes {channels}-channel images; image folders can feed 1 (grayscale) or 3 (RGB) "
                         f"channels; pass an .npz instead")
+    with _opened(path) as image:
+        image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
+        array = np.asarray(image, dtype=np.float32)
+    return array[..., None] if channels == 1 else array
+
+
+def _check_header(path: Path) -> None:
+    """`path` opens as an image of at most MAX_IMAGE_PIXELS (its header only; _opened)."""
+    with _opened(path):
+        pass
+
+
+@contextlib.contextmanager
+def _opened(path: Path):
+    """PIL's image of `path`, its declared size judged before anything is decoded, and every way the file or its
+    decoding can fail in the block as one DataError naming the file."""
+    from PIL import Image, UnidentifiedImageError
+
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(path) as image:
                 _check_pixels(path, image.width, image.height)
-                image = image.convert("L" if channels == 1 else "RGB").resize((width, height), Image.BILINEAR)
-                array = np.asarray(image, dtype=np.float32)
+                yield image
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as error:
         raise DataError(f"{path}: refused as a possible decompression bomb ({error}); images may have at most "
                         f"{MAX_IMAGE_PIXELS:,} pixels: shrink or remove the file") from None
     except (UnidentifiedImageError, OSError) as error:
         raise DataError(f"{path}: cannot be read as an image ({error}); remove or replace the file") from error
-    return array[..., None] if channels == 1 else array
 
 
 def _check_pixels(path: Path, width: int, height: int) -> None:

@@ -6,15 +6,18 @@ pipeline (issue 28).
 The model: a 3-layer conv net at 224x224x3 (16, 32, 64 filters, stride 2, global pooling, 4 classes), trained for
 2 epochs on 400 of the images so that it is a real classifier (the classes differ in colour and pattern). Each
 convert case runs `convert-model model.keras out.tflite --data DATA --rank 1 --epochs 1` (the issue's command:
-int8, refinement, BatchNorm recalibration, one epoch) through the CLI's option mapping in a child process, with a
-peak per stage as scripts/bench_scale.py measures it (the kernel's high-water mark reset at each progress line).
+int8, refinement, BatchNorm recalibration, one epoch; case "default": no flag at all, every default with data)
+through the CLI's option mapping in a child process, with a peak per stage as scripts/bench_scale.py measures it
+(the kernel's high-water mark reset at each progress line).
 The throughput case times epoch 2 of sepconv's `finetune` (its callbacks: checkpoint, early stopping, progress)
 against epoch 2 of a plain `model.fit` of the same separated model, loss, metrics, validation data and `tf.data`
 pipeline (finetuning.feed); each epoch's time includes its validation pass.
 This process never imports TensorFlow.
 
-usage: scripts/bench-data [--sizes 600,2400,20000] [--cases folder,npz,fit] [--before-python PY] [--out build/data]
+usage: scripts/bench-data [--sizes 600,2400,20000] [--cases folder,npz,default,fit,workers] [--before-python PY]
+                          [--out build/data]
        scripts/bench-data --table [--out build/data]
+       scripts/bench-data --zoo-roles build/zoo --before-python PY   (the zoo's roles, this code against PY's)
 """
 
 import argparse
@@ -41,6 +44,9 @@ def main(argv=None) -> int:
                         "run as 'before' for the sizes in --before-sizes)")
     parser.add_argument("--before-sizes", default="600,2400")
     parser.add_argument("--out", default="build/data")
+    parser.add_argument("--zoo-roles", metavar="ZOO", help="instead: the sha256 of every role's arrays (train, "
+                        "calibration, validation, test) of each model in ZOO (scripts/bench-zoo's folder, e.g. "
+                        "build/zoo) with bench-zoo's data flags, by this code and by --before-python's")
     parser.add_argument("--table", action="store_true")
     parser.add_argument("--child", nargs=argparse.REMAINDER)
     args = parser.parse_args(argv)
@@ -52,6 +58,8 @@ def main(argv=None) -> int:
     if args.table:
         print(tables(json.loads(store.read_text())))
         return 0
+    if args.zoo_roles:
+        return zoo_roles(args.zoo_roles, args.before_python)
     out.mkdir(parents=True, exist_ok=True)
     rows = json.loads(store.read_text()) if store.exists() else []
     print(cpu(), flush=True)
@@ -91,6 +99,18 @@ def run(python: str, argv: list[str]) -> dict:
     return result
 
 
+def zoo_roles(zoo: str, before: str | None) -> int:
+    """Print, per zoo model and bench-zoo data mode, whether this code's roles equal --before-python's."""
+    found = {version: run(python, ["roles", "0", zoo, version]) for version, python in
+             (("after", sys.executable), ("before", before)) if python}
+    after = found["after"].get("roles", {})
+    for name, digest in after.items():
+        then = found.get("before", {}).get("roles", {}).get(name)
+        verdict = "" if then is None else ("same as before" if then == digest else "DIFFERS from before")
+        print(f"{name}: {digest[:16]} {verdict}")
+    return 0 if all(found.get("before", {}).get("roles", {}).get(n, d) == d for n, d in after.items()) else 1
+
+
 # --- in the child ------------------------------------------------------------------------------------------------
 
 
@@ -100,6 +120,10 @@ def child(argv: list[str]) -> dict:
         return make(size, out)
     if what == "fit":
         return fit(size, out)
+    if what == "roles":
+        return roles(out)
+    if what == "workers":
+        return workers(size, out)
     return convert(what, size, out, argv[3])
 
 
@@ -149,9 +173,10 @@ def convert(case: str, size: int, out: Path, version: str) -> dict:
     from sepconv.convert.cli import convert_options, convert_parser
     from sepconv.convert.pipeline import convert_model
 
-    data = out / (f"images-{size}" if case == "folder" else f"images-{size}.npz")
+    data = out / (f"images-{size}.npz" if case == "npz" else f"images-{size}")
     target = out / f"{case}-{size}-{version}.tflite"
-    argv = [str(out / "model.keras"), str(target), "--data", str(data), *FLAGS, "--overwrite"]
+    flags = [] if case == "default" else FLAGS  # "default": every default (budget, latency table, 10 epochs, ...)
+    argv = [str(out / "model.keras"), str(target), "--data", str(data), *flags, "--overwrite"]
     stages, last, peaks, started = [], [time.perf_counter()], _TreePeak(), time.perf_counter()
 
     def progress(stage, message, step=None):
@@ -169,11 +194,74 @@ def convert(case: str, size: int, out: Path, version: str) -> dict:
     artifact = result.artifacts[0]
     last_stage = result.recovery.stages[-1] if result.recovery else None
     return {"seconds": round(time.perf_counter() - started, 2), "stages": stages,
-            "command": f"convert-model model.keras out.tflite --data {data.name} {' '.join(FLAGS)}",
+            "command": f"convert-model model.keras out.tflite --data {data.name} {' '.join(flags)}".strip(),
             "artifact": {"quantize": artifact.quantize, "accuracy": artifact.verification.outputs[0].accuracy},
             "keras_test_accuracy": last_stage.accuracy if last_stage else None,
             "data": {k: result.data.get(k) if isinstance(result.data, dict) else getattr(result.data, k, None)
                      for k in ("train_samples", "validation_samples", "heldout_samples", "streamed")}}
+
+
+def workers(size: int, out: Path, epochs: int = 3) -> dict:
+    """Fine-tuning's epochs on one worker and on two local workers (`--strategy multi-worker`, TF_CONFIG over
+    loopback, each in its own folder), the convert-model command otherwise the same (streamed data, --rank 1, no
+    latency table, no quantization); each run's epoch seconds as its progress lines say them."""
+    import re
+    import socket
+
+    convert = str(Path(sys.executable).parent / "convert-model")
+    argv = [str(out.resolve() / "model.keras"), "out.tflite", "--data", str(out.resolve() / f"images-{size}"),
+            "--rank", "1", "--epochs", str(epochs), "--patience", str(epochs), "--no-latency", "--quantize", "none",
+            "--data-cache-mb", "0", "--overwrite"]
+
+    def seconds(text: str) -> list[float]:
+        return [float(m) for m in re.findall(r"finetune: epoch \d+/\d+: .* \(([\d.]+) s\)", text)]
+
+    folder = out / "workers" / "single"
+    folder.mkdir(parents=True, exist_ok=True)
+    single = subprocess.run([convert, *argv], cwd=folder, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    sockets = [socket.socket() for _ in range(2)]
+    for each in sockets:
+        each.bind(("127.0.0.1", 0))
+    cluster = {"worker": [f"127.0.0.1:{each.getsockname()[1]}" for each in sockets]}
+    for each in sockets:
+        each.close()
+    started = []
+    for index in range(2):
+        folder = out / "workers" / f"worker{index}"
+        folder.mkdir(parents=True, exist_ok=True)
+        config = json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})
+        started.append(subprocess.Popen([convert, *argv, "--strategy", "multi-worker"], cwd=folder,
+                                        env=dict(os.environ, TF_CONFIG=config), stdin=subprocess.DEVNULL,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True))
+    texts = [process.communicate()[1] for process in started]
+    return {"single": {"exit": single.returncode, "epoch_s": seconds(single.stderr)},
+            "multi": [{"exit": process.returncode, "epoch_s": seconds(text)} for process, text in zip(started, texts)],
+            "command": f"convert-model model.keras out.tflite --data images-{size} " + " ".join(argv[4:])}
+
+
+def roles(zoo: Path) -> dict:
+    """sha256 of each zoo model's run data (datasets: train, calibration, validation, test arrays and labels) for
+    bench-zoo's labelled modes (--data, --validation-data, --test-data) and for --data alone (the split)."""
+    import hashlib
+
+    import numpy as np
+
+    from sepconv.convert import load
+    from sepconv.convert.data import datasets
+    from sepconv.convert.options import ConvertOptions
+
+    found = {}
+    for folder in sorted(p for p in zoo.iterdir() if (p / "train.npz").exists()):
+        model = load(next(f for f in folder.iterdir() if f.suffix in (".h5", ".keras")))
+        given = dict(validation_data=str(folder / "validation.npz"), test_data=str(folder / "test.npz"))
+        for mode, extra in (("bench-zoo", given), ("data alone", {})):
+            data = datasets(model, ConvertOptions(data=str(folder / "train.npz"), **extra))
+            digest = hashlib.sha256()
+            for array in (data.train.x, data.train.y, data.calibration, data.validation.x, data.validation.y,
+                          data.test.x, data.test.y):
+                digest.update(np.ascontiguousarray(array).tobytes())
+            found[f"{folder.name} ({mode})"] = digest.hexdigest()
+    return {"roles": found}
 
 
 def fit(size: int, out: Path, rounds: int = 5) -> dict:
@@ -195,7 +283,7 @@ def fit(size: int, out: Path, rounds: int = 5) -> dict:
     classes = int(model.outputs[0].shape[-1])
     targets = finetuning._targets(model, train_x, data.y[~val], classes)
     checked_targets = finetuning._targets(model, val_x, data.y[val], classes)
-    held = (train_x.read(), val_x.read())
+    held = (train_x.read(), val_x.read()) if train_x.nbytes < 4 << 30 else None  # 20,000 images: 11 GB, not held
     epochs = []
 
     class Epochs(keras.callbacks.Callback):
@@ -212,7 +300,7 @@ def fit(size: int, out: Path, rounds: int = 5) -> dict:
         if streamed:
             student.fit(finetuning.feed(train_x, targets, options.batch_size, shuffle=0)["x"], epochs=2, verbose=0,
                         validation_data=finetuning.feed(val_x, checked_targets, options.batch_size)["x"],
-                        callbacks=[Epochs()])
+                        callbacks=[Epochs()], shuffle=False)  # the pipeline shuffles
         else:
             student.fit(held[0], targets, batch_size=options.batch_size, epochs=2, verbose=0,
                         validation_data=(held[1], checked_targets), callbacks=[Epochs()])
@@ -228,8 +316,9 @@ def fit(size: int, out: Path, rounds: int = 5) -> dict:
     for _ in range(rounds):
         times["finetune"].append(ours())
         times["fit"].append(plain(streamed=True))
-        times["in_memory"].append(plain(streamed=False))
-    median = {name: float(np.median(values)) for name, values in times.items()}
+        if held is not None:
+            times["in_memory"].append(plain(streamed=False))
+    median = {name: float(np.median(values)) if values else None for name, values in times.items()}
     return {"images": len(train_x), "rounds": rounds,
             "times": {name: [round(v, 2) for v in values] for name, values in times.items()},
             "finetune_epoch_s": round(median["finetune"], 2), "keras_fit_epoch_s": round(median["fit"], 2),
@@ -237,7 +326,7 @@ def fit(size: int, out: Path, rounds: int = 5) -> dict:
             "round_ratios": [round(a / b, 3) for a, b in zip(times["finetune"], times["fit"])],
             "finetune_images_per_s": round(len(train_x) / median["finetune"], 1),
             "keras_fit_images_per_s": round(len(train_x) / median["fit"], 1),
-            "in_memory_fit_epoch_s": round(median["in_memory"], 2)}
+            "in_memory_fit_epoch_s": round(median["in_memory"], 2) if held is not None else None}
 
 
 # --- tables --------------------------------------------------------------------------------------------------------
@@ -246,16 +335,16 @@ def fit(size: int, out: Path, rounds: int = 5) -> dict:
 def tables(rows: list[dict]) -> str:
     from tabulate import tabulate
 
-    converts = [r for r in rows if r["case"] in ("folder", "npz")]
+    converts = [r for r in rows if r["case"] in ("folder", "npz", "default")]
     lines = [[r["case"], f"{r['size']:,}", r["version"], r["exit"], f"{r['peak_mib']:,}", f"{r['wall_seconds']:.0f}",
               (r.get("data") or {}).get("streamed", ""), (r.get("artifact") or {}).get("quantize", ""),
               _percent((r.get("artifact") or {}).get("accuracy"))]
              for r in sorted(converts, key=lambda r: (r["case"], r["size"], r["version"] != "before"))]
     out = [rows[0].get("cpu", "") if rows else "",
-           "whole runs (`convert-model model.keras out.tflite --data DATA --rank 1 --epochs 1`; peak: resident set, "
-           "MiB)\n\n" + tabulate(lines, headers=["data", "images", "code", "exit", "peak MiB", "seconds", "streamed",
-                                                 "artifact", "test accuracy"], tablefmt="github",
-                                 disable_numparse=True)]
+           "whole runs (`convert-model model.keras out.tflite --data DATA --rank 1 --epochs 1`; \"default\": the "
+           "folder with no flag; peak: resident set, MiB)\n\n" + tabulate(
+               lines, headers=["data", "images", "code", "exit", "peak MiB", "seconds", "streamed", "artifact",
+                               "test accuracy"], tablefmt="github", disable_numparse=True)]
     for r in (r for r in converts if r.get("stages") and r["version"] == "after"):
         stages = [[s["stage"], f"{s['seconds']:.1f}", f"{s['peak_mib']:,}", s["message"][:80]]
                   for s in _per_layer_lines_merged(r["stages"])]
@@ -263,7 +352,7 @@ def tables(rows: list[dict]) -> str:
             stages, headers=["stage", "seconds", "peak MiB", "line (abridged)"], tablefmt="github",
             disable_numparse=True))
     fits = [[f"{r['size']:,}", r["images"], r["finetune_epoch_s"], r["keras_fit_epoch_s"], f"{r['ratio']:.3f}",
-             r["finetune_images_per_s"], r["keras_fit_images_per_s"], r.get("in_memory_fit_epoch_s", ""),
+             r["finetune_images_per_s"], r["keras_fit_images_per_s"], r.get("in_memory_fit_epoch_s") or "",
              " ".join(map(str, r.get("round_ratios", [])))]
             for r in rows if r["case"] == "fit" and not r["exit"]]
     if fits:
@@ -272,6 +361,12 @@ def tables(rows: list[dict]) -> str:
                        fits, headers=["data", "train images", "finetune s", "Keras fit s", "ratio", "finetune img/s",
                                       "fit img/s", "fit in memory s", "each round's ratio"], tablefmt="github",
                        disable_numparse=True))
+    for r in (r for r in rows if r["case"] == "workers" and not r["exit"]):
+        lines = [["1 worker", r["single"]["exit"], " ".join(map(str, r["single"]["epoch_s"]))]]
+        lines += [[f"worker {i} of 2", w["exit"], " ".join(map(str, w["epoch_s"]))] for i, w in enumerate(r["multi"])]
+        out.append(f"fine-tuning epochs, {r['size']:,} images, one worker and two local workers (`{r['command']}`, "
+                   f"then with --strategy multi-worker)\n\n" + tabulate(
+                       lines, headers=["run", "exit", "epoch seconds"], tablefmt="github", disable_numparse=True))
     return "\n\n".join(out)
 
 

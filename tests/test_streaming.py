@@ -1,6 +1,7 @@
 """Data at scale (issue 28): streamed data sets (sepconv.convert.data.Images), the seeded stratified role split by
 file, fine-tuning on a tf.data pipeline, and multi-worker fine-tuning with two local workers."""
 
+import io
 import json
 import os
 import socket
@@ -283,3 +284,41 @@ def test_two_local_workers_resume_together(tmp_path, trained_demo):
         assert epochs and epochs[0] == 2, f"each worker resumes after its checkpointed epoch 1: {epochs}"
     assert (chief_dir / "out.tflite").exists()
     assert json.loads((chief_dir / "out.tflite.json").read_text())["recovery"]["resumed"] is True
+
+
+def test_an_unreadable_image_in_a_streamed_folder_is_one_line(tmp_path, monkeypatch):
+    """A file that is no image is refused when the folder is opened (every header is read); one whose pixels are cut
+    short passes that (past the first images the constant check decodes: none here) and fails when fine-tuning's
+    tf.data pipeline decodes it: a DataError naming the file, not TensorFlow's wrapped traceback."""
+    from sepconv.convert import data as data_module
+    from sepconv.convert import separate
+    from sepconv.convert.recovery.finetuning import _reads_reported, feed, finetune
+    from test_finetuning import teacher_and_data
+
+    x, y = images(30)
+    folder = folder_of(tmp_path, x, y)
+    (folder / "class0" / "notes.png").write_text("not an image")
+    with pytest.raises(DataError, match=r"notes\.png: cannot be read as an image"):
+        load_data(folder, SHAPE, STREAM)
+    (folder / "class0" / "notes.png").unlink()
+    buffer = io.BytesIO()
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(buffer, "JPEG")
+    cut = buffer.getvalue()
+    (folder / "class1" / "cut.jpg").write_bytes(cut[:len(cut) // 2])  # the whole header, half of the pixels
+    with pytest.raises(DataError, match=r"cut\.jpg: cannot be read as an image"):
+        load_data(folder, (None, 12, 12, 3), STREAM)  # the constant check decodes it: refused before any work
+    monkeypatch.setattr(data_module, "CHECKED_SAMPLES", 0)
+    data = load_data(folder, (None, 12, 12, 3), STREAM)
+    teacher, _, _ = teacher_and_data(n=8)
+    student, _ = separate(teacher, rank=1)
+    labels = data.y % 4
+    with pytest.raises(DataError, match=r"cut\.jpg: cannot be read as an image") as caught:
+        finetune(student, teacher, data.x, labels, epochs=1, verbose=0,
+                 validation=(data.x.take(np.arange(3)), labels[:3]))  # met by the teacher's pass, before fit
+    assert "\n" not in str(caught.value)
+    pipeline = feed(data.x, np.zeros((len(data), 4), np.float32), 8, shuffle=0)["x"]
+    with pytest.raises(DataError, match=r"cut\.jpg: cannot be read as an image") as caught:
+        with _reads_reported():  # what finetune wraps evaluate and fit in
+            for _ in pipeline:
+                pass
+    assert "\n" not in str(caught.value), "the file's own line, not TensorFlow's wrapped traceback"

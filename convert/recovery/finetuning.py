@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sepconv.convert.errors import CheckpointError, DiskFullError, InvalidOptionError
+from sepconv.convert.errors import CheckpointError, DataError, DiskFullError, InvalidOptionError
 from sepconv.convert.files import disk_full
 from sepconv.convert.graph import layer_output, leaf_layers, predict_keras
 from sepconv.convert.keras_compat import all_reduce, atomic_backup_and_restore, is_graph_model
@@ -44,8 +44,8 @@ class FinetuneOptions:
     distillation); ignored without labels (pure distillation). validation_split: held out for early stopping.
     patience: epochs without improvement before stopping. checkpoint_dir: per-epoch backups (resume=True continues
     from the last one). strategy: auto (mirrored when several devices are visible), default, mirrored, or
-    multi-worker (MultiWorkerMirroredStrategy over the hosts of TF_CONFIG: `multi_worker_strategy`; every worker runs
-    the same command, each trains on its own shard of every epoch, the chief's weights are everyone's).
+    multi-worker (the hosts of TF_CONFIG: `multi_worker_strategy`; every worker runs the same command and trains on
+    its own shard of every epoch, the gradients averaged over the workers at each step, so all hold the same weights).
     feature_weight: weight of feature distillation, which matches each layer named in `feature_layers` (default:
     every layer that is a SeparableConv2D or a spatial pair in the student and a Conv2D in the teacher) to the
     teacher's same-named layer output (relative squared error, averaged over layers); 0 turns it off.
@@ -178,7 +178,8 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
         _agree_across_workers(model, worker)
     start = model.get_weights()
     log = _epoch_log_class()(monitor, options.epochs, progress)
-    with _ctrl_c_between_batches() as stop, _disk_full_while_checkpointing(options.checkpoint_dir):
+    with _ctrl_c_between_batches() as stop, _disk_full_while_checkpointing(options.checkpoint_dir), \
+            _reads_reported():
         # the start's score too: Ctrl-C while it runs stops the run when it ends, not wherever TensorFlow is
         checked = feed(x_val, t_val, options.batch_size)  # every worker validates on all of it, alike
         initial = trainer.evaluate(**checked, verbose=0, return_dict=True)
@@ -357,7 +358,11 @@ def feed(x, targets: np.ndarray, batch_size: int, *, shuffle: int | None = None,
     shape, width = (None, *x.shape[1:]), targets.shape[1]
 
     def read(rows):
-        return x[rows], targets[rows]
+        try:
+            return x[rows], targets[rows]
+        except DataError as error:  # TensorFlow re-raises it as an OpError with a traceback inside: _reads_reported
+            _READ_ERRORS.append(error)
+            raise
 
     def load(rows):
         images, wanted = tf.numpy_function(read, [rows], (tf.float32, tf.float32), stateful=False)
@@ -372,6 +377,22 @@ def feed(x, targets: np.ndarray, batch_size: int, *, shuffle: int | None = None,
         rows = rows.take(len(x) // worker.workers * worker.workers).shard(worker.workers, worker.index)
         batch_size = -(-batch_size // worker.workers)
     return {"x": rows.batch(batch_size).map(load, num_parallel_calls=tf.data.AUTOTUNE).prefetch(tf.data.AUTOTUNE)}
+
+
+_READ_ERRORS = []  # a DataError a tf.data pipeline's read raised (an unreadable image met while streaming)
+
+
+@contextlib.contextmanager
+def _reads_reported():
+    """A DataError raised while tf.data read a batch (feed), as itself: one line naming the file, not the OpError
+    TensorFlow wraps it in."""
+    _READ_ERRORS.clear()
+    try:
+        yield
+    except Exception:
+        if _READ_ERRORS:
+            raise _READ_ERRORS[-1] from None
+        raise
 
 
 def _rows(x, index: np.ndarray):
