@@ -227,7 +227,8 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
                         calibration=calibration, held=held, data_info=data.info, options=options,
                         source=source_record, report=report, recovery=recovery, say=say, speed=speed,
                         source_model=source_model,
-                        validation_expected=Outputs(exported, validation.x) if validation is not None else None)
+                        validation_expected=Outputs(exported, validation.x) if validation is not None else None,
+                        validation_original=validation_reference if source_model is not None else None)
         artifacts = export_all(job, targets, plan.quantize, timer)
     except SepconvError as error:
         if recovery and recovery.finetune and not isinstance(error, BudgetError):

@@ -44,7 +44,10 @@ class ExportJob:
     the SeparationReport / RecoveryReport (None with --no-separate). say: progress(stage, message). speed: the run's
     latency_table.LatencyOptions (where and how to time) when each artifact is timed against the original, and
     source_model: that original Keras model (both None when nothing is timed). validation_expected: Outputs of
-    `model` on the validation inputs (None without them), for judging --quantize auto's fallback modes there."""
+    `model` on the validation inputs (None without them), for judging --quantize auto's fallback modes there;
+    validation_original: the same of the original model (source_model), for the original's when it ships instead.
+    budget_from: the run's RecoveryReport, whose accuracy budget binds the original shipped in place of the
+    separated model (whose own job has no recovery: its manifest records none)."""
 
     model: object
     original: object
@@ -60,6 +63,8 @@ class ExportJob:
     speed: LatencyOptions | None = None
     source_model: object = None
     validation_expected: object = None
+    validation_original: object = None
+    budget_from: object = None
 
 
 @dataclass
@@ -150,7 +155,7 @@ def _ship_original(job: ExportJob, item: Staged, speed: Speed) -> Staged:
     job.say("speed", f"{item.target}: the separated model is not faster than the original ({speed.interval()}); "
                      f"shipping the original converted the same way ({item.format} {item.quantize}) instead")
     original_job = replace(job, model=job.source_model, original=None, expected=job.original, report=None,
-                           recovery=None)
+                           recovery=None, budget_from=job.recovery, validation_expected=job.validation_original)
     shipped = _stage(original_job, item.target, item.quantize, fallback=item.fallback)
     if not shipped.verification.passed:
         _discard(shipped)
@@ -322,7 +327,7 @@ def _export_and_verify(job: ExportJob, item: Staged) -> Staged:
         verification = verify(model, runtime, heldout.x, heldout.y, quantized=mode != "none", quantize=mode,
                               tolerance=options.tolerance, layout=layout, inputs=inputs, original=original,
                               synthetic=not job.data_info.source, expected=expected.values)
-        verification = within_budget(verification, runtime, held, recovery, layout=layout,
+        verification = within_budget(verification, runtime, held, recovery or job.budget_from, layout=layout,
                                      confidence=options.tolerance.confidence)
     verification = _named(verification, target)
     manifest = build_manifest(Path(tmp), final_path=target, fmt=fmt, quantize=mode, runtime=runtime, layout=layout,

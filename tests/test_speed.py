@@ -84,6 +84,9 @@ def test_a_slower_separation_ships_the_original_converted_the_same_way(tiny_file
     manifest = json.loads((tmp_path / "slow.tflite.json").read_text())
     assert manifest["separation"] is None and manifest["speed"]["shipped"] == "original"
     assert manifest["verification"]["passed"] is True
+    budget = manifest["verification"]["budget"]
+    assert budget is not None and budget["held"] and budget["max_drop"] == 50.0, \
+        "the run's accuracy budget binds the original shipped in the separated model's place, checked on its artifact"
     original = load(tiny_files / "m.keras")
     x = np.load(tiny_files / "d.npz")["x"][:16]
     runtime = open_runtime(out)
