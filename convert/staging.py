@@ -251,9 +251,11 @@ def _rejection(job: ExportJob, item: Staged) -> str | None:
         if decided.passed:
             return None
         best = max(decided.attempts, key=lambda attempt: attempt.agreement or 0.0)
+        short = ("as requested fell short of it by more than they can show, and a repair attempt, the best of "
+                 "several on them, is not taken within their noise" if best.within_noise else
+                 "nor fell short of it by less than they can show")
         return (f"no attempt reached top-1 agreement {tolerance.min_agreement:.2%} with the Keras model on the "
-                f"{_samples_of(validation)} validation images, nor fell short of it by less than they can show (best: "
-                f"{best.name}, {best.agreement:.2%})")
+                f"{_samples_of(validation)} validation images, {short} (best: {best.name}, {best.agreement:.2%})")
     if validation is None:
         return None if item.verification.passed else "; ".join(item.verification.failures())
     checked = verify(job.model, open_runtime(item.tmp), validation.x, quantized=True, quantize=item.quantize,

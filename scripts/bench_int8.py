@@ -7,15 +7,18 @@ recalibration, fine-tuning: cached in OUT/MODEL/int8/; recovery "after" is conve
 `--learning-rate 3e-4 --no-frozen-batchnorm-pass`, what it did before the fine-tuning changes of issue 11).
 Then the int8 TFLite and ONNX artifacts of that Keras model with each repair setting: "off" (the first attempt
 only), "no-cle" (no cross-layer equalization), "no-round" (the repair before issue 24: equalization, calibration,
-float layers), "on" (the default: also weight rounding, bias correction and the other weight granularity). Each
-is judged, as convert-model judges it, on the zoo's validation digits (half of the digits' test split, never trained
-on): the attempts' agreement there, and whether one passed (what --quantize auto's fallback follows); then scored on
-the other half, the test digits: top-1 agreement with the Keras model, accuracy, size, layers kept in float, and the
-repair's seconds. Calibration: 200 training samples. A setting whose int8 fails on validation has its diagnosis'
-worst layers, alone and together, in the JSON.
+float layers), "on" (the default: also weight rounding, bias correction and the other weight granularity),
+"symmetric" (as "on" with the weight rounding aimed at each layer's float weights on the rounded copy's inputs, as
+GPTQ was published and as the repair did before its asymmetric target). Each is judged, as convert-model judges
+it, on the zoo's validation digits (half of the digits' test split, never trained on): the attempts' agreement
+there, and whether one passed (what --quantize auto's fallback follows); then scored on the other half, the test
+digits: top-1 agreement with the Keras model, accuracy, size, layers kept in float, and the repair's seconds.
+Calibration: 200 training samples. A setting whose int8 fails on validation has its diagnosis' worst layers, alone
+and together, in the JSON.
 
 usage: scripts/bench-int8 [--models resnet_bn,mini_xception | all] [--what k1 | original | both]
-                          [--formats tflite,onnx] [--recovery after] [--repair off,on] [--out build/zoo]
+                          [--formats tflite,onnx] [--recovery after] [--repair off,on | no-cle | no-round | symmetric]
+                          [--out build/zoo]
                           (writes OUT/bench-int8.json, prints a Markdown table)
 """
 
@@ -58,7 +61,7 @@ def main(argv=None) -> int:
 
 RECOVERY_FLAGS = {"before": ["--learning-rate", "3e-4", "--no-frozen-batchnorm-pass"], "after": []}
 REPAIRS = {"off": dict(repair=False), "no-cle": dict(equalize=False), "no-round": dict(round_weights=False),
-           "on": dict()}
+           "symmetric": dict(asymmetric_rounding=False), "on": dict()}
 
 
 def separated(name: str, recovery: str, out: Path):

@@ -81,6 +81,34 @@ def test_round_weights_puts_every_kernel_on_its_grid_and_corrects_the_mean(bias_
         assert rounded.get_layer("bn").moving_mean.numpy() is not None
 
 
+def _chain(depth=6):
+    keras.utils.set_random_seed(4)
+    image = keras.Input((12, 12, 6))
+    x = image
+    for i in range(depth):
+        x = keras.layers.Conv2D(6, 3, padding="same", activation="relu" if i < depth - 1 else None,
+                                name=f"conv{i}")(x)
+    return keras.Model(image, x)
+
+
+def test_the_asymmetric_target_keeps_a_deep_chain_closer_to_the_float_model():
+    """Each layer rounded against the float model's own output absorbs what the layers before it drifted; rounded
+    against its float weights on the drifted inputs (GPTQ as published), the drift passes on and adds up."""
+    model = _chain()
+    x = np.random.default_rng(5).uniform(0, 1, (48, 12, 12, 6)).astype(np.float32)
+    held_out = np.random.default_rng(6).uniform(0, 1, (48, 12, 12, 6)).astype(np.float32)
+    reference = model.predict(held_out, verbose=0)
+
+    def error(copy):
+        return float(np.sqrt(np.mean((copy.predict(held_out, verbose=0) - reference) ** 2)) / np.std(reference))
+
+    symmetric, plain = round_weights(model, x, asymmetric=False)
+    asymmetric, report = round_weights(model, x)
+    assert report.asymmetric and not plain.asymmetric and report.to_dict()["asymmetric"]
+    # 0.85x here (0.82-0.88x over depths 6-10, widths 4-8, two seeds): held-out images, not the calibration ones
+    assert error(asymmetric) < 0.92 * error(symmetric), (error(asymmetric), error(symmetric))
+
+
 def _rounding_breaks_it():
     """Three classes scored by weights that are each under half an int8 step: every class's logit is s0 (a channel
     whose weight 1.0 sets the step, the same for every class) plus a * s1 + b * s2, where s1 and s2 each feed 40
@@ -148,10 +176,15 @@ def test_a_step_that_does_not_help_is_dropped_from_the_later_ones():
     assert seen[-1].name == "per-tensor weights" and not seen[-1].per_channel
 
 
-@pytest.mark.parametrize("noise", [{}, {"weight rounding (GPTQ)": True, "weight rounding + bias correction": True}])
-def test_none_at_the_bar_the_best_within_the_noise_is_chosen(noise):
-    """export_int8 with a fake exporter whose attempts all fall short of the bar as measured: the best attempt the
-    validation images cannot tell from the bar is chosen (and said); with none, nothing is (auto falls back)."""
+REPAIRS_IN_NOISE = {"weight rounding (GPTQ)": True, "weight rounding + bias correction": True}
+
+
+@pytest.mark.parametrize("noise", [{}, REPAIRS_IN_NOISE, {"as requested": True, **REPAIRS_IN_NOISE}])
+def test_none_at_the_bar_the_best_within_the_noise_is_chosen_when_the_first_is_within_it(noise):
+    """export_int8 with a fake exporter whose attempts all fall short of the bar as measured: when the first attempt
+    (as requested) is within the validation images' noise, the best attempt they cannot tell from the bar is chosen
+    (and said); when only repair attempts are - each the best of several on the same images, flattered by the choice
+    - or none is, nothing is chosen (auto falls back), and the report says why."""
     calibration = q.Calibration(np.zeros((4, 2), np.float32), np.zeros((8, 2), np.float32),
                                 np.zeros((4, 2), np.float32))
     scores = {"as requested": 0.90, "weight rounding (GPTQ)": 0.975, "weight rounding + bias correction": 0.97}
@@ -169,8 +202,11 @@ def test_none_at_the_bar_the_best_within_the_noise_is_chosen(noise):
                                  rounding=lambda setting: {"layers": [{"path": "conv", "error_nearest": 0.1,
                                                                        "error_rounded": 0.05}],
                                                            "samples": 4, "bias_correction": False})
-    if not noise:
+    if not noise.get("as requested"):
         assert not report.passed and report.chosen is None and not report.within_noise and data == b"as requested"
+        assert ("weight rounding (GPTQ) is under the bar by less than the validation images can show, but as the "
+                "best of 5 attempts on them (and as requested is not): not chosen" in report.line()) == bool(noise), \
+            report.line()
         return
     assert report.passed and report.within_noise and data == b"weight rounding (GPTQ)", report
     assert "weight rounding (GPTQ) is under it by less than the validation images can show" in report.line()

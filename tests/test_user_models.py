@@ -440,7 +440,7 @@ def test_the_validation_images_decide_the_fallback_and_the_test_images_only_scor
 
     from sepconv.convert.export.quantization import Attempt, QuantizationReport
     from sepconv.convert.export.verification import BudgetCheck, Tolerance
-    from sepconv.convert.staging import _falls_back
+    from sepconv.convert.staging import _falls_back, _rejection
 
     def attempt(agreement, passed, noise=False):
         return Attempt("as requested", "64 samples", (), 1000, agreement, 0.99, passed, within_noise=noise)
@@ -462,6 +462,12 @@ def test_the_validation_images_decide_the_fallback_and_the_test_images_only_scor
     assert not _falls_back(job(), item(accepted, test_passed=False)), "the test images do not choose"
     assert not _falls_back(job(), item(marginal, test_passed=True)), "within the validation images' noise: kept"
     assert _falls_back(job(), item(rejected, test_passed=True)), "rejected on validation, whatever the test says"
+    picked = Attempt("calibration on 1000 shuffled samples", "1000 samples", (), 1000, 0.9689, 0.99, False,
+                     within_noise=True)
+    cursed = QuantizationReport((attempt(0.9422, False), picked), None, validated=True)  # export_int8's refusal
+    reason = _rejection(job(), item(cursed, test_passed=True))
+    assert reason.endswith("a repair attempt, the best of several on them, is not taken within their noise (best: "
+                           "calibration on 1000 shuffled samples, 96.89%)"), reason
     assert _falls_back(job(), item(accepted, test_passed=True, budget_held=False)), "over the budget on validation"
     unvalidated = QuantizationReport((attempt(0.99, True),), 0, validated=False)
     assert _falls_back(job(validation=False), item(unvalidated, test_passed=False)), "no validation: verification"

@@ -20,10 +20,15 @@ ONNX), the other weight granularity (per-tensor where per-channel was asked: it 
 11415), then the worst 1..max_float_layers layers kept in float (TFLite `denylisted_nodes`, ONNX `nodes_to_exclude`)
 when a layer is bad alone (above RELATIVE_ERROR_ALARM; with none, the error is spread over the layers and one or two in
 float cannot fix it: not tried, said in the report). A step that agrees better than every attempt before it becomes the
-base of the later ones; one that does not is dropped. Repair aims at the measured agreement; when no attempt reaches it,
-the best attempt whose shortfall the validation images cannot show (verification's `Tolerance.confidence`) is chosen,
-and said; when none, nothing is (and --quantize auto falls back). Choices use the validation images; the pipeline's
-verification on the test images judges the result, as for any artifact.
+base of the later ones; one that does not is dropped. Repair aims at the measured agreement; when no attempt reaches it
+and the first attempt (as requested) falls short by less than the validation images can show (verification's
+`Tolerance.confidence`), the best attempt within that noise is chosen, and said; otherwise nothing is (and --quantize
+auto falls back). A repair attempt alone cannot be taken within the noise: it is the best of several measured on the
+same images, so its shortfall there is flattered by the choice (the winner's curse: on the zoo, repair attempts picked
+as the best agreed 1 to 4 points less on the test images than on the validation ones, 98.67 -> 97.33, 99.11 -> 97.33
+and 97.78 -> 96.89 in docs/benchmarks.md's tables, and a nested MobileNetV2's calibration attempt 96.89 -> 92.89,
+which failed its run). Choices use the validation images; the pipeline's verification on the test images judges the
+result, as for any artifact.
 """
 
 from __future__ import annotations
@@ -61,6 +66,8 @@ class QuantizationOptions:
     explain: diagnose even when the first attempt passes (CLI --explain-quantization).
     equalize: try cross-layer equalization of separable layers first (equalization.py).
     round_weights: try GPTQ weight rounding, then with bias correction (rounding.py), before calibration.
+    asymmetric_rounding: the rounding aims each layer at the float model's output on the float model's own inputs
+    (rounding.py); False: at its float weights on the rounded copy's inputs, as GPTQ was published.
     max_float_layers: at most this many layers kept in float by the repair.
     calibration_samples: samples (a seeded shuffle of the training images) of the better-calibration attempt."""
 
@@ -68,6 +75,7 @@ class QuantizationOptions:
     explain: bool = False
     equalize: bool = True
     round_weights: bool = True
+    asymmetric_rounding: bool = True
     max_float_layers: int = 2
     calibration_samples: int = 1000
 
@@ -315,9 +323,16 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
                     best, passed, diagnosis = setting, True, ranking
                     break
     chosen = len(attempts) - 1 if passed else None
-    if not passed and any(a.within_noise for a in attempts):
+    if not passed and attempts[0].within_noise:
+        # within the noise counts when the requested settings are: one measurement. A repair attempt is the best of
+        # several on the same images, its shortfall flattered by the choice (module doc), so alone it cannot earn it
         chosen = max((i for i, a in enumerate(attempts) if a.within_noise), key=lambda i: _score(attempts[i]))
         best, passed = settings[chosen], True
+    elif not passed and any(a.within_noise for a in attempts[1:]):
+        picked = max(attempts[1:], key=_score)
+        note = "; ".join(filter(None, [note, (
+            f"{picked.name} is under the bar by less than the validation images can show, but as the best of "
+            f"{len(attempts)} attempts on them (and as requested is not): not chosen")]))
     floats = _float_layers(best, diagnosis, attempts, artifacts) if passed else ()
     shipped = best if passed else first
     report = QuantizationReport(tuple(attempts), chosen, floats, diagnosis, equalized,
@@ -695,7 +710,7 @@ def quantize_verified(model, target, calibration: Calibration, *, tolerance, exp
     equalized twin, one with `rounding` a copy with rounded weights (each made once, on the calibration samples). The
     caller looks the target up: the registry builds on this module, not the reverse."""
     export = replace(export or target.exporter_class(), quantize="int8")
-    variants = _Variants(model, calibration.samples, export.per_channel)
+    variants = _Variants(model, calibration.samples, export.per_channel, options.asymmetric_rounding)
     exporter, diagnose = target.int8_tools(model, variants.model, export)
     return export_int8(model, target, calibration, export=exporter,
                        judge=_judge(model, target, tolerance, target.layout(export)), diagnose=diagnose,
@@ -708,8 +723,9 @@ class _Variants:
     calibration samples: cross-layer equalized (equalization.py), weights rounded (rounding.py), or both (rounded
     after equalization)."""
 
-    def __init__(self, model, samples: np.ndarray, per_channel: bool):
+    def __init__(self, model, samples: np.ndarray, per_channel: bool, asymmetric: bool = True):
         self._model, self._samples, self._per_channel = model, np.asarray(samples, np.float32), per_channel
+        self._asymmetric = asymmetric
         self._equalized = None
         self._rounded = {}  # (equalized, rounding) -> (model, RoundingReport)
 
@@ -733,7 +749,8 @@ class _Variants:
         key = (setting.equalized, setting.rounding)
         if key not in self._rounded:
             source = self.model(replace(setting, rounding=NEAREST))
-            self._rounded[key] = round_weights(source, self._samples, bias_correction=setting.rounding == ROUNDED_BIAS)
+            self._rounded[key] = round_weights(source, self._samples, bias_correction=setting.rounding == ROUNDED_BIAS,
+                                               asymmetric=self._asymmetric)
         return self._rounded[key]
 
     def model(self, setting: Setting):

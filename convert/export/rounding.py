@@ -14,8 +14,16 @@ calibration images, which minimises the layer's output error ||(Q - W)^T x||^2 o
 (Nagel et al. 2020: the same layer-output objective, a learned up-or-down choice per weight) because it is closed form:
 no learning rate, no iteration count or annealing schedule to tune, one Cholesky factor per layer, seconds on a CPU;
 and over AdaQuant (free weights fitted by gradient descent with the rounding in the loop) for the same reason. Each
-layer sees the inputs that the copy, with every earlier layer already rounded, gives it, so it also absorbs what the
-rounding before it changed.
+layer sees the inputs that the copy, with every earlier layer already rounded, gives it.
+
+**The target is the float model** (asymmetric calibration, as GPTAQ, Li et al. 2025, puts it): GPTQ as published
+keeps the layer's float weights on the inputs the rounded copy gives it, ||(Q - W)^T q||, so the drift those inputs
+already carry passes on untouched and adds up over a deep net. Here the layer aims at the float model's own output,
+||Q^T q - W^T f|| with f the float model's input to the layer on the same images: the float weights are first moved
+to W* = (H + lI)^-1 (E[q f^T] W + l W), the least-squares fit of the float outputs from the copy's inputs pulled
+towards W (l = DAMPING of H's mean diagonal), and W* is rounded. The fit is made only where the layer has at least
+ROWS_PER_INPUT input rows per weight row on the calibration images (every depthwise kernel, most convolutions; not a
+classifier's Dense layer on 200 images, whose fit would learn the calibration images by heart).
 
 The rounded kernel is written back as float weights that lie on each channel's int8 grid, with each channel's largest
 weight kept as it was: the converter computes the same scale and its nearest rounding reproduces the choice exactly.
@@ -23,9 +31,9 @@ Per-channel quantization is blind to the BatchNorm folding that scales whole out
 rounded before folding. Per-tensor weights do not keep a grid through folding: rounding is for per-channel exports.
 
 **Bias correction** (Nagel et al., "Data-Free Quantization Through Weight Equalization and Bias Correction", ICCV
-2019, in its empirical form): what the rounded kernel still shifts the layer's mean output by, (Q - W)^T E[x] per
-output channel, is taken off its bias (or added to the moving mean of a BatchNormalization that alone reads a layer
-without bias).
+2019, in its empirical form): what the rounded layer still shifts the mean output by, Q^T E[q] - W^T E[f] per output
+channel (the copy's drift included), is taken off its bias (or added to the moving mean of a BatchNormalization that
+alone reads a layer without bias).
 
 Layers: Conv2D (groups 1), DepthwiseConv2D, SeparableConv2D (its depthwise kernel, then its pointwise kernel on what
 the rounded depthwise step gives) and Dense; channels last, called once. Others are left as they are.
@@ -33,6 +41,7 @@ the rounded depthwise step gives) and Dense; channels last, called once. Others 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import asdict, dataclass
 
 import numpy as np
@@ -43,6 +52,7 @@ from sepconv.convert.keras_compat import readers_of
 
 LEVELS = 127  # symmetric int8 weights: -127..127
 DAMPING = 0.01  # added to H's diagonal, as a share of its mean: keeps the inverse stable where inputs are collinear
+ROWS_PER_INPUT = 10  # the asymmetric fit moves the weights only with this many input rows per weight row
 CHUNK = 16  # images per step when collecting a layer's input moments (patches of a large layer take memory)
 
 
@@ -50,7 +60,8 @@ CHUNK = 16  # images per step when collecting a layer's input moments (patches o
 class LayerRounding:
     path: str
     kernels: int  # kernels rounded (2 for a SeparableConv2D)
-    error_nearest: float  # the layer's output error on the calibration images, relative to its output's spread
+    error_nearest: float  # the layer's output error on the calibration images, relative to its output's spread, against
+    # its float output on the float model's inputs (asymmetric) or on the copy's
     error_rounded: float  # the same after rounding (and bias correction, when asked)
     bias_corrected: bool
 
@@ -60,9 +71,10 @@ class RoundingReport:
     samples: int
     bias_correction: bool
     layers: tuple[LayerRounding, ...]
+    asymmetric: bool = True
 
     def to_dict(self) -> dict:
-        return {"samples": self.samples, "bias_correction": self.bias_correction,
+        return {"samples": self.samples, "bias_correction": self.bias_correction, "asymmetric": self.asymmetric,
                 "layers": [asdict(layer) for layer in self.layers]}
 
 
@@ -98,10 +110,12 @@ def gptq(kernel: np.ndarray, moment: np.ndarray, damping: float = DAMPING) -> np
     return rounded.astype(kernel.dtype)
 
 
-def round_weights(model, x: np.ndarray, *, bias_correction: bool = False, progress=None):
+def round_weights(model, x: np.ndarray, *, bias_correction: bool = False, asymmetric: bool = True, progress=None):
     """A copy of `model` with the kernels of its Conv2D, DepthwiseConv2D, SeparableConv2D and Dense layers rounded to
     their int8 grids (GPTQ) on images `x`, and (bias_correction) the mean output shift that is left taken off their
-    biases; and the RoundingReport. The input model is left as it is."""
+    biases; and the RoundingReport. asymmetric: each layer's target is the float model's output on the float
+    model's own inputs (module doc); else its float weights on the inputs the rounded copy gives it. The input model
+    is left as it is."""
     import keras
 
     if len(x) == 0:
@@ -110,17 +124,22 @@ def round_weights(model, x: np.ndarray, *, bias_correction: bool = False, progre
     copy = keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     layers = {path: layer for path, layer in leaf_layers(copy) if _supported(layer) and called_once(copy, path)}
+    paths = list(layers)
+    walks = zip(layer_inputs(copy, x, paths), layer_inputs(model, x, paths) if asymmetric else itertools.repeat(None))
     done = []
-    for path, inputs in layer_inputs(copy, x, list(layers)):  # each layer sees the earlier ones rounded
+    for (path, inputs), pair in walks:  # each layer sees the earlier ones rounded
         layer = layers[path]
-        reference = _output(layer, inputs)
+        inputs = np.asarray(inputs, np.float32)
+        targets = inputs if pair is None else np.asarray(pair[1], np.float32)
+        reference = _output(layer, targets)
         nearest_error = _relative(_output_with(layer, inputs, _nearest_weights(layer)), reference)
-        shift = _round_layer(layer, np.asarray(inputs, np.float32))
+        shift = _round_layer(layer, inputs, targets)
         corrected = bias_correction and _correct_bias(copy, layer, shift)
         done.append(LayerRounding(path, 2 if isinstance(layer, keras.layers.SeparableConv2D) else 1,
                                   nearest_error, _relative(_output(layer, inputs), reference), corrected))
         say(f"{path}: output error {nearest_error:.2%} rounded to nearest, {done[-1].error_rounded:.2%} now")
-    return copy, RoundingReport(samples=len(x), bias_correction=bias_correction, layers=tuple(done))
+    return copy, RoundingReport(samples=len(x), bias_correction=bias_correction, layers=tuple(done),
+                                asymmetric=asymmetric)
 
 
 def _scales(kernel: np.ndarray) -> np.ndarray:
@@ -153,78 +172,128 @@ def _patches(layer, x: np.ndarray, kernel_shape) -> np.ndarray:
     return np.asarray(patches, np.float64).reshape(-1, patches.shape[-1])
 
 
-def _moments(chunks) -> tuple[np.ndarray, np.ndarray]:
-    """(E[x x^T], E[x]) of the rows of every (rows, features) array that `chunks` yields."""
-    total, second, first = 0, None, None
-    for rows in chunks:
-        second = rows.T @ rows if second is None else second + rows.T @ rows
-        first = rows.sum(axis=0) if first is None else first + rows.sum(axis=0)
-        total += len(rows)
-    return second / total, first / total
+@dataclass
+class _Moments:
+    """Of a layer's input rows q (in the rounded copy) and f (in the float model, the same images): E[q q^T],
+    E[q f^T], E[q], E[f] and the number of rows. Symmetric (f is q): cross is second, mean_f is mean_q."""
+    second: np.ndarray
+    cross: np.ndarray
+    mean_q: np.ndarray
+    mean_f: np.ndarray
+    rows: int
 
 
-def _depthwise_moments(chunks, channels: int) -> tuple[np.ndarray, np.ndarray]:
-    """Per input channel: (E[p p^T] (channels, k, k), E[p] (channels, k)) of its k = kh * kw patch values."""
-    total, second, first = 0, 0.0, 0.0
-    for rows in chunks:
-        per_channel = rows.reshape(len(rows), -1, channels)  # (positions, kh * kw, channels)
-        second = second + np.einsum("pkc,plc->ckl", per_channel, per_channel)
-        first = first + per_channel.sum(axis=0).T
-        total += len(rows)
-    return second / total, first / total
+def _moments(pairs) -> _Moments:
+    """The _Moments of the (rows, features) array pairs (q, f) that `pairs` yields."""
+    total, second, cross, first_q, first_f = 0, 0.0, 0.0, 0.0, 0.0
+    symmetric = True
+    for q, f in pairs:
+        symmetric = symmetric and f is q
+        second = second + q.T @ q
+        cross = cross + (0.0 if f is q else q.T @ f)
+        first_q, first_f = first_q + q.sum(axis=0), first_f + (0.0 if f is q else f.sum(axis=0))
+        total += len(q)
+    second, mean_q = second / total, first_q / total
+    if symmetric:
+        return _Moments(second, second, mean_q, mean_q, total)
+    return _Moments(second, cross / total, mean_q, first_f / total, total)
 
 
-def _chunked(x: np.ndarray, function):
+def _depthwise_moments(pairs, channels: int) -> list[_Moments]:
+    """Per input channel: the _Moments of its k = kh * kw patch values."""
+    total, second, cross, first_q, first_f = 0, 0.0, 0.0, 0.0, 0.0
+    symmetric = True
+    for q, f in pairs:
+        symmetric = symmetric and f is q
+        q = q.reshape(len(q), -1, channels)  # (positions, kh * kw, channels)
+        f = q if symmetric else f.reshape(len(f), -1, channels)
+        second = second + np.einsum("pkc,plc->ckl", q, q)
+        cross = cross + (0.0 if symmetric else np.einsum("pkc,plc->ckl", q, f))
+        first_q, first_f = first_q + q.sum(axis=0).T, first_f + (0.0 if symmetric else f.sum(axis=0).T)
+        total += len(q)
+    if symmetric:
+        return [_Moments(second[c] / total, second[c] / total, first_q[c] / total, first_q[c] / total, total)
+                for c in range(channels)]
+    return [_Moments(second[c] / total, cross[c] / total, first_q[c] / total, first_f[c] / total, total)
+            for c in range(channels)]
+
+
+def _chunked(x: np.ndarray, targets: np.ndarray, function):
+    """(function(x part), function(targets part)) per CHUNK images; the same array twice where targets is x."""
     for start in range(0, len(x), CHUNK):
-        yield function(x[start:start + CHUNK])
+        q = function(x[start:start + CHUNK])
+        yield q, q if targets is x else function(targets[start:start + CHUNK])
 
 
-def _round_conv(layer, x, kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _rounded(matrix: np.ndarray, moments: _Moments) -> tuple[np.ndarray, np.ndarray]:
+    """(`matrix` (inputs x outputs) rounded to its grid by GPTQ, the mean output shift it leaves against the float
+    layer on the float inputs). Asymmetric moments with enough rows per input first move the float weights to where
+    they give the float outputs on the rounded copy's inputs (a ridge fit towards the weights themselves) and round
+    that."""
+    aim = matrix
+    if moments.cross is not moments.second and moments.rows >= ROWS_PER_INPUT * len(matrix):
+        ridge = DAMPING * float(np.mean(np.diag(moments.second))) or DAMPING
+        h = moments.second + ridge * np.eye(len(matrix))
+        aim = np.linalg.solve(h, moments.cross @ matrix + ridge * matrix)
+    rounded = gptq(aim, moments.second)
+    return rounded, moments.mean_q @ rounded - moments.mean_f @ matrix
+
+
+def _round_conv(layer, x, targets, kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(rounded kernel, the mean output shift it leaves per output channel) of a dense convolution's kernel."""
-    matrix = kernel.reshape(-1, kernel.shape[-1])
-    moment, mean = _moments(_chunked(x, lambda part: _patches(layer, part, kernel.shape)))
-    rounded = gptq(matrix, moment)
-    return rounded.reshape(kernel.shape), mean @ (rounded - matrix)
+    moments = _moments(_chunked(x, targets, lambda part: _patches(layer, part, kernel.shape)))
+    rounded, shift = _rounded(np.asarray(kernel, np.float64).reshape(-1, kernel.shape[-1]), moments)
+    return rounded.reshape(kernel.shape).astype(kernel.dtype), shift
 
 
-def _round_depthwise(layer, x, kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _round_depthwise(layer, x, targets, kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The same for a depthwise kernel (kh, kw, channels, multiplier): one small problem per input channel."""
     kh, kw, channels, multiplier = kernel.shape
-    moment, mean = _depthwise_moments(_chunked(x, lambda part: _patches(layer, part, kernel.shape)), channels)
+    moments = _depthwise_moments(_chunked(x, targets, lambda part: _patches(layer, part, kernel.shape)), channels)
     rounded = np.empty_like(kernel)
     shift = np.empty((channels, multiplier))
     for channel in range(channels):
-        matrix = kernel[:, :, channel, :].reshape(kh * kw, multiplier)
-        done = gptq(matrix, moment[channel])
+        matrix = np.asarray(kernel[:, :, channel, :], np.float64).reshape(kh * kw, multiplier)
+        done, shift[channel] = _rounded(matrix, moments[channel])
         rounded[:, :, channel, :] = done.reshape(kh, kw, multiplier)
-        shift[channel] = mean[channel] @ (done - matrix)
     return rounded, shift.reshape(-1)
 
 
-def _round_layer(layer, x: np.ndarray) -> np.ndarray:
-    """Round `layer`'s kernels in place on its input `x`; the mean output shift per output channel they leave."""
+def _rows(x: np.ndarray) -> np.ndarray:
+    return np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+
+
+def _round_layer(layer, x: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """Round `layer`'s kernels in place on its input `x` (aiming at its float output on `targets`, which may be `x`
+    itself); the mean output shift per output channel they leave."""
     import keras
 
     if isinstance(layer, keras.layers.SeparableConv2D):
-        depthwise, shift = _round_depthwise(layer, x, layer.depthwise_kernel.numpy())
+        float_depthwise = layer.depthwise_kernel.numpy()
+        depthwise, depthwise_shift = _round_depthwise(layer, x, targets, float_depthwise)
         layer.depthwise_kernel.assign(depthwise)
-        inner = keras.ops.convert_to_numpy(keras.ops.depthwise_conv(
-            x, depthwise, strides=layer.strides, padding=layer.padding, dilation_rate=layer.dilation_rate))
+
+        def inner(images, kernel):
+            return np.asarray(keras.ops.convert_to_numpy(keras.ops.depthwise_conv(
+                images, kernel, strides=layer.strides, padding=layer.padding, dilation_rate=layer.dilation_rate)))
+
+        inner_x = inner(x, depthwise)
+        inner_targets = inner_x if targets is x else inner(targets, float_depthwise)
         pointwise = layer.pointwise_kernel.numpy()
-        matrix = pointwise.reshape(-1, pointwise.shape[-1])
-        moment, mean = _moments(_chunked(np.asarray(inner, np.float64), lambda part: part.reshape(-1, part.shape[-1])))
-        rounded = gptq(matrix, moment)
-        layer.pointwise_kernel.assign(rounded.reshape(pointwise.shape))
-        return shift @ rounded + mean @ (rounded - matrix)
+        rounded, shift = _rounded(np.asarray(pointwise, np.float64).reshape(-1, pointwise.shape[-1]),
+                                  _moments(_chunked(inner_x, inner_targets, _rows)))
+        layer.pointwise_kernel.assign(rounded.reshape(pointwise.shape).astype(pointwise.dtype))
+        # asymmetric: the pointwise step's shift is against the float layer on the float inputs, the whole layer's;
+        # else it is against its float weights on the rounded depthwise step's output, which shifted first
+        return shift if targets is not x else depthwise_shift @ rounded + shift
     if isinstance(layer, keras.layers.DepthwiseConv2D):
-        kernel, shift = _round_depthwise(layer, x, layer.kernel.numpy())
+        kernel, shift = _round_depthwise(layer, x, targets, layer.kernel.numpy())
     elif isinstance(layer, keras.layers.Conv2D):
-        kernel, shift = _round_conv(layer, x, layer.kernel.numpy())
+        kernel, shift = _round_conv(layer, x, targets, layer.kernel.numpy())
     else:  # Dense: every leading axis is a batch axis
         matrix = layer.kernel.numpy()
-        moment, mean = _moments(_chunked(np.asarray(x, np.float64), lambda part: part.reshape(-1, part.shape[-1])))
-        kernel = gptq(matrix, moment)
-        shift = mean @ (kernel - matrix)
+        rounded, shift = _rounded(np.asarray(matrix, np.float64), _moments(_chunked(x, targets, _rows)))
+        kernel = rounded.astype(matrix.dtype)
     layer.kernel.assign(kernel)
     return shift
 
