@@ -415,7 +415,22 @@ def test_the_device_side_of_timing_needs_no_tensorflow():
     assert done.returncode == 0 and done.stdout.startswith("ai-edge-litert "), done.stderr[-2000:]
 
 
-def test_a_poisoned_cache_is_caught_by_timing_the_artifact_and_set_aside(tiny, tmp_path):
+def _wide():
+    """A CNN whose separation pays on any CPU (64 channels, 3x3: K=1 has about 8x fewer multiply-adds), with its own
+    predictions as labels: the tiny model's choice between separating and keeping depends on the machine (on an
+    Intel Xeon it kept both layers, so nothing was timed)."""
+    import keras
+
+    keras.utils.set_random_seed(3)
+    image = keras.Input((24, 24, 16))
+    x = keras.layers.Conv2D(64, 3, activation="relu", name="c1")(image)
+    x = keras.layers.Conv2D(64, 3, strides=2, activation="relu", name="c2")(x)
+    model = keras.Model(image, keras.layers.Dense(4, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x)))
+    x = np.random.default_rng(3).uniform(0, 1, (64, 24, 24, 16)).astype(np.float32)
+    return model, x, np.argmax(model.predict(x, verbose=0), 1)
+
+
+def test_a_poisoned_cache_is_caught_by_timing_the_artifact_and_set_aside(tmp_path):
     """Issue 27: cached timings that promise far more than the model gives (here every entry cut to a fifth, as if
     timed on a faster machine under the same name) make the plan's prediction wrong; the artifact's own timing
     against the original shows it, the run says so, and the device's cache is set aside (.stale) so that the next
@@ -424,7 +439,7 @@ def test_a_poisoned_cache_is_caught_by_timing_the_artifact_and_set_aside(tiny, t
     from sepconv.convert.recovery.latency_table import LatencyOptions
     from sepconv.deploy.timing import TimingOptions
 
-    teacher, x, y = tiny
+    teacher, x, y = _wide()
     teacher.save(tmp_path / "m.keras")
     np.savez(tmp_path / "d.npz", x=x, y=y)
     options = LatencyOptions(timing=TimingOptions(min_seconds=0.02, min_runs=5), cache_dir=str(tmp_path / "cache"))
@@ -440,6 +455,7 @@ def test_a_poisoned_cache_is_caught_by_timing_the_artifact_and_set_aside(tiny, t
     result = convert_model(tmp_path / "m.keras", [tmp_path / "b.tflite"], progress=lambda s, m: said.append(m), **run)
     speed = result.artifacts[0].speed
     assert result.recovery.budget.plan.latency["table"]["measured"] == 0, "the poisoned entries were read"
+    assert result.separation.separated, "the wide model's separation pays: something is separated and timed"
     assert speed is not None and speed.mispredicted, speed
     assert any("the latency cache" in line and "set aside as" in line for line in said), said
     assert not path.exists() and path.with_name(path.name + ".stale").exists()

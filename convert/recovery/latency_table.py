@@ -141,7 +141,7 @@ def measure_table(model, layers, options: LatencyOptions, *, progress=None) -> d
     least_ms = round(measured.ms[len(wanted)], 5) if least else None
     lowest = sum(min(row.values()) for row in table.values())
     whole = WholeModel.fit(keep_sum, original_ms, least_sum, least_ms, least_sum_ms=lowest)
-    timed = measured.timed
+    timed, cached = measured.timed, len(entries) - measured.timed
     if least and whole.method != "fitted" and keep_sum - least_sum > MIN_SPREAD * keep_sum:
         say("latency", f"the whole model at every layer's least K took {least_ms:.4f} ms against the original's "
                        f"{original_ms:.4f} ms where the table says {least_sum:.4f} against {keep_sum:.4f} ms: "
@@ -149,12 +149,13 @@ def measure_table(model, layers, options: LatencyOptions, *, progress=None) -> d
         again = _time_entries([entries[0], entries[-1]], options, say, "whole models", fresh=True)
         original_ms, least_ms = (round(ms, 5) for ms in again.ms)
         timed += again.timed
+        cached -= sum(index in measured.cached for index in (0, len(entries) - 1))  # timed afresh: not cached now
         whole = WholeModel.fit(keep_sum, original_ms, least_sum, least_ms, least_sum_ms=lowest)
     return {"layers": table, "forms": forms, "original_ms": original_ms, "raw_keep_sum_ms": round(keep_sum, 5),
             "whole_model": dict(asdict(whole), least=least, least_ms=least_ms, least_sum_ms=round(least_sum, 5)),
             "where": identity["where"], "device": identity["device"], "runtime": identity["runtime"],
             "threads": options.timing.threads, "xnnpack": identity["xnnpack"], "format": options.suffix[1:],
-            "quantize": options.export.quantize, "measured": timed, "cached": len(entries) - measured.timed,
+            "quantize": options.export.quantize, "measured": timed, "cached": cached,
             "seconds": round(time.perf_counter() - started, 1)}
 
 
