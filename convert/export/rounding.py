@@ -193,10 +193,7 @@ def _moments(pairs) -> _Moments:
         cross = cross + (0.0 if f is q else q.T @ f)
         first_q, first_f = first_q + q.sum(axis=0), first_f + (0.0 if f is q else f.sum(axis=0))
         total += len(q)
-    second, mean_q = second / total, first_q / total
-    if symmetric:
-        return _Moments(second, second, mean_q, mean_q, total)
-    return _Moments(second, cross / total, mean_q, first_f / total, total)
+    return _averaged(second, None if symmetric else cross, first_q, first_f, total)
 
 
 def _depthwise_moments(pairs, channels: int) -> list[_Moments]:
@@ -211,11 +208,17 @@ def _depthwise_moments(pairs, channels: int) -> list[_Moments]:
         cross = cross + (0.0 if symmetric else np.einsum("pkc,plc->ckl", q, f))
         first_q, first_f = first_q + q.sum(axis=0).T, first_f + (0.0 if symmetric else f.sum(axis=0).T)
         total += len(q)
-    if symmetric:
-        return [_Moments(second[c] / total, second[c] / total, first_q[c] / total, first_q[c] / total, total)
-                for c in range(channels)]
-    return [_Moments(second[c] / total, cross[c] / total, first_q[c] / total, first_f[c] / total, total)
-            for c in range(channels)]
+    return [_averaged(second[c], None if symmetric else cross[c], first_q[c], None if symmetric else first_f[c],
+                      total) for c in range(channels)]
+
+
+def _averaged(second, cross, first_q, first_f, total: int) -> _Moments:
+    """The _Moments of these sums over `total` rows; cross None: symmetric (the same array as second, which
+    _rounded tells apart by identity)."""
+    second, mean_q = second / total, first_q / total
+    if cross is None:
+        return _Moments(second, second, mean_q, mean_q, total)
+    return _Moments(second, cross / total, mean_q, first_f / total, total)
 
 
 def _chunked(x: np.ndarray, targets: np.ndarray, function):
