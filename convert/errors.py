@@ -12,7 +12,7 @@ __all__ = [
     "ModelNotFoundError", "ModelTooLargeError", "OutputBusyError", "OutputPathError", "ReportInputError",
     "RuntimeMissingError",
     "SavedModelError", "SepconvError", "UnknownObjectError", "UnsafeModelError", "UnsupportedModelError",
-    "VerificationError", "WeightsOnlyFileError", "WrongFileKindError",
+    "VerificationError", "WeightsOnlyFileError", "WorkerLostError", "WrongFileKindError",
 ]
 
 
@@ -95,6 +95,10 @@ class BudgetError(VerificationError):
 
 class CheckpointError(SepconvError):
     """Checkpoints of an interrupted run are in the way (or missing for --resume, or from another run)."""
+
+
+class WorkerLostError(SepconvError):
+    """Multi-worker fine-tuning stopped: another worker ended or cannot be reached; the message says how to resume."""
 
 
 class InterruptedRunError(SepconvError):

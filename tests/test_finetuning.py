@@ -147,3 +147,45 @@ def test_frozen_batchnorm_keeps_its_statistics_while_the_rest_trains():
                                                          student.get_layer("bn").get_weights())]
         assert not np.array_equal(trained.get_layer("c1").get_weights()[0], student.get_layer("c1").get_weights()[0])
         assert all(bn_same) if freeze else not all(bn_same), (freeze, bn_same)
+
+
+def test_an_error_that_follows_a_ctrl_c_during_training_is_the_ctrl_c():
+    """A Ctrl-C during training is held to the next batch's end; an error raised before it (in multi-worker training:
+    the collective op of a peer that stopped first) is reported as the interrupt it follows, not as a crash. Without
+    a Ctrl-C the error passes unchanged."""
+    import os
+    import signal
+
+    from sepconv.convert.recovery.finetuning import _ctrl_c_between_batches
+
+    with pytest.raises(KeyboardInterrupt) as caught:
+        with _ctrl_c_between_batches():
+            os.kill(os.getpid(), signal.SIGINT)  # held: the handler only records it
+            raise RuntimeError("a peer is gone")
+    assert isinstance(caught.value.__cause__, RuntimeError)
+    with pytest.raises(RuntimeError, match="a peer is gone"):
+        with _ctrl_c_between_batches():
+            raise RuntimeError("a peer is gone")
+
+
+def test_a_collective_error_names_its_cause_in_one_line():
+    import tensorflow as tf
+
+    from sepconv.convert.recovery.finetuning import WorkerRole, _peers_reported
+    from sepconv.convert.errors import WorkerLostError
+
+    message = ("Graph execution error:\n\nDetected at node CollectiveReduceV2 defined at (most recent call last):\n"
+               '  File "x.py", line 1, in <module>\n\nCollective ops is aborted by: failed to connect to all '
+               "addresses; last error: UNKNOWN: ipv4:127.0.0.1:35565: Failed to connect to remote host: Connection "
+               "refused\nThe error could be from a previous operation. Restart your program to reset.\n\t "
+               "[[{{node CollectiveReduceV2}}]]")
+    with pytest.raises(WorkerLostError) as caught:
+        with _peers_reported(WorkerRole(index=1, workers=2, chief=False), None):
+            raise tf.errors.UnavailableError(None, None, message)
+    text = str(caught.value)
+    assert "\n" not in text and "on worker 1: another worker ended or cannot be reached" in text, text
+    assert "(UnavailableError: Collective ops is aborted by: failed to connect" in text, text
+    assert text.endswith("start every worker again with the same command"), text
+    with pytest.raises(tf.errors.UnavailableError):  # one process, no cluster: TensorFlow's own error
+        with _peers_reported(None, None):
+            raise tf.errors.UnavailableError(None, None, message)

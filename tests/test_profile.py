@@ -63,10 +63,11 @@ def test_profile_accounts_for_the_measured_time(sized_artifacts, kind):
     # the rows split the p50 measured without profiling; the profiled total (the full prefix among all of them, or
     # the nodes under ONNX Runtime's profiler) is the same model, slowed by the profiling (the module doc)
     assert profile["total_ms"] == pytest.approx(p50, rel=0.01), (profile["total_ms"], p50)
-    # profiling only slows the model (never below its p50, noise aside); measured slowdowns: 1.3x (prefixes), 2-2.5x
-    # on a quiet machine and 5.4x under a loaded one (ONNX Runtime's records on this 0.08 ms model): an order of
-    # magnitude more would be another model timed
-    assert 0.8 * p50 < profile["raw_total_ms"] < 20 * p50, (profile["raw_total_ms"], p50, profile["method"])
+    # the raw profiled total is the same model timed at another moment, slowed by the profiling: measured 1.3x
+    # (prefixes), 2-2.5x on a quiet machine and 5.4x under a loaded one (ONNX Runtime's records on this 0.08 ms
+    # model), and 0.77x when the shared machine was busier during the p50 than during the profile (CI, Intel Xeon).
+    # Only an order of magnitude either way says another model was timed: no tighter timing bound in a unit test.
+    assert 0.1 * p50 < profile["raw_total_ms"] < 20 * p50, (profile["raw_total_ms"], p50, profile["method"])
     assert profile["method"] == ("prefix-truncation" if kind == "tflite" else "ort-profiler")
     convolutions = [layer for layer in profile["layers"] if layer["macs"]]
     assert convolutions and sum(layer["mac_share"] for layer in convolutions) == pytest.approx(1.0, abs=0.01)

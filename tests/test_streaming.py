@@ -246,17 +246,11 @@ def test_multi_worker_needs_tf_config_and_a_fresh_process(tmp_path, trained_demo
         done.stdout + done.stderr[-2000:]
 
 
-@pytest.mark.slow
-def test_two_local_workers_resume_together(tmp_path, trained_demo):
-    """Both workers interrupted after epoch 1's checkpoint (Ctrl-C): each keeps its own checkpoints; the same command
-    with --resume continues both from epoch 2 and the chief writes."""
-    import signal
+def _until_epoch_1(started) -> list[str]:
+    """Each started worker's output up to its first epoch's progress line (which follows that epoch's checkpoint)."""
     import threading
 
-    argv = [str(trained_demo["h5"]), "out.tflite", "--data", str(trained_demo["npz"]), "--rank", "1", "--epochs", "4",
-            "--patience", "4", "--quantize", "none", "--strategy", "multi-worker", "--no-latency"]
-    started = _start_two_workers(tmp_path, argv, {"SEPCONV_TEST_EPOCH_DELAY": "60"})
-    seen = [[], []]
+    seen = [[] for _ in started]
 
     def read(index, process):
         for line in process.stdout:
@@ -269,11 +263,32 @@ def test_two_local_workers_resume_together(tmp_path, trained_demo):
         reader.start()
     for reader in readers:
         reader.join(timeout=300)
-    assert all("finetune: epoch 1/4" in "".join(lines) for lines in seen), [("".join(x))[-2000:] for x in seen]
+    outputs = ["".join(lines) for lines in seen]
+    assert all("finetune: epoch 1/4" in out for out in outputs), [out[-2000:] for out in outputs]
+    return outputs
+
+
+FOUR_EPOCHS_ON_TWO_WORKERS = ["--rank", "1", "--epochs", "4", "--patience", "4", "--quantize", "none", "--strategy",
+                              "multi-worker", "--no-latency"]
+
+
+@pytest.mark.slow
+def test_two_local_workers_resume_together(tmp_path, trained_demo):
+    """Both workers interrupted after epoch 1's checkpoint (Ctrl-C): each keeps its own checkpoints; the same command
+    with --resume continues both from epoch 2 and the chief writes. The signals reach the workers during the test's
+    epoch-end wait, one after the other: each stops there (exit 130), not after a training step the other never joins
+    (which failed 4 runs in 6 before the wait raised the Ctrl-C itself: UnavailableError, exit 1)."""
+    import signal
+
+    argv = [str(trained_demo["h5"]), "out.tflite", "--data", str(trained_demo["npz"]), *FOUR_EPOCHS_ON_TWO_WORKERS]
+    started = _start_two_workers(tmp_path, argv, {"SEPCONV_TEST_EPOCH_DELAY": "60"})
+    seen = _until_epoch_1(started)
     for process, _ in started:
         process.send_signal(signal.SIGINT)
     statuses = [process.wait(timeout=120) for process, _ in started]
-    assert statuses == [130, 130], statuses
+    outputs = [before + process.stdout.read() for before, (process, _) in zip(seen, started)]
+    assert statuses == [130, 130], [(status, out[-3000:]) for status, out in zip(statuses, outputs)]
+    assert all("Traceback" not in out and "--resume to continue" in out for out in outputs), outputs
     assert (tmp_path / "worker0" / "out.tflite.checkpoints").is_dir()
     assert (tmp_path / "worker1" / "out.tflite.checkpoints").is_dir()
     (chief, chief_out, chief_dir), (other, other_out, _) = _two_workers(tmp_path, [*argv, "--resume"])
@@ -284,6 +299,26 @@ def test_two_local_workers_resume_together(tmp_path, trained_demo):
         assert epochs and epochs[0] == 2, f"each worker resumes after its checkpointed epoch 1: {epochs}"
     assert (chief_dir / "out.tflite").exists()
     assert json.loads((chief_dir / "out.tflite.json").read_text())["recovery"]["resumed"] is True
+
+
+@pytest.mark.slow
+def test_a_worker_whose_peer_is_gone_says_so_in_one_line(tmp_path, trained_demo):
+    """Worker 1 killed (as a host that goes away) after epoch 1: the chief's next step cannot all-reduce; it ends
+    with one line that says what happened and how to go on, not TensorFlow's traceback and exit 1 unexplained."""
+    argv = [str(trained_demo["h5"]), "out.tflite", "--data", str(trained_demo["npz"]), *FOUR_EPOCHS_ON_TWO_WORKERS]
+    started = _start_two_workers(tmp_path, argv, {"SEPCONV_TEST_EPOCH_DELAY": "3"})
+    seen = _until_epoch_1(started)
+    started[1][0].kill()  # the command's process; its worker process follows (PR_SET_PDEATHSIG)
+    chief = started[0][0]
+    status = chief.wait(timeout=300)
+    out = seen[0] + chief.stdout.read()
+    assert status == 1, out[-3000:]
+    last = out.strip().splitlines()[-1]
+    assert ("error: fine-tuning across 2 workers stopped on worker 0: another worker ended or cannot be reached"
+            in last and "checkpointed in out.tflite.checkpoints" in last and "--resume" in last), out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    assert (tmp_path / "worker0" / "out.tflite.checkpoints").is_dir(), "the finished epoch stays, for --resume"
+    assert not (tmp_path / "worker0" / "out.tflite").exists()
 
 
 def test_an_unreadable_image_in_a_streamed_folder_is_one_line(tmp_path, monkeypatch):

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sepconv.convert.errors import CheckpointError, DataError, DiskFullError, InvalidOptionError
+from sepconv.convert.errors import CheckpointError, DataError, DiskFullError, InvalidOptionError, WorkerLostError
 from sepconv.convert.files import disk_full
 from sepconv.convert.graph import layer_output, leaf_layers, predict_keras
 from sepconv.convert.keras_compat import all_reduce, atomic_backup_and_restore, is_graph_model
@@ -179,7 +179,7 @@ def finetune(student, teacher, x: np.ndarray, y: np.ndarray | None = None, *,
     start = model.get_weights()
     log = _epoch_log_class()(monitor, options.epochs, progress)
     with _ctrl_c_between_batches() as stop, _disk_full_while_checkpointing(options.checkpoint_dir), \
-            _reads_reported():
+            _reads_reported(), _peers_reported(worker, backup if options.checkpoint_dir else None):
         # the start's score too: Ctrl-C while it runs stops the run when it ends, not wherever TensorFlow is
         checked = feed(x_val, t_val, options.batch_size)  # every worker validates on all of it, alike
         initial = trainer.evaluate(**checked, verbose=0, return_dict=True)
@@ -238,6 +238,10 @@ def _ctrl_c_between_batches():
     previous = {signum: signal.signal(signum, lambda signum, frame: pressed.append(signum)) for signum in deferred}
     try:
         yield StopOnCtrlC()
+    except Exception as error:  # after a Ctrl-C, the error is its doing (a peer worker that stopped first, ...)
+        if pressed:
+            _stop(pressed, error)
+        raise
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
@@ -245,12 +249,42 @@ def _ctrl_c_between_batches():
         _stop(pressed)
 
 
-def _stop(received: list[int]):
-    """Ctrl-C's KeyboardInterrupt, or errors.Terminated after SIGTERM / SIGHUP (remembered as its handler would)."""
+def _stop(received: list[int], cause: BaseException | None = None):
+    """Ctrl-C's KeyboardInterrupt, or errors.Terminated after SIGTERM / SIGHUP (remembered as its handler would);
+    cause: the error the signal led to, if any."""
     if received[-1] == signal.SIGINT:
-        raise KeyboardInterrupt
+        raise KeyboardInterrupt from cause
     RECEIVED.append(received[-1])
-    raise Terminated(received[-1])
+    raise Terminated(received[-1]) from cause
+
+
+@contextlib.contextmanager
+def _peers_reported(worker: WorkerRole | None, checkpoints: Path | None):
+    """In multi-worker fine-tuning, a collective op that fails because another worker ended, crashed or cannot be
+    reached (TensorFlow's UnavailableError, or DeadlineExceededError after COLLECTIVE_TIMEOUT) is one WorkerLostError
+    that says how to go on, not TensorFlow's traceback."""
+    try:
+        yield
+    except Exception as error:
+        import tensorflow as tf
+
+        lost = (tf.errors.UnavailableError, tf.errors.DeadlineExceededError, tf.errors.AbortedError)
+        if worker is None or not isinstance(error, lost):
+            raise
+        kept = (f"finished epochs are checkpointed in {checkpoints}: start every worker again with the same command "
+                f"and --resume") if checkpoints else "start every worker again with the same command"
+        raise WorkerLostError(f"fine-tuning across {worker.workers} workers stopped on worker {worker.index}: another "
+                              f"worker ended or cannot be reached ({type(error).__name__}: {_op_error_line(error)}); "
+                              f"{kept}") from error
+
+
+def _op_error_line(error) -> str:
+    """TensorFlow's own line in an OpError raised from a tf.function ("Graph execution error:", then where the op was
+    defined, then the cause - "Collective ops is aborted by: failed to connect to all addresses; ... 127.0.0.1:35565:
+    Failed to connect to remote host: Connection refused" - then more detail): the cause, at most 200 characters."""
+    lines = [line.strip() for line in str(error).splitlines() if line.strip() and not line.startswith((" ", "\t"))
+             and not line.startswith(("Graph execution error", "Detected at node"))]
+    return (lines[0] if lines else first_line(error))[:200]
 
 
 @contextlib.contextmanager
@@ -300,6 +334,8 @@ def _epoch_delay(stop) -> list:
             deadline = time.monotonic() + seconds
             while not stop.pressed and time.monotonic() < deadline:
                 time.sleep(min(0.1, seconds))
+            if stop.pressed:  # stop here, as a Ctrl-C during a real epoch's end would: not after another batch
+                _stop(stop.pressed)
 
     return [EpochDelay()]
 
