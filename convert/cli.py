@@ -267,7 +267,8 @@ def convert_parser() -> argparse.ArgumentParser:
                             "in float (default: on)")
     group.add_argument("--equalize", action=argparse.BooleanOptionalAction, default=quantization.equalize,
                        help="int8 repair: first rescale each separable layer's depthwise channels and pointwise "
-                            "rows against each other (the same float model, balanced for int8) (default: on)")
+                            "rows against each other, and each BatchNorm's channels against the layer that reads "
+                            "them through a ReLU (the same float model, balanced for int8) (default: on)")
     group.add_argument("--round-weights", action=argparse.BooleanOptionalAction, default=quantization.round_weights,
                        help="int8 repair: round each layer's weights to keep its output on the calibration images "
                             "(GPTQ), then with bias correction; per-channel weights only (default: on)")

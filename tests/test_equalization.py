@@ -166,3 +166,89 @@ def test_equalization_in_one_pass_matches_a_probe_per_layer(case, monkeypatch):
     for variable, mine, theirs in zip(walked.weights, walked.get_weights(), probed.get_weights()):
         np.testing.assert_allclose(mine, theirs, rtol=1e-4, atol=1e-5,
                                    err_msg=f"{case} equalized: {variable.path}, one pass vs a probe per layer")
+
+
+# the first BatchNorm's channel 0 made 1000x wider than the rest (it reaches ReLU6's clip), the depthwise kernel's
+# channel 0 1000x smaller: the function of a network whose ReLU6 output channels are all narrow, but the per-tensor int8
+# step of that output (6 / 255, set by channel 0) is wider than every other channel's range
+WIDE = 1000.0
+
+
+def _unbalanced_activation_model(seed=0):
+    keras.utils.set_random_seed(seed)
+    image = keras.Input((8, 8, 3), name="image")
+    x = keras.layers.Conv2D(8, 3, padding="same", use_bias=False, name="conv")(image)
+    x = keras.layers.ReLU(6.0, name="relu6")(keras.layers.BatchNormalization(name="bn1")(x))
+    x = keras.layers.ZeroPadding2D(1, name="pad")(x)
+    x = keras.layers.DepthwiseConv2D(3, use_bias=False, name="depthwise")(x)
+    x = keras.layers.Activation("relu", name="relu")(keras.layers.BatchNormalization(name="bn2")(x))
+    x = keras.layers.Conv2D(6, 1, name="project")(x)
+    x = keras.layers.Flatten(name="flat")(x)
+    model = keras.Model(image, keras.layers.Dense(4, name="logits")(x))
+    bn1 = model.get_layer("bn1")
+    wide = np.ones(8, np.float32)
+    wide[0] = WIDE
+    bn1.set_weights([np.full(8, 0.005, np.float32) * wide, np.full(8, 0.002, np.float32) * wide,
+                     np.zeros(8, np.float32), np.ones(8, np.float32)])
+    depthwise = model.get_layer("depthwise")
+    depthwise.kernel.assign(depthwise.kernel.numpy() / wide.reshape(1, 1, 8, 1))
+    return model
+
+
+@pytest.fixture(scope="module")
+def unbalanced_activation():
+    x = np.random.default_rng(5).uniform(-1, 1, (300, 8, 8, 3)).astype(np.float32)
+    return _unbalanced_activation_model(), q.Calibration(x[:100], x[:200], x[200:])
+
+
+def test_activation_pairs_are_found_through_padding_relu6_and_activation_layers(unbalanced_activation):
+    model, _ = unbalanced_activation
+    assert eq.activation_pairs(model) == [("bn1", "depthwise", 6.0), ("bn2", "project", np.inf)]
+    image = keras.Input((8, 8, 3))
+    x = keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 1)(image))
+    leaky = keras.layers.LeakyReLU()(x)  # not positive-homogeneous with a clip we can keep: left alone
+    branched = keras.layers.ReLU()(keras.layers.BatchNormalization()(keras.layers.Conv2D(4, 1)(leaky)))
+    model = keras.Model(image, [keras.layers.Conv2D(2, 1)(branched), keras.layers.Conv2D(2, 1)(branched)])
+    assert eq.activation_pairs(model) == [], "a LeakyReLU, and a ReLU read by two layers, are not pairs"
+
+
+def test_stretch_scales_fill_the_widest_range_and_respect_the_clip():
+    r = np.array([4.0, 2.0, 0.06, 0.0])
+    np.testing.assert_allclose(eq.stretch_scales(r, None, clip=np.inf), [1.0, 0.5, 0.015, 1.0],
+                               err_msg="depthwise reader: every live channel stretched to the widest")
+    np.testing.assert_allclose(eq.stretch_scales(np.array([6.0, 3.0, 1.5, 0.03]), None, clip=6.0),
+                               [1.0, 1.0, 0.5, 0.01], err_msg="ReLU6: stretched to half the clip at most")
+    balanced = eq.stretch_scales(np.array([2.0, 1.0, 0.5]), np.array([1.0, 0.25, 1.0]), clip=np.inf)
+    assert np.max(np.array([2.0, 1.0, 0.5]) / balanced) == pytest.approx(2.0), "no channel passes R after scaling"
+    ratio = (np.array([2.0, 1.0, 0.5]) / balanced) / (np.array([1.0, 0.25, 1.0]) * balanced)
+    np.testing.assert_allclose(ratio, ratio[0], rtol=1e-12, err_msg="activation and weight ranges not balanced")
+
+
+def test_equalization_across_activations_keeps_the_function(unbalanced_activation):
+    model, calibration = unbalanced_activation
+    equalized, report = eq.equalize(model, calibration.samples)
+    ranges = predict_keras(keras.Model(model.input, model.get_layer("relu6").output), calibration.samples)[0]
+    ranges = ranges.reshape(-1, 8).max(axis=0)
+    assert ranges[0] == pytest.approx(6.0) and ranges[1:].max() < 6 / 255, f"the construction: {ranges}"
+    across = {layer.path: layer for layer in report.layers}
+    assert set(across) == {"depthwise", "project"} and across["depthwise"].across == "bn1", report
+    assert across["depthwise"].spread_before > 100 and across["depthwise"].spread_after < 2.01, across["depthwise"]
+    assert across["depthwise"].scale_max == 1.0, "the channel at ReLU6's clip keeps its scale"
+    for x, name in ((calibration.samples, "calibration"), (calibration.validation, "held-out")):
+        np.testing.assert_allclose(predict_keras(equalized, x)[0], predict_keras(model, x)[0], rtol=1e-4, atol=1e-5,
+                                   err_msg=f"equalization across the ReLUs changed the float outputs ({name} images)")
+    np.testing.assert_array_equal(model.get_layer("bn1").gamma.numpy()[0], np.float32(0.005 * WIDE),
+                                  err_msg="the input model was changed")
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_int8_of_an_unbalanced_activation_fails_and_equalization_repairs_it(unbalanced_activation, fmt):
+    model, calibration = unbalanced_activation
+    without = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance(),
+                                  options=q.QuantizationOptions(repair=False))[1]
+    assert not without.passed and without.attempts[0].agreement < 0.9, without.line()
+    report = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance())[1]
+    assert report.passed, report.line()
+    assert [(a.name, a.equalized) for a in report.attempts] == [("as requested", False),
+                                                              ("cross-layer equalization", True)], report.line()
+    assert "equalized 2 activations across a ReLU on 100 images" in report.line(), report.line()

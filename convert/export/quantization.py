@@ -13,7 +13,8 @@ error alone exceeds RELATIVE_ERROR_ALARM.
 
 Repair (`export_int8`), when the artifact at the requested settings does not agree with the Keras model on the
 validation images, tries in order, each measured, and stops at the first that agrees: cross-layer equalization of the
-separable layers (equalization.py: the same float function, weights and activations balanced for int8), weight rounding
+separable layers and of BatchNorm -> ReLU -> convolution chains (equalization.py: the same float function, weights and
+activations balanced for int8), weight rounding
 that keeps each layer's output (rounding.py: GPTQ, per-channel weights only), the same with bias correction, more and
 shuffled calibration samples (and per-channel weights if they were per-tensor; percentile then entropy calibration for
 ONNX), the other weight granularity (per-tensor where per-channel was asked: it can be better, ONNX Runtime issue
@@ -40,7 +41,7 @@ from typing import Callable
 import numpy as np
 
 from sepconv.convert.errors import InvalidOptionError
-from sepconv.convert.export.equalization import equalize
+from sepconv.convert.export.equalization import activation_pairs, equalize
 from sepconv.convert.export.onnx import quantize_static_qdq, reader
 from sepconv.convert.export.rounding import round_weights
 from sepconv.convert.export.tflite import TFLiteOptions, export_tflite, make_converter
@@ -64,7 +65,7 @@ WEIGHTED = ("Conv2D", "DepthwiseConv2D", "SeparableConv2D", "Conv1D", "Conv3D", 
 class QuantizationOptions:
     """repair: try better calibration, then float layers, when int8 disagrees with the Keras model.
     explain: diagnose even when the first attempt passes (CLI --explain-quantization).
-    equalize: try cross-layer equalization of separable layers first (equalization.py).
+    equalize: try cross-layer equalization first (separable layers, BatchNorm -> ReLU -> convolution: equalization.py).
     round_weights: try GPTQ weight rounding, then with bias correction (rounding.py), before calibration.
     asymmetric_rounding: the rounding aims each layer at the float model's output on the float model's own inputs
     (rounding.py); False: at its float weights on the rounded copy's inputs, as GPTQ was published.
@@ -230,7 +231,11 @@ class QuantizationReport:
 def _equalization_text(report: dict) -> str:
     """What equalization did: how many layers, and the widest spread of channel ranges before and after."""
     widest = max(report["layers"], key=lambda layer: layer["spread_before"])
-    return (f"equalized {len(report['layers'])} separable layers on {report['samples']} images (widest channel range "
+    across = sum(1 for layer in report["layers"] if layer.get("across"))
+    inside = len(report["layers"]) - across
+    what = " and ".join([f"{inside} separable layers"] * bool(inside)
+                        + [f"{across} activations across a ReLU"] * bool(across))
+    return (f"equalized {what} on {report['samples']} images (widest channel range "
             f"spread: {widest['path']} {widest['spread_before']:.1f}x -> {widest['spread_after']:.1f}x)")
 
 
@@ -730,10 +735,12 @@ class _Variants:
         self._rounded = {}  # (equalized, rounding) -> (model, RoundingReport)
 
     def report(self) -> dict | None:
-        """The equalization's report, or None when the model has no separable layer."""
+        """The equalization's report, or None when the model has nothing to equalize (no separable layer, no
+        BatchNorm -> ReLU -> convolution chain)."""
         import keras
 
-        if not any(isinstance(layer, keras.layers.SeparableConv2D) for _, layer in leaf_layers(self._model)):
+        if not any(isinstance(layer, keras.layers.SeparableConv2D) for _, layer in leaf_layers(self._model)) \
+                and not activation_pairs(self._model):
             return None
         if self._equalized is None:
             # the ranges of the samples the converter calibrates on: those set its per-tensor int8 ranges
