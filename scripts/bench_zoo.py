@@ -186,7 +186,9 @@ def summary(row: dict) -> str:
     if row["exit"]:
         return f"exit {row['exit']}: {row['error']} ({row['seconds']} s)"
     speed = row.get("speed")
-    return (f"int8 {row['int8_accuracy']:.2%} (original {row['original_accuracy']:.2%}), {row['params_before']:,} -> "
+    # "int8_accuracy" is the shipped artifact's test accuracy, whatever its mode (the key predates the fallbacks)
+    return (f"{row.get('quantize', 'int8')} artifact {row['int8_accuracy']:.2%} (original "
+            f"{row['original_accuracy']:.2%}), {row['params_before']:,} -> "
             f"{row['params_after']:,} parameters, "
             + (f"{speed['speedup']:.2f}x against the original (shipped: {speed['shipped']}), " if speed else "")
             + f"{row['seconds']} s, peak {row['peak_rss_mib']:,.0f} MiB")
