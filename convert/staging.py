@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Callable
 from sepconv.convert.data import DataInfo
 from sepconv.convert.errors import VerificationError
 from sepconv.convert.export.manifest import build_manifest, manifest_json, manifest_path
-from sepconv.convert.export.quantization import quantize_verified
+from sepconv.convert.export.quantization import quantize_verified, unstable_text
 from sepconv.convert.export.speed import SLOWER, Speed, compare, with_prediction
 from sepconv.convert.export.targets import target_for
 from sepconv.convert.export.tflite import NEEDS_DATA
@@ -220,6 +220,7 @@ def _fall_back(job: ExportJob, item: Staged) -> Staged:
     auto_fallbacks modes that they accept, said aloud and recorded in the manifest; an explicit --quantize int8 fails
     instead. The test images then verify what this chose: they never choose."""
     reasons, attempts = [], _attempts(item.quantization)
+    stability = item.quantization.keras_stability if item.quantization is not None else None
     where = "on the validation images" if job.held.validation is not None else "verification"
     reason = _rejection(job, item)
     for mode in target_for(item.target).auto_fallbacks:
@@ -228,7 +229,7 @@ def _fall_back(job: ExportJob, item: Staged) -> Staged:
         job.say("export", f"{item.target}: {item.quantize} failed {where} ({reason}); --quantize auto tries {mode} "
                           f"instead (pass --quantize int8 to insist on int8)")
         item = _stage(job, item.target, mode, fallback={"from": "int8", "reason": " | ".join(reasons),
-                                                        "int8_attempts": attempts})
+                                                        "int8_attempts": attempts, "keras_stability": stability})
         reason = _rejection(job, item)
         if reason is None:
             return item
@@ -254,8 +255,10 @@ def _rejection(job: ExportJob, item: Staged) -> str | None:
         short = ("as requested fell short of it by more than they can show, and a repair attempt, the best of "
                  "several on them, is not taken within their noise" if best.within_noise else
                  "nor fell short of it by less than they can show")
+        unstable = decided.keras_stability is not None and decided.keras_stability < tolerance.min_agreement
         return (f"no attempt reached top-1 agreement {tolerance.min_agreement:.2%} with the Keras model on the "
-                f"{_samples_of(validation)} validation images, {short} (best: {best.name}, {best.agreement:.2%})")
+                f"{_samples_of(validation)} validation images, {short} (best: {best.name}, {best.agreement:.2%})"
+                + (f"; {unstable_text(decided.keras_stability)}" if unstable else ""))
     if validation is None:
         return None if item.verification.passed else "; ".join(item.verification.failures())
     checked = verify(job.model, open_runtime(item.tmp), validation.x, quantized=True, quantize=item.quantize,

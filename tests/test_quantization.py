@@ -188,3 +188,25 @@ def test_too_few_validation_images_are_said_with_how_many_it_would_take(images, 
     if not expected:
         assert lines == ""
     assert _unresolved(images, None, None) == [], "no budget and nothing quantized: nothing to resolve"
+
+
+def test_a_model_whose_own_top1_moves_under_int8_noise_is_named_when_int8_fails():
+    """keras_stability: a classifier whose images differ by less than half an int8 input step keeps its top-1 on few
+    of them under that noise (its int8 cannot agree: the input quantization alone erases the differences); its failed
+    int8 report says so and records the figure. The same model on images spread over the range is stable."""
+    keras.utils.set_random_seed(3)
+    image = keras.Input((4, 4, 1))
+    x = keras.layers.Flatten()(keras.layers.Rescaling(1000.0, offset=-500.0)(image))  # decides on the thousandths
+    model = keras.Model(image, keras.layers.Dense(3, activation="softmax")(x))
+    rng = np.random.default_rng(3)
+    samples = rng.uniform(0, 1, (64, 4, 4, 1)).astype(np.float32)  # the int8 input step: 1 / 255
+    close = (0.5 + 0.001 * rng.uniform(-1, 1, (200, 4, 4, 1))).astype(np.float32)
+    spread = rng.uniform(0, 1, (200, 4, 4, 1)).astype(np.float32)
+    assert q.keras_stability(model, close, samples) < 0.9
+    assert q.keras_stability(model, spread, samples) > 0.98
+    assert q.keras_stability(model, np.round(spread * 255).astype(np.uint8), samples) is None, "integer images"
+    report = q.quantize_verified(model, target_named("tflite"), q.Calibration(samples, samples, close),
+                                 tolerance=Tolerance(), options=q.QuantizationOptions(repair=False))[1]
+    assert not report.passed and report.keras_stability < 0.9, report.line()
+    assert "the Keras model itself keeps its top-1 on only" in report.line(), report.line()
+    assert report.to_dict()["keras_stability"] == report.keras_stability

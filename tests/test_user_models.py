@@ -425,6 +425,8 @@ def test_quantize_auto_falls_back_when_int8_fails_verification(tmp_path):
     for artifact in result.artifacts:
         assert "validation images" in artifact.quantize_fallback["reason"], artifact.quantize_fallback
         assert artifact.quantize_fallback["int8_attempts"][0]["name"] == "as requested"
+        stability = artifact.quantize_fallback["keras_stability"]  # measured once int8 failed, on this classifier
+        assert 0 < stability <= 1, artifact.quantize_fallback
     insisted = run(tmp_path / "m.keras", tmp_path / "i.tflite", "--data", tmp_path / "d.npz", "--no-separate",
                    "--quantize", "int8", "--no-repair")
     assert insisted.returncode == 1 and "failed verification" in insisted.stderr.strip().splitlines()[-1]
@@ -436,6 +438,7 @@ def test_the_validation_images_decide_the_fallback_and_the_test_images_only_scor
     reject it (no repair attempt agreed there, or over the budget there), never because of the test images: an int8
     artifact they accepted and the test images reject fails the run instead. Without validation images the
     verification decides."""
+    from dataclasses import replace
     from types import SimpleNamespace
 
     from sepconv.convert.export.quantization import Attempt, QuantizationReport
@@ -468,6 +471,13 @@ def test_the_validation_images_decide_the_fallback_and_the_test_images_only_scor
     reason = _rejection(job(), item(cursed, test_passed=True))
     assert reason.endswith("a repair attempt, the best of several on them, is not taken within their noise (best: "
                            "calibration on 1000 shuffled samples, 96.89%)"), reason
+    unstable = _rejection(job(), item(replace(cursed, keras_stability=0.9667), test_passed=True))
+    assert unstable.startswith(reason) and unstable.endswith(
+        "; the Keras model itself keeps its top-1 on only 96.67% of the validation images under input noise of half "
+        "an int8 step: no int8 model of it can be expected to agree more (make it robust by training, or lower "
+        "--min-agreement and hold int8 to --max-accuracy-drop)"), unstable
+    assert _rejection(job(), item(replace(cursed, keras_stability=0.999), test_passed=True)) == reason, \
+        "a model steadier than the bar: nothing to add"
     assert _falls_back(job(), item(accepted, test_passed=True, budget_held=False)), "over the budget on validation"
     unvalidated = QuantizationReport((attempt(0.99, True),), 0, validated=False)
     assert _falls_back(job(validation=False), item(unvalidated, test_passed=False)), "no validation: verification"
