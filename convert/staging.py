@@ -255,10 +255,10 @@ def _rejection(job: ExportJob, item: Staged) -> str | None:
         short = ("as requested fell short of it by more than they can show, and a repair attempt, the best of "
                  "several on them, is not taken within their noise" if best.within_noise else
                  "nor fell short of it by less than they can show")
-        unstable = decided.keras_stability is not None and decided.keras_stability < tolerance.min_agreement
+        unstable = unstable_text(decided.keras_stability, tolerance.min_agreement)
         return (f"no attempt reached top-1 agreement {tolerance.min_agreement:.2%} with the Keras model on the "
                 f"{_samples_of(validation)} validation images, {short} (best: {best.name}, {best.agreement:.2%})"
-                + (f"; {unstable_text(decided.keras_stability)}" if unstable else ""))
+                + (f"; {unstable}" if unstable else ""))
     if validation is None:
         return None if item.verification.passed else "; ".join(item.verification.failures())
     checked = verify(job.model, open_runtime(item.tmp), validation.x, quantized=True, quantize=item.quantize,

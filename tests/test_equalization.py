@@ -78,9 +78,9 @@ def test_equalize_keeps_the_function_and_evens_the_channels(unbalanced):
         eq.equalize(model, calibration.samples[:0])
 
 
-@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
-def test_int8_of_an_unbalanced_separable_layer_fails_and_equalization_repairs_it(unbalanced, fmt):
-    model, calibration = unbalanced
+def _repaired_by_equalization(model, calibration, fmt):
+    """The int8 report of `model`, after checking that its int8 fails without repair and that the repair's first
+    step, equalization, is what passes."""
     without = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance(),
                                   options=q.QuantizationOptions(repair=False))[1]
     assert not without.passed and without.attempts[0].agreement < 0.9, without.line()
@@ -88,6 +88,12 @@ def test_int8_of_an_unbalanced_separable_layer_fails_and_equalization_repairs_it
     assert report.passed, report.line()
     assert [(a.name, a.equalized) for a in report.attempts] == [("as requested", False),
                                                               ("cross-layer equalization", True)], report.line()
+    return report
+
+
+@pytest.mark.parametrize("fmt", ["tflite", "onnx"])
+def test_int8_of_an_unbalanced_separable_layer_fails_and_equalization_repairs_it(unbalanced, fmt):
+    report = _repaired_by_equalization(*unbalanced, fmt)
     assert report.attempts[report.chosen].agreement >= 0.98 and report.float_layers == ()
     assert report.to_dict()["equalization"]["layers"][0]["path"] == "sep"
     assert "equalized 1 separable layers on 100 images (widest channel range spread: sep" in report.line()
@@ -243,12 +249,5 @@ def test_equalization_across_activations_keeps_the_function(unbalanced_activatio
 
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
 def test_int8_of_an_unbalanced_activation_fails_and_equalization_repairs_it(unbalanced_activation, fmt):
-    model, calibration = unbalanced_activation
-    without = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance(),
-                                  options=q.QuantizationOptions(repair=False))[1]
-    assert not without.passed and without.attempts[0].agreement < 0.9, without.line()
-    report = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance())[1]
-    assert report.passed, report.line()
-    assert [(a.name, a.equalized) for a in report.attempts] == [("as requested", False),
-                                                              ("cross-layer equalization", True)], report.line()
+    report = _repaired_by_equalization(*unbalanced_activation, fmt)
     assert "equalized 2 activations across a ReLU on 100 images" in report.line(), report.line()

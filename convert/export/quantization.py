@@ -718,35 +718,53 @@ def quantize_verified(model, target, calibration: Calibration, *, tolerance, exp
     export = replace(export or target.exporter_class(), quantize="int8")
     variants = _Variants(model, calibration.samples, export.per_channel, options.asymmetric_rounding)
     exporter, diagnose = target.int8_tools(model, variants.model, export)
+    expected = _KerasOutputs(model)
     artifact, report = export_int8(model, target, calibration, export=exporter,
-                                   judge=_judge(model, target, tolerance, target.layout(export)), diagnose=diagnose,
-                                   per_channel=export.per_channel, options=options, equalization=variants.report,
-                                   rounding=variants.rounding)
+                                   judge=_judge(expected, target, tolerance, target.layout(export)),
+                                   diagnose=diagnose, per_channel=export.per_channel, options=options,
+                                   equalization=variants.report, rounding=variants.rounding)
     if not report.passed and isinstance(calibration.validation, np.ndarray):
-        stability = keras_stability(model, calibration.validation, calibration.samples)
+        stability = keras_stability(model, calibration.validation, calibration.samples, expected=expected)
         if stability is not None:
             report = replace(report, keras_stability=stability, note="; ".join(filter(None, [
-                report.note, unstable_text(stability) if stability < tolerance.min_agreement else ""])))
+                report.note, unstable_text(stability, tolerance.min_agreement)])))
     return artifact, report
 
 
-def unstable_text(stability: float) -> str:
-    """What a Keras model whose own top-1 moves under int8-sized noise means for its int8 (keras_stability)."""
+def unstable_text(stability: float | None, min_agreement: float) -> str:
+    """What a Keras model whose own top-1 moves under int8-sized noise (keras_stability) on more images than the bar
+    allows means for its int8; "" when it does not (steadier than the bar, or not measured)."""
+    if stability is None or stability >= min_agreement:
+        return ""
     return (f"the Keras model itself keeps its top-1 on only {stability:.2%} of the validation images under input "
             f"noise of half an int8 step: no int8 model of it can be expected to agree more (make it robust by "
             f"training, or lower --min-agreement and hold int8 to --max-accuracy-drop)")
 
 
-def keras_stability(model, x: np.ndarray, samples: np.ndarray, seed: int = 0) -> float | None:
+class _KerasOutputs:
+    """The Keras model's outputs on an array of images, predicted once for the last array asked for: every int8
+    attempt is judged on the same validation images, and keras_stability starts from the same outputs."""
+
+    def __init__(self, model):
+        self.model, self._last = model, None
+
+    def __call__(self, x) -> list[np.ndarray]:
+        if self._last is None or self._last[0] is not x:
+            self._last = (x, predict_keras(self.model, x, batch_size_for(self.model)))
+        return self._last[1]
+
+
+def keras_stability(model, x: np.ndarray, samples: np.ndarray, seed: int = 0,
+                    expected: _KerasOutputs | None = None) -> float | None:
     """The share of the images `x` whose top-1 class the Keras model keeps under uniform noise of half an int8 step of
     its input (the calibration `samples`' range / 255 / 2): an agreement bar above it asks of int8 what the float
     model cannot give itself (measured on the zoo's nested MobileNetV2: 96.67%, docs/benchmarks.md). None when it
     does not apply: a model whose first output is not a classifier, several inputs, or integer images (their int8
-    input is exact)."""
-    x, samples = np.asarray(x), np.asarray(samples)
-    if len(model.inputs) != 1 or x.dtype.kind != "f" or not len(x):
+    input is exact). expected: the model's outputs on x, when already predicted."""
+    if len(model.inputs) != 1 or np.asarray(x).dtype.kind != "f" or not len(x):
         return None
-    reference = predict_keras(model, x, batch_size_for(model))[0]
+    reference = (expected or _KerasOutputs(model))(x)[0]
+    x, samples = np.asarray(x), np.asarray(samples)
     if reference.ndim != 2 or reference.shape[-1] < 2:
         return None
     half = float(np.ptp(samples)) / 255 / 2
@@ -801,18 +819,18 @@ class _Variants:
         return self._equalized[0]
 
 
-def _judge(model, target, tolerance, layout: str):
+def _judge(expected: _KerasOutputs, target, tolerance, layout: str):
     """(agreement, cosine, passed as measured, passed within the noise) of an artifact against the Keras model on
-    images x, as verification judges it (Tolerance.measured, and `tolerance` itself)."""
+    images x, as verification judges it (Tolerance.measured, and `tolerance` itself); the model's own outputs on x are
+    predicted once for all the attempts (`expected`)."""
     def judge(data: bytes, x: np.ndarray):
         with temporary_folder("sepconv-judge-") as tmp:
             path = Path(tmp) / f"attempt{target.extension}"
             path.write_bytes(data)
             runtime = open_runtime(str(path))
-            actual = run_artifact(runtime, x, layout=layout, batch_size=batch_size_for(model))
+            actual = run_artifact(runtime, x, layout=layout, batch_size=batch_size_for(expected.model))
             names = [spec.name for spec in runtime.outputs]
-        expected = predict_keras(model, x, batch_size_for(model))
-        measured, within = (compare_outputs(expected, actual, names, x, None, quantized=True, quantize="int8",
+        measured, within = (compare_outputs(expected(x), actual, names, x, None, quantized=True, quantize="int8",
                                             tolerance=level, inputs="validation images", original=None,
                                             artifact="int8 attempt") for level in (tolerance.measured, tolerance))
         first = measured.outputs[0]
