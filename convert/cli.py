@@ -98,7 +98,8 @@ def convert_parser() -> argparse.ArgumentParser:
     from sepconv.convert.export.targets import OnnxOutputOptions, TFLiteOutputOptions, extensions_text, io_types
     from sepconv.convert.export.verification import Tolerance
     from sepconv.convert.options import DEFAULT_EPOCHS, DEFAULT_MAX_DROP, QUANTIZE_CHOICES, ConvertOptions
-    from sepconv.convert.recovery.finetuning import DEFAULT_LEARNING_RATE, STRATEGIES, FinetuneOptions
+    from sepconv.convert.recovery.finetuning import (DEFAULT_LEARNING_RATE, NOISE_LEARNING_RATE, STRATEGIES,
+                                                      FinetuneOptions)
     from sepconv.convert.separation.policy import DEFAULT_ENERGY
     from sepconv.deploy.remote import DEFAULT_REMOTE_DIR
     from sepconv.deploy.timing import TimingOptions
@@ -222,7 +223,8 @@ def convert_parser() -> argparse.ArgumentParser:
                        f"accuracy/agreement (default: {DEFAULT_EPOCHS} with --data; 0 turns fine-tuning off)")
     group.add_argument("--batch-size", type=_positive, default=fit.batch_size, help="(default: %(default)s)")
     group.add_argument("--learning-rate", type=_positive_float,
-                       help=f"Adam's peak rate, cosine-decayed (default: {DEFAULT_LEARNING_RATE:g})")
+                       help=f"Adam's peak rate, cosine-decayed (default: {DEFAULT_LEARNING_RATE:g}, "
+                            f"{NOISE_LEARNING_RATE:g} for the pass under int8 noise)")
     group.add_argument("--label-weight", type=_share, default=fit.label_weight,
                        help="share of the label loss; the rest is distillation (default: %(default)s)")
     group.add_argument("--temperature", type=_positive_float, default=fit.temperature,
@@ -237,6 +239,11 @@ def convert_parser() -> argparse.ArgumentParser:
                        default=fit.frozen_batchnorm_pass,
                        help="after fine-tuning a model with BatchNorm, fine-tune again with BatchNorm frozen (moving "
                             "statistics), kept only if validation improves (default: on)")
+    group.add_argument("--int8-noise", action=argparse.BooleanOptionalAction, default=None,
+                       help="after fine-tuning, an int8 export checks the model's int8 stability (top-1 kept under "
+                            "uniform noise of half an int8 step on every tensor int8 rounds) and fine-tunes again "
+                            "under that noise when under 99%%, kept only if the validation score under the noise "
+                            "rises; --int8-noise runs that pass always, --no-int8-noise never (default: by the check)")
     group.add_argument("--strategy", choices=STRATEGIES, default=fit.strategy,
                        help="tf.distribute: mirrored over all visible devices, auto when there are several, "
                             "multi-worker across the hosts of TF_CONFIG (every worker runs the same command; the chief "
@@ -323,7 +330,8 @@ def convert_options(args, *, custom_objects: bool = True):
         finetune=FinetuneOptions(batch_size=args.batch_size, learning_rate=args.learning_rate,
                                  label_weight=args.label_weight, temperature=args.temperature,
                                  feature_weight=args.feature_distillation, patience=args.patience,
-                                 strategy=args.strategy, frozen_batchnorm_pass=args.frozen_batchnorm_pass),
+                                 strategy=args.strategy, frozen_batchnorm_pass=args.frozen_batchnorm_pass,
+                                 int8_noise=args.int8_noise),
         checkpoint_dir=args.checkpoint_dir,
         resume=args.resume,
         data=args.data,

@@ -213,6 +213,7 @@ def recovery_options(options: ConvertOptions, plan: Plan, targets: list[Path]):
     folder = options.checkpoint_dir or str(targets[0].with_name(targets[0].name + CHECKPOINTS_SUFFIX))
     return RecoveryOptions(separation=options.separation, refine=plan.refine, recalibrate_bn=plan.recalibrate_bn,
                            epochs=plan.epochs, finetune=options.finetune,
+                           int8=options.tolerance if plan.quantize == "int8" else None,
                            budget=None if budget is None else BudgetOptions(max_drop=budget, refine=plan.refine,
                                                                             forms=budget_forms(options.form)),
                            checkpoint_dir=folder, resume=options.resume,

@@ -32,6 +32,8 @@ STAGE_CASES = {
     "fine-tuned": ("test_finetuning.py", "test_finetuning_improves_agreement"),
     "fine-tuned, BatchNorm frozen": ("test_recovery.py",
                                      "test_a_batchnorm_model_gets_a_frozen_batchnorm_pass_judged_on_validation"),
+    "fine-tuned under int8 noise": ("test_quantization_noise.py",
+                                    "test_an_int8_run_fine_tunes_again_under_int8_noise_when_the_model_is_unstable"),
 }
 
 

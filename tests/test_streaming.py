@@ -222,6 +222,9 @@ def test_two_local_workers_fine_tune_together_and_the_chief_writes(tmp_path, tra
     manifest = json.loads((chief_dir / "out.tflite.json").read_text())
     finetuned = manifest["recovery"]["finetune"]
     assert finetuned["strategy"] == "multi-worker" and finetuned["devices"] == 2, finetuned
+    checks = [[line.split("int8 stability: ")[1] for line in out.splitlines() if "int8 stability: " in line]
+              for out in (chief_out, other_out)]
+    assert len(checks[0]) == 1 and checks[0] == checks[1], f"an int8 run checks once, alike on both workers {checks}"
     epochs = [[line.split("val_accuracy ")[1].split(",")[0] for line in out.splitlines() if "finetune: epoch" in line]
               for out in (chief_out, other_out)]
     assert epochs[0] and epochs[0] == epochs[1], f"the workers train one model: the same validation each epoch {epochs}"

@@ -487,8 +487,8 @@ def _tflite_debugger(model, setting: Setting, io_type: str, keep=None, forms=(),
     import tensorflow as tf
 
     samples = np.asarray(setting.samples[:DIAGNOSIS_SAMPLES], np.float32)
-    compare = {"float_std": lambda f, q, s, z: float(np.std(f)), "float_min": lambda f, q, s, z: float(np.min(f)),
-               "float_max": lambda f, q, s, z: float(np.max(f))}
+    compare = {"float_std": lambda f, q, s, z: float(np.std(f, dtype=np.float64)),  # float32 squares overflow
+               "float_min": lambda f, q, s, z: float(np.min(f)), "float_max": lambda f, q, s, z: float(np.max(f))}
     if keep is not None:
         compare["kept"] = keep
     options = tf.lite.experimental.QuantizationDebugOptions(layer_direct_compare_metrics=compare, **debug_options)
@@ -729,6 +729,20 @@ def quantize_verified(model, target, calibration: Calibration, *, tolerance, exp
             report = replace(report, keras_stability=stability, note="; ".join(filter(None, [
                 report.note, unstable_text(stability, tolerance.min_agreement)])))
     return artifact, report
+
+
+def agreement_as_requested(model, target, calibration: Calibration, *, tolerance) -> tuple[float, bool]:
+    """(top-1 agreement, passed) of `model`'s int8 artifact for `target` as requested (calibrated on
+    `calibration.samples`, no repair, no diagnosis) on `calibration.validation`, passed as export_int8 judges its
+    first attempt (within the sampling noise of the images): a probe of whether int8 will hold (recovery's pass under
+    int8 noise asks it)."""
+    export = replace(target.exporter_class(), quantize="int8")
+    variants = _Variants(model, calibration.samples, export.per_channel, asymmetric=False)
+    exporter, _ = target.int8_tools(model, variants.model, export)
+    judge = _judge(_KerasOutputs(model), target, tolerance, target.layout(export))
+    setting = Setting("as requested", calibration.samples, f"{len(calibration.samples)} samples", export.per_channel)
+    agreement, _, _, passed = judge(exporter(setting), calibration.validation)
+    return agreement, passed
 
 
 def unstable_text(stability: float | None, min_agreement: float) -> str:

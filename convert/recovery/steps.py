@@ -24,17 +24,20 @@ from typing import Callable
 import numpy as np
 
 from sepconv.convert.errors import BudgetError, CheckpointError, InterruptedRunError, InvalidOptionError
-from sepconv.convert.export.verification import mean_cosine, output_agreements
+from sepconv.convert.export.quantization import Calibration, agreement_as_requested
+from sepconv.convert.export.targets import target_named
+from sepconv.convert.export.verification import Tolerance, mean_cosine, output_agreements
 from sepconv.convert.graph import leaf_layers, predict_keras
 from sepconv.convert.recovery.budget import BudgetOptions, BudgetPlan, BudgetResult, plan_budget
 from sepconv.convert.recovery.finetuning import (
-    DEFAULT_LEARNING_RATE,
     FinetuneOptions,
     FinetuneResult,
     finetune,
+    learning_rate,
     require_space,
 )
 from sepconv.convert.recovery.latency_table import plan_for_latency
+from sepconv.convert.recovery.quantization_noise import STABILITY_BAR, int8_stability
 from sepconv.convert.recovery.refinement import BatchNormRecalibration, RefinementReport, recalibrate_batchnorm, refine
 from sepconv.convert.separation.policy import DEFAULT_ENERGY, SPATIAL, SeparationOptions
 from sepconv.deploy.scores import hit_rate, percent, top1
@@ -49,6 +52,8 @@ MIN_SYNTHETIC_COSINE = 0.99
 GUARD_ENERGIES = (0.95, 0.99, 1.0)  # 1.0: the exact K, never smaller, so nothing is separated
 FINETUNED = "finetuned.weights.h5"
 FROZEN_FINETUNED = "finetuned-frozen-bn.weights.h5"
+INT8_FINETUNED = "finetuned-int8-noise.weights.h5"
+INT8_STAGE = "fine-tuned under int8 noise"
 
 
 @dataclass(frozen=True)
@@ -66,6 +71,8 @@ class RecoveryOptions:
     checkpoint_dir: str | None = None
     resume: bool = False
     latency: object | None = None  # latency_table.LatencyOptions: the budget's K chosen for speed on a target
+    # the run exports int8, verified with this Tolerance: a fine-tuning pass under int8 noise when the model needs it
+    int8: Tolerance | None = None
 
     def __post_init__(self):
         if not isinstance(self.separation, SeparationOptions):
@@ -107,13 +114,16 @@ class RecoveryReport:
     resumed: bool
     synthetic_check: dict | None = None  # without data: the separation's output similarity, energies tried
     finetune_frozen: FinetuneResult | None = None  # the retry with BatchNorm frozen (finetune_frozen_applies)
+    finetune_int8: FinetuneResult | None = None  # the pass under int8 rounding noise (int8_pass_applies)
+    int8_check: dict | None = None  # what decided that pass: stability, the int8 probe's agreement, the bars
 
     def to_dict(self) -> dict:
         return {**asdict(self), "budget": self.budget.to_dict() if self.budget is not None else None,
                 "refinement": self.refinement.to_dict() if self.refinement is not None else None,
                 "batchnorm": [asdict(b) for b in self.batchnorm] if self.batchnorm is not None else None,
                 "finetune": self.finetune.to_dict() if self.finetune is not None else None,
-                "finetune_frozen": self.finetune_frozen.to_dict() if self.finetune_frozen is not None else None}
+                "finetune_frozen": self.finetune_frozen.to_dict() if self.finetune_frozen is not None else None,
+                "finetune_int8": self.finetune_int8.to_dict() if self.finetune_int8 is not None else None}
 
     @property
     def final(self) -> Stage:
@@ -176,6 +186,9 @@ class Step:
     applies: Callable[[Context], bool]
     run: Callable[[Context], object]
     summary: Callable[[object], str] = lambda result: ""  # what it did, for its progress line
+    # set: the step judges itself on the validation data (accept(result): keep it?) instead of by the stage's score
+    accept: Callable[[object], bool] | None = None
+    rejected: str = ""  # then: why it was not kept, for the note
 
 
 def recover(original, train, calibration: np.ndarray | None, validation, test, options: RecoveryOptions, *,
@@ -227,7 +240,8 @@ def recover(original, train, calibration: np.ndarray | None, validation, test, o
         samples=scorer.samples, validation_samples=scorer.validation_samples, stages=tuple(stages), budget=budget,
         refinement=details.get("refined"), batchnorm=details.get("batchnorm recalibrated"),
         finetune=details.get("fine-tuned"), resumed=bool(options.resume), synthetic_check=check,
-        finetune_frozen=details.get("fine-tuned, BatchNorm frozen"))
+        finetune_frozen=details.get("fine-tuned, BatchNorm frozen"),
+        finetune_int8=details.get(INT8_STAGE), int8_check=state.get("int8_check"))
 
 
 def _data_free_guard(original, separated, report, separation, x, reference, say):
@@ -265,7 +279,12 @@ def _run_step(step: Step, context: Context, scorer, stages: list) -> object:
     last = [s for s in stages if s.kept][-1]
     fell = scorer.validates and scorer.value(stage) < scorer.value(last) - 1e-12
     output = scorer.fallen_output(last, stage) if scorer.validates and not fell else None
-    if fell:
+    if step.accept is not None:
+        fell, output = not step.accept(result), None
+    if fell and step.accept is not None:
+        context.model.set_weights(before)
+        stage = replace(stage, kept=False, note=f"rejected: {step.rejected}, weights put back")
+    elif fell:
         context.model.set_weights(before)
         stage = replace(stage, kept=False, note=f"rejected: validation {scorer.metric} {scorer.value(last):.2%} -> "
                                                 f"{scorer.value(stage):.2%}, weights put back")
@@ -317,7 +336,8 @@ def _refine_summary(result) -> str:
 
 def _finetune_summary(result: FinetuneResult) -> str:
     best = f"best epoch {result.best_epoch}" if result.best_epoch else "no epoch beat the start, kept it"
-    return (f"{result.epochs_run} epochs, {best} ({result.monitor} {result.best_value:.2%}, start "
+    noise = f", int8 rounding noise on {result.int8_noise_tensors} tensors" if result.int8_noise_tensors else ""
+    return (f"{result.epochs_run} epochs{noise}, {best} ({result.monitor} {result.best_value:.2%}, start "
             f"{result.initial_value:.2%}); ")
 
 
@@ -344,20 +364,24 @@ def _recalibrate_applies(context: Context) -> bool:
     return bool(context.options.recalibrate_bn) and _has_batchnorm(context)
 
 
-def _finetune(context: Context, *, frozen: bool = False) -> FinetuneResult:
+def _finetune(context: Context, *, frozen: bool = False, noise: bool = False) -> FinetuneResult:
     options, folder, train, say = context.options, context.folder, context.train, context.say
-    key, label = ("finetune_frozen", "finetune-bn") if frozen else ("finetune", "finetune")
-    weights = folder / (FROZEN_FINETUNED if frozen else FINETUNED)
+    key, label, name, sub = (("finetune_int8", "finetune-int8", INT8_FINETUNED, "fit-int8") if noise else
+                             ("finetune_frozen", "finetune-bn", FROZEN_FINETUNED, "fit-bn") if frozen else
+                             ("finetune", "finetune", FINETUNED, "fit"))
+    weights = folder / name
     if weights.exists():  # a resumed run whose training had finished: only the export was left
         context.model.load_weights(weights)
         say(label, f"fine-tuning had finished in the interrupted run; weights restored from {weights}")
         return FinetuneResult.from_dict(context.state[key])
     mode = "labels + distillation" if train.y is not None else "distillation from the original (no labels)"
-    say(label, f"{mode}{', BatchNorm frozen' if frozen else ''}, at most {options.epochs} epochs on {len(train)} "
-               f"images, early stopping on {len(context.validation)} validation images; checkpoints in {folder}")
-    fit_options = replace(options.finetune, epochs=options.epochs, checkpoint_dir=str(folder / f"fit{'-bn' * frozen}"),
-                          resume=options.resume, freeze_batchnorm=frozen,
-                          learning_rate=options.finetune.learning_rate or DEFAULT_LEARNING_RATE)
+    stability = context.state.get("int8_stability") if noise else None
+    say(label, f"{mode}{', BatchNorm frozen' if frozen else ''}{', under int8 rounding noise' if noise else ''}, at "
+               f"most {options.epochs} epochs on {len(train)} images, early stopping on {len(context.validation)} "
+               f"validation images{' (scored under the noise)' if noise else ''}; checkpoints in {folder}")
+    fit_options = replace(options.finetune, epochs=options.epochs, checkpoint_dir=str(folder / sub),
+                          resume=options.resume, freeze_batchnorm=frozen, int8_noise=noise)
+    fit_options = replace(fit_options, learning_rate=learning_rate(fit_options))
     try:
         result = finetune(context.model, context.original, train.x, train.y, options=fit_options, progress=say,
                           validation=(context.validation.x, context.validation.y))
@@ -374,12 +398,55 @@ def _finetune(context: Context, *, frozen: bool = False) -> FinetuneResult:
         reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
         raise CheckpointError(f"--resume: the checkpoint in {folder} cannot be loaded ({reason}); it was cut off "
                               f"when the run was killed: delete the folder to start over") from None
+    result = replace(result, int8_stability=stability)
     require_space(folder, context.model)  # HDF5 does not recover from a disk filling under it
     partial = weights.with_name(weights.name + ".partial.weights.h5")
     context.model.save_weights(partial)
     partial.replace(weights)
     _save_state(folder, context.state, **{key: result.to_dict()})
     return result
+
+
+def _int8_pass_applies(context: Context) -> bool:
+    """When the run exports int8 and fine-tuning ran: is the model as it now is (the last kept stage) one whose int8
+    will not agree with it? First its int8 stability on the validation images (quantization_noise.int8_stability, one
+    predict pass); under STABILITY_BAR, a TFLite int8 export as requested confirms it (the noise is pessimistic: the
+    zoo's mini-Xception at K=1 keeps 97.8% under it and its int8 agrees on 98.7%). When that int8 falls short of
+    the run's --min-agreement by more than the validation images can show (as the export judges it), the model is
+    fine-tuned again under the noise (--int8-noise: always; --no-int8-noise: never). Within the noise it is not: the
+    export would pass it, and a pass chosen on the same images would only flatter them (the zoo's nested MobileNetV2
+    at K=1: 97.78% as requested, a pass kept for one image more under the noise, then 100% on validation and 96.00%
+    on test). Plain fine-tuning first and quantization-aware fine-tuning after is the usual order, and measuring after
+    the first pass spares the second to models that are fine by then (the zoo's ResNet at K=1: 97.3% at the start,
+    its int8 100% after plain fine-tuning)."""
+    forced, tolerance = context.options.finetune.int8_noise, context.options.int8
+    if tolerance is None or context.state.get("finetune") is None or forced is False:
+        return False
+    stability = int8_stability(context.model, context.validation.x)
+    agreement, passed = None, True
+    if not forced and stability is not None and stability < STABILITY_BAR:
+        agreement, passed = _int8_agreement(context, tolerance)
+    needed = bool(forced) or not passed
+    _save_state(context.folder, context.state, int8_stability=stability, int8_check={
+        "stability": stability, "stability_bar": STABILITY_BAR, "agreement": agreement,
+        "min_agreement": tolerance.min_agreement, "agreement_passed": passed if agreement is not None else None,
+        "forced": forced, "pass": needed})
+    kept = "not measured (not a classifier)" if stability is None else \
+        f"{stability:.2%} of the validation images keep their top-1 under int8 rounding noise"
+    checked = "" if agreement is None else (f"; its TFLite int8 as requested agrees on {agreement:.2%}: "
+                                            f"{'passes' if passed else 'falls short of'} --min-agreement "
+                                            f"{tolerance.min_agreement:g} on these images (within their noise counts)")
+    context.say("finetune-int8", f"int8 stability: {kept} (bar {STABILITY_BAR:.0%}){checked}; "
+                                 f"{'fine-tuning again under the noise' if needed else 'no pass under it needed'}")
+    return needed
+
+
+def _int8_agreement(context: Context, tolerance: Tolerance) -> tuple[float, bool]:
+    """(top-1 agreement, passed within the images' noise) of the model's TFLite int8 export (as requested, no repair)
+    on the validation images."""
+    samples = context.calibration if context.calibration is not None else context.validation.x
+    return agreement_as_requested(context.model, target_named("tflite"),
+                                  Calibration(samples, None, context.validation.x), tolerance=tolerance)
 
 
 def _finetune_frozen_applies(context: Context) -> bool:
@@ -399,6 +466,10 @@ STEPS = (
     Step("fine-tuned", "finetune", lambda c: bool(c.options.epochs and c.report.separated), _finetune, _finetune_summary),
     Step("fine-tuned, BatchNorm frozen", "finetune-bn", _finetune_frozen_applies,
          lambda c: _finetune(c, frozen=True), _finetune_summary),
+    Step(INT8_STAGE, "finetune-int8", _int8_pass_applies,
+         lambda c: _finetune(c, frozen=_has_batchnorm(c), noise=True), _finetune_summary,
+         accept=lambda result: result.best_epoch > 0,
+         rejected="no epoch beat the start on the validation images under int8 rounding noise"),
 )
 
 
