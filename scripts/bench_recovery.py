@@ -56,7 +56,7 @@ def tutorial_rows(model, split, baseline):
     from sepconv.convert import refine, separate
 
     from sepconv.convert.demo import digits as demo
-    from sepconv.convert.recovery.finetuning import DEFAULT_LEARNING_RATE, REFINED_LEARNING_RATE
+    from sepconv.convert.recovery.finetuning import DEFAULT_LEARNING_RATE
 
     rows = []
     for start in ("SVD", "SVD + refine", "random"):
@@ -70,7 +70,7 @@ def tutorial_rows(model, split, baseline):
                 refine(model, student, split.x_train[:200], report)
             prep = time.perf_counter() - started
             before = demo.accuracy(student, split.x_test, split.y_test)
-            rate = REFINED_LEARNING_RATE if start == "SVD + refine" else DEFAULT_LEARNING_RATE
+            rate = DEFAULT_LEARNING_RATE  # convert-model's, after refinement too (3e-4 there before issue 11)
             result, seconds = timed_finetune(student, model, split, labels, rate)
             after = demo.accuracy(student, split.x_test, split.y_test)
             rows.append({"start": start, "labels": labels, "params": student.count_params(), "before": before,
@@ -117,7 +117,7 @@ def batchnorm_rows(split):
     from sepconv.convert import refine, separate
 
     from sepconv.convert.demo import digits as demo
-    from sepconv.convert.recovery.finetuning import DEFAULT_LEARNING_RATE, REFINED_LEARNING_RATE
+    from sepconv.convert.recovery.finetuning import DEFAULT_LEARNING_RATE
     from sepconv.convert.recovery.refinement import recalibrate_batchnorm
 
     keras.utils.set_random_seed(0)
@@ -139,8 +139,7 @@ def batchnorm_rows(split):
         if use_bn:
             recalibrate_batchnorm(student, calibration)
         if labels is not None:
-            timed_finetune(student, model, split, labels, REFINED_LEARNING_RATE if use_refine else
-                           DEFAULT_LEARNING_RATE)
+            timed_finetune(student, model, split, labels, DEFAULT_LEARNING_RATE)
         rows.append({"lever": name, "params": student.count_params(),
                      "accuracy": demo.accuracy(student, split.x_test, split.y_test),
                      "seconds": round(time.perf_counter() - started, 1)})
