@@ -52,6 +52,7 @@ from sepconv.convert.keras_compat import producer_name
 from sepconv.deploy.files import temporary_folder
 from sepconv.deploy.quiet import captured_output
 from sepconv.deploy.runtime import open_runtime, tflite_spec
+from sepconv.deploy.scores import hit_rate, top1
 
 NEAREST, ROUNDED, ROUNDED_BIAS = "nearest", "gptq", "gptq+bias"  # how a setting's weights are rounded
 RELATIVE_ERROR_ALARM = 0.25  # an op whose output error is a quarter of its signal's spread is where trouble starts
@@ -286,7 +287,7 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
     first setting is the only one tried. The steps (module doc) build on a base: the setting that agreed best so far.
     When none passes as measured, the best one within the noise is chosen.
     """
-    first = Setting("as requested", calibration.samples, f"{len(calibration.samples)} samples", per_channel)
+    first = _as_requested(calibration, per_channel)
     attempts, artifacts, settings = [], [], []
     note = ""
 
@@ -715,16 +716,12 @@ def quantize_verified(model, target, calibration: Calibration, *, tolerance, exp
     export_int8 with the target's exporter and debugger. A setting with `equalized` quantizes the model's cross-layer
     equalized twin, one with `rounding` a copy with rounded weights (each made once, on the calibration samples). The
     caller looks the target up: the registry builds on this module, not the reverse."""
-    export = replace(export or target.exporter_class(), quantize="int8")
-    variants = _Variants(model, calibration.samples, export.per_channel, options.asymmetric_rounding)
-    exporter, diagnose = target.int8_tools(model, variants.model, export)
-    expected = _KerasOutputs(model)
-    artifact, report = export_int8(model, target, calibration, export=exporter,
-                                   judge=_judge(expected, target, tolerance, target.layout(export)),
-                                   diagnose=diagnose, per_channel=export.per_channel, options=options,
-                                   equalization=variants.report, rounding=variants.rounding)
+    tools = _Int8Tools(model, target, calibration, tolerance, export, options.asymmetric_rounding)
+    artifact, report = export_int8(model, target, calibration, export=tools.exporter, judge=tools.judge,
+                                   diagnose=tools.diagnose, per_channel=tools.export.per_channel, options=options,
+                                   equalization=tools.variants.report, rounding=tools.variants.rounding)
     if not report.passed and isinstance(calibration.validation, np.ndarray):
-        stability = keras_stability(model, calibration.validation, calibration.samples, expected=expected)
+        stability = keras_stability(model, calibration.validation, calibration.samples, expected=tools.expected)
         if stability is not None:
             report = replace(report, keras_stability=stability, note="; ".join(filter(None, [
                 report.note, unstable_text(stability, tolerance.min_agreement)])))
@@ -736,13 +733,28 @@ def agreement_as_requested(model, target, calibration: Calibration, *, tolerance
     `calibration.samples`, no repair, no diagnosis) on `calibration.validation`, passed as export_int8 judges its
     first attempt (within the sampling noise of the images): a probe of whether int8 will hold (recovery's pass under
     int8 noise asks it)."""
-    export = replace(target.exporter_class(), quantize="int8")
-    variants = _Variants(model, calibration.samples, export.per_channel, asymmetric=False)
-    exporter, _ = target.int8_tools(model, variants.model, export)
-    judge = _judge(_KerasOutputs(model), target, tolerance, target.layout(export))
-    setting = Setting("as requested", calibration.samples, f"{len(calibration.samples)} samples", export.per_channel)
-    agreement, _, _, passed = judge(exporter(setting), calibration.validation)
+    tools = _Int8Tools(model, target, calibration, tolerance)
+    agreement, _, _, passed = tools.judge(tools.exporter(_as_requested(calibration, tools.export.per_channel)),
+                                          calibration.validation)
     return agreement, passed
+
+
+class _Int8Tools:
+    """What exporting `model` to int8 for `target` takes (export options `export`, None: the target's defaults):
+    the model and its repair variants, the exporter and debugger, and the judge of an artifact against the Keras
+    model's outputs (predicted once per set of images: `expected`)."""
+
+    def __init__(self, model, target, calibration: Calibration, tolerance, export=None, asymmetric: bool = True):
+        self.export = replace(export or target.exporter_class(), quantize="int8")
+        self.variants = _Variants(model, calibration.samples, self.export.per_channel, asymmetric)
+        self.exporter, self.diagnose = target.int8_tools(model, self.variants.model, self.export)
+        self.expected = _KerasOutputs(model)
+        self.judge = _judge(self.expected, target, tolerance, target.layout(self.export))
+
+
+def _as_requested(calibration: Calibration, per_channel: bool) -> Setting:
+    """The first attempt: the export as asked for, calibrated on the calibration samples."""
+    return Setting("as requested", calibration.samples, f"{len(calibration.samples)} samples", per_channel)
 
 
 def unstable_text(stability: float | None, min_agreement: float) -> str:
@@ -784,7 +796,7 @@ def keras_stability(model, x: np.ndarray, samples: np.ndarray, seed: int = 0,
     half = float(np.ptp(samples)) / 255 / 2
     noisy = (x + np.random.default_rng(seed).uniform(-half, half, x.shape)).astype(x.dtype)
     moved = predict_keras(model, noisy, batch_size_for(model))[0]
-    return float(np.mean(np.argmax(moved, -1) == np.argmax(reference, -1)))
+    return hit_rate(top1(moved), top1(reference))
 
 
 class _Variants:

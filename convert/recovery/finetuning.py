@@ -118,7 +118,6 @@ class FinetuneResult:
     initial_value: float | None = None  # the monitored value of the starting weights (epoch 0)
     learning_rate: float | None = None  # the peak rate used
     int8_noise_tensors: int = 0  # tensors that had int8 rounding noise in training (0: trained without)
-    int8_stability: float | None = None  # convert-model's: the start's share of validation images stable under it
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -25,10 +25,9 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
-
 from sepconv.convert.graph import leaf_layers, predict_keras
-from sepconv.convert.keras_compat import is_graph_model
+from sepconv.convert.keras_compat import is_graph_model, readers_of
+from sepconv.deploy.scores import hit_rate, top1
 
 LEVELS = 255  # an int8 tensor's steps over its range
 DEPTHWISE = "depthwise"
@@ -90,7 +89,7 @@ def int8_stability(model, x) -> float | None:
         return None
     keras.utils.set_random_seed(0)
     noisy = predict_keras(noisy_copy(model), x)[0]
-    return float(np.mean(np.argmax(noisy, -1) == np.argmax(clean, -1)))
+    return hit_rate(top1(noisy), top1(clean))
 
 
 def _output_layers(model):
@@ -106,7 +105,7 @@ def _output_layers(model):
 
 
 def _fused_into_consumers(layer) -> bool:
-    consumers = [node.operation for node in getattr(layer, "_outbound_nodes", [])]
+    consumers = readers_of(layer)
     return bool(consumers) and all(_fuses(consumer) for consumer in consumers)
 
 

@@ -276,28 +276,30 @@ def _run_step(step: Step, context: Context, scorer, stages: list) -> object:
     started = time.perf_counter()
     result = step.run(context)
     stage = scorer.stage(step.name, context.model, time.perf_counter() - started)
-    last = [s for s in stages if s.kept][-1]
-    fell = scorer.validates and scorer.value(stage) < scorer.value(last) - 1e-12
-    output = scorer.fallen_output(last, stage) if scorer.validates and not fell else None
-    if step.accept is not None:
-        fell, output = not step.accept(result), None
-    if fell and step.accept is not None:
+    why = _why_rejected(step, result, scorer, [s for s in stages if s.kept][-1], stage)
+    if why is not None:
         context.model.set_weights(before)
-        stage = replace(stage, kept=False, note=f"rejected: {step.rejected}, weights put back")
-    elif fell:
-        context.model.set_weights(before)
-        stage = replace(stage, kept=False, note=f"rejected: validation {scorer.metric} {scorer.value(last):.2%} -> "
-                                                f"{scorer.value(stage):.2%}, weights put back")
-    elif output is not None:  # another output of the model fell: the step is not kept either
-        fell = True
-        context.model.set_weights(before)
-        stage = replace(stage, kept=False, note=f"rejected: validation agreement of output {output} with the "
-                                                f"original {last.val_outputs[output]:.2%} -> "
-                                                f"{stage.val_outputs[output]:.2%}, weights put back")
+        stage = replace(stage, kept=False, note=f"rejected: {why}, weights put back")
     stages.append(stage)
-    verdict = stage.note if fell else f"kept (validation {scorer.metric} {scorer.value(stage):.2%})"
+    verdict = stage.note if why is not None else f"kept (validation {scorer.metric} {scorer.value(stage):.2%})"
     context.say(step.label, f"{step.summary(result)}{_score_text(stage)}; {verdict}")
     return result
+
+
+def _why_rejected(step: Step, result, scorer, last, stage) -> str | None:
+    """Why the step is not kept, or None: its own judgement when it has one (Step.accept); else its validation score
+    fell below the last kept stage's, or another output's agreement with the original fell."""
+    if step.accept is not None:
+        return None if step.accept(result) else step.rejected
+    if not scorer.validates:
+        return None
+    if scorer.value(stage) < scorer.value(last) - 1e-12:
+        return f"validation {scorer.metric} {scorer.value(last):.2%} -> {scorer.value(stage):.2%}"
+    output = scorer.fallen_output(last, stage)
+    if output is not None:
+        return (f"validation agreement of output {output} with the original {last.val_outputs[output]:.2%} -> "
+                f"{stage.val_outputs[output]:.2%}")
+    return None
 
 
 def remove_checkpoints(options: RecoveryOptions) -> None:
@@ -375,7 +377,6 @@ def _finetune(context: Context, *, frozen: bool = False, noise: bool = False) ->
         say(label, f"fine-tuning had finished in the interrupted run; weights restored from {weights}")
         return FinetuneResult.from_dict(context.state[key])
     mode = "labels + distillation" if train.y is not None else "distillation from the original (no labels)"
-    stability = context.state.get("int8_stability") if noise else None
     say(label, f"{mode}{', BatchNorm frozen' if frozen else ''}{', under int8 rounding noise' if noise else ''}, at "
                f"most {options.epochs} epochs on {len(train)} images, early stopping on {len(context.validation)} "
                f"validation images{' (scored under the noise)' if noise else ''}; checkpoints in {folder}")
@@ -398,7 +399,6 @@ def _finetune(context: Context, *, frozen: bool = False, noise: bool = False) ->
         reason = (str(error).splitlines() or [type(error).__name__])[0][:200]
         raise CheckpointError(f"--resume: the checkpoint in {folder} cannot be loaded ({reason}); it was cut off "
                               f"when the run was killed: delete the folder to start over") from None
-    result = replace(result, int8_stability=stability)
     require_space(folder, context.model)  # HDF5 does not recover from a disk filling under it
     partial = weights.with_name(weights.name + ".partial.weights.h5")
     context.model.save_weights(partial)
@@ -427,7 +427,7 @@ def _int8_pass_applies(context: Context) -> bool:
     if not forced and stability is not None and stability < STABILITY_BAR:
         agreement, passed = _int8_agreement(context, tolerance)
     needed = bool(forced) or not passed
-    _save_state(context.folder, context.state, int8_stability=stability, int8_check={
+    _save_state(context.folder, context.state, int8_check={
         "stability": stability, "stability_bar": STABILITY_BAR, "agreement": agreement,
         "min_agreement": tolerance.min_agreement, "agreement_passed": passed if agreement is not None else None,
         "forced": forced, "pass": needed})
