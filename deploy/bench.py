@@ -27,7 +27,7 @@ from sepconv.deploy import context, logs
 from sepconv.deploy.errors import ArtifactError, InputDataError, InvalidOptionError
 from sepconv.deploy.files import sha256
 from sepconv.deploy.preprocess import check_scale, from_pixels, preprocessing_for
-from sepconv.deploy.profile import profile_case
+from sepconv.deploy.profile import PREFIX_QUANTILE, profile_case
 from sepconv.deploy.runtime import import_runtime, open_runtime
 from sepconv.deploy.scores import class_labels, hit_rate, top1
 from sepconv.deploy.stats import summarize
@@ -226,10 +226,14 @@ def _profile(case: Case, inputs: list[np.ndarray], options: BenchOptions, say) -
     path = Path(case.path)
 
     def time_models(paths):
+        # one run of each prefix per round (round_seconds 0, block 1) and the 10th percentile: another job's burst
+        # then slows every prefix alike and the quantile sits below it (profile.py's module doc says what was measured)
         quiet = replace(options, threads=(case.threads,), inputs=None, profile=False, min_runs=50,
-                        min_seconds=max(0.2, options.min_seconds / 4), warmup_runs=3, warmup_seconds=0.05)
+                        min_seconds=max(0.2, options.min_seconds / 4), warmup_runs=3, warmup_seconds=0.05,
+                        round_seconds=0.0, block=1)
         report = benchmark(paths, quiet, progress=lambda message: None)
-        return [c.latency_ms["p50"] for c in report.cases], min(c.latency_ms["count"] for c in report.cases)
+        return ([float(np.percentile(c.samples_ms, PREFIX_QUANTILE)) for c in report.cases],
+                min(c.latency_ms["count"] for c in report.cases))
 
     found = profile_case(path, case.threads, inputs, time_models, measured_ms=case.latency_ms["p50"],
                          providers=options.providers, layer_names=_manifest_layers(path))

@@ -10,11 +10,19 @@ LiteRT: the Python package has no op profiler (no `--enable_op_profiling`, no `b
 the profile is measured by prefix truncation: the model cut after op 0, after op 1, ... (same weights; the
 subgraph's operators truncated, its output set to the last op's output) and every prefix, with the empty one (an
 invoke() of nothing: the fixed cost, the `overhead` row), timed in ONE interleaved run of bench-model's harness at the
-case's threads and XNNPACK setting; an op is charged the p50 of the prefix that ends with it less the p50 of the one
-before (clipped at 0: two prefixes within noise). A prefix re-partitions XNNPACK's delegate, so an op's time includes
-the cost of a partition boundary where one appears. Its MACs from the tensors' shapes. Dozens of models run in turn
-evict each other's weights from the caches, so the full prefix runs slower than the model timed alone (a 0.05 ms
-model: 0.068 ms); the shares are what the prefixes measure.
+case's threads and XNNPACK setting, one run of each prefix per round; an op is charged the 10th percentile
+(PREFIX_QUANTILE) of the prefix that ends with it less that of the one before (clipped at 0: two prefixes within
+noise). Why not the p50 in rounds of 0.05 s, as bench-model times: another job's burst (50-400 ms) then slows a few
+prefixes' rounds and not the others', and the op that ends a slowed prefix is charged the burst; the p50 of a
+mixture of slowed and quiet runs moves with the mix. Measured on a 0.1 ms int8 CNN whose time is its convolutions
+(tests/test_profile.py's, Intel Xeon, shared, with 0, 1 or 2 bursty busy-looping jobs beside it): with the p50 in
+0.05 s rounds, a non-convolution op (the Flatten, the final FullyConnected or Dequantize) was charged the most time
+in 11 of 124 profiles and the non-convolution ops' share reached 0.51; with one run per round and the 10th
+percentile, in none of 100 (their share 0.10-0.11 on average, at most 0.39 once: a Dequantize charged 18%).
+A prefix re-partitions XNNPACK's delegate, so an op's time includes the cost of a partition boundary where one
+appears. Its MACs from the tensors' shapes. Dozens of models run in turn evict each other's weights from the caches,
+so the full prefix runs slower than the model timed alone (a 0.05 ms model: 0.068 ms, measured with the p50 in 0.05 s
+rounds); the shares are what the prefixes measure.
 
 Both methods' times are therefore shares of the case's p50, measured unprofiled by bench-model: each row is that p50
 split by them (`scale` = p50 / the profiled total; `raw_total_ms` keeps the profiled total, a check that the profile
@@ -42,6 +50,7 @@ from sepconv.deploy.errors import InvalidOptionError
 from sepconv.deploy.runtime import OnnxRuntime
 
 OVERHEAD = "(runtime overhead)"
+PREFIX_QUANTILE = 10  # the percentile of each prefix's timed runs that charges its last op (module doc)
 _SUFFIX = re.compile(r"_\d+$")
 
 
@@ -84,10 +93,10 @@ class Profile:
 def profile_case(path: Path, threads: int, inputs: list[np.ndarray], time_models, *, measured_ms: float | None = None,
                  providers=("CPUExecutionProvider",), layer_names=(), runs: int = 100) -> Profile:
     """The profile of one artifact at one thread count (module doc); `inputs` as bench-model feeds them;
-    time_models(paths) -> (p50 ms of each, timed runs of the least timed): one interleaved run of the caller's harness
-    at the case's settings (the prefixes of a .tflite); measured_ms: the case's p50 unprofiled, which the profile's
-    shares split (None: the profiled times as they are); `layer_names`: Keras layer paths (the manifest's) that ops
-    are charged to where their names say so."""
+    time_models(paths) -> (PREFIX_QUANTILE ms of each, timed runs of the least timed): one interleaved run of the
+    caller's harness at the case's settings (the prefixes of a .tflite); measured_ms: the case's p50 unprofiled,
+    which the profile's shares split (None: the profiled times as they are); `layer_names`: Keras layer paths (the
+    manifest's) that ops are charged to where their names say so."""
     path = Path(path)
     if path.suffix == ".onnx":
         ops, overhead, runs = _onnx_ops(path, threads, inputs, providers, runs)
