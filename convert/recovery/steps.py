@@ -42,6 +42,7 @@ from sepconv.convert.recovery.refinement import BatchNormRecalibration, Refineme
 from sepconv.convert.separation.policy import DEFAULT_ENERGY, SPATIAL, SeparationOptions
 from sepconv.deploy.scores import hit_rate, percent, top1
 from sepconv.deploy.errors import Terminated
+from sepconv.deploy.stats import share_bound
 
 STATE = "state.json"
 # Without data, nothing measures accuracy; the separated float model's outputs must then keep their direction on the
@@ -186,8 +187,9 @@ class Step:
     applies: Callable[[Context], bool]
     run: Callable[[Context], object]
     summary: Callable[[object], str] = lambda result: ""  # what it did, for its progress line
-    # set: the step judges itself on the validation data (accept(result): keep it?) instead of by the stage's score
-    accept: Callable[[object], bool] | None = None
+    # set: the step judges itself on the validation data (accept(result, context): keep it?) instead of by the
+    # stage's score
+    accept: Callable[[object, Context], bool] | None = None
     rejected: str = ""  # then: why it was not kept, for the note
 
 
@@ -276,7 +278,7 @@ def _run_step(step: Step, context: Context, scorer, stages: list) -> object:
     started = time.perf_counter()
     result = step.run(context)
     stage = scorer.stage(step.name, context.model, time.perf_counter() - started)
-    why = _why_rejected(step, result, scorer, [s for s in stages if s.kept][-1], stage)
+    why = _why_rejected(step, result, context, scorer, [s for s in stages if s.kept][-1], stage)
     if why is not None:
         context.model.set_weights(before)
         stage = replace(stage, kept=False, note=f"rejected: {why}, weights put back")
@@ -286,11 +288,11 @@ def _run_step(step: Step, context: Context, scorer, stages: list) -> object:
     return result
 
 
-def _why_rejected(step: Step, result, scorer, last, stage) -> str | None:
+def _why_rejected(step: Step, result, context: Context, scorer, last, stage) -> str | None:
     """Why the step is not kept, or None: its own judgement when it has one (Step.accept); else its validation score
     fell below the last kept stage's, or another output's agreement with the original fell."""
     if step.accept is not None:
-        return None if step.accept(result) else step.rejected
+        return None if step.accept(result, context) else step.rejected
     if not scorer.validates:
         return None
     if scorer.value(stage) < scorer.value(last) - 1e-12:
@@ -449,6 +451,19 @@ def _int8_agreement(context: Context, tolerance: Tolerance) -> tuple[float, bool
                                   Calibration(samples, None, context.validation.x), tolerance=tolerance)
 
 
+def beats_start_under_noise(result: FinetuneResult, samples: int, tolerance: Tolerance) -> bool:
+    """Is the pass under int8 noise kept? When its best epoch's score under the noise beats the start's by more than
+    `samples` validation images can show: the best's lower one-sided bound (share_bound, at the int8 verdict's
+    confidence) is above the start's score. The best is the best of several epochs on the same images, so a gain
+    of an image or two is what chance gives: the zoo's nested MobileNetV2, fine-tuned under the noise with nothing
+    separated (docs/benchmarks.md, seventh session), went 82.22% -> 84.00% on 225 images (lower bound 79.6%) and its
+    int8 still failed; the rescaling CNN at K=1 went 81.33% -> 91.56% (lower bound 88.0%) and its int8 ships."""
+    if result.best_epoch == 0 or result.initial_value is None:
+        return False
+    lower = share_bound(round(result.best_value * samples), samples, tolerance.confidence, upper=False)
+    return lower > result.initial_value
+
+
 def _finetune_frozen_applies(context: Context) -> bool:
     """After fine-tuning, a model with BatchNorm is fine-tuned again with BatchNorm frozen (its moving statistics
     normalise, as at inference), from the last kept weights; kept only if the validation score does not fall (the start
@@ -468,8 +483,9 @@ STEPS = (
          lambda c: _finetune(c, frozen=True), _finetune_summary),
     Step(INT8_STAGE, "finetune-int8", _int8_pass_applies,
          lambda c: _finetune(c, frozen=_has_batchnorm(c), noise=True), _finetune_summary,
-         accept=lambda result: result.best_epoch > 0,
-         rejected="no epoch beat the start on the validation images under int8 rounding noise"),
+         accept=lambda result, context: beats_start_under_noise(result, len(context.validation),
+                                                                context.options.int8 or Tolerance()),
+         rejected="no epoch beat the start under int8 rounding noise by more than the validation images can show"),
 )
 
 
