@@ -9,7 +9,10 @@ both medians' uncertainty at once, so it is wider (more cautious) than a 95% int
 
 The verdict: "faster" when the whole interval is above 1, "slower" when it is all below 1, else "equal within noise".
 A slower artifact is not shipped unless the user forced the separation (--rank / --energy): the run says so in one
-line and ships the original in the same mode instead, verified like every artifact (staging.py does that).
+line and ships the original in the same mode instead, verified like every artifact (staging.py does that). Before
+that, a first "slower" is timed again for CONFIRM_FACTOR times as long, and the longer timing decides: on a shared
+machine a short timing's interval can exclude what a longer one measures (the zoo's resnet_bn at K=1 said 0.62x,
+0.60-0.65, in its run; 0.89x in a longer bench-model run: docs/benchmarks.md, seventh session).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 from sepconv.deploy.timing import TimingOptions, describe_xnnpack, time_artifacts
+
+CONFIRM_FACTOR = 3  # a first "slower" is timed again this many times as long (min_seconds and min_runs; module doc)
 
 FASTER, EQUAL, SLOWER = "faster", "equal within noise", "slower"
 MISPREDICTED = 0.5  # (measured - predicted) / measured above this: the table's timings are not this model's
@@ -49,6 +54,8 @@ class Speed:
     predicted_ms: float | None = None
     error: float | None = None
     target_speedup: float | None = None  # what --target-latency / --target-speedup asked, as a speed-up
+    first_speedup: float | None = None  # set when a first timing said "slower" and this longer one was made to
+    # confirm it (staging.py): that first timing's speed-up; the fields above are the longer timing's
 
     def to_dict(self) -> dict:
         return asdict(self)
