@@ -128,18 +128,20 @@ def _check_speed(job: ExportJob, item: Staged, latency: dict | None) -> Staged:
         return item
     original = _export_original(job, item)
     timing = job.speed.timing
+
+    def timed(options) -> Speed:
+        return compare(Path(item.tmp), original, where=job.speed.where, timing=options, fmt=item.format,
+                       quantize=item.quantize, say=job.say)
+
     try:
-        speed = compare(Path(item.tmp), original, where=job.speed.where, timing=timing, fmt=item.format,
-                        quantize=item.quantize, say=job.say)
+        speed = timed(timing)
         if speed.verdict == SLOWER and not job.options.forced_separation:  # confirmed before the original ships
             job.say("speed", f"{item.target}: {speed.interval()} against the original in a first timing; timing "
                              f"again {CONFIRM_FACTOR}x as long to confirm it (a slower one is replaced by the "
                              f"original)")
-            first = speed.speedup
             longer = replace(timing, min_seconds=min(timing.min_seconds * CONFIRM_FACTOR, 599.0),
                              min_runs=timing.min_runs * CONFIRM_FACTOR)
-            speed = replace(compare(Path(item.tmp), original, where=job.speed.where, timing=longer, fmt=item.format,
-                                    quantize=item.quantize, say=job.say), first_speedup=first)
+            speed = replace(timed(longer), first_speedup=speed.speedup)
     finally:
         original.unlink(missing_ok=True)
     speed = with_prediction(speed, *_predicted(latency, item))
