@@ -33,6 +33,24 @@ def test_gptq_stays_on_the_converters_grid_and_beats_nearest_on_correlated_input
     assert error(rounded) < 0.5 * error(nearest(kernel)), (error(rounded), error(nearest(kernel)))
 
 
+def test_gptq_of_a_stack_is_each_problem_rounded_alone():
+    """A depthwise layer's channels are rounded as one stack: the same choices as one call per channel."""
+    rng = np.random.default_rng(2)
+    kernels, moments = [], []
+    for _ in range(7):
+        x = rng.standard_normal((300, 1)) + 0.3 * rng.standard_normal((300, 9))
+        x[:, 4] = 0.0  # a dead input in every problem
+        kernels.append(rng.standard_normal((9, 2)).astype(np.float32))
+        moments.append(x.T @ x / len(x))
+    stacked = gptq(np.stack(kernels), np.stack(moments))
+    assert stacked.shape == (7, 9, 2) and stacked.dtype == np.float32
+    for index, (kernel, moment) in enumerate(zip(kernels, moments)):
+        np.testing.assert_allclose(stacked[index], gptq(kernel, moment), rtol=0, atol=1e-7,
+                                   err_msg=f"problem {index} of the stack against its own call")
+    moved = sum(not np.array_equal(s, nearest(k)) for s, k in zip(stacked, kernels))
+    assert moved >= 3, f"GPTQ moved weights off their nearest step in only {moved} of 7 problems: a weak test"
+
+
 def _layers_model():
     keras.utils.set_random_seed(1)
     image = keras.Input((10, 10, 4))

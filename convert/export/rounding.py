@@ -87,27 +87,30 @@ def nearest(kernel: np.ndarray) -> np.ndarray:
 def gptq(kernel: np.ndarray, moment: np.ndarray, damping: float = DAMPING) -> np.ndarray:
     """`kernel` (inputs x outputs) on each output column's int8 grid (its largest weight kept as it is, so that the
     grid is unchanged), rounded row by row with each row's error spread over the later rows through the inverse of
-    `moment` (inputs x inputs: E[x x^T] of the layer's inputs)."""
+    `moment` (inputs x inputs: E[x x^T] of the layer's inputs). A stack of kernels (..., inputs, outputs) with a
+    moment each (..., inputs, inputs) is rounded as that many problems at once (a depthwise layer's channels: one
+    row loop for all of them instead of one Python loop per channel)."""
     work = np.array(kernel, np.float64)
-    rows, columns = work.shape
-    scale = _scales(work)
-    pinned = np.abs(work).argmax(axis=0)  # each column's largest weight: it sets the scale, so it stays
-    pinned_values = work[pinned, np.arange(columns)]
-    h = np.array(moment, np.float64)
-    dead = np.diag(h) <= 0
-    h[dead, dead] = 1.0
-    h += damping * np.mean(np.diag(h)) * np.eye(rows)
-    upper = np.linalg.cholesky(np.linalg.inv(h)).T
+    rows, columns = work.shape[-2:]
+    work = work.reshape(-1, rows, columns)  # (problems, rows, columns)
+    scale = np.abs(work).max(axis=1) / LEVELS  # (problems, columns)
+    pinned = np.abs(work).argmax(axis=1)  # each column's largest weight: it sets the scale, so it stays
+    pinned_values = np.take_along_axis(work, pinned[:, None, :], axis=1)[:, 0]
+    h = np.array(moment, np.float64).reshape(-1, rows, rows)
+    diagonal = np.arange(rows)
+    h[:, diagonal, diagonal] = np.where(h[:, diagonal, diagonal] <= 0, 1.0, h[:, diagonal, diagonal])  # dead inputs
+    h[:, diagonal, diagonal] += damping * h[:, diagonal, diagonal].mean(axis=1, keepdims=True)
+    upper = np.swapaxes(np.linalg.cholesky(np.linalg.inv(h)), 1, 2)
     rounded = np.zeros_like(work)
     for row in range(rows):
-        values = work[row]
+        values = work[:, row]
         chosen = _on_grid(values, scale)
-        rounded[row] = chosen
-        error = (values - chosen) / upper[row, row]
-        work[row + 1:] -= np.outer(upper[row, row + 1:], error)
-        later = pinned > row
-        work[pinned[later], np.arange(columns)[later]] = pinned_values[later]
-    return rounded.astype(kernel.dtype)
+        rounded[:, row] = chosen
+        error = (values - chosen) / upper[:, row, row, None]
+        work[:, row + 1:] -= upper[:, row, row + 1:, None] * error[:, None, :]
+        problem, column = np.nonzero(pinned > row)
+        work[problem, pinned[problem, column], column] = pinned_values[problem, column]
+    return rounded.reshape(np.shape(kernel)).astype(np.asarray(kernel).dtype)
 
 
 def round_weights(model, x: np.ndarray, *, bias_correction: bool = False, asymmetric: bool = True, progress=None):
@@ -196,20 +199,20 @@ def _moments(pairs) -> _Moments:
     return _averaged(second, None if symmetric else cross, first_q, first_f, total)
 
 
-def _depthwise_moments(pairs, channels: int) -> list[_Moments]:
-    """Per input channel: the _Moments of its k = kh * kw patch values."""
+def _depthwise_moments(pairs, channels: int) -> _Moments:
+    """The _Moments of each input channel's k = kh * kw patch values, stacked (channels first): one batched matrix
+    product per chunk for all channels."""
     total, second, cross, first_q, first_f = 0, 0.0, 0.0, 0.0, 0.0
     symmetric = True
     for q, f in pairs:
         symmetric = symmetric and f is q
-        q = q.reshape(len(q), -1, channels)  # (positions, kh * kw, channels)
-        f = q if symmetric else f.reshape(len(f), -1, channels)
-        second = second + np.einsum("pkc,plc->ckl", q, q)
-        cross = cross + (0.0 if symmetric else np.einsum("pkc,plc->ckl", q, f))
-        first_q, first_f = first_q + q.sum(axis=0).T, first_f + (0.0 if symmetric else f.sum(axis=0).T)
-        total += len(q)
-    return [_averaged(second[c], None if symmetric else cross[c], first_q[c], None if symmetric else first_f[c],
-                      total) for c in range(channels)]
+        q = np.ascontiguousarray(q.reshape(len(q), -1, channels).transpose(2, 1, 0))  # (channels, kh * kw, positions)
+        f = q if symmetric else np.ascontiguousarray(f.reshape(len(f), -1, channels).transpose(2, 1, 0))
+        second = second + q @ q.transpose(0, 2, 1)
+        cross = cross + (0.0 if symmetric else q @ f.transpose(0, 2, 1))
+        first_q, first_f = first_q + q.sum(axis=2), first_f + (0.0 if symmetric else f.sum(axis=2))
+        total += q.shape[2]
+    return _averaged(second, None if symmetric else cross, first_q, None if symmetric else first_f, total)
 
 
 def _averaged(second, cross, first_q, first_f, total: int) -> _Moments:
@@ -232,14 +235,18 @@ def _rounded(matrix: np.ndarray, moments: _Moments) -> tuple[np.ndarray, np.ndar
     """(`matrix` (inputs x outputs) rounded to its grid by GPTQ, the mean output shift it leaves against the float
     layer on the float inputs). Asymmetric moments with enough rows per input first move the float weights to where
     they give the float outputs on the rounded copy's inputs (a ridge fit towards the weights themselves) and round
-    that."""
+    that. A stack of matrices (..., inputs, outputs) with stacked moments is that many problems at once."""
     aim = matrix
-    if moments.cross is not moments.second and moments.rows >= ROWS_PER_INPUT * len(matrix):
-        ridge = DAMPING * float(np.mean(np.diag(moments.second))) or DAMPING
-        h = moments.second + ridge * np.eye(len(matrix))
+    inputs = matrix.shape[-2]
+    if moments.cross is not moments.second and moments.rows >= ROWS_PER_INPUT * inputs:
+        diagonal = np.arange(inputs)
+        ridge = DAMPING * moments.second[..., diagonal, diagonal].mean(axis=-1)
+        ridge = np.where(ridge > 0, ridge, DAMPING)[..., None, None]
+        h = moments.second + ridge * np.eye(inputs)
         aim = np.linalg.solve(h, moments.cross @ matrix + ridge * matrix)
     rounded = gptq(aim, moments.second)
-    return rounded, moments.mean_q @ rounded - moments.mean_f @ matrix
+    shift = (moments.mean_q[..., None, :] @ rounded)[..., 0, :] - (moments.mean_f[..., None, :] @ matrix)[..., 0, :]
+    return rounded, shift
 
 
 def _round_conv(layer, x, targets, kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -250,16 +257,13 @@ def _round_conv(layer, x, targets, kernel: np.ndarray) -> tuple[np.ndarray, np.n
 
 
 def _round_depthwise(layer, x, targets, kernel: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """The same for a depthwise kernel (kh, kw, channels, multiplier): one small problem per input channel."""
+    """The same for a depthwise kernel (kh, kw, channels, multiplier): one small problem per input channel, all
+    channels rounded together."""
     kh, kw, channels, multiplier = kernel.shape
     moments = _depthwise_moments(_chunked(x, targets, lambda part: _patches(layer, part, kernel.shape)), channels)
-    rounded = np.empty_like(kernel)
-    shift = np.empty((channels, multiplier))
-    for channel in range(channels):
-        matrix = np.asarray(kernel[:, :, channel, :], np.float64).reshape(kh * kw, multiplier)
-        done, shift[channel] = _rounded(matrix, moments[channel])
-        rounded[:, :, channel, :] = done.reshape(kh, kw, multiplier)
-    return rounded, shift.reshape(-1)
+    matrices = np.asarray(kernel, np.float64).reshape(kh * kw, channels, multiplier).transpose(1, 0, 2)
+    rounded, shift = _rounded(matrices, moments)  # (channels, kh * kw, multiplier), (channels, multiplier)
+    return rounded.transpose(1, 0, 2).reshape(kernel.shape).astype(kernel.dtype), shift.reshape(-1)
 
 
 def _rows(x: np.ndarray) -> np.ndarray:
