@@ -233,6 +233,7 @@ def _fall_back(job: ExportJob, item: Staged) -> Staged:
     instead. The test images then verify what this chose: they never choose."""
     reasons, attempts = [], _attempts(item.quantization)
     stability = item.quantization.keras_stability if item.quantization is not None else None
+    repair_seconds = round(item.quantization.repair_seconds, 2) if item.quantization is not None else None
     where = "on the validation images" if job.held.validation is not None else "verification"
     reason = _rejection(job, item)
     for mode in target_for(item.target).auto_fallbacks:
@@ -241,7 +242,8 @@ def _fall_back(job: ExportJob, item: Staged) -> Staged:
         job.say("export", f"{item.target}: {item.quantize} failed {where} ({reason}); --quantize auto tries {mode} "
                           f"instead (pass --quantize int8 to insist on int8)")
         item = _stage(job, item.target, mode, fallback={"from": "int8", "reason": " | ".join(reasons),
-                                                        "int8_attempts": attempts, "keras_stability": stability})
+                                                        "int8_attempts": attempts, "keras_stability": stability,
+                                                        "int8_repair_seconds": repair_seconds})
         reason = _rejection(job, item)
         if reason is None:
             return item
@@ -287,7 +289,8 @@ def _attempts(report) -> list | None:
     """The int8 repair's attempts, name and validation agreement, kept in a fallback's record."""
     if report is None:
         return None
-    return [{"name": a.name, "agreement": a.agreement, "passed": a.passed} for a in report.attempts]
+    return [{"name": a.name, "agreement": a.agreement, "passed": a.passed, "seconds": a.seconds}
+            for a in report.attempts]
 
 
 def _stage(job: ExportJob, target: Path, quantize: str, fallback: dict | None = None) -> Staged:

@@ -155,6 +155,7 @@ def test_int8_broken_by_rounding_is_repaired_by_weight_rounding_not_by_float_lay
     as_is = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance(),
                                 options=q.QuantizationOptions(repair=False))[1]
     assert not as_is.passed and as_is.attempts[0].agreement < 0.9, as_is.line()
+    assert as_is.repair_seconds == 0 and as_is.to_dict()["repair_seconds"] == 0, "repair off: nothing to time"
     artifact, report = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance())
     assert report.passed, report.line()
     chosen = report.attempts[report.chosen]
@@ -164,6 +165,9 @@ def test_int8_broken_by_rounding_is_repaired_by_weight_rounding_not_by_float_lay
     assert report.rounding is not None and report.rounding["layers"][0]["path"] == "scores"
     assert report.rounding["layers"][0]["error_rounded"] < 0.1 * report.rounding["layers"][0]["error_nearest"]
     assert "weight rounding (GPTQ): agreement" in report.line()
+    assert all(a.seconds > 0 for a in report.attempts), report.attempts
+    assert report.repair_seconds >= report.attempts[-1].seconds - 0.01, (report.repair_seconds, report.attempts)
+    assert f"the repair took {report.repair_seconds:.1f} s" in report.line()
 
 
 def test_a_step_that_does_not_help_is_dropped_from_the_later_ones():

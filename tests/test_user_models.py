@@ -410,6 +410,9 @@ def test_quantize_auto_falls_back_when_int8_fails_verification(tmp_path):
                              separate=False)
     assert repaired.artifacts[0].quantize == "int8" and repaired.artifacts[0].quantize_fallback is None, \
         "the int8 repair comes first (issue 11); the fallback only when it cannot help"
+    recorded = json.loads(Path(repaired.artifacts[0].manifest).read_text())["quantization"]
+    assert recorded["repair_seconds"] > 0 and recorded["repair_seconds"] >= sum(
+        a["seconds"] for a in recorded["attempts"][1:]) - 0.05, recorded  # each step's attempt is part of the repair
     lines = []
     result = convert_model(tmp_path / "m.keras", [tmp_path / "m.tflite", tmp_path / "m.onnx"],
                            data=str(tmp_path / "d.npz"), separate=False,
@@ -425,6 +428,8 @@ def test_quantize_auto_falls_back_when_int8_fails_verification(tmp_path):
     for artifact in result.artifacts:
         assert "validation images" in artifact.quantize_fallback["reason"], artifact.quantize_fallback
         assert artifact.quantize_fallback["int8_attempts"][0]["name"] == "as requested"
+        assert artifact.quantize_fallback["int8_attempts"][0]["seconds"] > 0, artifact.quantize_fallback
+        assert artifact.quantize_fallback["int8_repair_seconds"] == 0, "repair off: no repair time"
         stability = artifact.quantize_fallback["keras_stability"]  # measured once int8 failed, on this classifier
         assert 0 < stability <= 1, artifact.quantize_fallback
     insisted = run(tmp_path / "m.keras", tmp_path / "i.tflite", "--data", tmp_path / "d.npz", "--no-separate",

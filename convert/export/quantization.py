@@ -34,6 +34,7 @@ result, as for any artifact.
 
 from __future__ import annotations
 
+import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -180,6 +181,7 @@ class Attempt:
     per_channel: bool = True
     rounding: str = NEAREST
     within_noise: bool = False  # passed, or under the bar by less than the validation images can show
+    seconds: float = 0.0  # making it (its equalized or rounded weights the first time a step asks for them), judging it
 
 
 @dataclass(frozen=True)
@@ -201,6 +203,7 @@ class QuantizationReport:
     validated: bool = False  # the attempts were judged on validation images (else on the calibration images)
     note: str = ""  # a repair step not tried, and why
     keras_stability: float | None = None  # when int8 failed: the Keras model's own top-1 kept under int8-sized noise
+    repair_seconds: float = 0.0  # the repair's wall-clock: every step after the first attempt and its diagnosis
 
     @property
     def passed(self) -> bool:
@@ -217,7 +220,8 @@ class QuantizationReport:
                 "float_layers": [asdict(f) for f in self.float_layers],
                 "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None,
                 "equalization": self.equalization, "rounding": self.rounding, "validated": self.validated,
-                "note": self.note, "keras_stability": self.keras_stability}
+                "note": self.note, "keras_stability": self.keras_stability,
+                "repair_seconds": round(self.repair_seconds, 2)}
 
     def line(self) -> str:
         tried = "; ".join(f"{a.name}: {_agreement_text(a)}" for a in self.attempts)
@@ -227,7 +231,8 @@ class QuantizationReport:
         return (f"int8 attempts ({tried})" + noise + (f"; kept in float: {kept}" if kept else "")
                 + (f"; {self.note}" if self.note else "")
                 + (f"; {_equalization_text(self.equalization)}" if self.equalization else "")
-                + (f"; {_rounding_text(self.rounding)}" if self.rounding else ""))
+                + (f"; {_rounding_text(self.rounding)}" if self.rounding else "")
+                + (f"; the repair took {self.repair_seconds:.1f} s" if self.repair_seconds else ""))
 
 
 def _equalization_text(report: dict) -> str:
@@ -291,26 +296,28 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
     attempts, artifacts, settings = [], [], []
     note = ""
 
-    def attempt(setting: Setting) -> bool:
+    def attempt(setting: Setting, started: float) -> bool:
         data = export(setting)
         x = calibration.validation if calibration.validation is not None else calibration.samples
         agreement, cosine, passed, within_noise = judge(data, x)
         attempts.append(Attempt(setting.name, setting.calibration, setting.float_layers, len(data), agreement,
                                 cosine, passed, setting.equalized, setting.per_channel, setting.rounding,
-                                within_noise))
+                                within_noise, round(time.perf_counter() - started, 2)))
         artifacts.append(data)
         settings.append(setting)
         return passed
 
-    passed = attempt(first)
+    passed = attempt(first, time.perf_counter())
     can_repair = options.repair and calibration.validation is not None
     diagnosis = diagnose(first) if (options.explain or not passed) else None
     best, equalized = first, None
-    if not passed and can_repair:
+    repair_started, repairing = time.perf_counter(), not passed and can_repair
+    if repairing:
         for step in _steps(first, calibration, target, per_channel, options, equalization, rounding):
             base = _base(settings, attempts)
+            started = time.perf_counter()
             setting = step(base)
-            if setting is not None and attempt(setting):
+            if setting is not None and attempt(setting, started):
                 best, passed = setting, True
                 break
         if equalization is not None and any(s.equalized for s in settings):
@@ -326,7 +333,7 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
             for count in range(1, options.max_float_layers + 1) if not note else ():
                 chosen = tuple(row.layer for row in ranking.worst(count))
                 setting = replace(base, name=f"{count} layer{'s' * (count > 1)} in float", float_layers=chosen)
-                if attempt(setting):
+                if attempt(setting, time.perf_counter()):
                     best, passed, diagnosis = setting, True, ranking
                     break
     chosen = len(attempts) - 1 if passed else None
@@ -344,7 +351,8 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
     shipped = best if passed else first
     report = QuantizationReport(tuple(attempts), chosen, floats, diagnosis, equalized,
                                 rounding(shipped) if rounding is not None and shipped.rounding != NEAREST else None,
-                                validated=calibration.validation is not None, note=note)
+                                validated=calibration.validation is not None, note=note,
+                                repair_seconds=time.perf_counter() - repair_started if repairing else 0.0)
     return artifacts[chosen if passed else 0], report
 
 
