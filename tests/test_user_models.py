@@ -137,6 +137,11 @@ def test_nested_backbone_is_budgeted_refined_and_recalibrated(tmp_path):
     assert recalibrated[0] == "backbone/stem_bn" and sorted(recalibrated) == [
         "backbone/a_bn", "backbone/b_bn", "backbone/proj_bn", "backbone/stem_bn"], "every BatchNorm, in graph order"
     assert [s.name for s in recovery.stages] == ["original", "separated", "refined", "batchnorm recalibrated"]
+    whole = convert_model(tmp_path / "transfer.keras", [tmp_path / "w.tflite"], data=str(tmp_path / "data.npz"),
+                          quantize="none", rank="full", refine=True, recalibrate_bn=True, epochs=0).recovery
+    assert not whole.batchnorm and [s.name for s in whole.stages] == ["original", "separated"], \
+        "nothing separated: the user's BatchNorm statistics are left as they are"
+    assert whole.stages[-1].agreement == 1.0, whole.stages[-1]
 
 
 def rescaling_model():
