@@ -86,6 +86,41 @@ def test_tflite_diagnosis_names_the_masked_logits_and_their_range(masked):
     json.dumps(diagnosis.to_dict())
 
 
+def test_a_float_twin_the_debugger_did_not_keep_gets_no_channel_error_and_no_warning(masked, monkeypatch):
+    """TFLite's QuantizationDebugger hands over uninitialised memory for the float twin of some ops (the zoo's
+    rescaling CNN's tiled depthwise step: values up to 1e37 and NaNs): numpy then warned "invalid value encountered in
+    cast" on the user's terminal. Here the conv op's float twin is spoilt with signalling NaNs, the bit pattern that
+    makes that cast warn: no warning, no channel error for that op, the others' as before."""
+    import warnings
+
+    model, calibration = masked
+    setting = q.Setting("as requested", calibration.samples[:20], "20 samples")
+    clean = q.diagnose_tflite(model, setting)
+    conv = next(i for i, row in enumerate(clean.layers) if row.keras == ("conv",))
+    assert clean.layers[conv].channel_relative_error is not None, clean.layers[conv]
+    real, signalling = q._tflite_debugger, np.array([0x7FA00000], np.uint32).view(np.float32)[0]
+
+    def spoilt_debugger(model, setting, io_type, keep=None, forms=(), **options):
+        calls = iter(range(10 ** 6))  # the debugger calls keep per sample, for each op in the rows' order
+
+        def keep_spoilt(f, quantized, scale, zero):
+            if next(calls) % len(clean.layers) == conv:
+                f = np.array(f, np.float32)
+                f.reshape(-1)[::7] = signalling
+            return keep(f, quantized, scale, zero)
+
+        return real(model, setting, io_type, keep=keep_spoilt, forms=forms, **options)
+
+    monkeypatch.setattr(q, "_tflite_debugger", spoilt_debugger)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        diagnosis = q.diagnose_tflite(model, setting)
+    assert diagnosis.layers[conv].channel_relative_error is None, diagnosis.layers[conv]
+    for index, row in enumerate(clean.layers):
+        if index != conv and row.channel_relative_error is not None:
+            assert diagnosis.layers[index].channel_relative_error == pytest.approx(row.channel_relative_error), row
+
+
 def test_converter_names_are_read_as_keras_layers():
     """TensorFlow scopes each op under its layers' names, suffixed `_N` when the model was traced more than once
     (`m_1/conv_1` is the layer `conv`, `m_1/conv_1_2` the layer `conv_1`); TFLite fuses ops and joins their names
