@@ -150,13 +150,12 @@ def scored(entry, artifact: Path) -> dict:
     recovery = manifest.get("recovery") or {}
     stages = recovery.get("stages", [])
     budget = recovery.get("budget") or {}
-    float_layers = [f["layer"] for f in (manifest.get("quantization") or {}).get("float_layers", [])]
-    attempts = ((manifest.get("quantization") or {}).get("attempts")
-                or (manifest.get("quantize_fallback") or {}).get("int8_attempts") or [])
-    fallback = manifest.get("quantize_fallback") or {}
-    repair = (manifest.get("quantization") or {}).get("repair_seconds", fallback.get("int8_repair_seconds"))
+    quantization, fallback = manifest.get("quantization") or {}, manifest.get("quantize_fallback") or {}
+    float_layers = [f["layer"] for f in quantization.get("float_layers", [])]
+    attempts = quantization.get("attempts") or fallback.get("int8_attempts") or []
+    repair = quantization.get("repair_seconds", fallback.get("int8_repair_seconds"))
     return {"int8_accuracy": float(np.mean(predicted == test["y"])), "bytes": manifest["bytes"],
-            "fallback": (manifest.get("quantize_fallback") or {}).get("reason"), "float_layers": float_layers,
+            "fallback": fallback.get("reason"), "float_layers": float_layers,
             "int8_attempts": [f"{a['name']}: {a['agreement']:.2%}" if a.get("agreement") is not None else a["name"]
                               for a in attempts],
             "repair_seconds": repair,
