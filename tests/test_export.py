@@ -146,6 +146,38 @@ def test_onnx_layout_dynamic_batch_and_transposes(tmp_path):
     np.testing.assert_allclose(got, expected, atol=FLOAT_RTOL * np.abs(expected).max(), err_msg="NCHW ONNX")
 
 
+def test_a_failing_tf2onnx_optimizer_is_still_only_skipped(tmp_path, monkeypatch):
+    """ONNX export runs tf2onnx without its graph copy before each optimizer (onnx._from_graph_def), where an optimizer
+    that raises fails the whole translation; then it runs again with the copies, where the optimizer is skipped:
+    the export succeeds and computes the model's function, and the user's environment is as it was."""
+    import os
+
+    import tf2onnx.optimizer
+    from tf2onnx.optimizer.optimizer_base import GraphOptimizerBase
+
+    from sepconv.convert.export import onnx as onnx_export
+
+    seen = []
+
+    class Failing(GraphOptimizerBase):
+        def _optimize(self, graph):
+            seen.append(os.environ.get(onnx_export.CATCH_ERRORS))
+            raise RuntimeError("an optimizer that breaks on this graph")
+
+    monkeypatch.setitem(tf2onnx.optimizer._optimizers, "failing", Failing)
+    monkeypatch.delenv(onnx_export.CATCH_ERRORS, raising=False)
+    x_in = keras.Input((8, 8, 3))
+    model = keras.Model(x_in, keras.layers.Conv2D(4, 3, activation="relu")(x_in))
+    data = export_onnx(model, tmp_path / "m.onnx")
+    assert seen[0] == "false" and None in seen[1:], f"a run without the copies, then one with them: {seen}"
+    assert onnx_export.CATCH_ERRORS not in os.environ, "the environment is put back"
+    x = _data(model, 3, 0)
+    expected = predict_keras(model, x)[0]
+    np.testing.assert_allclose(open_runtime(tmp_path / "m.onnx").run([x])[0], expected,
+                               atol=FLOAT_RTOL * np.abs(expected).max(), err_msg="exported with the optimizer skipped")
+    assert data == (tmp_path / "m.onnx").read_bytes()
+
+
 def test_flex_ops_are_refused_then_allowed(tmp_path):
     from custom_layers import LogDetFeature
 
