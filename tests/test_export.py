@@ -149,7 +149,8 @@ def test_onnx_layout_dynamic_batch_and_transposes(tmp_path):
 def test_a_failing_tf2onnx_optimizer_is_still_only_skipped(tmp_path, monkeypatch):
     """ONNX export runs tf2onnx without its graph copy before each optimizer (onnx._from_graph_def), where an optimizer
     that raises fails the whole translation; then it runs again with the copies, where the optimizer is skipped:
-    the export succeeds and computes the model's function, and the user's environment is as it was."""
+    the export succeeds and computes the model's function, and the user's environment is as it was. A translation
+    that fails before the optimizers fails once."""
     import os
 
     import tf2onnx.optimizer
@@ -176,6 +177,16 @@ def test_a_failing_tf2onnx_optimizer_is_still_only_skipped(tmp_path, monkeypatch
     np.testing.assert_allclose(open_runtime(tmp_path / "m.onnx").run([x])[0], expected,
                                atol=FLOAT_RTOL * np.abs(expected).max(), err_msg="exported with the optimizer skipped")
     assert data == (tmp_path / "m.onnx").read_bytes()
+    calls = []
+
+    def untranslatable(*args, **kwargs):  # fails before any optimizer: not tried again
+        calls.append(os.environ.get(onnx_export.CATCH_ERRORS))
+        raise ValueError("no handler for this op")
+
+    monkeypatch.setattr(tf2onnx.convert, "from_graph_def", untranslatable)
+    with pytest.raises(ExportError, match="no handler for this op"):
+        export_onnx(model, tmp_path / "n.onnx")
+    assert calls == ["false"] and onnx_export.CATCH_ERRORS not in os.environ, calls
 
 
 def test_flex_ops_are_refused_then_allowed(tmp_path):

@@ -112,22 +112,27 @@ def _from_graph_def(graph_def, **kwargs):
     """tf2onnx's from_graph_def, first without the deep copy of the whole graph it makes before each of its
     optimizers on each pass (so that one that fails can be skipped with the graph as it was): on NASNetMobile the ONNX
     export took 14.8-17.1 s without the copies against 19.5-20.3 s with them (docs/benchmarks.md). When that run
-    fails, it runs again as tf2onnx does by default, copies and all, so a failing optimizer is still only skipped.
-    tf2onnx reads the switch from the environment: set for the first run, put back after."""
+    fails in an optimizer, it runs again as tf2onnx does by default, copies and all, so a failing optimizer is still
+    only skipped (a translation that fails before the optimizers fails once). tf2onnx reads the switch from the
+    environment: set for the first run, put back after."""
+    import traceback
+
     import tf2onnx
 
     saved = os.environ.get(CATCH_ERRORS)
     os.environ[CATCH_ERRORS] = "false"
     try:
         return tf2onnx.convert.from_graph_def(graph_def, **kwargs)[0]
-    except Exception:  # an optimizer or the translation failed: again with tf2onnx's own safety net
-        pass
+    except Exception as error:
+        frames = traceback.extract_tb(error.__traceback__)
+        if not any(f"tf2onnx{os.sep}optimizer{os.sep}" in frame.filename for frame in frames):
+            raise
     finally:
         if saved is None:
             os.environ.pop(CATCH_ERRORS, None)
         else:
             os.environ[CATCH_ERRORS] = saved
-    return tf2onnx.convert.from_graph_def(graph_def, **kwargs)[0]
+    return tf2onnx.convert.from_graph_def(graph_def, **kwargs)[0]  # an optimizer failed: with tf2onnx's safety net
 
 
 def _output_names(model, count: int) -> list[str]:
