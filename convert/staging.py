@@ -231,9 +231,7 @@ def _fall_back(job: ExportJob, item: Staged) -> Staged:
     """Replace an int8 artifact of --quantize auto that the validation images reject by the first of its target's
     auto_fallbacks modes that they accept, said aloud and recorded in the manifest; an explicit --quantize int8 fails
     instead. The test images then verify what this chose: they never choose."""
-    reasons, attempts = [], _attempts(item.quantization)
-    stability = item.quantization.keras_stability if item.quantization is not None else None
-    repair_seconds = round(item.quantization.repair_seconds, 2) if item.quantization is not None else None
+    reasons, int8 = [], _int8_record(item.quantization)
     where = "on the validation images" if job.held.validation is not None else "verification"
     reason = _rejection(job, item)
     for mode in target_for(item.target).auto_fallbacks:
@@ -241,9 +239,7 @@ def _fall_back(job: ExportJob, item: Staged) -> Staged:
         reasons.append(f"{item.quantize}: {reason}")
         job.say("export", f"{item.target}: {item.quantize} failed {where} ({reason}); --quantize auto tries {mode} "
                           f"instead (pass --quantize int8 to insist on int8)")
-        item = _stage(job, item.target, mode, fallback={"from": "int8", "reason": " | ".join(reasons),
-                                                        "int8_attempts": attempts, "keras_stability": stability,
-                                                        "int8_repair_seconds": repair_seconds})
+        item = _stage(job, item.target, mode, fallback={"from": "int8", "reason": " | ".join(reasons), **int8})
         reason = _rejection(job, item)
         if reason is None:
             return item
@@ -285,12 +281,15 @@ def _samples_of(validation) -> str:
     return f"{len(validation.x):,}" if validation is not None else "no"
 
 
-def _attempts(report) -> list | None:
-    """The int8 repair's attempts, name and validation agreement, kept in a fallback's record."""
+def _int8_record(report) -> dict:
+    """What a fallback's record keeps of the failed int8's QuantizationReport (None: not measured): its attempts
+    (name, validation agreement, passed, seconds), the Keras model's stability under int8-sized noise, the repair's
+    seconds."""
     if report is None:
-        return None
-    return [{"name": a.name, "agreement": a.agreement, "passed": a.passed, "seconds": a.seconds}
-            for a in report.attempts]
+        return {"int8_attempts": None, "keras_stability": None, "int8_repair_seconds": None}
+    return {"int8_attempts": [{"name": a.name, "agreement": a.agreement, "passed": a.passed, "seconds": a.seconds}
+                              for a in report.attempts],
+            "keras_stability": report.keras_stability, "int8_repair_seconds": round(report.repair_seconds, 2)}
 
 
 def _stage(job: ExportJob, target: Path, quantize: str, fallback: dict | None = None) -> Staged:
