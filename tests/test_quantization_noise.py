@@ -8,7 +8,7 @@ from sepconv.convert import separate
 from sepconv.convert.export import quantization as q
 from sepconv.convert.export.targets import target_named
 from sepconv.convert.export.verification import Tolerance
-from sepconv.convert.graph import predict_keras
+from sepconv.convert.graph import leaf_layers, predict_keras
 from sepconv.convert.recovery.finetuning import NOISE_LEARNING_RATE, FinetuneOptions, FinetuneResult, finetune
 from sepconv.convert.data import Dataset
 from sepconv.convert.recovery.quantization_noise import (LEVELS, STABILITY_BAR, int8_stability, noise_points,
@@ -39,6 +39,45 @@ def test_noise_points_are_the_tensors_int8_rounds():
     assert points == ("relu", "inner/inner_conv", "add", "sep:depthwise", "sep", "gap"), (
         "a conv whose only consumer is a BatchNorm, a BatchNorm before a ReLU, max pooling, the input and the "
         f"softmax output have no tensor of their own in int8: got {points}")
+
+
+def test_a_tensor_the_converter_does_not_fuse_away_gets_the_noise():
+    """What the TFLite converter emits for these pairs (int8, measured: docs/benchmarks.md, ninth session): ReLU
+    after a Concatenate is its own RELU op, a leaky ReLU its own LEAKY_RELU, a ReLU clipped at 4 a MINIMUM and a RELU,
+    a BatchNormalization after a convolution with an activation or after an Add a MUL: each reads a rounded tensor.
+    Fused (no tensor of their own): ReLU after an Add, BatchNormalization then ReLU6 after a convolution."""
+    L = keras.layers
+    x_in = keras.Input((8, 8, 3))
+    a = L.Conv2D(4, 3, padding="same", name="a")(x_in)
+    b = L.Conv2D(4, 3, padding="same", name="b")(x_in)
+    cat = L.ReLU(name="cat_relu")(L.Concatenate(name="cat")([a, b]))
+    leaky = L.ReLU(negative_slope=0.1, name="leaky")(L.Conv2D(8, 1, name="c")(cat))
+    clipped = L.ReLU(max_value=4.0, name="clip4")(L.Conv2D(8, 1, name="d")(leaky))
+    normed = L.BatchNormalization(name="bn_after_relu")(L.Conv2D(8, 1, activation="relu", name="e")(clipped))
+    added = L.BatchNormalization(name="bn_after_add")(L.Add(name="add")([normed, clipped]))
+    six = L.ReLU(max_value=6.0, name="relu6")(L.BatchNormalization(name="bn")(L.Conv2D(8, 1, name="f")(added)))
+    fused_add = L.ReLU(name="add_relu")(L.Add(name="add2")([six, added]))
+    out = L.Dense(3, activation="softmax", name="probs")(L.GlobalAveragePooling2D(name="gap")(fused_add))
+    points = noise_points(keras.Model(x_in, out))
+    assert points == ("a", "b", "cat", "cat_relu", "c", "leaky", "d", "clip4", "e", "bn_after_relu", "add",
+                      "bn_after_add", "relu6", "add_relu", "gap"), points
+
+
+def test_a_nested_layer_named_like_one_of_its_parents_gets_the_noise_alone():
+    """The noisy copy picks its layers by what they are, not by name: a nested model may reuse its parent's names
+    (here "conv": the parent's is fused into its BatchNormalization, the nested one is rounded)."""
+    L = keras.layers
+    inner_in = keras.Input((8, 8, 4))
+    inner = keras.Model(inner_in, L.Conv2D(4, 3, padding="same", name="conv")(inner_in), name="inner")
+    x_in = keras.Input((8, 8, 3))
+    x = L.ReLU(name="relu")(L.BatchNormalization(name="bn")(L.Conv2D(4, 3, padding="same", name="conv")(x_in)))
+    x = L.Add(name="add")([x, inner(x)])
+    model = keras.Model(x_in, L.Dense(2, activation="softmax", name="probs")(L.GlobalAveragePooling2D()(x)))
+    points = noise_points(model)
+    assert "inner/conv" in points and "conv" not in points, points
+    copy = noisy_copy(model)
+    noisy = tuple(path for path, layer in leaf_layers(copy) if type(layer).__name__.startswith("Int8Noisy"))
+    assert noisy == points, f"the copy's noisy layers {noisy} must be the noise points {points}"
 
 
 @pytest.mark.parametrize("kind", ["functional, nested", "sequential"])

@@ -15,10 +15,13 @@ The step is each batch's own range of the tensor / 255 (no state: the copy train
 weights). The copy adds the noise in evaluation too, so that early stopping keeps the epoch that scores best on the
 validation data under int8's rounding error (the starting weights included: an epoch is kept only if it beats them
 there); the student receives the chosen weights and carries no noise. The tensors: each layer's output, except where
-int8 does not round it anew: a layer whose every consumer is fused into it by the converters (BatchNormalization,
-ReLU / ReLU6 after a convolution), layers that keep their input's scale (pooling by max, reshapes, padding, dropout),
-the model's inputs and outputs; and inside a SeparableConv2D, the depthwise step's output, which the converters keep
-as its own int8 tensor.
+int8 does not round it anew: a layer whose every consumer is fused into it by the converters, layers that keep their
+input's scale (pooling by max, reshapes, padding, dropout), the model's inputs and outputs; and inside a
+SeparableConv2D, the depthwise step's output, which the converters keep as its own int8 tensor. Fused, as the TFLite
+converter emits them (measured: docs/benchmarks.md, ninth session): a BatchNormalization into the convolution or Dense
+layer without activation before it, and a ReLU / ReLU6 into such a layer, an Add, Subtract or Multiply, or a
+BatchNormalization; not a ReLU after a Concatenate, a leaky ReLU, nor a ReLU clipped at another value than 6 (each
+its own op, after a rounded tensor).
 """
 
 from __future__ import annotations
@@ -36,7 +39,9 @@ DEPTHWISE = "depthwise"
 # what the noise does not model (weights, calibrated rather than per-batch ranges)
 STABILITY_BAR = 0.99
 
-_FUSED_INTO_PRODUCER = ("BatchNormalization", "ReLU")
+_CONVOLUTIONS = ("Conv1D", "Conv2D", "Conv3D", "DepthwiseConv1D", "DepthwiseConv2D", "SeparableConv1D",
+                 "SeparableConv2D", "Dense")  # a BatchNormalization after one (without activation) is folded into it
+_TAKE_ACTIVATION = _CONVOLUTIONS + ("Add", "Subtract", "Multiply", "BatchNormalization")  # a ReLU after one is fused
 _FUSED_ACTIVATIONS = ("relu", "relu6")
 _SAME_SCALE = ("InputLayer", "MaxPooling1D", "MaxPooling2D", "MaxPooling3D", "GlobalMaxPooling1D",
                "GlobalMaxPooling2D", "Reshape", "Flatten", "Dropout", "SpatialDropout1D", "SpatialDropout2D",
@@ -65,13 +70,15 @@ def noisy_copy(model):
     tf.distribute scope)."""
     import keras
 
-    names = {path.rsplit("/", 1)[-1] for path in noise_points(model) if not path.endswith(f":{DEPTHWISE}")}
+    points = set(noise_points(model))
+    layers = list(leaf_layers(model))  # the layers themselves: a nested model may reuse a name its parent has
+    outputs = {id(layer) for path, layer in layers if path in points}
+    depthwise = {id(layer) for path, layer in layers if f"{path}:{DEPTHWISE}" in points}
 
     def clone(layer):
         kind = type(layer)
-        depthwise = kind is keras.layers.SeparableConv2D
-        if layer.name in names or depthwise:
-            kind = _noisy_class(kind, layer.name in names, depthwise)
+        if id(layer) in outputs or id(layer) in depthwise:
+            kind = _noisy_class(kind, id(layer) in outputs, id(layer) in depthwise)
         return kind.from_config(layer.get_config())
 
     copy = keras.models.clone_model(model, clone_function=clone, recursive=True)
@@ -106,13 +113,23 @@ def _output_layers(model):
 
 def _fused_into_consumers(layer) -> bool:
     consumers = readers_of(layer)
-    return bool(consumers) and all(_fuses(consumer) for consumer in consumers)
+    return bool(consumers) and all(_fuses(consumer, layer) for consumer in consumers)
 
 
-def _fuses(layer) -> bool:
+def _fuses(consumer, producer) -> bool:
+    """The converters fuse `consumer` into `producer`, which then has no int8 tensor of its own (module doc)."""
+    kind, made_by = type(consumer).__name__, type(producer).__name__
+    linear = getattr(getattr(producer, "activation", None), "__name__", "linear") == "linear"
+    if kind == "BatchNormalization":
+        return made_by in _CONVOLUTIONS and linear
+    return _fused_activation(consumer) and made_by in _TAKE_ACTIVATION and linear
+
+
+def _fused_activation(layer) -> bool:
+    """A plain ReLU or ReLU6: what the converters fuse into the op before it."""
     kind = type(layer).__name__
-    if kind in _FUSED_INTO_PRODUCER:
-        return True
+    if kind == "ReLU":
+        return not layer.negative_slope and not layer.threshold and layer.max_value in (None, 6)
     activation = getattr(layer, "activation", None)
     return kind == "Activation" and getattr(activation, "__name__", "") in _FUSED_ACTIVATIONS
 
