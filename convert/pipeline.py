@@ -204,12 +204,13 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
             say("warning", warnings[-1])
         if worker is not None and not worker.chief:  # the chief writes: this worker's part is done
             remove_checkpoints(recovery_options)
-            say("write", f"worker {worker.index} of {worker.workers}: fine-tuning done; the chief (worker 0) exports, "
-                         f"verifies and writes the artifacts")
+            written_by = (f"worker {worker.index} of {worker.workers}: fine-tuning done; the chief (worker 0) exports, "
+                          f"verifies and writes the artifacts")
+            say("write", written_by)
             return ConvertResult(source=source_record, quantize=plan.quantize,
                                  quantize_reason=quantize_reason(options, plan), data=data.info, separation=report,
                                  recovery=recovery, plan=plan, artifacts=(), seconds=timer.seconds,
-                                 warnings=tuple(warnings))
+                                 warnings=tuple(warnings), written_by=written_by)
         several = recovery is not None and recovery.budget is not None and len(validation_reference.values) > 1
         held = HeldOut(validation, heldout, _original_top1(validation_reference, validation, recovery),
                        list(validation_reference.values) if several else None)

@@ -80,6 +80,7 @@ class ConvertResult:
     artifacts: tuple[Artifact, ...]
     seconds: dict  # {stage: seconds}; stages are load, data, "separate and recover", "export NAME" per output
     warnings: tuple[str, ...] = ()  # e.g. nothing was separated; the CLI prints them even with --quiet
+    written_by: str | None = None  # a multi-worker run's other workers (no artifacts): who writes them, in words
 
     def to_dict(self) -> dict:
         """The JSON summary convert-model --json writes (docs/convert.md)."""
@@ -88,7 +89,7 @@ class ConvertResult:
                 "separation": self.separation.to_dict() if self.separation is not None else None,
                 "recovery": self.recovery.to_dict() if self.recovery is not None else None,
                 "plan": self.plan.to_dict(), "artifacts": [a.to_dict() for a in self.artifacts],
-                "seconds": dict(self.seconds), "warnings": list(self.warnings)}
+                "seconds": dict(self.seconds), "warnings": list(self.warnings), "written_by": self.written_by}
 
     def table(self) -> str:
         """What convert-model prints: per-layer sensitivity and K (budget mode), the latency table (when K was chosen
@@ -102,8 +103,12 @@ class ConvertResult:
         return "\n\n".join(part for part in [*parts, self.artifact_table()] if part)
 
     def artifact_table(self) -> str:
-        """The original next to each artifact: size, accuracy, agreement, budget, verdict."""
+        """The original next to each artifact: size, accuracy, agreement, budget, verdict; a worker that writes none
+        says who does."""
         from tabulate import tabulate
+
+        if not self.artifacts:
+            return f"no artifacts from this worker: {self.written_by}" if self.written_by else ""
 
         source_bytes = os.path.getsize(self.source.path)
         first = self.artifacts[0].verification if self.artifacts else None

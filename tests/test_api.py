@@ -72,7 +72,7 @@ def test_convert_result_is_typed_and_its_dict_is_the_json_summary(tmp_path, data
     result = convert_result(tmp_path, data=data)
     summary = json.loads(json.dumps(result.to_dict()))
     assert list(summary) == ["source", "quantize", "quantize_reason", "data", "separation", "recovery", "plan",
-                             "artifacts", "seconds", "warnings"]
+                             "artifacts", "seconds", "warnings", "written_by"]
     assert list(summary["data"])[:4] == (["source", "test_source", "validation_source", "samples"] if data else
                                          ["source", "test_source", "samples", "labelled"])
     assert summary["plan"] == {"max_accuracy_drop": 1.0 if data else None, "refine": True, "recalibrate_bn": True,
@@ -86,6 +86,18 @@ def test_convert_result_is_typed_and_its_dict_is_the_json_summary(tmp_path, data
          "least_drop": None, "confidence": 0.0, "held": True} if data else None)
     assert summary["separation"]["totals"]["separated"] == 1 and summary["recovery"]["stages"][2]["kept"] is False
     assert result.recovery.final.name == "separated", "the last kept stage"
+
+
+def test_a_worker_that_writes_no_artifact_says_who_does_instead_of_an_empty_table(tmp_path):
+    """A multi-worker run's other workers fine-tune and stop: no artifact table with the original alone and "verified
+    on ..., manifests beside each artifact" (what they printed), but who writes the artifacts."""
+    from dataclasses import replace
+
+    said = "worker 1 of 2: fine-tuning done; the chief (worker 0) exports, verifies and writes the artifacts"
+    result = replace(convert_result(tmp_path, data=True), artifacts=(), written_by=said)
+    assert result.artifact_table() == f"no artifacts from this worker: {said}"
+    assert result.table().endswith(result.artifact_table()) and "manifests beside" not in result.table()
+    assert result.to_dict()["written_by"] == said and result.to_dict()["artifacts"] == []
 
 
 def test_convert_result_table_is_what_the_terminal_shows(tmp_path):

@@ -219,6 +219,7 @@ def test_two_local_workers_fine_tune_together_and_the_chief_writes(tmp_path, tra
     assert chief == 0 and other == 0, f"chief:\n{chief_out[-3000:]}\nworker 1:\n{other_out[-3000:]}"
     assert (chief_dir / "out.tflite").exists() and not (other_dir / "out.tflite").exists(), "the chief writes"
     assert "worker 1 of 2: fine-tuning done" in other_out
+    assert "no artifacts from this worker: worker 1 of 2" in other_out and "manifests beside" not in other_out
     manifest = json.loads((chief_dir / "out.tflite.json").read_text())
     finetuned = manifest["recovery"]["finetune"]
     assert finetuned["strategy"] == "multi-worker" and finetuned["devices"] == 2, finetuned
