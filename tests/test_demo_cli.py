@@ -51,7 +51,8 @@ def test_demo_separates_converts_benchmarks_and_reports(tmp_path, trained_demo):
         "original_fp32.tflite", "original_int8.tflite", "separated_k1_fp32.tflite", "separated_k1_int8.tflite"]
     page = (tmp_path / "report.html").read_text()
     assert summary["report"] == str(tmp_path / "report.html")
-    for chart in ("convert1_sensitivity", "convert1_stages", "latency", "speedup", "tradeoff_size"):
+    for chart in ("convert1_sensitivity", "convert1_stages", "convert1_finetune", "latency", "speedup",
+                  "tradeoff_size"):
         assert f'<figure id="{chart}">' in page and (tmp_path / "report" / f"{chart}.png").stat().st_size > 1000
 
     shown = done.stdout  # the tables, beside the JSON file

@@ -369,6 +369,29 @@ def test_the_stage_chart_shows_each_further_output_of_a_multi_output_model():
     assert "output 1" not in single.svg
 
 
+def test_the_fine_tuning_chart_shows_each_pass_epoch_by_epoch_and_the_epoch_kept():
+    """The fine-tuning details the page lacked: per pass, the monitored validation score per epoch beside its training
+    twin, the start it had to beat, and what was kept; a resumed run's epochs are numbered as they ran."""
+    from sepconv.deploy.report import charts
+
+    finetune = {"mode": "labels", "monitor": "val_accuracy", "epochs_run": 5, "best_epoch": 4, "best_value": 0.93,
+                "initial_value": 0.81, "history": {"val_accuracy": [0.9, 0.93, 0.92], "accuracy": [0.95, 0.97, 0.98],
+                                                   "loss": [0.3, 0.2, 0.1]}}  # resumed after epoch 2
+    int8 = {"mode": "labels", "monitor": "val_loss", "epochs_run": 2, "best_epoch": 0, "best_value": 0.4,
+            "initial_value": 0.4, "history": {"val_loss": [0.5, 0.45]}}
+    chart = charts.fine_tuning({"recovery": {"finetune": finetune, "finetune_frozen": None, "finetune_int8": int8}},
+                               "convert1_finetune")
+    assert chart is not None and chart.name == "convert1_finetune"
+    for text in ("fine-tuned (labels)", "fine-tuned under int8 noise (labels)", "kept: epoch 4", "kept: the start",
+                 "accuracy (training)", "before the pass", "val_loss"):
+        assert text in chart.svg, text
+    assert "BatchNorm frozen" not in chart.svg, "a pass that did not run is not drawn"
+    axes = chart.svg.count('id="axes_')
+    assert axes == 2, f"one panel per pass that ran, got {axes}"
+    for run in ({}, {"recovery": {"finetune": None}}, {"recovery": {"finetune": {**finetune, "history": {}}}}):
+        assert charts.fine_tuning(run, "x") is None, run
+
+
 def test_log_axes_read_as_compact_numbers_that_never_run_together():
     """Issue 26: the parameters/MACs chart's tick labels ran together ("5001000", "5e+071e+082e+08"). Ticks are
     compact (1k, 10M) and at powers of ten only beyond two decades."""

@@ -175,6 +175,51 @@ def stage_scores(run: dict, name: str) -> Chart | None:
     return _chart(figure, name, "Accuracy and agreement after each stage", caption)
 
 
+FINE_TUNING_PASSES = (("finetune", "fine-tuned"), ("finetune_frozen", "fine-tuned, BatchNorm frozen"),
+                      ("finetune_int8", "fine-tuned under int8 noise"))  # recovery keys, and their stages' names
+
+
+def fine_tuning(run: dict, name: str) -> Chart | None:
+    """Each fine-tuning pass epoch by epoch: the monitored validation score (and its training twin), the start it
+    had to beat and the epoch kept (early stopping on validation)."""
+    recovery = run.get("recovery") or {}
+    passes = [(label, recovery[key]) for key, label in FINE_TUNING_PASSES
+              if recovery.get(key) and (recovery[key].get("history") or {}).get(recovery[key].get("monitor"))]
+    if not passes:
+        return None
+    from matplotlib.ticker import MaxNLocator
+
+    figure, axes = _figure(max(6.0, 4.2 * len(passes)), 3.4, ncols=len(passes))
+    for axis, (label, record) in zip(axes, passes):
+        monitor = record["monitor"]
+        share = not monitor.endswith("loss")  # accuracy / agreement: shown in %
+        scale = 100 if share else 1
+        values = record["history"][monitor]
+        first = record["epochs_run"] - len(values) + 1  # a resumed run's history holds its own epochs only
+        epochs = list(range(first, first + len(values)))
+        axis.plot(epochs, [scale * v for v in values], marker="o", color=COLORS[0], label=monitor)
+        training = record["history"].get(monitor.removeprefix("val_"))
+        if training and len(training) == len(values):
+            axis.plot(epochs, [scale * v for v in training], color=COLORS[1], linewidth=1, alpha=0.7,
+                      label=monitor.removeprefix("val_") + " (training)")
+        if record.get("initial_value") is not None:
+            axis.axhline(scale * record["initial_value"], color=COLORS[7], linestyle="--", linewidth=1,
+                         label="before the pass")
+        if record.get("best_value") is not None:
+            axis.plot([record["best_epoch"]], [scale * record["best_value"]], marker="*", markersize=14,
+                      color=COLORS[3], linestyle="none",
+                      label="kept: the start" if record["best_epoch"] == 0 else f"kept: epoch {record['best_epoch']}")
+        axis.set_title(f"{label} ({record.get('mode', '')})".replace(" ()", ""), fontsize=9)
+        axis.set_xlabel("epoch")
+        axis.xaxis.set_major_locator(MaxNLocator(integer=True))
+        axis.set_ylabel(f"{monitor} (%)" if share else monitor)
+        axis.legend(fontsize=7, frameon=False)
+    caption = ("Each fine-tuning pass, epoch by epoch, on the validation images: the weights of the best epoch are "
+               "kept, the start's when no epoch beats it (dashed). Whether the pass is kept at all is the stage "
+               "chart's decision.")
+    return _chart(figure, name, "Fine-tuning, epoch by epoch", caption)
+
+
 def artifact_sizes(run: dict, name: str) -> Chart | None:
     """The original file's size next to each artifact's, with its verification verdict."""
     artifacts = run.get("artifacts") or []

@@ -170,6 +170,7 @@ def render(runs: Runs, title: str = "sepconv report") -> Page:
             charts.sensitivity_heatmap(run, f"convert{index + 1}_sensitivity"),
             charts.layer_costs(run, f"convert{index + 1}_layers"),
             charts.stage_scores(run, f"convert{index + 1}_stages"),
+            charts.fine_tuning(run, f"convert{index + 1}_finetune"),
             charts.artifact_sizes(run, f"convert{index + 1}_artifacts"),
             charts.quantization_errors(run, f"convert{index + 1}_int8"),
         ) if chart]
