@@ -98,7 +98,7 @@ class Stage:
     val_agreement: float | None
     params: int
     seconds: float  # spent on this stage
-    note: str = ""  # why a stage was rejected
+    note: str = ""  # why a stage was rejected, or kept by a rule of its own (the pass under int8 noise)
     val_outputs: tuple[float, ...] | None = None  # a model with several outputs: each one's agreement with the
     # original's on the validation data (verification.output_agreements; None for one output or no validation data)
 
@@ -153,9 +153,12 @@ class RecoveryReport:
         text = tabulate(rows, headers=["stage", "verdict", "params", f"val {metric}", "test accuracy",
                                        "agrees w/ original", "seconds"], tablefmt="simple", disable_numparse=True)
         rejected = [f"{stage.name} ({stage.note})" for stage in self.stages if not stage.kept]
+        judged = [f"{stage.name} ({stage.note})" for stage in self.stages if stage.kept and stage.note]
         text += (f"\na stage is kept only if the validation {metric} (on {self.validation_samples} samples) does not "
-                 f"fall; test figures on {self.samples} samples only report (Keras models)")
-        return text + (f"\nrejected: {'; '.join(rejected)}" if rejected else "")
+                 f"fall{', unless it has a rule of its own' if judged else ''}; test figures on {self.samples} "
+                 f"samples only report (Keras models)")
+        return (text + (f"\nkept by its own rule: {'; '.join(judged)}" if judged else "")
+                + (f"\nrejected: {'; '.join(rejected)}" if rejected else ""))
 
 
 Progress = Callable[[str, str], None]
@@ -191,6 +194,7 @@ class Step:
     # stage's score
     accept: Callable[[object, Context], bool] | None = None
     rejected: str = ""  # then: why it was not kept, for the note
+    kept: Callable[[object], str] | None = None  # and why it was, for the note (its own rule, not the stage's score)
 
 
 def recover(original, train, calibration: np.ndarray | None, validation, test, options: RecoveryOptions, *,
@@ -282,6 +286,8 @@ def _run_step(step: Step, context: Context, scorer, stages: list) -> object:
     if why is not None:
         context.model.set_weights(before)
         stage = replace(stage, kept=False, note=f"rejected: {why}, weights put back")
+    elif step.accept is not None and step.kept is not None:
+        stage = replace(stage, note=step.kept(result))
     stages.append(stage)
     verdict = stage.note if why is not None else f"kept (validation {scorer.metric} {scorer.value(stage):.2%})"
     context.say(step.label, f"{step.summary(result)}{_score_text(stage)}; {verdict}")
@@ -489,7 +495,9 @@ STEPS = (
          lambda c: _finetune(c, frozen=_has_batchnorm(c), noise=True), _finetune_summary,
          accept=lambda result, context: beats_start_under_noise(result, len(context.validation),
                                                                 context.options.int8 or Tolerance()),
-         rejected="no epoch beat the start under int8 rounding noise by more than the validation images can show"),
+         rejected="no epoch beat the start under int8 rounding noise by more than the validation images can show",
+         kept=lambda result: (f"{result.monitor.removeprefix('val_')} under int8 rounding noise on the validation "
+                              f"images {result.initial_value:.2%} -> {result.best_value:.2%}, a gain they can show")),
 )
 
 

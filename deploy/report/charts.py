@@ -170,8 +170,11 @@ def stage_scores(run: dict, name: str) -> Chart | None:
     axis.legend(fontsize=8, loc="lower center", bbox_to_anchor=(0.5, 1.0), ncols=min(len(series), 3),
                 frameon=False)  # above the axes, off the bars
     rejected = "; ".join(f"{s['name']}: {s['note']}" for s in stages if not s["kept"] and s.get("note"))
-    caption = ("Each recovery stage is kept only if the validation score does not fall; test figures only report. "
-               "Hatched: rejected stages." + (f" {rejected}." if rejected else ""))
+    judged = "; ".join(f"{s['name']}: {s['note']}" for s in stages if s["kept"] and s.get("note"))
+    caption = ("Each recovery stage is kept only if the validation score does not fall"
+               + (", unless it has a rule of its own" if judged else "") + "; test figures only report. "
+               "Hatched: rejected stages." + (f" {rejected}." if rejected else "")
+               + (f" Kept by its own rule: {judged}." if judged else ""))
     return _chart(figure, name, "Accuracy and agreement after each stage", caption)
 
 
