@@ -216,8 +216,11 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
                        list(validation_reference.values) if several else None)
     else:
         held = HeldOut(validation, heldout)
-    speed = latency_options(options, plan, targets) if report and report.separated else None
-    source_model = model if speed is not None else None  # timed against each artifact (export/speed.py)
+    timing = latency_options(options, plan, targets)  # None when the plan times nothing
+    speed = timing if report and report.separated else None
+    mode_speed = timing if options.quantize == "auto" else None  # a quantized artifact against float32 (staging.py)
+    # timed against each artifact (export/speed.py), in float32 too with --quantize auto
+    source_model = model if speed is not None or mode_speed is not None else None
     del model  # else only its outputs on the test inputs are needed from here on (reference.values)
     release_memory()
     try:
@@ -229,7 +232,8 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
                         source=source_record, report=report, recovery=recovery, say=say, speed=speed,
                         source_model=source_model,
                         validation_expected=Outputs(exported, validation.x) if validation is not None else None,
-                        validation_original=validation_reference if source_model is not None else None)
+                        validation_original=validation_reference if source_model is not None else None,
+                        mode_speed=mode_speed)
         artifacts = export_all(job, targets, plan.quantize, timer)
     except SepconvError as error:
         if recovery and recovery.finetune and not isinstance(error, BudgetError):
@@ -242,6 +246,8 @@ def _convert(source: Path, targets: list[Path], plan: Plan, options: ConvertOpti
     remove_checkpoints(recovery_options)
     warnings += [_speed_warning(artifact) for artifact in artifacts
                  if artifact.speed is not None and artifact.speed.verdict == SLOWER]
+    warnings += [_mode_warning(artifact) for artifact in artifacts
+                 if artifact.quantize_fallback and artifact.quantize_fallback.get("slower")]
     for artifact in artifacts:
         if artifact.speed is not None and artifact.speed.missed_target:
             warnings.append(_target_warning(artifact))
@@ -308,6 +314,12 @@ def _speed_warning(artifact) -> str:
                 f"--max-accuracy-drop, or --latency-on the device it will run on")
     return (f"{artifact.path}: slower than the original ({speed.interval()} on {speed.where}), shipped as --rank / "
             f"--energy asked; drop them to let the accuracy budget and the latency table choose")
+
+
+def _mode_warning(artifact) -> str:
+    fallback = artifact.quantize_fallback
+    return (f"{artifact.path}: {fallback['reason'].rsplit(' | ', 1)[-1]}: --quantize auto shipped "
+            f"{artifact.quantize} instead; pass --quantize {fallback['slower']} to insist")
 
 
 def _target_warning(artifact) -> str:

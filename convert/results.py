@@ -58,7 +58,8 @@ class Artifact:
     sha256: str
     manifest: str
     verification: Verification  # against the Keras model on the test inputs
-    quantize_fallback: dict | None = None  # {from, reason}: --quantize auto's first choice failed verification
+    quantize_fallback: dict | None = None  # {from, reason[, slower]}: --quantize auto's first choice failed
+    # verification, or (slower: that mode) ran slower than the original in float32
     quantization: QuantizationReport | None = None  # the int8 repair's attempts and layers kept in float
     speed: Speed | None = None  # timed against the original converted the same way (export/speed.py)
 
@@ -117,8 +118,7 @@ class ConvertResult:
         for artifact in self.artifacts:
             verification = artifact.verification
             check = verification.outputs[0]
-            mode = f"{artifact.format} {artifact.quantize}" + (
-                f" ({artifact.quantize_fallback['from']} failed)" if artifact.quantize_fallback else "")
+            mode = f"{artifact.format} {artifact.quantize}" + _fallback_words(artifact.quantize_fallback)
             rows.append([Path(artifact.path).name, mode, f"{artifact.bytes / 1024:,.0f} KiB",
                          f"{source_bytes / artifact.bytes:.2f}x", percent(check.accuracy), percent(check.agreement),
                          percent(verification.original_agreement), "passed" if verification.passed else "FAILED"])
@@ -142,6 +142,16 @@ class ConvertResult:
                 if data.source else f"verified on {data.heldout_samples} synthetic inputs (no --data)")
         return (tabulate(rows, headers=headers, tablefmt="simple", disable_numparse=True)
                 + f"\n{note}; manifests beside each artifact (.json)")
+
+
+def _fallback_words(fallback: dict | None) -> str:
+    """' (int8 failed)', ' (int8 slower)', ' (int8 failed, dynamic slower)' or '': why --quantize auto's first
+    choice is not what ships (staging.py)."""
+    if not fallback:
+        return ""
+    words = [f"{fallback['from']} failed"] if fallback.get("slower") != fallback["from"] else []
+    words += [f"{fallback['slower']} slower"] if fallback.get("slower") else []
+    return f" ({', '.join(words)})"
 
 
 def latency_text(latency: dict | None, artifacts=()) -> str:

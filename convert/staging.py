@@ -1,7 +1,10 @@
 """Staging the artifacts of a run: each output exported to a temporary file beside its target, verified against the
 Keras model, its manifest written to another temporary file; --quantize auto's fallback when int8 fails; each
 verified artifact timed against the original converted the same way, the original shipped instead of a slower one
-(export/speed.py); then every artifact renamed into place at once, or none (a failure leaves no partial file)."""
+(export/speed.py); with --quantize auto, each quantized artifact timed against the original model in float32 too,
+and float32 shipped instead when the quantized one runs slower than that (a runtime without fast int8 kernels for
+some layers: ONNX Runtime's depthwise convolutions on x86, docs/benchmarks.md); then every artifact renamed into place
+at once, or none (a failure leaves no partial file)."""
 
 from __future__ import annotations
 
@@ -26,6 +29,8 @@ from sepconv.convert.outputs import disk_full_as
 from sepconv.convert.recovery.latency_table import cache_path, fastest_forms, set_aside
 from sepconv.convert.results import Artifact, Source
 from sepconv.deploy.runtime import open_runtime
+
+MODE_MARGIN = 0.9  # --quantize auto ships float32 instead of a quantized artifact slower than this against it
 
 if TYPE_CHECKING:
     from sepconv.convert.export.quantization import QuantizationReport
@@ -65,6 +70,9 @@ class ExportJob:
     validation_expected: object = None
     validation_original: object = None
     budget_from: object = None
+    mode_speed: LatencyOptions | None = None  # --quantize auto: how each quantized artifact is timed against the
+    # original in float32 (the original Keras model: source_model, or `model` when nothing was separated); None: it
+    # is not (another --quantize, or nothing is timed)
 
 
 @dataclass
@@ -109,11 +117,13 @@ def export_all(job: ExportJob, targets: list[Path], quantize: str, timer) -> tup
             error.details = {"quantization": {str(s.target): s.quantization.to_dict() for s in failed
                                               if s.quantization is not None}}
             raise error
-        if job.speed is not None and job.source_model is not None:
-            latency = recovery.budget.plan.latency if recovery is not None and recovery.budget else None
-            for index, item in enumerate(staged):
-                with timer(f"speed {item.target.name}"):
-                    staged[index] = _check_speed(job, item, latency)
+        latency = recovery.budget.plan.latency if recovery is not None and recovery.budget else None
+        for index, item in enumerate(staged):
+            with timer(f"speed {item.target.name}"):
+                if job.speed is not None and job.source_model is not None:
+                    staged[index] = item = _check_speed(job, item, latency)
+                if job.mode_speed is not None:
+                    staged[index] = _check_mode(job, item, latency)
         return tuple(_commit(s) for s in staged)
     finally:
         for item in staged:
@@ -127,21 +137,9 @@ def _check_speed(job: ExportJob, item: Staged, latency: dict | None) -> Staged:
     if not target_for(item.target).runtime:
         return item
     original = _export_original(job, item)
-    timing = job.speed.timing
-
-    def timed(options) -> Speed:
-        return compare(Path(item.tmp), original, where=job.speed.where, timing=options, fmt=item.format,
-                       quantize=item.quantize, say=job.say)
-
     try:
-        speed = timed(timing)
-        if speed.verdict == SLOWER and not job.options.forced_separation:  # confirmed before the original ships
-            job.say("speed", f"{item.target}: {speed.interval()} against the original in a first timing; timing "
-                             f"again {CONFIRM_FACTOR}x as long to confirm it (a slower one is replaced by the "
-                             f"original)")
-            longer = replace(timing, min_seconds=min(timing.min_seconds * CONFIRM_FACTOR, 599.0),
-                             min_runs=timing.min_runs * CONFIRM_FACTOR)
-            speed = replace(timed(longer), first_speedup=speed.speedup)
+        speed = _timed(job, item, original, job.speed, replaced_by="the original",
+                       replaced=None if job.options.forced_separation else lambda timed: timed.verdict == SLOWER)
     finally:
         original.unlink(missing_ok=True)
     speed = with_prediction(speed, *_predicted(latency, item))
@@ -159,6 +157,74 @@ def _check_speed(job: ExportJob, item: Staged, latency: dict | None) -> Staged:
     with disk_full_as("writing the manifest of", item.target):
         Path(item.tmp_manifest).write_text(manifest_json(item.manifest))
     return item
+
+
+def _timed(job: ExportJob, item: Staged, original: Path, latency: LatencyOptions, *,
+           replaced: Callable[[Speed], bool] | None, replaced_by: str, original_quantize: str | None = None) -> Speed:
+    """`item` timed against the `original` file in one interleaved run (where and how: `latency`); a first timing
+    that would have it `replaced` (by `replaced_by`, in words) is timed again CONFIRM_FACTOR times as long, and that
+    timing decides."""
+    def timed(options) -> Speed:
+        return compare(Path(item.tmp), original, where=latency.where, timing=options, fmt=item.format,
+                       quantize=item.quantize, say=job.say, original_quantize=original_quantize)
+
+    speed = timed(latency.timing)
+    if replaced is not None and replaced(speed):
+        against = "the original in float32" if original_quantize == "none" else "the original"
+        job.say("speed", f"{item.target}: {speed.interval()} against {against} in a first timing; timing again "
+                         f"{CONFIRM_FACTOR}x as long to confirm it (a slower one is replaced by {replaced_by})")
+        longer = replace(latency.timing, min_seconds=min(latency.timing.min_seconds * CONFIRM_FACTOR, 599.0),
+                         min_runs=latency.timing.min_runs * CONFIRM_FACTOR)
+        speed = replace(timed(longer), first_speedup=speed.speedup)
+    return speed
+
+
+def _check_mode(job: ExportJob, item: Staged, latency: dict | None) -> Staged:
+    """--quantize auto: a quantized artifact a runtime runs, timed against the original model in float32 (the model
+    the user brought, converted without quantization); when it runs slower than that, the run's model in float32
+    is staged, verified and (when separated) timed against the original like every artifact, and shipped instead:
+    said in a line, recorded as the artifact's quantize_fallback ({from, reason, slower: the mode that was slower}).
+    The comparison is kept in the manifest either way (`speed_float32`)."""
+    if item.quantize == "none" or not target_for(item.target).runtime:
+        return item
+    original_model = job.source_model if job.source_model is not None else job.model
+    float_item = replace(item, quantize="none")
+    original = _export_original(replace(job, source_model=original_model), float_item)
+    try:
+        speed = _timed(job, item, original, job.mode_speed, replaced=_slower_than_float32, replaced_by="float32",
+                       original_quantize="none")
+    finally:
+        original.unlink(missing_ok=True)
+    job.say("speed", speed.line(item.target))
+    item.manifest["speed_float32"] = speed.to_dict()
+    with disk_full_as("writing the manifest of", item.target):
+        Path(item.tmp_manifest).write_text(manifest_json(item.manifest))
+    if not _slower_than_float32(speed):
+        return item
+    slower = (f"{item.quantize} ran slower than the original model in float32 by more than "
+              f"{1 - MODE_MARGIN:.0%} ({speed.interval()} on {speed.where})")
+    job.say("speed", f"{item.target}: {slower}; --quantize auto ships float32 instead (pass --quantize "
+                     f"{item.quantize} to insist)")
+    previous = item.fallback or {}
+    fallback = {**previous, "from": previous.get("from", item.quantize), "slower": item.quantize,
+                "reason": " | ".join(filter(None, [previous.get("reason"), f"{item.quantize}: {slower}"]))}
+    shipped = _stage(job, item.target, "none", fallback=fallback)
+    if not shipped.verification.passed:
+        _discard(shipped)
+        job.say("speed", f"{item.target}: its float32 artifact failed verification "
+                         f"({'; '.join(shipped.verification.failures())}); the {item.quantize} one is shipped")
+        return item
+    _discard(item)
+    if job.speed is not None and job.source_model is not None:
+        shipped = _check_speed(job, shipped, latency)
+    return shipped
+
+
+def _slower_than_float32(speed: Speed) -> bool:
+    """A quantized artifact is replaced by float32 when it is slower than the original in float32 by more than
+    1 - MODE_MARGIN beyond noise (its whole interval under MODE_MARGIN): it is 2-4x smaller, which a difference
+    within that margin does not outweigh (a 1x1-convolution model's dynamic-range TFLite: 0.98x)."""
+    return speed.speedup_ci95[1] < MODE_MARGIN
 
 
 def _ship_original(job: ExportJob, item: Staged, speed: Speed) -> Staged:

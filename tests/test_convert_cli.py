@@ -114,6 +114,12 @@ def test_trained_demo_int8_with_data(tmp_path, trained_demo):
     assert "hint" not in plan
     for name, fmt in (("d.tflite", "tflite"), ("d.onnx", "onnx")):
         manifest = json.loads((out / f"{name}.json").read_text())
+        # --quantize auto ships float32 where int8 runs over 10% slower than the original in float32 (ONNX Runtime's
+        # int8 on x86 did for this model: 0.42x); LiteRT's int8 is the faster here
+        mode, fallback = manifest["quantize"], manifest["quantize_fallback"]
+        assert mode == "int8" or (fmt == "onnx" and mode == "none" and fallback["slower"] == "int8"), (mode, fallback)
+        if mode == "int8":
+            assert manifest["speed_float32"]["speedup_ci95"][1] >= 0.9, manifest["speed_float32"]
         verification = manifest["verification"]
         check = verification["outputs"][0]
         assert verification["passed"] and check["agreement"] >= 0.98, check
@@ -124,9 +130,9 @@ def test_trained_demo_int8_with_data(tmp_path, trained_demo):
                                        if row["status"] == "separated"}, forms
         for path, form in forms["forms"].items():
             assert forms["ms"][path][form] == min(forms["ms"][path].values()), (path, forms["ms"][path])
-        assert forms["format"] == fmt and forms["quantize"] == "int8"
+        assert forms["format"] == fmt and forms["quantize"] == mode
         speed = manifest["speed"]  # --rank forced the separation: shipped as asked, whatever the speed
-        assert speed["format"] == fmt and speed["quantize"] == "int8" and speed["shipped"] == "separated"
+        assert speed["format"] == fmt and speed["quantize"] == mode and speed["shipped"] == "separated"
         assert f"{name}: {speed['speedup']:.2f}x" in done.stderr
         assert speed["verdict"] != "slower" or "shipped as --rank / --energy asked" in done.stderr
     assert "d.tflite" in done.stdout and "agrees w/ original" in done.stdout and "faster (95% CI)" in done.stdout

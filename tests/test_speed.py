@@ -9,6 +9,7 @@ import pytest
 
 from sepconv.convert.export import speed as speed_module
 from sepconv.convert.export.speed import EQUAL, FASTER, SLOWER, Speed, speedup_interval, verdict
+from sepconv.convert.export.verification import Tolerance
 
 
 def test_the_speedup_interval_holds_both_medians_uncertainty():
@@ -29,11 +30,11 @@ def timed(artifact_ms, original_ms, spread=0.02):
     """What speed.compare would measure: a Speed with both medians +- spread."""
     ratio, interval = speedup_interval((original_ms, original_ms * (1 - spread), original_ms * (1 + spread)),
                                        (artifact_ms, artifact_ms * (1 - spread), artifact_ms * (1 + spread)))
-    return lambda artifact, original, *, where, timing, fmt, quantize, say=None: Speed(
+    return lambda artifact, original, *, where, timing, fmt, quantize, say=None, original_quantize=None: Speed(
         artifact_ms=artifact_ms, artifact_ci95_ms=(artifact_ms * 0.98, artifact_ms * 1.02), original_ms=original_ms,
         original_ci95_ms=(original_ms * 0.98, original_ms * 1.02), speedup=round(ratio, 3), speedup_ci95=interval,
         verdict=verdict(interval), shipped="separated", where="local", device="test CPU", runtime="ai-edge-litert",
-        threads=1, xnnpack=True, format=fmt, quantize=quantize)
+        threads=1, xnnpack=True, format=fmt, quantize=quantize, original_quantize=original_quantize)
 
 
 @pytest.fixture(scope="module")
@@ -58,9 +59,9 @@ def convert(folder, out, monkeypatch, measured, **options):
             return measured(*args, **kwargs)
 
         monkeypatch.setattr(staging, "compare", fake)
-    result = convert_model(folder / "m.keras", [out], data=str(folder / "d.npz"), epochs=0, quantize="none",
-                           refine=False, recalibrate_bn=False, progress=lambda stage, message: lines.append(message),
-                           **options)
+    options = {"quantize": "none", **options}
+    result = convert_model(folder / "m.keras", [out], data=str(folder / "d.npz"), epochs=0, refine=False,
+                           recalibrate_bn=False, progress=lambda stage, message: lines.append(message), **options)
     return result, calls, lines
 
 
@@ -144,6 +145,74 @@ def test_a_faster_separation_ships_with_its_measured_speedup(tiny_files, tmp_pat
     assert "2.00x (1.92-2.08)" in result.artifact_table()
     assert any(line.startswith(f"{out}: 2.00x (1.92-2.08) against the original tflite none (faster)")
                for line in lines), lines
+
+
+LOOSE = Tolerance(min_agreement=0.5)  # the tiny model at K=1 in int8: its speed is the point here
+
+
+def _int8_slower_than_float32(int8_ms):
+    """Timings where every artifact is as fast as the original in its own mode, and an int8 one takes `int8_ms`
+    against the original's 0.1 ms in float32 (ONNX Runtime's int8 depthwise convolutions on x86 run about so:
+    docs/benchmarks.md, ninth session)."""
+    def measured(artifact, original, *, original_quantize=None, **kwargs):
+        if original_quantize == "none" and kwargs["quantize"] == "int8":
+            return timed(artifact_ms=int8_ms, original_ms=0.1)(artifact, original, original_quantize="none", **kwargs)
+        return timed(artifact_ms=0.1, original_ms=0.1)(artifact, original, original_quantize=original_quantize,
+                                                         **kwargs)
+
+    return measured
+
+
+def test_auto_ships_float32_where_int8_runs_slower_than_the_original_in_float32(tiny_files, tmp_path, monkeypatch):
+    """--quantize auto chose int8 (data given); the int8 artifact, timed against the user's model in float32, is 2x
+    slower: float32 ships instead (verified, itself timed against the original), said in a line and a warning, and
+    recorded as the artifact's quantize_fallback. An explicit --quantize int8 is shipped as asked, untimed so."""
+    from sepconv.deploy.runtime import open_runtime
+
+    out = tmp_path / "auto.onnx"
+    result, calls, lines = convert(tiny_files, out, monkeypatch, _int8_slower_than_float32(0.2), rank=1,
+                                   quantize="auto", tolerance=LOOSE)
+    artifact = result.artifacts[0]
+    assert result.plan.quantize == "int8" and artifact.quantize == "none", "auto's choice, then what ships"
+    assert artifact.quantize_fallback["from"] == "int8" and artifact.quantize_fallback["slower"] == "int8"
+    assert "int8: int8 ran slower than the original model in float32 by more than 10% (0.50x (0.48-0.52)" in \
+        artifact.quantize_fallback["reason"]
+    assert [call[1].name.split(".original.")[0] for call in calls] == [".auto.onnx"] * len(calls)
+    assert len(calls) == 4, "int8 against the original int8, against float32 twice (confirmed), float32 against float32"
+    assert artifact.verification.passed and artifact.speed.quantize == "none" and artifact.speed.shipped == "separated"
+    assert any("--quantize auto ships float32 instead (pass --quantize int8 to insist)" in line for line in lines)
+    assert any("shipped none instead; pass --quantize int8 to insist" in warning for warning in result.warnings)
+    assert "onnx none (int8 slower)" in result.artifact_table()
+    inputs = {tensor.dtype for tensor in open_runtime(out).inputs}
+    assert "QuantizeLinear" not in open_runtime(out).op_histogram() and inputs == {"float32"}, "a float32 model"
+    manifest = json.loads((tmp_path / "auto.onnx.json").read_text())
+    assert manifest["quantize"] == "none" and manifest["quantize_fallback"]["slower"] == "int8"
+
+    insisted, calls, _ = convert(tiny_files, tmp_path / "int8.onnx", monkeypatch, _int8_slower_than_float32(0.2),
+                                 rank=1, quantize="int8", tolerance=LOOSE)
+    assert insisted.artifacts[0].quantize == "int8" and len(calls) == 1, "only against the original int8"
+
+
+@pytest.mark.parametrize("int8_ms", [0.05, 0.105])
+def test_auto_keeps_int8_that_runs_faster_than_float32_or_within_the_margin(tiny_files, tmp_path, monkeypatch,
+                                                                            int8_ms):
+    """2x faster, or 5% slower (within MODE_MARGIN: the int8 artifact is 2-4x smaller): int8 ships, and the
+    comparison is in its manifest."""
+    out = tmp_path / "fast.tflite"
+    result, calls, lines = convert(tiny_files, out, monkeypatch, _int8_slower_than_float32(int8_ms), rank=1,
+                                   quantize="auto", tolerance=LOOSE)
+    artifact = result.artifacts[0]
+    assert artifact.quantize == "int8" and artifact.quantize_fallback is None and len(calls) == 2, \
+        "against the original in int8, then in float32 (no confirming timing: nothing would be replaced)"
+    manifest = json.loads((tmp_path / "fast.tflite.json").read_text())
+    assert manifest["speed_float32"]["original_quantize"] == "none"
+    assert manifest["speed"]["original_quantize"] is None, "the other comparison: the original in the same mode"
+    if int8_ms > 0.1:
+        assert manifest["speed_float32"]["verdict"] == SLOWER and not result.warnings, "slower, within the margin"
+        return
+    assert any(line.startswith(f"{out}: 2.00x (1.92-2.08) against the original tflite none (faster)")
+               for line in lines), lines
+    assert manifest["speed_float32"]["speedup"] == 2.0
 
 
 def test_no_latency_times_nothing_and_says_so(tiny_files, tmp_path, monkeypatch):

@@ -12,7 +12,9 @@ A slower artifact is not shipped unless the user forced the separation (--rank /
 line and ships the original in the same mode instead, verified like every artifact (staging.py does that). Before
 that, a first "slower" is timed again for CONFIRM_FACTOR times as long, and the longer timing decides: on a shared
 machine a short timing's interval can exclude what a longer one measures (the zoo's resnet_bn at K=1 said 0.62x,
-0.60-0.65, in its run; 0.89x in a longer bench-model run: docs/benchmarks.md, seventh session).
+0.60-0.65, in its run; 0.89x in a longer bench-model run: docs/benchmarks.md, seventh session). With --quantize
+auto a quantized artifact is also compared with the original in float32 (original_quantize "none"), and float32
+ships where it is faster (staging.py).
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ class Speed:
     target_speedup: float | None = None  # what --target-latency / --target-speedup asked, as a speed-up
     first_speedup: float | None = None  # set when a first timing said "slower" and this longer one was made to
     # confirm it (staging.py): that first timing's speed-up; the fields above are the longer timing's
+    original_quantize: str | None = None  # the original's mode when it is not the artifact's: --quantize auto times
+    # a quantized artifact against the original in float32 too (staging.py)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -76,7 +80,8 @@ class Speed:
 
     def line(self, name) -> str:
         """One line for the terminal: the verdict, both medians, where and how they were measured."""
-        return (f"{name}: {self.interval()} against the original {self.format} {self.quantize} ({self.verdict}): "
+        return (f"{name}: {self.interval()} against the original {self.format} "
+                f"{self.original_quantize or self.quantize} ({self.verdict}): "
                 f"{self.artifact_ms:.4f} ms against {self.original_ms:.4f} ms p50, {self.where} ({self.device}, "
                 f"{self.runtime}, {self.threads} thread(s), {describe_xnnpack(self.xnnpack)})"
                 + (f"; the latency table predicted {self.predicted_ms:.4f} ms (error {self.error:+.1%})"
@@ -98,10 +103,10 @@ def verdict(interval: tuple[float, float]) -> str:
 
 
 def compare(artifact: Path, original: Path, *, where: str | None, timing: TimingOptions, fmt: str, quantize: str,
-            say=None) -> Speed:
-    """Time `artifact` and `original` (the same format and mode) in one interleaved run; their Speed. say: progress
-    for a device's set-up (its lines name the host); the harness's per-file lines (temporary names) are not passed
-    on, the caller says the result."""
+            say=None, original_quantize: str | None = None) -> Speed:
+    """Time `artifact` and `original` (the same format; the same mode unless original_quantize says the original's)
+    in one interleaved run; their Speed. say: progress for a device's set-up (its lines name the host); the harness's
+    per-file lines (temporary names) are not passed on, the caller says the result."""
     say = say or (lambda stage, text: None)
     measured = time_artifacts([artifact, original], where, timing,
                               progress=lambda message: say("speed", message) if where else None)
@@ -114,7 +119,7 @@ def compare(artifact: Path, original: Path, *, where: str | None, timing: Timing
                  speedup=round(ratio, 3), speedup_ci95=(round(interval[0], 3), round(interval[1], 3)),
                  verdict=verdict(interval), shipped="separated", where=measured.where, device=device,
                  runtime=measured.runtime, threads=timing.threads, xnnpack=measured.xnnpack, format=fmt,
-                 quantize=quantize)
+                 quantize=quantize, original_quantize=original_quantize)
 
 
 def with_prediction(speed: Speed, predicted_ms: float | None, target_speedup: float | None = None) -> Speed:
