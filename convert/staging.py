@@ -181,8 +181,9 @@ def _timed(job: ExportJob, item: Staged, original: Path, latency: LatencyOptions
 
 def _check_mode(job: ExportJob, item: Staged, latency: dict | None) -> Staged:
     """--quantize auto: a quantized artifact a runtime runs, timed against the original model in float32 (the model
-    the user brought, converted without quantization); when it runs slower than that, the run's model in float32
-    is staged, verified and (when separated) timed against the original like every artifact, and shipped instead:
+    the user brought, converted without quantization); when it runs slower than that beyond noise and the margin
+    (`_slower_than_float32`), the run's model in float32 is staged, verified and (when separated) timed against the
+    original like every artifact, and shipped instead:
     said in a line, recorded as the artifact's quantize_fallback ({from, reason, slower: the mode that was slower}).
     The comparison is kept in the manifest either way (`speed_float32`)."""
     if item.quantize == "none" or not target_for(item.target).runtime:

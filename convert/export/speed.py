@@ -14,7 +14,7 @@ that, a first "slower" is timed again for CONFIRM_FACTOR times as long, and the 
 machine a short timing's interval can exclude what a longer one measures (the zoo's resnet_bn at K=1 said 0.62x,
 0.60-0.65, in its run; 0.89x in a longer bench-model run: docs/benchmarks.md, seventh session). With --quantize
 auto a quantized artifact is also compared with the original in float32 (original_quantize "none"), and float32
-ships where it is faster (staging.py).
+ships instead of one over 10% slower than that (staging.py).
 """
 
 from __future__ import annotations
