@@ -118,7 +118,7 @@ class ConvertResult:
         for artifact in self.artifacts:
             verification = artifact.verification
             check = verification.outputs[0]
-            mode = f"{artifact.format} {artifact.quantize}" + _fallback_words(artifact.quantize_fallback)
+            mode = f"{artifact.format} {artifact.quantize}" + fallback_words(artifact.quantize_fallback)
             rows.append([Path(artifact.path).name, mode, f"{artifact.bytes / 1024:,.0f} KiB",
                          f"{source_bytes / artifact.bytes:.2f}x", percent(check.accuracy), percent(check.agreement),
                          percent(verification.original_agreement), "passed" if verification.passed else "FAILED"])
@@ -144,7 +144,7 @@ class ConvertResult:
                 + f"\n{note}; manifests beside each artifact (.json)")
 
 
-def _fallback_words(fallback: dict | None) -> str:
+def fallback_words(fallback: dict | None) -> str:
     """' (int8 failed)', ' (int8 slower)', ' (int8 failed, dynamic slower)' or '': why --quantize auto's first
     choice is not what ships (staging.py)."""
     if not fallback:

@@ -15,8 +15,9 @@ layer at its fastest option), and the share of the plan's prediction that the ar
 The artifact's accuracy is measured here, with LiteRT, on the test digits that no run chose with; every choice
 (the budget's sensitivity, early stopping, stages kept, int8 repair) is made on validation digits that the model was
 not trained on either (zoo.py: the digits' test split, halved). Peak memory is the run's maximum resident set (wait4), seconds wall-clock;
-this process never imports TensorFlow (the zoo is trained in a child), since Linux passes a parent's peak on to the
-children it starts.
+this process never imports TensorFlow (the zoo is read and trained in a child), since Linux passes a parent's peak on to
+the children it starts. The table also shows a quantized artifact against the original model in float32
+(--quantize auto's check: the manifest's `speed_float32`).
 
 A second table lists per run (but nodata, which is dynamic-range) what shipped, int8 or the fallback and why, the
 int8 repair steps tried with their agreement on the validation images, the verification on the test images, and the
@@ -35,15 +36,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 MODES = ("default", "k1-labels", "k1-distill", "nodata")
 
 
 def main(argv=None) -> int:
-    from sepconv.convert.demo import zoo
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", default=",".join(zoo.ZOO), help="comma-separated zoo names (default: all)")
+    parser.add_argument("--models", help="comma-separated zoo names (default: all)")
     parser.add_argument("--modes", default=",".join(MODES), help=f"comma-separated, of {','.join(MODES)}")
     parser.add_argument("--out", type=Path, default=Path("build/zoo"))
     parser.add_argument("--table", action="store_true", help="only print the table of OUT/bench-zoo.json")
@@ -59,33 +59,44 @@ def main(argv=None) -> int:
                 row["keras_test_drop"] = ((recorded.get("recovery") or {}).get("budget") or {}).get("test_drop")
         print(f"{saved['cpu']}\n\n{table(saved['rows'])}\n\n{int8_table(saved['rows'])}")
         return 0
+    names = zoo_names()
     rows = []
     report = args.out / "bench-zoo.json"
     previous = {(r["model"], r["mode"]): r for r in json.loads(report.read_text())["rows"]} if report.exists() else {}
-    for name in args.models.split(","):
+    for name in (args.models or ",".join(names)).split(","):
         entry = trained(name, args.out)
         print(f"{name}: {entry.params:,} parameters, test accuracy {entry.accuracy:.2%}", flush=True)
         for mode in args.modes.split(","):
             rows.append(run(entry, mode, args.out / name / "runs"))
             previous[(name, mode)] = rows[-1]
             print(f"  {mode}: {summary(rows[-1])}", flush=True)
-            merged = sorted(previous.values(), key=lambda r: (list(zoo.ZOO).index(r["model"]),
-                                                              MODES.index(r["mode"])))
+            merged = sorted(previous.values(), key=lambda r: (names.index(r["model"]), MODES.index(r["mode"])))
             report.write_text(json.dumps({"cpu": cpu(), "rows": merged}, indent=2))  # after every run
     print(f"\n{cpu()}\n")
-    ordered = sorted(previous.values(), key=lambda r: (list(zoo.ZOO).index(r["model"]), MODES.index(r["mode"])))
+    ordered = sorted(previous.values(), key=lambda r: (names.index(r["model"]), MODES.index(r["mode"])))
     print(table(ordered))
     print(f"\n{int8_table(ordered)}")
     return 0
 
 
-def trained(name: str, folder: Path):
-    """zoo.entry(name, folder), trained (once) in a child process so that this one stays small."""
-    from sepconv.convert.demo import zoo
+def zoo_names() -> list[str]:
+    """The zoo's model names, read in a child process: importing the zoo imports TensorFlow (646 MiB resident here),
+    and a child's peak resident set starts at its parent's (exec keeps the larger), so a parent with TensorFlow in
+    it puts a floor under every run's peak (a /bin/true started by such a parent reported 646 MiB)."""
+    code = "import json; from sepconv.convert.demo import zoo; print(json.dumps(list(zoo.ZOO)))"
+    done = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True)
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
-    code = "import sys; from sepconv.convert.demo import zoo; zoo.entry(sys.argv[1], sys.argv[2])"
-    subprocess.run([sys.executable, "-c", code, name, str(folder)], check=True)
-    return zoo.saved(name, folder)
+
+def trained(name: str, folder: Path) -> SimpleNamespace:
+    """zoo.entry(name, folder) (name, model, train, test, accuracy, params, validation), trained once, in a child
+    process so that this one stays small (zoo_names)."""
+    code = ("import dataclasses, json, sys; from sepconv.convert.demo import zoo; "
+            "print(json.dumps(dataclasses.asdict(zoo.entry(sys.argv[1], sys.argv[2])), default=str))")
+    done = subprocess.run([sys.executable, "-c", code, name, str(folder)], check=True, capture_output=True, text=True)
+    fields = json.loads(done.stdout.strip().splitlines()[-1])
+    return SimpleNamespace(**{key: Path(value) if key in ("model", "train", "test", "validation") and value else value
+                              for key, value in fields.items()})
 
 
 def run(entry, mode: str, folder: Path) -> dict:
@@ -165,6 +176,8 @@ def scored(entry, artifact: Path) -> dict:
             "separated": totals.get("separated", 0), "conv_layers": totals.get("layers", 0),
             "stages": [[s["name"], s["kept"]] for s in stages[2:]], "ranks": budget.get("ranks"),
             "verification": manifest["verification"]["outputs"][0]["criterion"], "speed": manifest.get("speed"),
+            "speed_float32": manifest.get("speed_float32"),
+            "quantize_fallback": {key: fallback[key] for key in ("from", "slower") if key in fallback} or None,
             "best_speedup": best_speedup(budget.get("latency"))}
 
 
@@ -200,6 +213,8 @@ def summary(row: dict) -> str:
 def table(rows) -> str:
     from tabulate import tabulate
 
+    from sepconv.convert.results import fallback_words
+
     lines = []
     for r in rows:
         ok = r["exit"] == 0
@@ -210,7 +225,8 @@ def table(rows) -> str:
             else ""
         artifact = ""
         if ok:
-            artifact = r.get("quantize", "") + (" (int8 failed)" if r.get("fallback") else "") + (
+            fallback = r.get("quantize_fallback") or ({"from": "int8"} if r.get("fallback") else None)
+            artifact = r.get("quantize", "") + fallback_words(fallback) + (
                 f" ({len(r['float_layers'])} float)" if r.get("float_layers") else "")
         lines.append([r["model"], r["mode"], f"exit {r['exit']}" if not ok else "0", artifact,
                       f"{r['params_before']:,} -> {r['params_after']:,}" if ok else f"{r['params_before']:,}", macs,
@@ -218,13 +234,14 @@ def table(rows) -> str:
                       f"{drop:+.2f}" if ok else "",
                       f"{r['keras_test_drop']:+.2f}" if ok and r.get("keras_test_drop") is not None else "",
                       f"{r['artifact_budget']['drop']:+.2f}" if ok and r.get("artifact_budget") else "",
-                      *speed_cells(r), stages or ("" if ok else (r["error"] or "")[:90]),
+                      *speed_cells(r), float32_cell(r), stages or ("" if ok else (r["error"] or "")[:90]),
                       r["seconds"], f"{r['latency_seconds']:.1f}" if r.get("latency_seconds") is not None else "",
                       f"{r['peak_rss_mib']:,.0f}"])
     return tabulate(lines, headers=["model", "mode", "exit", "artifact", "parameters", "conv MACs", "original", "artifact (test)",
                                     "drop", "budget: Keras drop (test)", "budget: artifact drop (validation)",
                                     "original p50 ms", "artifact p50 ms", "speed-up (95% CI)", "shipped", "MACs ratio",
                                     "table: plan / best at any accuracy", "measured / plan",
+                                    "against the original in float32 (95% CI)",
                                     "stages (kept / rejected) or error", "seconds",
                                     "of which timing", "peak MiB"],
                     tablefmt="github", disable_numparse=True)
@@ -252,6 +269,18 @@ def repair_cell(r: dict) -> str:
     if repair is None:
         return ""
     return f"{repair:.1f} (+{repair / (r['seconds'] - repair):.0%})" if repair else "0 (no repair needed)"
+
+
+def float32_cell(r: dict) -> str:
+    """The artifact against the original model in float32: --quantize auto's check of a quantized artifact
+    (`speed_float32`), or the speed check itself when float32 shipped; empty when neither was timed."""
+    if r["exit"]:
+        return ""
+    speed = r.get("speed_float32") or (r.get("speed") if r.get("quantize") == "none" else None)
+    if not speed:
+        return ""
+    low, high = speed["speedup_ci95"]
+    return f"{speed['speedup']:.2f}x ({low:.2f}-{high:.2f})"
 
 
 def speed_cells(r: dict) -> list[str]:

@@ -2,6 +2,7 @@
 
 apt-get, dpkg and sudo are replaced by stubs that record their calls, so nothing is installed by these tests."""
 
+import json
 import os
 import re
 import subprocess
@@ -102,3 +103,18 @@ def test_every_name_a_benchmark_script_imports_from_sepconv_exists():
                                 hasattr(module, "__path__")  # a package: the name may be a submodule
                                 and importlib.util.find_spec(f"{node.module}.{alias.name}") is not None)]
     assert not missing, "names the scripts import that sepconv does not have:\n" + "\n".join(missing)
+
+
+def test_bench_zoo_keeps_tensorflow_out_of_its_own_process(tmp_path):
+    """A child's peak resident set starts at its parent's: bench-zoo reads the zoo in a child (importing it imports
+    TensorFlow, 646 MiB here) so that its runs' peaks are their own, and prints its table without TensorFlow."""
+    row = {"model": "tutorial", "mode": "default", "exit": 1, "seconds": 1.0, "peak_rss_mib": 10,
+           "original_accuracy": 0.9, "params_before": 10, "error": "convert-model: error: boom"}
+    (tmp_path / "bench-zoo.json").write_text(json.dumps({"cpu": "CPU: test", "rows": [row]}))
+    probe = ("import sys; sys.path.insert(0, sys.argv[1]); import bench_zoo; names = bench_zoo.zoo_names(); "
+             "bench_zoo.main(['--table', '--out', sys.argv[2]]); print(names, 'tensorflow' in sys.modules)")
+    done = subprocess.run([sys.executable, "-c", probe, str(ROOT / "scripts"), str(tmp_path)], capture_output=True,
+                          text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "exit 1" in done.stdout and "boom" in done.stdout, done.stdout
+    assert done.stdout.strip().splitlines()[-1].endswith("'rescaling'] False"), done.stdout[-500:]
