@@ -86,6 +86,12 @@ def test_interrupted_run_resumes_from_its_checkpoint(tmp_path):
 
 
 def test_two_logical_devices_train_mirrored(tmp_path):
+    """Fine-tuning on two logical CPU devices (MirroredStrategy), in a child with the environment convert-model's
+    worker has (supervise.safe_environment: oneDNN off on x86): with oneDNN on, TensorFlow 2.21 killed this child with
+    SIGSEGV once in a fresh-clone suite (2026-12-07, Intel Xeon; docs/benchmarks.md), the native crash supervise.py
+    guards the command against."""
+    from sepconv.convert.supervise import safe_environment
+
     script = textwrap.dedent("""
         import os, sys
         os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
@@ -105,7 +111,7 @@ def test_two_logical_devices_train_mirrored(tmp_path):
     import os
 
     done = subprocess.run([sys.executable, "-c", script, os.path.dirname(__file__)], capture_output=True, text=True,
-                          timeout=600)
+                          timeout=600, env=safe_environment())
     assert done.returncode == 0, done.stderr[-3000:]
     assert done.stdout.strip().splitlines()[-1] == "mirrored 2 True"
 
