@@ -74,6 +74,11 @@ class ExportJob:
     # original in float32 (the original Keras model: source_model, or `model` when nothing was separated); None: it
     # is not (another --quantize, or nothing is timed)
 
+    @property
+    def times_separation(self) -> bool:
+        """Each artifact of a separated model is timed against the original converted the same way."""
+        return self.speed is not None and self.source_model is not None
+
 
 @dataclass
 class Staged:
@@ -120,7 +125,7 @@ def export_all(job: ExportJob, targets: list[Path], quantize: str, timer) -> tup
         latency = recovery.budget.plan.latency if recovery is not None and recovery.budget else None
         for index, item in enumerate(staged):
             with timer(f"speed {item.target.name}"):
-                if job.speed is not None and job.source_model is not None:
+                if job.times_separation:
                     staged[index] = item = _check_speed(job, item, latency)
                 if job.mode_speed is not None:
                     staged[index] = _check_mode(job, item, latency)
@@ -130,18 +135,21 @@ def export_all(job: ExportJob, targets: list[Path], quantize: str, timer) -> tup
             _discard(item)
 
 
-def _check_speed(job: ExportJob, item: Staged, latency: dict | None) -> Staged:
+def _check_speed(job: ExportJob, item: Staged, latency: dict | None, original: Path | None = None) -> Staged:
     """Time a verified artifact a runtime runs against the original converted the same way (export/speed.py), said
     in a line and kept in its manifest; a slower one is replaced by the original unless the user forced the
-    separation. latency: the plan's latency table and choice (for the prediction), None without."""
+    separation. latency: the plan's latency table and choice (for the prediction), None without. original: that
+    conversion of the original when the caller made it already (and removes it), else it is made here."""
     if not target_for(item.target).runtime:
         return item
-    original = _export_original(job, item)
+    made = original is None
+    original = _export_original(job, item) if made else original
     try:
         speed = _timed(job, item, original, job.speed, replaced_by="the original",
                        replaced=None if job.options.forced_separation else lambda timed: timed.verdict == SLOWER)
     finally:
-        original.unlink(missing_ok=True)
+        if made:
+            original.unlink(missing_ok=True)
     speed = with_prediction(speed, *_predicted(latency, item))
     job.say("speed", speed.line(item.target))
     if speed.mispredicted and latency["table"]["cached"]:
@@ -189,13 +197,19 @@ def _check_mode(job: ExportJob, item: Staged, latency: dict | None) -> Staged:
     if item.quantize == "none" or not target_for(item.target).runtime:
         return item
     original_model = job.source_model if job.source_model is not None else job.model
-    float_item = replace(item, quantize="none")
-    original = _export_original(replace(job, source_model=original_model), float_item)
+    # the original in float32: what the quantized artifact is timed against here, and what a float32 one shipped
+    # instead is timed against by _check_speed (made once for both)
+    original = _export_original(replace(job, source_model=original_model), replace(item, quantize="none"))
     try:
-        speed = _timed(job, item, original, job.mode_speed, replaced=_slower_than_float32, replaced_by="float32",
-                       original_quantize="none")
+        return _replaced_by_float32(job, item, latency, original)
     finally:
         original.unlink(missing_ok=True)
+
+
+def _replaced_by_float32(job: ExportJob, item: Staged, latency: dict | None, original: Path) -> Staged:
+    """_check_mode with the original in float32 made (`original`)."""
+    speed = _timed(job, item, original, job.mode_speed, replaced=_slower_than_float32, replaced_by="float32",
+                   original_quantize="none")
     job.say("speed", speed.line(item.target))
     item.manifest["speed_float32"] = speed.to_dict()
     with disk_full_as("writing the manifest of", item.target):
@@ -216,9 +230,7 @@ def _check_mode(job: ExportJob, item: Staged, latency: dict | None) -> Staged:
                          f"({'; '.join(shipped.verification.failures())}); the {item.quantize} one is shipped")
         return item
     _discard(item)
-    if job.speed is not None and job.source_model is not None:
-        shipped = _check_speed(job, shipped, latency)
-    return shipped
+    return _check_speed(job, shipped, latency, original) if job.times_separation else shipped
 
 
 def _slower_than_float32(speed: Speed) -> bool:

@@ -179,6 +179,7 @@ def test_auto_ships_float32_where_int8_runs_slower_than_the_original_in_float32(
         artifact.quantize_fallback["reason"]
     assert [call[1].name.split(".original.")[0] for call in calls] == [".auto.onnx"] * len(calls)
     assert len(calls) == 4, "int8 against the original int8, against float32 twice (confirmed), float32 against float32"
+    assert calls[1][1] == calls[2][1] == calls[3][1] != calls[0][1], "the original in float32 converted once for both"
     assert artifact.verification.passed and artifact.speed.quantize == "none" and artifact.speed.shipped == "separated"
     assert any("--quantize auto ships float32 instead (pass --quantize int8 to insist)" in line for line in lines)
     assert any("shipped none instead; pass --quantize int8 to insist" in warning for warning in result.warnings)
