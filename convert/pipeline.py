@@ -318,7 +318,7 @@ def _speed_warning(artifact) -> str:
 
 def _mode_warning(artifact) -> str:
     fallback = artifact.quantize_fallback
-    return (f"{artifact.path}: {fallback['reason'].rsplit(' | ', 1)[-1]}: --quantize auto shipped "
+    return (f"{artifact.path}: {fallback['reasons'][-1]}: --quantize auto shipped "
             f"{artifact.quantize} instead; pass --quantize {fallback['slower']} to insist")
 
 

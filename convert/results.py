@@ -58,8 +58,8 @@ class Artifact:
     sha256: str
     manifest: str
     verification: Verification  # against the Keras model on the test inputs
-    quantize_fallback: dict | None = None  # {from, reason[, slower]}: --quantize auto's first choice failed
-    # verification, or (slower: that mode) ran slower than the original in float32
+    quantize_fallback: dict | None = None  # {from, reasons (one per mode replaced), reason (joined)[, slower]}:
+    # --quantize auto's first choice failed verification, or (slower: that mode) ran slower than the original in float32
     quantization: QuantizationReport | None = None  # the int8 repair's attempts and layers kept in float
     speed: Speed | None = None  # timed against the original converted the same way (export/speed.py)
 

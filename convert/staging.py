@@ -191,8 +191,8 @@ def _check_mode(job: ExportJob, item: Staged, latency: dict | None) -> Staged:
     """--quantize auto: a quantized artifact a runtime runs, timed against the original model in float32 (the model
     the user brought, converted without quantization); when it runs slower than that beyond noise and the margin
     (`_slower_than_float32`), the run's model in float32 is staged, verified and (when separated) timed against the
-    original like every artifact, and shipped instead:
-    said in a line, recorded as the artifact's quantize_fallback ({from, reason, slower: the mode that was slower}).
+    original like every artifact, and shipped instead: said in a line, recorded as the artifact's quantize_fallback
+    ({from, reasons, reason (joined), slower: the mode that was slower}).
     The comparison is kept in the manifest either way (`speed_float32`)."""
     if item.quantize == "none" or not target_for(item.target).runtime:
         return item
@@ -221,8 +221,9 @@ def _replaced_by_float32(job: ExportJob, item: Staged, latency: dict | None, ori
     job.say("speed", f"{item.target}: {slower}; --quantize auto ships float32 instead (pass --quantize "
                      f"{item.quantize} to insist)")
     previous = item.fallback or {}
+    reasons = [*previous.get("reasons", []), f"{item.quantize}: {slower}"]
     fallback = {**previous, "from": previous.get("from", item.quantize), "slower": item.quantize,
-                "reason": " | ".join(filter(None, [previous.get("reason"), f"{item.quantize}: {slower}"]))}
+                "reasons": reasons, "reason": " | ".join(reasons)}
     shipped = _stage(job, item.target, "none", fallback=fallback)
     if not shipped.verification.passed:
         _discard(shipped)
@@ -318,7 +319,8 @@ def _fall_back(job: ExportJob, item: Staged) -> Staged:
         reasons.append(f"{item.quantize}: {reason}")
         job.say("export", f"{item.target}: {item.quantize} failed {where} ({reason}); --quantize auto tries {mode} "
                           f"instead (pass --quantize int8 to insist on int8)")
-        item = _stage(job, item.target, mode, fallback={"from": "int8", "reason": " | ".join(reasons), **int8})
+        item = _stage(job, item.target, mode, fallback={"from": "int8", "reasons": list(reasons),
+                                                         "reason": " | ".join(reasons), **int8})
         reason = _rejection(job, item)
         if reason is None:
             return item

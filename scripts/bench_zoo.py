@@ -211,8 +211,6 @@ def summary(row: dict) -> str:
 
 
 def table(rows) -> str:
-    from tabulate import tabulate
-
     from sepconv.convert.results import fallback_words
 
     lines = []
@@ -237,29 +235,33 @@ def table(rows) -> str:
                       *speed_cells(r), float32_cell(r), stages or ("" if ok else (r["error"] or "")[:90]),
                       r["seconds"], f"{r['latency_seconds']:.1f}" if r.get("latency_seconds") is not None else "",
                       f"{r['peak_rss_mib']:,.0f}"])
-    return tabulate(lines, headers=["model", "mode", "exit", "artifact", "parameters", "conv MACs", "original", "artifact (test)",
-                                    "drop", "budget: Keras drop (test)", "budget: artifact drop (validation)",
-                                    "original p50 ms", "artifact p50 ms", "speed-up (95% CI)", "shipped", "MACs ratio",
-                                    "table: plan / best at any accuracy", "measured / plan",
-                                    "against the original in float32 (95% CI)",
-                                    "stages (kept / rejected) or error", "seconds",
-                                    "of which timing", "peak MiB"],
-                    tablefmt="github", disable_numparse=True)
+    return github(lines, headers=["model", "mode", "exit", "artifact", "parameters", "conv MACs", "original",
+                                  "artifact (test)", "drop", "budget: Keras drop (test)",
+                                  "budget: artifact drop (validation)", "original p50 ms", "artifact p50 ms",
+                                  "speed-up (95% CI)", "shipped", "MACs ratio", "table: plan / best at any accuracy",
+                                  "measured / plan", "against the original in float32 (95% CI)",
+                                  "stages (kept / rejected) or error", "seconds", "of which timing", "peak MiB"])
 
 
 def int8_table(rows) -> str:
     """Per run: what shipped (int8, or the fallback and why), the int8 repair steps with their agreement on the
     validation images, the artifact's verification and accuracy on the test images, and the repair's seconds."""
-    from tabulate import tabulate
-
     lines = [[r["model"], r["mode"], r.get("quantize", "") if r["exit"] == 0 else f"exit {r['exit']}",
               r.get("fallback") or "", "; ".join(r.get("int8_attempts") or []),
               r.get("verification", "") if r["exit"] == 0 else "",
               f"{r['int8_accuracy']:.2%}" if r["exit"] == 0 else "", repair_cell(r)]
              for r in rows if r.get("mode") != "nodata"]
-    return tabulate(lines, headers=["model", "mode", "shipped", "int8 fallback: why", "int8 repair steps "
-                                    "(agreement with the Keras model, validation)", "verification (test)",
-                                    "accuracy (test)", "repair seconds (added to the rest of the run)"],
+    return github(lines, headers=["model", "mode", "shipped", "int8 fallback: why", "int8 repair steps "
+                                  "(agreement with the Keras model, validation)", "verification (test)",
+                                  "accuracy (test)", "repair seconds (added to the rest of the run)"])
+
+
+def github(lines, headers) -> str:
+    """A GitHub Markdown table; a "|" inside a cell (a fallback's reasons are joined by " | ") escaped, so that it
+    stays one cell."""
+    from tabulate import tabulate
+
+    return tabulate([[str(cell).replace("|", "\\|") for cell in line] for line in lines], headers=headers,
                     tablefmt="github", disable_numparse=True)
 
 

@@ -153,7 +153,8 @@ def test_the_accuracy_budget_covers_the_artifact(tmp_path, quantize):
         return
     artifact = convert_model(source, [target], options=options).artifacts[0]
     assert artifact.quantize == "float16", artifact.quantize_fallback
-    reasons = artifact.quantize_fallback["reason"].split(" | ")
+    reasons = artifact.quantize_fallback["reasons"]
+    assert artifact.quantize_fallback["reason"] == " | ".join(reasons)
     assert [r.split(":")[0] for r in reasons] == ["int8", "dynamic"] and "over the budget" in reasons[1], reasons
     budget = artifact.verification.budget
     assert budget.held and budget.drop <= 1.0 and budget.samples == 45, budget
