@@ -365,12 +365,14 @@ def _samples_of(validation) -> str:
 def _int8_record(report) -> dict:
     """What a fallback's record keeps of the failed int8's QuantizationReport (None: not measured): its attempts
     (name, validation agreement, passed, seconds), the Keras model's stability under int8-sized noise, the repair's
-    seconds."""
+    and the first diagnosis's seconds."""
     if report is None:
-        return {"int8_attempts": None, "keras_stability": None, "int8_repair_seconds": None}
+        return {"int8_attempts": None, "keras_stability": None, "int8_repair_seconds": None,
+                "int8_diagnosis_seconds": None}
     return {"int8_attempts": [{"name": a.name, "agreement": a.agreement, "passed": a.passed, "seconds": a.seconds}
                               for a in report.attempts],
-            "keras_stability": report.keras_stability, "int8_repair_seconds": round(report.repair_seconds, 2)}
+            "keras_stability": report.keras_stability, "int8_repair_seconds": round(report.repair_seconds, 2),
+            "int8_diagnosis_seconds": round(report.diagnosis_seconds, 2)}
 
 
 def _stage(job: ExportJob, target: Path, quantize: str, fallback: dict | None = None) -> Staged:

@@ -21,7 +21,8 @@ the children it starts. The table also shows a quantized artifact against the or
 
 A second table lists per run (but nodata, which is dynamic-range) what shipped, int8 or the fallback and why, the
 int8 repair steps tried with their agreement on the validation images, the verification on the test images, and the
-repair's seconds (the manifest's `repair_seconds`) with what they add to the rest of the run (issue 24: at most 50%).
+repair's seconds (the manifest's `repair_seconds`) with what they add to the rest of the run (issue 24: at most 50%),
+and the first attempt's diagnosis (`diagnosis_seconds`, which a failing int8 costs as well) with what both add.
 
 usage: scripts/bench-zoo [--models a,b] [--modes default,nodata] [--out build/zoo]   (OUT/bench-zoo.json, rewritten
 after every run, keeps the rows of earlier invocations for the models and modes not run again)
@@ -165,11 +166,12 @@ def scored(entry, artifact: Path) -> dict:
     float_layers = [f["layer"] for f in quantization.get("float_layers", [])]
     attempts = quantization.get("attempts") or fallback.get("int8_attempts") or []
     repair = quantization.get("repair_seconds", fallback.get("int8_repair_seconds"))
+    diagnosis = quantization.get("diagnosis_seconds", fallback.get("int8_diagnosis_seconds"))
     return {"int8_accuracy": float(np.mean(predicted == test["y"])), "bytes": manifest["bytes"],
             "fallback": fallback.get("reason"), "float_layers": float_layers,
             "int8_attempts": [f"{a['name']}: {a['agreement']:.2%}" if a.get("agreement") is not None else a["name"]
                               for a in attempts],
-            "repair_seconds": repair,
+            "repair_seconds": repair, "diagnosis_seconds": diagnosis,
             "keras_test_drop": budget.get("test_drop"), "artifact_budget": manifest["verification"].get("budget"),
             "quantize": manifest["quantize"], "params_after": totals.get("model_params_after", entry.params),
             "macs_before": totals.get("macs_before"), "macs_after": totals.get("macs_after"),
@@ -266,11 +268,20 @@ def github(lines, headers) -> str:
 
 
 def repair_cell(r: dict) -> str:
-    """The int8 repair's seconds and what they add to the run without them: the issue's "at most 50%"."""
+    """The int8 repair's seconds and what they add to the run without them (the issue's "at most 50%"); then the
+    first attempt's diagnosis (which a failing int8 also costs) and what both add (runs recorded before it was
+    timed: the repair alone)."""
     repair = r.get("repair_seconds") if r["exit"] == 0 else None
     if repair is None:
         return ""
-    return f"{repair:.1f} (+{repair / (r['seconds'] - repair):.0%})" if repair else "0 (no repair needed)"
+    if not repair:
+        return "0 (no repair needed)"
+    cell = f"{repair:.1f} (+{repair / (r['seconds'] - repair):.0%})"
+    diagnosis = r.get("diagnosis_seconds")
+    if diagnosis:
+        both = repair + diagnosis
+        cell += f"; diagnosis {diagnosis:.1f}, both +{both / (r['seconds'] - both):.0%}"
+    return cell
 
 
 def float32_cell(r: dict) -> str:

@@ -284,16 +284,18 @@ def test_one_frozen_graph_serves_every_export_until_a_weight_changes(tmp_path):
                               keras.layers.Flatten(), keras.layers.Dense(2)])
     first = trace.frozen_function(model)
     assert trace.frozen_function(model) is first
+    traced = trace._TRACED[model][1]
     model.get_layer("conv").kernel.assign(np.zeros((3, 3, 3, 4), np.float32))
     changed = trace.frozen_function(model)
     assert changed is not first
+    assert trace._TRACED[model][1] is traced, "new weights: frozen again from the same trace, not traced again"
     path = tmp_path / "changed.tflite"
     export_tflite(model, path)
     x = np.ones((2, 8, 8, 3), np.float32)
     np.testing.assert_allclose(open_runtime(str(path)).run([x])[0], keras.ops.convert_to_numpy(model(x)), rtol=1e-5,
                                atol=1e-6, err_msg="an export after a weight changed must hold the new weights")
     alive = weakref.ref(model)
-    del first, changed, model
+    del first, changed, model, traced
     gc.collect()
     gc.collect()
     assert alive() is None, "the cache must not keep a model alive"

@@ -190,10 +190,11 @@ def test_explain_diagnoses_an_artifact_that_passes(masked):
     x = keras.layers.GlobalAveragePooling2D()(keras.layers.Conv2D(8, 3, activation="relu", name="conv")(image))
     model = keras.Model(image, keras.layers.Dense(10, name="logits")(x))
     plain = q.quantize_verified(model, target_named("tflite"), calibration, tolerance=Tolerance(min_agreement=0.9))[1]
-    assert plain.passed and plain.diagnosis is None and len(plain.attempts) == 1
+    assert plain.passed and plain.diagnosis is None and len(plain.attempts) == 1 and plain.diagnosis_seconds == 0
     explained = q.quantize_verified(model, target_named("tflite"), calibration, tolerance=Tolerance(min_agreement=0.9),
                                     options=q.QuantizationOptions(explain=True))[1]
     assert explained.passed and len(explained.attempts) == 1 and explained.float_layers == ()
+    assert explained.diagnosis_seconds > 0 and explained.to_dict()["diagnosis_seconds"] > 0
     assert {row.op for row in explained.diagnosis.layers} >= {"CONV_2D", "FULLY_CONNECTED"}
     assert explained.to_dict()["diagnosis"]["samples"] == min(len(calibration.samples), q.DIAGNOSIS_SAMPLES)
 

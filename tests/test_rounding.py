@@ -68,6 +68,51 @@ def _layers_model():
     return model
 
 
+
+@pytest.mark.parametrize("strides,padding", [((1, 1), "same"), ((2, 2), "same"), ((2, 3), "valid"), ((3, 2), "same")])
+def test_the_patches_of_a_1x1_kernel_read_off_the_input_are_tensorflows(strides, padding):
+    """A 1x1 kernel's receptive fields are read off the input at its strides (rounding._patches) instead of by
+    TensorFlow's extract_patches: the same values in the same order, odd sizes and both paddings included."""
+    import tensorflow as tf
+
+    from sepconv.convert.export.rounding import _patches
+
+    x = np.random.default_rng(0).normal(size=(3, 9, 10, 5)).astype(np.float32)
+    layer = keras.layers.Conv2D(4, 1, strides=strides, padding=padding)
+    layer.build(x.shape)
+    expected = tf.image.extract_patches(x, sizes=[1, 1, 1, 1], strides=[1, *strides, 1], rates=[1, 1, 1, 1],
+                                        padding=padding.upper())
+    np.testing.assert_array_equal(_patches(layer, x, layer.kernel.shape),
+                                  np.asarray(expected, np.float64).reshape(-1, 5),
+                                  err_msg=f"1x1 patches at strides {strides}, padding {padding}")
+
+
+def test_the_rounded_variants_share_one_copy_and_each_keeps_its_weights():
+    """The repair's rounded variants (quantization._Variants) are rounded in one copy of the model, which holds the
+    weights of the variant asked for last: asked for again, a variant's weights are back, the same as round_weights
+    gives on a copy of its own; the user's model is left as it was."""
+    from dataclasses import replace
+
+    model = _layers_model()
+    before = model.get_weights()
+    x = np.random.default_rng(3).uniform(0, 1, (64, 10, 10, 4)).astype(np.float32)
+    variants = q._Variants(model, x, per_channel=True)
+    gptq_setting = q.Setting("gptq", x, "64 samples", rounding=q.ROUNDED)
+    bias_setting = replace(gptq_setting, rounding=q.ROUNDED_BIAS)
+    rounded = [w.copy() for w in variants.model(gptq_setting).get_weights()]
+    corrected = [w.copy() for w in variants.model(bias_setting).get_weights()]
+    assert variants.model(gptq_setting) is variants.model(bias_setting) is not model, "one copy for both"
+    assert any(not np.array_equal(a, b) for a, b in zip(rounded, corrected)), "bias correction moved a bias"
+    for name, setting, expected, bias in (("GPTQ", gptq_setting, rounded, False),
+                                          ("GPTQ + bias", bias_setting, corrected, True)):
+        again = variants.model(setting).get_weights()
+        alone = round_weights(model, x, bias_correction=bias)[0].get_weights()
+        for index, (held, own, first) in enumerate(zip(again, alone, expected)):
+            np.testing.assert_array_equal(held, first, err_msg=f"{name}: weight {index} when asked for again")
+            np.testing.assert_array_equal(held, own, err_msg=f"{name}: weight {index} against its own copy")
+    for index, (now, then) in enumerate(zip(model.get_weights(), before)):
+        np.testing.assert_array_equal(now, then, err_msg=f"the user's model's weight {index} changed")
+
 @pytest.mark.parametrize("bias_correction", [False, True])
 def test_round_weights_puts_every_kernel_on_its_grid_and_corrects_the_mean(bias_correction):
     model = _layers_model()
@@ -150,12 +195,21 @@ def _rounding_breaks_it():
 
 
 @pytest.mark.parametrize("fmt", ["tflite", "onnx"])
-def test_int8_broken_by_rounding_is_repaired_by_weight_rounding_not_by_float_layers(fmt):
+def test_int8_broken_by_rounding_is_repaired_by_weight_rounding_not_by_float_layers(fmt, monkeypatch):
+    from sepconv.convert.export import targets
+
     model, calibration = _rounding_breaks_it()
+    conversions, convert = [], q.tflite_int8
+    for module in (q, targets):  # every int8 TFLite conversion, the exporter's and the diagnosis's
+        monkeypatch.setattr(module, "tflite_int8", lambda *a, **k: conversions.append(1) or convert(*a, **k))
     as_is = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance(),
                                 options=q.QuantizationOptions(repair=False))[1]
     assert not as_is.passed and as_is.attempts[0].agreement < 0.9, as_is.line()
     assert as_is.repair_seconds == 0 and as_is.to_dict()["repair_seconds"] == 0, "repair off: nothing to time"
+    assert as_is.diagnosis is not None and as_is.diagnosis_seconds > 0, "a failed first attempt is diagnosed, timed"
+    assert f"the diagnosis {as_is.diagnosis_seconds:.1f} s" in as_is.line()
+    if fmt == "tflite":
+        assert len(conversions) == 1, "the diagnosis runs the attempt's own artifact, not a second conversion"
     artifact, report = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance())
     assert report.passed, report.line()
     chosen = report.attempts[report.chosen]

@@ -120,7 +120,7 @@ def test_bench_zoo_keeps_tensorflow_out_of_its_own_process(tmp_path):
     assert done.stdout.strip().splitlines()[-1].endswith("'rescaling'] False"), done.stdout[-500:]
 
 
-def test_bench_zoo_keeps_a_reason_with_a_bar_in_its_cell():
+def test_bench_zoo_int8_table_keeps_a_bar_in_its_cell_and_times_the_diagnosis():
     """A fallback's reasons are joined by " | " (the manifest's quantize_fallback.reason): in a Markdown table cell
     the bar must be escaped, or the row gains a column and every cell after it moves (seen on the nested MobileNetV2,
     whose int8 failed and whose dynamic fallback was slower than float32)."""
@@ -131,8 +131,9 @@ def test_bench_zoo_keeps_a_reason_with_a_bar_in_its_cell():
         sys.path.remove(str(ROOT / "scripts"))
     row = {"model": "m", "mode": "default", "exit": 0, "seconds": 10.0, "quantize": "none", "int8_accuracy": 0.5,
            "fallback": "int8: no attempt passed | dynamic: dynamic ran slower", "int8_attempts": ["as requested: 90%"],
-           "verification": "relative max error 1e-05 <= 0.0001", "repair_seconds": 2.0}
+           "verification": "relative max error 1e-05 <= 0.0001", "repair_seconds": 2.0, "diagnosis_seconds": 1.0}
     lines = bench_zoo.int8_table([row]).splitlines()
     columns = [len(re.split(r"(?<!\\)\|", line)) for line in lines]
     assert len(set(columns)) == 1, "\n".join(lines)
     assert "no attempt passed \\| dynamic: dynamic ran slower" in lines[-1], lines[-1]
+    assert "2.0 (+25%); diagnosis 1.0, both +43%" in lines[-1], "of 10 s: the repair on the other 8, both on 7"

@@ -204,6 +204,8 @@ class QuantizationReport:
     note: str = ""  # a repair step not tried, and why
     keras_stability: float | None = None  # when int8 failed: the Keras model's own top-1 kept under int8-sized noise
     repair_seconds: float = 0.0  # the repair's wall-clock: every step after the first attempt and its diagnosis
+    diagnosis_seconds: float = 0.0  # the first attempt's diagnosis (int8 failed, or --explain-quantization): a failing
+    # int8 costs it and the repair
 
     @property
     def passed(self) -> bool:
@@ -221,7 +223,7 @@ class QuantizationReport:
                 "diagnosis": self.diagnosis.to_dict() if self.diagnosis else None,
                 "equalization": self.equalization, "rounding": self.rounding, "validated": self.validated,
                 "note": self.note, "keras_stability": self.keras_stability,
-                "repair_seconds": round(self.repair_seconds, 2)}
+                "repair_seconds": round(self.repair_seconds, 2), "diagnosis_seconds": round(self.diagnosis_seconds, 2)}
 
     def line(self) -> str:
         tried = "; ".join(f"{a.name}: {_agreement_text(a)}" for a in self.attempts)
@@ -232,7 +234,8 @@ class QuantizationReport:
                 + (f"; {self.note}" if self.note else "")
                 + (f"; {_equalization_text(self.equalization)}" if self.equalization else "")
                 + (f"; {_rounding_text(self.rounding)}" if self.rounding else "")
-                + (f"; the repair took {self.repair_seconds:.1f} s" if self.repair_seconds else ""))
+                + (f"; the repair took {self.repair_seconds:.1f} s" if self.repair_seconds else "")
+                + (f"; the diagnosis {self.diagnosis_seconds:.1f} s" if self.diagnosis_seconds else ""))
 
 
 def _equalization_text(report: dict) -> str:
@@ -309,7 +312,9 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
 
     passed = attempt(first, time.perf_counter())
     can_repair = options.repair and calibration.validation is not None
+    diagnosis_started = time.perf_counter()
     diagnosis = diagnose(first) if (options.explain or not passed) else None
+    diagnosis_seconds = time.perf_counter() - diagnosis_started if diagnosis is not None else 0.0
     best, equalized = first, None
     repair_started, repairing = time.perf_counter(), not passed and can_repair
     if repairing:
@@ -352,7 +357,8 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
     report = QuantizationReport(tuple(attempts), chosen, floats, diagnosis, equalized,
                                 rounding(shipped) if rounding is not None and shipped.rounding != NEAREST else None,
                                 validated=calibration.validation is not None, note=note,
-                                repair_seconds=time.perf_counter() - repair_started if repairing else 0.0)
+                                repair_seconds=time.perf_counter() - repair_started if repairing else 0.0,
+                                diagnosis_seconds=diagnosis_seconds)
     return artifacts[chosen if passed else 0], report
 
 
@@ -507,8 +513,10 @@ def _tflite_debugger(model, setting: Setting, io_type: str, keep=None, forms=(),
             debug_dataset=lambda: ([samples[i:i + 1]] for i in range(len(samples))), debug_options=options)
 
 
-def diagnose_tflite(model, setting: Setting, io_type: str = "float32", forms=()) -> Diagnosis:
-    """Per quantized op of the TFLite model: its local output error on the calibration images."""
+def diagnose_tflite(model, setting: Setting, io_type: str = "float32", forms=(), artifact: bytes | None = None
+                    ) -> Diagnosis:
+    """Per quantized op of the TFLite model: its local output error on the calibration images. artifact: `setting`'s
+    int8 flatbuffer when already made (the accumulated errors run it instead of converting again)."""
     import csv
     import io
 
@@ -543,17 +551,19 @@ def diagnose_tflite(model, setting: Setting, io_type: str = "float32", forms=())
                                rmse_over_scale=rmse / scale if scale else None, relative_error=rmse / spread,
                                min=low, max=high, scale=scale,
                                channel_relative_error=channel_errors[index] if low is not None else None))
-    together = accumulated_tflite(model, setting, io_type, forms)
+    together = accumulated_tflite(model, setting, io_type, forms, artifact)
     rows = [replace(row, accumulated_relative_error=together.get(row.layer)) for row in rows]
     return _named(Diagnosis("tflite", "tf.lite.experimental.QuantizationDebugger",
                             min(len(setting.samples), DIAGNOSIS_SAMPLES), tuple(rows)), model)
 
 
-def accumulated_tflite(model, setting: Setting, io_type: str = "float32", forms=()) -> dict[str, float]:
+def accumulated_tflite(model, setting: Setting, io_type: str = "float32", forms=(), artifact: bytes | None = None
+                       ) -> dict[str, float]:
     """Per output tensor of `setting`'s int8 TFLite model (by name): its error against the tensor of that name in the
     float TFLite model, every earlier op's error included: the worse of RMSE / std over the whole tensor and its mean
     over channels (the last axis; channels that never vary count 0), as `LayerError.severity` ranks local errors;
-    both models run on the first ACCUMULATED_SAMPLES calibration images with every tensor kept and no delegate."""
+    both models run on the first ACCUMULATED_SAMPLES calibration images with every tensor kept and no delegate.
+    artifact: `setting`'s int8 flatbuffer when already made (else converted here)."""
     from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
     def opened(content: bytes):
@@ -563,7 +573,7 @@ def accumulated_tflite(model, setting: Setting, io_type: str = "float32", forms=
         return interpreter
 
     with captured_output():
-        quantized = opened(tflite_int8(model, setting, io_type, forms))
+        quantized = opened(artifact if artifact is not None else tflite_int8(model, setting, io_type, forms))
         floating = opened(export_tflite(model, quantize="none", forms=tuple(forms)))
     float_index = {detail["name"]: detail["index"] for detail in floating.get_tensor_details()}
     details = {detail["index"]: detail for detail in quantized.get_tensor_details()}
@@ -812,13 +822,17 @@ def keras_stability(model, x: np.ndarray, samples: np.ndarray, seed: int = 0,
 class _Variants:
     """The model and the copies the repair quantizes instead, each made on first request on the first attempt's
     calibration samples: cross-layer equalized (equalization.py), weights rounded (rounding.py), or both (rounded
-    after equalization)."""
+    after equalization). The rounded variants share one copy of the model, which holds the weights of the variant
+    asked for last (each variant's are kept): one clone instead of one per variant, and the trace of the copy is
+    reused by each export (trace.frozen_function: only the freezing is redone when the weights change). A variant's
+    model is used before the next one is asked for (export_int8 exports or diagnoses one setting at a time)."""
 
     def __init__(self, model, samples: np.ndarray, per_channel: bool, asymmetric: bool = True):
         self._model, self._samples, self._per_channel = model, np.asarray(samples, np.float32), per_channel
         self._asymmetric = asymmetric
         self._equalized = None
-        self._rounded = {}  # (equalized, rounding) -> (model, RoundingReport)
+        self._rounded = {}  # (equalized, rounding) -> (its weights, RoundingReport)
+        self._copy, self._holding = None, None  # the rounded variants' model, and whose weights it holds
 
     def report(self) -> dict | None:
         """The equalization's report, or None when the model has nothing to equalize (no separable layer, no
@@ -835,20 +849,31 @@ class _Variants:
 
     def rounding(self, setting: Setting) -> dict | None:
         """The RoundingReport of `setting`'s rounded weights; None when no layer has weights to round."""
-        found = self._round(setting)
-        return found[1].to_dict() if found[1].layers else None
+        report = self._round(setting)
+        return report.to_dict() if report.layers else None
 
     def _round(self, setting: Setting):
+        """The RoundingReport of `setting`'s variant, rounded on first request (the copy then holds its weights)."""
+        import keras
+
         key = (setting.equalized, setting.rounding)
         if key not in self._rounded:
             source = self.model(replace(setting, rounding=NEAREST))
-            self._rounded[key] = round_weights(source, self._samples, bias_correction=setting.rounding == ROUNDED_BIAS,
-                                               asymmetric=self._asymmetric)
-        return self._rounded[key]
+            if self._copy is None:
+                self._copy = keras.models.clone_model(self._model)
+            copy, report = round_weights(source, self._samples, bias_correction=setting.rounding == ROUNDED_BIAS,
+                                         asymmetric=self._asymmetric, into=self._copy)
+            self._rounded[key], self._holding = (copy.get_weights(), report), key
+        return self._rounded[key][1]
 
     def model(self, setting: Setting):
         if setting.rounding != NEAREST:
-            return self._round(setting)[0]
+            self._round(setting)
+            key = (setting.equalized, setting.rounding)
+            if self._holding != key:
+                self._copy.set_weights(self._rounded[key][0])
+                self._holding = key
+            return self._copy
         if not setting.equalized:
             return self._model
         self.report()

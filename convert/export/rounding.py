@@ -113,18 +113,22 @@ def gptq(kernel: np.ndarray, moment: np.ndarray, damping: float = DAMPING) -> np
     return rounded.reshape(np.shape(kernel)).astype(np.asarray(kernel).dtype)
 
 
-def round_weights(model, x: np.ndarray, *, bias_correction: bool = False, asymmetric: bool = True, progress=None):
+def round_weights(model, x: np.ndarray, *, bias_correction: bool = False, asymmetric: bool = True, progress=None,
+                  into=None):
     """A copy of `model` with the kernels of its Conv2D, DepthwiseConv2D, SeparableConv2D and Dense layers rounded to
     their int8 grids (GPTQ) on images `x`, and (bias_correction) the mean output shift that is left taken off their
     biases; and the RoundingReport. asymmetric: each layer's target is the float model's output on the float
     model's own inputs (module doc); else its float weights on the inputs the rounded copy gives it. The input model
-    is left as it is."""
+    is left as it is. into: a copy of `model` (keras.models.clone_model) to round in place of a new one, its weights
+    overwritten (the repair rounds several variants in one copy: cloning a deep model takes seconds)."""
     import keras
 
     if len(x) == 0:
         raise InvalidOptionError("weight rounding needs calibration images (x is empty)")
+    if into is model:
+        raise ValueError("round_weights rounds a copy: `into` must not be the model itself")
     say = progress or (lambda message: None)
-    copy = keras.models.clone_model(model)
+    copy = into if into is not None else keras.models.clone_model(model)
     copy.set_weights(model.get_weights())
     layers = {path: layer for path, layer in leaf_layers(copy) if _supported(layer) and called_once(copy, path)}
     paths = list(layers)
@@ -166,10 +170,15 @@ def _supported(layer) -> bool:
 
 
 def _patches(layer, x: np.ndarray, kernel_shape) -> np.ndarray:
-    """(positions, kh * kw * channels) of the layer's receptive fields on `x`, in its kernel's (kh, kw, c) order."""
+    """(positions, kh * kw * channels) of the layer's receptive fields on `x`, in its kernel's (kh, kw, c) order.
+    A 1x1 kernel's are the input's pixels at its strides (no padding either way, dilation moot): read off `x` instead of
+    a TensorFlow op and its copy (most of a MobileNet's layers)."""
+    kh, kw = kernel_shape[:2]
+    if kh == kw == 1:
+        rows, columns = layer.strides
+        return np.asarray(np.asarray(x)[:, ::rows, ::columns], np.float64).reshape(-1, np.shape(x)[-1])
     import tensorflow as tf
 
-    kh, kw = kernel_shape[:2]
     patches = tf.image.extract_patches(x, sizes=[1, kh, kw, 1], strides=[1, *layer.strides, 1],
                                        rates=[1, *layer.dilation_rate, 1], padding=layer.padding.upper())
     return np.asarray(patches, np.float64).reshape(-1, patches.shape[-1])

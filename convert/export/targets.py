@@ -183,8 +183,19 @@ class TFLite(Target):
         Path(path).write_bytes(export_tflite(model, representative_data=representative_data, options=options))
 
     def int8_tools(self, model, models, options: TFLiteOptions):
-        return (lambda setting: tflite_int8(models(setting), setting, options.io_type, options.forms),
-                lambda setting: diagnose_tflite(models(setting), setting, options.io_type, options.forms))
+        """The diagnosis of a setting already exported compares that artifact's tensors (not a second conversion)."""
+        made = {}  # id(setting) -> (setting, its artifact): export_int8 holds both while it runs
+
+        def export(setting):
+            made[id(setting)] = (setting, tflite_int8(models(setting), setting, options.io_type, options.forms))
+            return made[id(setting)][1]
+
+        def diagnose(setting):
+            kept = made.get(id(setting))
+            return diagnose_tflite(models(setting), setting, options.io_type, options.forms,
+                                   artifact=kept[1] if kept is not None and kept[0] is setting else None)
+
+        return export, diagnose
 
 
 @register_target

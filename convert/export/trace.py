@@ -18,6 +18,7 @@ def input_names(model) -> list[str]:
 
 
 _FROZEN = weakref.WeakKeyDictionary()  # model -> {forms: (fingerprint of its weights, frozen function)}
+_TRACED = weakref.WeakKeyDictionary()  # model -> (its variables' identities, its traced function), standard forms
 
 
 def frozen_function(model, forms=()):
@@ -25,7 +26,10 @@ def frozen_function(model, forms=()):
 
     Every export of a run (TFLite and ONNX, each int8 attempt) translates this one graph: it is traced and frozen
     once per model and kept while the model lives and its weights stay as they were (a checksum of every weight is
-    compared on each call; tracing and freezing a ResNet50 takes far longer than reading its weights).
+    compared on each call; tracing and freezing a ResNet50 takes far longer than reading its weights). When the
+    weights changed, the model's trace (which reads its variables) is frozen again, not traced again (the int8
+    repair's rounded variants share one copy of the model); a model in other forms is rebuilt with its weights,
+    and so traced again.
     forms: separable layers to trace in another equivalent form ((path, form) pairs: forms.with_forms)."""
     from sepconv.convert.export.forms import normalized, with_forms
 
@@ -35,15 +39,23 @@ def frozen_function(model, forms=()):
         return cached[1]
     import tensorflow as tf
 
-    traced = with_forms(model, key)
+    variables = tuple(identity for identity, _ in fingerprint)
+    kept = _TRACED.get(model) if not key else None
+    traced = kept[1] if kept is not None and kept[0] == variables else None  # a replaced variable: trace again
+    if traced is None:
+        rebuilt = with_forms(model, key)
+        specs = tuple(tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=name)
+                      for t, name in zip(model.inputs, input_names(model)))
+        # weakly: the trace kept in _TRACED must not keep its own key (the model) alive
+        call = weakref.ref(rebuilt) if rebuilt is model else (lambda: rebuilt)
 
-    specs = tuple(tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=name)
-                  for t, name in zip(model.inputs, input_names(model)))
+        def forward(*inputs):
+            return call()(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
 
-    def forward(*inputs):
-        return traced(inputs[0] if len(inputs) == 1 else list(inputs), training=False)
-
-    frozen = freeze(tf.function(forward, input_signature=specs).get_concrete_function())
+        traced = tf.function(forward, input_signature=specs).get_concrete_function()
+        if not key:
+            _TRACED[model] = (variables, traced)
+    frozen = freeze(traced)
     _FROZEN[model][key] = (fingerprint, frozen)
     return frozen
 
