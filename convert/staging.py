@@ -349,6 +349,7 @@ def _rejection(job: ExportJob, item: Staged) -> str | None:
         unstable = unstable_text(decided.keras_stability, tolerance.min_agreement)
         return (f"no attempt reached top-1 agreement {tolerance.min_agreement:.2%} with the Keras model on the "
                 f"{_samples_of(validation)} validation images, {short} (best: {best.name}, {best.agreement:.2%})"
+                + (f"; {decided.diagnosis.worst_line()} (the as-requested attempt)" if decided.diagnosis else "")
                 + (f"; {unstable}" if unstable else ""))
     if validation is None:
         return None if item.verification.passed else "; ".join(item.verification.failures())
@@ -365,14 +366,15 @@ def _samples_of(validation) -> str:
 def _int8_record(report) -> dict:
     """What a fallback's record keeps of the failed int8's QuantizationReport (None: not measured): its attempts
     (name, validation agreement, passed, seconds), the Keras model's stability under int8-sized noise, the repair's
-    and the first diagnosis's seconds."""
+    and the first diagnosis's seconds, and that diagnosis (each layer's int8 error: where int8 hurt)."""
     if report is None:
         return {"int8_attempts": None, "keras_stability": None, "int8_repair_seconds": None,
-                "int8_diagnosis_seconds": None}
+                "int8_diagnosis_seconds": None, "int8_diagnosis": None}
     return {"int8_attempts": [{"name": a.name, "agreement": a.agreement, "passed": a.passed, "seconds": a.seconds}
                               for a in report.attempts],
             "keras_stability": report.keras_stability, "int8_repair_seconds": round(report.repair_seconds, 2),
-            "int8_diagnosis_seconds": round(report.diagnosis_seconds, 2)}
+            "int8_diagnosis_seconds": round(report.diagnosis_seconds, 2),
+            "int8_diagnosis": report.diagnosis.to_dict() if report.diagnosis is not None else None}
 
 
 def _stage(job: ExportJob, target: Path, quantize: str, fallback: dict | None = None) -> Staged:

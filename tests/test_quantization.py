@@ -1,6 +1,7 @@
 """int8 diagnosis and repair (convert/export/quantization.py) on a model whose int8 export fails verification as it is."""
 
 import json
+from dataclasses import replace
 
 import keras
 import numpy as np
@@ -246,3 +247,16 @@ def test_a_model_whose_own_top1_moves_under_int8_noise_is_named_when_int8_fails(
     assert not report.passed and report.keras_stability < 0.9, report.line()
     assert "the Keras model itself keeps its top-1 on only" in report.line(), report.line()
     assert report.to_dict()["keras_stability"] == report.keras_stability
+
+
+def test_a_fallbacks_line_names_the_three_layers_where_int8_hurts_most():
+    """Where the error is spread (no layer bad alone), the layers that matter are those where it has added up: ranked
+    by the error all layers together give, each with its own error beside it; without that measure, by their own."""
+    rows = [q.LayerError(f"op{i}", "CONV_2D", i, 1.0, alone, None, None, None, together, keras=(f"block_{i}",))
+            for i, (alone, together) in enumerate([(0.04, 0.05), (0.01, 0.22), (0.02, 0.21), (0.03, 0.10),
+                                                    (0.005, 0.20)])]
+    line = q.Diagnosis("tflite", "debugger", 100, tuple(rows)).worst_line()
+    assert line == ("where int8 hurts most (all layers together, each alone): block_1 22% (1%), block_2 21% (2%), "
+                    "block_4 20% (0%)"), line
+    alone = q.Diagnosis("tflite", "debugger", 100, tuple(replace(r, accumulated_relative_error=None) for r in rows))
+    assert alone.worst_line() == "where int8 hurts most (each layer alone): block_0 4%, block_3 3%, block_2 2%"

@@ -353,6 +353,11 @@ def test_the_int8_chart_names_keras_layers_alone_and_together():
         assert text in chart.svg, text
     assert "PartitionedCall" not in chart.svg, "the Keras name, not the converter's"
     assert charts.quantization_errors({"artifacts": [{"path": "m.onnx", "quantization": None}]}, "x") is None
+    fallback = {"path": "f.tflite", "quantize": "dynamic", "quantization": None,
+                "quantize_fallback": {"int8_diagnosis": diagnosis}}
+    fell_back = charts.quantization_errors({"artifacts": [fallback]}, "x")
+    assert fell_back is not None and "f.tflite (tflite; int8 failed, shipped dynamic)" in fell_back.svg, \
+        "the failed int8's diagnosis is drawn for the artifact that replaced it"
 
 
 def test_the_stage_chart_shows_each_further_output_of_a_multi_output_model():

@@ -437,6 +437,12 @@ def test_quantize_auto_falls_back_when_int8_fails_verification(tmp_path):
         assert artifact.quantize_fallback["int8_repair_seconds"] == 0, "repair off: no repair time"
         stability = artifact.quantize_fallback["keras_stability"]  # measured once int8 failed, on this classifier
         assert 0 < stability <= 1, artifact.quantize_fallback
+        diagnosis = artifact.quantize_fallback["int8_diagnosis"]  # where the failed int8 hurt, kept for the user
+        assert diagnosis["layers"] and artifact.quantize_fallback["int8_diagnosis_seconds"] > 0, \
+            artifact.quantize_fallback
+        named = artifact.quantize_fallback["reasons"][0].split("where int8 hurts most")[1]
+        worst = {row["keras"][0] for row in diagnosis["layers"] if row["keras"]}
+        assert 1 <= sum(name in named for name in worst) <= 3, (named, worst)
     insisted = run(tmp_path / "m.keras", tmp_path / "i.tflite", "--data", tmp_path / "d.npz", "--no-separate",
                    "--quantize", "int8", "--no-repair")
     assert insisted.returncode == 1 and "failed verification" in insisted.stderr.strip().splitlines()[-1]

@@ -161,11 +161,23 @@ class Diagnosis:
                      + ", ".join(f"{r.name} {r.accumulated_relative_error:.0%}" for r in top))
         return line
 
+    def worst_line(self) -> str:
+        """The three layers where int8 hurts most, by the error all layers together give (when measured: where the
+        error is spread, no layer is bad alone) else each alone: what a fallback's reason names."""
+        together = [row for row in self.layers if row.accumulated_relative_error is not None]
+        if together:
+            top = sorted(together, key=lambda row: -row.accumulated_relative_error)[:3]
+            return "where int8 hurts most (all layers together, each alone): " + ", ".join(
+                f"{r.name} {r.accumulated_relative_error:.0%} ({r.severity:.0%})" for r in top)
+        return "where int8 hurts most (each layer alone): " + ", ".join(
+            f"{r.name} {r.severity:.0%}" for r in self.worst(3))
+
     def to_dict(self) -> dict:
         start = self.starts_at
         return {"format": self.format, "tool": self.tool, "samples": self.samples,
                 "starts_at": start.layer if start else None, "alarm_relative_error": RELATIVE_ERROR_ALARM,
-                "layers": [asdict(row) for row in sorted(self.layers, key=lambda r: r.order)]}
+                "layers": [{**asdict(row), "keras": list(row.keras)}  # as JSON gives it back (a fallback's record)
+                           for row in sorted(self.layers, key=lambda r: r.order)]}
 
 
 @dataclass(frozen=True)

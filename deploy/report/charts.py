@@ -247,16 +247,25 @@ def artifact_sizes(run: dict, name: str) -> Chart | None:
 
 def quantization_errors(run: dict, name: str) -> Chart | None:
     """Each layer's int8 error, alone and with every layer before it quantized too, for the artifacts whose int8 was
-    diagnosed (a failed first attempt, or --explain-quantization); one panel per such artifact."""
-    diagnosed = [(artifact, artifact["quantization"]["diagnosis"]) for artifact in run.get("artifacts") or []
-                 if ((artifact.get("quantization") or {}).get("diagnosis") or {}).get("layers")]
+    diagnosed (a failed first attempt, or --explain-quantization), and for those that --quantize auto shipped in
+    another mode when int8 failed (the int8's diagnosis, kept in its quantize_fallback); one panel per such
+    artifact."""
+    diagnosed = []
+    for artifact in run.get("artifacts") or []:
+        own = (artifact.get("quantization") or {}).get("diagnosis") or {}
+        failed = (artifact.get("quantize_fallback") or {}).get("int8_diagnosis") or {}
+        if own.get("layers"):
+            diagnosed.append((artifact, own, ""))
+        elif failed.get("layers"):
+            mode = {"none": "float32"}.get(artifact.get("quantize"), artifact.get("quantize"))
+            diagnosed.append((artifact, failed, f"; int8 failed, shipped {mode}"))
     if not diagnosed:
         return None
     import numpy as np
 
-    most = max(len(diagnosis["layers"]) for _, diagnosis in diagnosed)
+    most = max(len(diagnosis["layers"]) for _, diagnosis, _ in diagnosed)
     figure, axes = _figure(5.5 * len(diagnosed) + 2, 1.2 + 0.22 * most, ncols=len(diagnosed))
-    for axis, (artifact, diagnosis) in zip(axes, diagnosed):
+    for axis, (artifact, diagnosis, shipped) in zip(axes, diagnosed):
         rows = sorted(diagnosis["layers"], key=lambda row: row["order"])
         y = np.arange(len(rows))
         alone = [max(row["relative_error"], row.get("channel_relative_error") or 0.0) * 100 for row in rows]
@@ -269,7 +278,7 @@ def quantization_errors(run: dict, name: str) -> Chart | None:
         axis.set_yticks(y, [_quantized_layer(row) for row in rows], fontsize=7)
         axis.invert_yaxis()
         axis.set_xlabel("relative error, % of the float output's spread (log scale)")
-        axis.set_title(f"{Path(artifact['path']).name} ({diagnosis['format']})", fontsize=9)
+        axis.set_title(f"{Path(artifact['path']).name} ({diagnosis['format']}{shipped})", fontsize=9)
         axis.legend(fontsize=7, loc="lower right")
     caption = ("Per quantized op, in graph order, named by its Keras layer: its int8 output error as RMSE over the "
                "float output's spread (the worse of the whole tensor and the mean over channels), alone (the op fed "
