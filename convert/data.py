@@ -211,12 +211,43 @@ def load_data(source, input_shape, options: DataOptions = DataOptions()) -> Data
 
 
 def check_source(source) -> None:
-    """Raise DataError unless `source` names an existing .npz file or folder (checked before any work)."""
+    """Raise DataError unless `source` names an existing folder or an .npz file whose array 'x' is a non-empty
+    numeric array of images by its header (checked before any work: the CLI's parent runs it before TensorFlow
+    starts, so that a wrong file costs no start-up; the pixels are checked when they are read)."""
     path = Path(source)
     if not path.exists():
         raise DataError(f"{path}: no such file or directory; pass an .npz file or a folder of images")
     if not path.is_dir() and path.suffix.lower() != ".npz":
         raise DataError(f"{path}: unrecognized data file; pass an .npz with arrays 'x' (and 'y') or a folder of images")
+    if not path.is_dir():
+        with _npz_member(path) as (archive, info):
+            with archive.open(info) as member:
+                shape, _, dtype = _npy_header(member)
+        _check_kind(dtype, shape, path)
+
+
+@contextlib.contextmanager
+def _npz_member(path: Path):
+    """(the open archive, its 'x.npy' member's info); DataError for a file that is not a readable .npz with 'x'."""
+    try:
+        with zipfile.ZipFile(path) as archive:
+            if "x.npy" not in archive.namelist():
+                found = sorted(name.removesuffix(".npy") for name in archive.namelist())
+                raise DataError(f"{path}: has no array 'x' (found: {found}); save it with numpy.savez(path, "
+                                f"x=images, y=labels)")
+            yield archive, archive.getinfo("x.npy")
+    except DataError:
+        raise
+    except (OSError, ValueError, zipfile.BadZipFile, struct.error) as error:
+        raise DataError(f"{path}: cannot be read as .npz ({first_line(error, 200)}); save it with "
+                        f"numpy.savez(path, x=images, y=labels)") from error
+
+
+def _npy_header(stream) -> tuple[tuple, bool, np.dtype]:
+    """(shape, Fortran order, dtype) from an .npy stream at its start; the stream is left after the header."""
+    version = np.lib.format.read_magic(stream)
+    read_header = np.lib.format.read_array_header_2_0 if version == (2, 0) else np.lib.format.read_array_header_1_0
+    return read_header(stream)
 
 
 def _check_normalisation(options: DataOptions, channels: int) -> None:
@@ -296,29 +327,15 @@ class _ArrayReader:
 
     def __init__(self, path: Path, shape):
         self.source, self.shape, self.array = str(path), shape, None
-        try:
-            with zipfile.ZipFile(path) as archive:
-                if "x.npy" not in archive.namelist():
-                    found = sorted(name.removesuffix(".npy") for name in archive.namelist())
-                    raise DataError(f"{path}: has no array 'x' (found: {found}); save it with numpy.savez(path, "
-                                    f"x=images, y=labels)")
-                info = archive.getinfo("x.npy")
-                if info.compress_type == zipfile.ZIP_STORED:
-                    self.file, start = path, _member_start(path, info.header_offset)
-                else:
-                    self.file, start = self._unpacked(archive), 0
+        with _npz_member(path) as (archive, info):
+            if info.compress_type == zipfile.ZIP_STORED:
+                self.file, start = path, _member_start(path, info.header_offset)
+            else:
+                self.file, start = self._unpacked(archive), 0
             with open(self.file, "rb") as stream:
                 stream.seek(start)
-                version = np.lib.format.read_magic(stream)
-                read_header = np.lib.format.read_array_header_2_0 if version == (2, 0) \
-                    else np.lib.format.read_array_header_1_0
-                self.rows_shape, fortran, self.dtype = read_header(stream)
+                self.rows_shape, fortran, self.dtype = _npy_header(stream)
                 self.offset = stream.tell()
-        except DataError:
-            raise
-        except (OSError, ValueError, zipfile.BadZipFile, struct.error) as error:
-            raise DataError(f"{path}: cannot be read as .npz ({first_line(error, 200)}); save it with "
-                            f"numpy.savez(path, x=images, y=labels)") from error
         _check_kind(self.dtype, self.rows_shape, path)
         if fortran:
             with np.load(path, allow_pickle=False) as archive:

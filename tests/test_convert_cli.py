@@ -350,7 +350,8 @@ def test_debug_shows_the_traceback(tmp_path):
 
 @pytest.mark.parametrize("case", ["missing model", "corrupt model", "missing data", "existing output",
                                   "existing manifest", "flags that conflict", "option-like latency host",
-                                  "auto form with a fixed rank"])
+                                  "auto form with a fixed rank", "data without x", "data of strings",
+                                  "damaged data"])
 def test_wrong_paths_and_flags_are_refused_before_tensorflow_starts(tmp_path, case):
     """The checks that need no model contents run in the parent, before its worker: one line, no TensorFlow."""
     (tmp_path / "bad.h5").write_bytes(b"not an hdf5 file")
@@ -358,6 +359,10 @@ def test_wrong_paths_and_flags_are_refused_before_tensorflow_starts(tmp_path, ca
     (tmp_path / "taken.tflite").write_bytes(b"mine")
     if case == "existing manifest":
         (tmp_path / "o.tflite.json").write_text("my notes")
+    np.savez(tmp_path / "no_x.npz", y=np.arange(3))
+    np.savez_compressed(tmp_path / "words.npz", x=np.array(["a", "b"]))
+    whole = save_npz(tmp_path / "whole.npz", x=np.zeros((4, 8, 8, 3)))
+    (tmp_path / "cut.npz").write_bytes(whole.read_bytes()[:90])  # a copy cut short
     argv, phrase = {
         "missing model": (["nope.h5", "o.tflite"], "nope.h5: no such file or directory"),
         "corrupt model": (["bad.h5", "o.tflite"], "the file is damaged or truncated"),
@@ -371,6 +376,10 @@ def test_wrong_paths_and_flags_are_refused_before_tensorflow_starts(tmp_path, ca
                                      "Unrecognized host '-oProxyCommand=x'"),
         "auto form with a fixed rank": (["ok.h5", "o.tflite", "--form", "auto", "--rank", "2"],
                                         "with a fixed rank / energy give form 'depthwise' or 'spatial'"),
+        "data without x": (["ok.h5", "o.tflite", "--data", "no_x.npz"], "no_x.npz: has no array 'x' (found: ['y'])"),
+        "data of strings": (["ok.h5", "o.tflite", "--data", "words.npz"], "got dtype <U1 and shape (2,)"),
+        "damaged data": (["ok.h5", "o.tflite", "--data", "whole.npz", "--test-data", "cut.npz"],
+                         "cut.npz: cannot be read as .npz"),
     }[case]
     probe = ("import os, sys; from sepconv.convert import cli; os.chdir(sys.argv[1]); status = cli.convert_main("
              "sys.argv[2:]); print(status, sorted({m.split('.')[0] for m in sys.modules} & {'tensorflow', 'keras'}))")
