@@ -294,8 +294,23 @@ def test_one_frozen_graph_serves_every_export_until_a_weight_changes(tmp_path):
     x = np.ones((2, 8, 8, 3), np.float32)
     np.testing.assert_allclose(open_runtime(str(path)).run([x])[0], keras.ops.convert_to_numpy(model(x)), rtol=1e-5,
                                atol=1e-6, err_msg="an export after a weight changed must hold the new weights")
+    kernel = model.get_layer("conv").kernel
+    zeros = np.zeros((3, 3, 3, 4), np.float32)  # the weights of `changed`
+    kernel.assign(np.ones((3, 3, 3, 4), np.float32))
+    assert trace.frozen_function(model) is not changed, "one weight set kept by default: the zeros' is gone"
+    trace.keep_frozen(model, 2)  # a model that switches between weight sets (the int8 repair's copy)
+    ones = trace.frozen_function(model)
+    kernel.assign(zeros)
+    again = trace.frozen_function(model)
+    kernel.assign(np.ones((3, 3, 3, 4), np.float32))
+    assert trace.frozen_function(model) is ones, "switched back: the kept frozen function, not a new freeze"
+    kernel.assign(np.full((3, 3, 3, 4), 2.0, np.float32))
+    third = trace.frozen_function(model)
+    assert third is not ones and third is not again
+    kernel.assign(np.ones((3, 3, 3, 4), np.float32))
+    assert trace.frozen_function(model) is not ones, "two kept: the oldest (the ones') made room for the third"
     alive = weakref.ref(model)
-    del first, changed, model, traced
+    del first, changed, model, traced, kernel, ones, again, third
     gc.collect()
     gc.collect()
     assert alive() is None, "the cache must not keep a model alive"

@@ -46,7 +46,7 @@ from sepconv.convert.export.equalization import activation_pairs, equalize
 from sepconv.convert.export.onnx import quantize_static_qdq, reader
 from sepconv.convert.export.rounding import round_weights
 from sepconv.convert.export.tflite import TFLiteOptions, export_tflite, make_converter
-from sepconv.convert.export.trace import frozen_function
+from sepconv.convert.export.trace import frozen_function, keep_frozen
 from sepconv.convert.export.verification import compare_outputs, run_artifact
 from sepconv.convert.graph import batch_size_for, leaf_layers, predict_keras
 from sepconv.convert.keras_compat import producer_name
@@ -873,6 +873,7 @@ class _Variants:
             source = self.model(replace(setting, rounding=NEAREST))
             if self._copy is None:
                 self._copy = keras.models.clone_model(self._model)
+                keep_frozen(self._copy, 4)  # (equalized or not) x (GPTQ, + bias): a later step may switch back
             copy, report = round_weights(source, self._samples, bias_correction=setting.rounding == ROUNDED_BIAS,
                                          asymmetric=self._asymmetric, into=self._copy)
             self._rounded[key], self._holding = (copy.get_weights(), report), key

@@ -17,8 +17,16 @@ def input_names(model) -> list[str]:
     return [producer_name(tensor) for tensor in model.inputs]
 
 
-_FROZEN = weakref.WeakKeyDictionary()  # model -> {forms: (fingerprint of its weights, frozen function)}
+_FROZEN = weakref.WeakKeyDictionary()  # model -> {forms: {fingerprint of its weights: frozen function}}
 _TRACED = weakref.WeakKeyDictionary()  # model -> (its variables' identities, its traced function), standard forms
+_KEPT = weakref.WeakKeyDictionary()  # model -> how many weight sets' frozen functions to keep (default 1)
+
+
+def keep_frozen(model, count: int) -> None:
+    """Keep the frozen functions of `model`'s last `count` weight sets (in each form), not only its current one's:
+    for a model that switches between a few sets of weights (the int8 repair's copy, which holds one rounded variant
+    after another), each set is frozen once. Each kept function holds a copy of the weights."""
+    _KEPT[model] = count
 
 
 def frozen_function(model, forms=()):
@@ -34,14 +42,14 @@ def frozen_function(model, forms=()):
     from sepconv.convert.export.forms import normalized, with_forms
 
     fingerprint, key = _weights_fingerprint(model), normalized(forms)
-    cached = _FROZEN.setdefault(model, {}).get(key)
-    if cached is not None and cached[0] == fingerprint:
-        return cached[1]
+    kept = _FROZEN.setdefault(model, {}).setdefault(key, {})
+    if fingerprint in kept:
+        return kept[fingerprint]
     import tensorflow as tf
 
     variables = tuple(identity for identity, _ in fingerprint)
-    kept = _TRACED.get(model) if not key else None
-    traced = kept[1] if kept is not None and kept[0] == variables else None  # a replaced variable: trace again
+    known = _TRACED.get(model) if not key else None
+    traced = known[1] if known is not None and known[0] == variables else None  # a replaced variable: trace again
     if traced is None:
         rebuilt = with_forms(model, key)
         specs = tuple(tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=name)
@@ -56,7 +64,9 @@ def frozen_function(model, forms=()):
         if not key:
             _TRACED[model] = (variables, traced)
     frozen = freeze(traced)
-    _FROZEN[model][key] = (fingerprint, frozen)
+    while len(kept) >= _KEPT.get(model, 1):
+        del kept[next(iter(kept))]  # the oldest weight set's
+    kept[fingerprint] = frozen
     return frozen
 
 
