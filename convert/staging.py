@@ -221,9 +221,8 @@ def _replaced_by_float32(job: ExportJob, item: Staged, latency: dict | None, ori
     job.say("speed", f"{item.target}: {slower}; --quantize auto ships float32 instead (pass --quantize "
                      f"{item.quantize} to insist)")
     previous = item.fallback or {}
-    reasons = [*previous.get("reasons", []), f"{item.quantize}: {slower}"]
-    fallback = {**previous, "from": previous.get("from", item.quantize), "slower": item.quantize,
-                "reasons": reasons, "reason": " | ".join(reasons)}
+    fallback = _fallback_record({**previous, "from": previous.get("from", item.quantize), "slower": item.quantize},
+                                [*previous.get("reasons", []), f"{item.quantize}: {slower}"])
     shipped = _stage(job, item.target, "none", fallback=fallback)
     if not shipped.verification.passed:
         _discard(shipped)
@@ -232,6 +231,12 @@ def _replaced_by_float32(job: ExportJob, item: Staged, latency: dict | None, ori
         return item
     _discard(item)
     return _check_speed(job, shipped, latency, original) if job.times_separation else shipped
+
+
+def _fallback_record(record: dict, reasons: list[str]) -> dict:
+    """An artifact's quantize_fallback: `record` with the reasons (one per mode replaced, "MODE: why") and their join
+    (`reason`, as the manifest had it before the list)."""
+    return {**record, "reasons": list(reasons), "reason": " | ".join(reasons)}
 
 
 def _slower_than_float32(speed: Speed) -> bool:
@@ -319,8 +324,7 @@ def _fall_back(job: ExportJob, item: Staged) -> Staged:
         reasons.append(f"{item.quantize}: {reason}")
         job.say("export", f"{item.target}: {item.quantize} failed {where} ({reason}); --quantize auto tries {mode} "
                           f"instead (pass --quantize int8 to insist on int8)")
-        item = _stage(job, item.target, mode, fallback={"from": "int8", "reasons": list(reasons),
-                                                         "reason": " | ".join(reasons), **int8})
+        item = _stage(job, item.target, mode, fallback=_fallback_record({"from": "int8", **int8}, reasons))
         reason = _rejection(job, item)
         if reason is None:
             return item

@@ -284,11 +284,11 @@ def test_one_frozen_graph_serves_every_export_until_a_weight_changes(tmp_path):
                               keras.layers.Flatten(), keras.layers.Dense(2)])
     first = trace.frozen_function(model)
     assert trace.frozen_function(model) is first
-    traced = trace._TRACED[model][1]
+    traced = trace._KEPT[model].traced[1]
     model.get_layer("conv").kernel.assign(np.zeros((3, 3, 3, 4), np.float32))
     changed = trace.frozen_function(model)
     assert changed is not first
-    assert trace._TRACED[model][1] is traced, "new weights: frozen again from the same trace, not traced again"
+    assert trace._KEPT[model].traced[1] is traced, "new weights: frozen again from the same trace, not traced again"
     path = tmp_path / "changed.tflite"
     export_tflite(model, path)
     x = np.ones((2, 8, 8, 3), np.float32)

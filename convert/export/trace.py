@@ -9,6 +9,7 @@ from __future__ import annotations
 import re
 import weakref
 import zlib
+from dataclasses import dataclass, field
 
 from sepconv.convert.keras_compat import freeze, producer_name, sublayers
 
@@ -17,16 +18,22 @@ def input_names(model) -> list[str]:
     return [producer_name(tensor) for tensor in model.inputs]
 
 
-_FROZEN = weakref.WeakKeyDictionary()  # model -> {forms: {fingerprint of its weights: frozen function}}
-_TRACED = weakref.WeakKeyDictionary()  # model -> (its variables' identities, its traced function), standard forms
-_KEPT = weakref.WeakKeyDictionary()  # model -> how many weight sets' frozen functions to keep (default 1)
+@dataclass
+class _Kept:
+    """What frozen_function keeps of a model while the model lives."""
+    frozen: dict = field(default_factory=dict)  # forms -> {fingerprint of its weights: frozen function}, oldest first
+    traced: tuple | None = None  # (its variables' identities, its traced function), in the standard forms
+    count: int = 1  # how many weight sets' frozen functions are kept (per form)
+
+
+_KEPT = weakref.WeakKeyDictionary()  # model -> _Kept
 
 
 def keep_frozen(model, count: int) -> None:
     """Keep the frozen functions of `model`'s last `count` weight sets (in each form), not only its current one's:
     for a model that switches between a few sets of weights (the int8 repair's copy, which holds one rounded variant
     after another), each set is frozen once. Each kept function holds a copy of the weights."""
-    _KEPT[model] = count
+    _KEPT.setdefault(model, _Kept()).count = count
 
 
 def frozen_function(model, forms=()):
@@ -42,19 +49,20 @@ def frozen_function(model, forms=()):
     from sepconv.convert.export.forms import normalized, with_forms
 
     fingerprint, key = _weights_fingerprint(model), normalized(forms)
-    kept = _FROZEN.setdefault(model, {}).setdefault(key, {})
+    cache = _KEPT.setdefault(model, _Kept())
+    kept = cache.frozen.setdefault(key, {})
     if fingerprint in kept:
         return kept[fingerprint]
     import tensorflow as tf
 
     variables = tuple(identity for identity, _ in fingerprint)
-    known = _TRACED.get(model) if not key else None
+    known = cache.traced if not key else None
     traced = known[1] if known is not None and known[0] == variables else None  # a replaced variable: trace again
     if traced is None:
         rebuilt = with_forms(model, key)
         specs = tuple(tf.TensorSpec((None, *t.shape[1:]), t.dtype, name=name)
                       for t, name in zip(model.inputs, input_names(model)))
-        # weakly: the trace kept in _TRACED must not keep its own key (the model) alive
+        # weakly: the trace kept in _KEPT must not keep its own key (the model) alive
         call = weakref.ref(rebuilt) if rebuilt is model else (lambda: rebuilt)
 
         def forward(*inputs):
@@ -62,9 +70,9 @@ def frozen_function(model, forms=()):
 
         traced = tf.function(forward, input_signature=specs).get_concrete_function()
         if not key:
-            _TRACED[model] = (variables, traced)
+            cache.traced = (variables, traced)
     frozen = freeze(traced)
-    while len(kept) >= _KEPT.get(model, 1):
+    while len(kept) >= cache.count:
         del kept[next(iter(kept))]  # the oldest weight set's
     kept[fingerprint] = frozen
     return frozen
