@@ -199,17 +199,17 @@ def test_int8_broken_by_rounding_is_repaired_by_weight_rounding_not_by_float_lay
     from sepconv.convert.export import targets
 
     model, calibration = _rounding_breaks_it()
-    conversions, convert = [], q.tflite_int8
-    for module in (q, targets):  # every int8 TFLite conversion, the exporter's and the diagnosis's
-        monkeypatch.setattr(module, "tflite_int8", lambda *a, **k: conversions.append(1) or convert(*a, **k))
+    maker = {"tflite": "tflite_int8", "onnx": "onnx_int8"}[fmt]
+    conversions, convert = [], getattr(q, maker)
+    for module in (q, targets):  # every int8 conversion or quantization, the exporter's and the diagnosis's
+        monkeypatch.setattr(module, maker, lambda *a, **k: conversions.append(1) or convert(*a, **k))
     as_is = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance(),
                                 options=q.QuantizationOptions(repair=False))[1]
     assert not as_is.passed and as_is.attempts[0].agreement < 0.9, as_is.line()
     assert as_is.repair_seconds == 0 and as_is.to_dict()["repair_seconds"] == 0, "repair off: nothing to time"
     assert as_is.diagnosis is not None and as_is.diagnosis_seconds > 0, "a failed first attempt is diagnosed, timed"
     assert f"the diagnosis {as_is.diagnosis_seconds:.1f} s" in as_is.line()
-    if fmt == "tflite":
-        assert len(conversions) == 1, "the diagnosis runs the attempt's own artifact, not a second conversion"
+    assert len(conversions) == 1, "the diagnosis runs the attempt's own artifact, not a second conversion"
     artifact, report = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance())
     assert report.passed, report.line()
     chosen = report.attempts[report.chosen]

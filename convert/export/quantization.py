@@ -649,16 +649,15 @@ def _nchw(samples: np.ndarray, layout: str) -> np.ndarray:
 
 
 def diagnose_onnx(float_model: bytes, setting: Setting, input_name: str, layout: str = "nhwc",
-                  model=None) -> Diagnosis:
-    """Per activation of the QDQ model: its QDQ error (local) and its error against the float model (accumulated),
-    named by the node that produces it (the name `nodes_to_exclude` takes) and, given the Keras `model`, by its
-    layers."""
+                  model=None, qdq: bytes | None = None) -> Diagnosis:
+    """Per activation of the QDQ model (`qdq`, the setting's artifact already made, or quantized here): its QDQ error
+    (local) and its error against the float model (accumulated), named by the node that produces it (the name
+    `nodes_to_exclude` takes) and, given the Keras `model`, by its layers."""
     import onnx
     from onnxruntime.quantization import qdq_loss_debug as debug
 
-
     samples = _nchw(setting.samples[:DIAGNOSIS_SAMPLES], layout)
-    qdq = onnx_int8(float_model, setting, input_name, layout)
+    qdq = qdq if qdq is not None else onnx_int8(float_model, setting, input_name, layout)
     with temporary_folder("sepconv-qdq-debug-") as tmp, captured_output():
         paths = {name: Path(tmp) / f"{name}.onnx" for name in ("float", "qdq", "float_aug", "qdq_aug")}
         paths["float"].write_bytes(float_model)

@@ -184,18 +184,9 @@ class TFLite(Target):
 
     def int8_tools(self, model, models, options: TFLiteOptions):
         """The diagnosis of a setting already exported compares that artifact's tensors (not a second conversion)."""
-        made = {}  # id(setting) -> (setting, its artifact): export_int8 holds both while it runs
-
-        def export(setting):
-            made[id(setting)] = (setting, tflite_int8(models(setting), setting, options.io_type, options.forms))
-            return made[id(setting)][1]
-
-        def diagnose(setting):
-            kept = made.get(id(setting))
-            return diagnose_tflite(models(setting), setting, options.io_type, options.forms,
-                                   artifact=kept[1] if kept is not None and kept[0] is setting else None)
-
-        return export, diagnose
+        export = _Made(lambda setting: tflite_int8(models(setting), setting, options.io_type, options.forms))
+        return export, lambda setting: diagnose_tflite(models(setting), setting, options.io_type, options.forms,
+                                                       artifact=export.of(setting))
 
 
 @register_target
@@ -215,7 +206,8 @@ class Onnx(Target):
         Path(path).write_bytes(export_onnx(model, representative_data=representative_data, options=options))
 
     def int8_tools(self, model, models, options: OnnxOptions):
-        """int8 quantizes the float ONNX export (made once per Keras model) with ONNX Runtime's QDQ quantizer."""
+        """int8 quantizes the float ONNX export (made once per Keras model) with ONNX Runtime's QDQ quantizer; the
+        diagnosis of a setting already quantized compares that artifact (not a second quantization)."""
         floats, name = {}, input_names(model)[0]
 
         def float_model(setting):
@@ -224,8 +216,9 @@ class Onnx(Target):
                 floats[key] = export_onnx(models(setting), options=replace(options, quantize="none"))
             return floats[key]
 
-        return (lambda setting: onnx_int8(float_model(setting), setting, name, options.layout),
-                lambda setting: diagnose_onnx(float_model(setting), setting, name, options.layout, models(setting)))
+        export = _Made(lambda setting: onnx_int8(float_model(setting), setting, name, options.layout))
+        return export, lambda setting: diagnose_onnx(float_model(setting), setting, name, options.layout,
+                                                     models(setting), qdq=export.of(setting))
 
     def manifest_extras(self, artifact: Path) -> dict:
         import onnx
@@ -272,3 +265,19 @@ def given_options(given: tuple, target: Target):
     """The options of `target` among `given` (ConvertOptions.targets), else its defaults."""
     found = [o for o in given if isinstance(o, target.options_class)]
     return found[0] if found else target.options_class()
+
+
+class _Made:
+    """An int8 exporter that keeps what it made per setting while export_int8 runs, so that the diagnosis of a setting
+    already exported reads its artifact instead of making it again."""
+
+    def __init__(self, make: Callable):
+        self._make, self._made = make, {}  # id(setting) -> (setting, its artifact)
+
+    def __call__(self, setting) -> bytes:
+        self._made[id(setting)] = (setting, self._make(setting))
+        return self._made[id(setting)][1]
+
+    def of(self, setting) -> bytes | None:
+        kept = self._made.get(id(setting))
+        return kept[1] if kept is not None and kept[0] is setting else None
