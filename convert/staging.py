@@ -8,6 +8,7 @@ at once, or none (a failure leaves no partial file)."""
 
 from __future__ import annotations
 
+import math
 import os
 import tempfile
 import time
@@ -354,13 +355,25 @@ def _rejection(job: ExportJob, item: Staged) -> str | None:
         return (f"no attempt reached top-1 agreement {tolerance.min_agreement:.2%} with the Keras model on the "
                 f"{_samples_of(validation)} validation images, {short} (best: {best.name}, {best.agreement:.2%})"
                 + (f"; {decided.diagnosis.worst_line()} (the as-requested attempt)" if decided.diagnosis else "")
-                + (f"; {unstable}" if unstable else ""))
+                + (f"; {unstable}{_within_budget_text(decided.attempts[0], budget)}" if unstable else ""))
     if validation is None:
         return None if item.verification.passed else "; ".join(item.verification.failures())
     checked = verify(job.model, open_runtime(item.tmp), validation.x, quantized=True, quantize=item.quantize,
                      tolerance=tolerance, layout=item.manifest["layout"], inputs="validation images",
                      expected=job.validation_expected.values)
     return None if checked.passed else "; ".join(checked.failures())
+
+
+def _within_budget_text(first, budget) -> str:
+    """For an int8 that failed on an unstable Keras model: whether the int8 written (the as-requested attempt, what
+    the accuracy budget measured) holds the budget on the validation images, and the --min-agreement that would
+    ship it; "" when the budget was not measured or the agreement is not top-1's."""
+    if budget is None or not budget.held or first.agreement is None:
+        return ""
+    floor = math.floor(first.agreement * 100) / 100
+    return (f"; as requested, the int8 holds the accuracy budget there ({budget.metric} {budget.artifact:.2%} against "
+            f"the original's {budget.original:.2%}, budget {budget.max_drop:g} point"
+            f"{'s' * (budget.max_drop != 1)}): --min-agreement {floor:.2f} ships it")
 
 
 def _samples_of(validation) -> str:
