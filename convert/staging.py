@@ -366,14 +366,15 @@ def _rejection(job: ExportJob, item: Staged) -> str | None:
 
 def _within_budget_text(first, budget) -> str:
     """For an int8 that failed on an unstable Keras model: whether the int8 written (the as-requested attempt, what
-    the accuracy budget measured) holds the budget on the validation images, and the --min-agreement that would
-    ship it; "" when the budget was not measured or the agreement is not top-1's."""
+    the accuracy budget measured) holds the budget on the validation images, and the --min-agreement under which
+    they accept it; "" when the budget was not measured or the agreement is not top-1's."""
     if budget is None or not budget.held or first.agreement is None:
         return ""
     floor = math.floor(first.agreement * 100) / 100
     return (f"; as requested, the int8 holds the accuracy budget there ({budget.metric} {budget.artifact:.2%} against "
             f"the original's {budget.original:.2%}, budget {budget.max_drop:g} point"
-            f"{'s' * (budget.max_drop != 1)}): --min-agreement {floor:.2f} ships it")
+            f"{'s' * (budget.max_drop != 1)}): --min-agreement {floor:.2f} accepts it there (the test images then "
+            f"verify it)")
 
 
 def _samples_of(validation) -> str:

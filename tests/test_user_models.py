@@ -492,7 +492,7 @@ def test_the_validation_images_decide_the_fallback_and_the_test_images_only_scor
         "; the Keras model itself keeps its top-1 on only 96.67% of the validation images under input noise of half "
         "an int8 step: no int8 model of it can be expected to agree more (make it robust by training, or lower "
         "--min-agreement and hold int8 to --max-accuracy-drop); as requested, the int8 holds the accuracy budget "
-        "there (accuracy 90.00% against the original's 90.00%, budget 1 point): --min-agreement 0.94 ships it"), \
+        "there (accuracy 90.00% against the original's 90.00%, budget 1 point): --min-agreement 0.94 accepts it there (the test images then verify it)"), \
         unstable
     over = _rejection(job(), item(replace(cursed, keras_stability=0.9667), test_passed=True, budget_held=False))
     assert "--min-agreement 0.94" not in over and "lost 5.00 points" in over, "over the budget: no such advice"
