@@ -314,3 +314,31 @@ def test_one_frozen_graph_serves_every_export_until_a_weight_changes(tmp_path):
     gc.collect()
     gc.collect()
     assert alive() is None, "the cache must not keep a model alive"
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy"])
+def test_onnx_calibration_in_batches_gives_the_ranges_one_at_a_time_does(tmp_path, monkeypatch, method):
+    """ONNX Runtime calibrates on the samples a batch per run (a divisor of their count: the histogram calibrators
+    stack the runs): the QDQ model's every scale is the one a run per sample gives, in a sixth of the runs or fewer."""
+    import onnxruntime
+
+    from sepconv.convert.export.onnx import calibration_batch, quantize_static_qdq
+    from sepconv.convert.export.quantization import _qdq_scales
+
+    assert [calibration_batch(n, 64) for n in (200, 1000, 97, 1, 12)] == [50, 50, 1, 1, 12]
+    model = CASES["functional_branches"]()
+    source = tmp_path / "float.onnx"
+    export_onnx(model, source)
+    x, name = _data(model, 60, seed=3), onnx.load(str(source)).graph.input[0].name
+    runs, run = [], onnxruntime.InferenceSession.run
+    monkeypatch.setattr(onnxruntime.InferenceSession, "run", lambda self, *a, **k: runs.append(1) or run(self, *a, **k))
+    scales = {}
+    for batch in (1, 64):
+        runs.clear()
+        quantize_static_qdq(source, tmp_path / f"{batch}.onnx", x, name, method=method, batch=batch)
+        scales[batch] = (_qdq_scales(onnx.load(str(tmp_path / f"{batch}.onnx")).graph), len(runs))
+    (one, one_runs), (batched, batched_runs) = scales[1], scales[64]
+    assert one.keys() == batched.keys() and len(one) > 3, (one, batched)
+    np.testing.assert_allclose([batched[k] for k in one], list(one.values()), rtol=1e-5,
+                               err_msg=f"{method}: the scales calibrated in batches of 60 differ from one at a time")
+    assert batched_runs * 6 <= one_runs, (batched_runs, one_runs)

@@ -631,15 +631,16 @@ def accumulated_tflite(model, setting: Setting, io_type: str = "float32", forms=
 # --- ONNX: qdq_loss_debug ----------------------------------------------------------------------------------------
 
 
-def onnx_int8(float_model: bytes, setting: Setting, input_name: str, layout: str = "nhwc") -> bytes:
-    """Static QDQ int8 of the float ONNX model for `setting` (ONNX Runtime's quantizer, `nodes_to_exclude`)."""
+def onnx_int8(float_model: bytes, setting: Setting, input_name: str, layout: str = "nhwc", batch: int = 1) -> bytes:
+    """Static QDQ int8 of the float ONNX model for `setting` (ONNX Runtime's quantizer, `nodes_to_exclude`),
+    calibrated up to `batch` samples a run."""
     with temporary_folder("sepconv-int8-") as tmp:
         source, target = Path(tmp) / "float.onnx", Path(tmp) / "int8.onnx"
         source.write_bytes(float_model)
         with captured_output():
             quantize_static_qdq(source, target, _nchw(setting.samples, layout), input_name,
                                 per_channel=setting.per_channel, method=setting.method,
-                                nodes_to_exclude=setting.float_layers)
+                                nodes_to_exclude=setting.float_layers, batch=batch)
         return target.read_bytes()
 
 

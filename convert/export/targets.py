@@ -25,6 +25,7 @@ from sepconv.convert.export.onnx import CALIBRATION_METHODS, ONNX_MODES, OnnxOpt
 from sepconv.convert.export.quantization import diagnose_onnx, diagnose_tflite, onnx_int8, tflite_int8
 from sepconv.convert.export.tflite import IO_TYPES, NEEDS_DATA, TFLITE_MODES, TFLiteOptions, export_tflite
 from sepconv.convert.export.trace import input_names
+from sepconv.convert.graph import batch_size_for
 from sepconv.convert.keras_compat import keras_archive
 
 # The output options take their defaults from the exporters' options (TFLiteOptions.io_type is its field's default).
@@ -216,7 +217,8 @@ class Onnx(Target):
                 floats[key] = export_onnx(models(setting), options=replace(options, quantize="none"))
             return floats[key]
 
-        export = _Made(lambda setting: onnx_int8(float_model(setting), setting, name, options.layout))
+        batch = batch_size_for(model)
+        export = _Made(lambda setting: onnx_int8(float_model(setting), setting, name, options.layout, batch))
         return export, lambda setting: diagnose_onnx(float_model(setting), setting, name, options.layout,
                                                      models(setting), qdq=export.of(setting))
 
