@@ -16,8 +16,8 @@ import numpy as np
 
 from sepconv.convert.errors import ExportError, InvalidOptionError
 from sepconv.convert.export.trace import frozen_function, input_names, layers_in_scopes
-from sepconv.convert.graph import batch_size_for
 from sepconv.convert.files import write_atomic
+from sepconv.convert.graph import batch_size_for
 from sepconv.convert.keras_compat import producer_name
 from sepconv.convert.memory import collecting_cycles, release_memory
 from sepconv.deploy.files import first_line, temporary_folder
