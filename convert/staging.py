@@ -351,11 +351,12 @@ def _rejection(job: ExportJob, item: Staged) -> str | None:
         short = ("as requested fell short of it by more than they can show, and a repair attempt, the best of "
                  "several on them, is not taken within their noise" if best.within_noise else
                  "nor fell short of it by less than they can show")
-        unstable = unstable_text(decided.keras_stability, tolerance.min_agreement)
+        unstable = unstable_text(decided.keras_stability, tolerance.min_agreement,
+                                 _within_budget_text(decided.attempts[0], budget))
         return (f"no attempt reached top-1 agreement {tolerance.min_agreement:.2%} with the Keras model on the "
                 f"{_samples_of(validation)} validation images, {short} (best: {best.name}, {best.agreement:.2%})"
                 + (f"; {decided.diagnosis.worst_line()} (the as-requested attempt)" if decided.diagnosis else "")
-                + (f"; {unstable}{_within_budget_text(decided.attempts[0], budget)}" if unstable else ""))
+                + (f"; {unstable}" if unstable else ""))
     if validation is None:
         return None if item.verification.passed else "; ".join(item.verification.failures())
     checked = verify(job.model, open_runtime(item.tmp), validation.x, quantized=True, quantize=item.quantize,
@@ -365,16 +366,16 @@ def _rejection(job: ExportJob, item: Staged) -> str | None:
 
 
 def _within_budget_text(first, budget) -> str:
-    """For an int8 that failed on an unstable Keras model: whether the int8 written (the as-requested attempt, what
-    the accuracy budget measured) holds the budget on the validation images, and the --min-agreement under which
-    they accept it; "" when the budget was not measured or the agreement is not top-1's."""
+    """For an int8 that failed on an unstable Keras model, when the int8 written (the as-requested attempt, what the
+    accuracy budget measured) holds the budget on the validation images: the --min-agreement under which they
+    accept it; "" when the budget was not measured or not held, or the agreement is not top-1's."""
     if budget is None or not budget.held or first.agreement is None:
         return ""
     floor = math.floor(first.agreement * 100) / 100
-    return (f"; as requested, the int8 holds the accuracy budget there ({budget.metric} {budget.artifact:.2%} against "
-            f"the original's {budget.original:.2%}, budget {budget.max_drop:g} point"
-            f"{'s' * (budget.max_drop != 1)}): --min-agreement {floor:.2f} accepts it there (the test images then "
-            f"verify it)")
+    return (f"pass --min-agreement {floor:.2f}: the int8 as requested holds the accuracy budget on the validation "
+            f"images ({budget.metric} {budget.artifact:.2%} against the original's {budget.original:.2%}, budget "
+            f"{budget.max_drop:g} point{'s' * (budget.max_drop != 1)}), which then accept it and the test images "
+            f"verify it")
 
 
 def _samples_of(validation) -> str:

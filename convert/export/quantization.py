@@ -789,14 +789,15 @@ def _as_requested(calibration: Calibration, per_channel: bool) -> Setting:
     return Setting("as requested", calibration.samples, f"{len(calibration.samples)} samples", per_channel)
 
 
-def unstable_text(stability: float | None, min_agreement: float) -> str:
+def unstable_text(stability: float | None, min_agreement: float, lowering: str = "") -> str:
     """What a Keras model whose own top-1 moves under int8-sized noise (keras_stability) on more images than the bar
-    allows means for its int8; "" when it does not (steadier than the bar, or not measured)."""
+    allows means for its int8; "" when it does not (steadier than the bar, or not measured). lowering: what a lower
+    --min-agreement would do, when the caller knows (else the general advice)."""
     if stability is None or stability >= min_agreement:
         return ""
     return (f"the Keras model itself keeps its top-1 on only {stability:.2%} of the validation images under input "
             f"noise of half an int8 step: no int8 model of it can be expected to agree more (make it robust by "
-            f"training, or lower --min-agreement and hold int8 to --max-accuracy-drop)")
+            f"training, or " + (lowering or "lower --min-agreement and hold int8 to --max-accuracy-drop") + ")")
 
 
 class _KerasOutputs:
