@@ -142,6 +142,11 @@ class Diagnosis:
     def worst(self, count: int) -> list[LayerError]:
         return sorted(self.layers, key=lambda row: -row.severity)[:count]
 
+    def worst_together(self, count: int) -> list[LayerError]:
+        """The `count` layers with the largest error all layers together give ([] when that was not measured)."""
+        together = [row for row in self.layers if row.accumulated_relative_error is not None]
+        return sorted(together, key=lambda row: -row.accumulated_relative_error)[:count]
+
     def summary(self) -> str:
         """One line: where the error starts, the worst three layers alone and (when measured) together."""
         worst = ", ".join(f"{r.name} ({r.op}) {r.severity:.0%}" +
@@ -153,20 +158,18 @@ class Diagnosis:
                  else f"no layer above {RELATIVE_ERROR_ALARM:.0%} relative error")
         line = (f"{self.format} int8 diagnosis on {self.samples} calibration images, each layer alone: {where}; "
                 f"worst: {worst}")
-        together = [row for row in self.layers if row.accumulated_relative_error is not None]
+        together = self.worst_together(len(self.layers))
         if together:
             last = max(together, key=lambda row: row.order)
-            top = sorted(together, key=lambda row: -row.accumulated_relative_error)[:3]
             line += (f"; all layers together: {last.accumulated_relative_error:.0%} at the last ({last.name}), worst: "
-                     + ", ".join(f"{r.name} {r.accumulated_relative_error:.0%}" for r in top))
+                     + ", ".join(f"{r.name} {r.accumulated_relative_error:.0%}" for r in together[:3]))
         return line
 
     def worst_line(self) -> str:
         """The three layers where int8 hurts most, by the error all layers together give (when measured: where the
         error is spread, no layer is bad alone) else each alone: what a fallback's reason names."""
-        together = [row for row in self.layers if row.accumulated_relative_error is not None]
-        if together:
-            top = sorted(together, key=lambda row: -row.accumulated_relative_error)[:3]
+        top = self.worst_together(3)
+        if top:
             return "where int8 hurts most (all layers together, each alone): " + ", ".join(
                 f"{r.name} {r.accumulated_relative_error:.0%} ({r.severity:.0%})" for r in top)
         return "where int8 hurts most (each layer alone): " + ", ".join(
