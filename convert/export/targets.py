@@ -274,12 +274,12 @@ class _Made:
     already exported reads its artifact instead of making it again."""
 
     def __init__(self, make: Callable):
-        self._make, self._made = make, {}  # id(setting) -> (setting, its artifact)
+        # id(setting) -> (setting, its artifact): the setting is kept alive, so no other object can take its id
+        self._make, self._made = make, {}
 
     def __call__(self, setting) -> bytes:
         self._made[id(setting)] = (setting, self._make(setting))
         return self._made[id(setting)][1]
 
     def of(self, setting) -> bytes | None:
-        kept = self._made.get(id(setting))
-        return kept[1] if kept is not None and kept[0] is setting else None
+        return self._made.get(id(setting), (None, None))[1]
