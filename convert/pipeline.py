@@ -331,7 +331,8 @@ def _target_warning(artifact) -> str:
 
 
 def _nothing_separated(report) -> str:
-    reasons = "; ".join(f"{row.path}: {row.reason}" for row in report.rows) or "the model has no Conv2D layer"
+    reasons = (report.why_not_separated() + ("; each in the manifest's separation.layers" if len(report.rows) > 3
+                                              else "")) if report.rows else "the model has no Conv2D layer"
     return (f"nothing was separated ({reasons}): the artifacts hold the original layers; choose layers and ranks "
             f"with --rank / --energy / --include, or pass --no-separate to say so")
 

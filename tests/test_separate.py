@@ -243,6 +243,24 @@ def test_bad_options(kwargs, match):
         SeparationOptions(**kwargs)
 
 
+def test_why_not_separated_is_one_short_line():
+    """A MobileNet-like model has dozens of layers nothing separates: the line groups them by reason and names a few,
+    where it used to list every layer (3,756 characters on the zoo's nested MobileNetV2)."""
+    x_in = keras.Input((16, 16, 3))
+    x = L.Conv2D(8, 3, padding="same", name="stem")(x_in)
+    for i in range(6):
+        x = L.DepthwiseConv2D(3, padding="same", name=f"dw_{i}")(x)
+        x = L.Conv2D(8, 1, name=f"pw_{i}")(x)
+    _, report = separate(keras.Model(x_in, x), rank=1, exclude="stem")
+    assert not report.separated
+    line = report.why_not_separated()
+    assert line == ("stem: excluded by pattern 'stem'; already depthwise/separable: 6 layers (dw_0, dw_1, dw_2 and 3 "
+                    "more); 1x1 kernel: already pointwise: 6 layers (pw_0, pw_1, pw_2 and 3 more)"), line
+    assert report.why_not_separated(groups=1) == "stem: excluded by pattern 'stem'; 12 more layers for other reasons"
+    _, separated = separate(keras.Model(x_in, L.Conv2D(8, 3, name="c")(x_in)), rank=1)
+    assert separated.why_not_separated() == "every layer was separated"
+
+
 def test_report_serialises_and_prints():
     model = CASES["functional_branches"]()
     new, report = separate(model, rank=1)

@@ -62,6 +62,24 @@ class SeparationReport:
     def unsupported(self) -> tuple[LayerRow, ...]:
         return self.by_status(UNSUPPORTED)
 
+    def why_not_separated(self, groups: int = 3, names: int = 3) -> str:
+        """Why the layers not separated were not, in one short line: the rows grouped by their reason (in the order
+        they first appear), at most `groups` reasons with at most `names` layers each; the manifest lists every row."""
+        by_reason: dict[str, list[str]] = {}
+        for row in self.rows:
+            if row.status != SEPARATED:
+                by_reason.setdefault(row.reason or row.status, []).append(row.path)
+        if not by_reason:
+            return "every layer was separated"
+        parts = [f"{paths[0]}: {reason}" if len(paths) == 1 else
+                 f"{reason}: {len(paths)} layers ({', '.join(paths[:names])}"
+                 + (f" and {len(paths) - names} more)" if len(paths) > names else ")")
+                 for reason, paths in list(by_reason.items())[:groups]]
+        rest = sum(len(paths) for paths in list(by_reason.values())[groups:])
+        if rest:
+            parts.append(f"{rest} more layer{'s' * (rest > 1)} for other reasons")
+        return "; ".join(parts)
+
     def row(self, path: str) -> LayerRow:
         for row in self.rows:
             if row.path == path:
