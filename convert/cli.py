@@ -283,6 +283,10 @@ def convert_parser() -> argparse.ArgumentParser:
                             "(GPTQ), then with bias correction; per-channel weights only (default: on)")
     group.add_argument("--max-float-layers", type=_count, default=quantization.max_float_layers, metavar="N",
                        help="int8 repair keeps at most N layers in float (default: %(default)s)")
+    group.add_argument("--repair-aim", type=_share, default=quantization.aim, metavar="F",
+                       help="int8 that passes --min-agreement but agrees with the Keras model on fewer than F of the "
+                            "validation images is repaired too (no layer kept in float), the attempt that agrees best "
+                            "kept; 0 keeps the first that passes (default: %(default)s)")
     group = parser.add_argument_group("verification and output")
     group.add_argument("--min-agreement", type=_fraction, default=tolerance.min_agreement,
                        help="top-1 agreement a quantized artifact must reach (default: %(default)s)")
@@ -349,7 +353,7 @@ def convert_options(args, *, custom_objects: bool = True):
         tolerance=Tolerance(min_agreement=args.min_agreement, confidence=args.confidence),
         quantization=QuantizationOptions(repair=args.repair, explain=args.explain_quantization,
                                          max_float_layers=args.max_float_layers, equalize=args.equalize,
-                                         round_weights=args.round_weights),
+                                         round_weights=args.round_weights, aim=args.repair_aim),
         overwrite=args.overwrite,
         safe_mode=not args.unsafe_allow_lambda,
         custom_objects=(parse_custom_objects(args.custom_objects) if custom_objects else None) or None,

@@ -157,6 +157,9 @@ def test_onnx_diagnosis_has_local_and_accumulated_errors(masked):
 def test_options_are_validated():
     with pytest.raises(InvalidOptionError, match="max_float_layers"):
         q.QuantizationOptions(max_float_layers=-1)
+    for aim in (1.5, -0.1, True, "0.99"):
+        with pytest.raises(InvalidOptionError, match="aim"):
+            q.QuantizationOptions(aim=aim)
 
 
 def test_convert_model_repairs_and_records_float_layers(tmp_path, masked):
@@ -204,10 +207,11 @@ def test_cli_flags_map_onto_quantization_options():
     from sepconv.convert.cli import convert_options, convert_parser
 
     args = convert_parser().parse_args(["m.h5", "m.tflite", "--explain-quantization", "--no-repair",
-                                        "--max-float-layers", "1", "--no-equalize", "--no-round-weights"])
+                                        "--max-float-layers", "1", "--no-equalize", "--no-round-weights",
+                                        "--repair-aim", "0"])
     assert convert_options(args).quantization == q.QuantizationOptions(repair=False, explain=True,
                                                                         max_float_layers=1, equalize=False,
-                                                                        round_weights=False)
+                                                                        round_weights=False, aim=0.0)
     assert convert_options(convert_parser().parse_args(["m.h5", "m.tflite"])).quantization == q.QuantizationOptions()
 
 
