@@ -284,10 +284,9 @@ def convert_parser() -> argparse.ArgumentParser:
     group.add_argument("--max-float-layers", type=_count, default=quantization.max_float_layers, metavar="N",
                        help="int8 repair keeps at most N layers in float (default: %(default)s)")
     group.add_argument("--repair-aim", type=_share, default=quantization.aim, metavar="F",
-                       help="int8 repair stops at the first attempt that agrees with the Keras model on F of the "
-                            "validation images, else ships the one that agrees best of those that pass "
-                            "--min-agreement, so int8 that passes under F is repaired too (no layer kept in float); "
-                            "0: the first that passes (default: %(default)s)")
+                       help="int8 that passes --min-agreement but agrees with the Keras model on fewer than F of the "
+                            "validation images is repaired too (no layer kept in float), the attempt that agrees best "
+                            "kept; 0 keeps the first that passes (default: %(default)s)")
     group = parser.add_argument_group("verification and output")
     group.add_argument("--min-agreement", type=_fraction, default=tolerance.min_agreement,
                        help="top-1 agreement a quantized artifact must reach (default: %(default)s)")
