@@ -26,7 +26,7 @@ import numpy as np
 from sepconv.deploy import context, logs
 from sepconv.deploy.errors import ArtifactError, InputDataError, InvalidOptionError
 from sepconv.deploy.files import sha256
-from sepconv.deploy.preprocess import check_scale, from_pixels, preprocessing_for
+from sepconv.deploy.preprocess import check_scale, from_pixels, guessed, preprocessing_for
 from sepconv.deploy.profile import PREFIX_QUANTILE, profile_case
 from sepconv.deploy.runtime import import_runtime, open_runtime
 from sepconv.deploy.scores import class_labels, hit_rate, top1
@@ -114,6 +114,8 @@ class Case:
         accuracy = self.accuracy["top1"] if self.accuracy else None
         grown = [self.memory.get(key) for key in ("load_growth_bytes", "first_run_growth_bytes")]
         memory = "" if None in grown else f"+{sum(grown) / 2 ** 20:,.1f} MiB"
+        if accuracy is not None and (self.artifact.get("input_preprocessing") or {}).get("guessed"):
+            flag = " (scaled as unit: no manifest)" + flag
         return [self.model, self.format, self.threads, f"{self.artifact['bytes'] / 1024:,.0f} KiB", f"{lat['p50']:.3f}",
                 f"{lat['ci95_p50'][0]:.3f}-{lat['ci95_p50'][1]:.3f}", f"{lat['p90']:.3f}", f"{lat['p99']:.3f}",
                 f"{lat['mean']:.3f} ± {lat['std']:.3f}", lat["count"], memory, f"{self.speedup:.2f}x",
@@ -185,6 +187,7 @@ def benchmark(paths, options: BenchOptions = BenchOptions(), *, progress: Progre
     if kwargs:
         options = BenchOptions(**{**asdict(options), **kwargs})
     say = progress or logs.to_log_plain("bench", "-")
+    warn = (lambda message: progress(f"warning: {message}")) if progress else logs.to_log_plain("bench", "warning")
     paths = [Path(p) for p in ([paths] if isinstance(paths, (str, Path)) else paths)]
     if not paths:
         raise InvalidOptionError("No artifact given; name at least one .tflite or .onnx file")
@@ -203,6 +206,11 @@ def benchmark(paths, options: BenchOptions = BenchOptions(), *, progress: Progre
             runners.append(runner)
             say(f"{case.model} @ {threads} thread(s): loaded in {case.load_ms:.1f} ms, first run "
                 f"{case.first_ms:.2f} ms, warm-up {case.warmup['runs']} runs")
+            if threads == options.threads[0] and runner["preprocessing"].get("guessed"):
+                warn(f"{case.model}: no manifest beside it ({path.name}.json) says how its model takes pixels: the "
+                     f"integer --input is scaled to [0, 1] (--scale unit), and its accuracy is wrong if the model "
+                     f"rescales itself or takes [-1, 1]; pass --scale raw / symmetric / unit, or keep the manifest "
+                     f"beside the artifact")
     _timed_rounds(cases, runners, options, say)
     for case, runner in zip(cases, runners):
         case.latency_ms = summarize(np.asarray(case.samples_ms) / 1000.0, batch=options.batch)
@@ -308,6 +316,8 @@ def _open_case(path: Path, threads: int, data, options: BenchOptions):
     load_ms = (time.perf_counter() - began) * 1000
     rss_loaded = _status("VmRSS")
     preprocessing = preprocessing_for(path, options.scale)
+    if data is not None:
+        preprocessing["guessed"] = guessed(preprocessing, data["x"])
     inputs = _inputs(runtime, data, options, path, preprocessing)
     invoke = runtime.prepare(inputs)
     began = time.perf_counter()

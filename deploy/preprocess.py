@@ -17,6 +17,7 @@ from sepconv.deploy.errors import InvalidOptionError
 
 SCALES = {"unit": (1 / 255.0, 0.0), "symmetric": (2 / 255.0, -1.0), "raw": (1.0, 0.0)}
 AUTO = "auto"
+NO_MANIFEST = "default (no manifest)"  # the source of a --scale auto that found no manifest to follow
 
 
 def check_scale(scale: str) -> None:
@@ -51,4 +52,10 @@ def preprocessing_for(artifact, scale: str = AUTO) -> dict:
     if isinstance(recorded, dict) and recorded.get("scale") in SCALES:
         return {"scale": recorded["scale"], "mean": recorded.get("mean"), "std": recorded.get("std"),
                 "source": f"manifest {manifest.name}"}
-    return {"scale": "unit", "mean": None, "std": None, "source": "default (no manifest)"}
+    return {"scale": "unit", "mean": None, "std": None, "source": NO_MANIFEST}
+
+
+def guessed(preprocessing: dict, x) -> bool:
+    """Integer pixels scaled by the default, no manifest saying how the model takes them: a guess that a model
+    which rescales itself (or expects [-1, 1]) turns into a wrong accuracy, so the caller says it."""
+    return preprocessing.get("source") == NO_MANIFEST and np.issubdtype(np.asarray(x).dtype, np.integer)

@@ -148,14 +148,22 @@ def test_integer_input_is_scaled_as_the_manifest_says(tmp_path, small_artifacts)
     artifact = tmp_path / "float.tflite"
     shutil.copy(small_artifacts["tflite"], artifact)
     fast = dict(min_runs=1, min_seconds=0.0, warmup_runs=0, warmup_seconds=0.0, inputs=str(tmp_path / "pixels.npz"))
-    unit = benchmark([artifact], **fast).cases[0]
+    lines = []
+    unit = benchmark([artifact], **fast, progress=lines.append).cases[0]
     assert unit.accuracy["top1"] == 1.0, "0..255 pixels become [0, 1] without a manifest"
-    assert unit.artifact["input_preprocessing"]["scale"] == "unit"
+    assert unit.artifact["input_preprocessing"]["scale"] == "unit" and unit.artifact["input_preprocessing"]["guessed"]
+    warned = [line for line in lines if line.startswith("warning: float.tflite: no manifest beside it")]
+    assert len(warned) == 1 and "--scale raw / symmetric / unit" in warned[0], lines
+    assert unit.row()[-1] == "100.00% (scaled as unit: no manifest)", "the guess is said where its accuracy is shown"
+    lines.clear()
+    given = benchmark([artifact], **fast, scale="unit", progress=lines.append).cases[0]
+    assert not given.artifact["input_preprocessing"]["guessed"] and given.row()[-1] == "100.00%"
+    assert not [line for line in lines if line.startswith("warning:")], lines
     for scale, feed in (("raw", pixels.astype(np.float32)), ("symmetric", pixels / 127.5 - 1.0)):
         (tmp_path / "float.tflite.json").write_text(json.dumps({"preprocessing": {"scale": scale}}))
         case = benchmark([artifact], **fast).cases[0]
         assert case.artifact["input_preprocessing"] == {"scale": scale, "mean": None, "std": None,
-                                                           "source": "manifest float.tflite.json"}
+                                                           "source": "manifest float.tflite.json", "guessed": False}
         expected = float(np.mean(np.argmax(np.asarray(model(feed.astype(np.float32), training=False)), 1) == labels))
         assert case.accuracy["top1"] == pytest.approx(expected), f"{scale}: the model is fed what the manifest says"
     np.testing.assert_allclose(from_pixels(pixels, {"scale": "symmetric"}), pixels / 127.5 - 1.0, atol=1e-6,

@@ -37,7 +37,7 @@ SCHEMA = {
                 "memory", "latency_ms", "samples_ms", "accuracy", "speedup", "stopped_by", "runs_per_round",
                 "rounds", "profile"},
     "cases[].artifact": {"path", "bytes", "sha256", "inputs", "outputs", "manifest", "input_preprocessing"},
-    "cases[].artifact.input_preprocessing": {"scale", "mean", "std", "source"},
+    "cases[].artifact.input_preprocessing": {"scale", "mean", "std", "source", "guessed"},
     "cases[].artifact.inputs[]": {"name", "shape", "dtype", "scale", "zero_point"},
     "cases[].artifact.outputs[]": {"name", "shape", "dtype", "scale", "zero_point"},
     "cases[].artifact.manifest": {"quantize", "sha256_matches", "verification_passed", "accuracy", "agreement",
