@@ -12,14 +12,14 @@ import math
 import os
 import tempfile
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from sepconv.convert.data import DataInfo
 from sepconv.convert.errors import VerificationError
 from sepconv.convert.export.manifest import build_manifest, manifest_json, manifest_path
-from sepconv.convert.export.quantization import quantize_verified, unstable_text
+from sepconv.convert.export.quantization import RepairVariants, quantize_verified, unstable_text
 from sepconv.convert.export.speed import CONFIRM_FACTOR, SLOWER, Speed, compare, with_prediction
 from sepconv.convert.export.targets import target_for
 from sepconv.convert.export.tflite import NEEDS_DATA
@@ -74,6 +74,8 @@ class ExportJob:
     mode_speed: LatencyOptions | None = None  # --quantize auto: how each quantized artifact is timed against the
     # original in float32 (the original Keras model: source_model, or `model` when nothing was separated); None: it
     # is not (another --quantize, or nothing is timed)
+    variants: dict = field(default_factory=dict)  # (id of the model, per_channel, asymmetric rounding) -> the int8
+    # repair's RepairVariants of that model (it keeps the model alive): made once for every format of the run
 
     @property
     def times_separation(self) -> bool:
@@ -438,8 +440,12 @@ def _export_and_verify(job: ExportJob, item: Staged) -> Staged:
                                     original=original, safe_mode=options.safe_mode, expected=expected.values)
     else:
         if mode == "int8":
+            asymmetric = options.quantization.asymmetric_rounding
+            variants = job.variants.setdefault((id(model), export.per_channel, asymmetric), RepairVariants(
+                model, calibration.samples, export.per_channel, asymmetric))
             data, item.quantization = quantize_verified(model, unit, calibration, tolerance=options.tolerance,
-                                                        export=export, options=options.quantization)
+                                                        export=export, options=options.quantization,
+                                                        variants=variants)
             Path(tmp).write_bytes(data)
             say("quantize", f"{target}: {item.quantization.line()}")
         else:

@@ -63,6 +63,32 @@ def test_int8_that_fails_as_requested_is_repaired_with_one_float_layer(masked, f
     assert kept.bytes == chosen.bytes - reference.bytes, (kept, reference)
 
 
+def test_formats_of_one_run_share_the_rounded_weights(masked, monkeypatch):
+    """A run that writes .tflite and .onnx passes one RepairVariants to both formats' repair: each rounded variant
+    (GPTQ, GPTQ + bias) is rounded once, not once per format; one made for other samples is not used."""
+    model, calibration = masked
+    rounded, real = [], q.round_weights
+
+    def counting(*args, **kwargs):
+        rounded.append(kwargs.get("bias_correction"))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(q, "round_weights", counting)
+    variants = q.RepairVariants(model, calibration.samples, per_channel=True)
+    names = []
+    for fmt in ("tflite", "onnx"):
+        report = q.quantize_verified(model, target_named(fmt), calibration, tolerance=Tolerance(), variants=variants)[1]
+        names.append([a.name for a in report.attempts])
+        assert report.passed, report.line()
+    assert all("weight rounding + bias correction" in tried for tried in names), names
+    assert sorted(rounded) == [False, True], f"each variant rounded once for both formats: {rounded}"
+    other = q.RepairVariants(model, calibration.samples[:50], per_channel=True)
+    assert not other.fits(model, calibration.samples, True, True) and variants.fits(model, calibration.samples, True,
+                                                                                   True)
+    q.quantize_verified(model, target_named("tflite"), calibration, tolerance=Tolerance(), variants=other)
+    assert len(rounded) == 4, "variants of other samples are not used: this call rounded its own"
+
+
 def test_tflite_diagnosis_names_the_masked_logits_and_their_range(masked):
     model, calibration = masked
     setting = q.Setting("as requested", calibration.samples, "100 samples")

@@ -88,7 +88,7 @@ def test_the_patches_of_a_1x1_kernel_read_off_the_input_are_tensorflows(strides,
 
 
 def test_the_rounded_variants_share_one_copy_and_each_keeps_its_weights():
-    """The repair's rounded variants (quantization._Variants) are rounded in one copy of the model, which holds the
+    """The repair's rounded variants (quantization.RepairVariants) are rounded in one copy of the model, which holds the
     weights of the variant asked for last: asked for again, a variant's weights are back, the same as round_weights
     gives on a copy of its own; the user's model is left as it was."""
     from dataclasses import replace
@@ -96,7 +96,7 @@ def test_the_rounded_variants_share_one_copy_and_each_keeps_its_weights():
     model = _layers_model()
     before = model.get_weights()
     x = np.random.default_rng(3).uniform(0, 1, (64, 10, 10, 4)).astype(np.float32)
-    variants = q._Variants(model, x, per_channel=True)
+    variants = q.RepairVariants(model, x, per_channel=True)
     gptq_setting = q.Setting("gptq", x, "64 samples", rounding=q.ROUNDED)
     bias_setting = replace(gptq_setting, rounding=q.ROUNDED_BIAS)
     rounded = [w.copy() for w in variants.model(gptq_setting).get_weights()]

@@ -770,13 +770,16 @@ def _qdq_scales(graph) -> dict[str, float]:
 
 
 def quantize_verified(model, target, calibration: Calibration, *, tolerance, export=None,
-                      options: QuantizationOptions = QuantizationOptions()) -> tuple[bytes, QuantizationReport]:
+                      options: QuantizationOptions = QuantizationOptions(),
+                      variants: RepairVariants | None = None) -> tuple[bytes, QuantizationReport]:
     """The int8 artifact of `model` for `target` (a registered targets.Target with int8 among its modes, e.g.
     target_named('tflite')) with its export options `export` (TFLiteOptions / OnnxOptions; None: their defaults):
     export_int8 with the target's exporter and debugger. A setting with `equalized` quantizes the model's cross-layer
-    equalized twin, one with `rounding` a copy with rounded weights (each made once, on the calibration samples). The
-    caller looks the target up: the registry builds on this module, not the reverse."""
-    tools = _Int8Tools(model, target, calibration, tolerance, export, options.asymmetric_rounding)
+    equalized twin, one with `rounding` a copy with rounded weights (each made once, on the calibration samples;
+    `variants`: the RepairVariants an earlier format's call made, so that a run writing several formats makes each
+    once; one that does not fit this call is not used). The caller looks the target up: the registry builds on this
+    module, not the reverse."""
+    tools = _Int8Tools(model, target, calibration, tolerance, export, options.asymmetric_rounding, variants)
     artifact, report = export_int8(model, target, calibration, export=tools.exporter, judge=tools.judge,
                                    diagnose=tools.diagnose, per_channel=tools.export.per_channel, options=options,
                                    equalization=tools.variants.report, rounding=tools.variants.rounding)
@@ -804,9 +807,12 @@ class _Int8Tools:
     the model and its repair variants, the exporter and debugger, and the judge of an artifact against the Keras
     model's outputs (predicted once per set of images: `expected`)."""
 
-    def __init__(self, model, target, calibration: Calibration, tolerance, export=None, asymmetric: bool = True):
+    def __init__(self, model, target, calibration: Calibration, tolerance, export=None, asymmetric: bool = True,
+                 variants: RepairVariants | None = None):
         self.export = replace(export or target.exporter_class(), quantize="int8")
-        self.variants = _Variants(model, calibration.samples, self.export.per_channel, asymmetric)
+        fits = variants is not None and variants.fits(model, calibration.samples, self.export.per_channel, asymmetric)
+        self.variants = variants if fits else RepairVariants(model, calibration.samples, self.export.per_channel,
+                                                              asymmetric)
         self.exporter, self.diagnose = target.int8_tools(model, self.variants.model, self.export)
         self.expected = _KerasOutputs(model)
         self.judge = _judge(self.expected, target, tolerance, target.layout(self.export))
@@ -860,13 +866,15 @@ def keras_stability(model, x: np.ndarray, samples: np.ndarray, seed: int = 0,
     return hit_rate(top1(moved), top1(reference))
 
 
-class _Variants:
+class RepairVariants:
     """The model and the copies the repair quantizes instead, each made on first request on the first attempt's
     calibration samples: cross-layer equalized (equalization.py), weights rounded (rounding.py), or both (rounded
     after equalization). The rounded variants share one copy of the model, which holds the weights of the variant
     asked for last (each variant's are kept): one clone instead of one per variant, and the trace of the copy is
     reused by each export (trace.frozen_function: only the freezing is redone when the weights change). A variant's
-    model is used before the next one is asked for (export_int8 exports or diagnoses one setting at a time)."""
+    model is used before the next one is asked for (export_int8 exports or diagnoses one setting at a time). A run
+    that writes several formats passes one to each format's quantize_verified (staging.ExportJob keeps them), so
+    each variant is made once per run, not once per format."""
 
     def __init__(self, model, samples: np.ndarray, per_channel: bool, asymmetric: bool = True):
         self._model, self._samples, self._per_channel = model, np.asarray(samples, np.float32), per_channel
@@ -874,6 +882,12 @@ class _Variants:
         self._equalized = None
         self._rounded = {}  # (equalized, rounding) -> (its weights, RoundingReport)
         self._copy, self._holding = None, None  # the rounded variants' model, and whose weights it holds
+
+    def fits(self, model, samples: np.ndarray, per_channel: bool, asymmetric: bool) -> bool:
+        """The variants are those of this model, calibration samples, weight granularity and rounding target."""
+        samples = np.asarray(samples, np.float32)
+        return (model is self._model and per_channel == self._per_channel and asymmetric == self._asymmetric
+                and samples.shape == self._samples.shape and np.array_equal(samples, self._samples))
 
     def report(self) -> dict | None:
         """The equalization's report, or None when the model has nothing to equalize (no separable layer, no
