@@ -372,7 +372,7 @@ def export_int8(model, target, calibration: Calibration, *, export: Callable[[Se
                     break
     chosen = len(attempts) - 1 if passed else None
     if polishing and repairing:
-        chosen = max((i for i, a in enumerate(attempts) if a.passed), key=lambda i: (_score(attempts[i]), -i))
+        chosen = max((i for i, a in enumerate(attempts) if a.passed), key=lambda i: _score(attempts[i]))
         best = settings[chosen]
         note = (f"as requested passed with {_agreement_text(attempts[0])}, under the repair's aim of "
                 f"{options.aim:.0%}: " + (f"{best.name} agrees best: chosen" if chosen else
